@@ -1,0 +1,84 @@
+// levattn/attention.hpp: attention over a selection of keys (math.md 2), and the dense reference.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "levattn/leverage_scores.hpp"
+
+namespace levattn {
+
+/// f applied to the scaled logits s = scale * q.k.
+enum class Kernel {
+  softmax,  ///< f(s) = exp(s), scale 1/sqrt(d) by default
+  power,    ///< f(s) = |s|^p, scale 1 by default
+};
+
+/// Which keys each query attends to. `full`, `topk` and `random` stand alone; `leverage` and
+/// `none` combine with a window and sinks (union); `none` with a window is local attention.
+enum class Select {
+  full,      ///< every key: the dense reference (tiled online softmax, no n x n buffer)
+  leverage,  ///< keys by leverage score: top_k keys if top_k > 0, else U_eps (eps > 0)
+  topk,      ///< per query, the top_k keys of largest f(s): the exact oracle, O(m n d) time
+  random,    ///< top_k keys drawn uniformly without replacement per (batch, head), by seed
+  none,      ///< no shared keys: only the window and sinks
+};
+
+struct AttentionOptions {
+  Kernel kernel = Kernel::softmax;
+  double p = 2.0;  ///< exponent of the power kernel, > 0
+  /// Logit scale; NaN means the default (1/sqrt(d) for softmax, 1 for power). Must be finite.
+  double scale = std::numeric_limits<double>::quiet_NaN();
+  Select select = Select::full;
+  index_t top_k = 0;   ///< leverage / topk / random budget
+  double eps = 0.0;    ///< leverage threshold, in (0, 1] when used
+  index_t window = -1; ///< >= 0: query i also attends keys i-window .. i+window
+  index_t sinks = 0;   ///< >= 0: every query also attends keys 0 .. sinks-1
+  std::uint64_t seed = 0;  ///< random selection
+  LeverageOptions leverage;  ///< options of the leverage scores used by Select::leverage
+  bool return_selection = false;  ///< fill AttentionResult::shared_keys / query_keys
+  /// Called now and then from the calling thread with the fraction of work done, in [0, 1].
+  std::function<void(double)> progress;
+};
+
+/// What attention() did, besides writing the output.
+struct AttentionResult {
+  /// Per (batch, head) pair, in b * heads + h order: the keys every query of that head attends
+  /// (leverage or random set plus sinks), ascending. Filled when return_selection is set.
+  std::vector<std::vector<index_t>> shared_keys;
+  /// Select::topk with return_selection: (batch, heads, m, top_k) key indices, each query's keys
+  /// in descending order of f(s).
+  std::vector<index_t> query_keys;
+  std::vector<index_t> shared_sizes;  ///< |shared set| per (batch, head)
+  double mean_keys_per_query = 0.0;   ///< average |S_i| over all queries (window included)
+  /// Queries whose selection is empty or whose normaliser is zero; their output row is 0.
+  index_t empty_rows = 0;
+  double seconds_selection = 0.0;  ///< leverage scores, sets, top-k search
+  double seconds_attention = 0.0;  ///< the attention over the selection
+};
+
+/// O = D^-1 f(scale Q K_S^T) V_S for each query over its selection S_i, normalised over S_i.
+///
+/// Shapes: Q (batch, heads, m, d), K (batch, heads, n, d), V (batch, heads, n, dv), all
+/// contiguous; out (batch, heads, m, dv) caller-allocated. Each (batch, head) pair gets its own
+/// selection. Window positions compare query index i with key index j (self-attention layout).
+/// Complexity per head: full O(m n d) time, O((block + dv) * tile) workspace per thread;
+/// leverage O(n d^2 + m |S| d); window adds O(m w d); topk O(m n d) time, O(m k) memory.
+/// Softmax subtracts the running row maximum, so logits of any finite size stay finite.
+/// Throws Error(invalid_argument) on mismatched shapes, empty or non-finite arrays, eps outside
+/// (0, 1], p <= 0, non-finite scale, a budget < 1, or an inconsistent selection.
+AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
+                          float* out, const AttentionOptions& options = {});
+
+/// Convenience for one head: Q (m, d), K (n, d), V (n, dv); returns O (m, dv) row-major.
+std::vector<float> attention(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
+                             const AttentionOptions& options = {},
+                             AttentionResult* result = nullptr);
+
+/// Names used by the CLI and in messages: "softmax"/"poly", "full"/"leverage"/...
+std::string to_string(Kernel k);
+std::string to_string(Select s);
+
+}  // namespace levattn

@@ -1,0 +1,62 @@
+// levattn/io.hpp: NumPy .npy and .npz files, the exchange format of the CLI and of the tests.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "levattn/matrix.hpp"
+
+namespace levattn {
+
+/// Element types the I/O layer reads and writes ('<f4', '<f8', '<i8').
+enum class DType { float32, float64, int64 };
+
+/// An n-D array in C (row-major) order. Exactly one of f32 / f64 / i64 holds the values,
+/// the one matching dtype; the others are empty.
+struct Array {
+  DType dtype = DType::float32;
+  std::vector<index_t> shape;
+  std::vector<float> f32;
+  std::vector<double> f64;
+  std::vector<std::int64_t> i64;
+
+  /// Product of the shape (1 for a 0-D array).
+  index_t size() const;
+
+  static Array from_float32(std::vector<index_t> shape, std::vector<float> values);
+  static Array from_float64(std::vector<index_t> shape, std::vector<double> values);
+  static Array from_int64(std::vector<index_t> shape, std::vector<std::int64_t> values);
+};
+
+/// Reads a .npy file (format versions 1.0, 2.0 and 3.0) of dtype little-endian float32, float64 or
+/// int64 with 1 to 4 dimensions. Fortran-ordered data is transposed into C order. The header is
+/// validated against the file size: a truncated file, a header whose shape does not match the
+/// data, an unsupported dtype (big-endian included) or an object array throws
+/// Error(ErrorKind::io) naming the file, the field and what was expected.
+Array read_npy(const std::filesystem::path& path);
+
+/// Writes a .npy file (version 1.0, C order) atomically: the data goes to a temporary file in the
+/// same directory which is then renamed over `path`, so an existing file survives a failure.
+void write_npy(const std::filesystem::path& path, const Array& array);
+
+/// Reads every array of a .npz archive (np.savez, stored, or np.savez_compressed, deflated),
+/// in archive order; names have the ".npy" suffix removed. Errors as read_npy, naming the member.
+std::vector<std::pair<std::string, Array>> read_npz(const std::filesystem::path& path);
+
+/// Writes a .npz archive (stored, uncompressed, readable by numpy.load) atomically.
+void write_npz(const std::filesystem::path& path,
+               const std::vector<std::pair<std::string, Array>>& arrays);
+
+/// The values of a float32 or float64 array as float32. A float64 value outside the float32 range
+/// throws Error(ErrorKind::invalid_argument) naming `what`; NaN and Inf are passed through (the
+/// library functions that take the array reject them with the field's name).
+std::vector<float> to_float32(const Array& array, const std::string& what);
+
+/// Writes `text` to `path` atomically (temporary file in the same directory, then rename), for
+/// CSV and JSON outputs. Throws Error(ErrorKind::io) naming the path.
+void write_text_file(const std::filesystem::path& path, std::string_view text);
+
+}  // namespace levattn

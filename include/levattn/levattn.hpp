@@ -1,0 +1,21 @@
+// levattn/levattn.hpp: the umbrella header. Include this, link levattn::levattn.
+//
+//   leverage_scores.hpp  exact leverage scores of K and the Gram factor (math.md 1.1)
+//   universal_set.hpp    U_eps and top-k sets of keys (math.md 1)
+//   heavy_entries.hpp    every eps-heavy entry of x^2 attention, exactly (math.md 1.2)
+//   attention.hpp        attention over a selection: full, leverage, window, sinks, topk, random
+//   planted.hpp          the planted test model (math.md 2)
+//   metrics.hpp          recall, mass captured, output error; brute-force heavy entries
+//   io.hpp               NumPy .npy / .npz files
+//   build_info.hpp       BLAS, ISA and threads in use
+#pragma once
+#include "levattn/attention.hpp"
+#include "levattn/build_info.hpp"
+#include "levattn/error.hpp"
+#include "levattn/heavy_entries.hpp"
+#include "levattn/io.hpp"
+#include "levattn/leverage_scores.hpp"
+#include "levattn/matrix.hpp"
+#include "levattn/metrics.hpp"
+#include "levattn/planted.hpp"
+#include "levattn/universal_set.hpp"

@@ -1,0 +1,66 @@
+// levattn/matrix.hpp: non-owning views of caller memory (row-major), the argument type of every
+// library function. The library never copies an input it does not need to.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace levattn {
+
+using index_t = std::int64_t;
+
+/// Row-major view: element (i, j) is data[i * ld + j]; ld >= cols.
+template <class T>
+struct MatrixRef {
+  T* data = nullptr;
+  index_t rows = 0;
+  index_t cols = 0;
+  index_t ld = 0;
+
+  MatrixRef() = default;
+  MatrixRef(T* d, index_t r, index_t c) : data(d), rows(r), cols(c), ld(c) {}
+  MatrixRef(T* d, index_t r, index_t c, index_t stride) : data(d), rows(r), cols(c), ld(stride) {}
+  /// A view of const elements from a view of mutable ones.
+  template <class U>
+  MatrixRef(const MatrixRef<U>& o) : data(o.data), rows(o.rows), cols(o.cols), ld(o.ld) {}
+
+  T* row(index_t i) const { return data + i * ld; }
+  T& operator()(index_t i, index_t j) const { return data[i * ld + j]; }
+};
+
+using ConstMatrix = MatrixRef<const float>;
+using Matrix = MatrixRef<float>;
+
+/// Owning row-major matrix with contiguous rows, for results and workspaces.
+template <class T>
+struct DenseMatrix {
+  index_t rows = 0;
+  index_t cols = 0;
+  std::vector<T> data;
+
+  DenseMatrix() = default;
+  DenseMatrix(index_t r, index_t c) : rows(r), cols(c), data(static_cast<std::size_t>(r * c)) {}
+  T* row(index_t i) { return data.data() + i * cols; }
+  const T* row(index_t i) const { return data.data() + i * cols; }
+  T& operator()(index_t i, index_t j) { return data[static_cast<std::size_t>(i * cols + j)]; }
+  T operator()(index_t i, index_t j) const { return data[static_cast<std::size_t>(i * cols + j)]; }
+  MatrixRef<T> view() { return {data.data(), rows, cols}; }
+  MatrixRef<const T> view() const { return {data.data(), rows, cols}; }
+};
+
+/// Contiguous (batch, heads, rows, cols) array of float32, the shape of attention inputs.
+/// A 2-D (rows, cols) input is batch = heads = 1; a 3-D (heads, rows, cols) input is batch = 1.
+struct Tensor4Ref {
+  const float* data = nullptr;
+  index_t batch = 1;
+  index_t heads = 1;
+  index_t rows = 0;
+  index_t cols = 0;
+
+  /// The (rows x cols) matrix of one (batch, head) pair.
+  ConstMatrix slice(index_t b, index_t h) const {
+    return {data + ((b * heads + h) * rows) * cols, rows, cols};
+  }
+};
+
+}  // namespace levattn

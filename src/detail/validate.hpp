@@ -1,0 +1,28 @@
+// detail/validate.hpp: argument checks shared by the public entry points.
+#pragma once
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "levattn/error.hpp"
+#include "levattn/matrix.hpp"
+
+namespace levattn::detail {
+
+/// isfinite by the exponent bits, so that loops using it vectorise.
+inline bool is_finite(float x) {
+  return (std::bit_cast<std::uint32_t>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+[[noreturn]] inline void invalid(const std::string& msg) {
+  throw Error(ErrorKind::invalid_argument, msg);
+}
+
+/// Throws unless the matrix is non-empty and every entry finite; `what` names the argument.
+void require_finite_matrix(ConstMatrix A, const char* what);
+
+/// Throws unless eps is a number in (0, 1].
+void require_eps(double eps, const char* what = "eps");
+
+}  // namespace levattn::detail

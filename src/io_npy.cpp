@@ -1,0 +1,986 @@
+// io_npy.cpp: the Array type, .npy reading and writing, to_float32, and the internals shared with
+// io_npz.cpp (declared in detail/npy_format.hpp).
+//
+// Files are untrusted input: every length and offset is checked against the size of the file
+// before it is used, and nothing is allocated in proportion to a declared shape before the shape
+// has been checked against the bytes that are actually there.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cerrno>
+#include <cfloat>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <utility>
+
+#include "detail/npy_format.hpp"
+
+// The values are copied between files and vectors without byte swapping.
+static_assert(std::endian::native == std::endian::little,
+              "levattn's .npy/.npz I/O assumes a little-endian host");
+static_assert(sizeof(float) == 4 && sizeof(double) == 8 && std::numeric_limits<float>::is_iec559 &&
+                  std::numeric_limits<double>::is_iec559,
+              "levattn's .npy/.npz I/O assumes IEEE-754 float and double");
+
+namespace levattn {
+namespace {
+
+constexpr std::size_t kMaxDims = 4;
+
+[[noreturn]] void fail(ErrorKind kind, const std::string& where, const std::string& what) {
+  throw Error(kind, where + ": " + what);
+}
+
+std::string errno_message(int err) {
+  return std::error_code(err, std::generic_category()).message();
+}
+
+/// a * b, or false when it overflows 64 bits.
+bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
+  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return false;
+  out = a * b;
+  return true;
+}
+
+/// Product of the shape if every dimension is >= 0 and the product fits in index_t.
+bool shape_product(const std::vector<index_t>& shape, std::uint64_t& out) {
+  std::uint64_t n = 1;
+  for (index_t d : shape) {
+    if (d < 0 || !checked_mul(n, static_cast<std::uint64_t>(d), n)) return false;
+  }
+  if (n > static_cast<std::uint64_t>(std::numeric_limits<index_t>::max())) return false;
+  out = n;
+  return true;
+}
+
+/// Untrusted text for a message: printable ASCII kept, other bytes as \xNN, cut at `max` chars.
+std::string excerpt(std::string_view text, std::size_t max = 120) {
+  std::string out;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if (out.size() >= max) {
+      out += "...";
+      break;
+    }
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x20 && c < 0x7f) {
+      out += static_cast<char>(c);
+    } else {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
+
+/// Shortest decimal form of a double that reads back exactly ("1e+300", "0.1").
+std::string format_double(double x) {
+  std::array<char, 64> buf{};
+  const auto res = std::to_chars(buf.data(), buf.data() + buf.size(), x);
+  return std::string(buf.data(), res.ptr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The header dictionary: a Python literal such as
+//   {'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }
+// numpy reads it with ast.literal_eval, so other writers produce variants (key order, double
+// quotes, no trailing comma, extra spaces); this parser accepts the literals that can appear in a
+// header (strings, integers, True/False/None, tuples, lists) and reports anything else with its
+// position and the field it was in.
+
+struct PyValue {
+  enum class Kind { string, integer, boolean, none, tuple, list };
+  Kind kind = Kind::none;
+  std::string str;             // Kind::string: the decoded contents
+  std::int64_t integer = 0;    // Kind::integer, when integer_fits
+  bool integer_fits = true;    // false when the literal does not fit in 64 bits
+  bool boolean = false;        // Kind::boolean
+  std::vector<PyValue> items;  // Kind::tuple and Kind::list
+  std::string_view source;     // the literal as written, for messages
+};
+
+class HeaderParser {
+ public:
+  HeaderParser(std::string_view text, const std::string& where) : text_(text), where_(where) {}
+
+  /// The (key, value) pairs of the dictionary, in order; the text must hold nothing else but
+  /// whitespace (numpy pads the header with spaces and a final newline).
+  std::vector<std::pair<std::string, PyValue>> parse_dict() {
+    std::vector<std::pair<std::string, PyValue>> entries;
+    skip_ws();
+    if (at_end() || peek() != '{') fail("expected '{' (the header must be a Python dict literal)");
+    ++pos_;
+    for (;;) {
+      skip_ws();
+      if (at_end()) fail("unterminated dictionary: expected '}'");
+      if (peek() == '}') {
+        ++pos_;
+        break;
+      }
+      if (peek() != '\'' && peek() != '"') fail("expected a quoted key or '}'");
+      std::string key = parse_string();
+      field_ = key;
+      skip_ws();
+      if (at_end() || peek() != ':') fail("expected ':' after the key");
+      ++pos_;
+      PyValue value = parse_value(0);
+      entries.emplace_back(std::move(key), std::move(value));
+      skip_ws();
+      if (at_end()) fail("unterminated dictionary: expected ',' or '}'");
+      if (peek() == ',') {
+        ++pos_;
+        field_.clear();
+        continue;
+      }
+      if (peek() == '}') {
+        ++pos_;
+        break;
+      }
+      fail("expected ',' or '}' after the value");
+    }
+    field_.clear();
+    skip_ws();
+    if (!at_end()) fail("unexpected text after the dictionary");
+    return entries;
+  }
+
+ private:
+  // Nesting deeper than any real header (a structured descr is a list of tuples) is refused, so
+  // that a hostile "((((..." cannot exhaust the stack.
+  static constexpr int kMaxDepth = 8;
+
+  [[noreturn]] void fail(const std::string& what) const {
+    std::string msg = where_ + ": malformed header";
+    if (!field_.empty()) msg += " field '" + excerpt(field_, 40) + "'";
+    msg += ": " + what + " at offset " + std::to_string(pos_) + " of " + excerpt(text_);
+    throw Error(ErrorKind::io, msg);
+  }
+
+  bool at_end() const { return pos_ >= text_.size(); }
+  char peek() const { return text_[pos_]; }
+  void skip_ws() {
+    while (!at_end() && (peek() == ' ' || peek() == '\t' || peek() == '\n' || peek() == '\r' ||
+                         peek() == '\f' || peek() == '\v')) {
+      ++pos_;
+    }
+  }
+
+  PyValue parse_value(int depth) {
+    if (depth > kMaxDepth) fail("value is nested too deeply");
+    skip_ws();
+    if (at_end()) fail("expected a value");
+    const std::size_t start = pos_;
+    PyValue v;
+    const char c = peek();
+    if (c == '\'' || c == '"') {
+      v.kind = PyValue::Kind::string;
+      v.str = parse_string();
+    } else if (c == '(' || c == '[') {
+      v = parse_sequence(depth);
+    } else if (c == '-' || c == '+' || (c >= '0' && c <= '9')) {
+      v = parse_int();
+    } else if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_') {
+      v = parse_name();
+    } else {
+      fail(std::string("expected a value, found '") + excerpt(std::string_view(&text_[pos_], 1)) +
+           "'");
+    }
+    if (v.source.empty()) v.source = text_.substr(start, pos_ - start);
+    return v;
+  }
+
+  std::string parse_string() {
+    const char quote = peek();
+    const std::size_t start = pos_;
+    ++pos_;
+    std::string out;
+    for (;;) {
+      if (at_end() || peek() == '\n') {
+        pos_ = start;
+        fail("unterminated string");
+      }
+      const char c = text_[pos_++];
+      if (c == quote) return out;
+      if (c == '\\') {
+        if (at_end()) {
+          pos_ = start;
+          fail("unterminated string");
+        }
+        const char e = text_[pos_++];
+        // The escapes a dtype string could need; any other is kept as written.
+        switch (e) {
+          case 'n':
+            out += '\n';
+            break;
+          case 't':
+            out += '\t';
+            break;
+          case '\\':
+          case '\'':
+          case '"':
+            out += e;
+            break;
+          default:
+            out += '\\';
+            out += e;
+            break;
+        }
+      } else {
+        out += c;
+      }
+    }
+  }
+
+  // '(' or '[' ... ; "(x)" without a comma is a parenthesised x, not a tuple, as in Python.
+  PyValue parse_sequence(int depth) {
+    const std::size_t start = pos_;
+    const char open = text_[pos_++];
+    const char close = open == '(' ? ')' : ']';
+    PyValue v;
+    v.kind = open == '(' ? PyValue::Kind::tuple : PyValue::Kind::list;
+    bool comma = false;
+    for (;;) {
+      skip_ws();
+      if (at_end())
+        fail(std::string("unterminated ") + (open == '(' ? "tuple" : "list") + ": expected '" +
+             close + "'");
+      if (peek() == close) {
+        ++pos_;
+        break;
+      }
+      v.items.push_back(parse_value(depth + 1));
+      skip_ws();
+      if (at_end())
+        fail(std::string("unterminated ") + (open == '(' ? "tuple" : "list") +
+             ": expected ',' or '" + close + "'");
+      if (peek() == ',') {
+        ++pos_;
+        comma = true;
+        continue;
+      }
+      if (peek() == close) {
+        ++pos_;
+        break;
+      }
+      fail(std::string("expected ',' or '") + close + "'");
+    }
+    if (open == '(' && v.items.size() == 1 && !comma) {
+      PyValue inner = std::move(v.items.front());
+      inner.source = text_.substr(start, pos_ - start);
+      return inner;
+    }
+    return v;
+  }
+
+  PyValue parse_int() {
+    PyValue v;
+    v.kind = PyValue::Kind::integer;
+    bool negative = false;
+    if (peek() == '+' || peek() == '-') {
+      negative = peek() == '-';
+      ++pos_;
+    }
+    if (at_end() || peek() < '0' || peek() > '9') fail("expected digits after the sign");
+    std::uint64_t magnitude = 0;
+    bool fits = true;
+    while (!at_end() && peek() >= '0' && peek() <= '9') {
+      const auto digit = static_cast<std::uint64_t>(peek() - '0');
+      if (fits && !checked_mul(magnitude, 10, magnitude)) fits = false;
+      if (fits && magnitude > std::numeric_limits<std::uint64_t>::max() - digit) fits = false;
+      if (fits) magnitude += digit;
+      ++pos_;
+    }
+    if (!at_end() && (peek() == 'L' || peek() == 'l')) ++pos_;  // Python 2 long, as in old files
+    const auto max = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
+    if (fits && !negative && magnitude <= max) {
+      v.integer = static_cast<std::int64_t>(magnitude);
+    } else if (fits && negative && magnitude <= max) {
+      v.integer = -static_cast<std::int64_t>(magnitude);
+    } else if (fits && negative && magnitude == max + 1) {
+      v.integer = std::numeric_limits<std::int64_t>::min();
+    } else {
+      v.integer_fits = false;
+    }
+    return v;
+  }
+
+  PyValue parse_name() {
+    const std::size_t start = pos_;
+    while (!at_end() && ((peek() >= 'A' && peek() <= 'Z') || (peek() >= 'a' && peek() <= 'z') ||
+                         (peek() >= '0' && peek() <= '9') || peek() == '_')) {
+      ++pos_;
+    }
+    const std::string_view name = text_.substr(start, pos_ - start);
+    PyValue v;
+    if (name == "True" || name == "False") {
+      v.kind = PyValue::Kind::boolean;
+      v.boolean = name == "True";
+    } else if (name == "None") {
+      v.kind = PyValue::Kind::none;
+    } else {
+      pos_ = start;
+      fail("unknown name '" + excerpt(name, 40) + "' (expected a literal)");
+    }
+    return v;
+  }
+
+  std::string_view text_;
+  const std::string& where_;
+  std::size_t pos_ = 0;
+  std::string field_;  // the key whose value is being parsed, for messages
+};
+
+constexpr std::string_view kAccepted = "accepted: '<f4' (float32), '<f8' (float64), '<i8' (int64)";
+
+DType interpret_descr(const PyValue& v, const std::string& where) {
+  const std::string field = where + ": header field 'descr'";
+  if (v.kind == PyValue::Kind::list) {
+    throw Error(ErrorKind::io, field + ": structured dtype " + excerpt(v.source) +
+                                   " is not supported; " + std::string(kAccepted));
+  }
+  if (v.kind != PyValue::Kind::string) {
+    throw Error(ErrorKind::io,
+                field + ": expected a dtype string such as '<f4', got " + excerpt(v.source));
+  }
+  const std::string& s = v.str;
+  if (s == "<f4") return DType::float32;
+  if (s == "<f8") return DType::float64;
+  if (s == "<i8") return DType::int64;
+  const std::string found = "'" + excerpt(s, 40) + "'";
+  if (s == ">f4" || s == ">f8" || s == ">i8") {
+    throw Error(ErrorKind::io, field + ": dtype " + found +
+                                   " is big-endian; only little-endian data is supported (" +
+                                   std::string(kAccepted) + "; convert with astype('<" +
+                                   s.substr(1) + "'))");
+  }
+  std::string what = "unsupported dtype " + found;
+  if (s.find('O') != std::string::npos) what += " (object arrays cannot be read)";
+  throw Error(ErrorKind::io, field + ": " + what + "; " + std::string(kAccepted));
+}
+
+std::vector<index_t> interpret_shape(const PyValue& v, const std::string& where) {
+  const std::string field = where + ": header field 'shape'";
+  bool ok = v.kind == PyValue::Kind::tuple;
+  for (std::size_t i = 0; ok && i < v.items.size(); ++i) {
+    const PyValue& d = v.items[i];
+    ok = d.kind == PyValue::Kind::integer && d.integer_fits && d.integer >= 0;
+  }
+  if (!ok) {
+    throw Error(ErrorKind::io,
+                field + ": expected a tuple of non-negative integers, got " + excerpt(v.source));
+  }
+  if (v.items.empty()) {
+    throw Error(ErrorKind::io,
+                field + ": () is 0-D (a scalar); expected an array of 1 to 4 dimensions");
+  }
+  if (v.items.size() > kMaxDims) {
+    throw Error(ErrorKind::io, field + ": " + excerpt(v.source) + " has " +
+                                   std::to_string(v.items.size()) + " dimensions; expected 1 to 4");
+  }
+  std::vector<index_t> shape;
+  for (const PyValue& d : v.items) shape.push_back(d.integer);
+  return shape;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Array helpers.
+
+template <class T>
+std::vector<T>& values_of(Array& a);
+template <>
+std::vector<float>& values_of<float>(Array& a) {
+  return a.f32;
+}
+template <>
+std::vector<double>& values_of<double>(Array& a) {
+  return a.f64;
+}
+template <>
+std::vector<std::int64_t>& values_of<std::int64_t>(Array& a) {
+  return a.i64;
+}
+
+std::size_t active_count(const Array& a) {
+  switch (a.dtype) {
+    case DType::float32:
+      return a.f32.size();
+    case DType::float64:
+      return a.f64.size();
+    case DType::int64:
+      return a.i64.size();
+  }
+  return 0;
+}
+
+template <class T>
+Array make_array(DType dtype, std::vector<index_t> shape, std::vector<T> values,
+                 const char* factory) {
+  std::uint64_t n = 0;
+  if (!shape_product(shape, n)) {
+    throw Error(ErrorKind::invalid_argument, std::string("Array::") + factory + ": shape " +
+                                                 detail::shape_string(shape) +
+                                                 " has a negative dimension or too many elements");
+  }
+  if (n != values.size()) {
+    throw Error(ErrorKind::invalid_argument,
+                std::string("Array::") + factory + ": shape " + detail::shape_string(shape) +
+                    " has " + std::to_string(n) + " elements but " + std::to_string(values.size()) +
+                    " values were given");
+  }
+  Array a;
+  a.dtype = dtype;
+  a.shape = std::move(shape);
+  values_of<T>(a) = std::move(values);
+  return a;
+}
+
+/// Reorders values stored with the first index varying fastest (Fortran order) into C order.
+template <class T>
+void fortran_to_c(std::vector<T>& values, const std::vector<index_t>& shape) {
+  const std::size_t n = shape.size();
+  if (n < 2 || values.empty()) return;
+  std::array<std::size_t, kMaxDims> dim{};
+  std::array<std::size_t, kMaxDims> stride{};  // Fortran strides, in elements
+  std::size_t s = 1;
+  for (std::size_t k = 0; k < n; ++k) {
+    dim[k] = static_cast<std::size_t>(shape[k]);
+    stride[k] = s;
+    s *= dim[k];
+  }
+  std::vector<T> out(values.size());
+  std::array<std::size_t, kMaxDims> idx{};
+  std::size_t src = 0;  // sum of idx[k] * stride[k]
+  for (std::size_t dst = 0; dst < out.size(); ++dst) {
+    out[dst] = values[src];
+    // Advance the C-order multi-index (last index fastest), carrying into earlier ones.
+    for (std::size_t k = n; k-- > 0;) {
+      src += stride[k];
+      if (++idx[k] < dim[k]) break;
+      src -= stride[k] * dim[k];
+      idx[k] = 0;
+    }
+  }
+  values.swap(out);
+}
+
+/// Closes a descriptor on scope exit.
+struct FdCloser {
+  int fd = -1;
+  ~FdCloser() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+/// A random 64-bit value for temporary names; falls back on the clock and thread id where the
+/// system has no random device.
+std::uint64_t random_u64() {
+  try {
+    std::random_device rd;
+    return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+  } catch (const std::exception&) {
+    const auto t =
+        static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    return t ^ (std::hash<std::thread::id>{}(std::this_thread::get_id()) * 0x9e3779b97f4a7c15ULL);
+  }
+}
+
+std::string hex64(std::uint64_t v) {
+  std::array<char, 17> buf{};
+  const auto res = std::to_chars(buf.data(), buf.data() + buf.size(), v, 16);
+  std::string s(buf.data(), res.ptr);
+  return std::string(16 - s.size(), '0') + s;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Array.
+
+index_t Array::size() const {
+  std::uint64_t n = 0;
+  if (!shape_product(shape, n)) {
+    throw Error(ErrorKind::invalid_argument, "Array::size: shape " + detail::shape_string(shape) +
+                                                 " has a negative dimension or too many elements");
+  }
+  return static_cast<index_t>(n);
+}
+
+Array Array::from_float32(std::vector<index_t> shape, std::vector<float> values) {
+  return make_array(DType::float32, std::move(shape), std::move(values), "from_float32");
+}
+Array Array::from_float64(std::vector<index_t> shape, std::vector<double> values) {
+  return make_array(DType::float64, std::move(shape), std::move(values), "from_float64");
+}
+Array Array::from_int64(std::vector<index_t> shape, std::vector<std::int64_t> values) {
+  return make_array(DType::int64, std::move(shape), std::move(values), "from_int64");
+}
+
+// ---------------------------------------------------------------------------------------------
+// detail: dtypes and arrays.
+
+namespace detail {
+
+std::size_t dtype_size(DType dtype) { return dtype == DType::float32 ? 4 : 8; }
+
+std::string dtype_descr(DType dtype) {
+  switch (dtype) {
+    case DType::float32:
+      return "<f4";
+    case DType::float64:
+      return "<f8";
+    case DType::int64:
+      return "<i8";
+  }
+  return "?";
+}
+
+std::string dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::float32:
+      return "float32";
+    case DType::float64:
+      return "float64";
+    case DType::int64:
+      return "int64";
+  }
+  return "?";
+}
+
+std::string shape_string(const std::vector<index_t>& shape) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  if (shape.size() == 1) s += ",";
+  return s + ")";
+}
+
+void check_writable(const Array& array, const std::string& where) {
+  const std::string shape = shape_string(array.shape);
+  if (array.shape.empty()) {
+    fail(ErrorKind::invalid_argument, where,
+         "cannot write a 0-D array (shape ()); expected 1 to 4 dimensions");
+  }
+  if (array.shape.size() > kMaxDims) {
+    fail(ErrorKind::invalid_argument, where,
+         "shape " + shape + " has " + std::to_string(array.shape.size()) +
+             " dimensions; expected 1 to 4");
+  }
+  std::uint64_t n = 0;
+  if (!shape_product(array.shape, n)) {
+    fail(ErrorKind::invalid_argument, where,
+         "shape " + shape + " has a negative dimension or too many elements");
+  }
+  const std::size_t have = active_count(array);
+  if (have != n) {
+    fail(ErrorKind::invalid_argument, where,
+         "shape " + shape + " needs " + std::to_string(n) + " " + dtype_name(array.dtype) +
+             " values, the array holds " + std::to_string(have));
+  }
+  const std::size_t total = array.f32.size() + array.f64.size() + array.i64.size();
+  if (total != have) {
+    fail(ErrorKind::invalid_argument, where,
+         "a " + dtype_name(array.dtype) +
+             " array must hold values only in the vector of its dtype (the others must be empty)");
+  }
+}
+
+std::span<const std::uint8_t> value_bytes(const Array& array) {
+  const void* p = nullptr;
+  std::size_t n = 0;
+  switch (array.dtype) {
+    case DType::float32:
+      p = array.f32.data();
+      n = array.f32.size() * 4;
+      break;
+    case DType::float64:
+      p = array.f64.data();
+      n = array.f64.size() * 8;
+      break;
+    case DType::int64:
+      p = array.i64.data();
+      n = array.i64.size() * 8;
+      break;
+  }
+  return {static_cast<const std::uint8_t*>(p), n};
+}
+
+std::span<std::uint8_t> mutable_value_bytes(Array& array) {
+  void* p = nullptr;
+  std::size_t n = 0;
+  switch (array.dtype) {
+    case DType::float32:
+      p = array.f32.data();
+      n = array.f32.size() * 4;
+      break;
+    case DType::float64:
+      p = array.f64.data();
+      n = array.f64.size() * 8;
+      break;
+    case DType::int64:
+      p = array.i64.data();
+      n = array.i64.size() * 8;
+      break;
+  }
+  return {static_cast<std::uint8_t*>(p), n};
+}
+
+// ---------------------------------------------------------------------------------------------
+// detail: the .npy format.
+
+NpyPreamble read_npy_preamble(std::span<const std::uint8_t> first_bytes, std::uint64_t total_size,
+                              const std::string& where) {
+  static constexpr std::uint8_t kMagic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
+  const std::size_t have = static_cast<std::size_t>(
+      std::min<std::uint64_t>(total_size, std::min(first_bytes.size(), kNpyPreambleBytes)));
+  if (have >= 6 && !std::equal(kMagic, kMagic + 6, first_bytes.data())) {
+    fail(ErrorKind::io, where, "not a .npy file (bad magic string; expected \\x93NUMPY)");
+  }
+  if (have < 10) {
+    fail(ErrorKind::io, where,
+         "file is too short to be a .npy file (" + std::to_string(total_size) + " bytes)");
+  }
+  NpyPreamble p;
+  p.major = first_bytes[6];
+  const int minor = first_bytes[7];
+  if (p.major < 1 || p.major > 3 || minor != 0) {
+    fail(ErrorKind::io, where,
+         "unsupported .npy format version " + std::to_string(p.major) + "." +
+             std::to_string(minor) + " (supported: 1.0, 2.0, 3.0)");
+  }
+  std::uint64_t header_len = 0;
+  if (p.major == 1) {
+    p.dict_offset = 10;
+    header_len = load_le16(first_bytes.data() + 8);
+  } else {
+    if (have < 12) {
+      fail(ErrorKind::io, where,
+           "file is too short to be a .npy file (" + std::to_string(total_size) + " bytes)");
+    }
+    p.dict_offset = 12;
+    header_len = load_le32(first_bytes.data() + 8);
+  }
+  p.data_offset = p.dict_offset + header_len;
+  if (p.data_offset > total_size) {
+    fail(ErrorKind::io, where,
+         "header is truncated: the header length field says " + std::to_string(header_len) +
+             " bytes, only " + std::to_string(total_size - p.dict_offset) + " follow");
+  }
+  return p;
+}
+
+NpyHeader parse_npy_header(const NpyPreamble& preamble, std::span<const std::uint8_t> head,
+                           std::uint64_t total_size, const std::string& where) {
+  if (head.size() != preamble.data_offset || preamble.data_offset > total_size) {
+    throw Error(ErrorKind::internal, where + ": parse_npy_header called with an inconsistent head");
+  }
+  const std::string_view text(reinterpret_cast<const char*>(head.data()) + preamble.dict_offset,
+                              head.size() - preamble.dict_offset);
+  const auto entries = HeaderParser(text, where).parse_dict();
+
+  const PyValue* descr = nullptr;
+  const PyValue* fortran = nullptr;
+  const PyValue* shape = nullptr;
+  for (const auto& [key, value] : entries) {
+    const PyValue** slot = key == "descr"           ? &descr
+                           : key == "fortran_order" ? &fortran
+                           : key == "shape"         ? &shape
+                                                    : nullptr;
+    if (slot == nullptr) {
+      fail(ErrorKind::io, where,
+           "header: unexpected key '" + excerpt(key, 40) +
+               "' (a .npy header has exactly 'descr', 'fortran_order' and 'shape')");
+    }
+    if (*slot != nullptr)
+      fail(ErrorKind::io, where, "header: duplicate key '" + excerpt(key, 40) + "'");
+    *slot = &value;
+  }
+  for (const auto& [name, value] : {std::pair{"descr", descr}, std::pair{"fortran_order", fortran},
+                                    std::pair{"shape", shape}}) {
+    if (value == nullptr) {
+      fail(ErrorKind::io, where, std::string("header: missing key '") + name + "'");
+    }
+  }
+
+  NpyHeader h;
+  h.dtype = interpret_descr(*descr, where);
+  if (fortran->kind != PyValue::Kind::boolean) {
+    fail(ErrorKind::io, where,
+         "header field 'fortran_order': expected True or False, got " + excerpt(fortran->source));
+  }
+  h.fortran_order = fortran->boolean;
+  h.shape = interpret_shape(*shape, where);
+  h.data_offset = preamble.data_offset;
+
+  const std::string shape_str = shape_string(h.shape);
+  std::uint64_t count = 0;
+  if (!shape_product(h.shape, count) || !checked_mul(count, dtype_size(h.dtype), h.data_bytes)) {
+    fail(ErrorKind::io, where,
+         "header field 'shape': " + shape_str + " has too many elements (the size overflows)");
+  }
+  const std::uint64_t have = total_size - h.data_offset;
+  const std::string need = "header shape " + shape_str + " of " + dtype_descr(h.dtype) + " needs " +
+                           std::to_string(h.data_bytes) + " bytes, file has " +
+                           std::to_string(have);
+  if (h.data_bytes > have) fail(ErrorKind::io, where, "data is truncated: " + need);
+  if (h.data_bytes < have) {
+    fail(ErrorKind::io, where,
+         "data has " + std::to_string(have - h.data_bytes) + " trailing bytes: " + need);
+  }
+  if (h.data_bytes > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max())) {
+    fail(ErrorKind::io, where, "array of " + need + " does not fit in this machine's memory");
+  }
+  return h;
+}
+
+Array allocate_array(const NpyHeader& header) {
+  Array a;
+  a.dtype = header.dtype;
+  a.shape = header.shape;
+  const auto n = static_cast<std::size_t>(header.data_bytes / dtype_size(header.dtype));
+  switch (header.dtype) {
+    case DType::float32:
+      a.f32.resize(n);
+      break;
+    case DType::float64:
+      a.f64.resize(n);
+      break;
+    case DType::int64:
+      a.i64.resize(n);
+      break;
+  }
+  return a;
+}
+
+void finish_array(Array& array, const NpyHeader& header) {
+  if (!header.fortran_order) return;
+  switch (array.dtype) {
+    case DType::float32:
+      fortran_to_c(array.f32, array.shape);
+      break;
+    case DType::float64:
+      fortran_to_c(array.f64, array.shape);
+      break;
+    case DType::int64:
+      fortran_to_c(array.i64, array.shape);
+      break;
+  }
+}
+
+Array parse_npy(std::span<const std::uint8_t> bytes, const std::string& where) {
+  const NpyPreamble pre = read_npy_preamble(bytes.first(std::min(bytes.size(), kNpyPreambleBytes)),
+                                            bytes.size(), where);
+  const NpyHeader h = parse_npy_header(pre, bytes.first(static_cast<std::size_t>(pre.data_offset)),
+                                       bytes.size(), where);
+  Array a = allocate_array(h);
+  const auto out = mutable_value_bytes(a);
+  if (!out.empty()) std::memcpy(out.data(), bytes.data() + h.data_offset, out.size());
+  finish_array(a, h);
+  return a;
+}
+
+std::vector<std::uint8_t> npy_header_bytes(const Array& array) {
+  // Exactly what numpy (>= 1.23) writes: keys sorted, repr() values, then spaces that leave room
+  // for the first dimension to grow to 21 digits, then spaces and '\n' up to a multiple of 64.
+  std::string dict = "{'descr': '" + dtype_descr(array.dtype) +
+                     "', 'fortran_order': False, 'shape': " + shape_string(array.shape) + ", }";
+  const std::size_t first_digits = std::to_string(array.shape.front()).size();
+  if (first_digits < 21) dict.append(21 - first_digits, ' ');
+  constexpr std::size_t kPreamble = 10;  // magic, version, 2-byte header length
+  const std::size_t pad = 64 - (kPreamble + dict.size() + 1) % 64;
+  dict.append(pad, ' ');
+  dict += '\n';
+
+  std::vector<std::uint8_t> out = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
+  append_le16(out, static_cast<std::uint16_t>(dict.size()));  // at most a few hundred bytes
+  out.insert(out.end(), dict.begin(), dict.end());
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// detail: files.
+
+InputFile::InputFile(const std::filesystem::path& path, std::string where)
+    : where_(std::move(where)) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) fail(ErrorKind::io, where_, "cannot open: " + errno_message(errno));
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) {
+    const int err = errno;
+    ::close(fd_);
+    fail(ErrorKind::io, where_, "cannot open: " + errno_message(err));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd_);
+    fail(ErrorKind::io, where_,
+         S_ISDIR(st.st_mode) ? "cannot open: Is a directory" : "cannot open: not a regular file");
+  }
+  size_ = static_cast<std::uint64_t>(st.st_size);
+}
+
+InputFile::~InputFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void InputFile::read_at(std::uint64_t offset, std::span<std::uint8_t> out) const {
+  std::size_t done = 0;
+  while (done < out.size()) {
+    const std::size_t chunk = std::min<std::size_t>(out.size() - done, std::size_t{1} << 30);
+    const ssize_t r = ::pread(fd_, out.data() + done, chunk, static_cast<off_t>(offset + done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      fail(ErrorKind::io, where_, "read failed: " + errno_message(errno));
+    }
+    if (r == 0) fail(ErrorKind::io, where_, "file became shorter while it was being read");
+    done += static_cast<std::size_t>(r);
+  }
+}
+
+std::vector<std::uint8_t> read_file(const std::filesystem::path& path, const std::string& where) {
+  const InputFile file(path, where);
+  if (file.size() > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max())) {
+    fail(ErrorKind::io, where, "file is too large for this machine's memory");
+  }
+  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(file.size()));
+  file.read_at(0, bytes);
+  return bytes;
+}
+
+void write_file_atomically(const std::filesystem::path& path,
+                           std::span<const std::span<const std::uint8_t>> pieces) {
+  const std::string where = path.string();
+
+  // The temporary file: O_EXCL so that concurrent writers (threads, processes) never share one.
+  struct Temp {
+    int fd = -1;
+    std::string name;
+    bool committed = false;
+    ~Temp() {
+      if (fd >= 0) ::close(fd);
+      if (!committed && !name.empty()) ::unlink(name.c_str());
+    }
+  } temp;
+  for (int attempt = 0; attempt < 64 && temp.fd < 0; ++attempt) {
+    std::string name = where + ".tmp." + hex64(random_u64());
+    const int fd = ::open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd >= 0) {
+      temp.fd = fd;
+      temp.name = std::move(name);
+    } else if (errno != EEXIST) {
+      fail(ErrorKind::io, where,
+           "cannot create temporary file '" + name + "': " + errno_message(errno));
+    }
+  }
+  if (temp.fd < 0) fail(ErrorKind::io, where, "cannot create a temporary file (names all taken)");
+
+  for (const auto piece : pieces) {
+    std::size_t done = 0;
+    while (done < piece.size()) {
+      const std::size_t chunk = std::min<std::size_t>(piece.size() - done, std::size_t{1} << 30);
+      const ssize_t w = ::write(temp.fd, piece.data() + done, chunk);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        fail(ErrorKind::io, where, "cannot write '" + temp.name + "': " + errno_message(errno));
+      }
+      if (w == 0) fail(ErrorKind::io, where, "cannot write '" + temp.name + "': no progress");
+      done += static_cast<std::size_t>(w);
+    }
+  }
+  // The data must be on disk before the rename makes it visible under `path`, or a crash could
+  // leave an empty or partial file in place of the old one.
+  if (::fsync(temp.fd) != 0) {
+    fail(ErrorKind::io, where, "cannot flush '" + temp.name + "': " + errno_message(errno));
+  }
+  const int fd = std::exchange(temp.fd, -1);
+  if (::close(fd) != 0) {
+    fail(ErrorKind::io, where, "cannot close '" + temp.name + "': " + errno_message(errno));
+  }
+  if (::rename(temp.name.c_str(), where.c_str()) != 0) {
+    fail(ErrorKind::io, where,
+         "cannot rename '" + temp.name + "' over it: " + errno_message(errno));
+  }
+  temp.committed = true;
+
+  // Make the rename itself durable. Best effort: some file systems refuse fsync on directories,
+  // and the new file is already complete and in place.
+  std::filesystem::path dir = path.parent_path();
+  if (dir.empty()) dir = ".";
+  FdCloser d{::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
+  if (d.fd >= 0) (void)::fsync(d.fd);
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Public API.
+
+Array read_npy(const std::filesystem::path& path) {
+  const std::string where = path.string();
+  const detail::InputFile file(path, where);
+  const std::uint64_t size = file.size();
+
+  // Read the preamble, then the header it announces (bounded by the file size), then the data
+  // straight into the array, which parse_npy_header has sized against the file.
+  std::array<std::uint8_t, detail::kNpyPreambleBytes> first{};
+  const auto first_len =
+      static_cast<std::size_t>(std::min<std::uint64_t>(size, detail::kNpyPreambleBytes));
+  file.read_at(0, std::span(first).first(first_len));
+  const detail::NpyPreamble pre =
+      detail::read_npy_preamble(std::span(first).first(first_len), size, where);
+  std::vector<std::uint8_t> head(static_cast<std::size_t>(pre.data_offset));
+  file.read_at(0, head);
+  const detail::NpyHeader h = detail::parse_npy_header(pre, head, size, where);
+  Array a = detail::allocate_array(h);
+  file.read_at(h.data_offset, detail::mutable_value_bytes(a));
+  detail::finish_array(a, h);
+  return a;
+}
+
+void write_npy(const std::filesystem::path& path, const Array& array) {
+  detail::check_writable(array, path.string());
+  const std::vector<std::uint8_t> header = detail::npy_header_bytes(array);
+  const std::array<std::span<const std::uint8_t>, 2> pieces = {std::span(header),
+                                                               detail::value_bytes(array)};
+  detail::write_file_atomically(path, pieces);
+}
+
+std::vector<float> to_float32(const Array& array, const std::string& what) {
+  if (array.dtype == DType::int64) {
+    throw Error(ErrorKind::invalid_argument,
+                what + ": expected a float32 or float64 array, got int64");
+  }
+  std::uint64_t n = 0;
+  if (!shape_product(array.shape, n) || n != active_count(array)) {
+    throw Error(ErrorKind::invalid_argument,
+                what + ": shape " + detail::shape_string(array.shape) + " does not match the " +
+                    std::to_string(active_count(array)) + " values the array holds");
+  }
+  if (array.dtype == DType::float32) return array.f32;
+  std::vector<float> out(array.f64.size());
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const double x = array.f64[i];
+    if (std::isfinite(x) && std::fabs(x) > static_cast<double>(FLT_MAX)) {
+      throw Error(ErrorKind::invalid_argument, what + ": value " + format_double(x) +
+                                                   " at flat index " + std::to_string(i) +
+                                                   " is outside the float32 range");
+    }
+    out[i] = static_cast<float>(x);  // NaN and Inf pass through
+  }
+  return out;
+}
+
+}  // namespace levattn

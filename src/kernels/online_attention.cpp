@@ -1,0 +1,104 @@
+#include "kernels/online_attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "detail/blas.hpp"
+#include "kernels/elementwise.hpp"
+#include "levattn/error.hpp"
+
+namespace levattn::kernels {
+
+OnlineBlock::OnlineBlock(const KernelParams& params, index_t max_rows, index_t max_tile,
+                         index_t dv)
+    : params_(params),
+      max_rows_(max_rows),
+      max_tile_(max_tile),
+      dv_(dv),
+      tile_(new float[static_cast<std::size_t>(max_rows * max_tile)]),
+      acc_(new float[static_cast<std::size_t>(max_rows * dv)]),
+      max_(new float[static_cast<std::size_t>(max_rows)]),
+      sum_(new double[static_cast<std::size_t>(max_rows)]) {}
+
+void OnlineBlock::begin(const float* q, index_t ldq, index_t rows, index_t d) {
+  if (rows > max_rows_) throw Error(ErrorKind::internal, "OnlineBlock: block larger than its workspace");
+  q_ = q;
+  ldq_ = ldq;
+  rows_ = rows;
+  d_ = d;
+  std::fill_n(acc_.get(), rows * dv_, 0.0f);
+  // Softmax tracks the running max logit, the power kernel the running max |logit|.
+  const float init = params_.kernel == Kernel::softmax ? -std::numeric_limits<float>::infinity()
+                                                       : -1.0f;
+  std::fill_n(max_.get(), rows, init);
+  std::fill_n(sum_.get(), rows, 0.0);
+}
+
+float* OnlineBlock::logits(const float* k, index_t ldk, index_t count) {
+  if (count > max_tile_) throw Error(ErrorKind::internal, "OnlineBlock: tile larger than its workspace");
+  count_ = count;
+  detail::gemm_abt(rows_, count, d_, params_.scale, q_, ldq_, k, ldk, 0.0f, tile_.get(), count);
+  return tile_.get();
+}
+
+void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
+  const index_t c = count;
+  bool any = false;
+  for (index_t r = 0; r < rows_; ++r) {
+    float* s = tile_.get() + r * c;
+    float& m = max_[r];
+    float* o = acc_.get() + r * dv_;
+    if (params_.kernel == Kernel::softmax) {
+      const float tmax = row_max(s, c);
+      if (tmax == -std::numeric_limits<float>::infinity()) {  // every key masked
+        std::fill_n(s, c, 0.0f);
+        continue;
+      }
+      const float mnew = std::max(m, tmax);
+      const float corr = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m - mnew);
+      const float tsum = exp_shift_sum(s, c, mnew);
+      sum_[r] = sum_[r] * corr + tsum;
+      if (corr != 1.0f)
+        for (index_t j = 0; j < dv_; ++j) o[j] *= corr;
+      m = mnew;
+    } else {
+      const float tmax = abs_row_max(s, c);
+      if (tmax <= 0.0f) {  // masked or all logits zero: no weight
+        std::fill_n(s, c, 0.0f);
+        continue;
+      }
+      const float mnew = std::max(m, tmax);
+      const float corr = m <= 0.0f ? 0.0f : std::pow(m / mnew, params_.p);
+      const float tsum = power_rel_sum(s, c, mnew, params_.p);
+      sum_[r] = sum_[r] * corr + tsum;
+      if (corr != 1.0f)
+        for (index_t j = 0; j < dv_; ++j) o[j] *= corr;
+      m = mnew;
+    }
+    any = true;
+  }
+  if (any) detail::gemm_ab(rows_, dv_, c, 1.0f, tile_.get(), c, v, ldv, 1.0f, acc_.get(), dv_);
+}
+
+index_t OnlineBlock::finish(float* out, index_t ldo) {
+  index_t empty = 0;
+  for (index_t r = 0; r < rows_; ++r) {
+    float* dst = out + r * ldo;
+    const float* o = acc_.get() + r * dv_;
+    if (!std::isfinite(sum_[r])) {  // overflowing logits: the caller reports it
+      std::fill_n(dst, dv_, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    if (!(sum_[r] > 0.0)) {
+      std::fill_n(dst, dv_, 0.0f);
+      ++empty;
+      continue;
+    }
+    const float inv = static_cast<float>(1.0 / sum_[r]);
+    for (index_t j = 0; j < dv_; ++j) dst[j] = o[j] * inv;
+  }
+  return empty;
+}
+
+}  // namespace levattn::kernels

@@ -1,0 +1,54 @@
+// kernels/online_attention.hpp: attention of a block of query rows over a sequence of key tiles,
+// with the row normaliser kept online (running maximum, rescaled partial sums), so no buffer
+// larger than one block x tile is ever held. The dense reference and every selection use it.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "levattn/attention.hpp"
+
+namespace levattn::kernels {
+
+struct KernelParams {
+  Kernel kernel = Kernel::softmax;
+  float scale = 1.0f;
+  float p = 2.0f;
+};
+
+/// Per-thread state for one block of up to `rows` queries.
+class OnlineBlock {
+ public:
+  OnlineBlock(const KernelParams& params, index_t max_rows, index_t max_tile, index_t dv);
+
+  /// Starts a block of `rows` queries (rows x d at q with leading dimension ldq).
+  void begin(const float* q, index_t ldq, index_t rows, index_t d);
+
+  /// Logits of the block against `count` keys (count x d at k, leading dimension ldk) into the
+  /// tile buffer; returns it (rows x count, leading dimension count) so the caller can mask
+  /// entries by writing -inf.
+  float* logits(const float* k, index_t ldk, index_t count);
+
+  /// Folds the tile last returned by logits() into the running sums, with values v (count x dv).
+  void absorb(const float* v, index_t ldv, index_t count);
+
+  /// Writes O_r = acc_r / l_r to out (rows x dv, leading dimension ldo). Rows with no key or a
+  /// zero normaliser get 0; returns how many there were.
+  index_t finish(float* out, index_t ldo);
+
+ private:
+  KernelParams params_;
+  index_t max_rows_, max_tile_, dv_;
+  const float* q_ = nullptr;
+  index_t ldq_ = 0, rows_ = 0, d_ = 0, count_ = 0;
+  // Uninitialised storage: every element is written before it is read, and zero-filling
+  // hundreds of KiB per call shows up in profiles.
+  std::unique_ptr<float[]> tile_, acc_, max_;
+  std::unique_ptr<double[]> sum_;
+};
+
+/// Tile width used over keys.
+inline constexpr index_t kKeyTile = 512;
+/// Queries per block.
+inline constexpr index_t kQueryBlock = 256;
+
+}  // namespace levattn::kernels

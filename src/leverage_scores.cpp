@@ -1,0 +1,204 @@
+// Exact leverage scores: Gram matrix in float64, symmetric eigendecomposition (rank-revealing),
+// then one BLAS-3 pass for the row norms of K B (math.md 1.1).
+#include "levattn/leverage_scores.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+#include "detail/blas.hpp"
+#include "detail/leverage.hpp"
+#include "detail/parallel.hpp"
+#include "detail/validate.hpp"
+
+namespace levattn {
+namespace {
+
+constexpr index_t kConvertRows = 1024;  // rows converted to float64 per dsyrk call
+constexpr index_t kPartials = 16;       // fixed count of partial Grams: thread-count independent
+constexpr index_t kScoreRows = 1024;    // rows per GEMM in the score pass
+// Use the float32 score pass when its proven relative error is at most this.
+constexpr double kFloat32Tolerance = 1e-4;
+
+void check_options(const LeverageOptions& o) {
+  if (!(o.ridge >= 0.0) || !std::isfinite(o.ridge)) {
+    std::ostringstream os;
+    os << "ridge: expected a finite number >= 0, got " << o.ridge;
+    detail::invalid(os.str());
+  }
+  if (!(o.rank_rtol >= 0.0 && o.rank_rtol < 1.0)) {
+    std::ostringstream os;
+    os << "rank_rtol: expected a number in [0, 1), got " << o.rank_rtol;
+    detail::invalid(os.str());
+  }
+}
+
+// gamma_k = k u / (1 - k u), the standard bound for a length-k dot product in precision u.
+double gamma(index_t k, double u) { return static_cast<double>(k) * u / (1.0 - static_cast<double>(k) * u); }
+
+}  // namespace
+
+KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
+  if (K.rows <= 0 || K.cols <= 0) detail::require_finite_matrix(K, "keys");  // names the shape
+  check_options(options);
+  const index_t n = K.rows, d = K.cols;
+
+  // M = sum of partial Grams; chunk c goes to partial c % kPartials and the partials are added in
+  // index order, so the rounding does not depend on how OpenMP schedules the work.
+  const index_t chunks = (n + kConvertRows - 1) / kConvertRows;
+  const index_t partials = std::min(kPartials, chunks);
+  std::vector<double> part(static_cast<std::size_t>(partials * d * d), 0.0);
+  detail::ExceptionTrap trap;
+  bool finite = true;  // checked while converting, so K is read once
+#pragma omp parallel reduction(&& : finite)
+  {
+    std::vector<double> buf(static_cast<std::size_t>(std::min(kConvertRows, n) * d));
+#pragma omp for schedule(dynamic, 1)
+    for (index_t p = 0; p < partials; ++p) {
+      trap.run([&] {
+        double* C = part.data() + p * d * d;
+        for (index_t c = p; c < chunks; c += partials) {
+          const index_t r0 = c * kConvertRows, rows = std::min(kConvertRows, n - r0);
+          bool ok = true;
+          for (index_t i = 0; i < rows; ++i) {
+            const float* src = K.row(r0 + i);
+            double* dst = buf.data() + i * d;
+            for (index_t j = 0; j < d; ++j) {
+              dst[j] = src[j];
+              ok &= detail::is_finite(src[j]);
+            }
+          }
+          finite = finite && ok;
+          cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(rows), 1.0,
+                      buf.data(), detail::bi(d), 1.0, C, detail::bi(d));
+        }
+      });
+    }
+  }
+  trap.rethrow();
+  if (!finite) detail::require_finite_matrix(K, "keys");  // throws, naming the entry
+
+  KeyGram g;
+  g.d = d;
+  g.ridge = options.ridge;
+  g.gram.assign(static_cast<std::size_t>(d * d), 0.0);
+  for (index_t p = 0; p < partials; ++p)
+    for (index_t i = 0; i < d; ++i)
+      for (index_t j = i; j < d; ++j) g.gram[i * d + j] += part[(p * d + i) * d + j];
+  for (index_t i = 0; i < d; ++i)
+    for (index_t j = 0; j < i; ++j) g.gram[i * d + j] = g.gram[j * d + i];
+
+  // Eigendecomposition of M (ascending eigenvalues, eigenvectors in columns).
+  std::vector<double> vecs = g.gram;
+  std::vector<double> w(static_cast<std::size_t>(d));
+  const lapack_int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', static_cast<lapack_int>(d),
+                                         vecs.data(), static_cast<lapack_int>(d), w.data());
+  if (info != 0) {
+    throw Error(ErrorKind::internal, "leverage_scores: LAPACKE_dsyevd failed with info " +
+                                         std::to_string(info));
+  }
+  const double lmax = std::max(w[d - 1], 0.0);
+  const double cut = options.rank_rtol * options.rank_rtol * lmax;
+  g.eigenvalues.resize(static_cast<std::size_t>(d));
+  for (index_t i = 0; i < d; ++i) g.eigenvalues[i] = w[d - 1 - i] + options.ridge;
+
+  // Retained directions: those of the numerical range (all of them with a ridge, where
+  // M + lambda I is invertible). B's columns are v_i / sqrt(lambda_i + ridge), descending.
+  index_t rank = 0;
+  for (index_t i = 0; i < d; ++i) rank += (w[i] > cut && lmax > 0.0) ? 1 : 0;
+  g.rank = rank;
+  const index_t kept = options.ridge > 0.0 ? d : rank;
+  g.factor.assign(static_cast<std::size_t>(d * kept), 0.0);
+  for (index_t c = 0; c < kept; ++c) {
+    const index_t e = d - 1 - c;  // eigenvalue index, descending
+    const double s = 1.0 / std::sqrt(w[e] + options.ridge);
+    for (index_t i = 0; i < d; ++i) g.factor[i * kept + c] = vecs[i * d + e] * s;
+  }
+  return g;
+}
+
+namespace detail {
+
+LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g) {
+  const index_t n = K.rows, d = K.cols;
+  const index_t kept = d > 0 ? static_cast<index_t>(g.factor.size()) / d : 0;
+  LeverageScores out;
+  out.rank = g.rank;
+  out.scores.assign(static_cast<std::size_t>(n), 0.0);
+  if (kept == 0) return out;  // K == 0: every score is 0
+
+  // Rounding bound of y_j = B^T k_j (see header): ||dy|| <= (gamma_d + u) ||k_j|| ||B||_F and
+  // ||y_j|| >= ||k_j|| / sqrt(lambda_max), so the relative error of tau_j = ||y_j||^2 is at most
+  // 2 delta + delta^2 with delta = (gamma_d + u) sqrt(sum_i lambda_max / lambda_i).
+  double cond_sum = 0.0;
+  for (index_t i = 0; i < kept; ++i) cond_sum += g.eigenvalues[0] / g.eigenvalues[i];
+  const auto bound = [&](double u) {
+    const double delta = (gamma(d, u) + u) * std::sqrt(cond_sum);
+    return 2.0 * delta + delta * delta;
+  };
+  const double bound32 = bound(std::numeric_limits<float>::epsilon() / 2);
+  const bool use_float32 = bound32 <= kFloat32Tolerance;
+  out.rel_error_bound = use_float32 ? bound32 : bound(std::numeric_limits<double>::epsilon() / 2);
+
+  std::vector<float> B32;
+  if (use_float32) B32.assign(g.factor.begin(), g.factor.end());
+  const index_t blocks = (n + kScoreRows - 1) / kScoreRows;
+  ExceptionTrap trap;
+#pragma omp parallel
+  {
+    std::vector<float> y32;
+    std::vector<double> k64, y64;
+#pragma omp for schedule(static)
+    for (index_t b = 0; b < blocks; ++b) {
+      trap.run([&] {
+        const index_t r0 = b * kScoreRows, rows = std::min(kScoreRows, n - r0);
+        if (use_float32) {
+          y32.resize(static_cast<std::size_t>(rows * kept));
+          gemm_ab(rows, kept, d, 1.0f, K.row(r0), K.ld, B32.data(), kept, 0.0f,
+                          y32.data(), kept);
+          for (index_t i = 0; i < rows; ++i) {
+            const float* y = y32.data() + i * kept;
+            double s = 0.0;
+            for (index_t c = 0; c < kept; ++c) s += static_cast<double>(y[c]) * y[c];
+            out.scores[r0 + i] = std::min(s, 1.0);
+          }
+        } else {
+          k64.resize(static_cast<std::size_t>(rows * d));
+          y64.resize(static_cast<std::size_t>(rows * kept));
+          for (index_t i = 0; i < rows; ++i)
+            for (index_t j = 0; j < d; ++j) k64[i * d + j] = K(r0 + i, j);
+          dgemm_ab(rows, kept, d, 1.0, k64.data(), d, g.factor.data(), kept, 0.0,
+                           y64.data(), kept);
+          for (index_t i = 0; i < rows; ++i) {
+            const double* y = y64.data() + i * kept;
+            double s = 0.0;
+            for (index_t c = 0; c < kept; ++c) s += y[c] * y[c];
+            out.scores[r0 + i] = std::min(s, 1.0);
+          }
+        }
+      });
+    }
+  }
+  trap.rethrow();
+  return out;
+}
+
+}  // namespace detail
+
+LeverageScores leverage_scores(ConstMatrix K, const KeyGram& g) {
+  detail::require_finite_matrix(K, "keys");
+  if (K.cols != g.d) {
+    std::ostringstream os;
+    os << "keys: expected " << g.d << " columns (the Gram's dimension), got " << K.cols;
+    detail::invalid(os.str());
+  }
+  return detail::scores_unchecked(K, g);
+}
+
+LeverageScores leverage_scores(ConstMatrix K, const LeverageOptions& options) {
+  // key_gram validated K while reading it.
+  return detail::scores_unchecked(K, key_gram(K, options));
+}
+
+}  // namespace levattn

@@ -1,0 +1,96 @@
+#include "levattn/planted.hpp"
+
+#include <cmath>
+#include <sstream>
+
+#include "detail/rng.hpp"
+#include "detail/selection.hpp"
+#include "detail/validate.hpp"
+
+namespace levattn {
+namespace {
+
+// Stream ids of the counter-based generator, one per random quantity.
+enum Stream : std::uint64_t { kNoise = 1, kPositions, kDirections, kQueries, kValues, kTargets };
+
+// Standard normal number i of a stream (Box-Muller on two 53-bit uniforms).
+double normal(const detail::CounterRng& rng, std::uint64_t i) {
+  const double u1 = 1.0 - rng.uniform(2 * i), u2 = rng.uniform(2 * i + 1);
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
+}  // namespace
+
+PlantedInstance planted(const PlantedOptions& o) {
+  std::ostringstream os;
+  if (o.n < 1 || o.d < 1 || o.m < 0) {
+    os << "planted: expected n >= 1, d >= 1, m >= 0, got n = " << o.n << ", d = " << o.d
+       << ", m = " << o.m;
+    detail::invalid(os.str());
+  }
+  if (o.relevant < 1 || o.relevant > std::min(o.n, o.d)) {
+    os << "relevant: expected 1 <= relevant <= min(n, d) = " << std::min(o.n, o.d) << ", got "
+       << o.relevant;
+    detail::invalid(os.str());
+  }
+  if (!(o.noise > 0 && std::isfinite(o.noise)) || !(o.signal >= 0 && std::isfinite(o.signal)) ||
+      !(o.query_norm >= 0 && std::isfinite(o.query_norm))) {
+    detail::invalid("planted: expected noise > 0 and signal, query_norm >= 0 (0: default), finite");
+  }
+  const index_t n = o.n, d = o.d, m = o.m > 0 ? o.m : o.n, R = o.relevant;
+  const double nd = static_cast<double>(n), dd = static_cast<double>(d);
+  const double signal = o.signal > 0 ? o.signal : 2.0 * o.noise * std::sqrt(nd / dd);
+  const double qnorm = o.query_norm > 0 ? o.query_norm : (std::log(nd) + 6.0) * std::sqrt(dd) / signal;
+
+  PlantedInstance inst;
+  inst.K = DenseMatrix<float>(n, d);
+  inst.Q = DenseMatrix<float>(m, d);
+  inst.V = DenseMatrix<float>(n, d);
+  const std::uint64_t seed = o.seed;
+  const detail::CounterRng noise_rng(seed, kNoise), dir_rng(seed, kDirections),
+      q_rng(seed, kQueries), v_rng(seed, kValues), t_rng(seed, kTargets);
+
+  // Orthonormal directions: Gram-Schmidt (twice, for orthogonality to rounding) of Gaussians.
+  std::vector<double> U(static_cast<std::size_t>(R * d));
+  for (index_t r = 0; r < R; ++r) {
+    double* u = U.data() + r * d;
+    for (index_t j = 0; j < d; ++j) u[j] = normal(dir_rng, static_cast<std::uint64_t>(r * d + j));
+    for (int pass = 0; pass < 2; ++pass)
+      for (index_t s = 0; s < r; ++s) {
+        const double* w = U.data() + s * d;
+        double dot = 0;
+        for (index_t j = 0; j < d; ++j) dot += u[j] * w[j];
+        for (index_t j = 0; j < d; ++j) u[j] -= dot * w[j];
+      }
+    double nrm = 0;
+    for (index_t j = 0; j < d; ++j) nrm += u[j] * u[j];
+    nrm = std::sqrt(nrm);
+    for (index_t j = 0; j < d; ++j) u[j] /= nrm;
+  }
+
+  const double key_sd = o.noise / std::sqrt(dd);
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < n; ++i)
+    for (index_t j = 0; j < d; ++j) {
+      const auto c = static_cast<std::uint64_t>(i * d + j);
+      inst.K(i, j) = static_cast<float>(key_sd * normal(noise_rng, c));
+      inst.V(i, j) = static_cast<float>(normal(v_rng, c));
+    }
+  inst.relevant = detail::random_keys(n, R, seed, kPositions);
+  for (index_t r = 0; r < R; ++r)
+    for (index_t j = 0; j < d; ++j)
+      inst.K(inst.relevant[r], j) = static_cast<float>(signal * U[r * d + j]);
+
+  inst.query_target.resize(static_cast<std::size_t>(m));
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < m; ++i) {
+    const auto r = static_cast<index_t>(t_rng.below(static_cast<std::uint64_t>(i), static_cast<std::uint64_t>(R)));
+    inst.query_target[i] = inst.relevant[r];
+    for (index_t j = 0; j < d; ++j)
+      inst.Q(i, j) = static_cast<float>(qnorm * U[r * d + j] +
+                                        key_sd * normal(q_rng, static_cast<std::uint64_t>(i * d + j)));
+  }
+  return inst;
+}
+
+}  // namespace levattn

@@ -1,0 +1,277 @@
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <set>
+
+#include "cases.hpp"
+
+using namespace levattn;
+using oracle::Mat;
+
+namespace {
+
+struct Inputs {
+  Mat Q, K, V;
+};
+
+Inputs random_inputs(index_t m, index_t n, index_t d, index_t dv, std::uint64_t seed) {
+  return {oracle::gaussian(m, d, seed), oracle::gaussian(n, d, seed + 1), oracle::gaussian(n, dv, seed + 2)};
+}
+
+std::vector<float> run(const Inputs& in, const AttentionOptions& o, AttentionResult* r = nullptr) {
+  return attention(in.Q.view(), in.K.view(), in.V.view(), o, r);
+}
+
+double default_scale(const AttentionOptions& o, index_t d) {
+  return !std::isnan(o.scale) ? o.scale : (o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0);
+}
+
+// Runs the selection and compares with the naive computation masked to the returned selection.
+void expect_masked_equal(const Inputs& in, AttentionOptions o, const std::string& what) {
+  o.return_selection = true;
+  AttentionResult r;
+  const std::vector<float> got = run(in, o, &r);
+  const index_t n = in.K.rows;
+  std::set<index_t> shared;
+  if (!r.shared_keys.empty()) shared.insert(r.shared_keys[0].begin(), r.shared_keys[0].end());
+  const index_t k = o.select == Select::topk ? std::min(o.top_k, n) : 0;
+  const auto mask = [&](index_t i, index_t j) {
+    if (o.select == Select::full) return true;
+    if (o.select == Select::topk) {
+      for (index_t c = 0; c < k; ++c)
+        if (r.query_keys[i * k + c] == j) return true;
+      return false;
+    }
+    if (shared.count(j)) return true;
+    return o.window >= 0 && j >= i - o.window && j <= i + o.window;
+  };
+  const auto ref = oracle::attention(in.Q, in.K, in.V, o.kernel == Kernel::softmax,
+                                     default_scale(o, in.Q.cols), o.p, mask);
+  EXPECT_LT(oracle::max_rel_error(got, ref), 1e-5) << what;
+}
+
+}  // namespace
+
+TEST(Attention, FullEqualsNaiveDense) {
+  for (index_t n : {1, 7, 513, 1100}) {
+    const Inputs in = random_inputs(300, n, 16, 12, static_cast<std::uint64_t>(n));
+    AttentionOptions o;
+    expect_masked_equal(in, o, "softmax n=" + std::to_string(n));
+    o.scale = 0.7;
+    expect_masked_equal(in, o, "softmax scale 0.7");
+    o.kernel = Kernel::power;
+    o.scale = std::nan("");
+    for (double p : {1.0, 2.0, 1.5, 3.0}) {
+      o.p = p;
+      expect_masked_equal(in, o, "power p=" + std::to_string(p) + " n=" + std::to_string(n));
+    }
+  }
+}
+
+TEST(Attention, EverySelectionEqualsNaiveMaskedComputation) {
+  const Inputs in = random_inputs(400, 700, 8, 5, 31);
+  for (Kernel kernel : {Kernel::softmax, Kernel::power}) {
+    AttentionOptions o;
+    o.kernel = kernel;
+    o.select = Select::leverage;
+    o.eps = 0.01;
+    expect_masked_equal(in, o, "leverage eps");
+    o.eps = 0;
+    o.top_k = 40;
+    expect_masked_equal(in, o, "leverage top-k");
+    o.window = 3;
+    o.sinks = 4;
+    expect_masked_equal(in, o, "leverage + window + sinks");
+    o.select = Select::none;
+    o.top_k = 0;
+    expect_masked_equal(in, o, "window + sinks");
+    o.sinks = 0;
+    o.window = 300;  // wider than a query block
+    expect_masked_equal(in, o, "wide window");
+    o.window = 0;
+    expect_masked_equal(in, o, "window 0 (the diagonal)");
+    o.window = -1;
+    o.select = Select::topk;
+    o.top_k = 17;
+    expect_masked_equal(in, o, "topk");
+    o.top_k = 5000;  // more than n: every key
+    expect_masked_equal(in, o, "topk k > n");
+    o.select = Select::random;
+    o.top_k = 64;
+    o.sinks = 2;
+    o.window = 1;
+    expect_masked_equal(in, o, "random + window + sinks");
+  }
+}
+
+TEST(Attention, LeverageSelectionIsTheUniversalSet) {
+  const Inputs in = random_inputs(50, 600, 6, 4, 41);
+  AttentionOptions o;
+  o.select = Select::leverage;
+  o.eps = 0.02;
+  o.sinks = 3;
+  o.return_selection = true;
+  AttentionResult r;
+  run(in, o, &r);
+  std::vector<index_t> expected = universal_set(in.K.view(), 0.02).indices;
+  for (index_t j = 0; j < 3; ++j) expected.push_back(j);
+  std::sort(expected.begin(), expected.end());
+  expected.erase(std::unique(expected.begin(), expected.end()), expected.end());
+  EXPECT_EQ(r.shared_keys.at(0), expected);
+  EXPECT_EQ(r.shared_sizes.at(0), static_cast<index_t>(expected.size()));
+}
+
+TEST(Attention, TopKMatchesExhaustiveRanking) {
+  const Inputs in = random_inputs(64, 300, 8, 4, 51);
+  AttentionOptions o;
+  o.select = Select::topk;
+  o.top_k = 9;
+  o.return_selection = true;
+  AttentionResult r;
+  run(in, o, &r);
+  for (index_t i = 0; i < 64; ++i) {
+    std::vector<std::pair<double, index_t>> s;
+    for (index_t j = 0; j < 300; ++j) s.push_back({-oracle::dot(in.Q, i, in.K, j), j});
+    std::sort(s.begin(), s.end());
+    for (index_t c = 0; c < 9; ++c) EXPECT_EQ(r.query_keys[i * 9 + c], s[c].second) << "query " << i;
+  }
+}
+
+TEST(Attention, RandomSelectionIsReproducibleAndUniform) {
+  const Inputs in = random_inputs(10, 1000, 4, 4, 61);
+  AttentionOptions o;
+  o.select = Select::random;
+  o.top_k = 100;
+  o.seed = 7;
+  o.return_selection = true;
+  AttentionResult a, b, c;
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const auto oa = run(in, o, &a);
+  omp_set_num_threads(2);
+  const auto ob = run(in, o, &b);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(a.shared_keys, b.shared_keys);
+  EXPECT_EQ(oa, ob);
+  ASSERT_EQ(a.shared_keys[0].size(), 100u);
+  EXPECT_TRUE(std::is_sorted(a.shared_keys[0].begin(), a.shared_keys[0].end()));
+  o.seed = 8;
+  run(in, o, &c);
+  EXPECT_NE(a.shared_keys, c.shared_keys);
+  // Uniformity: over many seeds every tenth of the keys gets about a tenth of the draws.
+  std::vector<int> bins(10, 0);
+  for (std::uint64_t seed = 0; seed < 200; ++seed) {
+    o.seed = seed;
+    run(in, o, &c);
+    for (index_t j : c.shared_keys[0]) ++bins[j / 100];
+  }
+  for (int count : bins) EXPECT_NEAR(count, 2000, 200);
+}
+
+TEST(Attention, BatchedAndMultiHeadShapesMatchPerHead) {
+  const index_t B = 2, H = 3, m = 70, n = 90, d = 8, dv = 6;
+  const Mat Q = oracle::gaussian(B * H * m, d, 71), K = oracle::gaussian(B * H * n, d, 72),
+            V = oracle::gaussian(B * H * n, dv, 73);
+  for (Select sel : {Select::full, Select::leverage, Select::topk, Select::random}) {
+    AttentionOptions o;
+    o.select = sel;
+    o.top_k = sel == Select::full ? 0 : 11;
+    o.window = sel == Select::leverage ? 2 : -1;
+    std::vector<float> out(static_cast<std::size_t>(B * H * m * dv));
+    const AttentionResult r = attention(Tensor4Ref{Q.v.data(), B, H, m, d}, Tensor4Ref{K.v.data(), B, H, n, d},
+                                        Tensor4Ref{V.v.data(), B, H, n, dv}, out.data(), o);
+    ASSERT_EQ(r.shared_sizes.size(), static_cast<std::size_t>(B * H));
+    for (index_t h = 0; h < B * H; ++h) {
+      AttentionOptions oh = o;
+      oh.seed = o.seed;
+      // A random selection is drawn per (batch, head) stream; compare the deterministic ones.
+      if (sel == Select::random) continue;
+      const std::vector<float> one =
+          attention(ConstMatrix{Q.v.data() + h * m * d, m, d}, ConstMatrix{K.v.data() + h * n * d, n, d},
+                    ConstMatrix{V.v.data() + h * n * dv, n, dv}, oh);
+      for (index_t t = 0; t < m * dv; ++t)
+        ASSERT_NEAR(out[h * m * dv + t], one[t], 1e-6) << to_string(sel) << " head " << h;
+    }
+  }
+}
+
+TEST(Attention, SoftmaxStaysFiniteForHugeLogits) {
+  Inputs in = random_inputs(20, 300, 4, 3, 81);
+  for (auto& x : in.Q.v) x *= 100.0f;  // logits of order 1e4 with scale 1
+  for (auto& x : in.K.v) x *= 100.0f;
+  for (Select sel : {Select::full, Select::leverage}) {
+    AttentionOptions o;
+    o.scale = 1.0;
+    o.select = sel;
+    o.top_k = sel == Select::leverage ? 30 : 0;
+    AttentionResult r;
+    const std::vector<float> out = run(in, o, &r);
+    for (float x : out) ASSERT_TRUE(std::isfinite(x));
+    EXPECT_EQ(r.empty_rows, 0);
+    expect_masked_equal(in, o, "huge logits");
+  }
+}
+
+TEST(Attention, ZeroNormaliserRowsGiveZeroOutput) {
+  Inputs in = random_inputs(6, 40, 3, 2, 91);
+  for (index_t j = 0; j < 3; ++j) in.Q(2, j) = 0;  // |0|^p = 0 for every key
+  AttentionOptions o;
+  o.kernel = Kernel::power;
+  AttentionResult r;
+  const std::vector<float> out = run(in, o, &r);
+  EXPECT_EQ(r.empty_rows, 1);
+  EXPECT_EQ(out[4], 0.0f);
+  EXPECT_EQ(out[5], 0.0f);
+  // An eps so large that U is empty: every row is empty.
+  o.select = Select::leverage;
+  o.eps = 1.0;
+  const Inputs flat = random_inputs(6, 400, 3, 2, 92);
+  run(flat, o, &r);
+  EXPECT_EQ(r.shared_sizes[0], 0);
+  EXPECT_EQ(r.empty_rows, 6);
+}
+
+TEST(Attention, RejectsBadInput) {
+  const Inputs in = random_inputs(10, 20, 4, 3, 101);
+  const auto message = [&](const AttentionOptions& o, const Inputs& x) {
+    try {
+      run(x, o);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  AttentionOptions o;
+  o.select = Select::leverage;
+  EXPECT_NE(message(o, in).find("exactly one"), std::string::npos);
+  o.eps = 1.5;
+  EXPECT_NE(message(o, in).find("eps"), std::string::npos);
+  o.eps = 0.1;
+  o.top_k = 3;
+  EXPECT_NE(message(o, in).find("exactly one"), std::string::npos);
+  o = {};
+  o.kernel = Kernel::power;
+  o.p = 0;
+  EXPECT_NE(message(o, in).find("p:"), std::string::npos);
+  o = {};
+  o.window = 2;
+  EXPECT_NE(message(o, in).find("window"), std::string::npos);
+  o = {};
+  o.select = Select::topk;
+  EXPECT_NE(message(o, in).find("top_k"), std::string::npos);
+  o = {};
+  o.scale = std::numeric_limits<double>::infinity();
+  EXPECT_NE(message(o, in).find("scale"), std::string::npos);
+  o = {};
+  Inputs bad = in;
+  bad.V(3, 1) = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_NE(message(o, bad).find("values"), std::string::npos);
+  Inputs wrong = in;
+  wrong.V = oracle::gaussian(19, 3, 1);
+  EXPECT_NE(message(o, wrong).find("values"), std::string::npos);
+  Inputs huge = in;
+  for (auto& x : huge.Q.v) x = 1e30f;
+  for (auto& x : huge.K.v) x = 1e30f;
+  EXPECT_NE(message(o, huge).find("overflow"), std::string::npos);
+}
