@@ -54,6 +54,7 @@ struct UniversalArgs {
   std::string keys, out;
   double eps = 0, ridge = 0;
   index_t top_k = 0;
+  bool use_top_k = false;  // --top-k given (selects top-k whatever its value)
   bool json = false;
 };
 struct HeavyArgs {

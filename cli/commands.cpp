@@ -56,7 +56,7 @@ int run_universal(const UniversalArgs& a) {
   opt.ridge = a.ridge;
   const auto t0 = std::chrono::steady_clock::now();
   const LeverageScores scores = with_files({&K}, {"keys"}, [&] { return leverage_scores(k, opt); });
-  const UniversalSet u = a.top_k != 0 ? universal_set_top_k(scores, a.top_k)
+  const UniversalSet u = a.use_top_k ? universal_set_top_k(scores, a.top_k)
                                       : universal_set(scores, a.eps);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (!a.out.empty()) {
@@ -68,10 +68,10 @@ int run_universal(const UniversalArgs& a) {
     j["n"] = u.n;
     j["d"] = K.shape[1];
     j["rank"] = u.rank;
-    if (a.top_k != 0) j["top_k"] = a.top_k; else j["eps"] = a.eps;
+    if (a.use_top_k) j["top_k"] = a.top_k; else j["eps"] = a.eps;
     j["ridge"] = a.ridge;
     j["size"] = u.indices.size();
-    j["bound"] = a.top_k != 0 ? json(nullptr) : json(std::floor(static_cast<double>(u.rank) / a.eps));
+    j["bound"] = a.use_top_k ? json(nullptr) : json(std::floor(static_cast<double>(u.rank) / a.eps));
     j["score_rel_error_bound"] = scores.rel_error_bound;
     j["seconds"] = secs;
     j["indices"] = u.indices;
@@ -80,7 +80,7 @@ int run_universal(const UniversalArgs& a) {
   } else {
     std::cout << "keys: n = " << u.n << ", d = " << K.shape[1] << ", rank = " << u.rank << "\n"
               << "universal set: " << u.indices.size() << " keys"
-              << (a.top_k != 0 ? " (top-k by leverage score)"
+              << (a.use_top_k ? " (top-k by leverage score)"
                                : " (every key with leverage score >= eps; at most rank/eps = " +
                                      std::to_string(static_cast<long long>(std::floor(static_cast<double>(u.rank) / a.eps))) + ")")
               << " in " << secs << " s\n";

@@ -92,6 +92,13 @@ int main(int argc, char** argv) {
   demo->add_option("--seed", da.seed, "seed (default 0)");
   demo->add_flag("--json", da.json, "print one JSON object");
 
+  if (argc > 1 && argv[1][0] != '-') {
+    bool known = false;
+    for (const auto* sub : app.get_subcommands({})) known = known || sub->get_name() == argv[1];
+    if (!known)
+      return usage_error(std::string("unknown subcommand '") + argv[1] +
+                         "' (expected one of info, universal, heavy, attend, planted, bench, demo)");
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -106,6 +113,7 @@ int main(int argc, char** argv) {
     if (*info) return run_info(info_json);
     if (*uni) {
       if (ueps->count() == 0 && utop->count() == 0) return usage_error("universal: give --eps or --top-k");
+      ua.use_top_k = utop->count() > 0;
       return run_universal(ua);
     }
     if (*heavy) return run_heavy(ha);

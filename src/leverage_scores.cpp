@@ -92,8 +92,11 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
   // Eigendecomposition of M (ascending eigenvalues, eigenvectors in columns).
   std::vector<double> vecs = g.gram;
   std::vector<double> w(static_cast<std::size_t>(d));
-  const lapack_int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', static_cast<lapack_int>(d),
-                                         vecs.data(), static_cast<lapack_int>(d), w.data());
+  lapack_int info = 0;
+  detail::with_serial_blas([&] {
+    info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', static_cast<lapack_int>(d), vecs.data(),
+                          static_cast<lapack_int>(d), w.data());
+  });
   if (info != 0) {
     throw Error(ErrorKind::internal, "leverage_scores: LAPACKE_dsyevd failed with info " +
                                          std::to_string(info));

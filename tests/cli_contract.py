@@ -1,0 +1,645 @@
+#!/usr/bin/python3
+"""The command-line contract of levattn, exercised as a user would.
+
+Usage: /usr/bin/python3 tests/cli_contract.py /path/to/levattn
+
+Every number the CLI prints or writes is compared with an independent numpy computation in
+float64 (leverage scores from an SVD, heavy entries by brute force, attention densely with an
+explicit mask). Error paths are checked for exit code 2, one message on stderr naming the file
+or the field, an empty stdout and no crash. Output files must be written atomically.
+
+Prints one line per failed check (every check with LEVATTN_CLI_VERBOSE=1) and, at the end, "<passed> passed, <failed> failed"; exits 1
+when any check failed. Needs only the standard library and numpy.
+"""
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+if len(sys.argv) != 2:
+    sys.stderr.write("usage: cli_contract.py /path/to/levattn\n")
+    sys.exit(2)
+
+BIN = os.path.abspath(sys.argv[1])
+VERBOSE = os.environ.get("LEVATTN_CLI_VERBOSE") == "1"  # print every check, with its numbers
+PASSED = 0
+FAILED = []
+
+
+def check(name, ok, detail=""):
+    """Records one check; prints the failures (and the detail) as they happen."""
+    global PASSED
+    if ok:
+        PASSED += 1
+        if VERBOSE:
+            print("ok:   %s%s" % (name, (": " + detail) if detail else ""), flush=True)
+    else:
+        FAILED.append(name)
+        print("FAIL: %s%s" % (name, (": " + detail) if detail else ""), flush=True)
+    return ok
+
+
+def group(fn):
+    """Runs one group of checks; an exception inside it counts as one failed check."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - any error in a group is a failed check, reported
+        check(fn.__name__ + " (raised)", False, traceback.format_exc())
+
+
+def run(*args, timeout=120):
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return subprocess.run([BIN] + [str(a) for a in args], cwd=WORK, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                          universal_newlines=True)
+
+
+def ok_run(name, *args, timeout=120):
+    """Runs a command that must succeed; returns the CompletedProcess or None."""
+    p = run(*args, timeout=timeout)
+    if not check(name + ": exit 0", p.returncode == 0,
+                 "rc=%d, stderr=%r" % (p.returncode, p.stderr[-2000:])):
+        return None
+    return p
+
+
+def parse_json(name, text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        check(name + ": stdout is one JSON object", False, repr(text[:500]))
+        return None
+
+
+def path(name):
+    return os.path.join(WORK, name)
+
+
+def save(name, a):
+    np.save(path(name), np.ascontiguousarray(a, dtype=np.float32))
+    return name
+
+
+def rel_close(a, b, rtol=1e-5):
+    """max |a-b| / max(|b|) <= rtol, and the shapes agree."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return False, "shape %s != %s" % (a.shape, b.shape)
+    scale = max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-300)
+    err = float(np.max(np.abs(a - b))) / scale if a.size else 0.0
+    return err <= rtol, "max relative error %.3e (tolerance %.1e)" % (err, rtol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent numpy references (float64).
+
+def np_leverage(K):
+    K = np.asarray(K, dtype=np.float64)
+    U, s, _ = np.linalg.svd(K, full_matrices=False)
+    r = int(np.sum(s > 1e-5 * s[0])) if s.size and s[0] > 0 else 0
+    return np.sum(U[:, :r] ** 2, axis=1), r
+
+
+def np_heavy(Q, K, eps):
+    """Brute force: (query, key, value) with A_ij >= eps, and the entries too close to eps to call."""
+    S = (np.asarray(Q, np.float64) @ np.asarray(K, np.float64).T) ** 2
+    A = S / S.sum(axis=1, keepdims=True)
+    sure = A >= eps * (1 + 1e-4)
+    unsure = np.abs(A - eps) <= 1e-4 * eps
+    return A, sure, unsure
+
+
+def np_attention(Q, K, V, kernel="softmax", p=2.0, scale=None, mask=None):
+    Q = np.asarray(Q, np.float64)
+    K = np.asarray(K, np.float64)
+    V = np.asarray(V, np.float64)
+    if scale is None:
+        scale = 1.0 / np.sqrt(Q.shape[1]) if kernel == "softmax" else 1.0
+    s = scale * (Q @ K.T)
+    if mask is None:
+        mask = np.ones(s.shape, dtype=bool)
+    if kernel == "softmax":
+        s = np.where(mask, s, -np.inf)
+        w = np.exp(s - s.max(axis=1, keepdims=True))
+    else:
+        w = np.where(mask, np.abs(s) ** p, 0.0)
+    w = w / w.sum(axis=1, keepdims=True)
+    return w @ V
+
+
+def heavy_tailed_keys(rng, n, d, spread=1.5):
+    """Gaussian keys with log-normal row norms: a spread of leverage scores, some large."""
+    return rng.standard_normal((n, d)) * np.exp(spread * rng.standard_normal(n))[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def test_info():
+    p = ok_run("info", "info")
+    if p:
+        check("info mentions BLAS", "BLAS" in p.stdout, repr(p.stdout))
+    p = ok_run("info --json", "info", "--json")
+    if p:
+        j = parse_json("info --json", p.stdout)
+        check("info --json has version and blas", j is not None and "version" in j and "blas" in j,
+              repr(p.stdout))
+
+
+def test_planted():
+    args = ("planted", "--n", 1024, "--d", 16, "--relevant", 4, "--seed", 3)
+    if not ok_run("planted", *args, "--out-dir", "P1"):
+        return
+    shapes = {}
+    for f in ("Q.npy", "K.npy", "V.npy"):
+        fp = os.path.join(path("P1"), f)
+        shapes[f] = np.load(fp).shape if os.path.exists(fp) else None
+    check("planted writes Q.npy K.npy V.npy of shape (1024, 16)",
+          all(s == (1024, 16) for s in shapes.values()), repr(shapes))
+    if not ok_run("planted (again)", *args, "--out-dir", "P2"):
+        return
+    same = all(open(os.path.join(path("P1"), f), "rb").read() == open(os.path.join(path("P2"), f), "rb").read()
+               for f in ("Q.npy", "K.npy", "V.npy"))
+    check("planted: same seed gives identical bytes", same)
+    ok_run("planted --seed 4", "planted", "--n", 1024, "--d", 16, "--relevant", 4, "--seed", 4,
+           "--out-dir", "P3")
+    check("planted: another seed gives other keys",
+          not np.array_equal(np.load(path("P1/K.npy")), np.load(path("P3/K.npy"))))
+
+
+def universal_case(label, kname, eps):
+    K = np.load(path(kname))
+    tau, rank = np_leverage(K)
+    p = ok_run("universal %s --eps %g --json" % (label, eps), "universal", "--keys", kname, "--eps", eps,
+               "--json", "--out", "U_" + label + ".npy")
+    if not p:
+        return None
+    j = parse_json("universal", p.stdout)
+    if j is None:
+        return None
+    name = "universal %s --eps %g" % (label, eps)
+    fields = ("n", "d", "rank", "size", "indices", "scores")
+    if not check(name + ": JSON fields present", all(f in j for f in fields), repr(list(j))):
+        return None
+    idx = np.asarray(j["indices"], dtype=np.int64)
+    sc = np.asarray(j["scores"], dtype=np.float64)
+    check(name + ": n, d", j["n"] == K.shape[0] and j["d"] == K.shape[1], "%r %r" % (j["n"], j["d"]))
+    check(name + ": rank equals numpy matrix_rank",
+          j["rank"] == rank == np.linalg.matrix_rank(K.astype(np.float64)), "%r vs %r" % (j["rank"], rank))
+    check(name + ": indices ascending, 0-based, size == len(indices)",
+          len(idx) == j["size"] and np.all(np.diff(idx) > 0) and (len(idx) == 0 or (idx[0] >= 0 and idx[-1] < len(K))))
+    check(name + ": scores equal numpy leverage scores (1e-4 relative)",
+          len(sc) == len(idx) and np.all(np.abs(sc - tau[idx]) <= 1e-4 * tau[idx]),
+          "max rel err %.3e" % (np.max(np.abs(sc - tau[idx]) / tau[idx]) if len(idx) else 0))
+    clear = np.abs(tau - eps) > 1e-4
+    expected = set(np.nonzero((tau >= eps) & clear)[0].tolist())
+    got = set(idx.tolist()) - set(np.nonzero(~clear)[0].tolist())
+    check(name + ": indices are exactly {j: tau_j >= eps}", got == expected,
+          "missing %s, extra %s" % (sorted(expected - got)[:10], sorted(got - expected)[:10]))
+    check(name + ": size <= rank / eps", j["size"] <= j["rank"] / eps)
+    u = np.load(path("U_" + label + ".npy"))
+    check(name + ": --out writes int64 indices equal to JSON",
+          u.dtype == np.int64 and np.array_equal(u, idx), "%s %r" % (u.dtype, u[:10]))
+    return tau
+
+
+def test_universal():
+    universal_case("planted", "P1/K.npy", 0.1)
+    rng = np.random.default_rng(11)
+    save("Kht.npy", heavy_tailed_keys(rng, 800, 12))
+    tau = universal_case("heavy-tailed", "Kht.npy", 0.05)
+    if tau is None:
+        return
+    check("universal heavy-tailed test data selects several keys", np.sum(tau >= 0.05) >= 5)
+    p = ok_run("universal --top-k 5", "universal", "--keys", "Kht.npy", "--top-k", 5, "--json")
+    if p:
+        j = parse_json("universal --top-k", p.stdout)
+        order = np.argsort(-tau, kind="stable")
+        check("universal --top-k 5 gives the 5 largest-score keys",
+              j is not None and j["indices"] == sorted(order[:5].tolist()) and j["size"] == 5,
+              "%r vs %r" % (j and j.get("indices"), sorted(order[:5].tolist())))
+    # ridge: scores k_j^T (K^T K + lambda I)^-1 k_j
+    K = np.load(path("Kht.npy")).astype(np.float64)
+    lam = 10.0
+    ridge_tau = np.einsum("ij,jk,ik->i", K, np.linalg.inv(K.T @ K + lam * np.eye(K.shape[1])), K)
+    p = ok_run("universal --ridge", "universal", "--keys", "Kht.npy", "--top-k", 20, "--ridge", lam, "--json")
+    if p:
+        j = parse_json("universal --ridge", p.stdout)
+        idx = np.asarray(j["indices"])
+        check("universal --ridge 10: scores equal numpy ridge leverage scores",
+              np.allclose(j["scores"], ridge_tau[idx], rtol=1e-4, atol=0)
+              and sorted(np.argsort(-ridge_tau, kind="stable")[:20].tolist()) == idx.tolist())
+    p = ok_run("universal (text)", "universal", "--keys", "Kht.npy", "--eps", 0.05)
+    if p:
+        check("universal without --json prints a summary naming rank", "rank" in p.stdout, repr(p.stdout))
+
+
+def read_csv(name, headed):
+    with open(path(name), newline="") as f:
+        rows = list(csv.reader(f))
+    return rows
+
+
+def heavy_compare(name, rows, Q, K, eps, offset=0):
+    """rows: list of (query, key, value) for one head."""
+    A, sure, unsure = np_heavy(Q, K, eps)
+    got = {(q, k) for q, k, _ in rows}
+    exp = set(zip(*np.nonzero(sure)))
+    exp = {(int(a), int(b)) for a, b in exp}
+    amb = {(int(a), int(b)) for a, b in zip(*np.nonzero(unsure))}
+    check(name + ": same (query, key) set as numpy brute force", (got - amb) == (exp - amb),
+          "missing %s extra %s" % (sorted(exp - got - amb)[:5], sorted(got - exp - amb)[:5]))
+    vals_ok = all(abs(v - A[q, k]) <= 1e-4 * A[q, k] for q, k, v in rows)
+    check(name + ": values within 1e-4 relative of numpy", vals_ok)
+    keys = [(q, k) for q, k, _ in rows]
+    check(name + ": sorted by query then key, no duplicates",
+          keys == sorted(keys) and len(set(keys)) == len(keys))
+    return len(exp)
+
+
+def test_heavy():
+    rng = np.random.default_rng(5)
+    m, n, d, eps = 300, 500, 8, 0.05
+    Q = rng.standard_normal((m, d)).astype(np.float32)
+    K = heavy_tailed_keys(rng, n, d).astype(np.float32)
+    save("Qh.npy", Q)
+    save("Kh.npy", K)
+    if ok_run("heavy --out H.csv", "heavy", "--queries", "Qh.npy", "--keys", "Kh.npy", "--eps", eps,
+              "--out", "H.csv"):
+        rows = read_csv("H.csv", False)
+        check("heavy CSV header is query,key,value", rows and rows[0] == ["query", "key", "value"],
+              repr(rows[:1]))
+        body = [(int(r[0]), int(r[1]), float(r[2])) for r in rows[1:]]
+        nexp = heavy_compare("heavy 2-D", body, Q, K, eps)
+        check("heavy test data has heavy entries", nexp >= 20, str(nexp))
+        if ok_run("heavy --out H.npz", "heavy", "--queries", "Qh.npy", "--keys", "Kh.npy", "--eps", eps,
+                  "--out", "H.npz"):
+            z = np.load(path("H.npz"))
+            good = {"query", "key", "value"} <= set(z.files)
+            good = good and np.array_equal(z["query"], [r[0] for r in body]) \
+                and np.array_equal(z["key"], [r[1] for r in body]) \
+                and np.allclose(z["value"], [r[2] for r in body], rtol=1e-7, atol=0)
+            check("heavy --out H.npz: query/key/value equal the CSV", good, repr(z.files))
+        p = ok_run("heavy (CSV on stdout)", "heavy", "--queries", "Qh.npy", "--keys", "Kh.npy", "--eps", eps)
+        if p:
+            check("heavy without --out prints the same CSV on stdout",
+                  p.stdout == open(path("H.csv")).read())
+        p = ok_run("heavy --json", "heavy", "--queries", "Qh.npy", "--keys", "Kh.npy", "--eps", eps,
+                   "--out", "H2.csv", "--json")
+        if p:
+            j = parse_json("heavy --json", p.stdout)
+            tau, _ = np_leverage(K)
+            check("heavy --json: count equals the number of rows, universal_size present",
+                  j is not None and j.get("count") == len(body) and "universal_size" in j
+                  and len(read_csv("H2.csv", False)) - 1 == len(body), repr(j))
+            check("heavy --json: universal_size is |{tau_j >= eps}|",
+                  j is not None and abs(j.get("universal_size", -1) - int(np.sum(tau >= eps))) <= int(np.sum(np.abs(tau - eps) <= 1e-4)),
+                  "%r vs %d" % (j and j.get("universal_size"), int(np.sum(tau >= eps))))
+    # 3-D input: (heads, m, d)
+    Q3 = rng.standard_normal((2, 150, d)).astype(np.float32)
+    K3 = np.stack([heavy_tailed_keys(rng, 250, d) for _ in range(2)]).astype(np.float32)
+    save("Q3h.npy", Q3)
+    save("K3h.npy", K3)
+    if ok_run("heavy 3-D", "heavy", "--queries", "Q3h.npy", "--keys", "K3h.npy", "--eps", eps, "--out", "H3.csv"):
+        rows = read_csv("H3.csv", True)
+        check("heavy 3-D CSV header is head,query,key,value",
+              rows and rows[0] == ["head", "query", "key", "value"], repr(rows[:1]))
+        body = [(int(r[0]), int(r[1]), int(r[2]), float(r[3])) for r in rows[1:]]
+        check("heavy 3-D rows sorted by head", [r[0] for r in body] == sorted(r[0] for r in body)
+              and set(r[0] for r in body) <= {0, 1})
+        for h in range(2):
+            heavy_compare("heavy 3-D head %d" % h, [r[1:] for r in body if r[0] == h], Q3[h], K3[h], eps)
+        if ok_run("heavy 3-D npz", "heavy", "--queries", "Q3h.npy", "--keys", "K3h.npy", "--eps", eps,
+                  "--out", "H3.npz"):
+            z = np.load(path("H3.npz"))
+            check("heavy 3-D npz has head/query/key/value equal to the CSV",
+                  {"head", "query", "key", "value"} <= set(z.files)
+                  and np.array_equal(z["head"], [r[0] for r in body])
+                  and np.array_equal(z["query"], [r[1] for r in body])
+                  and np.array_equal(z["key"], [r[2] for r in body]), repr(z.files))
+
+
+def attend(name, out, *extra, q="Qa.npy", k="Ka.npy", v="Va.npy"):
+    p = ok_run(name, "attend", "--queries", q, "--keys", k, "--values", v, "--out", out, *extra)
+    if not p:
+        return None, None
+    return np.load(path(out)), p
+
+
+def test_attend():
+    rng = np.random.default_rng(7)
+    m, n, d, dv = 200, 300, 16, 12
+    Q = rng.standard_normal((m, d)).astype(np.float32)
+    K = heavy_tailed_keys(rng, n, d, spread=0.7).astype(np.float32)
+    V = rng.standard_normal((n, dv)).astype(np.float32)
+    save("Qa.npy", Q)
+    save("Ka.npy", K)
+    save("Va.npy", V)
+    I = np.arange(m)[:, None]
+    J = np.arange(n)[None, :]
+
+    O, _ = attend("attend full", "O_full.npy")
+    if O is not None:
+        check("attend writes float32 (m, dv)", O.dtype == np.float32 and O.shape == (m, dv), "%s %s" % (O.dtype, O.shape))
+        good, det = rel_close(O, np_attention(Q, K, V))
+        check("attend full softmax equals numpy (1e-5)", good, det)
+    O, _ = attend("attend softmax --scale 0.3", "O_scale.npy", "--scale", 0.3)
+    if O is not None:
+        good, det = rel_close(O, np_attention(Q, K, V, scale=0.3))
+        check("attend softmax --scale 0.3 equals numpy (1e-5)", good, det)
+    O, _ = attend("attend poly p=2", "O_poly.npy", "--kernel", "poly", "--p", 2)
+    if O is not None:
+        good, det = rel_close(O, np_attention(Q, K, V, kernel="poly", p=2.0))
+        check("attend poly p=2 equals numpy |s|^2 normalised (1e-5)", good, det)
+    O, _ = attend("attend poly p=3 scale 0.5", "O_poly3.npy", "--kernel", "poly", "--p", 3, "--scale", 0.5)
+    if O is not None:
+        good, det = rel_close(O, np_attention(Q, K, V, kernel="poly", p=3.0, scale=0.5))
+        check("attend poly p=3 --scale 0.5 equals numpy (1e-5)", good, det)
+
+    # leverage top-16 + window 2 + sinks 1
+    tau, _ = np_leverage(K)
+    order = np.argsort(-tau, kind="stable")
+    check("attend test data: 16th and 17th leverage scores are distinguishable",
+          tau[order[15]] - tau[order[16]] > 1e-4 * tau[order[15]])
+    top = np.zeros(n, dtype=bool)
+    top[order[:16]] = True
+    mask = top[None, :] | (np.abs(I - J) <= 2) | (J < 1)
+    O, p = attend("attend leverage", "O_lev.npy", "--select", "leverage", "--top-k", 16, "--window", 2,
+                  "--sinks", 1, "--json")
+    if O is not None:
+        good, det = rel_close(O, np_attention(Q, K, V, mask=mask))
+        check("attend leverage top-16 + window 2 + sinks 1 equals masked numpy (1e-5)", good, det)
+        j = parse_json("attend --json", p.stdout)
+        if j is not None:
+            shared = int(np.sum(top | (np.arange(n) < 1)))
+            check("attend --json: shared_sizes is |top-16 U sinks|",
+                  j.get("shared_sizes") == [shared], "%r vs %d" % (j.get("shared_sizes"), shared))
+            check("attend --json: mean_keys_per_query is the mean selection size",
+                  abs(j.get("mean_keys_per_query", -1) - mask.sum(axis=1).mean()) <= 1e-6 * mask.sum(axis=1).mean(),
+                  "%r vs %r" % (j.get("mean_keys_per_query"), mask.sum(axis=1).mean()))
+            secs = j.get("seconds", {})
+            check("attend --json: timings present and non-negative",
+                  isinstance(secs, dict) and all(isinstance(secs.get(f), (int, float)) and secs[f] >= 0
+                                                 for f in ("selection", "attention", "total")), repr(secs))
+            check("attend --json: shape", j.get("shape") == [m, dv], repr(j.get("shape")))
+
+    # leverage by threshold: U_eps
+    eps = float(np.sort(tau)[-10] - 1e-3)
+    if np.min(np.abs(tau - eps)) > 1e-4:
+        O, _ = attend("attend leverage --eps", "O_leveps.npy", "--select", "leverage", "--eps", eps)
+        if O is not None:
+            good, det = rel_close(O, np_attention(Q, K, V, mask=np.broadcast_to(tau >= eps, (m, n))))
+            check("attend leverage --eps equals numpy over {tau_j >= eps} (1e-5)", good, det)
+
+    # per-query exact top-8
+    s = Q.astype(np.float64) @ K.astype(np.float64).T
+    srt = np.sort(s, axis=1)[:, ::-1]
+    clear_rows = (srt[:, 7] - srt[:, 8]) > 1e-4 * np.abs(srt[:, 7]).clip(min=1)
+    kth = srt[:, 7:8]
+    O, _ = attend("attend topk", "O_topk.npy", "--select", "topk", "--top-k", 8)
+    if O is not None:
+        ref = np_attention(Q, K, V, mask=s >= kth)
+        good, det = rel_close(O[clear_rows], ref[clear_rows])
+        check("attend topk 8 equals numpy per-row top-8 masked softmax (1e-5)",
+              good and clear_rows.sum() > m * 0.9, det + ", %d clear rows" % clear_rows.sum())
+
+    O, _ = attend("attend window", "O_win.npy", "--select", "window", "--window", 3)
+    if O is not None:
+        good, det = rel_close(O, np_attention(Q, K, V, mask=np.abs(I - J) <= 3))
+        check("attend window 3 equals banded numpy (1e-5)", good, det)
+    O, _ = attend("attend window + sinks", "O_winsink.npy", "--select", "window", "--window", 1, "--sinks", 4)
+    if O is not None:
+        good, det = rel_close(O, np_attention(Q, K, V, mask=(np.abs(I - J) <= 1) | (J < 4)))
+        check("attend window 1 + sinks 4 equals numpy (1e-5)", good, det)
+
+    O1, p1 = attend("attend random seed 5", "O_r1.npy", "--select", "random", "--top-k", 32, "--seed", 5, "--json")
+    O2, _ = attend("attend random seed 5 (again)", "O_r2.npy", "--select", "random", "--top-k", 32, "--seed", 5)
+    O3, _ = attend("attend random seed 6", "O_r3.npy", "--select", "random", "--top-k", 32, "--seed", 6)
+    if O1 is not None and O2 is not None and O3 is not None:
+        check("attend random: same seed gives identical output",
+              open(path("O_r1.npy"), "rb").read() == open(path("O_r2.npy"), "rb").read())
+        check("attend random: another seed gives another output", not np.array_equal(O1, O3))
+        j = parse_json("attend random --json", p1.stdout)
+        check("attend random --json: 32 shared keys", j is not None and j.get("shared_sizes") == [32],
+              repr(j and j.get("shared_sizes")))
+
+    # 3-D and 4-D inputs: every head equals the 2-D run on that head
+    for shape_prefix in ((2,), (2, 2)):
+        tag = "%d-D" % (len(shape_prefix) + 2)
+        mh, nh = 64, 96
+        Qh = rng.standard_normal(shape_prefix + (mh, d)).astype(np.float32)
+        Kh = (rng.standard_normal(shape_prefix + (nh, d))
+              * np.exp(0.7 * rng.standard_normal(shape_prefix + (nh, 1)))).astype(np.float32)
+        Vh = rng.standard_normal(shape_prefix + (nh, dv)).astype(np.float32)
+        save("Q%s.npy" % tag, Qh)
+        save("K%s.npy" % tag, Kh)
+        save("V%s.npy" % tag, Vh)
+        opts = ("--select", "leverage", "--top-k", 8, "--window", 1)
+        O, _ = attend("attend " + tag, "O%s.npy" % tag, *opts,
+                      q="Q%s.npy" % tag, k="K%s.npy" % tag, v="V%s.npy" % tag)
+        if O is None:
+            continue
+        if not check("attend %s output shape (..., m, dv)" % tag, O.shape == shape_prefix + (mh, dv), str(O.shape)):
+            continue
+        all_ok, dets = True, []
+        for hidx in np.ndindex(*shape_prefix):
+            save("q1.npy", Qh[hidx])
+            save("k1.npy", Kh[hidx])
+            save("v1.npy", Vh[hidx])
+            O1h, _ = attend("attend %s head %s as 2-D" % (tag, hidx), "o1.npy", *opts,
+                            q="q1.npy", k="k1.npy", v="v1.npy")
+            if O1h is None:
+                all_ok = False
+                continue
+            good, det = rel_close(O[hidx], O1h, 1e-6)
+            all_ok = all_ok and good
+            dets.append(det)
+        check("attend %s: every head equals the 2-D run on that head" % tag, all_ok, "; ".join(dets))
+
+
+def test_bench():
+    p = ok_run("bench", "bench", "--n", 2048, "--d", 32, "--top-k", 64, "--repeats", 1, "--json", timeout=60)
+    if not p:
+        return
+    j = parse_json("bench --json", p.stdout)
+    if j is None:
+        return
+    check("bench --json: n, d, heads, top_k",
+          j.get("n") == 2048 and j.get("d") == 32 and j.get("heads") == 1 and j.get("top_k") == 64, repr(j))
+    secs = j.get("seconds", {})
+    need = ("leverage_scores", "levattention_forward", "dense_forward", "gemm_ktk")
+    check("bench --json: positive seconds of leverage scores, LevAttention, dense, GEMM K^T K",
+          isinstance(secs, dict) and all(isinstance(secs.get(f), (int, float)) and secs[f] > 0 for f in need),
+          repr(secs))
+    check("bench --json: speedup and dense_gemm_efficiency are positive numbers",
+          all(isinstance(j.get(f), (int, float)) and j[f] > 0 for f in ("speedup", "dense_gemm_efficiency")),
+          repr({f: j.get(f) for f in ("speedup", "dense_gemm_efficiency")}))
+    if isinstance(secs, dict) and all(secs.get(f, 0) > 0 for f in need):
+        check("bench --json: speedup = dense / LevAttention",
+              abs(j["speedup"] - secs["dense_forward"] / secs["levattention_forward"]) <= 1e-6 * j["speedup"])
+
+
+def test_demo():
+    p = ok_run("demo", "demo", "--n", 4096, "--json", timeout=60)
+    if not p:
+        return
+    j = parse_json("demo --json", p.stdout)
+    if j is None:
+        return
+    h = j.get("heavy", {})
+    check("demo --json: heavy recall 1.0 and precision 1.0",
+          h.get("recall") == 1.0 and h.get("precision") == 1.0, repr(h))
+    check("demo --json: universal set contains the planted keys",
+          j.get("universal", {}).get("contains_planted") is True, repr(j.get("universal")))
+    check("demo --json: LevAttention heavy recall 1.0",
+          j.get("attention", {}).get("heavy_recall") == 1.0, repr(j.get("attention")))
+
+
+def bad(name, args, must_name=(), rc=2):
+    """A failing command: exit code rc, one message on stderr naming every string in must_name."""
+    p = run(*args)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    err = p.stderr.lower()
+    problems = []
+    if p.returncode != rc:
+        problems.append("exit code %d, expected %d" % (p.returncode, rc))
+    if p.returncode < 0:
+        problems.append("killed by signal %d" % -p.returncode)
+    if p.stdout.strip():
+        problems.append("stdout not empty: %r" % p.stdout[:300])
+    if len(lines) != 1:
+        problems.append("expected one message line on stderr, got %d" % len(lines))
+    for bad_word in ("traceback", "terminate called", "abort", "segmentation", "what():"):
+        if bad_word in err:
+            problems.append("stderr contains %r" % bad_word)
+    for s in must_name:
+        # An option may be named by its flag (--top-k) or by the library's field (top_k).
+        if s.lower() not in err and s.lower().replace("-", "_") not in err:
+            problems.append("stderr does not name %r" % s)
+    check("bad input: " + name, not problems, "; ".join(problems) + " | stderr=%r" % p.stderr[:400])
+
+
+def test_bad_input():
+    rng = np.random.default_rng(3)
+    K = rng.standard_normal((100, 8)).astype(np.float32)
+    Q = rng.standard_normal((50, 8)).astype(np.float32)
+    V = rng.standard_normal((100, 4)).astype(np.float32)
+    save("Kb.npy", K)
+    save("Qb.npy", Q)
+    save("Vb.npy", V)
+    raw = open(path("Kb.npy"), "rb").read()
+    with open(path("Ktrunc.npy"), "wb") as f:
+        f.write(raw[:-7])
+    with open(path("Klies.npy"), "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (200, 8)})
+        f.write(K.tobytes())
+    Kn = K.copy()
+    Kn[3, 2] = np.nan
+    save("Knan.npy", Kn)
+    Vi = V.copy()
+    Vi[7, 1] = np.inf
+    save("Vinf.npy", Vi)
+    save("Q5.npy", rng.standard_normal((50, 5)))
+    save("K1d.npy", K[:, 0])
+
+    att = ("attend", "--queries", "Qb.npy", "--keys", "Kb.npy", "--values", "Vb.npy", "--out", "Ob.npy")
+    bad("missing file", ("universal", "--keys", "nope.npy", "--eps", 0.1), ("nope.npy",))
+    bad("truncated .npy", ("universal", "--keys", "Ktrunc.npy", "--eps", 0.1), ("Ktrunc.npy",))
+    bad("header shape larger than the data", ("universal", "--keys", "Klies.npy", "--eps", 0.1), ("Klies.npy",))
+    bad("NaN in keys (universal)", ("universal", "--keys", "Knan.npy", "--eps", 0.1), ("keys", "Knan.npy"))
+    bad("NaN in keys (heavy)", ("heavy", "--queries", "Qb.npy", "--keys", "Knan.npy", "--eps", 0.1),
+        ("keys", "Knan.npy"))
+    bad("Inf in values (attend)", ("attend", "--queries", "Qb.npy", "--keys", "Kb.npy", "--values", "Vinf.npy",
+                                   "--out", "Ob.npy"), ("values", "Vinf.npy"))
+    for e in ("0", "1.5", "-1"):
+        bad("universal --eps %s" % e, ("universal", "--keys", "Kb.npy", "--eps", e), ("eps",))
+        bad("heavy --eps %s" % e, ("heavy", "--queries", "Qb.npy", "--keys", "Kb.npy", "--eps", e), ("eps",))
+    bad("universal with both --eps and --top-k", ("universal", "--keys", "Kb.npy", "--eps", 0.1, "--top-k", 3),
+        ("eps", "top-k"))
+    bad("universal with neither --eps nor --top-k", ("universal", "--keys", "Kb.npy"), ("eps", "top-k"))
+    bad("universal --top-k 0", ("universal", "--keys", "Kb.npy", "--top-k", 0), ("top-k",))
+    bad("heavy: queries and keys of different d", ("heavy", "--queries", "Q5.npy", "--keys", "Kb.npy", "--eps", 0.1),
+        ("queries", "keys"))
+    bad("attend: queries and keys of different d",
+        ("attend", "--queries", "Q5.npy", "--keys", "Kb.npy", "--values", "Vb.npy", "--out", "Ob.npy"),
+        ("queries", "keys"))
+    bad("1-D keys", ("universal", "--keys", "K1d.npy", "--eps", 0.1), ("K1d.npy", "keys", "2-D"))
+    bad("attend --kernel poly --p 0", att + ("--kernel", "poly", "--p", 0), ("p",))
+    bad("attend --select leverage without --top-k or --eps", att + ("--select", "leverage"), ("top", "eps"))
+    bad("attend --kernel unknown", att + ("--kernel", "cosine"), ("kernel", "cosine"))
+    bad("unknown option", ("universal", "--keys", "Kb.npy", "--eps", 0.1, "--bogus"), ("--bogus",))
+    bad("unknown subcommand", ("frobnicate",), ("frobnicate",))
+    bad("no subcommand", (), ("subcommand",))
+    bad("output into a missing directory", ("universal", "--keys", "Kb.npy", "--eps", 0.1, "--out", "nodir/U.npy"),
+        ("nodir",))
+    check("failed commands left no output behind", not os.path.exists(path("Ob.npy")))
+
+
+def test_atomic_output():
+    rng = np.random.default_rng(9)
+    Q = rng.standard_normal((40, 8)).astype(np.float32)
+    K = rng.standard_normal((60, 8)).astype(np.float32)
+    V = rng.standard_normal((60, 4)).astype(np.float32)
+    sub = path("atomic")
+    os.mkdir(sub)
+    np.save(os.path.join(sub, "Q.npy"), Q)
+    np.save(os.path.join(sub, "K.npy"), K)
+    Vn = V.copy()
+    Vn[5, 0] = np.nan
+    np.save(os.path.join(sub, "V.npy"), Vn)
+    Kn = K.copy()
+    Kn[0, 0] = np.nan
+    np.save(os.path.join(sub, "Kn.npy"), Kn)
+    content = b"known content, not an array\n" * 10
+    for f in ("O.npy", "U.npy", "H.csv"):
+        with open(os.path.join(sub, f), "wb") as fh:
+            fh.write(content)
+    before = sorted(os.listdir(sub))
+    j = lambda f: os.path.join("atomic", f)  # noqa: E731
+    p = run("attend", "--queries", j("Q.npy"), "--keys", j("K.npy"), "--values", j("V.npy"), "--out", j("O.npy"))
+    check("atomic: failing attend exits 2", p.returncode == 2, "rc=%d %r" % (p.returncode, p.stderr))
+    p = run("universal", "--keys", j("Kn.npy"), "--eps", 0.1, "--out", j("U.npy"))
+    check("atomic: failing universal exits 2", p.returncode == 2, "rc=%d %r" % (p.returncode, p.stderr))
+    p = run("heavy", "--queries", j("Q.npy"), "--keys", j("Kn.npy"), "--eps", 0.1, "--out", j("H.csv"))
+    check("atomic: failing heavy exits 2", p.returncode == 2, "rc=%d %r" % (p.returncode, p.stderr))
+    unchanged = all(open(os.path.join(sub, f), "rb").read() == content for f in ("O.npy", "U.npy", "H.csv"))
+    check("atomic: existing output files unchanged after a failure", unchanged)
+    after = sorted(os.listdir(sub))
+    check("atomic: no temporary files left after a failure", after == before, "%r -> %r" % (before, after))
+    # A successful run replaces the file and also leaves nothing behind.
+    p = run("attend", "--queries", j("Q.npy"), "--keys", j("K.npy"), "--values", j("K.npy"), "--out", j("O.npy"))
+    ok = p.returncode == 0 and np.load(os.path.join(sub, "O.npy")).shape == (40, 8)
+    check("atomic: a successful run replaces the output", ok, "rc=%d %r" % (p.returncode, p.stderr))
+    check("atomic: no temporary files left after success", sorted(os.listdir(sub)) == before)
+
+
+def main():
+    global WORK
+    if not os.access(BIN, os.X_OK):
+        print("FAIL: %s is not an executable" % BIN)
+        print("0 passed, 1 failed")
+        return 1
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="levattn_cli_") as d:
+        WORK = d
+        for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_bench, test_demo,
+                  test_bad_input, test_atomic_output):
+            t0 = time.time()
+            group(g)
+            print("%-20s %.1f s" % (g.__name__, time.time() - t0), flush=True)
+    print("total %.1f s" % (time.time() - start))
+    print("%d passed, %d failed" % (PASSED, len(FAILED)))
+    return 1 if FAILED else 0
+
+
+WORK = None
+if __name__ == "__main__":
+    sys.exit(main())
