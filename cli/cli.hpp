@@ -46,10 +46,6 @@ class Progress {
   int last_percent_ = -1;
 };
 
-/// Median of the wall times of `repeats` calls of f.
-template <class F>
-double median_seconds(int repeats, F&& f);
-
 struct UniversalArgs {
   std::string keys, out;
   double eps = 0, ridge = 0;

@@ -5,8 +5,11 @@
 
 namespace levattn::cli {
 
+/// Median wall time of `repeats` calls of f, after one untimed call that pays the one-off costs
+/// (thread pools, first touch of buffers) a long-running process pays once.
 template <class F>
 double median_seconds(int repeats, F&& f) {
+  f();
   std::vector<double> t;
   for (int r = 0; r < std::max(repeats, 1); ++r) {
     const auto t0 = std::chrono::steady_clock::now();

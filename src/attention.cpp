@@ -299,11 +299,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   res.mean_keys_per_query = keys_total / static_cast<double>(heads * m);
 
   // Finite inputs can still overflow float32 in the logits (|q||k| scale > 3e38).
-  bool finite = true;
-  const index_t total = heads * m * dv;
-#pragma omp parallel for schedule(static) reduction(&& : finite) if (total > (1 << 16))
-  for (index_t i = 0; i < total; ++i) finite = finite && detail::is_finite(out[i]);
-  if (!finite) {
+  if (!detail::all_finite(out, heads * m * dv)) {
     detail::invalid("attention: the scaled logits overflow float32; rescale queries or keys "
                     "(or pass a smaller scale)");
   }

@@ -13,12 +13,7 @@ void require_finite_matrix(ConstMatrix A, const char* what) {
   }
   bool all = true;
 #pragma omp parallel for schedule(static) reduction(&& : all) if (A.rows * A.cols > (1 << 16))
-  for (index_t i = 0; i < A.rows; ++i) {
-    const float* r = A.row(i);
-    bool ok = true;
-    for (index_t j = 0; j < A.cols; ++j) ok &= is_finite(r[j]);
-    all = all && ok;
-  }
+  for (index_t i = 0; i < A.rows; ++i) all = all && all_finite(A.row(i), A.cols);
   if (all) return;
   for (index_t i = 0; i < A.rows; ++i) {
     const float* r = A.row(i);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <sstream>
 
 #include "detail/blas.hpp"
@@ -37,6 +38,28 @@ void check_options(const LeverageOptions& o) {
 // gamma_k = k u / (1 - k u), the standard bound for a length-k dot product in precision u.
 double gamma(index_t k, double u) { return static_cast<double>(k) * u / (1.0 - static_cast<double>(k) * u); }
 
+// Full rank: B = L^-T with L L^T = M + ridge I (Cholesky), upper triangular, so the score pass
+// is a triangular multiply (half the flops of a GEMM). False if the Cholesky breaks down.
+bool triangular_factor(KeyGram& g) {
+  const index_t d = g.d;
+  std::vector<double> L = g.gram;
+  for (index_t i = 0; i < d; ++i) L[i * d + i] += g.ridge;
+  lapack_int info = 0;
+  detail::with_serial_blas([&] {
+    info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, 'L', static_cast<lapack_int>(d), L.data(),
+                          static_cast<lapack_int>(d));
+    if (info == 0)
+      info = LAPACKE_dtrtri(LAPACK_ROW_MAJOR, 'L', 'N', static_cast<lapack_int>(d), L.data(),
+                            static_cast<lapack_int>(d));
+  });
+  if (info != 0) return false;
+  g.factor.assign(static_cast<std::size_t>(d * d), 0.0);
+  for (index_t i = 0; i < d; ++i)
+    for (index_t j = i; j < d; ++j) g.factor[i * d + j] = L[j * d + i];  // (L^-1)^T
+  g.triangular = true;
+  return true;
+}
+
 }  // namespace
 
 KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
@@ -48,30 +71,30 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
   // index order, so the rounding does not depend on how OpenMP schedules the work.
   const index_t chunks = (n + kConvertRows - 1) / kConvertRows;
   const index_t partials = std::min(kPartials, chunks);
-  std::vector<double> part(static_cast<std::size_t>(partials * d * d), 0.0);
+  // Uninitialised: each partial's first DSYRK runs with beta = 0.
+  std::unique_ptr<double[]> part(new double[static_cast<std::size_t>(partials * d * d)]);
   detail::ExceptionTrap trap;
   bool finite = true;  // checked while converting, so K is read once
 #pragma omp parallel reduction(&& : finite)
   {
-    std::vector<double> buf(static_cast<std::size_t>(std::min(kConvertRows, n) * d));
+    std::unique_ptr<double[]> buf(new double[static_cast<std::size_t>(std::min(kConvertRows, n) * d)]);
 #pragma omp for schedule(dynamic, 1)
     for (index_t p = 0; p < partials; ++p) {
       trap.run([&] {
-        double* C = part.data() + p * d * d;
+        double* C = part.get() + p * d * d;
         for (index_t c = p; c < chunks; c += partials) {
           const index_t r0 = c * kConvertRows, rows = std::min(kConvertRows, n - r0);
           bool ok = true;
           for (index_t i = 0; i < rows; ++i) {
             const float* src = K.row(r0 + i);
-            double* dst = buf.data() + i * d;
-            for (index_t j = 0; j < d; ++j) {
-              dst[j] = src[j];
-              ok &= detail::is_finite(src[j]);
-            }
+            double* dst = buf.get() + i * d;
+            for (index_t j = 0; j < d; ++j) dst[j] = src[j];
+            ok = ok && detail::all_finite(src, d);
           }
           finite = finite && ok;
+          const double beta = c == p ? 0.0 : 1.0;
           cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(rows), 1.0,
-                      buf.data(), detail::bi(d), 1.0, C, detail::bi(d));
+                      buf.get(), detail::bi(d), beta, C, detail::bi(d));
         }
       });
     }
@@ -112,6 +135,7 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
   for (index_t i = 0; i < d; ++i) rank += (w[i] > cut && lmax > 0.0) ? 1 : 0;
   g.rank = rank;
   const index_t kept = options.ridge > 0.0 ? d : rank;
+  if (kept == d && triangular_factor(g)) return g;
   g.factor.assign(static_cast<std::size_t>(d * kept), 0.0);
   for (index_t c = 0; c < kept; ++c) {
     const index_t e = d - 1 - c;  // eigenvalue index, descending
@@ -158,8 +182,14 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g) {
         const index_t r0 = b * kScoreRows, rows = std::min(kScoreRows, n - r0);
         if (use_float32) {
           y32.resize(static_cast<std::size_t>(rows * kept));
-          gemm_ab(rows, kept, d, 1.0f, K.row(r0), K.ld, B32.data(), kept, 0.0f,
-                          y32.data(), kept);
+          if (g.triangular) {
+            for (index_t i = 0; i < rows; ++i) std::copy_n(K.row(r0 + i), d, y32.data() + i * d);
+            cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, bi(rows),
+                        bi(d), 1.0f, B32.data(), bi(d), y32.data(), bi(d));
+          } else {
+            gemm_ab(rows, kept, d, 1.0f, K.row(r0), K.ld, B32.data(), kept, 0.0f, y32.data(),
+                    kept);
+          }
           for (index_t i = 0; i < rows; ++i) {
             const float* y = y32.data() + i * kept;
             double s = 0.0;
@@ -171,8 +201,14 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g) {
           y64.resize(static_cast<std::size_t>(rows * kept));
           for (index_t i = 0; i < rows; ++i)
             for (index_t j = 0; j < d; ++j) k64[i * d + j] = K(r0 + i, j);
-          dgemm_ab(rows, kept, d, 1.0, k64.data(), d, g.factor.data(), kept, 0.0,
-                           y64.data(), kept);
+          if (g.triangular) {
+            std::copy_n(k64.data(), rows * d, y64.data());
+            cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, bi(rows),
+                        bi(d), 1.0, g.factor.data(), bi(d), y64.data(), bi(d));
+          } else {
+            dgemm_ab(rows, kept, d, 1.0, k64.data(), d, g.factor.data(), kept, 0.0, y64.data(),
+                     kept);
+          }
           for (index_t i = 0; i < rows; ++i) {
             const double* y = y64.data() + i * kept;
             double s = 0.0;

@@ -25,6 +25,9 @@ struct KeyGram {
   double ridge = 0.0;
   std::vector<double> gram;     ///< M = K^T K, d x d row-major, accumulated in float64
   std::vector<double> factor;   ///< B (d x rank): M^+ = B B^T (ridge: (M + lambda I)^-1 = B B^T)
+  /// B is upper triangular (d x d), the inverse transposed Cholesky factor of M + ridge I; set
+  /// when M is numerically full rank. Otherwise B = V_r Lambda_r^-1/2 from the eigenvectors.
+  bool triangular = false;
   std::vector<double> eigenvalues;  ///< eigenvalues of M (plus ridge), descending, size d
 };
 

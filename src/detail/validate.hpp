@@ -15,6 +15,14 @@ inline bool is_finite(float x) {
   return (std::bit_cast<std::uint32_t>(x) & 0x7f800000u) != 0x7f800000u;
 }
 
+/// Whether x[0 .. n) are all finite; branch-free so it vectorises.
+inline bool all_finite(const float* x, index_t n) {
+  std::uint32_t bad = 0;
+  for (index_t j = 0; j < n; ++j)
+    bad |= static_cast<std::uint32_t>((std::bit_cast<std::uint32_t>(x[j]) & 0x7f800000u) == 0x7f800000u);
+  return bad == 0;
+}
+
 [[noreturn]] inline void invalid(const std::string& msg) {
   throw Error(ErrorKind::invalid_argument, msg);
 }

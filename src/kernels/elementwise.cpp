@@ -37,57 +37,90 @@ inline float exp_nonpositive(float x) {
 
 }  // namespace
 
+// Reductions keep kLanes independent partial results so the compiler can vectorise them without
+// reassociating floating-point sums (which it may not do under strict IEEE semantics).
+constexpr index_t kLanes = 16;
+
 LEVATTN_CLONES float row_max(const float* x, index_t n) {
+  float lane[kLanes];
+  for (auto& v : lane) v = -std::numeric_limits<float>::infinity();
+  index_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (index_t l = 0; l < kLanes; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
   float m = -std::numeric_limits<float>::infinity();
-  for (index_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (float v : lane) m = v > m ? v : m;
   return m;
 }
 
 LEVATTN_CLONES float exp_shift_sum(float* x, index_t n, float shift) {
+  float lane[kLanes] = {};
+  index_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (index_t l = 0; l < kLanes; ++l) {
+      const float e = exp_nonpositive(x[j + l] - shift);
+      x[j + l] = e;
+      lane[l] += e;
+    }
   float sum = 0.0f;
-  for (index_t j = 0; j < n; ++j) {
+  for (; j < n; ++j) {
     const float e = exp_nonpositive(x[j] - shift);
     x[j] = e;
     sum += e;
   }
+  for (float v : lane) sum += v;
   return sum;
 }
 
 LEVATTN_CLONES float abs_row_max(float* x, index_t n) {
-  float m = -1.0f;
   const float ninf = -std::numeric_limits<float>::infinity();
-  for (index_t j = 0; j < n; ++j) {
+  float lane[kLanes];
+  for (auto& v : lane) v = -1.0f;
+  index_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (index_t l = 0; l < kLanes; ++l) {
+      const float a = x[j + l] == ninf ? -1.0f : std::fabs(x[j + l]);
+      x[j + l] = a;
+      lane[l] = a > lane[l] ? a : lane[l];
+    }
+  float m = -1.0f;
+  for (; j < n; ++j) {
     const float a = x[j] == ninf ? -1.0f : std::fabs(x[j]);
     x[j] = a;
     m = a > m ? a : m;
   }
+  for (float v : lane) m = v > m ? v : m;
   return m;
 }
 
-float power_rel_sum(float* x, index_t n, float m, float p) {
-  const float inv = 1.0f / m;
+namespace {
+// w = (x / m)^p for x >= 0, 0 for the -1 mask; `pow` is the scalar power used for general p.
+template <class Pow>
+float power_sum(float* x, index_t n, float inv, Pow pow) {
+  float lane[kLanes] = {};
+  index_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (index_t l = 0; l < kLanes; ++l) {
+      const float w = x[j + l] < 0.0f ? 0.0f : pow(x[j + l] * inv);
+      x[j + l] = w;
+      lane[l] += w;
+    }
   float sum = 0.0f;
-  if (p == 1.0f) {
-    for (index_t j = 0; j < n; ++j) {
-      const float w = x[j] < 0.0f ? 0.0f : x[j] * inv;
-      x[j] = w;
-      sum += w;
-    }
-  } else if (p == 2.0f) {
-    for (index_t j = 0; j < n; ++j) {
-      const float r = x[j] * inv;
-      const float w = x[j] < 0.0f ? 0.0f : r * r;
-      x[j] = w;
-      sum += w;
-    }
-  } else {
-    for (index_t j = 0; j < n; ++j) {
-      const float w = x[j] <= 0.0f ? 0.0f : std::pow(x[j] * inv, p);
-      x[j] = w;
-      sum += w;
-    }
+  for (; j < n; ++j) {
+    const float w = x[j] < 0.0f ? 0.0f : pow(x[j] * inv);
+    x[j] = w;
+    sum += w;
   }
+  for (float v : lane) sum += v;
   return sum;
+}
+}  // namespace
+
+LEVATTN_CLONES float power_rel_sum(float* x, index_t n, float m, float p) {
+  const float inv = 1.0f / m;
+  if (p == 1.0f) return power_sum(x, n, inv, [](float r) { return r; });
+  if (p == 2.0f) return power_sum(x, n, inv, [](float r) { return r * r; });
+  return power_sum(x, n, inv, [p](float r) { return r > 0.0f ? std::pow(r, p) : 0.0f; });
 }
 
 }  // namespace levattn::kernels
