@@ -599,26 +599,6 @@ void check_writable(const Array& array, const std::string& where) {
   }
 }
 
-std::span<const std::uint8_t> value_bytes(const Array& array) {
-  const void* p = nullptr;
-  std::size_t n = 0;
-  switch (array.dtype) {
-    case DType::float32:
-      p = array.f32.data();
-      n = array.f32.size() * 4;
-      break;
-    case DType::float64:
-      p = array.f64.data();
-      n = array.f64.size() * 8;
-      break;
-    case DType::int64:
-      p = array.i64.data();
-      n = array.i64.size() * 8;
-      break;
-  }
-  return {static_cast<const std::uint8_t*>(p), n};
-}
-
 std::span<std::uint8_t> mutable_value_bytes(Array& array) {
   void* p = nullptr;
   std::size_t n = 0;
@@ -637,6 +617,10 @@ std::span<std::uint8_t> mutable_value_bytes(Array& array) {
       break;
   }
   return {static_cast<std::uint8_t*>(p), n};
+}
+
+std::span<const std::uint8_t> value_bytes(const Array& array) {
+  return mutable_value_bytes(const_cast<Array&>(array));  // reads only
 }
 
 // ---------------------------------------------------------------------------------------------
