@@ -28,6 +28,14 @@ ConstMatrix flat(const Tensor4Ref& t) { return {t.data, t.batch * t.heads * t.ro
 
 void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, float* out) {
   std::ostringstream os;
+  const std::pair<const Tensor4Ref*, const char*> args[] = {{&Q, "queries"}, {&K, "keys"}, {&V, "values"}};
+  for (const auto& [t, name] : args) {
+    if (t->rows < 1 || t->cols < 1) {
+      os << name << ": expected a non-empty array, got " << t->rows << " rows of " << t->cols
+         << " columns";
+      detail::invalid(os.str());
+    }
+  }
   if (!Q.data || !K.data || !V.data || !out) {
     detail::invalid("attention: null data pointer for queries, keys, values or output");
   }
@@ -73,6 +81,10 @@ void check_options(const AttentionOptions& o) {
     detail::invalid(os.str());
   }
   const bool local = o.window >= 0 || o.sinks > 0;
+  if (o.eps != 0.0 && o.select != Select::leverage)
+    detail::invalid("eps: applies to select leverage only, got select " + to_string(o.select));
+  if (o.top_k != 0 && (o.select == Select::full || o.select == Select::none))
+    detail::invalid("top_k: select " + to_string(o.select) + " takes no key budget");
   switch (o.select) {
     case Select::full:
     case Select::topk:

@@ -70,7 +70,9 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
   // M = sum of partial Grams; chunk c goes to partial c % kPartials and the partials are added in
   // index order, so the rounding does not depend on how OpenMP schedules the work.
   const index_t chunks = (n + kConvertRows - 1) / kConvertRows;
-  const index_t partials = std::min(kPartials, chunks);
+  // At most 16 partials and at most 256 MiB of them (large d); both depend on (n, d) only.
+  const index_t by_memory = std::max<index_t>(1, (index_t{256} << 20) / (8 * d * d));
+  const index_t partials = std::min({kPartials, chunks, by_memory});
   // Uninitialised: each partial's first DSYRK runs with beta = 0.
   std::unique_ptr<double[]> part(new double[static_cast<std::size_t>(partials * d * d)]);
   detail::ExceptionTrap trap;

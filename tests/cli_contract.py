@@ -549,6 +549,7 @@ def test_bad_input():
     save("Vinf.npy", Vi)
     save("Q5.npy", rng.standard_normal((50, 5)))
     save("K1d.npy", K[:, 0])
+    save("Kempty.npy", np.zeros((0, 8)))
 
     att = ("attend", "--queries", "Qb.npy", "--keys", "Kb.npy", "--values", "Vb.npy", "--out", "Ob.npy")
     bad("missing file", ("universal", "--keys", "nope.npy", "--eps", 0.1), ("nope.npy",))
@@ -572,6 +573,12 @@ def test_bad_input():
         ("attend", "--queries", "Q5.npy", "--keys", "Kb.npy", "--values", "Vb.npy", "--out", "Ob.npy"),
         ("queries", "keys"))
     bad("1-D keys", ("universal", "--keys", "K1d.npy", "--eps", 0.1), ("K1d.npy", "keys", "2-D"))
+    bad("empty keys (universal)", ("universal", "--keys", "Kempty.npy", "--eps", 0.1), ("keys", "Kempty.npy", "empty"))
+    bad("empty keys (heavy)", ("heavy", "--queries", "Qb.npy", "--keys", "Kempty.npy", "--eps", 0.1),
+        ("keys", "Kempty.npy", "empty"))
+    bad("empty queries (attend)", ("attend", "--queries", "Kempty.npy", "--keys", "Kb.npy", "--values", "Vb.npy",
+                                   "--out", "Ob.npy"), ("queries", "Kempty.npy", "empty"))
+    bad("attend --select full --top-k 5", att + ("--top-k", 5), ("top_k",))
     bad("attend --kernel poly --p 0", att + ("--kernel", "poly", "--p", 0), ("p",))
     bad("attend --select leverage without --top-k or --eps", att + ("--select", "leverage"), ("top", "eps"))
     bad("attend --kernel unknown", att + ("--kernel", "cosine"), ("kernel", "cosine"))

@@ -261,6 +261,14 @@ TEST(Attention, RejectsBadInput) {
   o.select = Select::topk;
   EXPECT_NE(message(o, in).find("top_k"), std::string::npos);
   o = {};
+  o.top_k = 5;  // full attention takes no budget
+  EXPECT_NE(message(o, in).find("top_k"), std::string::npos);
+  o = {};
+  o.select = Select::topk;
+  o.top_k = 5;
+  o.eps = 0.1;  // eps belongs to leverage
+  EXPECT_NE(message(o, in).find("eps"), std::string::npos);
+  o = {};
   o.scale = std::numeric_limits<double>::infinity();
   EXPECT_NE(message(o, in).find("scale"), std::string::npos);
   o = {};
