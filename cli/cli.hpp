@@ -63,6 +63,7 @@ struct AttendArgs {
   double p = 2.0, scale = 0, eps = 0;
   bool has_scale = false;
   index_t top_k = 0, window = -1, sinks = 0;
+  std::string budget;  // "alpha,C"
   std::uint64_t seed = 0;
   bool json = false;
 };

@@ -179,6 +179,15 @@ int run_attend(const AttendArgs& a) {
   o.window = a.window;
   o.sinks = a.sinks;
   o.seed = a.seed;
+  if (!a.budget.empty()) {
+    double alpha = 0, c = 0;
+    char comma = 0, extra = 0;
+    std::istringstream in(a.budget);
+    if (!(in >> alpha >> comma >> c) || comma != ',' || (in >> extra))
+      throw Error(ErrorKind::invalid_argument, "budget: expected alpha,C (for example 2,0.5), got '" + a.budget + "'");
+    o.budget_alpha = alpha;
+    o.budget_exponent = c;
+  }
   if (a.select == "window" && a.window < 0)
     throw Error(ErrorKind::invalid_argument, "window: --select window needs --window W (W >= 0)");
   Progress progress("levattn attend");
@@ -196,6 +205,7 @@ int run_attend(const AttendArgs& a) {
     j["kernel"] = to_string(o.kernel);
     j["select"] = a.select;
     j["n"] = k.rows;
+    j["top_k"] = r.top_k;
     j["shared_sizes"] = r.shared_sizes;
     j["mean_keys_per_query"] = r.mean_keys_per_query;
     j["empty_rows"] = r.empty_rows;

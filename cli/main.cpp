@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   attend->add_option("--window", aa.window, "also keys i-W .. i+W");
   attend->add_option("--sinks", aa.sinks, "also the first S keys");
   attend->add_option("--seed", aa.seed, "seed of random selection");
+  attend->add_option("--budget", aa.budget, "adaptive budget alpha,C: top-k = ceil(alpha n^C)");
   attend->add_flag("--json", aa.json, "print selection sizes and timings as JSON");
 
   PlantedArgs pa;

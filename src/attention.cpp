@@ -62,6 +62,18 @@ void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
   detail::require_finite_matrix(flat(V), "values");
 }
 
+// Replaces an adaptive budget by the top_k it gives for n keys.
+AttentionOptions resolve_budget(const AttentionOptions& options, index_t n) {
+  AttentionOptions o = options;
+  if (o.budget_alpha == 0.0 && o.budget_exponent == 0.0) return o;
+  if (o.top_k != 0) detail::invalid("budget: give either top_k or an adaptive budget, not both");
+  if (o.select != Select::topk && o.select != Select::leverage && o.select != Select::random)
+    detail::invalid("budget: applies to select topk, leverage and random only");
+  o.top_k = adaptive_budget(n, o.budget_alpha, o.budget_exponent);
+  o.budget_alpha = o.budget_exponent = 0.0;
+  return o;
+}
+
 void check_options(const AttentionOptions& o) {
   std::ostringstream os;
   if (o.kernel == Kernel::power && !(o.p > 0.0 && std::isfinite(o.p))) {
@@ -155,9 +167,20 @@ std::string to_string(Select s) {
   return "?";
 }
 
+index_t adaptive_budget(index_t n, double alpha, double exponent) {
+  if (!(alpha > 0.0 && std::isfinite(alpha)) || !(exponent > 0.0 && exponent <= 1.0)) {
+    std::ostringstream os;
+    os << "budget: expected alpha > 0 and C in (0, 1], got alpha = " << alpha << ", C = " << exponent;
+    detail::invalid(os.str());
+  }
+  const double k = std::ceil(alpha * std::pow(static_cast<double>(n), exponent));
+  return static_cast<index_t>(std::clamp(k, 1.0, static_cast<double>(std::max<index_t>(n, 1))));
+}
+
 AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
-                          float* out, const AttentionOptions& o) {
+                          float* out, const AttentionOptions& options) {
   check_shapes(Q, K, V, out);
+  const AttentionOptions o = resolve_budget(options, K.rows);
   check_options(o);
   const index_t heads = Q.batch * Q.heads, m = Q.rows, n = K.rows, d = Q.cols, dv = V.cols;
   kernels::KernelParams params;
@@ -168,6 +191,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
                            : (o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d))
                                                           : 1.0));
   AttentionResult res;
+  res.top_k = o.top_k;
 
   // Selection.
   const auto t_sel = Clock::now();

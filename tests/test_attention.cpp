@@ -283,3 +283,31 @@ TEST(Attention, RejectsBadInput) {
   for (auto& x : huge.K.v) x = 1e30f;
   EXPECT_NE(message(o, huge).find("overflow"), std::string::npos);
 }
+
+TEST(Attention, AdaptiveBudgetIsCeilAlphaNToTheC) {
+  EXPECT_EQ(adaptive_budget(16384, 2.0, 0.5), 256);
+  EXPECT_EQ(adaptive_budget(1000, 1.5, 0.5), 48);   // ceil(47.43)
+  EXPECT_EQ(adaptive_budget(10, 100.0, 1.0), 10);   // at most n
+  EXPECT_EQ(adaptive_budget(10, 1e-9, 0.5), 1);     // at least 1
+  EXPECT_THROW(adaptive_budget(10, 0.0, 0.5), Error);
+  EXPECT_THROW(adaptive_budget(10, 1.0, 1.5), Error);
+  EXPECT_THROW(adaptive_budget(10, 1.0, 0.0), Error);
+  const Inputs in = random_inputs(30, 400, 6, 4, 111);
+  AttentionOptions o;
+  o.select = Select::topk;
+  o.budget_alpha = 1.0;
+  o.budget_exponent = 0.5;  // k = 20
+  o.return_selection = true;
+  AttentionResult r;
+  const auto a = run(in, o, &r);
+  EXPECT_EQ(r.query_keys.size(), 30u * 20u);
+  AttentionOptions fixed;
+  fixed.select = Select::topk;
+  fixed.top_k = 20;
+  EXPECT_EQ(a, run(in, fixed));
+  o.top_k = 20;  // both given
+  EXPECT_THROW(run(in, o), Error);
+  o.top_k = 0;
+  o.select = Select::full;
+  EXPECT_THROW(run(in, o), Error);
+}

@@ -33,6 +33,10 @@ struct AttentionOptions {
   double scale = std::numeric_limits<double>::quiet_NaN();
   Select select = Select::full;
   index_t top_k = 0;   ///< leverage / topk / random budget
+  /// n^C-adaptive budget (seed 003): when budget_alpha > 0, top_k = ceil(alpha * n^C) with
+  /// C = budget_exponent in (0, 1], for topk, leverage and random; top_k must then be 0.
+  double budget_alpha = 0.0;
+  double budget_exponent = 0.0;
   double eps = 0.0;    ///< leverage threshold, in (0, 1] when used
   index_t window = -1; ///< >= 0: query i also attends keys i-window .. i+window
   index_t sinks = 0;   ///< >= 0: every query also attends keys 0 .. sinks-1
@@ -52,6 +56,7 @@ struct AttentionResult {
   /// in descending order of f(s).
   std::vector<index_t> query_keys;
   std::vector<index_t> shared_sizes;  ///< |shared set| per (batch, head)
+  index_t top_k = 0;                  ///< the key budget used (an adaptive budget resolved)
   double mean_keys_per_query = 0.0;   ///< average |S_i| over all queries (window included)
   /// Queries whose selection is empty or whose normaliser is zero; their output row is 0.
   index_t empty_rows = 0;
@@ -76,6 +81,10 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
 std::vector<float> attention(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
                              const AttentionOptions& options = {},
                              AttentionResult* result = nullptr);
+
+/// ceil(alpha * n^exponent), at least 1 and at most n: the n^C-adaptive key budget.
+/// Throws Error(invalid_argument) unless alpha > 0 and exponent in (0, 1] are finite.
+index_t adaptive_budget(index_t n, double alpha, double exponent);
 
 /// Names used by the CLI and in messages: "softmax"/"poly", "full"/"leverage"/...
 std::string to_string(Kernel k);
