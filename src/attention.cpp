@@ -14,6 +14,7 @@
 #include "detail/selection.hpp"
 #include "detail/validate.hpp"
 #include "kernels/online_attention.hpp"
+#include "levattn/lewis_weights.hpp"
 #include "levattn/universal_set.hpp"
 
 namespace levattn {
@@ -136,7 +137,11 @@ struct HeadSelection {
 std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::uint64_t stream) {
   std::vector<index_t> keys;
   if (o.select == Select::leverage) {
-    const LeverageScores s = detail::scores_unchecked(K, key_gram(K, o.leverage));
+    // |x|^p attention selects by its own sensitivity bounds (Lewis weights); softmax and x^2 by
+    // leverage scores.
+    const bool lewis = o.kernel == Kernel::power && o.p != 2.0;
+    const LeverageScores s = lewis ? sensitivity_bounds(K, o.p, o.leverage)
+                                   : detail::scores_unchecked(K, key_gram(K, o.leverage));
     keys = (o.top_k > 0 ? universal_set_top_k(s, o.top_k) : universal_set(s, o.eps)).indices;
   } else if (o.select == Select::random) {
     keys = detail::random_keys(K.rows, o.top_k, o.seed, stream);

@@ -86,6 +86,20 @@ inline std::vector<Entry> heavy_x2(const Mat& Q, const Mat& K, double eps,
   return out;
 }
 
+/// A_ij = |q_i.k_j|^p / sum_l |q_i.k_l|^p for every (i, j) with A_ij >= eps, sorted.
+inline std::vector<Entry> heavy_power(const Mat& Q, const Mat& K, double eps, double p) {
+  std::vector<Entry> out;
+  for (index_t i = 0; i < Q.rows; ++i) {
+    std::vector<double> s(static_cast<std::size_t>(K.rows));
+    double z = 0;
+    for (index_t j = 0; j < K.rows; ++j) z += (s[j] = std::pow(std::fabs(dot(Q, i, K, j)), p));
+    if (z == 0) continue;
+    for (index_t j = 0; j < K.rows; ++j)
+      if (s[j] / z >= eps) out.push_back({i, j, s[j] / z});
+  }
+  return out;
+}
+
 /// Attention of one head over the keys allowed by mask(i, j), in float64.
 inline std::vector<double> attention(const Mat& Q, const Mat& K, const Mat& V, bool softmax,
                                      double scale, double p,
@@ -118,6 +132,166 @@ inline double max_rel_error(const std::vector<float>& a, const std::vector<doubl
     scale = std::max(scale, std::fabs(b[i]));
   }
   return err / scale;
+}
+
+}  // namespace oracle
+
+namespace oracle {
+
+/// Exact |x|^p sensitivity of key j (p >= 1): s_j = 1 / min { ||K y||_p^p : <k_j, y> = 1 }.
+/// p = 1: the minimum of a convex piecewise-linear function sits where the constraint and up to
+/// d - 1 conditions <k_l, y> = 0 hold; all such points are enumerated (small n and d only).
+/// p > 1: Newton's method with backtracking on the (d-1)-dimensional affine set, with the
+/// smoothing (r^2 + mu^2)^(p/2) driven to mu = 0 for p < 2.
+inline double exact_sensitivity(const Mat& K, index_t j, double p) {
+  const index_t n = K.rows, d = K.cols;
+  std::vector<double> kj(static_cast<std::size_t>(d));
+  double nk = 0;
+  for (index_t c = 0; c < d; ++c) nk += (kj[c] = K(j, c)) * K(j, c);
+  if (nk == 0) return 0.0;
+  const auto objective = [&](const std::vector<double>& y) {
+    double f = 0;
+    for (index_t l = 0; l < n; ++l) {
+      double r = 0;
+      for (index_t c = 0; c < d; ++c) r += K(l, c) * y[c];
+      f += std::pow(std::fabs(r), p);
+    }
+    return f;
+  };
+  double best = INFINITY;
+  if (p == 1.0) {
+    // Rows of B: k_j then the keys of S; solve B y = e_1 with the minimum-norm solution.
+    std::vector<index_t> S;
+    const std::function<void(index_t)> rec = [&](index_t start) {
+      const index_t rows = static_cast<index_t>(S.size()) + 1;
+      std::vector<double> B(static_cast<std::size_t>(rows * d)), G(static_cast<std::size_t>(rows * rows)),
+          rhs(static_cast<std::size_t>(rows), 0.0);
+      for (index_t c = 0; c < d; ++c) B[c] = kj[c];
+      for (index_t a = 0; a < rows - 1; ++a)
+        for (index_t c = 0; c < d; ++c) B[(a + 1) * d + c] = K(S[a], c);
+      for (index_t a = 0; a < rows; ++a)
+        for (index_t b = 0; b < rows; ++b) {
+          double s = 0;
+          for (index_t c = 0; c < d; ++c) s += B[a * d + c] * B[b * d + c];
+          G[a * rows + b] = s;
+        }
+      rhs[0] = 1;
+      std::vector<lapack_int> piv(static_cast<std::size_t>(rows));
+      std::vector<double> Gc = G;
+      double scale = 0;
+      for (double x : G) scale = std::max(scale, std::fabs(x));
+      if (LAPACKE_dgesv(LAPACK_ROW_MAJOR, static_cast<lapack_int>(rows), 1, Gc.data(),
+                        static_cast<lapack_int>(rows), piv.data(), rhs.data(), 1) == 0) {
+        bool ok = true;
+        for (index_t a = 0; a < rows; ++a) ok = ok && std::fabs(Gc[a * rows + a]) > 1e-10 * scale;
+        if (ok) {
+          std::vector<double> y(static_cast<std::size_t>(d), 0.0);
+          for (index_t a = 0; a < rows; ++a)
+            for (index_t c = 0; c < d; ++c) y[c] += rhs[a] * B[a * d + c];
+          best = std::min(best, objective(y));
+        }
+      }
+      if (rows >= d) return;
+      for (index_t l = start; l < n; ++l) {
+        if (l == j) continue;
+        S.push_back(l);
+        rec(l + 1);
+        S.pop_back();
+      }
+    };
+    rec(0);
+    return best > 0 ? 1.0 / best : 0.0;
+  }
+  // Orthonormal basis N of k_j's complement (Gram-Schmidt on the unit vectors).
+  std::vector<std::vector<double>> basis;
+  std::vector<double> u0(kj);
+  for (double& x : u0) x /= std::sqrt(nk);
+  basis.push_back(u0);
+  for (index_t e = 0; e < d && static_cast<index_t>(basis.size()) < d; ++e) {
+    std::vector<double> v(static_cast<std::size_t>(d), 0.0);
+    v[e] = 1;
+    for (int pass = 0; pass < 2; ++pass)
+      for (const auto& b : basis) {
+        double s = 0;
+        for (index_t c = 0; c < d; ++c) s += v[c] * b[c];
+        for (index_t c = 0; c < d; ++c) v[c] -= s * b[c];
+      }
+    double nv = 0;
+    for (double x : v) nv += x * x;
+    if (nv > 1e-12) {
+      for (double& x : v) x /= std::sqrt(nv);
+      basis.push_back(v);
+    }
+  }
+  const index_t m = d - 1;
+  std::vector<double> y0(kj);
+  for (double& x : y0) x /= nk;
+  const auto point = [&](const std::vector<double>& z) {
+    std::vector<double> y(y0);
+    for (index_t a = 0; a < m; ++a)
+      for (index_t c = 0; c < d; ++c) y[c] += z[a] * basis[a + 1][c];
+    return y;
+  };
+  std::vector<double> z(static_cast<std::size_t>(m), 0.0);
+  for (double mu : {1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0}) {
+    if (p >= 2 && mu > 0) continue;
+    const auto smooth = [&](const std::vector<double>& zz) {
+      const auto y = point(zz);
+      double f = 0;
+      for (index_t l = 0; l < n; ++l) {
+        double r = 0;
+        for (index_t c = 0; c < d; ++c) r += K(l, c) * y[c];
+        f += std::pow(r * r + mu * mu, p / 2);
+      }
+      return f;
+    };
+    for (int it = 0; it < 300; ++it) {
+      const auto y = point(z);
+      std::vector<double> g(static_cast<std::size_t>(m), 0.0), H(static_cast<std::size_t>(m * m), 0.0);
+      for (index_t l = 0; l < n; ++l) {
+        double r = 0;
+        for (index_t c = 0; c < d; ++c) r += K(l, c) * y[c];
+        std::vector<double> t(static_cast<std::size_t>(m));
+        for (index_t a = 0; a < m; ++a) {
+          double s = 0;
+          for (index_t c = 0; c < d; ++c) s += K(l, c) * basis[a + 1][c];
+          t[a] = s;
+        }
+        const double q = r * r + mu * mu;
+        const double g1 = q > 0 ? p * r * std::pow(q, p / 2 - 1) : 0.0;
+        const double h1 = q > 0 ? p * std::pow(q, p / 2 - 1) + p * (p - 2) * r * r * std::pow(q, p / 2 - 2) : 0.0;
+        for (index_t a = 0; a < m; ++a) {
+          g[a] += g1 * t[a];
+          for (index_t b = 0; b < m; ++b) H[a * m + b] += h1 * t[a] * t[b];
+        }
+      }
+      double gn = 0, hmax = 0;
+      for (double x : g) gn = std::max(gn, std::fabs(x));
+      for (double x : H) hmax = std::max(hmax, std::fabs(x));
+      if (gn < 1e-13) break;
+      for (index_t a = 0; a < m; ++a) H[a * m + a] += 1e-12 * (hmax + 1e-300);
+      std::vector<double> step(g);
+      std::vector<lapack_int> piv(static_cast<std::size_t>(std::max<index_t>(m, 1)));
+      if (m == 0 || LAPACKE_dgesv(LAPACK_ROW_MAJOR, static_cast<lapack_int>(m), 1, H.data(),
+                                  static_cast<lapack_int>(m), piv.data(), step.data(), 1) != 0)
+        break;
+      const double f0 = smooth(z);
+      double t = 1;
+      std::vector<double> zn(z);
+      bool moved = false;
+      for (int ls = 0; ls < 60; ++ls, t *= 0.5) {
+        for (index_t a = 0; a < m; ++a) zn[a] = z[a] - t * step[a];
+        if (smooth(zn) < f0) {
+          moved = true;
+          break;
+        }
+      }
+      if (!moved) break;
+      z = zn;
+    }
+  }
+  best = objective(point(z));
+  return 1.0 / best;
 }
 
 }  // namespace oracle

@@ -121,6 +121,23 @@ TEST(Attention, LeverageSelectionIsTheUniversalSet) {
   EXPECT_EQ(r.shared_sizes.at(0), static_cast<index_t>(expected.size()));
 }
 
+TEST(Attention, PowerKernelSelectsByItsOwnSensitivityBounds) {
+  const Inputs in = random_inputs(40, 500, 5, 3, 45);
+  for (double p : {1.0, 3.0}) {
+    AttentionOptions o;
+    o.kernel = Kernel::power;
+    o.p = p;
+    o.select = Select::leverage;
+    o.eps = 0.03;
+    o.return_selection = true;
+    AttentionResult r;
+    run(in, o, &r);
+    EXPECT_EQ(r.shared_keys.at(0), universal_set(sensitivity_bounds(in.K.view(), p), 0.03).indices) << p;
+    EXPECT_NE(r.shared_keys.at(0), universal_set(in.K.view(), 0.03).indices) << p;  // not the x^2 set
+    expect_masked_equal(in, o, "power p=" + std::to_string(p) + " over its universal set");
+  }
+}
+
 TEST(Attention, TopKMatchesExhaustiveRanking) {
   const Inputs in = random_inputs(64, 300, 8, 4, 51);
   AttentionOptions o;

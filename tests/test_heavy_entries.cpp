@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <map>
 #include <set>
 
 #include "cases.hpp"
@@ -102,4 +103,87 @@ TEST(HeavyEntries, RejectsBadInput) {
     EXPECT_NE(std::string(e.what()).find("queries"), std::string::npos);
   }
   EXPECT_THROW(heavy_entries(ConstMatrix{Q3.v.data(), 0, 3}, K.view(), 0.1), Error);
+}
+
+TEST(HeavyEntriesPower, ExactNormaliserEqualsBruteForce) {
+  for (const auto& [name, K] : cases::key_matrices()) {
+    if (K.rows * K.cols > 2000) continue;
+    const Mat Q = cases::stress_queries(K, 60, 13);
+    for (double p : {1.0, 1.5, 3.0, 4.0}) {
+      HeavyOptions o;
+      o.p = p;
+      const double eps = 0.2;
+      const HeavyEntries h = heavy_entries(Q.view(), K.view(), eps, o);
+      EXPECT_EQ(h.normaliser, "exact (all keys)");
+      std::vector<oracle::Entry> firm;
+      for (const auto& e : oracle::heavy_power(Q, K, eps, p))
+        if (e.a >= eps * (1 + 1e-5)) firm.push_back(e);
+      HeavyEntries g;
+      for (const auto& e : h.entries)
+        if (e.value >= eps * (1 + 1e-5)) g.entries.push_back(e);
+      expect_same(g, firm, name + " p " + std::to_string(p));
+    }
+  }
+}
+
+TEST(HeavyEntriesPower, PEqualsTwoMatchesQuadraticForm) {
+  const Mat K = oracle::gaussian(300, 6, 4), Q = oracle::gaussian(100, 6, 5);
+  HeavyOptions o;
+  const HeavyEntries a = heavy_entries(Q.view(), K.view(), 0.05, o);
+  EXPECT_EQ(a.normaliser, "exact (q^T M q)");
+  expect_same(a, oracle::heavy_power(Q, K, 0.05, 2.0), "p = 2");
+}
+
+TEST(HeavyEntriesPower, SampledNormaliserIsWithinGammaAndFindsEveryHeavyEntry) {
+  // Keys: Gaussian noise plus a few strong keys, so there are heavy entries for |x|^3.
+  Mat K = oracle::gaussian(20000, 4, 21, 0.3);
+  for (index_t r = 0; r < 4; ++r)
+    for (index_t j = 0; j < 4; ++j) K(1000 * r + 7, j) = j == r ? 6.0f : 0.0f;
+  const Mat Q = oracle::gaussian(200, 4, 22);
+  const double eps = 0.05, p = 3.0;
+  HeavyOptions o;
+  o.p = p;
+  o.normaliser = Normaliser::sampled;
+  o.gamma = 0.3;
+  o.seed = 5;
+  const HeavyEntries h = heavy_entries(Q.view(), K.view(), eps, o);
+  ASSERT_EQ(h.normaliser, "sampled");
+  EXPECT_GT(h.samples, 0);
+  EXPECT_LT(h.samples, 20000);
+  EXPECT_LE(h.gamma, 0.3 + 1e-12);
+  const auto truth = oracle::heavy_power(Q, K, eps, p);
+  ASSERT_FALSE(truth.empty());
+  std::map<std::pair<index_t, index_t>, double> got;
+  for (const auto& e : h.entries) got[{e.query, e.key}] = e.value;
+  for (const auto& e : truth) {
+    const auto it = got.find({e.i, e.j});
+    ASSERT_NE(it, got.end()) << "missed heavy entry (" << e.i << ", " << e.j << ")";
+    EXPECT_GE(it->second, e.a / (1 + h.gamma));
+    EXPECT_LE(it->second, e.a / (1 - h.gamma));
+  }
+  // Every reported entry is at least eps (1 - gamma) / (1 + gamma) heavy in truth.
+  const auto loose = oracle::heavy_power(Q, K, eps * (1 - h.gamma) / (1 + h.gamma) * 0.999, p);
+  std::set<std::pair<index_t, index_t>> ok;
+  for (const auto& e : loose) ok.insert({e.i, e.j});
+  for (const auto& e : h.entries) EXPECT_TRUE(ok.count({e.query, e.key}));
+  // Reproducible by seed.
+  const HeavyEntries again = heavy_entries(Q.view(), K.view(), eps, o);
+  ASSERT_EQ(again.entries.size(), h.entries.size());
+  for (std::size_t a = 0; a < h.entries.size(); ++a) EXPECT_EQ(again.entries[a].value, h.entries[a].value);
+}
+
+TEST(HeavyEntriesPower, RejectsBadOptions) {
+  const Mat K = oracle::gaussian(50, 3, 1), Q = oracle::gaussian(5, 3, 2);
+  HeavyOptions o;
+  o.p = 0;
+  EXPECT_THROW(heavy_entries(Q.view(), K.view(), 0.1, o), Error);
+  o.p = 3;
+  o.normaliser = Normaliser::sampled;
+  o.gamma = 1.5;
+  EXPECT_THROW(heavy_entries(Q.view(), K.view(), 0.1, o), Error);
+  o.gamma = 0.2;
+  o.delta = 0;
+  EXPECT_THROW(heavy_entries(Q.view(), K.view(), 0.1, o), Error);
+  o.delta = 0.01;
+  EXPECT_THROW(heavy_entries(Q.view(), K.view(), 1.5, o), Error);
 }

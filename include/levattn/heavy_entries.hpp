@@ -1,5 +1,7 @@
 // levattn/heavy_entries.hpp: every eps-heavy entry of x^2 attention, exactly (math.md 1.2).
 #pragma once
+#include <cstdint>
+#include <string>
 #include <vector>
 
 #include "levattn/leverage_scores.hpp"
@@ -17,6 +19,30 @@ struct HeavyEntries {
   std::vector<index_t> zero_rows;        ///< queries whose row normaliser is zero (ascending)
   index_t universal_size = 0;            ///< |U_eps| searched
   index_t rank = 0;                      ///< numerical rank of K
+  double p = 2.0;                        ///< f(x) = |x|^p
+  /// How the row normalisers were computed: "exact (q^T M q)" (p = 2), "exact (all keys)" or
+  /// "sampled" (then values are (1 +- gamma) estimates, see HeavyOptions).
+  std::string normaliser;
+  index_t samples = 0;  ///< sampled: keys drawn
+  double gamma = 0.0;   ///< sampled: every normaliser within a factor (1 +- gamma), prob. >= 1 - delta
+};
+
+/// How heavy_entries computes the row normalisers Z_i = sum_l |q_i.k_l|^p.
+enum class Normaliser {
+  exact,    ///< p = 2: q^T M q in O(d^2) per query; otherwise every key, O(n d) per query
+  sampled,  ///< r keys drawn with probability proportional to their sensitivity bounds
+};
+
+struct HeavyOptions {
+  double p = 2.0;  ///< exponent, > 0
+  Normaliser normaliser = Normaliser::exact;
+  /// sampled: number of keys drawn; 0 means r = ceil(3 T ln(2m / delta) / gamma^2), T the total
+  /// sensitivity bound. With r >= n the exact normaliser is used instead (it is then cheaper).
+  index_t samples = 0;
+  double gamma = 0.1;   ///< sampled: target accuracy in (0, 1) when samples == 0
+  double delta = 0.01;  ///< sampled: failure probability in (0, 1)
+  std::uint64_t seed = 0;
+  double rank_rtol = 1e-5;  ///< numerical rank of K (LeverageOptions::rank_rtol)
 };
 
 /// All (i, j, A_ij) with A_ij >= eps for A = D^-1 (Q K^T)^2 (entrywise square, rows summing to 1).
@@ -32,5 +58,22 @@ struct HeavyEntries {
 /// directions treated as null; for such K the guarantee holds for K projected onto its numerical
 /// range.
 HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps);
+
+/// All (i, j, A_ij) with A_ij >= eps for A = D^-1 |Q K^T|^p, any p > 0 (math.md 1.3).
+///
+/// Keys are searched in the universal set { j : t_j >= eps } of the sensitivity bounds t_j
+/// (lewis_weights.hpp), which holds the key of every eps-heavy entry; |U| <= d^max(1,p/2) / eps.
+/// Normalisers:
+///  - exact: p = 2 as heavy_entries(Q, K, eps); otherwise Z_i over all keys by blocked GEMM,
+///    O(n d) per query. The result equals brute force.
+///  - sampled: r keys l_1..l_r drawn i.i.d. with pi_l = t_l / T; Z^_i = (1/r) sum_s
+///    |q_i.k_{l_s}|^p / pi_{l_s}. Each term is at most T Z_i (as |q.k_l|^p <= s_l Z_i <= t_l Z_i),
+///    so by the Chernoff bound and a union bound over the m queries, with probability >= 1 - delta
+///    every Z^_i is within (1 +- gamma) of Z_i for gamma = sqrt(3 T ln(2m / delta) / r) (gamma <= 1).
+///    Entries with A^_ij >= eps / (1 + gamma) are reported: a superset of the eps-heavy entries
+///    whose values are within (1 +- gamma)^-1 of the truth. O(r d) per query.
+/// Complexity: Lewis weights O(n d^2) per iteration, then as above. Throws Error(invalid_argument)
+/// on bad shapes, non-finite input, eps outside (0, 1], p <= 0, gamma or delta outside (0, 1).
+HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& options);
 
 }  // namespace levattn

@@ -1,6 +1,7 @@
 // levattn/levattn.hpp: the umbrella header. Include this, link levattn::levattn.
 //
 //   leverage_scores.hpp  exact leverage scores of K and the Gram factor (math.md 1.1)
+//   lewis_weights.hpp    l_p Lewis weights, |x|^p sensitivity bounds (math.md 1.3)
 //   universal_set.hpp    U_eps and top-k sets of keys (math.md 1)
 //   heavy_entries.hpp    every eps-heavy entry of x^2 attention, exactly (math.md 1.2)
 //   attention.hpp        attention over a selection: full, leverage, window, sinks, topk, random
@@ -15,6 +16,7 @@
 #include "levattn/heavy_entries.hpp"
 #include "levattn/io.hpp"
 #include "levattn/leverage_scores.hpp"
+#include "levattn/lewis_weights.hpp"
 #include "levattn/matrix.hpp"
 #include "levattn/metrics.hpp"
 #include "levattn/planted.hpp"

@@ -1,0 +1,286 @@
+// Sketching operators Y = S A: CountSketch, SRHT and Gaussian. Every random quantity is a
+// counter-based Philox draw indexed by its position in S, so S is a pure function of
+// (kind, seed, n, s); the work is split into tasks fixed by the shape alone, so Y does not depend
+// on the thread count either.
+#include "levattn/sketch.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <type_traits>
+#include <vector>
+
+#include "detail/blas.hpp"
+#include "detail/parallel.hpp"
+#include "detail/rng.hpp"
+#include "detail/selection.hpp"
+#include "detail/validate.hpp"
+
+namespace levattn {
+namespace {
+
+// Stream ids of the counter-based generator, one per random quantity.
+enum Stream : std::uint64_t {
+  kCountSketch = 0x736b657463680001ULL,  // bucket and sign of each input row
+  kGaussian,                              // entries of S
+  kSrhtSigns,                             // the diagonal D
+  kSrhtRows,                              // the sampled rows P
+};
+
+constexpr index_t kGaussRows = 32;    // rows of S (and Y) per task
+constexpr index_t kGaussInner = 256;  // columns of S (rows of A) per generated block
+constexpr index_t kGaussCols = 2048;  // columns of A (and Y) per task
+constexpr index_t kHadamardCols = 32; // columns per Walsh-Hadamard task
+
+// A row-major n x d matrix of float or double elements.
+template <class T>
+struct Rows {
+  const T* data;
+  index_t n, d, ld;
+  const T* row(index_t i) const { return data + i * ld; }
+};
+
+index_t next_pow2(index_t n) {
+  index_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+void check_s(index_t n, index_t s, SketchKind kind) {
+  if (s < 1) {
+    std::ostringstream os;
+    os << "s: expected s >= 1 rows of the sketch, got " << s;
+    detail::invalid(os.str());
+  }
+  if (kind == SketchKind::srht && s > next_pow2(n)) {
+    std::ostringstream os;
+    os << "s: expected s <= n' = " << next_pow2(n) << " for srht (n = " << n
+       << " rows padded to the next power of 2), got " << s;
+    detail::invalid(os.str());
+  }
+}
+
+void require_finite(const double* A, index_t n, index_t d, index_t ld, const char* what) {
+  std::ostringstream os;
+  if (A == nullptr || n <= 0 || d <= 0) {
+    os << what << ": expected a non-empty matrix, got shape (" << n << ", " << d << ")";
+    detail::invalid(os.str());
+  }
+  if (ld < d) {
+    os << what << ": expected a leading dimension >= " << d << " columns, got " << ld;
+    detail::invalid(os.str());
+  }
+  for (index_t i = 0; i < n; ++i)
+    for (index_t j = 0; j < d; ++j)
+      if (!std::isfinite(A[i * ld + j])) {
+        os << what << ": expected finite values, found " << A[i * ld + j] << " at row " << i
+           << ", column " << j;
+        detail::invalid(os.str());
+      }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CountSketch: input row i goes to output row h(i) with sign sigma(i), both from draw i.
+
+template <class T>
+DenseMatrix<double> countsketch(const Rows<T>& A, index_t s, std::uint64_t seed) {
+  const index_t n = A.n, d = A.d;
+  const detail::CounterRng rng(seed, kCountSketch);
+  std::vector<index_t> bucket(static_cast<std::size_t>(n));
+  std::vector<double> sign(static_cast<std::size_t>(n));
+#pragma omp parallel for schedule(static) if (n > (1 << 14))
+  for (index_t i = 0; i < n; ++i) {
+    const std::uint64_t v = rng.u64(static_cast<std::uint64_t>(i));
+    sign[i] = (v & 1u) ? -1.0 : 1.0;
+    bucket[i] = static_cast<index_t>(
+        (static_cast<detail::uint128>(v >> 1) * static_cast<std::uint64_t>(s)) >> 63);
+  }
+  // Counting sort by bucket, stable: each output row lists its input rows in ascending order.
+  std::vector<index_t> start(static_cast<std::size_t>(s + 1), 0), order(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) ++start[bucket[i] + 1];
+  for (index_t b = 0; b < s; ++b) start[b + 1] += start[b];
+  {
+    std::vector<index_t> next(start.begin(), start.end() - 1);
+    for (index_t i = 0; i < n; ++i) order[next[bucket[i]]++] = i;
+  }
+  DenseMatrix<double> Y(s, d);
+  // Each output row is summed by one thread in input-row order: the same result for any schedule.
+#pragma omp parallel for schedule(dynamic, 16) if (n * d > (1 << 16))
+  for (index_t b = 0; b < s; ++b) {
+    double* y = Y.row(b);
+    for (index_t k = start[b]; k < start[b + 1]; ++k) {
+      const index_t i = order[k];
+      const T* a = A.row(i);
+      const double sg = sign[i];
+      for (index_t j = 0; j < d; ++j) y[j] += sg * static_cast<double>(a[j]);
+    }
+  }
+  return Y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gaussian: S_ij = g(i n + j) / sqrt(s), g(c) standard normal. Draw p gives the Box-Muller pair
+// (g(2p), g(2p + 1)) = r (cos theta, sin theta) from its two 32-bit halves.
+
+void fill_normals(const detail::CounterRng& rng, std::uint64_t c0, index_t count, double scale,
+                  double* out) {
+  constexpr double kTwoPi = 6.283185307179586;
+  std::uint64_t c = c0;
+  index_t k = 0;
+  while (k < count) {
+    const std::uint64_t v = rng.u64(c >> 1);
+    const double u1 = static_cast<double>((v >> 32) + 1) * 0x1.0p-32;  // (0, 1]
+    const double u2 = static_cast<double>(v & 0xffffffffu) * 0x1.0p-32;
+    const double r = scale * std::sqrt(-2.0 * std::log(u1)), theta = kTwoPi * u2;
+    if ((c & 1u) == 0) {
+      out[k++] = r * std::cos(theta);
+      ++c;
+      if (k == count) break;
+    }
+    out[k++] = r * std::sin(theta);
+    ++c;
+  }
+}
+
+template <class T>
+DenseMatrix<double> gaussian(const Rows<T>& A, index_t s, std::uint64_t seed) {
+  const index_t n = A.n, d = A.d;
+  const detail::CounterRng rng(seed, kGaussian);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s));
+  DenseMatrix<double> Y(s, d);
+  // Tasks: (block of S rows) x (block of A columns), fixed by the shape. Within a task the inner
+  // dimension is summed block after block in order, each block by one single-threaded DGEMM
+  // (OpenBLAS runs serially inside an active parallel region, and with one OpenMP thread it has
+  // one thread too), so every entry of Y sees the same operations for any thread count.
+  const index_t row_tasks = (s + kGaussRows - 1) / kGaussRows;
+  const index_t col_tasks = (d + kGaussCols - 1) / kGaussCols;
+  const index_t tasks = row_tasks * col_tasks;
+  detail::ExceptionTrap trap;
+#pragma omp parallel
+  {
+    std::vector<double> S, a;
+#pragma omp for schedule(dynamic, 1)
+    for (index_t t = 0; t < tasks; ++t) {
+      trap.run([&] {
+        const index_t r0 = (t / col_tasks) * kGaussRows, rows = std::min(kGaussRows, s - r0);
+        const index_t c0 = (t % col_tasks) * kGaussCols, cols = std::min(kGaussCols, d - c0);
+        for (index_t k0 = 0; k0 < n; k0 += kGaussInner) {
+          const index_t kb = std::min(kGaussInner, n - k0);
+          S.resize(static_cast<std::size_t>(rows * kb));
+          for (index_t i = 0; i < rows; ++i)
+            fill_normals(rng, static_cast<std::uint64_t>((r0 + i) * n + k0), kb, scale,
+                         S.data() + i * kb);
+          const double* ablk;
+          index_t lda;
+          if constexpr (std::is_same_v<T, double>) {
+            ablk = A.row(k0) + c0;
+            lda = A.ld;
+          } else {
+            a.resize(static_cast<std::size_t>(kb * cols));
+            for (index_t i = 0; i < kb; ++i) {
+              const T* src = A.row(k0 + i) + c0;
+              double* dst = a.data() + i * cols;
+              for (index_t j = 0; j < cols; ++j) dst[j] = static_cast<double>(src[j]);
+            }
+            ablk = a.data();
+            lda = cols;
+          }
+          detail::dgemm_ab(rows, cols, kb, 1.0, S.data(), kb, ablk, lda, k0 == 0 ? 0.0 : 1.0,
+                           Y.row(r0) + c0, d);
+        }
+      });
+    }
+  }
+  trap.rethrow();
+  return Y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SRHT: B = D A zero-padded to n' rows, B <- H_unnormalised B (in place, butterflies), then
+// Y = B[P] / sqrt(s), since sqrt(n'/s) H = H_unnormalised / sqrt(s).
+
+template <class T>
+DenseMatrix<double> srht(const Rows<T>& A, index_t s, std::uint64_t seed) {
+  const index_t n = A.n, d = A.d, np = next_pow2(n);
+  const detail::CounterRng sign_rng(seed, kSrhtSigns);
+  DenseMatrix<double> B(np, d);  // zero-initialised: the padding rows stay 0
+#pragma omp parallel for schedule(static) if (n * d > (1 << 16))
+  for (index_t i = 0; i < n; ++i) {
+    const double sg = (sign_rng.u64(static_cast<std::uint64_t>(i)) & 1u) ? -1.0 : 1.0;
+    const T* a = A.row(i);
+    double* b = B.row(i);
+    for (index_t j = 0; j < d; ++j) b[j] = sg * static_cast<double>(a[j]);
+  }
+  // Each task transforms a fixed band of columns through all log2(n') stages; the butterflies of
+  // one column never mix with another, so the band split changes nothing in the result.
+  const index_t tasks = (d + kHadamardCols - 1) / kHadamardCols;
+#pragma omp parallel for schedule(dynamic, 1) if (np * d > (1 << 14))
+  for (index_t t = 0; t < tasks; ++t) {
+    const index_t c0 = t * kHadamardCols, w = std::min(kHadamardCols, d - c0);
+    for (index_t h = 1; h < np; h <<= 1)
+      for (index_t i = 0; i < np; i += 2 * h)
+        for (index_t j = i; j < i + h; ++j) {
+          double* x = B.row(j) + c0;
+          double* y = B.row(j + h) + c0;
+#pragma omp simd
+          for (index_t c = 0; c < w; ++c) {
+            const double u = x[c], v = y[c];
+            x[c] = u + v;
+            y[c] = u - v;
+          }
+        }
+  }
+  const std::vector<index_t> rows = detail::random_keys(np, s, seed, kSrhtRows);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s));
+  DenseMatrix<double> Y(s, d);
+  for (index_t k = 0; k < s; ++k) {
+    const double* b = B.row(rows[k]);
+    double* y = Y.row(k);
+    for (index_t j = 0; j < d; ++j) y[j] = scale * b[j];
+  }
+  return Y;
+}
+
+template <class T>
+DenseMatrix<double> dispatch(const Rows<T>& A, index_t s, SketchKind kind, std::uint64_t seed) {
+  switch (kind) {
+    case SketchKind::countsketch: return countsketch(A, s, seed);
+    case SketchKind::gaussian: return gaussian(A, s, seed);
+    case SketchKind::srht: return srht(A, s, seed);
+  }
+  throw Error(ErrorKind::invalid_argument, "sketch: unknown sketch kind");
+}
+
+}  // namespace
+
+std::string to_string(SketchKind kind) {
+  switch (kind) {
+    case SketchKind::countsketch: return "countsketch";
+    case SketchKind::srht: return "srht";
+    case SketchKind::gaussian: return "gaussian";
+  }
+  return "unknown";
+}
+
+SketchKind parse_sketch_kind(const std::string& name) {
+  if (name == "countsketch") return SketchKind::countsketch;
+  if (name == "srht") return SketchKind::srht;
+  if (name == "gaussian") return SketchKind::gaussian;
+  throw Error(ErrorKind::invalid_argument,
+              "sketch: expected countsketch, srht or gaussian, got '" + name + "'");
+}
+
+DenseMatrix<double> sketch_rows(ConstMatrix A, index_t s, SketchKind kind, std::uint64_t seed) {
+  detail::require_finite_matrix(A, "matrix");
+  check_s(A.rows, s, kind);
+  return dispatch(Rows<float>{A.data, A.rows, A.cols, A.ld}, s, kind, seed);
+}
+
+DenseMatrix<double> sketch_rows(const double* A, index_t n, index_t d, index_t ld, index_t s,
+                                SketchKind kind, std::uint64_t seed) {
+  require_finite(A, n, d, ld, "matrix");
+  check_s(n, s, kind);
+  return dispatch(Rows<double>{A, n, d, ld}, s, kind, seed);
+}
+
+}  // namespace levattn
