@@ -48,14 +48,16 @@ class Progress {
 
 struct UniversalArgs {
   std::string keys, out;
-  double eps = 0, ridge = 0;
+  double eps = 0, ridge = 0, p = 2.0;
   index_t top_k = 0;
   bool use_top_k = false;  // --top-k given (selects top-k whatever its value)
   bool json = false;
 };
 struct HeavyArgs {
-  std::string queries, keys, out;
-  double eps = 0;
+  std::string queries, keys, out, normaliser = "exact";
+  double eps = 0, p = 2.0, gamma = 0.1;
+  index_t samples = 0;
+  std::uint64_t seed = 0;
   bool json = false;
 };
 struct AttendArgs {

@@ -54,8 +54,12 @@ int run_universal(const UniversalArgs& a) {
   const ConstMatrix k{K.values.data(), K.shape[0], K.shape[1]};
   LeverageOptions opt;
   opt.ridge = a.ridge;
+  if (a.p != 2.0 && a.ridge != 0.0)
+    throw Error(ErrorKind::invalid_argument, "ridge: applies to p = 2 (leverage scores) only");
   const auto t0 = std::chrono::steady_clock::now();
-  const LeverageScores scores = with_files({&K}, {"keys"}, [&] { return leverage_scores(k, opt); });
+  const LeverageScores scores =
+      with_files({&K}, {"keys"}, [&] { return sensitivity_bounds(k, a.p, opt); });
+  const double size_bound = std::pow(static_cast<double>(scores.rank), std::max(1.0, a.p / 2.0));
   const UniversalSet u = a.use_top_k ? universal_set_top_k(scores, a.top_k)
                                       : universal_set(scores, a.eps);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -70,8 +74,9 @@ int run_universal(const UniversalArgs& a) {
     j["rank"] = u.rank;
     if (a.use_top_k) j["top_k"] = a.top_k; else j["eps"] = a.eps;
     j["ridge"] = a.ridge;
+    j["p"] = a.p;
     j["size"] = u.indices.size();
-    j["bound"] = a.use_top_k ? json(nullptr) : json(std::floor(static_cast<double>(u.rank) / a.eps));
+    j["bound"] = a.use_top_k ? json(nullptr) : json(std::floor(size_bound / a.eps));
     j["score_rel_error_bound"] = scores.rel_error_bound;
     j["seconds"] = secs;
     j["indices"] = u.indices;
@@ -81,8 +86,8 @@ int run_universal(const UniversalArgs& a) {
     std::cout << "keys: n = " << u.n << ", d = " << K.shape[1] << ", rank = " << u.rank << "\n"
               << "universal set: " << u.indices.size() << " keys"
               << (a.use_top_k ? " (top-k by leverage score)"
-                               : " (every key with leverage score >= eps; at most rank/eps = " +
-                                     std::to_string(static_cast<long long>(std::floor(static_cast<double>(u.rank) / a.eps))) + ")")
+                               : " (every key with score >= eps; at most rank^max(1,p/2)/eps = " +
+                                     std::to_string(static_cast<long long>(std::floor(size_bound / a.eps))) + ")")
               << " in " << secs << " s\n";
   }
   return 0;
@@ -98,10 +103,16 @@ int run_heavy(const HeavyArgs& a) {
   const Tensor4Ref q = as_tensor(Q), k = as_tensor(K);
   const bool headed = Q.shape.size() == 3;
   const auto t0 = std::chrono::steady_clock::now();
+  HeavyOptions ho;
+  ho.p = a.p;
+  ho.normaliser = a.normaliser == "sampled" ? Normaliser::sampled : Normaliser::exact;
+  ho.gamma = a.gamma;
+  ho.samples = a.samples;
+  ho.seed = a.seed;
   std::vector<HeavyEntries> per_head;
   for (index_t h = 0; h < q.heads; ++h)
     per_head.push_back(with_files({&Q, &K}, {"queries", "keys"},
-                                  [&] { return heavy_entries(q.slice(0, h), k.slice(0, h), a.eps); }));
+                                  [&] { return heavy_entries(q.slice(0, h), k.slice(0, h), a.eps, ho); }));
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   std::size_t count = 0, zero = 0;
@@ -147,12 +158,21 @@ int run_heavy(const HeavyArgs& a) {
     j["n"] = k.rows;
     j["d"] = q.cols;
     j["eps"] = a.eps;
+    j["p"] = a.p;
+    j["normaliser"] = per_head.front().normaliser;
+    if (per_head.front().samples > 0) {
+      j["samples"] = per_head.front().samples;
+      j["gamma"] = per_head.front().gamma;
+    }
     j["count"] = count;
     j["universal_size"] = usize;
     j["zero_rows"] = zero;
     j["seconds"] = secs;
     std::cout << j.dump() << "\n";
   }
+  if (!a.json && per_head.front().samples > 0)
+    std::cerr << "levattn heavy: sampled normalisers (" << per_head.front().samples
+              << " keys): values are (1 +- " << per_head.front().gamma << ") estimates\n";
   if (zero > 0) std::cerr << "levattn heavy: " << zero << " queries have a zero row normaliser (orthogonal to every key); they have no entries\n";
   return 0;
 }

@@ -34,7 +34,8 @@ int main(int argc, char** argv) {
   auto* ueps = uni->add_option("--eps", ua.eps, "threshold: every key j with tau_j >= eps");
   auto* utop = uni->add_option("--top-k", ua.top_k, "the N keys of largest score");
   ueps->excludes(utop);
-  uni->add_option("--ridge", ua.ridge, "ridge lambda >= 0");
+  uni->add_option("--ridge", ua.ridge, "ridge lambda >= 0 (p = 2)");
+  uni->add_option("--p", ua.p, "f(x) = |x|^p: scores are sensitivity bounds from Lewis weights (default 2: leverage)");
   uni->add_flag("--json", ua.json, "print one JSON object");
   uni->add_option("--out", ua.out, "write the indices (int64 .npy)");
 
@@ -44,6 +45,12 @@ int main(int argc, char** argv) {
   heavy->add_option("--keys", ha.keys, "keys K, (n, d) or (heads, n, d) .npy")->required();
   heavy->add_option("--eps", ha.eps, "report A_ij >= eps, eps in (0, 1]")->required();
   heavy->add_option("--out", ha.out, "H.csv or H.npz (default: CSV on stdout)");
+  heavy->add_option("--p", ha.p, "f(x) = |x|^p (default 2)");
+  heavy->add_option("--normaliser", ha.normaliser, "exact (default) or sampled row normalisers")
+      ->check(CLI::IsMember({"exact", "sampled"}));
+  heavy->add_option("--gamma", ha.gamma, "sampled: target accuracy in (0, 1) (default 0.1)");
+  heavy->add_option("--samples", ha.samples, "sampled: keys to draw (default: from --gamma)");
+  heavy->add_option("--seed", ha.seed, "sampled: seed (default 0)");
   heavy->add_flag("--json", ha.json, "print a JSON summary");
 
   AttendArgs aa;
