@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "levattn/levattn.hpp"
@@ -14,6 +15,16 @@
 namespace levattn::cli {
 
 using json = nlohmann::ordered_json;
+
+/// The score-method flags shared by universal, heavy and attend.
+struct MethodArgs {
+  std::string method = "exact", sketch = "countsketch";
+  index_t sketch_size = 0;
+};
+/// Adds --method, --sketch, --sketch-size to a subcommand.
+void add_method_options(CLI::App* sub, MethodArgs& m);
+/// LeverageOptions for those flags and a seed.
+LeverageOptions leverage_options(const MethodArgs& m, std::uint64_t seed);
 
 /// A float32 array read from a .npy file, with the file it came from.
 struct Input {
@@ -51,6 +62,8 @@ struct UniversalArgs {
   double eps = 0, ridge = 0, p = 2.0;
   index_t top_k = 0;
   bool use_top_k = false;  // --top-k given (selects top-k whatever its value)
+  std::uint64_t seed = 0;
+  MethodArgs method;
   bool json = false;
 };
 struct HeavyArgs {
@@ -58,6 +71,7 @@ struct HeavyArgs {
   double eps = 0, p = 2.0, gamma = 0.1;
   index_t samples = 0;
   std::uint64_t seed = 0;
+  MethodArgs method;
   bool json = false;
 };
 struct AttendArgs {
@@ -67,6 +81,7 @@ struct AttendArgs {
   index_t top_k = 0, window = -1, sinks = 0;
   std::string budget;  // "alpha,C"
   std::uint64_t seed = 0;
+  MethodArgs method;
   bool json = false;
 };
 struct PlantedArgs {

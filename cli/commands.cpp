@@ -52,7 +52,7 @@ int run_info(bool as_json) {
 int run_universal(const UniversalArgs& a) {
   const Input K = load_input(a.keys, "keys", 2);
   const ConstMatrix k{K.values.data(), K.shape[0], K.shape[1]};
-  LeverageOptions opt;
+  LeverageOptions opt = leverage_options(a.method, a.seed);
   opt.ridge = a.ridge;
   if (a.p != 2.0 && a.ridge != 0.0)
     throw Error(ErrorKind::invalid_argument, "ridge: applies to p = 2 (leverage scores) only");
@@ -77,6 +77,13 @@ int run_universal(const UniversalArgs& a) {
     j["p"] = a.p;
     j["size"] = u.indices.size();
     j["bound"] = a.use_top_k ? json(nullptr) : json(std::floor(size_bound / a.eps));
+    j["method"] = scores.method == ScoreMethod::sketch ? "sketch" : "exact";
+    if (scores.method == ScoreMethod::sketch) {
+      j["sketch"] = a.method.sketch;
+      j["sketch_size"] = scores.sketch_size;
+      j["gamma"] = scores.rel_error_bound;
+      j["failure_probability"] = scores.failure_probability;
+    }
     j["score_rel_error_bound"] = scores.rel_error_bound;
     j["seconds"] = secs;
     j["indices"] = u.indices;
@@ -109,6 +116,7 @@ int run_heavy(const HeavyArgs& a) {
   ho.gamma = a.gamma;
   ho.samples = a.samples;
   ho.seed = a.seed;
+  ho.leverage = leverage_options(a.method, a.seed);
   std::vector<HeavyEntries> per_head;
   for (index_t h = 0; h < q.heads; ++h)
     per_head.push_back(with_files({&Q, &K}, {"queries", "keys"},
@@ -199,6 +207,7 @@ int run_attend(const AttendArgs& a) {
   o.window = a.window;
   o.sinks = a.sinks;
   o.seed = a.seed;
+  o.leverage = leverage_options(a.method, a.seed);
   if (!a.budget.empty()) {
     double alpha = 0, c = 0;
     char comma = 0, extra = 0;

@@ -36,6 +36,8 @@ int main(int argc, char** argv) {
   ueps->excludes(utop);
   uni->add_option("--ridge", ua.ridge, "ridge lambda >= 0 (p = 2)");
   uni->add_option("--p", ua.p, "f(x) = |x|^p: scores are sensitivity bounds from Lewis weights (default 2: leverage)");
+  uni->add_option("--seed", ua.seed, "seed of the sketch (default 0)");
+  add_method_options(uni, ua.method);
   uni->add_flag("--json", ua.json, "print one JSON object");
   uni->add_option("--out", ua.out, "write the indices (int64 .npy)");
 
@@ -50,7 +52,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"exact", "sampled"}));
   heavy->add_option("--gamma", ha.gamma, "sampled: target accuracy in (0, 1) (default 0.1)");
   heavy->add_option("--samples", ha.samples, "sampled: keys to draw (default: from --gamma)");
-  heavy->add_option("--seed", ha.seed, "sampled: seed (default 0)");
+  heavy->add_option("--seed", ha.seed, "seed of the sampled normalisers and of the sketch (default 0)");
+  add_method_options(heavy, ha.method);
   heavy->add_flag("--json", ha.json, "print a JSON summary");
 
   AttendArgs aa;
@@ -69,7 +72,8 @@ int main(int argc, char** argv) {
   attend->add_option("--eps", aa.eps, "leverage threshold in (0, 1]");
   attend->add_option("--window", aa.window, "also keys i-W .. i+W");
   attend->add_option("--sinks", aa.sinks, "also the first S keys");
-  attend->add_option("--seed", aa.seed, "seed of random selection");
+  attend->add_option("--seed", aa.seed, "seed of random selection and of the sketch");
+  add_method_options(attend, aa.method);
   attend->add_option("--budget", aa.budget, "adaptive budget alpha,C: top-k = ceil(alpha n^C)");
   attend->add_flag("--json", aa.json, "print selection sizes and timings as JSON");
 

@@ -7,6 +7,23 @@
 
 namespace levattn::cli {
 
+void add_method_options(CLI::App* sub, MethodArgs& m) {
+  sub->add_option("--method", m.method, "leverage scores: exact (default) or sketch")
+      ->check(CLI::IsMember({"exact", "sketch"}));
+  sub->add_option("--sketch", m.sketch, "sketch: countsketch (default), srht or gaussian")
+      ->check(CLI::IsMember({"countsketch", "srht", "gaussian"}));
+  sub->add_option("--sketch-size", m.sketch_size, "sketch: rows of the sketch (default: for gamma 0.2)");
+}
+
+LeverageOptions leverage_options(const MethodArgs& m, std::uint64_t seed) {
+  LeverageOptions o;
+  o.method = m.method == "sketch" ? ScoreMethod::sketch : ScoreMethod::exact;
+  o.sketch = parse_sketch_kind(m.sketch);
+  o.sketch_size = m.sketch_size;
+  o.seed = seed;
+  return o;
+}
+
 Input load_input(const std::filesystem::path& path, const std::string& what, int max_dims) {
   Array a = read_npy(path);
   const auto dims = static_cast<int>(a.shape.size());

@@ -141,7 +141,9 @@ std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::
     // leverage scores.
     const bool lewis = o.kernel == Kernel::power && o.p != 2.0;
     const LeverageScores s = lewis ? sensitivity_bounds(K, o.p, o.leverage)
-                                   : detail::scores_unchecked(K, key_gram(K, o.leverage));
+                             : o.leverage.method == ScoreMethod::sketch
+                                 ? leverage_scores(K, o.leverage)
+                                 : detail::scores_unchecked(K, key_gram(K, o.leverage));
     keys = (o.top_k > 0 ? universal_set_top_k(s, o.top_k) : universal_set(s, o.eps)).indices;
   } else if (o.select == Select::random) {
     keys = detail::random_keys(K.rows, o.top_k, o.seed, stream);

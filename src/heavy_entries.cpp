@@ -16,7 +16,9 @@
 
 namespace levattn {
 
-HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps) {
+namespace {
+
+HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& lo) {
   detail::require_eps(eps);
   detail::require_finite_matrix(Q, "queries");
   detail::require_finite_matrix(K, "keys");
@@ -26,8 +28,12 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps) {
     detail::invalid(os.str());
   }
   const index_t m = Q.rows, d = K.cols;
-  const KeyGram g = key_gram(K);
-  const UniversalSet U = universal_set(detail::scores_unchecked(K, g), eps);
+  LeverageOptions exact = lo;
+  exact.method = ScoreMethod::exact;
+  exact.ridge = 0.0;
+  const KeyGram g = key_gram(K, exact);
+  const UniversalSet U = universal_set(
+      lo.method == ScoreMethod::sketch ? leverage_scores(K, lo) : detail::scores_unchecked(K, g), eps);
   const index_t u = static_cast<index_t>(U.indices.size());
 
   HeavyEntries out;
@@ -91,6 +97,10 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps) {
   return out;
 }
 
+}  // namespace
+
+HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps) { return heavy_x2(Q, K, eps, {}); }
+
 namespace {
 
 // |x|^p with the common exponents multiplied out.
@@ -122,7 +132,7 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
       detail::invalid(os.str());
     }
   }
-  if (o.p == 2.0 && o.normaliser == Normaliser::exact) return heavy_entries(Q, K, eps);
+  if (o.p == 2.0 && o.normaliser == Normaliser::exact) return heavy_x2(Q, K, eps, o.leverage);
   detail::require_eps(eps);
   detail::require_finite_matrix(Q, "queries");
   detail::require_finite_matrix(K, "keys");
@@ -131,9 +141,7 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
     detail::invalid(os.str());
   }
   const index_t m = Q.rows, n = K.rows, d = K.cols;
-  LeverageOptions lo;
-  lo.rank_rtol = o.rank_rtol;
-  const LeverageScores t = sensitivity_bounds(K, o.p, lo);
+  const LeverageScores t = sensitivity_bounds(K, o.p, o.leverage);
   const UniversalSet U = universal_set(t, eps);
   const index_t u = static_cast<index_t>(U.indices.size());
 

@@ -11,6 +11,7 @@
 #include "detail/blas.hpp"
 #include "detail/leverage.hpp"
 #include "detail/parallel.hpp"
+#include "detail/rng.hpp"
 #include "detail/validate.hpp"
 
 namespace levattn {
@@ -149,7 +150,7 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
 
 namespace detail {
 
-LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g) {
+LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximate) {
   const index_t n = K.rows, d = K.cols;
   const index_t kept = d > 0 ? static_cast<index_t>(g.factor.size()) / d : 0;
   LeverageScores out;
@@ -161,14 +162,17 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g) {
   // ||y_j|| >= ||k_j|| / sqrt(lambda_max), so the relative error of tau_j = ||y_j||^2 is at most
   // 2 delta + delta^2 with delta = (gamma_d + u) sqrt(sum_i lambda_max / lambda_i).
   double cond_sum = 0.0;
-  for (index_t i = 0; i < kept; ++i) cond_sum += g.eigenvalues[0] / g.eigenvalues[i];
+  for (index_t i = 0; i < std::min<index_t>(kept, static_cast<index_t>(g.eigenvalues.size())); ++i)
+    cond_sum += g.eigenvalues[0] / g.eigenvalues[i];
   const auto bound = [&](double u) {
     const double delta = (gamma(d, u) + u) * std::sqrt(cond_sum);
     return 2.0 * delta + delta * delta;
   };
   const double bound32 = bound(std::numeric_limits<float>::epsilon() / 2);
-  const bool use_float32 = bound32 <= kFloat32Tolerance;
-  out.rel_error_bound = use_float32 ? bound32 : bound(std::numeric_limits<double>::epsilon() / 2);
+  const bool use_float32 = approximate || bound32 <= kFloat32Tolerance;
+  const double bnd = use_float32 ? bound32 : bound(std::numeric_limits<double>::epsilon() / 2);
+  // |tau~ - tau| <= b tau gives tau / (1 + g) <= tau~ <= tau (1 + g) with g = b / (1 - b).
+  out.rel_error_bound = bnd < 1.0 ? bnd / (1.0 - bnd) : INFINITY;
 
   std::vector<float> B32;
   if (use_float32) B32.assign(g.factor.begin(), g.factor.end());
@@ -237,7 +241,130 @@ LeverageScores leverage_scores(ConstMatrix K, const KeyGram& g) {
   return detail::scores_unchecked(K, g);
 }
 
+namespace {
+
+// Stated accuracy of sketched scores (see the header): embedding distortion e of an s-row sketch
+// of a rank-r range, JL error e_J of t columns over n rows; returns gamma.
+double sketch_gamma(index_t r, index_t s, index_t n, index_t t, double delta) {
+  const double e = (std::sqrt(static_cast<double>(r)) + std::sqrt(2.0 * std::log(2.0 / delta))) /
+                   std::sqrt(static_cast<double>(s));
+  const double ej = t > 0 ? std::sqrt(8.0 * std::log(2.0 * static_cast<double>(n) / delta) /
+                                      static_cast<double>(t))
+                          : 0.0;
+  if (e >= 1.0 || ej >= 1.0) return INFINITY;
+  const double upper = (1.0 + ej) / ((1.0 - e) * (1.0 - e));
+  const double lower = (1.0 - ej) / ((1.0 + e) * (1.0 + e));
+  return std::max(upper - 1.0, 1.0 / lower - 1.0);
+}
+
+void check_sketch_options(const LeverageOptions& o) {
+  std::ostringstream os;
+  if (o.ridge != 0.0) detail::invalid("ridge: applies to the exact method only");
+  if (!(o.gamma > 0.0 && o.gamma < 1.0)) {
+    os << "gamma: expected a number in (0, 1), got " << o.gamma;
+    detail::invalid(os.str());
+  }
+  if (!(o.delta > 0.0 && o.delta < 1.0)) {
+    os << "delta: expected a number in (0, 1), got " << o.delta;
+    detail::invalid(os.str());
+  }
+  if (o.sketch_size < 0 || o.jl_columns < 0)
+    detail::invalid("sketch_size, jl_columns: expected integers >= 0 (0: automatic / none)");
+}
+
+LeverageScores sketched_scores(ConstMatrix K, const LeverageOptions& o) {
+  check_sketch_options(o);
+  if (K.rows <= 0 || K.cols <= 0) detail::require_finite_matrix(K, "keys");
+  const index_t n = K.rows, d = K.cols;
+  const bool jl = o.jl_columns > 0 && o.jl_columns < d;
+  // With JL the accuracy budget is split evenly between the two factors.
+  const double target = jl ? std::sqrt(1.0 + o.gamma) - 1.0 : o.gamma;
+  index_t s = o.sketch_size;
+  if (s == 0) {
+    // Smallest s whose embedding part meets the target: (1 - e)^-2 = 1 + target.
+    const double e = 1.0 - 1.0 / std::sqrt(1.0 + target);
+    const double root = std::sqrt(static_cast<double>(d)) + std::sqrt(2.0 * std::log(2.0 / o.delta));
+    s = static_cast<index_t>(std::ceil(root * root / (e * e)));
+  }
+  if (s >= n) {  // the sketch would not be smaller than K
+    LeverageOptions exact = o;
+    exact.method = ScoreMethod::exact;
+    return leverage_scores(K, exact);
+  }
+  DenseMatrix<double> Y = sketch_rows(K, s, o.sketch, o.seed);  // validates K
+  // R of Y = Q R, then its SVD R = U Sigma V^T for the numerical rank.
+  std::vector<double> tau(static_cast<std::size_t>(d));
+  lapack_int info = 0;
+  std::vector<double> R(static_cast<std::size_t>(d * d), 0.0), sv(static_cast<std::size_t>(d)),
+      U(static_cast<std::size_t>(d * d)), Vt(static_cast<std::size_t>(d * d)),
+      superb(static_cast<std::size_t>(d));
+  detail::with_serial_blas([&] {
+    info = LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, static_cast<lapack_int>(s), static_cast<lapack_int>(d),
+                          Y.data.data(), static_cast<lapack_int>(d), tau.data());
+    if (info != 0) return;
+    for (index_t i = 0; i < d; ++i)
+      for (index_t j = i; j < d; ++j) R[i * d + j] = Y(i, j);
+    std::vector<double> Rc = R;
+    info = LAPACKE_dgesvd(LAPACK_ROW_MAJOR, 'N', 'A', static_cast<lapack_int>(d),
+                          static_cast<lapack_int>(d), Rc.data(), static_cast<lapack_int>(d),
+                          sv.data(), U.data(), 1, Vt.data(), static_cast<lapack_int>(d),
+                          superb.data());
+  });
+  if (info != 0)
+    throw Error(ErrorKind::internal, "leverage_scores (sketch): LAPACK failed with info " + std::to_string(info));
+  KeyGram g;
+  g.d = d;
+  index_t rank = 0;
+  for (index_t i = 0; i < d; ++i) rank += (sv[0] > 0.0 && sv[i] > o.rank_rtol * sv[0]) ? 1 : 0;
+  g.rank = rank;
+  g.eigenvalues.resize(static_cast<std::size_t>(d));
+  for (index_t i = 0; i < d; ++i) g.eigenvalues[i] = sv[i] * sv[i];
+  if (rank == d && !jl) {
+    // Full rank: B = R^-1, upper triangular, so the score pass is a triangular multiply.
+    std::vector<double> Ri = R;
+    detail::with_serial_blas([&] {
+      info = LAPACKE_dtrtri(LAPACK_ROW_MAJOR, 'U', 'N', static_cast<lapack_int>(d), Ri.data(),
+                            static_cast<lapack_int>(d));
+    });
+    if (info == 0) {
+      g.factor = Ri;
+      g.triangular = true;
+    }
+  }
+  if (!g.triangular && rank > 0) {
+    // B = V_r Sigma_r^-1 (d x r): ||k^T B||^2 = k^T (R^T R)^+ k; with JL, B G / sqrt(t).
+    std::vector<double> B(static_cast<std::size_t>(d * rank));
+    for (index_t c = 0; c < rank; ++c)
+      for (index_t i = 0; i < d; ++i) B[i * rank + c] = Vt[c * d + i] / sv[c];
+    if (jl && o.jl_columns < rank) {
+      const index_t t = o.jl_columns;
+      const detail::CounterRng rng(o.seed, 0x4a4cull);  // stream "JL"
+      std::vector<double> G(static_cast<std::size_t>(rank * t));
+      for (index_t i = 0; i < rank * t; ++i) {
+        const double u1 = 1.0 - rng.uniform(static_cast<std::uint64_t>(2 * i));
+        const double u2 = rng.uniform(static_cast<std::uint64_t>(2 * i + 1));
+        G[i] = std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2) / std::sqrt(static_cast<double>(t));
+      }
+      std::vector<double> BG(static_cast<std::size_t>(d * t));
+      detail::with_serial_blas([&] { detail::dgemm_ab(d, t, rank, 1.0, B.data(), rank, G.data(), t, 0.0, BG.data(), t); });
+      B.swap(BG);
+    }
+    g.factor = std::move(B);
+  }
+  LeverageScores out = detail::scores_unchecked(K, g, /*approximate=*/true);
+  const index_t t = jl && o.jl_columns < rank ? o.jl_columns : 0;
+  const double stated = sketch_gamma(rank, s, n, t, o.delta);
+  out.rel_error_bound = (1.0 + stated) * (1.0 + out.rel_error_bound) - 1.0;  // with the rounding
+  out.method = ScoreMethod::sketch;
+  out.sketch_size = s;
+  out.failure_probability = t > 0 ? 2.0 * o.delta : o.delta;
+  return out;
+}
+
+}  // namespace
+
 LeverageScores leverage_scores(ConstMatrix K, const LeverageOptions& options) {
+  if (options.method == ScoreMethod::sketch) return sketched_scores(K, options);
   // key_gram validated K while reading it.
   return detail::scores_unchecked(K, key_gram(K, options));
 }

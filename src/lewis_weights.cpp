@@ -205,6 +205,8 @@ LeverageScores sensitivity_bounds(const LewisWeights& w) {
 
 LeverageScores sensitivity_bounds(ConstMatrix K, double p, const LeverageOptions& options) {
   if (p == 2.0) return leverage_scores(K, options);
+  if (options.method == ScoreMethod::sketch)
+    detail::invalid("method sketch: supported for p = 2 (leverage scores) only");
   LewisOptions lo;
   lo.p = p;
   lo.rank_rtol = options.rank_rtol;

@@ -13,8 +13,8 @@ UniversalSet universal_set(const LeverageScores& s, double eps) {
   UniversalSet u;
   u.n = static_cast<index_t>(s.scores.size());
   u.rank = s.rank;
-  // Lowered by the proven rounding bound so the set stays a superset of the exact U_eps.
-  const double threshold = eps * (1.0 - s.rel_error_bound);
+  // Lowered by the accuracy of the scores so the set stays a superset of the exact U_eps.
+  const double threshold = eps / (1.0 + s.rel_error_bound);
   for (index_t j = 0; j < u.n; ++j) {
     if (s.scores[j] >= threshold) {
       u.indices.push_back(j);

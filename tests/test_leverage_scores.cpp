@@ -179,3 +179,151 @@ TEST(LeverageScores, RejectsBadInput) {
   o.rank_rtol = 1.5;
   EXPECT_THROW(leverage_scores(K.view(), o), Error);
 }
+
+namespace {
+
+// Keys on which the sketched scores are checked: random, planted, heavy-tailed; n >> s.
+std::vector<std::pair<std::string, Mat>> sketch_cases() {
+  std::vector<std::pair<std::string, Mat>> out;
+  out.emplace_back("random", oracle::gaussian(12000, 8, 61));
+  PlantedOptions po;
+  po.n = 12000;
+  po.d = 8;
+  po.relevant = 4;
+  po.seed = 62;
+  const PlantedInstance p = planted(po);
+  Mat P(12000, 8);
+  P.v = p.K.data;
+  out.emplace_back("planted", P);
+  Mat H = oracle::gaussian(12000, 8, 63);
+  std::mt19937_64 g(64);
+  std::uniform_real_distribution<double> u(1e-2, 1.0);
+  for (index_t i = 0; i < 12000; ++i) {
+    const double s = std::min(1.0 / std::pow(u(g), 2), 1e4);
+    for (index_t j = 0; j < 8; ++j) H(i, j) = static_cast<float>(H(i, j) * s);
+  }
+  out.emplace_back("heavy_tailed", H);
+  return out;
+}
+
+}  // namespace
+
+TEST(SketchedScores, WithinStatedGammaForEverySketch) {
+  for (const auto& [name, K] : sketch_cases()) {
+    const LeverageScores exact = leverage_scores(K.view());
+    for (SketchKind kind : {SketchKind::countsketch, SketchKind::srht, SketchKind::gaussian}) {
+      {
+        const index_t jl = 0;
+        LeverageOptions o;
+        o.method = ScoreMethod::sketch;
+        o.sketch = kind;
+        o.gamma = 0.5;
+        o.jl_columns = jl;
+        o.seed = 7;
+        const LeverageScores s = leverage_scores(K.view(), o);
+        const std::string what = name + " " + to_string(kind) + " jl " + std::to_string(jl);
+        ASSERT_EQ(s.method, ScoreMethod::sketch) << what;
+        EXPECT_GT(s.sketch_size, 0) << what;
+        EXPECT_LT(s.sketch_size, K.rows) << what;
+        EXPECT_LE(s.rel_error_bound, 0.5 * 1.001) << what;  // the target it was sized for
+        EXPECT_EQ(s.rank, 8) << what;
+        double worst = 0;
+        for (index_t j = 0; j < K.rows; ++j) {
+          const double ratio = s.scores[j] / exact.scores[j];
+          worst = std::max({worst, ratio - 1, 1 / ratio - 1});
+        }
+        EXPECT_LE(worst, s.rel_error_bound) << what;
+        EXPECT_GT(worst, 1e-4) << what << ": a sketch cannot be this exact";
+        // The universal set from sketched scores contains the exact one.
+        for (double eps : {0.001, 0.01, 0.2}) {
+          const UniversalSet a = universal_set(exact, eps), b = universal_set(s, eps);
+          EXPECT_TRUE(std::includes(b.indices.begin(), b.indices.end(), a.indices.begin(), a.indices.end()))
+              << what << " eps " << eps;
+        }
+      }
+    }
+  }
+}
+
+TEST(SketchedScores, JlCompressionIsUnbiasedAndStatesItsBound) {
+  const Mat K = oracle::gaussian(12000, 32, 91);
+  const LeverageScores exact = leverage_scores(K.view());
+  LeverageOptions o;
+  o.method = ScoreMethod::sketch;
+  o.gamma = 0.5;
+  o.jl_columns = 16;
+  const LeverageScores s = leverage_scores(K.view(), o);
+  // 16 JL columns over 12000 rows carry no uniform guarantee: the stated bound says so.
+  EXPECT_TRUE(std::isinf(s.rel_error_bound));
+  double mean = 0;
+  for (index_t j = 0; j < K.rows; ++j) mean += s.scores[j] / exact.scores[j];
+  mean /= static_cast<double>(K.rows);
+  EXPECT_NEAR(mean, 1.0, 0.1);  // E ||G^T x||^2 = ||x||^2; the sketch adds a small bias
+  // Without JL the same sketch is far more accurate.
+  o.jl_columns = 0;
+  const LeverageScores t = leverage_scores(K.view(), o);
+  EXPECT_LE(t.rel_error_bound, 0.5 * 1.001);
+}
+
+TEST(SketchedScores, ReproducibleAndThreadCountIndependent) {
+  const Mat K = oracle::gaussian(30000, 6, 71);
+  for (SketchKind kind : {SketchKind::countsketch, SketchKind::srht, SketchKind::gaussian}) {
+    LeverageOptions o;
+    o.method = ScoreMethod::sketch;
+    o.sketch = kind;
+    o.gamma = 0.5;
+    o.seed = 3;
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const LeverageScores a = leverage_scores(K.view(), o);
+    omp_set_num_threads(2);
+    const LeverageScores b = leverage_scores(K.view(), o);
+    omp_set_num_threads(saved);
+    EXPECT_EQ(a.scores, b.scores) << to_string(kind);
+    o.seed = 4;
+    EXPECT_NE(leverage_scores(K.view(), o).scores, a.scores) << to_string(kind);
+  }
+}
+
+TEST(SketchedScores, RankDeficientAndSmallInputs) {
+  // Rank 3 in dimension 6: scores sum to 3 (to the sketch's accuracy) and zero keys score 0.
+  const Mat A = oracle::gaussian(20000, 3, 81), B = oracle::gaussian(3, 6, 82);
+  Mat K(20000, 6);
+  for (index_t i = 0; i < 20000; ++i)
+    for (index_t j = 0; j < 6; ++j) {
+      double s = 0;
+      for (index_t c = 0; c < 3; ++c) s += static_cast<double>(A(i, c)) * B(c, j);
+      K(i, j) = i % 100 == 0 ? 0.0f : static_cast<float>(s);
+    }
+  LeverageOptions o;
+  o.method = ScoreMethod::sketch;
+  o.gamma = 0.5;
+  const LeverageScores s = leverage_scores(K.view(), o);
+  EXPECT_EQ(s.rank, 3);
+  EXPECT_EQ(s.scores[0], 0.0);
+  double sum = 0;
+  for (double x : s.scores) sum += x;
+  EXPECT_NEAR(sum, 3.0, 3.0 * s.rel_error_bound);
+  // A sketch no smaller than K: the exact method is used.
+  const Mat small = oracle::gaussian(50, 4, 83);
+  const LeverageScores e = leverage_scores(small.view(), o);
+  EXPECT_EQ(e.method, ScoreMethod::exact);
+  expect_matches_oracle(small, e, "small");
+}
+
+TEST(SketchedScores, RejectsBadOptions) {
+  const Mat K = oracle::gaussian(100, 3, 1);
+  LeverageOptions o;
+  o.method = ScoreMethod::sketch;
+  o.gamma = 1.0;
+  EXPECT_THROW(leverage_scores(K.view(), o), Error);
+  o.gamma = 0.2;
+  o.delta = 0;
+  EXPECT_THROW(leverage_scores(K.view(), o), Error);
+  o.delta = 0.01;
+  o.ridge = 1;
+  EXPECT_THROW(leverage_scores(K.view(), o), Error);
+  o.ridge = 0;
+  o.sketch_size = -1;
+  EXPECT_THROW(leverage_scores(K.view(), o), Error);
+}

@@ -42,7 +42,9 @@ struct HeavyOptions {
   double gamma = 0.1;   ///< sampled: target accuracy in (0, 1) when samples == 0
   double delta = 0.01;  ///< sampled: failure probability in (0, 1)
   std::uint64_t seed = 0;
-  double rank_rtol = 1e-5;  ///< numerical rank of K (LeverageOptions::rank_rtol)
+  /// Scores behind the universal set: numerical rank, and for p = 2 the exact or sketched method
+  /// (a sketched universal set thresholds at eps / (1 + gamma); the normaliser stays exact).
+  LeverageOptions leverage;
 };
 
 /// All (i, j, A_ij) with A_ij >= eps for A = D^-1 (Q K^T)^2 (entrywise square, rows summing to 1).

@@ -6,6 +6,8 @@
 //   heavy_entries.hpp    every eps-heavy entry of x^2 attention, exactly (math.md 1.2)
 //   attention.hpp        attention over a selection: full, leverage, window, sinks, topk, random
 //   planted.hpp          the planted test model (math.md 2)
+//   sketch.hpp           CountSketch, SRHT and Gaussian sketches Y = S A
+//   reduce.hpp           feature-dimension reduction X (n x d) -> Y (n x m) for softmax Gram
 //   metrics.hpp          recall, mass captured, output error; brute-force heavy entries
 //   io.hpp               NumPy .npy / .npz files
 //   build_info.hpp       BLAS, ISA and threads in use
@@ -20,4 +22,6 @@
 #include "levattn/matrix.hpp"
 #include "levattn/metrics.hpp"
 #include "levattn/planted.hpp"
+#include "levattn/reduce.hpp"
+#include "levattn/sketch.hpp"
 #include "levattn/universal_set.hpp"

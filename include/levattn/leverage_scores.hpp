@@ -3,8 +3,15 @@
 #include <vector>
 
 #include "levattn/matrix.hpp"
+#include "levattn/sketch.hpp"
 
 namespace levattn {
+
+/// How leverage scores are computed.
+enum class ScoreMethod {
+  exact,   ///< float64 Gram matrix and a rank-revealing eigendecomposition (math.md 1.1)
+  sketch,  ///< sketch-and-precondition (math.md 1.4): QR of S K, scores ||k_j^T R^-1||^2
+};
 
 struct LeverageOptions {
   /// Ridge lambda >= 0: scores k_j^T (K^T K + lambda I)^+ k_j. With lambda > 0 they sum to
@@ -15,6 +22,19 @@ struct LeverageOptions {
   /// the default treats a condition number above 1e5 as rank deficiency; 1e-5 keeps K with
   /// condition number up to 1e5 at full rank and drops exact duplicates / zero directions.
   double rank_rtol = 1e-5;
+
+  ScoreMethod method = ScoreMethod::exact;
+  // The sketch path (method == sketch):
+  SketchKind sketch = SketchKind::countsketch;  ///< the embedding S
+  /// Rows s of S; 0 means s = ceil((sqrt(d) + sqrt(2 ln(2/delta)))^2 / e^2) with e chosen so that
+  /// the stated accuracy is gamma. With s >= n the exact method is used (it is then cheaper).
+  index_t sketch_size = 0;
+  double gamma = 0.2;        ///< target accuracy of sketched scores, in (0, 1)
+  /// JL compression (for large d): scores ||k_j^T R^-1 G||^2 with G a d x t Gaussian, O(n d t)
+  /// instead of O(n d^2). 0 (default) or t >= rank: none.
+  index_t jl_columns = 0;
+  double delta = 0.01;       ///< failure probability of the sketch (and of the JL step), in (0, 1)
+  std::uint64_t seed = 0;    ///< the sketch is a pure function of (kind, seed, n, s)
 };
 
 /// The Gram matrix of K and its pseudo-inverse factor, reusable for scores and for the exact row
@@ -40,10 +60,15 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options = {});
 struct LeverageScores {
   std::vector<double> scores;  ///< tau_j, size n, each in [0, 1]
   index_t rank = 0;            ///< numerical rank of K; sum(scores) == rank up to rel_error_bound
-  /// Proven bound on |computed tau_j - tau_j| / tau_j from floating-point rounding in the second
-  /// pass (float32 GEMM when K is well conditioned, float64 otherwise); universal sets lower
-  /// their threshold by this factor to stay guaranteed supersets.
+  /// gamma with tau_j / (1 + gamma) <= computed tau_j <= tau_j (1 + gamma). Exact method: a
+  /// proven bound on the rounding of the second pass (float32 GEMM when K is well conditioned,
+  /// float64 otherwise). Sketch method: the stated accuracy, holding with probability
+  /// >= 1 - failure_probability. Universal sets threshold at eps / (1 + gamma), so that they stay
+  /// supersets of the exact U_eps.
   double rel_error_bound = 0.0;
+  ScoreMethod method = ScoreMethod::exact;  ///< the method actually used
+  index_t sketch_size = 0;                  ///< sketch: rows of S
+  double failure_probability = 0.0;         ///< sketch: probability that rel_error_bound fails
 };
 
 /// Leverage scores tau_j = k_j^T (K^T K + ridge I)^+ k_j of the rows of K (n x d).
@@ -54,7 +79,16 @@ struct LeverageScores {
 /// sum_j tau_j = rank(K). Invariant under K -> K R for invertible R and equivariant under row
 /// permutations.
 /// Complexity: O(n d^2) time (two passes over K, both BLAS-3), O(d^2 + block * d) workspace.
-/// Throws Error(invalid_argument) on empty K, non-finite entries, ridge < 0 or non-finite.
+///
+/// With options.method == sketch (math.md 1.4): Y = S K (s x d, sketch.hpp), Y = Q R, and
+/// tau~_j = ||k_j^T R^+||^2 (optionally times a JL matrix G). If S embeds range(K) with
+/// distortion e, every tau~_j / tau_j lies in [(1 + e)^-2, (1 - e)^-2]; with JL error e_J, in
+/// [(1 - e_J)(1 + e)^-2, (1 + e_J)(1 - e)^-2]. The stated gamma uses the Gaussian embedding bound
+/// e = (sqrt(d) + sqrt(2 ln(2/delta))) / sqrt(s) (Davidson-Szarek; proven for gaussian, the same
+/// formula for srht and countsketch, whose proven bounds need larger s: see docs/design.md) and
+/// e_J = sqrt(8 ln(2n/delta) / t). Time O(nnz(K) + s d^2 + n d^2) (countsketch), O(n d t) with JL.
+/// Throws Error(invalid_argument) on empty K, non-finite entries, ridge < 0 or non-finite,
+/// gamma or delta outside (0, 1), a ridge with the sketch method.
 LeverageScores leverage_scores(ConstMatrix K, const LeverageOptions& options = {});
 
 /// Scores of the rows of K against an already computed Gram factor (the rows need not be the

@@ -3,5 +3,6 @@
 #include "levattn/leverage_scores.hpp"
 
 namespace levattn::detail {
-LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g);
+/// approximate: always the float32 pass (the caller's own error dominates).
+LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximate = false);
 }  // namespace levattn::detail
