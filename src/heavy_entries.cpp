@@ -1,4 +1,4 @@
-// Exact heavy entries of x^2 attention (math.md 1.2): Z_i = q_i^T M q_i, then only keys of U_eps.
+// Exact heavy entries of x^2 attention (docs/design.md): Z_i = q_i^T M q_i, then only keys of U_eps.
 #include "levattn/heavy_entries.hpp"
 
 #include <algorithm>

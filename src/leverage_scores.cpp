@@ -1,5 +1,5 @@
 // Exact leverage scores: Gram matrix in float64, symmetric eigendecomposition (rank-revealing),
-// then one BLAS-3 pass for the row norms of K B (math.md 1.1).
+// then one BLAS-3 pass for the row norms of K B (docs/design.md).
 #include "levattn/leverage_scores.hpp"
 
 #include <algorithm>
@@ -61,6 +61,42 @@ bool triangular_factor(KeyGram& g) {
   return true;
 }
 
+// From g.gram (M) and g.ridge: eigenvalues, numerical rank and the factor B with
+// (M + ridge I)^+ = B B^T; B is triangular (Cholesky) when allowed and M is of full rank.
+void factor_gram(KeyGram& g, double rank_rtol, bool allow_triangular) {
+  const index_t d = g.d;
+  std::vector<double> vecs = g.gram;
+  std::vector<double> w(static_cast<std::size_t>(d));
+  lapack_int info = 0;
+  detail::with_serial_blas([&] {
+    info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', static_cast<lapack_int>(d), vecs.data(),
+                          static_cast<lapack_int>(d), w.data());
+  });
+  if (info != 0) {
+    throw Error(ErrorKind::internal, "leverage_scores: LAPACKE_dsyevd failed with info " +
+                                         std::to_string(info));
+  }
+  const double lmax = std::max(w[d - 1], 0.0);
+  const double cut = rank_rtol * rank_rtol * lmax;
+  g.eigenvalues.resize(static_cast<std::size_t>(d));
+  for (index_t i = 0; i < d; ++i) g.eigenvalues[i] = w[d - 1 - i] + g.ridge;
+
+  // Retained directions: those of the numerical range (all of them with a ridge, where
+  // M + lambda I is invertible). B's columns are v_i / sqrt(lambda_i + ridge), descending.
+  index_t rank = 0;
+  for (index_t i = 0; i < d; ++i) rank += (w[i] > cut && lmax > 0.0) ? 1 : 0;
+  g.rank = rank;
+  const index_t kept = g.ridge > 0.0 ? d : rank;
+  if (allow_triangular && kept == d && triangular_factor(g)) return;
+  g.triangular = false;
+  g.factor.assign(static_cast<std::size_t>(d * kept), 0.0);
+  for (index_t c = 0; c < kept; ++c) {
+    const index_t e = d - 1 - c;  // eigenvalue index, descending
+    const double sc = 1.0 / std::sqrt(w[e] + g.ridge);
+    for (index_t i = 0; i < d; ++i) g.factor[i * kept + c] = vecs[i * d + e] * sc;
+  }
+}
+
 }  // namespace
 
 KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
@@ -115,36 +151,7 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
   for (index_t i = 0; i < d; ++i)
     for (index_t j = 0; j < i; ++j) g.gram[i * d + j] = g.gram[j * d + i];
 
-  // Eigendecomposition of M (ascending eigenvalues, eigenvectors in columns).
-  std::vector<double> vecs = g.gram;
-  std::vector<double> w(static_cast<std::size_t>(d));
-  lapack_int info = 0;
-  detail::with_serial_blas([&] {
-    info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', static_cast<lapack_int>(d), vecs.data(),
-                          static_cast<lapack_int>(d), w.data());
-  });
-  if (info != 0) {
-    throw Error(ErrorKind::internal, "leverage_scores: LAPACKE_dsyevd failed with info " +
-                                         std::to_string(info));
-  }
-  const double lmax = std::max(w[d - 1], 0.0);
-  const double cut = options.rank_rtol * options.rank_rtol * lmax;
-  g.eigenvalues.resize(static_cast<std::size_t>(d));
-  for (index_t i = 0; i < d; ++i) g.eigenvalues[i] = w[d - 1 - i] + options.ridge;
-
-  // Retained directions: those of the numerical range (all of them with a ridge, where
-  // M + lambda I is invertible). B's columns are v_i / sqrt(lambda_i + ridge), descending.
-  index_t rank = 0;
-  for (index_t i = 0; i < d; ++i) rank += (w[i] > cut && lmax > 0.0) ? 1 : 0;
-  g.rank = rank;
-  const index_t kept = options.ridge > 0.0 ? d : rank;
-  if (kept == d && triangular_factor(g)) return g;
-  g.factor.assign(static_cast<std::size_t>(d * kept), 0.0);
-  for (index_t c = 0; c < kept; ++c) {
-    const index_t e = d - 1 - c;  // eigenvalue index, descending
-    const double s = 1.0 / std::sqrt(w[e] + options.ridge);
-    for (index_t i = 0; i < d; ++i) g.factor[i * kept + c] = vecs[i * d + e] * s;
-  }
+  factor_gram(g, options.rank_rtol, /*allow_triangular=*/true);
   return g;
 }
 
@@ -291,65 +298,34 @@ LeverageScores sketched_scores(ConstMatrix K, const LeverageOptions& o) {
     exact.method = ScoreMethod::exact;
     return leverage_scores(K, exact);
   }
+  // (S K)^T (S K) approximates K^T K within (1 +- e)^2 on every direction of range(K); the rest
+  // is the exact path's factorisation applied to it.
   DenseMatrix<double> Y = sketch_rows(K, s, o.sketch, o.seed);  // validates K
-  // R of Y = Q R, then its SVD R = U Sigma V^T for the numerical rank.
-  std::vector<double> tau(static_cast<std::size_t>(d));
-  lapack_int info = 0;
-  std::vector<double> R(static_cast<std::size_t>(d * d), 0.0), sv(static_cast<std::size_t>(d)),
-      U(static_cast<std::size_t>(d * d)), Vt(static_cast<std::size_t>(d * d)),
-      superb(static_cast<std::size_t>(d));
-  detail::with_serial_blas([&] {
-    info = LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, static_cast<lapack_int>(s), static_cast<lapack_int>(d),
-                          Y.data.data(), static_cast<lapack_int>(d), tau.data());
-    if (info != 0) return;
-    for (index_t i = 0; i < d; ++i)
-      for (index_t j = i; j < d; ++j) R[i * d + j] = Y(i, j);
-    std::vector<double> Rc = R;
-    info = LAPACKE_dgesvd(LAPACK_ROW_MAJOR, 'N', 'A', static_cast<lapack_int>(d),
-                          static_cast<lapack_int>(d), Rc.data(), static_cast<lapack_int>(d),
-                          sv.data(), U.data(), 1, Vt.data(), static_cast<lapack_int>(d),
-                          superb.data());
-  });
-  if (info != 0)
-    throw Error(ErrorKind::internal, "leverage_scores (sketch): LAPACK failed with info " + std::to_string(info));
   KeyGram g;
   g.d = d;
-  index_t rank = 0;
-  for (index_t i = 0; i < d; ++i) rank += (sv[0] > 0.0 && sv[i] > o.rank_rtol * sv[0]) ? 1 : 0;
-  g.rank = rank;
-  g.eigenvalues.resize(static_cast<std::size_t>(d));
-  for (index_t i = 0; i < d; ++i) g.eigenvalues[i] = sv[i] * sv[i];
-  if (rank == d && !jl) {
-    // Full rank: B = R^-1, upper triangular, so the score pass is a triangular multiply.
-    std::vector<double> Ri = R;
+  g.gram.assign(static_cast<std::size_t>(d * d), 0.0);
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(s), 1.0,
+              Y.data.data(), detail::bi(d), 0.0, g.gram.data(), detail::bi(d));
+  for (index_t i = 0; i < d; ++i)
+    for (index_t j = 0; j < i; ++j) g.gram[i * d + j] = g.gram[j * d + i];
+  factor_gram(g, o.rank_rtol, /*allow_triangular=*/!jl);
+  const index_t rank = g.rank;
+  if (jl && o.jl_columns < rank) {
+    // B G / sqrt(t) with G Gaussian (rank x t): ||k^T B G||^2 / t estimates ||k^T B||^2.
+    const index_t t = o.jl_columns;
+    const detail::CounterRng rng(o.seed, 0x4a4cull);  // stream "JL"
+    std::vector<double> G(static_cast<std::size_t>(rank * t));
+    for (index_t i = 0; i < rank * t; ++i) {
+      const double u1 = 1.0 - rng.uniform(static_cast<std::uint64_t>(2 * i));
+      const double u2 = rng.uniform(static_cast<std::uint64_t>(2 * i + 1));
+      G[i] = std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2) /
+             std::sqrt(static_cast<double>(t));
+    }
+    std::vector<double> BG(static_cast<std::size_t>(d * t));
     detail::with_serial_blas([&] {
-      info = LAPACKE_dtrtri(LAPACK_ROW_MAJOR, 'U', 'N', static_cast<lapack_int>(d), Ri.data(),
-                            static_cast<lapack_int>(d));
+      detail::dgemm_ab(d, t, rank, 1.0, g.factor.data(), rank, G.data(), t, 0.0, BG.data(), t);
     });
-    if (info == 0) {
-      g.factor = Ri;
-      g.triangular = true;
-    }
-  }
-  if (!g.triangular && rank > 0) {
-    // B = V_r Sigma_r^-1 (d x r): ||k^T B||^2 = k^T (R^T R)^+ k; with JL, B G / sqrt(t).
-    std::vector<double> B(static_cast<std::size_t>(d * rank));
-    for (index_t c = 0; c < rank; ++c)
-      for (index_t i = 0; i < d; ++i) B[i * rank + c] = Vt[c * d + i] / sv[c];
-    if (jl && o.jl_columns < rank) {
-      const index_t t = o.jl_columns;
-      const detail::CounterRng rng(o.seed, 0x4a4cull);  // stream "JL"
-      std::vector<double> G(static_cast<std::size_t>(rank * t));
-      for (index_t i = 0; i < rank * t; ++i) {
-        const double u1 = 1.0 - rng.uniform(static_cast<std::uint64_t>(2 * i));
-        const double u2 = rng.uniform(static_cast<std::uint64_t>(2 * i + 1));
-        G[i] = std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2) / std::sqrt(static_cast<double>(t));
-      }
-      std::vector<double> BG(static_cast<std::size_t>(d * t));
-      detail::with_serial_blas([&] { detail::dgemm_ab(d, t, rank, 1.0, B.data(), rank, G.data(), t, 0.0, BG.data(), t); });
-      B.swap(BG);
-    }
-    g.factor = std::move(B);
+    g.factor.swap(BG);
   }
   LeverageScores out = detail::scores_unchecked(K, g, /*approximate=*/true);
   const index_t t = jl && o.jl_columns < rank ? o.jl_columns : 0;

@@ -1,5 +1,5 @@
 // l_p Lewis weights by a damped fixed-point iteration in matrix space, and the sensitivity
-// bounds built on them (math.md 1.3).
+// bounds built on them (docs/design.md).
 #include "levattn/lewis_weights.hpp"
 
 #include <algorithm>

@@ -338,7 +338,7 @@ Reduced reduce_dimension(ConstMatrix X, const ReduceOptions& options) {
   const index_t n = X.rows, d = X.cols;
   if (options.m < 0 || options.m > d) {
     std::ostringstream os;
-    os << "m: expected 1 <= m <= d = " << d << " (0: the method's default), got " << options.m;
+    os << "m: expected 1 <= m <= d = " << d << ", got " << options.m;
     detail::invalid(os.str());
   }
   if (!(options.delta > 0.0 && options.delta < 1.0)) {

@@ -139,6 +139,24 @@ TEST(Sketch, Float64InputUsesTheSameMatrix) {
   }
 }
 
+TEST(Sketch, SameMatrixForEveryColumnCount) {
+  // S depends on (kind, seed, n, s) only: sketching A's columns separately (through ld) gives the
+  // columns of S A, across the gaussian's 2048-column task boundary too.
+  const index_t n = 300, d = 2100, s = 40;
+  const Mat A32 = oracle::gaussian(n, d, 17);
+  const std::vector<double> A(A32.v.begin(), A32.v.end());
+  for (SketchKind k : kKinds) {
+    const DenseMatrix<double> full = sketch_rows(A.data(), n, d, d, s, k, 2);
+    for (const index_t c0 : {index_t{0}, index_t{2045}}) {
+      const DenseMatrix<double> part = sketch_rows(A.data() + c0, n, 5, d, s, k, 2);
+      for (index_t i = 0; i < s; ++i)
+        for (index_t j = 0; j < 5; ++j)
+          EXPECT_NEAR(part(i, j), full(i, c0 + j), 1e-12 * (1 + std::fabs(full(i, c0 + j))))
+              << to_string(k) << " column " << c0 + j;
+    }
+  }
+}
+
 TEST(Sketch, Linear) {
   // S (a A + b B) = a S A + b S B: the same S for every input of the shape.
   const index_t n = 12, d = 5, s = 8;
@@ -186,6 +204,40 @@ TEST(Sketch, SrhtEntriesAndOrthogonalRows) {
       for (index_t j = 0; j < 16; ++j) g += S(p, j) * S(q, j);
       EXPECT_NEAR(g, p == q ? 16.0 / 6.0 : 0.0, 1e-13);
     }
+}
+
+TEST(Sketch, SrhtMatchesADenseConstruction) {
+  // S = sketch_rows(I_12) must be sqrt(16/s) P H D for the naive Sylvester-Hadamard H (16 x 16,
+  // orthonormal) restricted to the first 12 columns, some signs D and s distinct rows P. Rows of H
+  // multiply entrywise as H_a o H_b = H_(a xor b), so D is only determined up to such a product:
+  // try D = sqrt(s) S_0 o H_p for every p and accept if every row of S then is a distinct row of H.
+  const index_t n = 12, np = 16, s = 5;
+  std::vector<double> H(static_cast<std::size_t>(np * np));
+  for (index_t a = 0; a < np; ++a)
+    for (index_t b = 0; b < np; ++b) H[a * np + b] = (__builtin_popcountll(a & b) % 2 ? -1.0 : 1.0) / 4.0;
+  const Mat I = identity(n);
+  for (std::uint64_t seed : {0u, 1u, 2u, 3u}) {
+    const DenseMatrix<double> S = sketch_rows(I.view(), s, SketchKind::srht, seed);
+    const double c = std::sqrt(static_cast<double>(np) / static_cast<double>(s));
+    bool found = false;
+    for (index_t p = 0; p < np && !found; ++p) {
+      std::vector<double> D(static_cast<std::size_t>(n));
+      for (index_t j = 0; j < n; ++j) D[j] = S(0, j) / (c * H[p * np + j]);  // +-1
+      std::vector<index_t> rows;
+      for (index_t k = 0; k < s; ++k)
+        for (index_t q = 0; q < np; ++q) {
+          bool match = true;
+          for (index_t j = 0; j < n; ++j) match = match && std::fabs(S(k, j) - c * H[q * np + j] * D[j]) < 1e-14;
+          if (match) {
+            rows.push_back(q);
+            break;
+          }
+        }
+      std::sort(rows.begin(), rows.end());
+      found = static_cast<index_t>(rows.size()) == s && std::adjacent_find(rows.begin(), rows.end()) == rows.end();
+    }
+    EXPECT_TRUE(found) << "seed " << seed;
+  }
 }
 
 TEST(Sketch, CountSketchHasOneSignPerColumn) {

@@ -1,4 +1,4 @@
-// levattn/attention.hpp: attention over a selection of keys (math.md 2), and the dense reference.
+// levattn/attention.hpp: attention over a selection of keys (docs/design.md), and the dense reference.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -34,7 +34,7 @@ struct AttentionOptions {
   double scale = std::numeric_limits<double>::quiet_NaN();
   Select select = Select::full;
   index_t top_k = 0;   ///< leverage / topk / random budget
-  /// n^C-adaptive budget (seed 003): when budget_alpha > 0, top_k = ceil(alpha * n^C) with
+  /// n^C-adaptive budget ("attention is naturally n^C-sparse"): when budget_alpha > 0, top_k = ceil(alpha * n^C) with
   /// C = budget_exponent in (0, 1], for topk, leverage and random; top_k must then be 0.
   double budget_alpha = 0.0;
   double budget_exponent = 0.0;

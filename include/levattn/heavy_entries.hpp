@@ -1,4 +1,4 @@
-// levattn/heavy_entries.hpp: every eps-heavy entry of x^2 attention, exactly (math.md 1.2).
+// levattn/heavy_entries.hpp: every eps-heavy entry of x^2 attention, exactly (docs/design.md).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -61,7 +61,7 @@ struct HeavyOptions {
 /// range.
 HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps);
 
-/// All (i, j, A_ij) with A_ij >= eps for A = D^-1 |Q K^T|^p, any p > 0 (math.md 1.3).
+/// All (i, j, A_ij) with A_ij >= eps for A = D^-1 |Q K^T|^p, any p > 0 (docs/design.md).
 ///
 /// Keys are searched in the universal set { j : t_j >= eps } of the sensitivity bounds t_j
 /// (lewis_weights.hpp), which holds the key of every eps-heavy entry; |U| <= d^max(1,p/2) / eps.

@@ -1,11 +1,11 @@
 // levattn/levattn.hpp: the umbrella header. Include this, link levattn::levattn.
 //
-//   leverage_scores.hpp  exact leverage scores of K and the Gram factor (math.md 1.1)
-//   lewis_weights.hpp    l_p Lewis weights, |x|^p sensitivity bounds (math.md 1.3)
-//   universal_set.hpp    U_eps and top-k sets of keys (math.md 1)
-//   heavy_entries.hpp    every eps-heavy entry of x^2 attention, exactly (math.md 1.2)
+//   leverage_scores.hpp  exact leverage scores of K and the Gram factor (docs/design.md)
+//   lewis_weights.hpp    l_p Lewis weights, |x|^p sensitivity bounds (docs/design.md)
+//   universal_set.hpp    U_eps and top-k sets of keys (docs/design.md)
+//   heavy_entries.hpp    every eps-heavy entry of x^2 attention, exactly (docs/design.md)
 //   attention.hpp        attention over a selection: full, leverage, window, sinks, topk, random
-//   planted.hpp          the planted test model (math.md 2)
+//   planted.hpp          the planted test model (docs/design.md)
 //   sketch.hpp           CountSketch, SRHT and Gaussian sketches Y = S A
 //   reduce.hpp           feature-dimension reduction X (n x d) -> Y (n x m) for softmax Gram
 //   metrics.hpp          recall, mass captured, output error; brute-force heavy entries

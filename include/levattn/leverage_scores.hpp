@@ -1,4 +1,4 @@
-// levattn/leverage_scores.hpp: exact leverage scores of a key matrix (math.md 1.1).
+// levattn/leverage_scores.hpp: exact leverage scores of a key matrix (docs/design.md).
 #pragma once
 #include <vector>
 
@@ -9,8 +9,8 @@ namespace levattn {
 
 /// How leverage scores are computed.
 enum class ScoreMethod {
-  exact,   ///< float64 Gram matrix and a rank-revealing eigendecomposition (math.md 1.1)
-  sketch,  ///< sketch-and-precondition (math.md 1.4): QR of S K, scores ||k_j^T R^-1||^2
+  exact,   ///< float64 Gram matrix and a rank-revealing eigendecomposition (docs/design.md)
+  sketch,  ///< sketch-and-precondition (docs/design.md): the Gram matrix of S K replaces K^T K
 };
 
 struct LeverageOptions {
@@ -74,14 +74,14 @@ struct LeverageScores {
 /// Leverage scores tau_j = k_j^T (K^T K + ridge I)^+ k_j of the rows of K (n x d).
 ///
 /// tau_j is the squared norm of row j of an orthonormal basis of range(K), equal to the
-/// x^2-sensitivity of key j: max over queries of (q.k_j)^2 / sum_l (q.k_l)^2 (math.md 1.1).
+/// x^2-sensitivity of key j: max over queries of (q.k_j)^2 / sum_l (q.k_l)^2 (docs/design.md).
 /// Correct for rank-deficient K (duplicate or zero keys, n < d): the pseudo-inverse is used and
 /// sum_j tau_j = rank(K). Invariant under K -> K R for invertible R and equivariant under row
 /// permutations.
 /// Complexity: O(n d^2) time (two passes over K, both BLAS-3), O(d^2 + block * d) workspace.
 ///
-/// With options.method == sketch (math.md 1.4): Y = S K (s x d, sketch.hpp), Y = Q R, and
-/// tau~_j = ||k_j^T R^+||^2 (optionally times a JL matrix G). If S embeds range(K) with
+/// With options.method == sketch (docs/design.md): Y = S K (s x d, sketch.hpp) and
+/// tau~_j = k_j^T (Y^T Y)^+ k_j = ||k_j^T R^+||^2 for Y = Q R (optionally through a JL matrix G). If S embeds range(K) with
 /// distortion e, every tau~_j / tau_j lies in [(1 + e)^-2, (1 - e)^-2]; with JL error e_J, in
 /// [(1 - e_J)(1 + e)^-2, (1 + e_J)(1 - e)^-2]. The stated gamma uses the Gaussian embedding bound
 /// e = (sqrt(d) + sqrt(2 ln(2/delta))) / sqrt(s) (Davidson-Szarek; proven for gaussian, the same

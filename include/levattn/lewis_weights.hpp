@@ -1,5 +1,5 @@
 // levattn/lewis_weights.hpp: l_p Lewis weights and the |x|^p sensitivity bounds they give
-// (math.md 1.3), the universal-set scores for attention with f(x) = |x|^p.
+// (docs/design.md), the universal-set scores for attention with f(x) = |x|^p.
 #pragma once
 #include <vector>
 

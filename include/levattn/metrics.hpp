@@ -1,4 +1,4 @@
-// levattn/metrics.hpp: the evaluation metrics of math.md section 5, computed against the dense
+// levattn/metrics.hpp: the evaluation metrics of docs/design.md, computed against the dense
 // reference, and a brute-force heavy-entry oracle. O(m n d) time, O(block n) memory: for
 // evaluation, not for production paths.
 #pragma once

@@ -1,4 +1,4 @@
-// levattn/planted.hpp: the planted model of math.md section 2, for tests, demos and benchmarks.
+// levattn/planted.hpp: the planted model of docs/design.md, for tests, demos and benchmarks.
 #pragma once
 #include <cstdint>
 #include <vector>

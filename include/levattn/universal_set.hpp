@@ -1,4 +1,4 @@
-// levattn/universal_set.hpp: universal sets of keys (math.md 1, 1.1).
+// levattn/universal_set.hpp: universal sets of keys (docs/design.md).
 #pragma once
 #include <vector>
 
