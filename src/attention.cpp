@@ -230,7 +230,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   } else if (o.select == Select::topk) {
     top.resize(static_cast<std::size_t>(heads * m * k_top));
     const index_t blocks = (m + kernels::kQueryBlock - 1) / kernels::kQueryBlock;
-#pragma omp parallel
+#pragma omp parallel if (heads * blocks > 1)
     {
       std::vector<float> tile;
 #pragma omp for schedule(dynamic, 1) collapse(2)
@@ -259,7 +259,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   std::atomic<index_t> done{0};
   index_t empty = 0;
   double keys_total = 0.0;
-#pragma omp parallel reduction(+ : empty, keys_total)
+#pragma omp parallel reduction(+ : empty, keys_total) if (tasks > 1)
   {
     kernels::OnlineBlock blk(params, qblock, tile_width, dv);
     std::vector<float> gk, gv;  // topk gather buffers

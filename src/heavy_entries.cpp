@@ -53,7 +53,7 @@ HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOp
   std::vector<std::vector<HeavyEntry>> found(static_cast<std::size_t>(blocks));
   std::vector<std::vector<index_t>> zeros(static_cast<std::size_t>(blocks));
   detail::ExceptionTrap trap;
-#pragma omp parallel
+#pragma omp parallel if (blocks > 1)
   {
     std::vector<double> q, t, dots;
 #pragma omp for schedule(dynamic, 1)
@@ -197,7 +197,7 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
   std::vector<std::vector<HeavyEntry>> found(static_cast<std::size_t>(blocks));
   std::vector<std::vector<index_t>> zeros(static_cast<std::size_t>(blocks));
   detail::ExceptionTrap trap;
-#pragma omp parallel
+#pragma omp parallel if (blocks > 1)
   {
     std::vector<float> tile(static_cast<std::size_t>(kRows * kTile));
     std::vector<double> q, dots, z;

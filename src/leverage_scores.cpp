@@ -114,7 +114,7 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
   std::unique_ptr<double[]> part(new double[static_cast<std::size_t>(partials * d * d)]);
   detail::ExceptionTrap trap;
   bool finite = true;  // checked while converting, so K is read once
-#pragma omp parallel reduction(&& : finite)
+#pragma omp parallel reduction(&& : finite) if (partials > 1)
   {
     std::unique_ptr<double[]> buf(new double[static_cast<std::size_t>(std::min(kConvertRows, n) * d)]);
 #pragma omp for schedule(dynamic, 1)
@@ -185,7 +185,7 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximat
   if (use_float32) B32.assign(g.factor.begin(), g.factor.end());
   const index_t blocks = (n + kScoreRows - 1) / kScoreRows;
   ExceptionTrap trap;
-#pragma omp parallel
+#pragma omp parallel if (blocks > 1)
   {
     std::vector<float> y32;
     std::vector<double> k64, y64;

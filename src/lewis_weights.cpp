@@ -37,7 +37,7 @@ std::vector<double> weighted_gram(const std::vector<double>& Z, index_t n, index
   const index_t blocks = (n + kRows - 1) / kRows;
   const index_t partials = std::min(kPartials, blocks);
   std::vector<double> part(static_cast<std::size_t>(partials * r * r), 0.0);
-#pragma omp parallel
+#pragma omp parallel if (partials > 1)
   {
     std::vector<double> buf(static_cast<std::size_t>(kRows * r));
 #pragma omp for schedule(dynamic, 1)
@@ -65,7 +65,7 @@ std::vector<double> weighted_gram(const std::vector<double>& Z, index_t n, index
 void project(const std::vector<double>& A, index_t n, index_t r, const std::vector<double>& F,
              std::vector<double>& Z, std::vector<double>& q) {
   const index_t blocks = (n + kRows - 1) / kRows;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (blocks > 1)
   for (index_t b = 0; b < blocks; ++b) {
     const index_t i0 = b * kRows, rows = std::min(kRows, n - i0);
     detail::dgemm_ab(rows, r, r, 1.0, A.data() + i0 * r, r, F.data(), r, 0.0, Z.data() + i0 * r, r);
@@ -117,7 +117,7 @@ LewisWeights lewis_weights(ConstMatrix K, const LewisOptions& o) {
   std::vector<double> A(static_cast<std::size_t>(n * r));
   {
     const index_t blocks = (n + kRows - 1) / kRows;
-#pragma omp parallel
+#pragma omp parallel if (blocks > 1)
     {
       std::vector<double> k64(static_cast<std::size_t>(kRows * d));
 #pragma omp for schedule(static)
