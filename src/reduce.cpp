@@ -171,48 +171,60 @@ Reduced reduce_bss(ConstMatrix X, index_t m) {
   const double rr = static_cast<double>(r), kappa = static_cast<double>(m) / rr,
                sk = std::sqrt(kappa);
   const double dL = 1.0, eL = 1.0 / sk, dU = (sk + 1.0) / (sk - 1.0), eU = (sk - 1.0) / (kappa + sk);
-  double l = -rr / eL, u = rr / eU;
+  const double l0 = -rr / eL, u0 = rr / eU;
 
-  std::vector<double> A(static_cast<std::size_t>(r * r), 0.0), weight(static_cast<std::size_t>(d), 0.0);
-  std::vector<double> cu(static_cast<std::size_t>(r)), cl(static_cast<std::size_t>(r));
+  // One parallel region for all m steps, with one barrier per step (the end of the chunk loop):
+  // every thread keeps its own copy of A and computes the same eigendecomposition and the same
+  // choice from the per-chunk results (serial LAPACK, identical inputs, so identical bits), which
+  // spares a second barrier; the per-chunk results are double-buffered by step parity so that a
+  // thread starting step s + 1 never overwrites what another still reads for step s.
   const index_t chunks = (d + kBssChunk - 1) / kBssChunk;
-  std::vector<double> best_gap(static_cast<std::size_t>(chunks)), best_u(static_cast<std::size_t>(chunks)),
-      best_l(static_cast<std::size_t>(chunks));
-  std::vector<index_t> best_c(static_cast<std::size_t>(chunks));
-  std::vector<double> Q, a;
-  for (index_t step = 0; step < m; ++step) {
-    const double u1 = u + dU, l1 = l + dL;
-    detail::ExceptionTrap trap;
-    // One parallel region per step: the eigendecomposition of A on one thread (serial LAPACK in
-    // an active region), then the candidate columns in chunks fixed by d.
+  struct Best {
+    double gap, su, sl;
+    index_t c;
+  };
+  std::vector<Best> best(static_cast<std::size_t>(2 * chunks));
+  std::vector<double> weight(static_cast<std::size_t>(d), 0.0), A_final;
+  detail::ExceptionTrap trap;
 #pragma omp parallel
-    {
-#pragma omp single
-      trap.run([&] {
-        Q = A;
-        eigen_in_place(Q, r, a, "reduce_dimension (bss)");
-        double phiU = 0.0, phiL = 0.0;  // Phi^u - Phi^u' > 0 and Phi_l' - Phi_l > 0
-        for (index_t k = 0; k < r; ++k) {
-          phiU += dU / ((u - a[k]) * (u1 - a[k]));
-          phiL += dL / ((a[k] - l1) * (a[k] - l));
-        }
-        // U(v) = v^T (u'I - A)^-2 v / phiU + v^T (u'I - A)^-1 v and L(v) = v^T (A - l'I)^-2 v /
-        // phiL - v^T (A - l'I)^-1 v; with z = Q^T v both are sums of z_k^2 times these.
-        for (index_t k = 0; k < r; ++k) {
-          const double pu = 1.0 / (u1 - a[k]), pl = 1.0 / (a[k] - l1);
-          cu[k] = pu * pu / phiU + pu;
-          cl[k] = pl * pl / phiL - pl;
-        }
-      });
-      std::vector<double> Z;
+  {
+    std::vector<double> A(static_cast<std::size_t>(r * r), 0.0), Q, a, Z;
+    std::vector<double> cu(static_cast<std::size_t>(r)), cl(static_cast<std::size_t>(r));
+    double l = l0, u = u0;
+    bool ok = true;  // this thread's state is valid (an exception leaves it false; all threads
+                     // still pass every barrier, and the trap rethrows after the region)
+    for (index_t step = 0; step < m; ++step) {
+      const double u1 = u + dU, l1 = l + dL;
+      Best* slot = best.data() + (step % 2) * chunks;
+      if (ok) {
+        trap.run([&] {
+          ok = false;
+          Q = A;
+          eigen_in_place(Q, r, a, "reduce_dimension (bss)");
+          double phiU = 0.0, phiL = 0.0;  // Phi^u - Phi^u' > 0 and Phi_l' - Phi_l > 0
+          for (index_t k = 0; k < r; ++k) {
+            phiU += dU / ((u - a[k]) * (u1 - a[k]));
+            phiL += dL / ((a[k] - l1) * (a[k] - l));
+          }
+          // U(v) = v^T (u'I - A)^-2 v / phiU + v^T (u'I - A)^-1 v and L(v) = v^T (A - l'I)^-2 v /
+          // phiL - v^T (A - l'I)^-1 v; with z = Q^T v both are sums of z_k^2 times these.
+          for (index_t k = 0; k < r; ++k) {
+            const double pu = 1.0 / (u1 - a[k]), pl = 1.0 / (a[k] - l1);
+            cu[k] = pu * pu / phiU + pu;
+            cl[k] = pl * pl / phiL - pl;
+          }
+          ok = true;
+        });
+      }
 #pragma omp for schedule(dynamic, 1)
       for (index_t t = 0; t < chunks; ++t) {
+        slot[t] = {-std::numeric_limits<double>::infinity(), 0.0, 0.0, -1};
+        if (!ok) continue;
         trap.run([&] {
           const index_t c0 = t * kBssChunk, rows = std::min(kBssChunk, d - c0);
           Z.resize(static_cast<std::size_t>(rows * r));
           detail::dgemm_ab(rows, r, r, 1.0, W.data() + c0 * r, r, Q.data(), r, 0.0, Z.data(), r);
-          double gap = -std::numeric_limits<double>::infinity(), bu = 0.0, bl = 0.0;
-          index_t bc = -1;
+          Best b = slot[t];
           for (index_t i = 0; i < rows; ++i) {
             if (!usable[c0 + i]) continue;
             const double* z = Z.data() + i * r;
@@ -221,43 +233,38 @@ Reduced reduce_bss(ConstMatrix X, index_t m) {
               su += z[k] * z[k] * cu[k];
               sl += z[k] * z[k] * cl[k];
             }
-            if (su > 0.0 && sl - su > gap) {
-              gap = sl - su;
-              bc = c0 + i;
-              bu = su;
-              bl = sl;
-            }
+            if (su > 0.0 && sl - su > b.gap) b = {sl - su, su, sl, c0 + i};
           }
-          best_gap[t] = gap;
-          best_c[t] = bc;
-          best_u[t] = bu;
-          best_l[t] = bl;
+          slot[t] = b;
         });
       }
-    }
-    trap.rethrow();
-    index_t c = -1;
-    double gap = -std::numeric_limits<double>::infinity(), su = 0.0, sl = 0.0;
-    for (index_t t = 0; t < chunks; ++t)
-      if (best_c[t] >= 0 && best_gap[t] > gap) {
-        gap = best_gap[t];
-        c = best_c[t];
-        su = best_u[t];
-        sl = best_l[t];
+      // Implicit barrier: every chunk's best is in `slot`. The column of largest gap, ties to
+      // the lower index (chunks in order, strict comparison).
+      Best pick = {-std::numeric_limits<double>::infinity(), 0.0, 0.0, -1};
+      for (index_t t = 0; t < chunks; ++t)
+        if (slot[t].c >= 0 && slot[t].gap > pick.gap) pick = slot[t];
+      if (ok && pick.c < 0) {
+        ok = false;
+        trap.run([] { throw Error(ErrorKind::internal, "reduce_dimension (bss): no usable column"); });
       }
-    if (c < 0) throw Error(ErrorKind::internal, "reduce_dimension (bss): no usable column");
-    // 1/t in [U, L] (non-empty by BSS Lemma 3.5; rounding may leave L a hair below U).
-    const double tw = 2.0 / (su + std::max(sl, su));
-    weight[c] += tw;
-    const double* w = W.data() + c * r;
-    for (index_t i = 0; i < r; ++i)
-      for (index_t j = 0; j < r; ++j) A[i * r + j] += tw * w[i] * w[j];
-    u = u1;
-    l = l1;
+      if (!ok) continue;
+      // 1/t in [U, L] (non-empty by BSS Lemma 3.5; rounding may leave L a hair below U).
+      const double tw = 2.0 / (pick.su + std::max(pick.sl, pick.su));
+      const double* w = W.data() + pick.c * r;
+      for (index_t i = 0; i < r; ++i)
+        for (index_t j = 0; j < r; ++j) A[i * r + j] += tw * w[i] * w[j];
+#pragma omp master
+      weight[pick.c] += tw;
+      u = u1;
+      l = l1;
+    }
+#pragma omp master
+    A_final = A;
   }
+  trap.rethrow();
 
   // Centre: scale by 2 / (lambda_min + lambda_max) of the final A = sum_c s_c w_c w_c^T.
-  std::vector<double> Af = A;
+  std::vector<double> Af = A_final;
   const std::vector<double> ev = symmetric_eigen(Af, r, "reduce_dimension (bss)");
   const double scale = 2.0 / (ev[0] + ev[r - 1]);
   std::vector<index_t> cols;

@@ -136,6 +136,17 @@ def np_attention(Q, K, V, kernel="softmax", p=2.0, scale=None, mask=None):
     return w @ V
 
 
+def np_lewis(K, p, iters=200):
+    """Lewis weights for p < 4 by the Cohen-Peng iteration w_j <- (k_j^T (K^T W^(1-2/p) K)^-1 k_j)^(p/2),
+    i.e. w <- (tau(W^(1/2-1/p) K) w^(2/p-1))^(p/2)."""
+    K = np.asarray(K, np.float64)
+    w = np.ones(K.shape[0])
+    for _ in range(iters):
+        tau, _ = np_leverage(K * (w ** (0.5 - 1.0 / p))[:, None])
+        w = (tau * w ** (2.0 / p - 1.0)) ** (p / 2)
+    return w
+
+
 def heavy_tailed_keys(rng, n, d, spread=1.5):
     """Gaussian keys with log-normal row norms: a spread of leverage scores, some large."""
     return rng.standard_normal((n, d)) * np.exp(spread * rng.standard_normal(n))[:, None]
@@ -465,6 +476,96 @@ def test_attend():
         check("attend %s: every head equals the 2-D run on that head" % tag, all_ok, "; ".join(dets))
 
 
+def test_power_and_sketch():
+    """--p on universal / heavy / attend against numpy; --method sketch and sampled normalisers."""
+    rng = np.random.default_rng(17)
+    K = heavy_tailed_keys(rng, 400, 5)
+    Q = rng.standard_normal((120, 5))
+    V = rng.standard_normal((400, 3))
+    save("Kp.npy", K)
+    save("Qp.npy", Q)
+    save("Vp.npy", V)
+    p = 3.0
+    w = np_lewis(K, p)
+    t = np.minimum(1.0, 5 ** (p / 2 - 1) * w)
+    r = ok_run("universal --p 3", "universal", "--keys", "Kp.npy", "--eps", 0.05, "--p", p, "--json")
+    if r:
+        j = parse_json("universal --p 3", r.stdout)
+        idx = np.asarray(j["indices"], dtype=np.int64)
+        clear = np.abs(t - 0.05) > 1e-4
+        check("universal --p 3: indices are {t_j >= eps} for the Lewis-weight bounds",
+              set(idx[clear[idx]]) == set(np.nonzero((t >= 0.05) & clear)[0]))
+        check("universal --p 3: scores are 5^(p/2-1) w_j", rel_close(np.asarray(j["scores"]), t[idx], 1e-5))
+        check("universal --p 3: p and the |U| bound reported", j["p"] == 3.0 and j["bound"] == np.floor(5 ** 1.5 / 0.05))
+    # heavy --p 3, exact normaliser, against brute force.
+    r = ok_run("heavy --p 3", "heavy", "--queries", "Qp.npy", "--keys", "Kp.npy", "--eps", 0.1, "--p", p,
+               "--out", "Hp.csv")
+    rs = ok_run("heavy --p 3 --json", "heavy", "--queries", "Qp.npy", "--keys", "Kp.npy", "--eps", 0.1, "--p", p, "--json")
+    if r and rs:
+        S = np.abs(Q @ K.T) ** p
+        A = S / S.sum(axis=1, keepdims=True)
+        rows = read_csv("Hp.csv", False)[1:]
+        got = {(int(a), int(b)): float(c) for a, b, c in rows}
+        want = {(int(i), int(j)) for i, j in zip(*np.nonzero(A >= 0.1 * (1 + 1e-5)))}
+        check("heavy --p 3: every brute-force heavy entry found", want <= set(got))
+        check("heavy --p 3: every entry is heavy", all(A[i, j] >= 0.1 * (1 - 1e-5) for (i, j) in got))
+        check("heavy --p 3: values", all(abs(got[k] - A[k]) <= 1e-4 * A[k] for k in want))
+        j = parse_json("heavy --p 3 --json", rs.stdout)
+        check("heavy --p 3 --json: normaliser named", j.get("normaliser") == "exact (all keys)", str(j))
+    # Sampled normaliser on a larger key set: reported as such with gamma, every heavy entry found.
+    Kb = np.concatenate([0.3 * rng.standard_normal((20000, 4)), 6 * np.eye(4)])
+    save("Ks.npy", Kb)
+    save("Qs.npy", rng.standard_normal((100, 4)))
+    r = ok_run("heavy sampled", "heavy", "--queries", "Qs.npy", "--keys", "Ks.npy", "--eps", 0.05, "--p", 3,
+               "--normaliser", "sampled", "--gamma", 0.3, "--seed", 4, "--json")
+    if r:
+        j = parse_json("heavy sampled", r.stdout)
+        check("heavy sampled: normaliser, samples and gamma reported",
+              j.get("normaliser") == "sampled" and 0 < j.get("samples", 0) < 20004 and 0 < j.get("gamma", 9) <= 0.3, str(j))
+    # attend --kernel poly --p 3 --select leverage --eps: over the p-universal set.
+    r = ok_run("attend poly p=3 leverage eps", "attend", "--queries", "Qp.npy", "--keys", "Kp.npy", "--values", "Vp.npy",
+               "--out", "Op.npy", "--kernel", "poly", "--p", p, "--select", "leverage", "--eps", 0.05, "--json")
+    if r:
+        sel = (t >= 0.05 / (1 + 0.0))
+        ref = np_attention(Q, K, V, kernel="poly", p=p, mask=np.broadcast_to(sel, (120, 400)))
+        check("attend poly p=3 leverage eps: output over the p-universal set",
+              rel_close(np.load(path("Op.npy")), ref, 1e-5))
+    # --method sketch: a superset of the exact universal set, with the sketch described.
+    Kl = heavy_tailed_keys(rng, 30000, 6)
+    save("Kl.npy", Kl)
+    tau, rank = np_leverage(Kl)
+    for kind in ("countsketch", "srht", "gaussian"):
+        r = ok_run("universal --method sketch --sketch " + kind, "universal", "--keys", "Kl.npy", "--eps", 0.01,
+                   "--method", "sketch", "--sketch", kind, "--seed", 2, "--json")
+        if not r:
+            continue
+        j = parse_json("sketch " + kind, r.stdout)
+        idx = set(j["indices"])
+        check("sketch %s: method, sketch size and gamma reported" % kind,
+              j.get("method") == "sketch" and 0 < j.get("sketch_size", 0) < 30000 and 0 < j.get("gamma", 9) < 1, str(j)[:300])
+        check("sketch %s: superset of the exact universal set" % kind, set(np.nonzero(tau >= 0.01)[0]) <= idx)
+        sc = np.asarray(j["scores"])
+        ii = np.asarray(j["indices"], dtype=np.int64)
+        ratio = sc / tau[ii]
+        check("sketch %s: scores within the stated gamma" % kind,
+              np.all(ratio <= 1 + j["gamma"]) and np.all(ratio >= 1 / (1 + j["gamma"])), "ratio range %s..%s" % (ratio.min(), ratio.max()))
+    r = ok_run("attend --method sketch", "attend", "--queries", "Qp.npy", "--keys", "Kp.npy", "--values", "Vp.npy",
+               "--out", "Osk.npy", "--select", "leverage", "--top-k", 16, "--method", "sketch", "--json")
+    check("attend --method sketch: runs (n below the sketch size falls back to exact scores)", r is not None)
+    bad("universal --method sketch --p 3", ("universal", "--keys", "Kp.npy", "--eps", 0.1, "--p", 3, "--method", "sketch"),
+        ("sketch", "p"))
+    bad("heavy --gamma 1.5 sampled", ("heavy", "--queries", "Qp.npy", "--keys", "Kp.npy", "--eps", 0.1, "--p", 3,
+                                      "--normaliser", "sampled", "--gamma", 1.5), ("gamma",))
+    bad("universal --p 0", ("universal", "--keys", "Kp.npy", "--eps", 0.1, "--p", 0), ("p",))
+    bad("heavy --p -1", ("heavy", "--queries", "Qp.npy", "--keys", "Kp.npy", "--eps", 0.1, "--p", -1), ("p",))
+    bad("attend --budget 2,1.5", ("attend", "--queries", "Qp.npy", "--keys", "Kp.npy", "--values", "Vp.npy",
+                                  "--out", "Ob.npy", "--select", "topk", "--budget", "2,1.5"), ("budget",))
+    r = ok_run("attend --budget", "attend", "--queries", "Qp.npy", "--keys", "Kp.npy", "--values", "Vp.npy",
+               "--out", "Obud.npy", "--select", "topk", "--budget", "1,0.5", "--json")
+    if r:
+        check("attend --budget 1,0.5: k = ceil(sqrt(400)) = 20", parse_json("budget", r.stdout).get("top_k") == 20)
+
+
 def test_bench():
     p = ok_run("bench", "bench", "--n", 2048, "--d", 32, "--top-k", 64, "--repeats", 1, "--json", timeout=60)
     if not p:
@@ -637,7 +738,8 @@ def main():
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="levattn_cli_") as d:
         WORK = d
-        for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_bench, test_demo,
+        for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_power_and_sketch,
+                  test_bench, test_demo,
                   test_bad_input, test_atomic_output):
             t0 = time.time()
             group(g)
