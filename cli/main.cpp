@@ -6,6 +6,7 @@
 #include <new>
 
 #include "cli/cli.hpp"
+#include "cli/reduce.hpp"
 
 namespace {
 
@@ -104,12 +105,15 @@ int main(int argc, char** argv) {
   demo->add_option("--seed", da.seed, "seed (default 0)");
   demo->add_flag("--json", da.json, "print one JSON object");
 
+  ReduceArgs ra;
+  auto* red = add_reduce_command(app, ra);
+
   if (argc > 1 && argv[1][0] != '-') {
     bool known = false;
     for (const auto* sub : app.get_subcommands({})) known = known || sub->get_name() == argv[1];
     if (!known)
       return usage_error(std::string("unknown subcommand '") + argv[1] +
-                         "' (expected one of info, universal, heavy, attend, planted, bench, demo)");
+                         "' (expected one of info, universal, heavy, attend, reduce, planted, bench, demo)");
   }
   try {
     app.parse(argc, argv);
@@ -136,6 +140,7 @@ int main(int argc, char** argv) {
     if (*plant) return run_planted(pa);
     if (*bench) return run_bench(ba);
     if (*demo) return run_demo(da);
+    if (*red) return run_reduce(ra);
   } catch (const Error& e) {
     std::cerr << "levattn: " << e.what() << "\n";
     return e.kind() == ErrorKind::internal ? 1 : 2;

@@ -566,6 +566,48 @@ def test_power_and_sketch():
         check("attend --budget 1,0.5: k = ceil(sqrt(400)) = 20", parse_json("budget", r.stdout).get("top_k") == 20)
 
 
+def np_softmax_gram_error(X, Y):
+    def attn(Z):
+        G = Z @ Z.T
+        E = np.exp(G - G.max(axis=1, keepdims=True))
+        return E / E.sum(axis=1, keepdims=True)
+    return np.abs(attn(np.asarray(Y, np.float64)) - attn(np.asarray(X, np.float64))).max()
+
+
+def test_reduce():
+    rng = np.random.default_rng(23)
+    n, d, r = 48, 2048, 0.05
+    X = rng.standard_normal((n, d)) * (r / 2) / np.sqrt(d)
+    save("X.npy", X)
+    G = X @ X.T
+    check("reduce premise: |<x_i,x_j>| < r", np.abs(G).max() < r)
+    for method in ("gaussian", "srht", "countsketch", "svd", "bss"):
+        res = ok_run("reduce " + method, "reduce", "--x", "X.npy", "--method", method, "--out", "Y_%s.npy" % method,
+                     "--seed", 3, "--json")
+        if not res:
+            continue
+        j = parse_json("reduce " + method, res.stdout)
+        Y = np.load(path("Y_%s.npy" % method))
+        check("reduce %s: Y is n x m with m reported" % method, Y.shape == (n, j["m"]) and 1 <= j["m"] <= d, str(Y.shape))
+        err = np_softmax_gram_error(X, Y)
+        check("reduce %s: reported error equals numpy's" % method, abs(j["error"] - err) <= 1e-6 + 1e-3 * err,
+              "%g vs %g" % (j["error"], err))
+        check("reduce %s: error O(r)" % method, err <= r)
+        if method == "svd":
+            check("reduce svd: Y Y^T = X X^T", np.abs(Y.astype(np.float64) @ Y.T - G).max() <= 1e-6 * np.abs(G).max() + 1e-9)
+    res = ok_run("reduce --m 100", "reduce", "--x", "X.npy", "--method", "gaussian", "--m", 100, "--out", "Y100.npy")
+    if res:
+        check("reduce --m 100: 100 columns", np.load(path("Y100.npy")).shape == (n, 100))
+    bad("reduce --m 0 is the default, --m -1 is not", ("reduce", "--x", "X.npy", "--method", "svd", "--m", -1,
+                                                       "--out", "Yb.npy"), ("m",))
+    bad("reduce --m > d", ("reduce", "--x", "X.npy", "--method", "gaussian", "--m", d + 1, "--out", "Yb.npy"), ("m",))
+    bad("reduce unknown method", ("reduce", "--x", "X.npy", "--method", "pca", "--out", "Yb.npy"), ("method",))
+    Xn = X.copy()
+    Xn[3, 5] = np.nan
+    save("Xn.npy", Xn)
+    bad("reduce NaN", ("reduce", "--x", "Xn.npy", "--method", "svd", "--out", "Yb.npy"), ("Xn.npy",))
+
+
 def test_bench():
     p = ok_run("bench", "bench", "--n", 2048, "--d", 32, "--top-k", 64, "--repeats", 1, "--json", timeout=60)
     if not p:
@@ -738,7 +780,7 @@ def main():
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="levattn_cli_") as d:
         WORK = d
-        for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_power_and_sketch,
+        for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_power_and_sketch, test_reduce,
                   test_bench, test_demo,
                   test_bad_input, test_atomic_output):
             t0 = time.time()
