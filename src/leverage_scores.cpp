@@ -300,14 +300,14 @@ LeverageScores sketched_scores(ConstMatrix K, const LeverageOptions& o) {
   }
   // (S K)^T (S K) approximates K^T K within (1 +- e)^2 on every direction of range(K); the rest
   // is the exact path's factorisation applied to it.
-  DenseMatrix<double> Y = sketch_rows(K, s, o.sketch, o.seed);  // validates K
   KeyGram g;
   g.d = d;
-  g.gram.assign(static_cast<std::size_t>(d * d), 0.0);
-  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(s), 1.0,
-              Y.data.data(), detail::bi(d), 0.0, g.gram.data(), detail::bi(d));
-  for (index_t i = 0; i < d; ++i)
-    for (index_t j = 0; j < i; ++j) g.gram[i * d + j] = g.gram[j * d + i];
+  try {
+    g.gram = sketch_gram(K, s, o.sketch, o.seed);  // validates K while reading it
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    throw Error(e.kind(), msg.rfind("matrix:", 0) == 0 ? "keys:" + msg.substr(7) : msg);
+  }
   factor_gram(g, o.rank_rtol, /*allow_triangular=*/!jl);
   const index_t rank = g.rank;
   if (jl && o.jl_columns < rank) {

@@ -82,40 +82,99 @@ void require_finite(const double* A, index_t n, index_t d, index_t ld, const cha
 // ---------------------------------------------------------------------------------------------
 // CountSketch: input row i goes to output row h(i) with sign sigma(i), both from draw i.
 
-template <class T>
-DenseMatrix<double> countsketch(const Rows<T>& A, index_t s, std::uint64_t seed) {
-  const index_t n = A.n, d = A.d;
+// Which input rows feed each output row: rows start[b] .. start[b+1]-1 of `order`, ascending, with
+// their signs. A pure function of (n, s, seed).
+struct CountSketchPlan {
+  std::vector<index_t> start, order;
+  std::vector<double> sign;
+};
+
+CountSketchPlan countsketch_plan(index_t n, index_t s, std::uint64_t seed) {
   const detail::CounterRng rng(seed, kCountSketch);
+  CountSketchPlan plan;
   std::vector<index_t> bucket(static_cast<std::size_t>(n));
-  std::vector<double> sign(static_cast<std::size_t>(n));
+  plan.sign.resize(static_cast<std::size_t>(n));
 #pragma omp parallel for schedule(static) if (n > (1 << 14))
   for (index_t i = 0; i < n; ++i) {
     const std::uint64_t v = rng.u64(static_cast<std::uint64_t>(i));
-    sign[i] = (v & 1u) ? -1.0 : 1.0;
+    plan.sign[i] = (v & 1u) ? -1.0 : 1.0;
     bucket[i] = static_cast<index_t>(
         (static_cast<detail::uint128>(v >> 1) * static_cast<std::uint64_t>(s)) >> 63);
   }
   // Counting sort by bucket, stable: each output row lists its input rows in ascending order.
-  std::vector<index_t> start(static_cast<std::size_t>(s + 1), 0), order(static_cast<std::size_t>(n));
-  for (index_t i = 0; i < n; ++i) ++start[bucket[i] + 1];
-  for (index_t b = 0; b < s; ++b) start[b + 1] += start[b];
-  {
-    std::vector<index_t> next(start.begin(), start.end() - 1);
-    for (index_t i = 0; i < n; ++i) order[next[bucket[i]]++] = i;
-  }
-  DenseMatrix<double> Y(s, d);
-  // Each output row is summed by one thread in input-row order: the same result for any schedule.
-#pragma omp parallel for schedule(dynamic, 16) if (n * d > (1 << 16))
-  for (index_t b = 0; b < s; ++b) {
-    double* y = Y.row(b);
-    for (index_t k = start[b]; k < start[b + 1]; ++k) {
-      const index_t i = order[k];
+  plan.start.assign(static_cast<std::size_t>(s + 1), 0);
+  plan.order.resize(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) ++plan.start[bucket[i] + 1];
+  for (index_t b = 0; b < s; ++b) plan.start[b + 1] += plan.start[b];
+  std::vector<index_t> next(plan.start.begin(), plan.start.end() - 1);
+  for (index_t i = 0; i < n; ++i) plan.order[next[bucket[i]]++] = i;
+  return plan;
+}
+
+// Output rows b0 .. b1-1 of S A into y (row-major, d columns, zeroed here), each summed in
+// input-row order: the same result for any schedule.
+// Returns false if a non-finite value was met (the caller reports where).
+template <class T>
+bool countsketch_rows(const CountSketchPlan& plan, const Rows<T>& A, index_t b0, index_t b1, double* y) {
+  const index_t d = A.d;
+  double check = 0.0;  // 0 * x is NaN exactly when x is not finite
+  for (index_t b = b0; b < b1; ++b) {
+    double* out = y + (b - b0) * d;
+    std::fill_n(out, d, 0.0);
+    for (index_t k = plan.start[b]; k < plan.start[b + 1]; ++k) {
+      const index_t i = plan.order[k];
       const T* a = A.row(i);
-      const double sg = sign[i];
-      for (index_t j = 0; j < d; ++j) y[j] += sg * static_cast<double>(a[j]);
+      const double sg = plan.sign[i];
+      for (index_t j = 0; j < d; ++j) {
+        out[j] += sg * static_cast<double>(a[j]);
+        check += 0.0 * static_cast<double>(a[j]);
+      }
     }
   }
+  return check == 0.0;
+}
+
+template <class T>
+DenseMatrix<double> countsketch(const Rows<T>& A, index_t s, std::uint64_t seed) {
+  const CountSketchPlan plan = countsketch_plan(A.n, s, seed);
+  DenseMatrix<double> Y(s, A.d);
+#pragma omp parallel for schedule(dynamic, 16) if (A.n * A.d > (1 << 16))
+  for (index_t b = 0; b < s; b += 16)
+    countsketch_rows(plan, A, b, std::min(s, b + 16), Y.row(b));
   return Y;
+}
+
+// (S A)^T (S A) for CountSketch without storing S A: blocks of output rows go through DSYRK into
+// a fixed number of partial sums that are added in order, so the result is thread-count free.
+template <class T>
+std::vector<double> countsketch_gram(const Rows<T>& A, index_t s, std::uint64_t seed) {
+  constexpr index_t kBlock = 1024, kPartials = 16;
+  const index_t d = A.d;
+  const CountSketchPlan plan = countsketch_plan(A.n, s, seed);
+  const index_t blocks = (s + kBlock - 1) / kBlock;
+  const index_t partials = std::min(kPartials, blocks);
+  std::vector<double> part(static_cast<std::size_t>(partials * d * d), 0.0);
+  bool finite = true;
+#pragma omp parallel if (partials > 1) reduction(&& : finite)
+  {
+    std::vector<double> y(static_cast<std::size_t>(std::min(kBlock, s) * d));
+#pragma omp for schedule(dynamic, 1)
+    for (index_t p = 0; p < partials; ++p)
+      for (index_t blk = p; blk < blocks; blk += partials) {
+        const index_t b0 = blk * kBlock, b1 = std::min(s, b0 + kBlock);
+        finite = countsketch_rows(plan, A, b0, b1, y.data()) && finite;
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(b1 - b0), 1.0,
+                    y.data(), detail::bi(d), 1.0, part.data() + p * d * d, detail::bi(d));
+      }
+  }
+  if (!finite) return {};  // the caller names the entry
+  std::vector<double> G(static_cast<std::size_t>(d * d), 0.0);
+  for (index_t p = 0; p < partials; ++p)
+    for (index_t i = 0; i < d; ++i)
+      for (index_t j = i; j < d; ++j) G[i * d + j] += part[(p * d + i) * d + j];
+  for (index_t i = 0; i < d; ++i)
+    for (index_t j = 0; j < i; ++j) G[i * d + j] = G[j * d + i];
+  return G;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,6 +333,27 @@ DenseMatrix<double> sketch_rows(ConstMatrix A, index_t s, SketchKind kind, std::
   detail::require_finite_matrix(A, "matrix");
   check_s(A.rows, s, kind);
   return dispatch(Rows<float>{A.data, A.rows, A.cols, A.ld}, s, kind, seed);
+}
+
+std::vector<double> sketch_gram(ConstMatrix A, index_t s, SketchKind kind, std::uint64_t seed) {
+  if (A.rows <= 0 || A.cols <= 0) detail::require_finite_matrix(A, "matrix");  // names the shape
+  check_s(A.rows, s, kind);
+  const Rows<float> rows{A.data, A.rows, A.cols, A.ld};
+  if (kind == SketchKind::countsketch) {
+    // A is read once; finiteness is checked on the way.
+    std::vector<double> G = countsketch_gram(rows, s, seed);
+    if (G.empty()) detail::require_finite_matrix(A, "matrix");
+    return G;
+  }
+  detail::require_finite_matrix(A, "matrix");
+  const DenseMatrix<double> Y = dispatch(rows, s, kind, seed);
+  const index_t d = A.cols;
+  std::vector<double> G(static_cast<std::size_t>(d * d), 0.0);
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(s), 1.0,
+              Y.data.data(), detail::bi(d), 0.0, G.data(), detail::bi(d));
+  for (index_t i = 0; i < d; ++i)
+    for (index_t j = 0; j < i; ++j) G[i * d + j] = G[j * d + i];
+  return G;
 }
 
 DenseMatrix<double> sketch_rows(const double* A, index_t n, index_t d, index_t ld, index_t s,

@@ -311,3 +311,31 @@ TEST(Sketch, RejectsBadInput) {
   r = error_of([&] { sketch_rows(a.data(), 6, 3, 2, 4, SketchKind::countsketch, 1); });
   EXPECT_NE(r.second.find("leading dimension"), std::string::npos) << r.second;
 }
+
+TEST(SketchGram, EqualsTheGramOfTheSketch) {
+  const std::vector<float> a = [] {
+    std::mt19937_64 g(5);
+    std::normal_distribution<float> nd;
+    std::vector<float> v(3000 * 7);
+    for (auto& x : v) x = nd(g);
+    return v;
+  }();
+  const ConstMatrix A{a.data(), 3000, 7};
+  for (SketchKind kind : {SketchKind::countsketch, SketchKind::srht, SketchKind::gaussian}) {
+    const DenseMatrix<double> Y = sketch_rows(A, 2500, kind, 9);
+    const std::vector<double> G = sketch_gram(A, 2500, kind, 9);
+    ASSERT_EQ(G.size(), 49u);
+    for (index_t i = 0; i < 7; ++i)
+      for (index_t j = 0; j < 7; ++j) {
+        double ref = 0;
+        for (index_t r = 0; r < 2500; ++r) ref += Y(r, i) * Y(r, j);
+        EXPECT_NEAR(G[i * 7 + j], ref, 1e-9 * std::max(1.0, std::fabs(ref))) << to_string(kind);
+      }
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const std::vector<double> G1 = sketch_gram(A, 2500, kind, 9);
+    omp_set_num_threads(saved);
+    EXPECT_EQ(G1, G) << to_string(kind);
+  }
+  EXPECT_THROW(sketch_gram(A, 0, SketchKind::countsketch, 1), Error);
+}

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "levattn/matrix.hpp"
 
@@ -45,6 +46,11 @@ SketchKind parse_sketch_kind(const std::string& name);
 /// Requires A non-empty and finite, s >= 1, and for srht s <= n'. Throws Error(invalid_argument)
 /// naming the argument ("matrix: ...", "s: ...") otherwise. No n x n or s x n matrix is formed.
 DenseMatrix<double> sketch_rows(ConstMatrix A, index_t s, SketchKind kind, std::uint64_t seed);
+
+/// G = (S A)^T (S A), d x d float64 row-major, for the same S as sketch_rows. CountSketch streams
+/// blocks of rows of S A through DSYRK and never stores S A (O(nnz(A) + s d^2) time, O(block d)
+/// memory); srht and gaussian form S A first. The same bits for any thread count.
+std::vector<double> sketch_gram(ConstMatrix A, index_t s, SketchKind kind, std::uint64_t seed);
 
 /// The same for a float64 matrix: A is n x d row-major with leading dimension ld >= d.
 /// For the same (kind, seed, n, s), S is the same matrix as for float32 input.
