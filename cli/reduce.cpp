@@ -21,7 +21,8 @@ CLI::App* add_reduce_command(CLI::App& app, ReduceArgs& args) {
       ->check(CLI::IsMember({"gaussian", "srht", "countsketch", "svd", "bss"}));
   cmd->add_option("--m", args.m,
                   "target dimension, 1 <= m <= d (default: ceil(n ln(100 n)) for the sketches, "
-                  "rank(X) for svd, 4 n for bss; at most d)");
+                  "rank(X) for svd, 4 n for bss; at most d)")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--seed", args.seed, "seed of the random sketches (default 0)");
   cmd->add_flag("--json", args.json, "print one JSON object");
   return cmd;

@@ -113,11 +113,12 @@ CountSketchPlan countsketch_plan(index_t n, index_t s, std::uint64_t seed) {
 
 // Output rows b0 .. b1-1 of S A into y (row-major, d columns, zeroed here), each summed in
 // input-row order: the same result for any schedule.
-// Returns false if a non-finite value was met (the caller reports where).
+// Returns false if a non-finite value was met (the caller reports where). Sums of finite float
+// inputs cannot overflow float64 here, so an output is finite exactly when its inputs are.
 template <class T>
 bool countsketch_rows(const CountSketchPlan& plan, const Rows<T>& A, index_t b0, index_t b1, double* y) {
   const index_t d = A.d;
-  double check = 0.0;  // 0 * x is NaN exactly when x is not finite
+  bool finite = true;
   for (index_t b = b0; b < b1; ++b) {
     double* out = y + (b - b0) * d;
     std::fill_n(out, d, 0.0);
@@ -125,13 +126,13 @@ bool countsketch_rows(const CountSketchPlan& plan, const Rows<T>& A, index_t b0,
       const index_t i = plan.order[k];
       const T* a = A.row(i);
       const double sg = plan.sign[i];
-      for (index_t j = 0; j < d; ++j) {
-        out[j] += sg * static_cast<double>(a[j]);
-        check += 0.0 * static_cast<double>(a[j]);
-      }
+      for (index_t j = 0; j < d; ++j) out[j] += sg * static_cast<double>(a[j]);
     }
+    double check = 0.0;  // 0 * x is NaN exactly when x is not finite
+    for (index_t j = 0; j < d; ++j) check += 0.0 * out[j];
+    finite = finite && check == 0.0;
   }
-  return check == 0.0;
+  return finite;
 }
 
 template <class T>

@@ -600,6 +600,7 @@ def test_reduce():
         check("reduce --m 100: 100 columns", np.load(path("Y100.npy")).shape == (n, 100))
     bad("reduce --m 0 is the default, --m -1 is not", ("reduce", "--x", "X.npy", "--method", "svd", "--m", -1,
                                                        "--out", "Yb.npy"), ("m",))
+    bad("reduce --m 0", ("reduce", "--x", "X.npy", "--method", "gaussian", "--m", 0, "--out", "Yb.npy"), ("--m",))
     bad("reduce --m > d", ("reduce", "--x", "X.npy", "--method", "gaussian", "--m", d + 1, "--out", "Yb.npy"), ("m",))
     bad("reduce unknown method", ("reduce", "--x", "X.npy", "--method", "pca", "--out", "Yb.npy"), ("method",))
     Xn = X.copy()
