@@ -29,6 +29,14 @@ void require_finite_matrix(ConstMatrix A, const char* what) {
   }
 }
 
+void require_open_unit(double v, const char* what) {
+  if (!(v > 0.0 && v < 1.0)) {
+    std::ostringstream os;
+    os << what << ": expected a number in (0, 1), got " << v;
+    invalid(os.str());
+  }
+}
+
 void require_eps(double eps, const char* what) {
   if (!(eps > 0.0 && eps <= 1.0)) {
     std::ostringstream os;

@@ -123,14 +123,8 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
   }
   if (o.normaliser == Normaliser::sampled) {
     if (o.samples < 0) detail::invalid("samples: expected an integer >= 0 (0: from gamma)");
-    if (!(o.gamma > 0.0 && o.gamma < 1.0)) {
-      os << "gamma: expected a number in (0, 1), got " << o.gamma;
-      detail::invalid(os.str());
-    }
-    if (!(o.delta > 0.0 && o.delta < 1.0)) {
-      os << "delta: expected a number in (0, 1), got " << o.delta;
-      detail::invalid(os.str());
-    }
+    detail::require_open_unit(o.gamma, "gamma");
+    detail::require_open_unit(o.delta, "delta");
   }
   if (o.p == 2.0 && o.normaliser == Normaliser::exact) return heavy_x2(Q, K, eps, o.leverage);
   detail::require_eps(eps);

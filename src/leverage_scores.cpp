@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "detail/blas.hpp"
+#include "detail/gram.hpp"
 #include "detail/leverage.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
@@ -144,13 +145,7 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
   KeyGram g;
   g.d = d;
   g.ridge = options.ridge;
-  g.gram.assign(static_cast<std::size_t>(d * d), 0.0);
-  for (index_t p = 0; p < partials; ++p)
-    for (index_t i = 0; i < d; ++i)
-      for (index_t j = i; j < d; ++j) g.gram[i * d + j] += part[(p * d + i) * d + j];
-  for (index_t i = 0; i < d; ++i)
-    for (index_t j = 0; j < i; ++j) g.gram[i * d + j] = g.gram[j * d + i];
-
+  g.gram = detail::sum_partial_grams(part.get(), partials, d);
   factor_gram(g, options.rank_rtol, /*allow_triangular=*/true);
   return g;
 }
@@ -265,16 +260,9 @@ double sketch_gamma(index_t r, index_t s, index_t n, index_t t, double delta) {
 }
 
 void check_sketch_options(const LeverageOptions& o) {
-  std::ostringstream os;
   if (o.ridge != 0.0) detail::invalid("ridge: applies to the exact method only");
-  if (!(o.gamma > 0.0 && o.gamma < 1.0)) {
-    os << "gamma: expected a number in (0, 1), got " << o.gamma;
-    detail::invalid(os.str());
-  }
-  if (!(o.delta > 0.0 && o.delta < 1.0)) {
-    os << "delta: expected a number in (0, 1), got " << o.delta;
-    detail::invalid(os.str());
-  }
+  detail::require_open_unit(o.gamma, "gamma");
+  detail::require_open_unit(o.delta, "delta");
   if (o.sketch_size < 0 || o.jl_columns < 0)
     detail::invalid("sketch_size, jl_columns: expected integers >= 0 (0: automatic / none)");
 }

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "detail/blas.hpp"
+#include "detail/gram.hpp"
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
 
@@ -52,13 +53,7 @@ std::vector<double> weighted_gram(const std::vector<double>& Z, index_t n, index
                     buf.data(), detail::bi(r), 1.0, part.data() + p * r * r, detail::bi(r));
       }
   }
-  std::vector<double> out(static_cast<std::size_t>(r * r), 0.0);
-  for (index_t p = 0; p < partials; ++p)
-    for (index_t i = 0; i < r; ++i)
-      for (index_t j = i; j < r; ++j) out[i * r + j] += part[(p * r + i) * r + j];
-  for (index_t i = 0; i < r; ++i)
-    for (index_t j = 0; j < i; ++j) out[i * r + j] = out[j * r + i];
-  return out;
+  return detail::sum_partial_grams(part.data(), partials, r);
 }
 
 // Z = A F for A (n x r) and F (r x r), and q_i = ||z_i||^2.

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "detail/blas.hpp"
+#include "detail/gram.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "detail/selection.hpp"
@@ -169,13 +170,7 @@ std::vector<double> countsketch_gram(const Rows<T>& A, index_t s, std::uint64_t 
       }
   }
   if (!finite) return {};  // the caller names the entry
-  std::vector<double> G(static_cast<std::size_t>(d * d), 0.0);
-  for (index_t p = 0; p < partials; ++p)
-    for (index_t i = 0; i < d; ++i)
-      for (index_t j = i; j < d; ++j) G[i * d + j] += part[(p * d + i) * d + j];
-  for (index_t i = 0; i < d; ++i)
-    for (index_t j = 0; j < i; ++j) G[i * d + j] = G[j * d + i];
-  return G;
+  return detail::sum_partial_grams(part.data(), partials, d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,8 +347,7 @@ std::vector<double> sketch_gram(ConstMatrix A, index_t s, SketchKind kind, std::
   std::vector<double> G(static_cast<std::size_t>(d * d), 0.0);
   cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(s), 1.0,
               Y.data.data(), detail::bi(d), 0.0, G.data(), detail::bi(d));
-  for (index_t i = 0; i < d; ++i)
-    for (index_t j = 0; j < i; ++j) G[i * d + j] = G[j * d + i];
+  detail::symmetrize_upper(G, d);
   return G;
 }
 

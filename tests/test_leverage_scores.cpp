@@ -326,4 +326,19 @@ TEST(SketchedScores, RejectsBadOptions) {
   o.ridge = 0;
   o.sketch_size = -1;
   EXPECT_THROW(leverage_scores(K.view(), o), Error);
+  // A non-finite key is found while sketching and named.
+  o.sketch_size = 20;
+  Mat bad = K;
+  bad(37, 1) = std::numeric_limits<float>::infinity();
+  for (SketchKind kind : {SketchKind::countsketch, SketchKind::srht, SketchKind::gaussian}) {
+    o.sketch = kind;
+    try {
+      leverage_scores(bad.view(), o);
+      ADD_FAILURE() << to_string(kind);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+      EXPECT_NE(std::string(e.what()).find("keys: expected finite values, found inf at row 37, column 1"),
+                std::string::npos) << e.what();
+    }
+  }
 }
