@@ -6,7 +6,9 @@
 //   leverage+window  adaptive k
 // and prints, as CSV on stdout, the relative output error ||O - O_full||_F / ||O_full||_F and
 // the attention mass captured, both measured on a fixed subset of at most --queries query rows
-// (every (n / queries)-th query), against full attention over all n keys.
+// (every (n / queries)-th query), against full attention over all n keys. Data sets: `planted`
+// (levattn::planted), `random` (Gaussian Q, K, V) and `peaked` (`random` with each query scaled
+// so that its logits have standard deviation 1.5 sqrt(2 ln n)).
 //
 // Run: build/bench/levattn_budget_sweep [--alpha A] [--c C] [--k0 K] [--max-n N] [--queries M]
 #include <Random123/philox.h>
@@ -33,6 +35,10 @@ constexpr index_t kWindow = 16;
 constexpr index_t kRelevant = 8;
 constexpr std::uint64_t kSeed = 20240601;
 constexpr double kHeavyEps = 0.01;  // selection_metrics needs one; heavy recall is not reported
+// `peaked`: each query is rescaled so that its logits q.k / sqrt(d) over Gaussian keys are
+// exactly N(0, sigma_n^2) with sigma_n = kPeakC sqrt(2 ln n); kPeakC > 1 puts the softmax rows in
+// the regime where a few top logits dominate (docs/budgets.md).
+constexpr double kPeakC = 1.5;
 
 struct Settings {
   double alpha = 1.0;
@@ -130,7 +136,20 @@ Instance make_instance(const std::string& data, index_t n) {
     levattn::PlantedInstance p = levattn::planted(po);
     return {std::move(p.Q), std::move(p.K), std::move(p.V)};
   }
-  return {gaussian(n, kDim, kSeed, 1), gaussian(n, kDim, kSeed, 2), gaussian(n, kDim, kSeed, 3)};
+  Instance inst{gaussian(n, kDim, kSeed, 1), gaussian(n, kDim, kSeed, 2), gaussian(n, kDim, kSeed, 3)};
+  if (data == "peaked") {
+    // The queries of `random`, each scaled to norm sigma_n sqrt(d): given q, the logit
+    // q.k / sqrt(d) of a key with N(0, 1) entries is then N(0, sigma_n^2).
+    const double sigma = kPeakC * std::sqrt(2.0 * std::log(static_cast<double>(n)));
+    for (index_t i = 0; i < n; ++i) {
+      float* q = inst.Q.row(i);
+      double norm2 = 0.0;
+      for (index_t j = 0; j < kDim; ++j) norm2 += static_cast<double>(q[j]) * static_cast<double>(q[j]);
+      const double f = sigma * std::sqrt(static_cast<double>(kDim) / norm2);
+      for (index_t j = 0; j < kDim; ++j) q[j] = static_cast<float>(f * static_cast<double>(q[j]));
+    }
+  }
+  return inst;
 }
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -208,7 +227,7 @@ int main(int argc, char** argv) {
   std::printf("data,n,method,budget,k,output_error,mass_captured,seconds\n");
   std::fflush(stdout);
   try {
-    for (const std::string data : {"planted", "random"}) {
+    for (const std::string data : {"planted", "random", "peaked"}) {
       for (index_t n = 1024; n <= std::min<index_t>(s.max_n, 65536); n *= 2) {
         const auto t_n = std::chrono::steady_clock::now();
         const Instance inst = make_instance(data, n);

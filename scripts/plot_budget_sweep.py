@@ -43,7 +43,7 @@ def main():
     if not rows:
         sys.exit(f"plot_budget_sweep.py: no rows in {args.csv}")
 
-    datasets = [d for d in ("planted", "random") if any(k[0] == d for k in rows)]
+    datasets = [d for d in ("planted", "random", "peaked") if any(k[0] == d for k in rows)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.6), squeeze=False)
     labels = {
         "fixed": f"fixed k = {args.k0}",
