@@ -59,7 +59,9 @@ int run_universal(const UniversalArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   const LeverageScores scores =
       with_files({&K}, {"keys"}, [&] { return sensitivity_bounds(k, a.p, opt); });
-  const double size_bound = std::pow(static_cast<double>(scores.rank), std::max(1.0, a.p / 2.0));
+  // sum of scores <= rank^max(1,p/2), and the threshold is eps / (1 + gamma).
+  const double size_bound = std::pow(static_cast<double>(scores.rank), std::max(1.0, a.p / 2.0)) *
+                            (1.0 + scores.rel_error_bound);
   const UniversalSet u = a.use_top_k ? universal_set_top_k(scores, a.top_k)
                                       : universal_set(scores, a.eps);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -93,7 +95,7 @@ int run_universal(const UniversalArgs& a) {
     std::cout << "keys: n = " << u.n << ", d = " << K.shape[1] << ", rank = " << u.rank << "\n"
               << "universal set: " << u.indices.size() << " keys"
               << (a.use_top_k ? " (top-k by leverage score)"
-                               : " (every key with score >= eps; at most rank^max(1,p/2)/eps = " +
+                               : " (every key with score >= eps / (1 + gamma); at most rank^max(1,p/2) (1 + gamma) / eps = " +
                                      std::to_string(static_cast<long long>(std::floor(size_bound / a.eps))) + ")")
               << " in " << secs << " s\n";
   }

@@ -34,6 +34,12 @@ Input load_input(const std::filesystem::path& path, const std::string& what, int
     os << " array, got " << dims << "-D";
     throw Error(ErrorKind::invalid_argument, os.str());
   }
+  for (index_t extent : a.shape) {
+    if (extent < 1) {
+      throw Error(ErrorKind::invalid_argument,
+                  path.string() + ": " + what + ": expected a non-empty array, got a dimension of 0");
+    }
+  }
   Input in;
   in.path = path;
   in.shape = a.shape;

@@ -198,13 +198,14 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
                            : (o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d))
                                                           : 1.0));
   AttentionResult res;
-  res.top_k = o.top_k;
+  res.top_k = std::min(o.top_k, n);
 
   // Selection.
   const auto t_sel = Clock::now();
   const bool shared = o.select == Select::leverage || o.select == Select::random ||
                       o.select == Select::none;
-  const index_t window = o.window;
+  // A window wider than both sequences sees everything; clamping keeps i +- window in range.
+  const index_t window = std::min(o.window, std::max(m, n));
   std::vector<HeadSelection> sel(static_cast<std::size_t>(shared ? heads : 0));
   const index_t k_top = std::min(o.top_k, n);
   std::vector<index_t> top;  // topk: heads x m x k_top
@@ -255,7 +256,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   const index_t qblock = kernels::kQueryBlock;
   const index_t blocks = (m + qblock - 1) / qblock;
   const index_t tasks = heads * blocks;
-  const index_t tile_width = std::max<index_t>(kernels::kKeyTile, std::max<index_t>(k_top, 1));
+  const index_t tile_width = kernels::kKeyTile;
   std::atomic<index_t> done{0};
   index_t empty = 0;
   double keys_total = 0.0;
@@ -272,17 +273,21 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
         const index_t i0 = b * qblock, rows = std::min(qblock, m - i0);
         float* dst = out + (h * m + i0) * dv;
         if (o.select == Select::topk) {
-          gk.resize(static_cast<std::size_t>(k_top * d));
-          gv.resize(static_cast<std::size_t>(k_top * dv));
+          const index_t width = std::min(k_top, tile_width);
+          gk.resize(static_cast<std::size_t>(width * d));
+          gv.resize(static_cast<std::size_t>(width * dv));
           for (index_t r = 0; r < rows; ++r) {
             const index_t* keys = top.data() + (h * m + i0 + r) * k_top;
-            for (index_t a = 0; a < k_top; ++a) {
-              std::copy_n(Kh.row(keys[a]), d, gk.data() + a * d);
-              std::copy_n(Vh.row(keys[a]), dv, gv.data() + a * dv);
-            }
             blk.begin(Qh.row(i0 + r), d, 1, d);
-            blk.logits(gk.data(), d, k_top);
-            blk.absorb(gv.data(), dv, k_top);
+            for (index_t c0 = 0; c0 < k_top; c0 += width) {  // the query's keys, tile by tile
+              const index_t c = std::min(width, k_top - c0);
+              for (index_t a = 0; a < c; ++a) {
+                std::copy_n(Kh.row(keys[c0 + a]), d, gk.data() + a * d);
+                std::copy_n(Vh.row(keys[c0 + a]), dv, gv.data() + a * dv);
+              }
+              blk.logits(gk.data(), d, c);
+              blk.absorb(gv.data(), dv, c);
+            }
             empty += blk.finish(dst + r * dv, dv);
           }
           keys_total += static_cast<double>(rows * k_top);
@@ -333,7 +338,8 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
         empty += blk.finish(dst, dv);
       });
       const index_t now = ++done;
-      if (o.progress && omp_get_thread_num() == 0) o.progress(static_cast<double>(now) / static_cast<double>(tasks));
+      if (o.progress && omp_get_thread_num() == 0)
+        trap.run([&] { o.progress(static_cast<double>(now) / static_cast<double>(tasks)); });
     }
   }
   trap.rethrow();

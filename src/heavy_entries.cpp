@@ -135,7 +135,13 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
     detail::invalid(os.str());
   }
   const index_t m = Q.rows, n = K.rows, d = K.cols;
-  const LeverageScores t = sensitivity_bounds(K, o.p, o.leverage);
+  // Upper bounds on the sensitivities: no ridge (ridge scores are smaller), and inflated by the
+  // scores' own accuracy so that |q.k_l|^p <= t_l Z holds for sketched or rounded scores too.
+  LeverageOptions lo = o.leverage;
+  lo.ridge = 0.0;
+  LeverageScores t = sensitivity_bounds(K, o.p, lo);
+  for (double& x : t.scores) x = std::min(1.0, x * (1.0 + t.rel_error_bound));
+  t.rel_error_bound = 0.0;
   const UniversalSet U = universal_set(t, eps);
   const index_t u = static_cast<index_t>(U.indices.size());
 
@@ -155,6 +161,12 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
     if (r < n) {
       out.samples = r;
       out.gamma = std::sqrt(3.0 * total * logterm / static_cast<double>(r));
+      if (out.gamma >= 1.0) {
+        os << "samples: " << r << " keys give no (1 +- gamma) guarantee (gamma = " << out.gamma
+           << " >= 1); draw at least " << static_cast<index_t>(std::ceil(3.0 * total * logterm))
+           << " or leave samples at 0";
+        detail::invalid(os.str());
+      }
     } else {
       r = 0;  // the exact normaliser is cheaper
     }
@@ -178,8 +190,11 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
       weight[s] = acc / (static_cast<double>(r) * t.scores[l]);
     }
   }
-  const float* keys = r > 0 ? ks.data() : K.data;
-  const index_t nkeys = r > 0 ? r : n, ldk = r > 0 ? d : K.ld;
+  // The keys the normaliser runs over, in float64 so that Z_i is as accurate as the numerators.
+  const index_t nkeys = r > 0 ? r : n;
+  std::vector<double> keys64(static_cast<std::size_t>(nkeys * d));
+  for (index_t l = 0; l < nkeys; ++l)
+    for (index_t j = 0; j < d; ++j) keys64[l * d + j] = r > 0 ? ks[l * d + j] : K(l, j);
   const double report = r > 0 ? eps / (1.0 + out.gamma) : eps;
 
   std::vector<double> KU(static_cast<std::size_t>(u * d));
@@ -193,19 +208,22 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
   detail::ExceptionTrap trap;
 #pragma omp parallel if (blocks > 1)
   {
-    std::vector<float> tile(static_cast<std::size_t>(kRows * kTile));
+    std::vector<double> tile(static_cast<std::size_t>(kRows * kTile));
     std::vector<double> q, dots, z;
 #pragma omp for schedule(dynamic, 1)
     for (index_t b = 0; b < blocks; ++b) {
       trap.run([&] {
         const index_t r0 = b * kRows, rows = std::min(kRows, m - r0);
+        q.resize(static_cast<std::size_t>(rows * d));
+        for (index_t i = 0; i < rows; ++i)
+          for (index_t j = 0; j < d; ++j) q[i * d + j] = Q(r0 + i, j);
         z.assign(static_cast<std::size_t>(rows), 0.0);
         for (index_t c0 = 0; c0 < nkeys; c0 += kTile) {
           const index_t c = std::min(kTile, nkeys - c0);
-          detail::gemm_abt(rows, c, d, 1.0f, Q.row(r0), Q.ld, keys + c0 * ldk, ldk, 0.0f, tile.data(), c);
+          detail::dgemm_abt(rows, c, d, 1.0, q.data(), d, keys64.data() + c0 * d, d, 0.0, tile.data(), c);
           for (index_t i = 0; i < rows; ++i) {
             double s = 0.0;
-            const float* row = tile.data() + i * c;
+            const double* row = tile.data() + i * c;
             if (r > 0)
               for (index_t a = 0; a < c; ++a) s += power(row[a], o.p) * weight[c0 + a];
             else
@@ -213,9 +231,6 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
             z[i] += s;
           }
         }
-        q.resize(static_cast<std::size_t>(rows * d));
-        for (index_t i = 0; i < rows; ++i)
-          for (index_t j = 0; j < d; ++j) q[i * d + j] = Q(r0 + i, j);
         if (u > 0) {
           dots.resize(static_cast<std::size_t>(rows * u));
           detail::dgemm_abt(rows, u, d, 1.0, q.data(), d, KU.data(), d, 0.0, dots.data(), u);

@@ -93,7 +93,7 @@ void factor_gram(KeyGram& g, double rank_rtol, bool allow_triangular) {
   const double lmax = std::max(w[d - 1], 0.0);
   const double cut = rank_rtol * rank_rtol * lmax;
   g.eigenvalues.resize(static_cast<std::size_t>(d));
-  for (index_t i = 0; i < d; ++i) g.eigenvalues[i] = w[d - 1 - i] + g.ridge;
+  for (index_t i = 0; i < d; ++i) g.eigenvalues[i] = std::max(w[d - 1 - i], 0.0) + g.ridge;
 
   // Retained directions: those of the numerical range (all of them with a ridge, where
   // M + lambda I is invertible). B's columns are v_i / sqrt(lambda_i + ridge), descending.
@@ -106,7 +106,7 @@ void factor_gram(KeyGram& g, double rank_rtol, bool allow_triangular) {
   g.factor.assign(static_cast<std::size_t>(d * kept), 0.0);
   for (index_t c = 0; c < kept; ++c) {
     const index_t e = d - 1 - c;  // eigenvalue index, descending
-    const double sc = 1.0 / std::sqrt(w[e] + g.ridge);
+    const double sc = 1.0 / std::sqrt(std::max(w[e], 0.0) + g.ridge);
     for (index_t i = 0; i < d; ++i) g.factor[i * kept + c] = vecs[i * d + e] * sc;
   }
 }
@@ -179,9 +179,14 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximat
   double cond_sum = 0.0;
   for (index_t i = 0; i < std::min<index_t>(kept, static_cast<index_t>(g.eigenvalues.size())); ++i)
     cond_sum += g.eigenvalues[0] / g.eigenvalues[i];
+  // Plus the factorisation's own error: dsyevd / Cholesky perturb M by about d u64 lambda_max,
+  // a relative error of d u64 kappa(M) in every score (generous constant 10).
+  const double kappa = g.eigenvalues[0] / g.eigenvalues[std::max<index_t>(
+                                              0, std::min<index_t>(kept, static_cast<index_t>(g.eigenvalues.size())) - 1)];
+  const double factorisation = 10.0 * static_cast<double>(d) * std::numeric_limits<double>::epsilon() * kappa;
   const auto bound = [&](double u) {
     const double delta = (gamma(d, u) + u) * std::sqrt(cond_sum);
-    return 2.0 * delta + delta * delta;
+    return 2.0 * delta + delta * delta + factorisation;
   };
   const double bound32 = bound(std::numeric_limits<float>::epsilon() / 2);
   const bool use_float32 = approximate || bound32 <= kFloat32Tolerance;
@@ -269,6 +274,7 @@ double sketch_gamma(index_t r, index_t s, index_t n, index_t t, double delta) {
 }
 
 void check_sketch_options(const LeverageOptions& o) {
+  check_options(o);  // ridge and rank_rtol
   if (o.ridge != 0.0) detail::invalid("ridge: applies to the exact method only");
   detail::require_open_unit(o.gamma, "gamma");
   detail::require_open_unit(o.delta, "delta");

@@ -75,8 +75,10 @@ void project(const std::vector<double>& A, index_t n, index_t r, const std::vect
 void check(ConstMatrix K, const LewisOptions& o) {
   detail::require_finite_matrix(K, "keys");
   std::ostringstream os;
-  if (!(o.p > 0.0 && std::isfinite(o.p))) {
-    os << "p: expected a finite exponent > 0, got " << o.p;
+  // Above p = 64 the weights' powers under- and overflow float64 and the contraction rate
+  // (p - 2) / (p + 2) approaches 1.
+  if (!(o.p > 0.0 && o.p <= 64.0)) {
+    os << "p: expected an exponent in (0, 64], got " << o.p;
     detail::invalid(os.str());
   }
   if (o.max_iterations < 1) detail::invalid("max_iterations: expected an integer >= 1");
@@ -205,6 +207,10 @@ LeverageScores sensitivity_bounds(ConstMatrix K, double p, const LeverageOptions
   LewisOptions lo;
   lo.p = p;
   lo.rank_rtol = options.rank_rtol;
+  // Iterations to contract by 1e-12 at rate |p - 2| / (p + 2), with room to spare.
+  lo.max_iterations = std::max<index_t>(
+      lo.max_iterations,
+      static_cast<index_t>(std::ceil(4.0 * 28.0 / std::max(1e-3, -std::log(std::fabs(p - 2.0) / (p + 2.0))))));
   const LewisWeights w = lewis_weights(K, lo);
   if (!w.converged) {
     std::ostringstream os;

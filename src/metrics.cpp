@@ -58,11 +58,20 @@ SelectionMetrics selection_metrics(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
                                    const float* approx, const AttentionOptions& options,
                                    const AttentionResult& selection, double heavy_eps) {
   detail::require_eps(heavy_eps, "heavy_eps");
+  detail::require_finite_matrix(Q, "queries");
+  detail::require_finite_matrix(K, "keys");
+  detail::require_finite_matrix(V, "values");
+  if (Q.cols != K.cols || V.rows != K.rows)
+    detail::invalid("selection_metrics: expected queries and keys of equal d and one value per key");
+  if (approx == nullptr) detail::invalid("selection_metrics: null approximate output");
   const index_t m = Q.rows, n = K.rows, d = K.cols, dv = V.cols;
   const bool per_query = options.select == Select::topk;
   const bool full = options.select == Select::full;
-  if (!full && !per_query && selection.shared_keys.empty())
+  if ((!full && !per_query && selection.shared_keys.empty()) ||
+      (per_query && (selection.query_keys.empty() || selection.query_keys.size() % static_cast<std::size_t>(m) != 0)))
     detail::invalid("selection_metrics: the selection was not returned (set return_selection)");
+  for (index_t j : per_query ? selection.query_keys : (full ? std::vector<index_t>{} : selection.shared_keys[0]))
+    if (j < 0 || j >= n) detail::invalid("selection_metrics: a selected key index is out of range");
   const index_t k = per_query ? static_cast<index_t>(selection.query_keys.size()) / std::max<index_t>(m, 1) : 0;
   std::vector<char> shared(static_cast<std::size_t>(n), full ? 1 : 0);
   if (!full && !per_query)

@@ -299,6 +299,21 @@ TEST(Attention, RejectsBadInput) {
   for (auto& x : huge.Q.v) x = 1e30f;
   for (auto& x : huge.K.v) x = 1e30f;
   EXPECT_NE(message(o, huge).find("overflow"), std::string::npos);
+  // A logit that overflows to -inf must not pass for a masked key (power kernel: it is the
+  // largest weight).
+  Inputs neg;
+  neg.Q = Mat(1, 1);
+  neg.K = Mat(2, 1);
+  neg.V = oracle::gaussian(2, 2, 7);
+  neg.Q(0, 0) = 1e20f;
+  neg.K(0, 0) = -1e20f;
+  neg.K(1, 0) = 1.0f;
+  o = {};
+  o.kernel = Kernel::power;
+  EXPECT_NE(message(o, neg).find("overflow"), std::string::npos);
+  o.kernel = Kernel::softmax;
+  o.scale = 1.0;
+  EXPECT_NE(message(o, neg).find("overflow"), std::string::npos);
 }
 
 TEST(Attention, AdaptiveBudgetIsCeilAlphaNToTheC) {

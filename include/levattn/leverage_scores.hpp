@@ -84,7 +84,7 @@ struct LeverageScores {
 /// tau~_j = k_j^T (Y^T Y)^+ k_j = ||k_j^T R^+||^2 for Y = Q R (optionally through a JL matrix G). If S embeds range(K) with
 /// distortion e, every tau~_j / tau_j lies in [(1 + e)^-2, (1 - e)^-2]; with JL error e_J, in
 /// [(1 - e_J)(1 + e)^-2, (1 + e_J)(1 - e)^-2]. The stated gamma uses the Gaussian embedding bound
-/// e = (sqrt(d) + sqrt(2 ln(2/delta))) / sqrt(s) (Davidson-Szarek; proven for gaussian, the same
+/// e = (sqrt(r) + sqrt(2 ln(2/delta))) / sqrt(s), r the numerical rank (Davidson-Szarek; proven for gaussian, the same
 /// formula for srht and countsketch, whose proven bounds need larger s: see docs/design.md) and
 /// e_J = sqrt(8 ln(2n/delta) / t). Time O(nnz(K) + s d^2 + n d^2) (countsketch), O(n d t) with JL.
 /// Throws Error(invalid_argument) on empty K, non-finite entries, ridge < 0 or non-finite,

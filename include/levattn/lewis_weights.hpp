@@ -8,7 +8,7 @@
 namespace levattn {
 
 struct LewisOptions {
-  double p = 2.0;                 ///< p > 0, finite
+  double p = 2.0;                 ///< p in (0, 64]
   index_t max_iterations = 1000;  ///< iteration cap (convergence is linear, see lewis_weights)
   double tolerance = 1e-10;       ///< stop when max_i |log theta_i| (below) is at most this
   double rank_rtol = 1e-5;        ///< numerical rank of K, as LeverageOptions::rank_rtol

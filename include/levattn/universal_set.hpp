@@ -17,7 +17,8 @@ struct UniversalSet {
 /// U_eps = { j : tau_j >= eps }: contains the key of every eps-heavy entry of x^2 attention
 /// (row-normalised (Q K^T)^2) for every possible query matrix Q at once, since A_ij <= tau_j.
 /// |U_eps| <= rank / eps <= d / eps. To stay a guaranteed superset under rounding the threshold
-/// is lowered to eps / (1 + scores.rel_error_bound). eps must lie in (0, 1]. O(n).
+/// is lowered to eps / (1 + scores.rel_error_bound), so |U| <= rank (1 + gamma) / eps.
+/// eps must lie in (0, 1]. O(n).
 UniversalSet universal_set(const LeverageScores& scores, double eps);
 
 /// The k keys of largest score (ties to the lower index), returned ascending. k >= 1; k >= n

@@ -18,7 +18,7 @@ namespace {
 // 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, degree-6 Taylor polynomial (error < 1.2e-7).
 inline float exp_nonpositive(float x) {
   const float lo = -87.0f;  // below: e^x < 1.7e-38, returned as 0
-  const float xc = x < lo ? lo : x;
+  const float xc = x >= lo ? x : lo;  // NaN -> lo: the integer conversion below stays defined
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (xc * 1.44269504088896341f + magic) - magic;
   float r = xc - n * 0.693359375f;

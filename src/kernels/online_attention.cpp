@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "detail/blas.hpp"
+#include "detail/validate.hpp"
 #include "kernels/elementwise.hpp"
 #include "levattn/error.hpp"
 
@@ -33,12 +34,15 @@ void OnlineBlock::begin(const float* q, index_t ldq, index_t rows, index_t d) {
                                                        : -1.0f;
   std::fill_n(max_.get(), rows, init);
   std::fill_n(sum_.get(), rows, 0.0);
+  overflow_ = false;
 }
 
 float* OnlineBlock::logits(const float* k, index_t ldk, index_t count) {
   if (count > max_tile_) throw Error(ErrorKind::internal, "OnlineBlock: tile larger than its workspace");
   count_ = count;
   detail::gemm_abt(rows_, count, d_, params_.scale, q_, ldq_, k, ldk, 0.0f, tile_.get(), count);
+  // Finite inputs can overflow here; such a logit must not pass for a masked one.
+  if (!detail::all_finite(tile_.get(), rows_ * count)) overflow_ = true;
   return tile_.get();
 }
 
@@ -85,6 +89,10 @@ index_t OnlineBlock::finish(float* out, index_t ldo) {
   index_t empty = 0;
   for (index_t r = 0; r < rows_; ++r) {
     float* dst = out + r * ldo;
+    if (overflow_) {
+      std::fill_n(dst, dv_, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
     const float* o = acc_.get() + r * dv_;
     if (!std::isfinite(sum_[r])) {  // overflowing logits: the caller reports it
       std::fill_n(dst, dv_, std::numeric_limits<float>::quiet_NaN());

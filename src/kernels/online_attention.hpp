@@ -32,7 +32,8 @@ class OnlineBlock {
   void absorb(const float* v, index_t ldv, index_t count);
 
   /// Writes O_r = acc_r / l_r to out (rows x dv, leading dimension ldo). Rows with no key or a
-  /// zero normaliser get 0; returns how many there were.
+  /// zero normaliser get 0; returns how many there were. If a logit overflowed float32, every
+  /// row of the block is NaN, which the caller reports.
   index_t finish(float* out, index_t ldo);
 
  private:
@@ -40,6 +41,7 @@ class OnlineBlock {
   index_t max_rows_, max_tile_, dv_;
   const float* q_ = nullptr;
   index_t ldq_ = 0, rows_ = 0, d_ = 0, count_ = 0;
+  bool overflow_ = false;  // a logit overflowed float32 (-inf would read as a mask)
   // Uninitialised storage: every element is written before it is read, and zero-filling
   // hundreds of KiB per call shows up in profiles.
   std::unique_ptr<float[]> tile_, acc_, max_;
