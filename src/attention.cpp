@@ -197,6 +197,21 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
       !std::isnan(o.scale) ? o.scale
                            : (o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d))
                                                           : 1.0));
+  {
+    // Logits are bounded by |scale| max|q| max|k|; tiles need checking only if that can overflow.
+    const auto max_norm = [](const Tensor4Ref& t) {
+      const ConstMatrix a{t.data, t.batch * t.heads * t.rows, t.cols};
+      double best = 0.0;
+      for (index_t i = 0; i < a.rows; ++i) {
+        double s = 0.0;
+        for (index_t j = 0; j < a.cols; ++j) s += static_cast<double>(a(i, j)) * a(i, j);
+        best = std::max(best, s);
+      }
+      return std::sqrt(best);
+    };
+    const double bound = std::fabs(static_cast<double>(params.scale)) * max_norm(Q) * max_norm(K);
+    params.check_overflow = !(bound < 0.5 * static_cast<double>(std::numeric_limits<float>::max()));
+  }
   AttentionResult res;
   res.top_k = std::min(o.top_k, n);
 

@@ -13,6 +13,9 @@ struct KernelParams {
   Kernel kernel = Kernel::softmax;
   float scale = 1.0f;
   float p = 2.0f;
+  /// Check every logit tile for overflow; the driver clears it when Cauchy-Schwarz shows that
+  /// |scale q.k| <= |scale| max|q| max|k| cannot overflow.
+  bool check_overflow = true;
 };
 
 /// Per-thread state for one block of up to `rows` queries.
