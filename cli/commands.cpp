@@ -227,8 +227,17 @@ int run_attend(const AttendArgs& a) {
   std::vector<index_t> shape = Q.shape;
   shape.back() = v.cols;
   std::vector<float> out(static_cast<std::size_t>(q.batch * q.heads * q.rows * v.cols));
-  const AttentionResult r = with_files({&Q, &K, &V}, {"queries", "keys", "values"},
-                                       [&] { return attention(q, k, v, out.data(), o); });
+  const AttentionResult r = with_files({&Q, &K, &V}, {"queries", "keys", "values"}, [&] {
+    try {
+      return attention(q, k, v, out.data(), o);
+    } catch (const Error& e) {
+      // The library calls local attention "select none"; the command calls it "select window".
+      std::string msg = e.what();
+      if (a.select == "window")
+        for (std::size_t at; (at = msg.find("select none")) != std::string::npos;) msg.replace(at, 11, "select window");
+      throw Error(e.kind(), msg);
+    }
+  });
   write_npy(a.out, Array::from_float32(shape, std::move(out)));
   if (a.json) {
     json j;
