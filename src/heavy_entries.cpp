@@ -18,7 +18,7 @@ namespace levattn {
 
 namespace {
 
-HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& lo) {
+void check_inputs(ConstMatrix Q, ConstMatrix K, double eps) {
   detail::require_eps(eps);
   detail::require_finite_matrix(Q, "queries");
   detail::require_finite_matrix(K, "keys");
@@ -27,6 +27,19 @@ HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOp
     os << "queries: expected " << K.cols << " columns (the keys' dimension), got " << Q.cols;
     detail::invalid(os.str());
   }
+}
+
+// Concatenates the per-block results in block order: entries sorted by query, then key.
+void merge_blocks(const std::vector<std::vector<HeavyEntry>>& found,
+                  const std::vector<std::vector<index_t>>& zeros, HeavyEntries& out) {
+  for (std::size_t b = 0; b < found.size(); ++b) {
+    out.entries.insert(out.entries.end(), found[b].begin(), found[b].end());
+    out.zero_rows.insert(out.zero_rows.end(), zeros[b].begin(), zeros[b].end());
+  }
+}
+
+HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& lo) {
+  check_inputs(Q, K, eps);
   const index_t m = Q.rows, d = K.cols;
   LeverageOptions exact = lo;
   exact.method = ScoreMethod::exact;
@@ -90,10 +103,7 @@ HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOp
     }
   }
   trap.rethrow();
-  for (index_t b = 0; b < blocks; ++b) {
-    out.entries.insert(out.entries.end(), found[b].begin(), found[b].end());
-    out.zero_rows.insert(out.zero_rows.end(), zeros[b].begin(), zeros[b].end());
-  }
+  merge_blocks(found, zeros, out);
   return out;
 }
 
@@ -127,13 +137,7 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
     detail::require_open_unit(o.delta, "delta");
   }
   if (o.p == 2.0 && o.normaliser == Normaliser::exact) return heavy_x2(Q, K, eps, o.leverage);
-  detail::require_eps(eps);
-  detail::require_finite_matrix(Q, "queries");
-  detail::require_finite_matrix(K, "keys");
-  if (Q.cols != K.cols) {
-    os << "queries: expected " << K.cols << " columns (the keys' dimension), got " << Q.cols;
-    detail::invalid(os.str());
-  }
+  check_inputs(Q, K, eps);
   const index_t m = Q.rows, n = K.rows, d = K.cols;
   // Upper bounds on the sensitivities: no ridge (ridge scores are smaller), and inflated by the
   // scores' own accuracy so that |q.k_l|^p <= t_l Z holds for sketched or rounded scores too.
@@ -249,10 +253,7 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
     }
   }
   trap.rethrow();
-  for (index_t b = 0; b < blocks; ++b) {
-    out.entries.insert(out.entries.end(), found[b].begin(), found[b].end());
-    out.zero_rows.insert(out.zero_rows.end(), zeros[b].begin(), zeros[b].end());
-  }
+  merge_blocks(found, zeros, out);
   return out;
 }
 

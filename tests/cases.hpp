@@ -38,6 +38,18 @@ inline Mat conditioned(index_t n, index_t d, double cond, std::uint64_t seed) {
   return K;
 }
 
+/// Gaussian rows scaled by 1/u^2 (u uniform in [0.01, 1], capped at 1e4): heavy-tailed row norms.
+inline Mat heavy_tailed(index_t n, index_t d, std::uint64_t seed) {
+  Mat K = oracle::gaussian(n, d, seed);
+  std::mt19937_64 g(seed + 1);
+  std::uniform_real_distribution<double> u(1e-2, 1.0);
+  for (index_t i = 0; i < n; ++i) {
+    const double s = std::min(1.0 / std::pow(u(g), 2), 1e4);
+    for (index_t j = 0; j < d; ++j) K(i, j) = static_cast<float>(K(i, j) * s);
+  }
+  return K;
+}
+
 /// The named key matrices every property test runs on.
 inline std::vector<std::pair<std::string, Mat>> key_matrices() {
   std::vector<std::pair<std::string, Mat>> out;
@@ -49,18 +61,8 @@ inline std::vector<std::pair<std::string, Mat>> key_matrices() {
       for (index_t j = 0; j < 8; ++j) K(37 * r + 5, j) = (j == r) ? 10.0f : 0.0f;
     out.emplace_back("planted", K);
   }
-  {
-    // Rank 4 in dimension 10: K = A B.
-    const Mat A = oracle::gaussian(120, 4, 13), B = oracle::gaussian(4, 10, 14);
-    Mat K(120, 10);
-    for (index_t i = 0; i < 120; ++i)
-      for (index_t j = 0; j < 10; ++j) {
-        double s = 0;
-        for (index_t c = 0; c < 4; ++c) s += static_cast<double>(A(i, c)) * B(c, j);
-        K(i, j) = static_cast<float>(s);
-      }
-    out.emplace_back("rank_deficient", K);
-  }
+  // Rank 4 in dimension 10: K = A B.
+  out.emplace_back("rank_deficient", oracle::product(oracle::gaussian(120, 4, 13), oracle::gaussian(4, 10, 14)));
   {
     // Every key twice, and one key five times.
     const Mat base = oracle::gaussian(40, 6, 15);
@@ -79,17 +81,7 @@ inline std::vector<std::pair<std::string, Mat>> key_matrices() {
   }
   out.emplace_back("n_less_than_d", oracle::gaussian(5, 12, 17));
   out.emplace_back("condition_1e4", conditioned(80, 6, 1e4, 18));
-  {
-    // Heavy-tailed row norms: Gaussian rows scaled by 1/u^2, u uniform, capped at 1e4.
-    Mat K = oracle::gaussian(150, 6, 19);
-    std::mt19937_64 g(20);
-    std::uniform_real_distribution<double> u(1e-2, 1.0);
-    for (index_t i = 0; i < 150; ++i) {
-      const double s = std::min(1.0 / std::pow(u(g), 2), 1e4);
-      for (index_t j = 0; j < 6; ++j) K(i, j) = static_cast<float>(K(i, j) * s);
-    }
-    out.emplace_back("heavy_tailed", K);
-  }
+  out.emplace_back("heavy_tailed", heavy_tailed(150, 6, 19));
   return out;
 }
 

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <functional>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "levattn/levattn.hpp"
@@ -33,6 +35,28 @@ inline Mat gaussian(index_t r, index_t c, std::uint64_t seed, double sd = 1.0) {
   Mat m(r, c);
   for (auto& x : m.v) x = static_cast<float>(nd(g));
   return m;
+}
+
+/// A B with float64 accumulation, rounded to float32.
+inline Mat product(const Mat& A, const Mat& B) {
+  Mat C(A.rows, B.cols);
+  for (index_t i = 0; i < A.rows; ++i)
+    for (index_t j = 0; j < B.cols; ++j) {
+      double s = 0;
+      for (index_t c = 0; c < A.cols; ++c) s += static_cast<double>(A(i, c)) * B(c, j);
+      C(i, j) = static_cast<float>(s);
+    }
+  return C;
+}
+
+/// The kind and message of the levattn::Error that f throws; (internal, "no error") if none.
+inline std::pair<levattn::ErrorKind, std::string> error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const levattn::Error& e) {
+    return {e.kind(), e.what()};
+  }
+  return {levattn::ErrorKind::internal, "no error"};
 }
 
 inline double dot(const Mat& A, index_t i, const Mat& B, index_t j) {

@@ -94,13 +94,7 @@ TEST(LeverageScores, InvariantUnderInvertibleRightFactor) {
     const index_t d = K.cols;
     Mat R = oracle::gaussian(d, d, 99);
     for (index_t i = 0; i < d; ++i) R(i, i) += 3.0f;  // well conditioned
-    Mat KR(K.rows, d);
-    for (index_t i = 0; i < K.rows; ++i)
-      for (index_t j = 0; j < d; ++j) {
-        double acc = 0;
-        for (index_t c = 0; c < d; ++c) acc += static_cast<double>(K(i, c)) * R(c, j);
-        KR(i, j) = static_cast<float>(acc);
-      }
+    const Mat KR = oracle::product(K, R);
     const LeverageScores a = leverage_scores(K.view()), b = leverage_scores(KR.view());
     EXPECT_EQ(a.rank, b.rank) << name;
     for (index_t j = 0; j < K.rows; ++j) EXPECT_NEAR(a.scores[j], b.scores[j], 1e-4) << name << " key " << j;
@@ -151,14 +145,7 @@ TEST(LeverageScores, SameResultForOneAndTwoThreads) {
 
 TEST(LeverageScores, RejectsBadInput) {
   Mat K = oracle::gaussian(10, 3, 1);
-  const auto kind_of = [](auto&& f) {
-    try {
-      f();
-    } catch (const Error& e) {
-      return std::make_pair(e.kind(), std::string(e.what()));
-    }
-    return std::make_pair(ErrorKind::internal, std::string("no error"));
-  };
+  const auto kind_of = oracle::error_of;
   auto r = kind_of([&] { leverage_scores(ConstMatrix{K.v.data(), 0, 3}); });
   EXPECT_EQ(r.first, ErrorKind::invalid_argument);
   EXPECT_NE(r.second.find("keys"), std::string::npos);
@@ -195,14 +182,7 @@ std::vector<std::pair<std::string, Mat>> sketch_cases() {
   Mat P(12000, 8);
   P.v = p.K.data;
   out.emplace_back("planted", P);
-  Mat H = oracle::gaussian(12000, 8, 63);
-  std::mt19937_64 g(64);
-  std::uniform_real_distribution<double> u(1e-2, 1.0);
-  for (index_t i = 0; i < 12000; ++i) {
-    const double s = std::min(1.0 / std::pow(u(g), 2), 1e4);
-    for (index_t j = 0; j < 8; ++j) H(i, j) = static_cast<float>(H(i, j) * s);
-  }
-  out.emplace_back("heavy_tailed", H);
+  out.emplace_back("heavy_tailed", cases::heavy_tailed(12000, 8, 63));
   return out;
 }
 
@@ -287,14 +267,9 @@ TEST(SketchedScores, ReproducibleAndThreadCountIndependent) {
 
 TEST(SketchedScores, RankDeficientAndSmallInputs) {
   // Rank 3 in dimension 6: scores sum to 3 (to the sketch's accuracy) and zero keys score 0.
-  const Mat A = oracle::gaussian(20000, 3, 81), B = oracle::gaussian(3, 6, 82);
-  Mat K(20000, 6);
-  for (index_t i = 0; i < 20000; ++i)
-    for (index_t j = 0; j < 6; ++j) {
-      double s = 0;
-      for (index_t c = 0; c < 3; ++c) s += static_cast<double>(A(i, c)) * B(c, j);
-      K(i, j) = i % 100 == 0 ? 0.0f : static_cast<float>(s);
-    }
+  Mat K = oracle::product(oracle::gaussian(20000, 3, 81), oracle::gaussian(3, 6, 82));
+  for (index_t i = 0; i < 20000; i += 100)
+    for (index_t j = 0; j < 6; ++j) K(i, j) = 0.0f;
   LeverageOptions o;
   o.method = ScoreMethod::sketch;
   o.gamma = 0.5;

@@ -91,13 +91,7 @@ TEST(LewisWeights, InvariantUnderInvertibleRightFactor) {
   const Mat K = oracle::gaussian(150, 5, 31);
   Mat R = oracle::gaussian(5, 5, 32);
   for (index_t i = 0; i < 5; ++i) R(i, i) += 3.0f;
-  Mat KR(150, 5);
-  for (index_t i = 0; i < 150; ++i)
-    for (index_t j = 0; j < 5; ++j) {
-      double s = 0;
-      for (index_t c = 0; c < 5; ++c) s += static_cast<double>(K(i, c)) * R(c, j);
-      KR(i, j) = static_cast<float>(s);
-    }
+  const Mat KR = oracle::product(K, R);
   for (double p : {1.0, 3.0, 6.0}) {
     const LewisWeights a = weights(K, p), b = weights(KR, p);
     for (index_t j = 0; j < 150; ++j) EXPECT_NEAR(a.weights[j], b.weights[j], 1e-5) << "p " << p;

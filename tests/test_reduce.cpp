@@ -143,14 +143,7 @@ Reduced run(const Mat& X, ReduceMethod method, index_t m = 0, std::uint64_t seed
   return reduce_dimension(X.view(), o);
 }
 
-std::pair<ErrorKind, std::string> error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return {e.kind(), e.what()};
-  }
-  return {ErrorKind::internal, "no error"};
-}
+using oracle::error_of;
 
 bool random_method(ReduceMethod m) { return m != ReduceMethod::svd && m != ReduceMethod::bss; }
 

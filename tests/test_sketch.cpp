@@ -54,14 +54,7 @@ Mat identity(index_t n) {
   return I;
 }
 
-std::pair<ErrorKind, std::string> error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return {e.kind(), e.what()};
-  }
-  return {ErrorKind::internal, "no error"};
-}
+using oracle::error_of;
 
 }  // namespace
 
