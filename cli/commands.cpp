@@ -33,6 +33,7 @@ int run_info(bool as_json) {
   j["blas"] = b.blas;
   j["blas_core"] = b.blas_core;
   j["isa"] = b.isa;
+  j["cpu_isa"] = b.cpu_isa;
   j["threads"] = b.threads;
   j["mpi"] = b.mpi;
   j["sanitizers"] = b.sanitizers;
@@ -42,7 +43,7 @@ int run_info(bool as_json) {
     std::cout << "levattn " << b.version << "\n"
               << "BLAS:     " << b.blas << "\n"
               << "BLAS core: " << b.blas_core << "\n"
-              << "ISA:      " << b.isa << "\n"
+              << "ISA:      " << b.isa << " (CPU: " << b.cpu_isa << "; LEVATTN_ISA=avx512|avx2|baseline forces a path)\n"
               << "threads:  " << b.threads << "\n"
               << "MPI:      " << (b.mpi ? "yes" : "not built") << "\n";
   }
@@ -203,7 +204,7 @@ int run_attend(const AttendArgs& a) {
              : a.select == "leverage" ? Select::leverage
              : a.select == "topk" ? Select::topk
              : a.select == "random" ? Select::random
-                                    : Select::none;
+                                    : Select::window;
   o.top_k = a.top_k;
   o.eps = a.eps;
   o.window = a.window;
@@ -227,17 +228,8 @@ int run_attend(const AttendArgs& a) {
   std::vector<index_t> shape = Q.shape;
   shape.back() = v.cols;
   std::vector<float> out(static_cast<std::size_t>(q.batch * q.heads * q.rows * v.cols));
-  const AttentionResult r = with_files({&Q, &K, &V}, {"queries", "keys", "values"}, [&] {
-    try {
-      return attention(q, k, v, out.data(), o);
-    } catch (const Error& e) {
-      // The library calls local attention "select none"; the command calls it "select window".
-      std::string msg = e.what();
-      if (a.select == "window")
-        for (std::size_t at; (at = msg.find("select none")) != std::string::npos;) msg.replace(at, 11, "select window");
-      throw Error(e.kind(), msg);
-    }
-  });
+  const AttentionResult r = with_files({&Q, &K, &V}, {"queries", "keys", "values"},
+                                       [&] { return attention(q, k, v, out.data(), o); });
   write_npy(a.out, Array::from_float32(shape, std::move(out)));
   if (a.json) {
     json j;

@@ -9,8 +9,8 @@
 #include <limits>
 #include <sstream>
 
-#include "detail/leverage.hpp"
 #include "detail/parallel.hpp"
+#include "detail/rng.hpp"
 #include "detail/selection.hpp"
 #include "detail/validate.hpp"
 #include "kernels/online_attention.hpp"
@@ -58,8 +58,6 @@ void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
     os << "values: expected " << K.rows << " rows (one per key), got " << V.rows;
     detail::invalid(os.str());
   }
-  detail::require_finite_matrix(flat(Q), "queries");
-  detail::require_finite_matrix(flat(K), "keys");
   detail::require_finite_matrix(flat(V), "values");
 }
 
@@ -96,14 +94,14 @@ void check_options(const AttentionOptions& o) {
   const bool local = o.window >= 0 || o.sinks > 0;
   if (o.eps != 0.0 && o.select != Select::leverage)
     detail::invalid("eps: applies to select leverage only, got select " + to_string(o.select));
-  if (o.top_k != 0 && (o.select == Select::full || o.select == Select::none))
+  if (o.top_k != 0 && (o.select == Select::full || o.select == Select::window))
     detail::invalid("top_k: select " + to_string(o.select) + " takes no key budget");
   switch (o.select) {
     case Select::full:
     case Select::topk:
       if (local)
         detail::invalid("select " + to_string(o.select) +
-                        ": window and sinks combine only with leverage, random or none");
+                        ": window and sinks combine only with leverage, random or window");
       if (o.select == Select::topk && o.top_k < 1) {
         os << "top_k: select topk needs a budget >= 1, got " << o.top_k;
         detail::invalid(os.str());
@@ -121,8 +119,8 @@ void check_options(const AttentionOptions& o) {
         detail::invalid(os.str());
       }
       break;
-    case Select::none:
-      if (!local) detail::invalid("select none: give a window >= 0 or sinks >= 1");
+    case Select::window:
+      if (!local) detail::invalid("select window: give a window >= 0 or sinks >= 1");
       break;
   }
 }
@@ -134,19 +132,61 @@ struct HeadSelection {
   std::vector<char> member;   // n flags, only when a window needs de-duplication
 };
 
+// What every (batch, head) pair of one call shares: the resolved options, sizes and kernel.
+struct Plan {
+  AttentionOptions o;
+  kernels::KernelParams params;
+  index_t heads = 0, qheads = 0, m = 0, n = 0, d = 0, dv = 0;
+  index_t window = -1;  // clamped: a window wider than both sequences sees everything
+  index_t k_top = 0;    // topk budget, at most n
+  bool shared = false;  // leverage, random or window: one key set per head
+  index_t blocks = 0;   // query blocks per head
+};
+
+// Checks Q and K for finiteness and returns whether logits can overflow float32: they are
+// bounded by |scale| d max|q_ij| max|k_ij| (one pass over each input for both).
+bool logits_can_overflow(const Tensor4Ref& Q, const Tensor4Ref& K, double scale) {
+  const double q = detail::finite_max_abs(flat(Q), "queries");
+  const double k = detail::finite_max_abs(flat(K), "keys");
+  const double bound = std::fabs(scale) * static_cast<double>(Q.cols) * q * k;
+  return !(bound < 0.5 * static_cast<double>(std::numeric_limits<float>::max()));
+}
+
+Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, const AttentionOptions& options) {
+  Plan pl;
+  pl.o = resolve_budget(options, K.rows);
+  check_options(pl.o);
+  const AttentionOptions& o = pl.o;
+  pl.heads = Q.batch * Q.heads;
+  pl.qheads = Q.heads;
+  pl.m = Q.rows, pl.n = K.rows, pl.d = Q.cols, pl.dv = V.cols;
+  pl.params.kernel = o.kernel;
+  pl.params.p = static_cast<float>(o.p);
+  pl.params.ops = &kernels::active_row_ops();
+  const double scale = !std::isnan(o.scale) ? o.scale
+                       : o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(pl.d))
+                                                     : 1.0;
+  pl.params.scale = static_cast<float>(scale);
+  pl.params.check_overflow = logits_can_overflow(Q, K, scale);
+  pl.window = std::min(o.window, std::max(pl.m, pl.n));
+  pl.k_top = std::min(o.top_k, pl.n);
+  pl.shared = o.select == Select::leverage || o.select == Select::random || o.select == Select::window;
+  pl.blocks = (pl.m + kernels::kQueryBlock - 1) / kernels::kQueryBlock;
+  return pl;
+}
+
+// The shared key set of head h (leverage scores / Lewis bounds, or random, plus sinks).
 std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::uint64_t stream) {
   std::vector<index_t> keys;
   if (o.select == Select::leverage) {
     // |x|^p attention selects by its own sensitivity bounds (Lewis weights); softmax and x^2 by
-    // leverage scores.
-    const bool lewis = o.kernel == Kernel::power && o.p != 2.0;
-    const LeverageScores s = lewis ? sensitivity_bounds(K, o.p, o.leverage)
-                             : o.leverage.method == ScoreMethod::sketch
-                                 ? leverage_scores(K, o.leverage)
-                                 : detail::scores_unchecked(K, key_gram(K, o.leverage));
+    // leverage scores: one dispatcher for both (exact or sketched, by o.leverage).
+    const double p = o.kernel == Kernel::power ? o.p : 2.0;
+    const LeverageScores s = sensitivity_bounds(K, p, o.leverage);
     keys = (o.top_k > 0 ? universal_set_top_k(s, o.top_k) : universal_set(s, o.eps)).indices;
   } else if (o.select == Select::random) {
-    keys = detail::random_keys(K.rows, o.top_k, o.seed, stream);
+    keys = detail::random_keys(K.rows, o.top_k,
+                               detail::CounterRng(o.seed, detail::Purpose::random_selection, stream));
   }
   const index_t sinks = std::min(o.sinks, K.rows);
   if (sinks > 0) {
@@ -159,6 +199,126 @@ std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::
   return keys;
 }
 
+HeadSelection select_head(const Plan& pl, ConstMatrix Kh, ConstMatrix Vh, index_t h) {
+  HeadSelection s;
+  s.keys = shared_keys(pl.o, Kh, static_cast<std::uint64_t>(h));
+  const index_t u = static_cast<index_t>(s.keys.size()), d = pl.d, dv = pl.dv;
+  s.k.resize(static_cast<std::size_t>(u * d));
+  s.v.resize(static_cast<std::size_t>(u * dv));
+  for (index_t a = 0; a < u; ++a) {
+    std::copy_n(Kh.row(s.keys[a]), d, s.k.data() + a * d);
+    std::copy_n(Vh.row(s.keys[a]), dv, s.v.data() + a * dv);
+  }
+  if (pl.window >= 0) {
+    s.member.assign(static_cast<std::size_t>(pl.n), 0);
+    for (index_t j : s.keys) s.member[j] = 1;
+  }
+  return s;
+}
+
+// Per-thread state of the attention pass.
+struct Workspace {
+  kernels::OnlineBlock blk;
+  std::vector<float> gk, gv;  // topk gather buffers
+  std::vector<float> tile;    // topk search
+  explicit Workspace(const Plan& pl) : blk(pl.params, kernels::kQueryBlock, kernels::kKeyTile, pl.dv) {}
+};
+
+// Empty rows and keys attended, summed over the blocks of a task.
+struct BlockStats {
+  index_t empty = 0;
+  double keys = 0.0;
+};
+
+BlockStats attend_full(const Plan& pl, Workspace& w, ConstMatrix Qh, ConstMatrix Kh, ConstMatrix Vh,
+                       index_t i0, index_t rows, float* dst) {
+  w.blk.begin(Qh.row(i0), Qh.ld, rows, pl.d);
+  for (index_t c0 = 0; c0 < pl.n; c0 += kernels::kKeyTile) {
+    const index_t c = std::min(kernels::kKeyTile, pl.n - c0);
+    w.blk.logits(Kh.row(c0), Kh.ld, c);
+    w.blk.absorb(Vh.row(c0), Vh.ld, c);
+  }
+  return {w.blk.finish(dst, pl.dv), static_cast<double>(rows * pl.n)};
+}
+
+// The shared keys, then the band of keys any query of the block can see, masked per row to its
+// own window minus the shared keys (already counted).
+BlockStats attend_shared(const Plan& pl, Workspace& w, const HeadSelection& s, ConstMatrix Qh,
+                         ConstMatrix Kh, ConstMatrix Vh, index_t i0, index_t rows, float* dst) {
+  const index_t u = static_cast<index_t>(s.keys.size()), window = pl.window;
+  BlockStats st;
+  w.blk.begin(Qh.row(i0), Qh.ld, rows, pl.d);
+  for (index_t c0 = 0; c0 < u; c0 += kernels::kKeyTile) {
+    const index_t c = std::min(kernels::kKeyTile, u - c0);
+    w.blk.logits(s.k.data() + c0 * pl.d, pl.d, c);
+    w.blk.absorb(s.v.data() + c0 * pl.dv, pl.dv, c);
+  }
+  st.keys = static_cast<double>(rows * u);
+  if (window >= 0) {
+    const index_t j0 = std::max<index_t>(0, i0 - window), j1 = std::min(pl.n, i0 + rows + window);
+    for (index_t c0 = j0; c0 < j1; c0 += kernels::kKeyTile) {
+      const index_t c = std::min(kernels::kKeyTile, j1 - c0);
+      float* tile = w.blk.logits(Kh.row(c0), Kh.ld, c);
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t i = i0 + r;
+        float* srow = tile + r * c;
+        for (index_t a = 0; a < c; ++a) {
+          const index_t j = c0 + a;
+          if (j < i - window || j > i + window || s.member[j]) srow[a] = -std::numeric_limits<float>::infinity();
+          else st.keys += 1.0;
+        }
+      }
+      w.blk.absorb(Vh.row(c0), Vh.ld, c);
+    }
+  }
+  st.empty = w.blk.finish(dst, pl.dv);
+  return st;
+}
+
+// Each query of the block over its own top_k keys (keys: rows x k_top), tile by tile.
+BlockStats attend_topk(const Plan& pl, Workspace& w, const index_t* keys, ConstMatrix Qh,
+                       ConstMatrix Kh, ConstMatrix Vh, index_t i0, index_t rows, float* dst) {
+  const index_t k = pl.k_top, width = std::min(k, kernels::kKeyTile), d = pl.d, dv = pl.dv;
+  w.gk.resize(static_cast<std::size_t>(width * d));
+  w.gv.resize(static_cast<std::size_t>(width * dv));
+  BlockStats st;
+  for (index_t r = 0; r < rows; ++r) {
+    const index_t* mine = keys + r * k;
+    w.blk.begin(Qh.row(i0 + r), d, 1, d);
+    for (index_t c0 = 0; c0 < k; c0 += width) {
+      const index_t c = std::min(width, k - c0);
+      for (index_t a = 0; a < c; ++a) {
+        std::copy_n(Kh.row(mine[c0 + a]), d, w.gk.data() + a * d);
+        std::copy_n(Vh.row(mine[c0 + a]), dv, w.gv.data() + a * dv);
+      }
+      w.blk.logits(w.gk.data(), d, c);
+      w.blk.absorb(w.gv.data(), dv, c);
+    }
+    st.empty += w.blk.finish(dst + r * dv, dv);
+  }
+  st.keys = static_cast<double>(rows * k);
+  return st;
+}
+
+// Everything attention() computes for query block b of head h (its selection made already).
+struct Inputs {
+  const Tensor4Ref &Q, &K, &V;
+  float* out;
+};
+
+BlockStats run_block(const Plan& pl, Workspace& w, const Inputs& in, const HeadSelection* s,
+                     index_t* top, index_t h, index_t b) {
+  const index_t bb = h / pl.qheads, hh = h % pl.qheads;
+  const ConstMatrix Qh = in.Q.slice(bb, hh), Kh = in.K.slice(bb, hh), Vh = in.V.slice(bb, hh);
+  const index_t i0 = b * kernels::kQueryBlock, rows = std::min(kernels::kQueryBlock, pl.m - i0);
+  float* dst = in.out + (h * pl.m + i0) * pl.dv;
+  if (pl.o.select == Select::full) return attend_full(pl, w, Qh, Kh, Vh, i0, rows, dst);
+  if (pl.shared) return attend_shared(pl, w, *s, Qh, Kh, Vh, i0, rows, dst);
+  index_t* keys = top + (h * pl.m + i0) * pl.k_top;
+  detail::top_keys(pl.params, Qh, Kh, pl.k_top, i0, i0 + rows, keys, w.tile);
+  return attend_topk(pl, w, keys, Qh, Kh, Vh, i0, rows, dst);
+}
+
 }  // namespace
 
 std::string to_string(Kernel k) { return k == Kernel::softmax ? "softmax" : "poly"; }
@@ -169,7 +329,7 @@ std::string to_string(Select s) {
     case Select::leverage: return "leverage";
     case Select::topk: return "topk";
     case Select::random: return "random";
-    case Select::none: return "none";
+    case Select::window: return "window";
   }
   return "?";
 }
@@ -187,189 +347,78 @@ index_t adaptive_budget(index_t n, double alpha, double exponent) {
 AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
                           float* out, const AttentionOptions& options) {
   check_shapes(Q, K, V, out);
-  const AttentionOptions o = resolve_budget(options, K.rows);
-  check_options(o);
-  const index_t heads = Q.batch * Q.heads, m = Q.rows, n = K.rows, d = Q.cols, dv = V.cols;
-  kernels::KernelParams params;
-  params.kernel = o.kernel;
-  params.p = static_cast<float>(o.p);
-  params.scale = static_cast<float>(
-      !std::isnan(o.scale) ? o.scale
-                           : (o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d))
-                                                          : 1.0));
-  {
-    // Logits are bounded by |scale| max|q| max|k|; tiles need checking only if that can overflow.
-    const auto max_norm = [](const Tensor4Ref& t) {
-      const ConstMatrix a{t.data, t.batch * t.heads * t.rows, t.cols};
-      double best = 0.0;
-      for (index_t i = 0; i < a.rows; ++i) {
-        double s = 0.0;
-        for (index_t j = 0; j < a.cols; ++j) s += static_cast<double>(a(i, j)) * a(i, j);
-        best = std::max(best, s);
-      }
-      return std::sqrt(best);
-    };
-    const double bound = std::fabs(static_cast<double>(params.scale)) * max_norm(Q) * max_norm(K);
-    params.check_overflow = !(bound < 0.5 * static_cast<double>(std::numeric_limits<float>::max()));
-  }
+  const Plan pl = make_plan(Q, K, V, options);
+  const AttentionOptions& o = pl.o;
+  const index_t heads = pl.heads, blocks = pl.blocks;
+  const Inputs in{Q, K, V, out};
   AttentionResult res;
-  res.top_k = std::min(o.top_k, n);
+  res.top_k = pl.k_top;
+  std::vector<HeadSelection> sel(static_cast<std::size_t>(pl.shared ? heads : 0));
+  std::vector<index_t> top(static_cast<std::size_t>(o.select == Select::topk ? heads * pl.m * pl.k_top : 0));
+  std::vector<BlockStats> stats(static_cast<std::size_t>(heads * blocks));
 
-  // Selection.
-  const auto t_sel = Clock::now();
-  const bool shared = o.select == Select::leverage || o.select == Select::random ||
-                      o.select == Select::none;
-  // A window wider than both sequences sees everything; clamping keeps i +- window in range.
-  const index_t window = std::min(o.window, std::max(m, n));
-  std::vector<HeadSelection> sel(static_cast<std::size_t>(shared ? heads : 0));
-  const index_t k_top = std::min(o.top_k, n);
-  std::vector<index_t> top;  // topk: heads x m x k_top
-  detail::ExceptionTrap trap;
-  if (shared) {
-    for (index_t h = 0; h < heads; ++h) {
-      const ConstMatrix Kh = K.slice(h / Q.heads, h % Q.heads), Vh = V.slice(h / Q.heads, h % Q.heads);
-      HeadSelection& s = sel[h];
-      s.keys = shared_keys(o, Kh, static_cast<std::uint64_t>(h));
-      const index_t u = static_cast<index_t>(s.keys.size());
-      s.k.resize(static_cast<std::size_t>(u * d));
-      s.v.resize(static_cast<std::size_t>(u * dv));
-      for (index_t a = 0; a < u; ++a) {
-        std::copy_n(Kh.row(s.keys[a]), d, s.k.data() + a * d);
-        std::copy_n(Vh.row(s.keys[a]), dv, s.v.data() + a * dv);
-      }
-      if (window >= 0) {
-        s.member.assign(static_cast<std::size_t>(n), 0);
-        for (index_t j : s.keys) s.member[j] = 1;
-      }
-      res.shared_sizes.push_back(u);
-    }
-  } else if (o.select == Select::topk) {
-    top.resize(static_cast<std::size_t>(heads * m * k_top));
-    const index_t blocks = (m + kernels::kQueryBlock - 1) / kernels::kQueryBlock;
-#pragma omp parallel if (heads * blocks > 1)
-    {
-      std::vector<float> tile;
-#pragma omp for schedule(dynamic, 1) collapse(2)
-      for (index_t h = 0; h < heads; ++h)
-        for (index_t b = 0; b < blocks; ++b)
-          trap.run([&] {
-            const index_t i0 = b * kernels::kQueryBlock, i1 = std::min(m, i0 + kernels::kQueryBlock);
-            detail::top_keys(params, Q.slice(h / Q.heads, h % Q.heads),
-                             K.slice(h / Q.heads, h % Q.heads), k_top, i0, i1,
-                             top.data() + (h * m + i0) * k_top, tile);
-          });
-    }
-    trap.rethrow();
-    res.shared_sizes.assign(static_cast<std::size_t>(heads), 0);
-  } else {
-    res.shared_sizes.assign(static_cast<std::size_t>(heads), n);
-  }
-  res.seconds_selection = seconds_since(t_sel);
-
-  // Attention over the selection: one task per (head, query block).
-  const auto t_att = Clock::now();
-  const index_t qblock = kernels::kQueryBlock;
-  const index_t blocks = (m + qblock - 1) / qblock;
-  const index_t tasks = heads * blocks;
-  const index_t tile_width = kernels::kKeyTile;
+  // Work per head: the selection (scores O(n d^2)) and the attention over it.
+  const double nd = static_cast<double>(pl.n) * static_cast<double>(pl.d);
+  const double select_flops = o.select == Select::leverage ? 2.0 * nd * static_cast<double>(pl.d)
+                              : o.select == Select::topk   ? 2.0 * nd * static_cast<double>(pl.m)
+                                                           : 0.0;
+  const double keys_per_query = o.select == Select::full ? static_cast<double>(pl.n)
+                                : o.select == Select::topk ? static_cast<double>(pl.k_top)
+                                : static_cast<double>(pl.k_top + o.sinks + 2 * std::max<index_t>(pl.window, 0));
+  const double attend_flops = 2.0 * static_cast<double>(pl.m) * keys_per_query * static_cast<double>(pl.d + pl.dv);
+  const double total = static_cast<double>(heads) * (select_flops + attend_flops);
   std::atomic<index_t> done{0};
-  index_t empty = 0;
-  double keys_total = 0.0;
-#pragma omp parallel reduction(+ : empty, keys_total) if (tasks > 1)
-  {
-    kernels::OnlineBlock blk(params, qblock, tile_width, dv);
-    std::vector<float> gk, gv;  // topk gather buffers
-#pragma omp for schedule(dynamic, 1)
-    for (index_t t = 0; t < tasks; ++t) {
-      trap.run([&] {
-        const index_t h = t / blocks, b = t % blocks;
-        const index_t bb = h / Q.heads, hh = h % Q.heads;
-        const ConstMatrix Qh = Q.slice(bb, hh), Kh = K.slice(bb, hh), Vh = V.slice(bb, hh);
-        const index_t i0 = b * qblock, rows = std::min(qblock, m - i0);
-        float* dst = out + (h * m + i0) * dv;
-        if (o.select == Select::topk) {
-          const index_t width = std::min(k_top, tile_width);
-          gk.resize(static_cast<std::size_t>(width * d));
-          gv.resize(static_cast<std::size_t>(width * dv));
-          for (index_t r = 0; r < rows; ++r) {
-            const index_t* keys = top.data() + (h * m + i0 + r) * k_top;
-            blk.begin(Qh.row(i0 + r), d, 1, d);
-            for (index_t c0 = 0; c0 < k_top; c0 += width) {  // the query's keys, tile by tile
-              const index_t c = std::min(width, k_top - c0);
-              for (index_t a = 0; a < c; ++a) {
-                std::copy_n(Kh.row(keys[c0 + a]), d, gk.data() + a * d);
-                std::copy_n(Vh.row(keys[c0 + a]), dv, gv.data() + a * dv);
-              }
-              blk.logits(gk.data(), d, c);
-              blk.absorb(gv.data(), dv, c);
-            }
-            empty += blk.finish(dst + r * dv, dv);
-          }
-          keys_total += static_cast<double>(rows * k_top);
-          return;
-        }
-        blk.begin(Qh.row(i0), Qh.ld, rows, d);
-        if (o.select == Select::full) {
-          for (index_t c0 = 0; c0 < n; c0 += kernels::kKeyTile) {
-            const index_t c = std::min(kernels::kKeyTile, n - c0);
-            blk.logits(Kh.row(c0), Kh.ld, c);
-            blk.absorb(Vh.row(c0), Vh.ld, c);
-          }
-          keys_total += static_cast<double>(rows * n);
-        } else {
-          const HeadSelection& s = sel[h];
-          const index_t u = static_cast<index_t>(s.keys.size());
-          for (index_t c0 = 0; c0 < u; c0 += tile_width) {
-            const index_t c = std::min(tile_width, u - c0);
-            blk.logits(s.k.data() + c0 * d, d, c);
-            blk.absorb(s.v.data() + c0 * dv, dv, c);
-          }
-          keys_total += static_cast<double>(rows * u);
-          if (window >= 0) {
-            // The band of keys any query of the block can see, masked per row to its own
-            // window minus the shared keys (already counted).
-            const index_t j0 = std::max<index_t>(0, i0 - window);
-            const index_t j1 = std::min(n, i0 + rows + window);
-            for (index_t c0 = j0; c0 < j1; c0 += kernels::kKeyTile) {
-              const index_t c = std::min(kernels::kKeyTile, j1 - c0);
-              float* tile = blk.logits(Kh.row(c0), Kh.ld, c);
-              for (index_t r = 0; r < rows; ++r) {
-                const index_t i = i0 + r;
-                float* srow = tile + r * c;
-                for (index_t a = 0; a < c; ++a) {
-                  const index_t j = c0 + a;
-                  const bool in_window = j >= i - window && j <= i + window;
-                  if (!in_window || s.member[j]) {
-                    srow[a] = -std::numeric_limits<float>::infinity();
-                  } else {
-                    keys_total += 1.0;
-                  }
-                }
-              }
-              blk.absorb(Vh.row(c0), Vh.ld, c);
-            }
-          }
-        }
-        empty += blk.finish(dst, dv);
-      });
-      const index_t now = ++done;
-      if (o.progress && omp_get_thread_num() == 0)
-        trap.run([&] { o.progress(static_cast<double>(now) / static_cast<double>(tasks)); });
-    }
+  const auto report = [&](index_t finished) {
+    if (o.progress && omp_get_thread_num() == 0)
+      o.progress(static_cast<double>(finished) / static_cast<double>(heads * blocks));
+  };
+  const auto make = [&] { return Workspace(pl); };
+  double t_select = 0.0;
+  const auto t0 = Clock::now();
+  if (heads >= 2 * omp_get_max_threads() || blocks == 1) {
+    // Many (batch, head) pairs: one task per pair, selection and attention together, each task
+    // on one thread (nested work is serial), in one parallel region.
+    detail::parallel_tasks(heads, total, make, [&](index_t h, Workspace& w) {
+      const index_t bb = h / pl.qheads, hh = h % pl.qheads;
+      if (pl.shared) sel[h] = select_head(pl, K.slice(bb, hh), V.slice(bb, hh), h);
+      for (index_t b = 0; b < blocks; ++b) {
+        stats[h * blocks + b] = run_block(pl, w, in, pl.shared ? &sel[h] : nullptr, top.data(), h, b);
+        report(++done);
+      }
+    });
+  } else {
+    // Few pairs, many queries each: the selections first (each may use the team itself), then
+    // one task per (pair, query block).
+    if (pl.shared)
+      for (index_t h = 0; h < heads; ++h)
+        sel[h] = select_head(pl, K.slice(h / pl.qheads, h % pl.qheads), V.slice(h / pl.qheads, h % pl.qheads), h);
+    t_select = seconds_since(t0);
+    detail::parallel_tasks(heads * blocks, total, make, [&](index_t t, Workspace& w) {
+      const index_t h = t / blocks;
+      stats[t] = run_block(pl, w, in, pl.shared ? &sel[h] : nullptr, top.data(), h, t % blocks);
+      report(++done);
+    });
   }
-  trap.rethrow();
-  res.seconds_attention = seconds_since(t_att);
-  res.empty_rows = empty;
-  res.mean_keys_per_query = keys_total / static_cast<double>(heads * m);
+  const double t_all = seconds_since(t0);
+  res.seconds_selection = t_select;
+  res.seconds_attention = t_all - t_select;
+  double keys_total = 0.0;
+  for (const BlockStats& st : stats) {
+    res.empty_rows += st.empty;
+    keys_total += st.keys;
+  }
+  res.mean_keys_per_query = keys_total / static_cast<double>(heads * pl.m);
+  res.shared_sizes.assign(static_cast<std::size_t>(heads), o.select == Select::full ? pl.n : 0);
+  for (index_t h = 0; h < static_cast<index_t>(sel.size()); ++h)
+    res.shared_sizes[h] = static_cast<index_t>(sel[h].keys.size());
 
   // Finite inputs can still overflow float32 in the logits (|q||k| scale > 3e38).
-  if (!detail::all_finite(out, heads * m * dv)) {
+  if (!detail::all_finite(out, heads * pl.m * pl.dv)) {
     detail::invalid("attention: the scaled logits overflow float32; rescale queries or keys "
                     "(or pass a smaller scale)");
   }
   if (o.return_selection) {
-    if (shared)
-      for (auto& s : sel) res.shared_keys.push_back(std::move(s.keys));
+    for (auto& s : sel) res.shared_keys.push_back(std::move(s.keys));
     res.query_keys = std::move(top);
   }
   return res;

@@ -3,6 +3,8 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include "kernels/isa.hpp"
+
 namespace levattn {
 
 BuildInfo build_info() {
@@ -10,14 +12,8 @@ BuildInfo build_info() {
   b.version = LEVATTN_VERSION;
   b.blas = openblas_get_config();
   b.blas_core = openblas_get_corename();
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  b.isa = __builtin_cpu_supports("avx512f") ? "avx512f"
-          : __builtin_cpu_supports("avx2")  ? "avx2"
-                                            : "x86-64";
-#else
-  b.isa = "generic";
-#endif
+  b.cpu_isa = kernels::to_string(kernels::cpu_isa());
+  b.isa = kernels::to_string(kernels::active_isa());
   b.threads = omp_get_max_threads();
 #if defined(__SANITIZE_ADDRESS__)
   b.sanitizers = true;

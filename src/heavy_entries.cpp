@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "detail/blas.hpp"
+#include "detail/lapack.hpp"
 #include "detail/leverage.hpp"
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
@@ -38,80 +39,76 @@ void merge_blocks(const std::vector<std::vector<HeavyEntry>>& found,
   }
 }
 
+// Exact x^2 heavy entries: keys of U_eps only, and Z_i = ||R q_i||^2 with K = Q R (header).
 HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& lo) {
   check_inputs(Q, K, eps);
-  const index_t m = Q.rows, d = K.cols;
+  if (lo.method == ScoreMethod::sketch)
+    detail::invalid("method sketch: exact x^2 normalisers need the exact factor of the keys "
+                    "(O(n d^2)), which costs more than a sketch saves; use method exact, or "
+                    "sampled normalisers");
+  const index_t m = Q.rows, n = K.rows, d = K.cols;
   LeverageOptions exact = lo;
-  exact.method = ScoreMethod::exact;
   exact.ridge = 0.0;
   const KeyGram g = key_gram(K, exact);
-  const UniversalSet U = universal_set(
-      lo.method == ScoreMethod::sketch ? leverage_scores(K, lo) : detail::scores_unchecked(K, g), eps);
+  const UniversalSet U = universal_set(detail::scores_unchecked(K, g), eps);
   const index_t u = static_cast<index_t>(U.indices.size());
+  const std::vector<double> R = detail::key_r_factor(K);
+  double frob2 = 0.0;  // ||K||_F^2 = trace(K^T K)
+  for (index_t i = 0; i < d; ++i) frob2 += g.gram[i * d + i];
+  // ||R q|| carries an error of at most n d u ||K||_F ||q|| (Householder QR, Higham Thm 19.4).
+  const double res = static_cast<double>(n) * static_cast<double>(d) * std::numeric_limits<double>::epsilon() / 2;
+  const double zero_tol = res * res * frob2;
 
   HeavyEntries out;
   out.universal_size = u;
   out.rank = g.rank;
-  out.normaliser = "exact (q^T M q)";
+  out.normaliser = "exact (||R q||^2, K = QR)";
 
   // Keys of U in float64 (|U| x d), so the dot products are not the accuracy bottleneck.
   std::vector<double> KU(static_cast<std::size_t>(u * d));
   for (index_t a = 0; a < u; ++a)
     for (index_t j = 0; j < d; ++j) KU[a * d + j] = K(U.indices[a], j);
-  const double lmax = std::max(g.eigenvalues.empty() ? 0.0 : g.eigenvalues[0], 0.0);
-  const double zero_tol = 64.0 * std::numeric_limits<double>::epsilon() * lmax;
 
   constexpr index_t kRows = 256;
   const index_t blocks = (m + kRows - 1) / kRows;
   std::vector<std::vector<HeavyEntry>> found(static_cast<std::size_t>(blocks));
   std::vector<std::vector<index_t>> zeros(static_cast<std::size_t>(blocks));
-  detail::ExceptionTrap trap;
-#pragma omp parallel if (blocks > 1)
-  {
+  struct Workspace {
     std::vector<double> q, t, dots;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t b = 0; b < blocks; ++b) {
-      trap.run([&] {
-        const index_t r0 = b * kRows, rows = std::min(kRows, m - r0);
-        q.resize(static_cast<std::size_t>(rows * d));
-        t.resize(static_cast<std::size_t>(rows * d));
-        for (index_t i = 0; i < rows; ++i)
-          for (index_t j = 0; j < d; ++j) q[i * d + j] = Q(r0 + i, j);
-        // T = Q_b M, Z_i = <T_i, q_i>: the exact normaliser sum_l (q_i.k_l)^2 in O(d^2).
-        detail::dgemm_ab(rows, d, d, 1.0, q.data(), d, g.gram.data(), d, 0.0, t.data(), d);
-        if (u > 0) {
-          dots.resize(static_cast<std::size_t>(rows * u));
-          detail::dgemm_abt(rows, u, d, 1.0, q.data(), d, KU.data(), d, 0.0, dots.data(), u);
-        }
-        for (index_t i = 0; i < rows; ++i) {
-          double z = 0.0, qq = 0.0;
-          for (index_t j = 0; j < d; ++j) {
-            z += t[i * d + j] * q[i * d + j];
-            qq += q[i * d + j] * q[i * d + j];
-          }
-          if (z <= zero_tol * qq) {
-            zeros[b].push_back(r0 + i);
-            continue;
-          }
-          for (index_t a = 0; a < u; ++a) {
-            const double x = dots[i * u + a];
-            const double v = x * x / z;
-            if (v >= eps) found[b].push_back({r0 + i, U.indices[a], v});
-          }
-        }
-      });
+  };
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(d * (d + u));
+  detail::parallel_tasks(blocks, flops, [] { return Workspace{}; }, [&](index_t b, Workspace& w) {
+    const index_t r0 = b * kRows, rows = std::min(kRows, m - r0);
+    w.q.resize(static_cast<std::size_t>(rows * d));
+    w.t.resize(static_cast<std::size_t>(rows * d));
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j < d; ++j) w.q[i * d + j] = Q(r0 + i, j);
+    // T = Q_b R^T: row i is R q_i, and Z_i = ||R q_i||^2 = sum_l (q_i.k_l)^2, a sum of squares.
+    detail::dgemm_abt(rows, d, d, 1.0, w.q.data(), d, R.data(), d, 0.0, w.t.data(), d);
+    if (u > 0) {
+      w.dots.resize(static_cast<std::size_t>(rows * u));
+      detail::dgemm_abt(rows, u, d, 1.0, w.q.data(), d, KU.data(), d, 0.0, w.dots.data(), u);
     }
-  }
-  trap.rethrow();
+    for (index_t i = 0; i < rows; ++i) {
+      double z = 0.0, qq = 0.0;
+      for (index_t j = 0; j < d; ++j) {
+        z += w.t[i * d + j] * w.t[i * d + j];
+        qq += w.q[i * d + j] * w.q[i * d + j];
+      }
+      if (z <= zero_tol * qq) {
+        zeros[b].push_back(r0 + i);
+        continue;
+      }
+      for (index_t a = 0; a < u; ++a) {
+        const double x = w.dots[i * u + a];
+        const double v = x * x / z;
+        if (v >= eps) found[b].push_back({r0 + i, U.indices[a], v});
+      }
+    }
+  });
   merge_blocks(found, zeros, out);
   return out;
 }
-
-}  // namespace
-
-HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps) { return heavy_x2(Q, K, eps, {}); }
-
-namespace {
 
 // |x|^p with the common exponents multiplied out.
 inline double power(double x, double p) {
@@ -123,9 +120,138 @@ inline double power(double x, double p) {
   return std::pow(a, p);
 }
 
-}  // namespace
 
-HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& o) {
+// The keys the |x|^p normalisers run over: all of K, or r keys drawn with probability t_l / T
+// (importance weights 1 / (r pi_l)), in float64 so that Z_i is as accurate as the numerators.
+struct NormaliserKeys {
+  index_t r = 0;                // keys drawn; 0: every key (exact)
+  double gamma = 0.0;           // sampled: stated accuracy
+  std::vector<double> keys64;   // (r or n) x d
+  std::vector<double> weight;   // per sampled key: 1 / (r pi_l)
+};
+
+NormaliserKeys normaliser_keys(ConstMatrix K, const LeverageScores& t, const HeavyOptions& o,
+                               index_t m, std::uint64_t stream) {
+  const index_t n = K.rows, d = K.cols;
+  NormaliserKeys nk;
+  double total = 0.0;
+  for (double x : t.scores) total += x;
+  if (o.normaliser == Normaliser::sampled && total > 0.0) {
+    const double logterm = std::log(2.0 * static_cast<double>(m) / o.delta);
+    const index_t r = o.samples > 0 ? o.samples
+                                    : static_cast<index_t>(std::ceil(3.0 * total * logterm / (o.gamma * o.gamma)));
+    if (r < n) {  // else the exact normaliser is cheaper
+      nk.r = r;
+      nk.gamma = std::sqrt(3.0 * total * logterm / static_cast<double>(r));
+      if (nk.gamma >= 1.0) {
+        std::ostringstream os;
+        os << "samples: " << r << " keys give no (1 +- gamma) guarantee (gamma = " << nk.gamma
+           << " >= 1); draw at least " << static_cast<index_t>(std::ceil(3.0 * total * logterm))
+           << " or leave samples at 0";
+        detail::invalid(os.str());
+      }
+    }
+  }
+  if (nk.r == 0) {
+    nk.keys64.resize(static_cast<std::size_t>(n * d));
+    for (index_t l = 0; l < n; ++l)
+      for (index_t j = 0; j < d; ++j) nk.keys64[l * d + j] = K(l, j);
+    return nk;
+  }
+  std::vector<double> cdf(static_cast<std::size_t>(n));
+  double acc = 0.0;
+  for (index_t l = 0; l < n; ++l) cdf[l] = (acc += t.scores[l]);
+  const detail::CounterRng rng(o.seed, detail::Purpose::sampled_normaliser, stream);
+  nk.keys64.resize(static_cast<std::size_t>(nk.r * d));
+  nk.weight.resize(static_cast<std::size_t>(nk.r));
+  for (index_t s = 0; s < nk.r; ++s) {
+    const double x = rng.uniform(static_cast<std::uint64_t>(s)) * acc;
+    index_t l = static_cast<index_t>(std::upper_bound(cdf.begin(), cdf.end(), x) - cdf.begin());
+    l = std::min(l, n - 1);
+    while (t.scores[l] <= 0.0 && l > 0) --l;  // never land on a zero-probability key
+    for (index_t j = 0; j < d; ++j) nk.keys64[s * d + j] = K(l, j);
+    nk.weight[s] = acc / (static_cast<double>(nk.r) * t.scores[l]);
+  }
+  return nk;
+}
+
+// Heavy entries of |x|^p attention (header): U from the sensitivity bounds, Z_i over nk's keys.
+HeavyEntries heavy_power(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& o,
+                         std::uint64_t stream) {
+  check_inputs(Q, K, eps);
+  const index_t m = Q.rows, d = K.cols;
+  // Upper bounds on the sensitivities: no ridge (ridge scores are smaller), and inflated by the
+  // scores' own accuracy so that |q.k_l|^p <= t_l Z holds for sketched or rounded scores too.
+  LeverageOptions lo = o.leverage;
+  lo.ridge = 0.0;
+  LeverageScores t = sensitivity_bounds(K, o.p, lo);
+  for (double& x : t.scores) x = std::min(1.0, x * (1.0 + t.rel_error_bound));
+  t.rel_error_bound = 0.0;
+  const UniversalSet U = universal_set(t, eps);
+  const index_t u = static_cast<index_t>(U.indices.size());
+  const NormaliserKeys nk = normaliser_keys(K, t, o, m, stream);
+  const index_t nkeys = nk.r > 0 ? nk.r : K.rows;
+
+  HeavyEntries out;
+  out.universal_size = u;
+  out.rank = t.rank;
+  out.p = o.p;
+  out.samples = nk.r;
+  out.gamma = nk.gamma;
+  out.normaliser = nk.r > 0 ? "sampled" : "exact (all keys)";
+  const double report = nk.r > 0 ? eps / (1.0 + nk.gamma) : eps;
+  std::vector<double> KU(static_cast<std::size_t>(u * d));
+  for (index_t a = 0; a < u; ++a)
+    for (index_t j = 0; j < d; ++j) KU[a * d + j] = K(U.indices[a], j);
+
+  constexpr index_t kRows = 256, kTile = 512;
+  const index_t blocks = (m + kRows - 1) / kRows;
+  std::vector<std::vector<HeavyEntry>> found(static_cast<std::size_t>(blocks));
+  std::vector<std::vector<index_t>> zeros(static_cast<std::size_t>(blocks));
+  struct Workspace {
+    std::vector<double> tile, q, dots, z;
+  };
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(d * (nkeys + u));
+  detail::parallel_tasks(blocks, flops, [] { return Workspace{}; }, [&](index_t b, Workspace& w) {
+    const index_t r0 = b * kRows, rows = std::min(kRows, m - r0);
+    w.tile.resize(static_cast<std::size_t>(kRows * kTile));
+    w.q.resize(static_cast<std::size_t>(rows * d));
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j < d; ++j) w.q[i * d + j] = Q(r0 + i, j);
+    w.z.assign(static_cast<std::size_t>(rows), 0.0);
+    for (index_t c0 = 0; c0 < nkeys; c0 += kTile) {
+      const index_t c = std::min(kTile, nkeys - c0);
+      detail::dgemm_abt(rows, c, d, 1.0, w.q.data(), d, nk.keys64.data() + c0 * d, d, 0.0, w.tile.data(), c);
+      for (index_t i = 0; i < rows; ++i) {
+        double s = 0.0;
+        const double* row = w.tile.data() + i * c;
+        if (nk.r > 0)
+          for (index_t a = 0; a < c; ++a) s += power(row[a], o.p) * nk.weight[c0 + a];
+        else
+          for (index_t a = 0; a < c; ++a) s += power(row[a], o.p);
+        w.z[i] += s;
+      }
+    }
+    if (u > 0) {
+      w.dots.resize(static_cast<std::size_t>(rows * u));
+      detail::dgemm_abt(rows, u, d, 1.0, w.q.data(), d, KU.data(), d, 0.0, w.dots.data(), u);
+    }
+    for (index_t i = 0; i < rows; ++i) {
+      if (!(w.z[i] > 0.0)) {
+        zeros[b].push_back(r0 + i);
+        continue;
+      }
+      for (index_t a = 0; a < u; ++a) {
+        const double v = power(w.dots[i * u + a], o.p) / w.z[i];
+        if (v >= report) found[b].push_back({r0 + i, U.indices[a], v});
+      }
+    }
+  });
+  merge_blocks(found, zeros, out);
+  return out;
+}
+
+void check_options(const HeavyOptions& o) {
   std::ostringstream os;
   if (!(o.p > 0.0 && std::isfinite(o.p))) {
     os << "p: expected a finite exponent > 0, got " << o.p;
@@ -136,124 +262,41 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
     detail::require_open_unit(o.gamma, "gamma");
     detail::require_open_unit(o.delta, "delta");
   }
+}
+
+HeavyEntries heavy_head(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& o,
+                        std::uint64_t stream) {
   if (o.p == 2.0 && o.normaliser == Normaliser::exact) return heavy_x2(Q, K, eps, o.leverage);
-  check_inputs(Q, K, eps);
-  const index_t m = Q.rows, n = K.rows, d = K.cols;
-  // Upper bounds on the sensitivities: no ridge (ridge scores are smaller), and inflated by the
-  // scores' own accuracy so that |q.k_l|^p <= t_l Z holds for sketched or rounded scores too.
-  LeverageOptions lo = o.leverage;
-  lo.ridge = 0.0;
-  LeverageScores t = sensitivity_bounds(K, o.p, lo);
-  for (double& x : t.scores) x = std::min(1.0, x * (1.0 + t.rel_error_bound));
-  t.rel_error_bound = 0.0;
-  const UniversalSet U = universal_set(t, eps);
-  const index_t u = static_cast<index_t>(U.indices.size());
+  return heavy_power(Q, K, eps, o, stream);
+}
 
-  HeavyEntries out;
-  out.universal_size = u;
-  out.rank = t.rank;
-  out.p = o.p;
+}  // namespace
 
-  // Sampling plan: keys drawn with probability t_l / T and their importance weights 1/(r pi_l).
-  double total = 0.0;
-  for (double x : t.scores) total += x;
-  index_t r = 0;
-  if (o.normaliser == Normaliser::sampled && total > 0.0) {
-    const double logterm = std::log(2.0 * static_cast<double>(m) / o.delta);
-    r = o.samples > 0 ? o.samples
-                      : static_cast<index_t>(std::ceil(3.0 * total * logterm / (o.gamma * o.gamma)));
-    if (r < n) {
-      out.samples = r;
-      out.gamma = std::sqrt(3.0 * total * logterm / static_cast<double>(r));
-      if (out.gamma >= 1.0) {
-        os << "samples: " << r << " keys give no (1 +- gamma) guarantee (gamma = " << out.gamma
-           << " >= 1); draw at least " << static_cast<index_t>(std::ceil(3.0 * total * logterm))
-           << " or leave samples at 0";
-        detail::invalid(os.str());
-      }
-    } else {
-      r = 0;  // the exact normaliser is cheaper
-    }
+HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps) { return heavy_x2(Q, K, eps, {}); }
+
+HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& o) {
+  check_options(o);
+  return heavy_head(Q, K, eps, o, 0);
+}
+
+std::vector<HeavyEntries> heavy_entries(const Tensor4Ref& Q, const Tensor4Ref& K, double eps,
+                                        const HeavyOptions& o) {
+  check_options(o);
+  if (Q.batch != K.batch || Q.heads != K.heads || Q.batch < 1 || Q.heads < 1) {
+    std::ostringstream os;
+    os << "keys: expected the queries' (batch, heads) = (" << Q.batch << ", " << Q.heads
+       << "), got (" << K.batch << ", " << K.heads << ")";
+    detail::invalid(os.str());
   }
-  out.normaliser = r > 0 ? "sampled" : "exact (all keys)";
-  std::vector<float> ks;       // the sampled keys (r x d) or none
-  std::vector<double> weight;  // 1 / (r pi_l) per sample
-  if (r > 0) {
-    std::vector<double> cdf(static_cast<std::size_t>(n));
-    double acc = 0.0;
-    for (index_t l = 0; l < n; ++l) cdf[l] = (acc += t.scores[l]);
-    const detail::CounterRng rng(o.seed, 0x6865617679ull);  // stream: "heavy"
-    ks.resize(static_cast<std::size_t>(r * d));
-    weight.resize(static_cast<std::size_t>(r));
-    for (index_t s = 0; s < r; ++s) {
-      const double x = rng.uniform(static_cast<std::uint64_t>(s)) * acc;
-      index_t l = static_cast<index_t>(std::upper_bound(cdf.begin(), cdf.end(), x) - cdf.begin());
-      l = std::min(l, n - 1);
-      while (t.scores[l] <= 0.0 && l > 0) --l;  // never land on a zero-probability key
-      std::copy_n(K.row(l), d, ks.data() + s * d);
-      weight[s] = acc / (static_cast<double>(r) * t.scores[l]);
-    }
-  }
-  // The keys the normaliser runs over, in float64 so that Z_i is as accurate as the numerators.
-  const index_t nkeys = r > 0 ? r : n;
-  std::vector<double> keys64(static_cast<std::size_t>(nkeys * d));
-  for (index_t l = 0; l < nkeys; ++l)
-    for (index_t j = 0; j < d; ++j) keys64[l * d + j] = r > 0 ? ks[l * d + j] : K(l, j);
-  const double report = r > 0 ? eps / (1.0 + out.gamma) : eps;
-
-  std::vector<double> KU(static_cast<std::size_t>(u * d));
-  for (index_t a = 0; a < u; ++a)
-    for (index_t j = 0; j < d; ++j) KU[a * d + j] = K(U.indices[a], j);
-
-  constexpr index_t kRows = 256, kTile = 512;
-  const index_t blocks = (m + kRows - 1) / kRows;
-  std::vector<std::vector<HeavyEntry>> found(static_cast<std::size_t>(blocks));
-  std::vector<std::vector<index_t>> zeros(static_cast<std::size_t>(blocks));
-  detail::ExceptionTrap trap;
-#pragma omp parallel if (blocks > 1)
-  {
-    std::vector<double> tile(static_cast<std::size_t>(kRows * kTile));
-    std::vector<double> q, dots, z;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t b = 0; b < blocks; ++b) {
-      trap.run([&] {
-        const index_t r0 = b * kRows, rows = std::min(kRows, m - r0);
-        q.resize(static_cast<std::size_t>(rows * d));
-        for (index_t i = 0; i < rows; ++i)
-          for (index_t j = 0; j < d; ++j) q[i * d + j] = Q(r0 + i, j);
-        z.assign(static_cast<std::size_t>(rows), 0.0);
-        for (index_t c0 = 0; c0 < nkeys; c0 += kTile) {
-          const index_t c = std::min(kTile, nkeys - c0);
-          detail::dgemm_abt(rows, c, d, 1.0, q.data(), d, keys64.data() + c0 * d, d, 0.0, tile.data(), c);
-          for (index_t i = 0; i < rows; ++i) {
-            double s = 0.0;
-            const double* row = tile.data() + i * c;
-            if (r > 0)
-              for (index_t a = 0; a < c; ++a) s += power(row[a], o.p) * weight[c0 + a];
-            else
-              for (index_t a = 0; a < c; ++a) s += power(row[a], o.p);
-            z[i] += s;
-          }
-        }
-        if (u > 0) {
-          dots.resize(static_cast<std::size_t>(rows * u));
-          detail::dgemm_abt(rows, u, d, 1.0, q.data(), d, KU.data(), d, 0.0, dots.data(), u);
-        }
-        for (index_t i = 0; i < rows; ++i) {
-          if (!(z[i] > 0.0)) {
-            zeros[b].push_back(r0 + i);
-            continue;
-          }
-          for (index_t a = 0; a < u; ++a) {
-            const double v = power(dots[i * u + a], o.p) / z[i];
-            if (v >= report) found[b].push_back({r0 + i, U.indices[a], v});
-          }
-        }
-      });
-    }
-  }
-  trap.rethrow();
-  merge_blocks(found, zeros, out);
+  const index_t pairs = Q.batch * Q.heads;
+  std::vector<HeavyEntries> out(static_cast<std::size_t>(pairs));
+  const double flops = static_cast<double>(pairs) * static_cast<double>(K.rows + Q.rows) *
+                       static_cast<double>(K.cols * K.cols);
+  // One pair per task, each computed serially inside: no team per pair.
+  detail::parallel_tasks(pairs, flops, [] { return 0; }, [&](index_t h, int&) {
+    const index_t b = h / Q.heads, hh = h % Q.heads;
+    out[h] = heavy_head(Q.slice(b, hh), K.slice(b, hh), eps, o, static_cast<std::uint64_t>(h));
+  });
   return out;
 }
 

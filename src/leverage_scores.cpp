@@ -3,6 +3,7 @@
 #include "levattn/leverage_scores.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -10,6 +11,7 @@
 
 #include "detail/blas.hpp"
 #include "detail/gram.hpp"
+#include "detail/lapack.hpp"
 #include "detail/leverage.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
@@ -19,7 +21,6 @@ namespace levattn {
 namespace {
 
 constexpr index_t kConvertRows = 1024;  // rows converted to float64 per dsyrk call
-constexpr index_t kPartials = 16;       // fixed count of partial Grams: thread-count independent
 constexpr index_t kScoreRows = 1024;    // rows per GEMM in the score pass
 // Use the float32 score pass when its proven relative error is at most this.
 constexpr double kFloat32Tolerance = 1e-4;
@@ -59,15 +60,7 @@ bool triangular_factor(KeyGram& g) {
   const index_t d = g.d;
   std::vector<double> L = g.gram;
   for (index_t i = 0; i < d; ++i) L[i * d + i] += g.ridge;
-  lapack_int info = 0;
-  detail::with_serial_blas([&] {
-    info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, 'L', static_cast<lapack_int>(d), L.data(),
-                          static_cast<lapack_int>(d));
-    if (info == 0)
-      info = LAPACKE_dtrtri(LAPACK_ROW_MAJOR, 'L', 'N', static_cast<lapack_int>(d), L.data(),
-                            static_cast<lapack_int>(d));
-  });
-  if (info != 0) return false;
+  if (!detail::inverse_cholesky(L, d)) return false;
   g.factor.assign(static_cast<std::size_t>(d * d), 0.0);
   for (index_t i = 0; i < d; ++i)
     for (index_t j = i; j < d; ++j) g.factor[i * d + j] = L[j * d + i];  // (L^-1)^T
@@ -75,92 +68,144 @@ bool triangular_factor(KeyGram& g) {
   return true;
 }
 
-// From g.gram (M) and g.ridge: eigenvalues, numerical rank and the factor B with
-// (M + ridge I)^+ = B B^T; B is triangular (Cholesky) when allowed and M is of full rank.
-void factor_gram(KeyGram& g, double rank_rtol, bool allow_triangular) {
+// Fast path for well-conditioned M (no ridge): B = L^-T from one Cholesky, no eigensolver. With
+// t = trace(M) >= lambda_max and f = ||L^-1||_F^2 = trace(M^-1) >= 1 / lambda_min, t f bounds both
+// the condition number and sum_i lambda_max / lambda_i; when t f < 1 / rank_rtol^2 every
+// eigenvalue exceeds rank_rtol^2 lambda_max, so M has full numerical rank. False otherwise.
+bool cholesky_factor(KeyGram& g, double rank_rtol) {
+  const index_t d = g.d;
+  std::vector<double> L = g.gram;
+  if (!detail::inverse_cholesky(L, d)) return false;
+  double trace = 0.0, frob = 0.0;
+  for (index_t i = 0; i < d; ++i) {
+    trace += g.gram[i * d + i];
+    for (index_t j = 0; j <= i; ++j) frob += L[i * d + j] * L[i * d + j];
+  }
+  const double bound = trace * frob;
+  if (!(std::isfinite(bound) && bound * rank_rtol * rank_rtol < 1.0)) return false;
+  g.factor.assign(static_cast<std::size_t>(d * d), 0.0);
+  for (index_t i = 0; i < d; ++i)
+    for (index_t j = i; j < d; ++j) g.factor[i * d + j] = L[j * d + i];  // (L^-1)^T
+  g.triangular = true;
+  g.rank = d;
+  g.condition_sum = g.condition = bound;
+  return true;
+}
+
+// The eigendecomposition path: numerical rank (eigenvalues above rank_rtol^2 lambda_max), exact
+// condition figures, and B = V_r Lambda_r^-1/2 (all d directions with a ridge, where M + lambda I
+// is invertible), or the Cholesky factor of M + ridge I when allowed and of full rank.
+void eigen_factor(KeyGram& g, double rank_rtol, bool allow_triangular) {
   const index_t d = g.d;
   std::vector<double> vecs = g.gram;
-  std::vector<double> w(static_cast<std::size_t>(d));
-  lapack_int info = 0;
-  detail::with_serial_blas([&] {
-    info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', static_cast<lapack_int>(d), vecs.data(),
-                          static_cast<lapack_int>(d), w.data());
-  });
-  if (info != 0) {
-    throw Error(ErrorKind::internal, "leverage_scores: LAPACKE_dsyevd failed with info " +
-                                         std::to_string(info));
-  }
+  const std::vector<double> w = detail::symmetric_eigen(vecs, d, "leverage_scores");
   const double lmax = std::max(w[d - 1], 0.0);
   const double cut = rank_rtol * rank_rtol * lmax;
-  g.eigenvalues.resize(static_cast<std::size_t>(d));
-  for (index_t i = 0; i < d; ++i) g.eigenvalues[i] = std::max(w[d - 1 - i], 0.0) + g.ridge;
-
-  // Retained directions: those of the numerical range (all of them with a ridge, where
-  // M + lambda I is invertible). B's columns are v_i / sqrt(lambda_i + ridge), descending.
   index_t rank = 0;
   for (index_t i = 0; i < d; ++i) rank += (w[i] > cut && lmax > 0.0) ? 1 : 0;
   g.rank = rank;
   const index_t kept = g.ridge > 0.0 ? d : rank;
+  const auto lambda = [&](index_t c) { return std::max(w[d - 1 - c], 0.0) + g.ridge; };  // descending
+  g.condition_sum = 0.0;
+  for (index_t c = 0; c < kept; ++c) g.condition_sum += lambda(0) / lambda(c);
+  g.condition = kept > 0 ? lambda(0) / lambda(kept - 1) : 1.0;
   if (allow_triangular && kept == d && triangular_factor(g)) return;
   g.triangular = false;
   g.factor.assign(static_cast<std::size_t>(d * kept), 0.0);
   for (index_t c = 0; c < kept; ++c) {
-    const index_t e = d - 1 - c;  // eigenvalue index, descending
-    const double sc = 1.0 / std::sqrt(std::max(w[e], 0.0) + g.ridge);
+    const index_t e = d - 1 - c;
+    const double sc = 1.0 / std::sqrt(lambda(c));
     for (index_t i = 0; i < d; ++i) g.factor[i * kept + c] = vecs[i * d + e] * sc;
   }
 }
 
+// From g.gram (M) and g.ridge: numerical rank and the factor B with (M + ridge I)^+ = B B^T.
+void factor_gram(KeyGram& g, double rank_rtol, bool allow_triangular) {
+  if (allow_triangular && g.ridge == 0.0 && cholesky_factor(g, rank_rtol)) return;
+  eigen_factor(g, rank_rtol, allow_triangular);
+}
+
+// Per-thread buffers of the score pass.
+struct ScoreWorkspace {
+  std::vector<float> y32;
+  std::vector<double> k64, y64;
+};
+
+// tau_j = ||B^T k_j||^2 for rows r0 .. r0 + rows - 1, in float32 (B32 = the factor in float32).
+void score_rows32(ConstMatrix K, const KeyGram& g, const std::vector<float>& B32, index_t r0,
+                  index_t rows, ScoreWorkspace& ws, double* scores) {
+  const index_t d = K.cols, kept = static_cast<index_t>(B32.size()) / d;
+  ws.y32.resize(static_cast<std::size_t>(rows * kept));
+  if (g.triangular) {
+    for (index_t i = 0; i < rows; ++i) std::copy_n(K.row(r0 + i), d, ws.y32.data() + i * d);
+    cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, detail::bi(rows),
+                detail::bi(d), 1.0f, B32.data(), detail::bi(d), ws.y32.data(), detail::bi(d));
+  } else {
+    detail::gemm_ab(rows, kept, d, 1.0f, K.row(r0), K.ld, B32.data(), kept, 0.0f, ws.y32.data(), kept);
+  }
+  for (index_t i = 0; i < rows; ++i) scores[i] = std::min(squared_norm(ws.y32.data() + i * kept, kept), 1.0);
+}
+
+// The same in float64, for keys whose conditioning needs it.
+void score_rows64(ConstMatrix K, const KeyGram& g, index_t r0, index_t rows, ScoreWorkspace& ws,
+                  double* scores) {
+  const index_t d = K.cols, kept = static_cast<index_t>(g.factor.size()) / d;
+  ws.k64.resize(static_cast<std::size_t>(rows * d));
+  ws.y64.resize(static_cast<std::size_t>(rows * kept));
+  for (index_t i = 0; i < rows; ++i)
+    for (index_t j = 0; j < d; ++j) ws.k64[i * d + j] = K(r0 + i, j);
+  if (g.triangular) {
+    std::copy_n(ws.k64.data(), rows * d, ws.y64.data());
+    cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, detail::bi(rows),
+                detail::bi(d), 1.0, g.factor.data(), detail::bi(d), ws.y64.data(), detail::bi(d));
+  } else {
+    detail::dgemm_ab(rows, kept, d, 1.0, ws.k64.data(), d, g.factor.data(), kept, 0.0, ws.y64.data(), kept);
+  }
+  for (index_t i = 0; i < rows; ++i) scores[i] = std::min(squared_norm(ws.y64.data() + i * kept, kept), 1.0);
+}
+
 }  // namespace
 
-KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
+namespace detail {
+
+KeyGram key_gram(ConstMatrix K, const LeverageOptions& options, bool allow_triangular) {
   if (K.rows <= 0 || K.cols <= 0) detail::require_finite_matrix(K, "keys");  // names the shape
   check_options(options);
   const index_t n = K.rows, d = K.cols;
 
-  // M = sum of partial Grams; chunk c goes to partial c % kPartials and the partials are added in
-  // index order, so the rounding does not depend on how OpenMP schedules the work.
-  const index_t chunks = (n + kConvertRows - 1) / kConvertRows;
-  // At most 16 partials and at most 256 MiB of them (large d); both depend on (n, d) only.
-  const index_t by_memory = std::max<index_t>(1, (index_t{256} << 20) / (8 * d * d));
-  const index_t partials = std::min({kPartials, chunks, by_memory});
-  // Uninitialised: each partial's first DSYRK runs with beta = 0.
-  std::unique_ptr<double[]> part(new double[static_cast<std::size_t>(partials * d * d)]);
-  detail::ExceptionTrap trap;
-  bool finite = true;  // checked while converting, so K is read once
-#pragma omp parallel reduction(&& : finite) if (partials > 1)
-  {
-    std::unique_ptr<double[]> buf(new double[static_cast<std::size_t>(std::min(kConvertRows, n) * d)]);
-#pragma omp for schedule(dynamic, 1)
-    for (index_t p = 0; p < partials; ++p) {
-      trap.run([&] {
-        double* C = part.get() + p * d * d;
-        for (index_t c = p; c < chunks; c += partials) {
-          const index_t r0 = c * kConvertRows, rows = std::min(kConvertRows, n - r0);
-          bool ok = true;
-          for (index_t i = 0; i < rows; ++i) {
-            const float* src = K.row(r0 + i);
-            double* dst = buf.get() + i * d;
-            for (index_t j = 0; j < d; ++j) dst[j] = src[j];
-            ok = ok && detail::all_finite(src, d);
-          }
-          finite = finite && ok;
-          const double beta = c == p ? 0.0 : 1.0;
-          cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(rows), 1.0,
-                      buf.get(), detail::bi(d), beta, C, detail::bi(d));
+  // M = K^T K in float64 by the fixed-order accumulator; K is converted (and checked for
+  // finiteness) one block at a time, so it is read once.
+  const index_t blocks = (n + kConvertRows - 1) / kConvertRows;
+  std::atomic<bool> finite{true};
+  std::vector<double> gram = detail::fixed_order_gram(
+      blocks, std::min(kConvertRows, n), d, [&](index_t c, double* buf) {
+        const index_t r0 = c * kConvertRows, rows = std::min(kConvertRows, n - r0);
+        // Contiguous rows convert as one run (short rows make per-row loops slow).
+        const index_t run = K.ld == d ? rows * d : d, runs = K.ld == d ? 1 : rows;
+        bool ok = true;
+        for (index_t i = 0; i < runs; ++i) {
+          const float* src = K.row(r0 + i);
+          double* dst = buf + i * d;
+          for (index_t j = 0; j < run; ++j) dst[j] = src[j];
+          ok = ok && detail::all_finite(src, run);
         }
+        if (!ok) finite.store(false, std::memory_order_relaxed);
+        return rows;
       });
-    }
-  }
-  trap.rethrow();
   if (!finite) detail::require_finite_matrix(K, "keys");  // throws, naming the entry
 
   KeyGram g;
   g.d = d;
   g.ridge = options.ridge;
-  g.gram = detail::sum_partial_grams(part.get(), partials, d);
-  factor_gram(g, options.rank_rtol, /*allow_triangular=*/true);
+  g.gram = std::move(gram);
+  factor_gram(g, options.rank_rtol, allow_triangular);
   return g;
+}
+
+}  // namespace detail
+
+KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
+  return detail::key_gram(K, options, /*allow_triangular=*/true);
 }
 
 namespace detail {
@@ -176,13 +221,10 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximat
   // Rounding bound of y_j = B^T k_j (see header): ||dy|| <= (gamma_d + u) ||k_j|| ||B||_F and
   // ||y_j|| >= ||k_j|| / sqrt(lambda_max), so the relative error of tau_j = ||y_j||^2 is at most
   // 2 delta + delta^2 with delta = (gamma_d + u) sqrt(sum_i lambda_max / lambda_i).
-  double cond_sum = 0.0;
-  for (index_t i = 0; i < std::min<index_t>(kept, static_cast<index_t>(g.eigenvalues.size())); ++i)
-    cond_sum += g.eigenvalues[0] / g.eigenvalues[i];
+  // (condition figures of KeyGram: exact, or upper bounds on the Cholesky fast path).
+  const double cond_sum = g.condition_sum, kappa = g.condition;
   // Plus the factorisation's own error: dsyevd / Cholesky perturb M by about d u64 lambda_max,
   // a relative error of d u64 kappa(M) in every score (generous constant 10).
-  const double kappa = g.eigenvalues[0] / g.eigenvalues[std::max<index_t>(
-                                              0, std::min<index_t>(kept, static_cast<index_t>(g.eigenvalues.size())) - 1)];
   const double factorisation = 10.0 * static_cast<double>(d) * std::numeric_limits<double>::epsilon() * kappa;
   const auto bound = [&](double u) {
     const double delta = (gamma(d, u) + u) * std::sqrt(cond_sum);
@@ -197,51 +239,14 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximat
   std::vector<float> B32;
   if (use_float32) B32.assign(g.factor.begin(), g.factor.end());
   const index_t blocks = (n + kScoreRows - 1) / kScoreRows;
-  ExceptionTrap trap;
-#pragma omp parallel if (blocks > 1)
-  {
-    std::vector<float> y32;
-    std::vector<double> k64, y64;
-#pragma omp for schedule(static)
-    for (index_t b = 0; b < blocks; ++b) {
-      trap.run([&] {
+  parallel_tasks(
+      blocks, 2.0 * static_cast<double>(n) * static_cast<double>(d * kept),
+      [] { return ScoreWorkspace{}; },
+      [&](index_t b, ScoreWorkspace& ws) {
         const index_t r0 = b * kScoreRows, rows = std::min(kScoreRows, n - r0);
-        if (use_float32) {
-          y32.resize(static_cast<std::size_t>(rows * kept));
-          if (g.triangular) {
-            for (index_t i = 0; i < rows; ++i) std::copy_n(K.row(r0 + i), d, y32.data() + i * d);
-            cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, bi(rows),
-                        bi(d), 1.0f, B32.data(), bi(d), y32.data(), bi(d));
-          } else {
-            gemm_ab(rows, kept, d, 1.0f, K.row(r0), K.ld, B32.data(), kept, 0.0f, y32.data(),
-                    kept);
-          }
-          for (index_t i = 0; i < rows; ++i) {
-            const float* y = y32.data() + i * kept;
-            out.scores[r0 + i] = std::min(squared_norm(y, kept), 1.0);
-          }
-        } else {
-          k64.resize(static_cast<std::size_t>(rows * d));
-          y64.resize(static_cast<std::size_t>(rows * kept));
-          for (index_t i = 0; i < rows; ++i)
-            for (index_t j = 0; j < d; ++j) k64[i * d + j] = K(r0 + i, j);
-          if (g.triangular) {
-            std::copy_n(k64.data(), rows * d, y64.data());
-            cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, bi(rows),
-                        bi(d), 1.0, g.factor.data(), bi(d), y64.data(), bi(d));
-          } else {
-            dgemm_ab(rows, kept, d, 1.0, k64.data(), d, g.factor.data(), kept, 0.0, y64.data(),
-                     kept);
-          }
-          for (index_t i = 0; i < rows; ++i) {
-            const double* y = y64.data() + i * kept;
-            out.scores[r0 + i] = std::min(squared_norm(y, kept), 1.0);
-          }
-        }
+        if (use_float32) score_rows32(K, g, B32, r0, rows, ws, out.scores.data() + r0);
+        else score_rows64(K, g, r0, rows, ws, out.scores.data() + r0);
       });
-    }
-  }
-  trap.rethrow();
   return out;
 }
 
@@ -316,18 +321,12 @@ LeverageScores sketched_scores(ConstMatrix K, const LeverageOptions& o) {
   if (jl && o.jl_columns < rank) {
     // B G / sqrt(t) with G Gaussian (rank x t): ||k^T B G||^2 / t estimates ||k^T B||^2.
     const index_t t = o.jl_columns;
-    const detail::CounterRng rng(o.seed, 0x4a4cull);  // stream "JL"
+    const detail::CounterRng rng(o.seed, detail::Purpose::jl_projection);
     std::vector<double> G(static_cast<std::size_t>(rank * t));
-    for (index_t i = 0; i < rank * t; ++i) {
-      const double u1 = 1.0 - rng.uniform(static_cast<std::uint64_t>(2 * i));
-      const double u2 = rng.uniform(static_cast<std::uint64_t>(2 * i + 1));
-      G[i] = std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2) /
-             std::sqrt(static_cast<double>(t));
-    }
+    for (index_t i = 0; i < rank * t; ++i)
+      G[i] = rng.normal(static_cast<std::uint64_t>(i)) / std::sqrt(static_cast<double>(t));
     std::vector<double> BG(static_cast<std::size_t>(d * t));
-    detail::with_serial_blas([&] {
-      detail::dgemm_ab(d, t, rank, 1.0, g.factor.data(), rank, G.data(), t, 0.0, BG.data(), t);
-    });
+    detail::dgemm_ab(d, t, rank, 1.0, g.factor.data(), rank, G.data(), t, 0.0, BG.data(), t);
     g.factor.swap(BG);
   }
   LeverageScores out = detail::scores_unchecked(K, g, /*approximate=*/true);

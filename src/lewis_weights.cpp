@@ -9,6 +9,8 @@
 
 #include "detail/blas.hpp"
 #include "detail/gram.hpp"
+#include "detail/lapack.hpp"
+#include "detail/leverage.hpp"
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
 
@@ -16,60 +18,53 @@ namespace levattn {
 namespace {
 
 constexpr index_t kRows = 1024;     // rows per block in the passes over K
-constexpr index_t kPartials = 16;   // fixed partial sums: results independent of thread count
 
-// Symmetric eigendecomposition of the r x r matrix A (row-major): ascending eigenvalues, and A is
-// overwritten by the eigenvectors (columns).
-std::vector<double> sym_eig(std::vector<double>& A, index_t r) {
-  std::vector<double> w(static_cast<std::size_t>(r));
-  lapack_int info = 0;
-  detail::with_serial_blas([&] {
-    info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', static_cast<lapack_int>(r), A.data(),
-                          static_cast<lapack_int>(r), w.data());
-  });
-  if (info != 0)
-    throw Error(ErrorKind::internal, "lewis_weights: LAPACKE_dsyevd failed with info " + std::to_string(info));
-  return w;
-}
-
-// out (r x r) = sum_i c_i z_i z_i^T over the rows of Z (n x r), in a fixed order of partial sums.
+// out (r x r) = sum_i c_i z_i z_i^T over the rows of Z (n x r), by the fixed-order accumulator.
 std::vector<double> weighted_gram(const std::vector<double>& Z, index_t n, index_t r,
                                   const std::vector<double>& c) {
   const index_t blocks = (n + kRows - 1) / kRows;
-  const index_t partials = std::min(kPartials, blocks);
-  std::vector<double> part(static_cast<std::size_t>(partials * r * r), 0.0);
-#pragma omp parallel if (partials > 1)
-  {
-    std::vector<double> buf(static_cast<std::size_t>(kRows * r));
-#pragma omp for schedule(dynamic, 1)
-    for (index_t p = 0; p < partials; ++p)
-      for (index_t b = p; b < blocks; b += partials) {
-        const index_t i0 = b * kRows, rows = std::min(kRows, n - i0);
-        for (index_t i = 0; i < rows; ++i) {
-          const double s = std::sqrt(c[i0 + i]);
-          for (index_t j = 0; j < r; ++j) buf[i * r + j] = s * Z[(i0 + i) * r + j];
-        }
-        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(r), detail::bi(rows), 1.0,
-                    buf.data(), detail::bi(r), 1.0, part.data() + p * r * r, detail::bi(r));
-      }
-  }
-  return detail::sum_partial_grams(part.data(), partials, r);
+  return detail::fixed_order_gram(blocks, std::min(kRows, n), r, [&](index_t b, double* buf) {
+    const index_t i0 = b * kRows, rows = std::min(kRows, n - i0);
+    for (index_t i = 0; i < rows; ++i) {
+      const double s = std::sqrt(c[i0 + i]);
+      for (index_t j = 0; j < r; ++j) buf[i * r + j] = s * Z[(i0 + i) * r + j];
+    }
+    return rows;
+  });
 }
 
 // Z = A F for A (n x r) and F (r x r), and q_i = ||z_i||^2.
 void project(const std::vector<double>& A, index_t n, index_t r, const std::vector<double>& F,
              std::vector<double>& Z, std::vector<double>& q) {
   const index_t blocks = (n + kRows - 1) / kRows;
-#pragma omp parallel for schedule(static) if (blocks > 1)
-  for (index_t b = 0; b < blocks; ++b) {
-    const index_t i0 = b * kRows, rows = std::min(kRows, n - i0);
-    detail::dgemm_ab(rows, r, r, 1.0, A.data() + i0 * r, r, F.data(), r, 0.0, Z.data() + i0 * r, r);
-    for (index_t i = i0; i < i0 + rows; ++i) {
-      double s = 0.0;
-      for (index_t j = 0; j < r; ++j) s += Z[i * r + j] * Z[i * r + j];
-      q[i] = s;
-    }
-  }
+  detail::parallel_tasks(
+      blocks, 2.0 * static_cast<double>(n) * static_cast<double>(r * r), [] { return 0; },
+      [&](index_t b, int&) {
+        const index_t i0 = b * kRows, rows = std::min(kRows, n - i0);
+        detail::dgemm_ab(rows, r, r, 1.0, A.data() + i0 * r, r, F.data(), r, 0.0, Z.data() + i0 * r, r);
+        for (index_t i = i0; i < i0 + rows; ++i) {
+          double s = 0.0;
+          for (index_t j = 0; j < r; ++j) s += Z[i * r + j] * Z[i * r + j];
+          q[i] = s;
+        }
+      });
+}
+
+// A = K B (n x r) in float64 for the d x r basis B.
+std::vector<double> coordinates(ConstMatrix K, const std::vector<double>& B, index_t r) {
+  const index_t n = K.rows, d = K.cols;
+  std::vector<double> A(static_cast<std::size_t>(n * r));
+  const index_t blocks = (n + kRows - 1) / kRows;
+  detail::parallel_tasks(
+      blocks, 2.0 * static_cast<double>(n) * static_cast<double>(d * r),
+      [&] { return std::vector<double>(static_cast<std::size_t>(std::min(kRows, n) * d)); },
+      [&](index_t b, std::vector<double>& k64) {
+        const index_t i0 = b * kRows, rows = std::min(kRows, n - i0);
+        for (index_t i = 0; i < rows; ++i)
+          for (index_t j = 0; j < d; ++j) k64[i * d + j] = K(i0 + i, j);
+        detail::dgemm_ab(rows, r, d, 1.0, k64.data(), d, B.data(), r, 0.0, A.data() + i0 * r, r);
+      });
+  return A;
 }
 
 void check(ConstMatrix K, const LewisOptions& o) {
@@ -89,10 +84,12 @@ void check(ConstMatrix K, const LewisOptions& o) {
 
 LewisWeights lewis_weights(ConstMatrix K, const LewisOptions& o) {
   check(K, o);
-  const index_t n = K.rows, d = K.cols;
+  const index_t n = K.rows;
   LeverageOptions lo;
   lo.rank_rtol = o.rank_rtol;
-  const KeyGram g = key_gram(K, lo);
+  // The Gram's own eigenvector factor B = V_r Lambda_r^-1/2: coordinates A = K B of the
+  // numerical range in which K^T K = I.
+  const KeyGram g = detail::key_gram(K, lo, /*allow_triangular=*/false);
   LewisWeights out;
   out.p = o.p;
   out.rank = g.rank;
@@ -102,30 +99,7 @@ LewisWeights lewis_weights(ConstMatrix K, const LewisOptions& o) {
     out.converged = true;
     return out;
   }
-
-  // Coordinates of the numerical range in which K^T K = I: A = K V_r Lambda_r^-1/2 (n x r).
-  std::vector<double> V = g.gram;
-  const std::vector<double> lam = sym_eig(V, d);
-  std::vector<double> basis(static_cast<std::size_t>(d * r));
-  for (index_t c = 0; c < r; ++c) {
-    const index_t e = d - 1 - c;
-    for (index_t i = 0; i < d; ++i) basis[i * r + c] = V[i * d + e] / std::sqrt(lam[e]);
-  }
-  std::vector<double> A(static_cast<std::size_t>(n * r));
-  {
-    const index_t blocks = (n + kRows - 1) / kRows;
-#pragma omp parallel if (blocks > 1)
-    {
-      std::vector<double> k64(static_cast<std::size_t>(kRows * d));
-#pragma omp for schedule(static)
-      for (index_t b = 0; b < blocks; ++b) {
-        const index_t i0 = b * kRows, rows = std::min(kRows, n - i0);
-        for (index_t i = 0; i < rows; ++i)
-          for (index_t j = 0; j < d; ++j) k64[i * d + j] = K(i0 + i, j);
-        detail::dgemm_ab(rows, r, d, 1.0, k64.data(), d, basis.data(), r, 0.0, A.data() + i0 * r, r);
-      }
-    }
-  }
+  const std::vector<double> A = coordinates(K, g.factor, r);
 
   // M = F F^T; F = I is the p = 2 solution. See the header for the step and its contraction.
   std::vector<double> F(static_cast<std::size_t>(r * r), 0.0);
@@ -139,7 +113,7 @@ LewisWeights lewis_weights(ConstMatrix K, const LewisOptions& o) {
     project(A, n, r, F, Z, q);
     for (index_t i = 0; i < n; ++i) c[i] = q[i] > 0.0 ? std::pow(q[i], half - 1.0) : 0.0;
     std::vector<double> T = weighted_gram(Z, n, r, c);  // F^T C F
-    const std::vector<double> theta = sym_eig(T, r);
+    const std::vector<double> theta = detail::symmetric_eigen(T, r, "lewis_weights");
     double measure = 0.0;
     for (double t : theta) measure = std::max(measure, t > 0.0 ? std::fabs(std::log(t)) : INFINITY);
     out.iterations = it;
@@ -160,7 +134,10 @@ LewisWeights lewis_weights(ConstMatrix K, const LewisOptions& o) {
       const double s = std::pow(theta[k], -eta / 2.0);
       for (index_t i = 0; i < r; ++i) T[i * r + k] *= s;
     }
-    detail::with_serial_blas([&] { detail::dgemm_ab(r, r, r, 1.0, F.data(), r, T.data(), r, 0.0, Fn.data(), r); });
+    {
+      const detail::SerialScope serial;  // r x r: not worth a team
+      detail::dgemm_ab(r, r, r, 1.0, F.data(), r, T.data(), r, 0.0, Fn.data(), r);
+    }
     F.swap(Fn);
   }
   for (index_t i = 0; i < n; ++i) out.weights[i] = std::min(std::pow(q[i], half), 1.0);
@@ -170,13 +147,7 @@ LewisWeights lewis_weights(ConstMatrix K, const LewisOptions& o) {
   for (index_t i = 0; i < n; ++i)
     c[i] = out.weights[i] > 0.0 ? std::pow(out.weights[i], 1.0 - 2.0 / o.p) : 0.0;
   std::vector<double> G = weighted_gram(A, n, r, c);
-  lapack_int info = 0;
-  detail::with_serial_blas([&] {
-    info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, 'L', static_cast<lapack_int>(r), G.data(), static_cast<lapack_int>(r));
-    if (info == 0)
-      info = LAPACKE_dtrtri(LAPACK_ROW_MAJOR, 'L', 'N', static_cast<lapack_int>(r), G.data(), static_cast<lapack_int>(r));
-  });
-  if (info != 0) {
+  if (!detail::inverse_cholesky(G, r)) {
     out.residual = INFINITY;
     out.converged = false;
     return out;

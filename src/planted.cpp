@@ -10,15 +10,6 @@
 namespace levattn {
 namespace {
 
-// Stream ids of the counter-based generator, one per random quantity.
-enum Stream : std::uint64_t { kNoise = 1, kPositions, kDirections, kQueries, kValues, kTargets };
-
-// Standard normal number i of a stream (Box-Muller on two 53-bit uniforms).
-double normal(const detail::CounterRng& rng, std::uint64_t i) {
-  const double u1 = 1.0 - rng.uniform(2 * i), u2 = rng.uniform(2 * i + 1);
-  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-}
-
 }  // namespace
 
 PlantedInstance planted(const PlantedOptions& o) {
@@ -47,14 +38,16 @@ PlantedInstance planted(const PlantedOptions& o) {
   inst.Q = DenseMatrix<float>(m, d);
   inst.V = DenseMatrix<float>(n, d);
   const std::uint64_t seed = o.seed;
-  const detail::CounterRng noise_rng(seed, kNoise), dir_rng(seed, kDirections),
-      q_rng(seed, kQueries), v_rng(seed, kValues), t_rng(seed, kTargets);
+  using detail::Purpose;
+  const detail::CounterRng noise_rng(seed, Purpose::planted_noise),
+      dir_rng(seed, Purpose::planted_directions), q_rng(seed, Purpose::planted_queries),
+      v_rng(seed, Purpose::planted_values), t_rng(seed, Purpose::planted_targets);
 
   // Orthonormal directions: Gram-Schmidt (twice, for orthogonality to rounding) of Gaussians.
   std::vector<double> U(static_cast<std::size_t>(R * d));
   for (index_t r = 0; r < R; ++r) {
     double* u = U.data() + r * d;
-    for (index_t j = 0; j < d; ++j) u[j] = normal(dir_rng, static_cast<std::uint64_t>(r * d + j));
+    for (index_t j = 0; j < d; ++j) u[j] = dir_rng.normal(static_cast<std::uint64_t>(r * d + j));
     for (int pass = 0; pass < 2; ++pass)
       for (index_t s = 0; s < r; ++s) {
         const double* w = U.data() + s * d;
@@ -69,26 +62,26 @@ PlantedInstance planted(const PlantedOptions& o) {
   }
 
   const double key_sd = o.noise / std::sqrt(dd);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d > (1 << 16))
   for (index_t i = 0; i < n; ++i)
     for (index_t j = 0; j < d; ++j) {
       const auto c = static_cast<std::uint64_t>(i * d + j);
-      inst.K(i, j) = static_cast<float>(key_sd * normal(noise_rng, c));
-      inst.V(i, j) = static_cast<float>(normal(v_rng, c));
+      inst.K(i, j) = static_cast<float>(key_sd * noise_rng.normal(c));
+      inst.V(i, j) = static_cast<float>(v_rng.normal(c));
     }
-  inst.relevant = detail::random_keys(n, R, seed, kPositions);
+  inst.relevant = detail::random_keys(n, R, detail::CounterRng(seed, Purpose::planted_positions));
   for (index_t r = 0; r < R; ++r)
     for (index_t j = 0; j < d; ++j)
       inst.K(inst.relevant[r], j) = static_cast<float>(signal * U[r * d + j]);
 
   inst.query_target.resize(static_cast<std::size_t>(m));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * d > (1 << 16))
   for (index_t i = 0; i < m; ++i) {
     const auto r = static_cast<index_t>(t_rng.below(static_cast<std::uint64_t>(i), static_cast<std::uint64_t>(R)));
     inst.query_target[i] = inst.relevant[r];
     for (index_t j = 0; j < d; ++j)
       inst.Q(i, j) = static_cast<float>(qnorm * U[r * d + j] +
-                                        key_sd * normal(q_rng, static_cast<std::uint64_t>(i * d + j)));
+                                        key_sd * q_rng.normal(static_cast<std::uint64_t>(i * d + j)));
   }
   return inst;
 }

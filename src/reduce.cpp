@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "detail/blas.hpp"
+#include "detail/lapack.hpp"
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
 #include "levattn/sketch.hpp"
@@ -19,8 +20,6 @@ namespace {
 constexpr double kRankRtol = 1e-6;       // singular values <= kRankRtol * sigma_max count as 0
 constexpr index_t kErrorRows = 64;       // rows per block of softmax_gram_error
 constexpr index_t kBssChunk = 512;       // candidate columns per task of a BSS step
-
-lapack_int li(index_t v) { return static_cast<lapack_int>(v); }
 
 // X as float64, row-major n x d.
 std::vector<double> to_double(ConstMatrix X) {
@@ -44,24 +43,6 @@ index_t default_m(ReduceMethod method, index_t n, index_t d, double delta) {
       return std::max<index_t>(1, std::min(d, static_cast<index_t>(std::min(m, 9e18))));
     }
   }
-}
-
-// Symmetric eigendecomposition of the k x k matrix in `a` (overwritten by the eigenvectors, in
-// columns) into w, eigenvalues ascending. Call it where LAPACK runs serially (inside an active
-// parallel region, or through symmetric_eigen).
-void eigen_in_place(std::vector<double>& a, index_t k, std::vector<double>& w, const char* what) {
-  w.resize(static_cast<std::size_t>(k));
-  const lapack_int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', li(k), a.data(), li(k), w.data());
-  if (info != 0)
-    throw Error(ErrorKind::internal,
-                std::string(what) + ": LAPACKE_dsyevd failed with info " + std::to_string(info));
-}
-
-// The same with serial LAPACK: deterministic and cheap for small k.
-std::vector<double> symmetric_eigen(std::vector<double>& a, index_t k, const char* what) {
-  std::vector<double> w;
-  detail::with_serial_blas([&] { eigen_in_place(a, k, w, what); });
-  return w;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -88,10 +69,11 @@ Reduced reduce_svd(ConstMatrix X, index_t m) {
   std::vector<double> a = to_double(X), s(static_cast<std::size_t>(k)),
                       u(static_cast<std::size_t>(n * k)), vt(1), superb(static_cast<std::size_t>(k));
   lapack_int info = 0;
-  detail::with_serial_blas([&] {
-    info = LAPACKE_dgesvd(LAPACK_ROW_MAJOR, 'S', 'N', li(n), li(d), a.data(), li(d), s.data(),
-                          u.data(), li(k), vt.data(), 1, superb.data());
-  });
+  {
+    const detail::SerialScope serial(!detail::worth_parallel(4.0 * static_cast<double>(n * d * k)));
+    info = LAPACKE_dgesvd(LAPACK_ROW_MAJOR, 'S', 'N', detail::li(n), detail::li(d), a.data(),
+                          detail::li(d), s.data(), u.data(), detail::li(k), vt.data(), 1, superb.data());
+  }
   if (info != 0)
     throw Error(ErrorKind::internal, "reduce_dimension: LAPACKE_dgesvd failed with info " +
                                          std::to_string(info));
@@ -107,8 +89,127 @@ Reduced reduce_svd(ConstMatrix X, index_t m) {
   return r;
 }
 
-// Batson-Spielman-Srivastava with barriers, on the whitened columns w_c = Lambda_r^-1/2 V_r^T x^(c)
-// (sum_c w_c w_c^T = I_r). See the header for the guarantee.
+// The whitened columns of BSS: row c of W (d x r) is w_c = Lambda_r^-1/2 V_r^T x^(c) with
+// X X^T = V Lambda V^T, so that sum_c w_c w_c^T = I_r; r = rank(X).
+struct Whitened {
+  index_t r = 0;
+  std::vector<double> W;
+  std::vector<char> usable;  // w_c != 0
+};
+
+Whitened whiten_columns(ConstMatrix X) {
+  const index_t n = X.rows, d = X.cols;
+  const std::vector<double> xd = to_double(X);
+  std::vector<double> V(static_cast<std::size_t>(n * n), 0.0);
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, detail::bi(n), detail::bi(d), 1.0, xd.data(),
+              detail::bi(d), 0.0, V.data(), detail::bi(n));
+  const std::vector<double> lam = detail::symmetric_eigen(V, n, "reduce_dimension (bss)");
+  const double lmax = lam[n - 1];
+  Whitened out;
+  for (index_t i = 0; i < n; ++i) out.r += (lmax > 0.0 && lam[i] > kRankRtol * kRankRtol * lmax) ? 1 : 0;
+  const index_t r = out.r;
+  if (r == 0) return out;
+  // B = V_r Lambda_r^-1/2 (n x r), eigenvalues descending; W = X^T B.
+  std::vector<double> B(static_cast<std::size_t>(n * r));
+  for (index_t c = 0; c < r; ++c) {
+    const index_t e = n - 1 - c;
+    const double sc = 1.0 / std::sqrt(lam[e]);
+    for (index_t i = 0; i < n; ++i) B[i * r + c] = V[i * n + e] * sc;
+  }
+  out.W.resize(static_cast<std::size_t>(d * r));
+  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, detail::bi(d), detail::bi(r), detail::bi(n), 1.0,
+              xd.data(), detail::bi(d), B.data(), detail::bi(r), 0.0, out.W.data(), detail::bi(r));
+  out.usable.resize(static_cast<std::size_t>(d));
+  for (index_t c = 0; c < d; ++c) {
+    double s = 0.0;
+    for (index_t k = 0; k < r; ++k) s += out.W[c * r + k] * out.W[c * r + k];
+    out.usable[c] = s > 0.0;
+  }
+  return out;
+}
+
+// A candidate of one BSS step: column c with U(w_c) = su, L(w_c) = sl, gap = sl - su.
+struct Candidate {
+  double gap = -std::numeric_limits<double>::infinity(), su = 0.0, sl = 0.0;
+  index_t c = -1;
+};
+
+// The column of largest gap L(w_c) - U(w_c) with U(v) = sum_k z_k^2 cu_k, L(v) = sum_k z_k^2 cl_k
+// and z = Q^T w_c (Q: eigenvectors of A); ties to the lower index. Chunks of columns run in
+// parallel; each keeps its first best, and the chunks are compared in order.
+Candidate best_column(const Whitened& wh, const std::vector<double>& Q, const std::vector<double>& cu,
+                      const std::vector<double>& cl) {
+  const index_t r = wh.r, d = static_cast<index_t>(wh.usable.size());
+  const index_t chunks = (d + kBssChunk - 1) / kBssChunk;
+  std::vector<Candidate> best(static_cast<std::size_t>(chunks));
+  detail::parallel_tasks(
+      chunks, 2.0 * static_cast<double>(d * r * r), [] { return std::vector<double>(); },
+      [&](index_t t, std::vector<double>& Z) {
+        const index_t c0 = t * kBssChunk, rows = std::min(kBssChunk, d - c0);
+        Z.resize(static_cast<std::size_t>(rows * r));
+        detail::dgemm_ab(rows, r, r, 1.0, wh.W.data() + c0 * r, r, Q.data(), r, 0.0, Z.data(), r);
+        Candidate b;
+        for (index_t i = 0; i < rows; ++i) {
+          if (!wh.usable[c0 + i]) continue;
+          const double* z = Z.data() + i * r;
+          double su = 0.0, sl = 0.0;
+          for (index_t k = 0; k < r; ++k) {
+            su += z[k] * z[k] * cu[k];
+            sl += z[k] * z[k] * cl[k];
+          }
+          if (su > 0.0 && sl - su > b.gap) b = {sl - su, su, sl, c0 + i};
+        }
+        best[t] = b;
+      });
+  Candidate pick;
+  for (const Candidate& b : best)
+    if (b.c >= 0 && b.gap > pick.gap) pick = b;
+  if (pick.c < 0) throw Error(ErrorKind::internal, "reduce_dimension (bss): no usable column");
+  return pick;
+}
+
+// The m barrier steps of BSS (Theorem 3.1 with their d = kappa = m / r): the weight of every
+// column, and the final A = sum_c s_c w_c w_c^T.
+std::vector<double> bss_weights(const Whitened& wh, index_t m, std::vector<double>& A) {
+  const index_t r = wh.r, d = static_cast<index_t>(wh.usable.size());
+  const double rr = static_cast<double>(r), kappa = static_cast<double>(m) / rr, sk = std::sqrt(kappa);
+  const double dL = 1.0, eL = 1.0 / sk, dU = (sk + 1.0) / (sk - 1.0), eU = (sk - 1.0) / (kappa + sk);
+  double l = -rr / eL, u = rr / eU;
+  A.assign(static_cast<std::size_t>(r * r), 0.0);
+  std::vector<double> weight(static_cast<std::size_t>(d), 0.0), cu(static_cast<std::size_t>(r)),
+      cl(static_cast<std::size_t>(r));
+  for (index_t step = 0; step < m; ++step) {
+    const double u1 = u + dU, l1 = l + dL;
+    std::vector<double> Q = A;
+    const std::vector<double> a = detail::symmetric_eigen(Q, r, "reduce_dimension (bss)");
+    double phiU = 0.0, phiL = 0.0;  // Phi^u - Phi^u' > 0 and Phi_l' - Phi_l > 0
+    for (index_t k = 0; k < r; ++k) {
+      phiU += dU / ((u - a[k]) * (u1 - a[k]));
+      phiL += dL / ((a[k] - l1) * (a[k] - l));
+    }
+    // U(v) = v^T (u'I - A)^-2 v / phiU + v^T (u'I - A)^-1 v and L(v) = v^T (A - l'I)^-2 v / phiL
+    // - v^T (A - l'I)^-1 v; with z = Q^T v both are sums of z_k^2 times these.
+    for (index_t k = 0; k < r; ++k) {
+      const double pu = 1.0 / (u1 - a[k]), pl = 1.0 / (a[k] - l1);
+      cu[k] = pu * pu / phiU + pu;
+      cl[k] = pl * pl / phiL - pl;
+    }
+    const Candidate pick = best_column(wh, Q, cu, cl);
+    // 1/t in [U, L] (non-empty by BSS Lemma 3.5; rounding may leave L a hair below U).
+    const double tw = 2.0 / (pick.su + std::max(pick.sl, pick.su));
+    const double* w = wh.W.data() + pick.c * r;
+    for (index_t i = 0; i < r; ++i)
+      for (index_t j = 0; j < r; ++j) A[i * r + j] += tw * w[i] * w[j];
+    weight[pick.c] += tw;
+    u = u1;
+    l = l1;
+  }
+  return weight;
+}
+
+// Batson-Spielman-Srivastava with barriers on the whitened columns. See the header for the
+// guarantee. Deterministic: the steps run in order, and each step's choice does not depend on
+// how its chunks were scheduled.
 Reduced reduce_bss(ConstMatrix X, index_t m) {
   const index_t n = X.rows, d = X.cols;
   Reduced out;
@@ -127,146 +228,21 @@ Reduced reduce_bss(ConstMatrix X, index_t m) {
     take(cols, std::vector<double>(static_cast<std::size_t>(d), 1.0));
     return out;
   }
-
-  // M = X X^T in float64 and its range.
-  const std::vector<double> xd = to_double(X);
-  std::vector<double> V(static_cast<std::size_t>(n * n), 0.0);
-  detail::with_serial_blas([&] {
-    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, detail::bi(n), detail::bi(d), 1.0, xd.data(),
-                detail::bi(d), 0.0, V.data(), detail::bi(n));
-  });
-  const std::vector<double> lam = symmetric_eigen(V, n, "reduce_dimension (bss)");
-  const double lmax = lam[n - 1];
-  index_t r = 0;
-  for (index_t i = 0; i < n; ++i) r += (lmax > 0.0 && lam[i] > kRankRtol * kRankRtol * lmax) ? 1 : 0;
-  if (r == 0) {  // X == 0: one (zero) column reproduces X X^T = 0
+  const Whitened wh = whiten_columns(X);
+  if (wh.r == 0) {  // X == 0: one (zero) column reproduces X X^T = 0
     take({0}, {1.0});
     return out;
   }
-  if (m <= r) {
+  if (m <= wh.r) {
     std::ostringstream os;
-    os << "m: bss needs m > rank(x) = " << r << " (or m = d = " << d << "), got " << m;
+    os << "m: bss needs m > rank(x) = " << wh.r << " (or m = d = " << d << "), got " << m;
     detail::invalid(os.str());
   }
-  // B = V_r Lambda_r^-1/2 (n x r), eigenvalues descending; W = X^T B (d x r), row c = w_c.
-  std::vector<double> B(static_cast<std::size_t>(n * r));
-  for (index_t c = 0; c < r; ++c) {
-    const index_t e = n - 1 - c;
-    const double sc = 1.0 / std::sqrt(lam[e]);
-    for (index_t i = 0; i < n; ++i) B[i * r + c] = V[i * n + e] * sc;
-  }
-  std::vector<double> W(static_cast<std::size_t>(d * r));
-  detail::with_serial_blas([&] {
-    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, detail::bi(d), detail::bi(r), detail::bi(n), 1.0,
-                xd.data(), detail::bi(d), B.data(), detail::bi(r), 0.0, W.data(), detail::bi(r));
-  });
-  std::vector<char> usable(static_cast<std::size_t>(d));
-  for (index_t c = 0; c < d; ++c) {
-    double s = 0.0;
-    for (index_t k = 0; k < r; ++k) s += W[c * r + k] * W[c * r + k];
-    usable[c] = s > 0.0;
-  }
-
-  // Barrier parameters (BSS, Theorem 3.1 with their d = kappa).
-  const double rr = static_cast<double>(r), kappa = static_cast<double>(m) / rr,
-               sk = std::sqrt(kappa);
-  const double dL = 1.0, eL = 1.0 / sk, dU = (sk + 1.0) / (sk - 1.0), eU = (sk - 1.0) / (kappa + sk);
-  const double l0 = -rr / eL, u0 = rr / eU;
-
-  // One parallel region for all m steps, with one barrier per step (the end of the chunk loop):
-  // every thread keeps its own copy of A and computes the same eigendecomposition and the same
-  // choice from the per-chunk results (serial LAPACK, identical inputs, so identical bits), which
-  // spares a second barrier; the per-chunk results are double-buffered by step parity so that a
-  // thread starting step s + 1 never overwrites what another still reads for step s.
-  const index_t chunks = (d + kBssChunk - 1) / kBssChunk;
-  struct Best {
-    double gap, su, sl;
-    index_t c;
-  };
-  std::vector<Best> best(static_cast<std::size_t>(2 * chunks));
-  std::vector<double> weight(static_cast<std::size_t>(d), 0.0), A_final;
-  detail::ExceptionTrap trap;
-#pragma omp parallel
-  {
-    std::vector<double> A(static_cast<std::size_t>(r * r), 0.0), Q, a, Z;
-    std::vector<double> cu(static_cast<std::size_t>(r)), cl(static_cast<std::size_t>(r));
-    double l = l0, u = u0;
-    bool ok = true;  // this thread's state is valid (an exception leaves it false; all threads
-                     // still pass every barrier, and the trap rethrows after the region)
-    for (index_t step = 0; step < m; ++step) {
-      const double u1 = u + dU, l1 = l + dL;
-      Best* slot = best.data() + (step % 2) * chunks;
-      if (ok) {
-        trap.run([&] {
-          ok = false;
-          Q = A;
-          eigen_in_place(Q, r, a, "reduce_dimension (bss)");
-          double phiU = 0.0, phiL = 0.0;  // Phi^u - Phi^u' > 0 and Phi_l' - Phi_l > 0
-          for (index_t k = 0; k < r; ++k) {
-            phiU += dU / ((u - a[k]) * (u1 - a[k]));
-            phiL += dL / ((a[k] - l1) * (a[k] - l));
-          }
-          // U(v) = v^T (u'I - A)^-2 v / phiU + v^T (u'I - A)^-1 v and L(v) = v^T (A - l'I)^-2 v /
-          // phiL - v^T (A - l'I)^-1 v; with z = Q^T v both are sums of z_k^2 times these.
-          for (index_t k = 0; k < r; ++k) {
-            const double pu = 1.0 / (u1 - a[k]), pl = 1.0 / (a[k] - l1);
-            cu[k] = pu * pu / phiU + pu;
-            cl[k] = pl * pl / phiL - pl;
-          }
-          ok = true;
-        });
-      }
-#pragma omp for schedule(dynamic, 1)
-      for (index_t t = 0; t < chunks; ++t) {
-        slot[t] = {-std::numeric_limits<double>::infinity(), 0.0, 0.0, -1};
-        if (!ok) continue;
-        trap.run([&] {
-          const index_t c0 = t * kBssChunk, rows = std::min(kBssChunk, d - c0);
-          Z.resize(static_cast<std::size_t>(rows * r));
-          detail::dgemm_ab(rows, r, r, 1.0, W.data() + c0 * r, r, Q.data(), r, 0.0, Z.data(), r);
-          Best b = slot[t];
-          for (index_t i = 0; i < rows; ++i) {
-            if (!usable[c0 + i]) continue;
-            const double* z = Z.data() + i * r;
-            double su = 0.0, sl = 0.0;
-            for (index_t k = 0; k < r; ++k) {
-              su += z[k] * z[k] * cu[k];
-              sl += z[k] * z[k] * cl[k];
-            }
-            if (su > 0.0 && sl - su > b.gap) b = {sl - su, su, sl, c0 + i};
-          }
-          slot[t] = b;
-        });
-      }
-      // Implicit barrier: every chunk's best is in `slot`. The column of largest gap, ties to
-      // the lower index (chunks in order, strict comparison).
-      Best pick = {-std::numeric_limits<double>::infinity(), 0.0, 0.0, -1};
-      for (index_t t = 0; t < chunks; ++t)
-        if (slot[t].c >= 0 && slot[t].gap > pick.gap) pick = slot[t];
-      if (ok && pick.c < 0) {
-        ok = false;
-        trap.run([] { throw Error(ErrorKind::internal, "reduce_dimension (bss): no usable column"); });
-      }
-      if (!ok) continue;
-      // 1/t in [U, L] (non-empty by BSS Lemma 3.5; rounding may leave L a hair below U).
-      const double tw = 2.0 / (pick.su + std::max(pick.sl, pick.su));
-      const double* w = W.data() + pick.c * r;
-      for (index_t i = 0; i < r; ++i)
-        for (index_t j = 0; j < r; ++j) A[i * r + j] += tw * w[i] * w[j];
-#pragma omp master
-      weight[pick.c] += tw;
-      u = u1;
-      l = l1;
-    }
-#pragma omp master
-    A_final = A;
-  }
-  trap.rethrow();
-
-  // Centre: scale by 2 / (lambda_min + lambda_max) of the final A = sum_c s_c w_c w_c^T.
-  std::vector<double> Af = A_final;
-  const std::vector<double> ev = symmetric_eigen(Af, r, "reduce_dimension (bss)");
-  const double scale = 2.0 / (ev[0] + ev[r - 1]);
+  std::vector<double> A;
+  const std::vector<double> weight = bss_weights(wh, m, A);
+  // Centre: scale by 2 / (lambda_min + lambda_max) of the final A.
+  const std::vector<double> ev = detail::symmetric_eigen(A, wh.r, "reduce_dimension (bss)");
+  const double scale = 2.0 / (ev[0] + ev[wh.r - 1]);
   std::vector<index_t> cols;
   std::vector<double> weights;
   for (index_t c = 0; c < d; ++c)
@@ -373,27 +349,23 @@ double softmax_gram_error(ConstMatrix X, ConstMatrix Y) {
   const index_t n = X.rows;
   const index_t blocks = (n + kErrorRows - 1) / kErrorRows;
   std::vector<double> block_max(static_cast<std::size_t>(blocks), 0.0);
-  detail::ExceptionTrap trap;
-#pragma omp parallel
-  {
+  struct Workspace {
     std::vector<double> gx, gy, zi, zj;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t b = 0; b < blocks; ++b) {
-      trap.run([&] {
-        const index_t i0 = b * kErrorRows, rows = std::min(kErrorRows, n - i0);
-        gx.resize(static_cast<std::size_t>(rows * n));
-        gy.resize(static_cast<std::size_t>(rows * n));
-        gram_rows(X, i0, rows, zi, zj, gx.data());
-        gram_rows(Y, i0, rows, zi, zj, gy.data());
-        softmax_rows(gx.data(), rows, n);
-        softmax_rows(gy.data(), rows, n);
-        double e = 0.0;
-        for (index_t k = 0; k < rows * n; ++k) e = std::max(e, std::fabs(gx[k] - gy[k]));
-        block_max[b] = e;
-      });
-    }
-  }
-  trap.rethrow();
+  };
+  const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(n) *
+                       static_cast<double>(X.cols + Y.cols);
+  detail::parallel_tasks(blocks, flops, [] { return Workspace{}; }, [&](index_t b, Workspace& w) {
+    const index_t i0 = b * kErrorRows, rows = std::min(kErrorRows, n - i0);
+    w.gx.resize(static_cast<std::size_t>(rows * n));
+    w.gy.resize(static_cast<std::size_t>(rows * n));
+    gram_rows(X, i0, rows, w.zi, w.zj, w.gx.data());
+    gram_rows(Y, i0, rows, w.zi, w.zj, w.gy.data());
+    softmax_rows(w.gx.data(), rows, n);
+    softmax_rows(w.gy.data(), rows, n);
+    double e = 0.0;
+    for (index_t k = 0; k < rows * n; ++k) e = std::max(e, std::fabs(w.gx[k] - w.gy[k]));
+    block_max[b] = e;
+  });
   return *std::max_element(block_max.begin(), block_max.end());
 }
 

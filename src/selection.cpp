@@ -9,14 +9,13 @@
 
 namespace levattn::detail {
 
-std::vector<index_t> random_keys(index_t n, index_t k, std::uint64_t seed, std::uint64_t stream) {
+std::vector<index_t> random_keys(index_t n, index_t k, const CounterRng& rng) {
   std::vector<index_t> out;
   if (k >= n) {
     out.resize(static_cast<std::size_t>(n));
     for (index_t j = 0; j < n; ++j) out[j] = j;
     return out;
   }
-  const CounterRng rng(seed, stream);
   std::unordered_set<index_t> chosen;
   chosen.reserve(static_cast<std::size_t>(2 * k));
   std::uint64_t draw = 0;

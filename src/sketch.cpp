@@ -5,6 +5,7 @@
 #include "levattn/sketch.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <sstream>
 #include <type_traits>
@@ -19,14 +20,6 @@
 
 namespace levattn {
 namespace {
-
-// Stream ids of the counter-based generator, one per random quantity.
-enum Stream : std::uint64_t {
-  kCountSketch = 0x736b657463680001ULL,  // bucket and sign of each input row
-  kGaussian,                              // entries of S
-  kSrhtSigns,                             // the diagonal D
-  kSrhtRows,                              // the sampled rows P
-};
 
 constexpr index_t kGaussRows = 32;    // rows of S (and Y) per task
 constexpr index_t kGaussInner = 256;  // columns of S (rows of A) per generated block
@@ -91,7 +84,7 @@ struct CountSketchPlan {
 };
 
 CountSketchPlan countsketch_plan(index_t n, index_t s, std::uint64_t seed) {
-  const detail::CounterRng rng(seed, kCountSketch);
+  const detail::CounterRng rng(seed, detail::Purpose::countsketch);
   CountSketchPlan plan;
   std::vector<index_t> bucket(static_cast<std::size_t>(n));
   plan.sign.resize(static_cast<std::size_t>(n));
@@ -146,107 +139,77 @@ DenseMatrix<double> countsketch(const Rows<T>& A, index_t s, std::uint64_t seed)
   return Y;
 }
 
-// (S A)^T (S A) for CountSketch without storing S A: blocks of output rows go through DSYRK into
-// a fixed number of partial sums that are added in order, so the result is thread-count free.
+// (S A)^T (S A) for CountSketch without storing S A: blocks of output rows go through the
+// fixed-order Gram accumulator, so the result is thread-count free.
 template <class T>
 std::vector<double> countsketch_gram(const Rows<T>& A, index_t s, std::uint64_t seed) {
-  constexpr index_t kBlock = 1024, kPartials = 16;
-  const index_t d = A.d;
+  constexpr index_t kBlock = 1024;
   const CountSketchPlan plan = countsketch_plan(A.n, s, seed);
   const index_t blocks = (s + kBlock - 1) / kBlock;
-  const index_t partials = std::min(kPartials, blocks);
-  std::vector<double> part(static_cast<std::size_t>(partials * d * d), 0.0);
-  bool finite = true;
-#pragma omp parallel if (partials > 1) reduction(&& : finite)
-  {
-    std::vector<double> y(static_cast<std::size_t>(std::min(kBlock, s) * d));
-#pragma omp for schedule(dynamic, 1)
-    for (index_t p = 0; p < partials; ++p)
-      for (index_t blk = p; blk < blocks; blk += partials) {
-        const index_t b0 = blk * kBlock, b1 = std::min(s, b0 + kBlock);
-        finite = countsketch_rows(plan, A, b0, b1, y.data()) && finite;
-        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(b1 - b0), 1.0,
-                    y.data(), detail::bi(d), 1.0, part.data() + p * d * d, detail::bi(d));
-      }
-  }
+  std::atomic<bool> finite{true};
+  std::vector<double> G = detail::fixed_order_gram(blocks, std::min(kBlock, s), A.d, [&](index_t blk, double* y) {
+    const index_t b0 = blk * kBlock, b1 = std::min(s, b0 + kBlock);
+    if (!countsketch_rows(plan, A, b0, b1, y)) finite.store(false, std::memory_order_relaxed);
+    return b1 - b0;
+  });
   if (!finite) return {};  // the caller names the entry
-  return detail::sum_partial_grams(part.data(), partials, d);
+  return G;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Gaussian: S_ij = g(i n + j) / sqrt(s), g(c) standard normal. Draw p gives the Box-Muller pair
-// (g(2p), g(2p + 1)) = r (cos theta, sin theta) from its two 32-bit halves.
+// Gaussian: S_ij = g(i n + j) / sqrt(s), g(c) the standard normal number c of the stream.
 
 void fill_normals(const detail::CounterRng& rng, std::uint64_t c0, index_t count, double scale,
                   double* out) {
-  constexpr double kTwoPi = 6.283185307179586;
-  std::uint64_t c = c0;
-  index_t k = 0;
-  while (k < count) {
-    const std::uint64_t v = rng.u64(c >> 1);
-    const double u1 = static_cast<double>((v >> 32) + 1) * 0x1.0p-32;  // (0, 1]
-    const double u2 = static_cast<double>(v & 0xffffffffu) * 0x1.0p-32;
-    const double r = scale * std::sqrt(-2.0 * std::log(u1)), theta = kTwoPi * u2;
-    if ((c & 1u) == 0) {
-      out[k++] = r * std::cos(theta);
-      ++c;
-      if (k == count) break;
-    }
-    out[k++] = r * std::sin(theta);
-    ++c;
-  }
+  for (index_t k = 0; k < count; ++k) out[k] = scale * rng.normal(c0 + static_cast<std::uint64_t>(k));
 }
 
 template <class T>
 DenseMatrix<double> gaussian(const Rows<T>& A, index_t s, std::uint64_t seed) {
   const index_t n = A.n, d = A.d;
-  const detail::CounterRng rng(seed, kGaussian);
+  const detail::CounterRng rng(seed, detail::Purpose::gaussian_sketch);
   const double scale = 1.0 / std::sqrt(static_cast<double>(s));
   DenseMatrix<double> Y(s, d);
   // Tasks: (block of S rows) x (block of A columns), fixed by the shape. Within a task the inner
   // dimension is summed block after block in order, each block by one single-threaded DGEMM
-  // (OpenBLAS runs serially inside an active parallel region, and with one OpenMP thread it has
-  // one thread too), so every entry of Y sees the same operations for any thread count.
+  // (detail::parallel_tasks), so every entry of Y sees the same operations for any thread count.
   const index_t row_tasks = (s + kGaussRows - 1) / kGaussRows;
   const index_t col_tasks = (d + kGaussCols - 1) / kGaussCols;
   const index_t tasks = row_tasks * col_tasks;
-  detail::ExceptionTrap trap;
-#pragma omp parallel
-  {
+  struct Workspace {
     std::vector<double> S, a;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t t = 0; t < tasks; ++t) {
-      trap.run([&] {
-        const index_t r0 = (t / col_tasks) * kGaussRows, rows = std::min(kGaussRows, s - r0);
-        const index_t c0 = (t % col_tasks) * kGaussCols, cols = std::min(kGaussCols, d - c0);
-        for (index_t k0 = 0; k0 < n; k0 += kGaussInner) {
-          const index_t kb = std::min(kGaussInner, n - k0);
-          S.resize(static_cast<std::size_t>(rows * kb));
-          for (index_t i = 0; i < rows; ++i)
-            fill_normals(rng, static_cast<std::uint64_t>((r0 + i) * n + k0), kb, scale,
-                         S.data() + i * kb);
-          const double* ablk;
-          index_t lda;
-          if constexpr (std::is_same_v<T, double>) {
-            ablk = A.row(k0) + c0;
-            lda = A.ld;
-          } else {
-            a.resize(static_cast<std::size_t>(kb * cols));
-            for (index_t i = 0; i < kb; ++i) {
-              const T* src = A.row(k0 + i) + c0;
-              double* dst = a.data() + i * cols;
-              for (index_t j = 0; j < cols; ++j) dst[j] = static_cast<double>(src[j]);
-            }
-            ablk = a.data();
-            lda = cols;
-          }
-          detail::dgemm_ab(rows, cols, kb, 1.0, S.data(), kb, ablk, lda, k0 == 0 ? 0.0 : 1.0,
-                           Y.row(r0) + c0, d);
+  };
+  const double flops = 2.0 * static_cast<double>(s) * static_cast<double>(n) * static_cast<double>(d);
+  detail::parallel_tasks(tasks, flops, [] { return Workspace{}; }, [&](index_t t, Workspace& w) {
+    std::vector<double>& S = w.S;
+    std::vector<double>& a = w.a;
+    const index_t r0 = (t / col_tasks) * kGaussRows, rows = std::min(kGaussRows, s - r0);
+    const index_t c0 = (t % col_tasks) * kGaussCols, cols = std::min(kGaussCols, d - c0);
+    for (index_t k0 = 0; k0 < n; k0 += kGaussInner) {
+      const index_t kb = std::min(kGaussInner, n - k0);
+      S.resize(static_cast<std::size_t>(rows * kb));
+      for (index_t i = 0; i < rows; ++i)
+        fill_normals(rng, static_cast<std::uint64_t>((r0 + i) * n + k0), kb, scale,
+                     S.data() + i * kb);
+      const double* ablk;
+      index_t lda;
+      if constexpr (std::is_same_v<T, double>) {
+        ablk = A.row(k0) + c0;
+        lda = A.ld;
+      } else {
+        a.resize(static_cast<std::size_t>(kb * cols));
+        for (index_t i = 0; i < kb; ++i) {
+          const T* src = A.row(k0 + i) + c0;
+          double* dst = a.data() + i * cols;
+          for (index_t j = 0; j < cols; ++j) dst[j] = static_cast<double>(src[j]);
         }
-      });
+        ablk = a.data();
+        lda = cols;
+      }
+      detail::dgemm_ab(rows, cols, kb, 1.0, S.data(), kb, ablk, lda, k0 == 0 ? 0.0 : 1.0,
+                       Y.row(r0) + c0, d);
     }
-  }
-  trap.rethrow();
+  });
   return Y;
 }
 
@@ -257,7 +220,7 @@ DenseMatrix<double> gaussian(const Rows<T>& A, index_t s, std::uint64_t seed) {
 template <class T>
 DenseMatrix<double> srht(const Rows<T>& A, index_t s, std::uint64_t seed) {
   const index_t n = A.n, d = A.d, np = next_pow2(n);
-  const detail::CounterRng sign_rng(seed, kSrhtSigns);
+  const detail::CounterRng sign_rng(seed, detail::Purpose::srht_signs);
   DenseMatrix<double> B(np, d);  // zero-initialised: the padding rows stay 0
 #pragma omp parallel for schedule(static) if (n * d > (1 << 16))
   for (index_t i = 0; i < n; ++i) {
@@ -285,7 +248,7 @@ DenseMatrix<double> srht(const Rows<T>& A, index_t s, std::uint64_t seed) {
           }
         }
   }
-  const std::vector<index_t> rows = detail::random_keys(np, s, seed, kSrhtRows);
+  const std::vector<index_t> rows = detail::random_keys(np, s, detail::CounterRng(seed, detail::Purpose::srht_rows));
   const double scale = 1.0 / std::sqrt(static_cast<double>(s));
   DenseMatrix<double> Y(s, d);
   for (index_t k = 0; k < s; ++k) {
@@ -345,8 +308,7 @@ std::vector<double> sketch_gram(ConstMatrix A, index_t s, SketchKind kind, std::
   const DenseMatrix<double> Y = dispatch(rows, s, kind, seed);
   const index_t d = A.cols;
   std::vector<double> G(static_cast<std::size_t>(d * d), 0.0);
-  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, detail::bi(d), detail::bi(s), 1.0,
-              Y.data.data(), detail::bi(d), 0.0, G.data(), detail::bi(d));
+  detail::dsyrk_ata(d, s, Y.data.data(), d, 0.0, G.data());
   detail::symmetrize_upper(G, d);
   return G;
 }

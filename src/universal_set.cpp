@@ -1,7 +1,7 @@
 #include "levattn/universal_set.hpp"
 
 #include <algorithm>
-#include <numeric>
+#include <functional>
 #include <sstream>
 
 #include "detail/validate.hpp"
@@ -34,18 +34,25 @@ UniversalSet universal_set_top_k(const LeverageScores& s, index_t k) {
   u.n = static_cast<index_t>(s.scores.size());
   u.rank = s.rank;
   if (u.n == 0) return u;
-  std::vector<index_t> order(static_cast<std::size_t>(u.n));
-  std::iota(order.begin(), order.end(), index_t{0});
+  // The k-th largest score t (selection on a plain copy of the scores), then in index order
+  // every key above t and as many keys equal to t as still fit: larger score first, ties to the
+  // lower index, so the choice is unique.
   const index_t take = std::min(k, u.n);
-  // Larger score first, ties to the lower index: a strict weak order, so the choice is unique.
-  std::nth_element(order.begin(), order.begin() + take - 1, order.end(),
-                   [&](index_t a, index_t b) {
-                     return s.scores[a] != s.scores[b] ? s.scores[a] > s.scores[b] : a < b;
-                   });
-  order.resize(static_cast<std::size_t>(take));
-  std::sort(order.begin(), order.end());
-  u.indices = order;
-  for (index_t j : order) u.scores.push_back(s.scores[j]);
+  std::vector<double> copy = s.scores;
+  std::nth_element(copy.begin(), copy.begin() + (take - 1), copy.end(), std::greater<>());
+  const double t = copy[take - 1];
+  index_t above = 0;
+  for (double x : s.scores) above += x > t ? 1 : 0;
+  index_t ties = take - above;
+  u.indices.reserve(static_cast<std::size_t>(take));
+  u.scores.reserve(static_cast<std::size_t>(take));
+  for (index_t j = 0; j < u.n; ++j) {
+    const double x = s.scores[j];
+    if (x > t || (x == t && ties-- > 0)) {
+      u.indices.push_back(j);
+      u.scores.push_back(x);
+    }
+  }
   return u;
 }
 

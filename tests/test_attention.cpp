@@ -82,7 +82,7 @@ TEST(Attention, EverySelectionEqualsNaiveMaskedComputation) {
     o.window = 3;
     o.sinks = 4;
     expect_masked_equal(in, o, "leverage + window + sinks");
-    o.select = Select::none;
+    o.select = Select::window;
     o.top_k = 0;
     expect_masked_equal(in, o, "window + sinks");
     o.sinks = 0;

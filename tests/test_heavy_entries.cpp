@@ -130,7 +130,7 @@ TEST(HeavyEntriesPower, PEqualsTwoMatchesQuadraticForm) {
   const Mat K = oracle::gaussian(300, 6, 4), Q = oracle::gaussian(100, 6, 5);
   HeavyOptions o;
   const HeavyEntries a = heavy_entries(Q.view(), K.view(), 0.05, o);
-  EXPECT_EQ(a.normaliser, "exact (q^T M q)");
+  EXPECT_EQ(a.normaliser, "exact (||R q||^2, K = QR)");
   expect_same(a, oracle::heavy_power(Q, K, 0.05, 2.0), "p = 2");
 }
 

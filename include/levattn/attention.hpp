@@ -16,15 +16,15 @@ enum class Kernel {
   power,    ///< f(s) = |s|^p, scale 1 by default
 };
 
-/// Which keys each query attends to. `full`, `topk` and `random` stand alone; `leverage` and
-/// `none` combine with a window and sinks (union); `none` with a window is local attention.
+/// Which keys each query attends to. `full` and `topk` stand alone; `leverage` and `random`
+/// combine with a window and sinks (union); `window` is local attention (window and/or sinks).
 enum class Select {
   full,      ///< every key: the dense reference (tiled online softmax, no n x n buffer)
   leverage,  ///< keys by leverage score: top_k keys if top_k > 0, else U_eps (eps > 0); with
              ///< the power kernel and p != 2, by the |x|^p sensitivity bounds (Lewis weights)
   topk,      ///< per query, the top_k keys of largest f(s): the exact oracle, O(m n d) time
   random,    ///< top_k keys drawn uniformly without replacement per (batch, head), by seed
-  none,      ///< no shared keys: only the window and sinks
+  window,    ///< no shared keys: only the window and sinks (local attention)
 };
 
 struct AttentionOptions {

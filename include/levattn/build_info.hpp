@@ -8,12 +8,17 @@ struct BuildInfo {
   std::string version;     ///< library version
   std::string blas;        ///< BLAS library and its configuration string
   std::string blas_core;   ///< CPU kernel set the BLAS selected at run time
-  std::string isa;         ///< best vector ISA the CPU offers to levattn's kernels
+  /// Instruction set levattn's kernels run on: "avx512", "avx2" or "baseline" (the CPU's best,
+  /// or the one the environment variable LEVATTN_ISA forces).
+  std::string isa;
+  std::string cpu_isa;     ///< the best instruction set this CPU offers to the kernels
   int threads = 1;         ///< OpenMP threads a parallel region uses by default
   bool mpi = false;        ///< built with MPI support
   bool sanitizers = false; ///< built with ASan/UBSan
 };
 
+/// What this build runs on. Throws Error(invalid_argument) if LEVATTN_ISA names an unknown
+/// path or one the CPU lacks.
 BuildInfo build_info();
 
 }  // namespace levattn

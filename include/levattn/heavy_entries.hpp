@@ -20,8 +20,8 @@ struct HeavyEntries {
   index_t universal_size = 0;            ///< |U_eps| searched
   index_t rank = 0;                      ///< numerical rank of K
   double p = 2.0;                        ///< f(x) = |x|^p
-  /// How the row normalisers were computed: "exact (q^T M q)" (p = 2), "exact (all keys)" or
-  /// "sampled" (then values are (1 +- gamma) estimates, see HeavyOptions).
+  /// How the row normalisers were computed: "exact (||R q||^2, K = QR)" (p = 2), "exact (all
+  /// keys)" or "sampled" (then values are (1 +- gamma) estimates, see HeavyOptions).
   std::string normaliser;
   index_t samples = 0;  ///< sampled: keys drawn
   double gamma = 0.0;   ///< sampled: every normaliser within a factor (1 +- gamma), prob. >= 1 - delta
@@ -42,23 +42,30 @@ struct HeavyOptions {
   double gamma = 0.1;   ///< sampled: target accuracy in (0, 1) when samples == 0
   double delta = 0.01;  ///< sampled: failure probability in (0, 1)
   std::uint64_t seed = 0;
-  /// Scores behind the universal set: numerical rank, and for p = 2 the exact or sketched method
-  /// (a sketched universal set thresholds at eps / (1 + gamma); the normaliser stays exact).
+  /// Scores behind the universal set: numerical rank, and the exact or sketched method. A sketch
+  /// applies with sampled normalisers only: exact x^2 normalisers need the exact factor of K,
+  /// which costs more than the sketch saves (Error(invalid_argument) says so).
   LeverageOptions leverage;
 };
 
 /// All (i, j, A_ij) with A_ij >= eps for A = D^-1 (Q K^T)^2 (entrywise square, rows summing to 1).
 ///
-/// Exact, not approximate: the row normaliser is Z_i = q_i^T M q_i with M = K^T K (float64),
-/// and only keys of the universal set U_eps are examined, which contains every heavy key.
-/// A query with Z_i = 0 (to rounding: Z_i <= 64 u ||q_i||^2 lambda_max(M), i.e. q_i orthogonal to
-/// every key) has no defined row: it is listed in zero_rows and yields no entries.
+/// Exact, not approximate: only keys of the universal set U_eps are examined, which contains every
+/// heavy key, and the row normaliser Z_i = sum_l (q_i.k_l)^2 is computed as the sum of squares
+/// ||R q_i||^2 with R the triangular factor of a Householder QR K = Q R in float64 (never as
+/// q^T (K^T K) q, which cancels for queries nearly orthogonal to range(K)).
+/// Accuracy: with rho_i = n d u ||K||_F ||q_i|| / sqrt(Z_i) (u = 2^-53, the worst-case rounding
+/// of R q_i), every reported value is within a factor (1 +- (2 rho_i + rho_i^2))^-1 times
+/// (1 +- 2 d u ||q_i|| ||k_j|| / |q_i.k_j|) of the exact A_ij of the float32 inputs; every
+/// entry with A_ij >= eps (1 + 2 rho_i + rho_i^2) is reported. A query with sqrt(Z_i) <=
+/// n d u ||K||_F ||q_i|| (q_i orthogonal to every key, to float64 resolution) has no defined row:
+/// it is listed in zero_rows and yields no entries.
 /// Q: m x d, K: n x d, both finite and non-empty, equal d. eps in (0, 1].
 /// Complexity: O(n d^2 + m d^2 + m |U| d) time with |U| <= d / eps; never touches all n keys per
 /// query. Workspace O(d^2 + |U| d + block * |U|).
 /// Keys of K whose condition number exceeds 1 / LeverageOptions::rank_rtol (1e5) lie partly in
-/// directions treated as null; for such K the guarantee holds for K projected onto its numerical
-/// range.
+/// directions treated as null; for such K the universal-set guarantee holds for K projected onto
+/// its numerical range.
 HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps);
 
 /// All (i, j, A_ij) with A_ij >= eps for A = D^-1 |Q K^T|^p, any p > 0 (docs/design.md).
@@ -77,5 +84,12 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps);
 /// Complexity: Lewis weights O(n d^2) per iteration, then as above. Throws Error(invalid_argument)
 /// on bad shapes, non-finite input, eps outside (0, 1], p <= 0, gamma or delta outside (0, 1).
 HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& options);
+
+/// heavy_entries(Q_bh, K_bh, eps, options) for every (batch, head) pair of Q (batch, heads, m, d)
+/// and K (batch, heads, n, d), in b * heads + h order. Pairs run in parallel, each on one thread;
+/// sampled normalisers draw an independent sample per pair (stream: the pair's index). Throws as
+/// the single-pair version, and Error(invalid_argument) if (batch, heads) differ.
+std::vector<HeavyEntries> heavy_entries(const Tensor4Ref& Q, const Tensor4Ref& K, double eps,
+                                        const HeavyOptions& options);
 
 }  // namespace levattn

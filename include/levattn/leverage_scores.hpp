@@ -47,12 +47,19 @@ struct KeyGram {
   std::vector<double> factor;   ///< B (d x rank): M^+ = B B^T (ridge: (M + lambda I)^-1 = B B^T)
   /// B is upper triangular (d x d), the inverse transposed Cholesky factor of M + ridge I; set
   /// when M is numerically full rank. Otherwise B = V_r Lambda_r^-1/2 from the eigenvectors.
+  /// Well-conditioned M (trace(M) trace(M^-1) < 1 / rank_rtol^2, no ridge) is recognised from one
+  /// Cholesky factorisation, without an eigensolver.
   bool triangular = false;
-  std::vector<double> eigenvalues;  ///< eigenvalues of M (plus ridge), descending, size d
+  /// sum over the retained directions of lambda_max / lambda_i (eigenvalues of M + ridge I), and
+  /// lambda_max / lambda_min: exact from the eigensolver, or the upper bound trace(M) trace(M^-1)
+  /// on the Cholesky path. They enter the scores' rounding bound.
+  double condition_sum = 0.0;
+  double condition = 0.0;
 };
 
-/// M = K^T K in float64 and B with (M + ridge I)^+ = B B^T, from a symmetric eigendecomposition.
-/// K: n x d (n >= 1, d >= 1), finite. O(n d^2) time, O(d^2) workspace plus one block of K.
+/// M = K^T K in float64 and B with (M + ridge I)^+ = B B^T, from a Cholesky factorisation when M
+/// is well conditioned, else a symmetric eigendecomposition (rank-revealing).
+/// K: n x d (n >= 1, d >= 1), finite. O(n d^2 + d^3) time, O(d^2) workspace plus one block of K.
 /// Deterministic: the result does not depend on the thread count.
 KeyGram key_gram(ConstMatrix K, const LeverageOptions& options = {});
 

@@ -32,7 +32,7 @@ SketchKind parse_sketch_kind(const std::string& name);
 ///     sign sigma(i) in column i. Applying it adds row i of A, times sigma(i), to row h(i) of Y.
 ///     Time O(n d) (O(nnz(A))), memory O(n + s d).
 ///   - gaussian: s = O((rank(A) + log(1/delta)) / eps^2); S_ij ~ N(0, 1/s) i.i.d. (Box-Muller
-///     on 32-bit uniforms). S is generated in blocks of 32 x 256 and multiplied by DGEMM, never
+///     on 53-bit uniforms, detail/rng.hpp). S is generated in blocks of 32 x 256 and multiplied by DGEMM, never
 ///     whole. Time O(s n d), memory O(s d + block).
 ///   - srht: s = O((rank(A) + log n) log(rank(A)) / eps^2); S = sqrt(n'/s) P H D with D a
 ///     diagonal of random signs (n x n), H the orthonormal Walsh-Hadamard matrix of size

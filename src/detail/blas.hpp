@@ -1,13 +1,35 @@
 // detail/blas.hpp: the BLAS / LAPACK the library links (OpenBLAS + LAPACKE), row-major helpers.
+// Every size passed to them goes through bi() / li(), which refuse what their 32-bit integers
+// cannot hold instead of truncating it.
 #pragma once
 #include <cblas.h>
 #include <lapacke.h>
 
+#include <limits>
+#include <string>
+
+#include "levattn/error.hpp"
 #include "levattn/matrix.hpp"
 
 namespace levattn::detail {
 
-inline blasint bi(index_t v) { return static_cast<blasint>(v); }
+[[noreturn]] inline void integer_range_error(index_t v, const char* library) {
+  throw Error(ErrorKind::invalid_argument,
+              std::string("size ") + std::to_string(v) + " is outside the " + library +
+                  " integer range [0, " + std::to_string(std::numeric_limits<int>::max()) + "]");
+}
+
+/// v as a BLAS integer; Error(invalid_argument) if it does not fit.
+inline blasint bi(index_t v) {
+  if (v < 0 || v > static_cast<index_t>(std::numeric_limits<blasint>::max())) integer_range_error(v, "BLAS");
+  return static_cast<blasint>(v);
+}
+
+/// v as a LAPACK integer; Error(invalid_argument) if it does not fit.
+inline lapack_int li(index_t v) {
+  if (v < 0 || v > static_cast<index_t>(std::numeric_limits<lapack_int>::max())) integer_range_error(v, "LAPACK");
+  return static_cast<lapack_int>(v);
+}
 
 /// C (m x n) = alpha * A (m x k) * B^T (n x k) + beta * C, row-major float.
 inline void gemm_abt(index_t m, index_t n, index_t k, float alpha, const float* A, index_t lda,
@@ -33,6 +55,11 @@ inline void dgemm_ab(index_t m, index_t n, index_t k, double alpha, const double
                      const double* B, index_t ldb, double beta, double* C, index_t ldc) {
   cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, bi(m), bi(n), bi(k), alpha, A, bi(lda), B,
               bi(ldb), beta, C, bi(ldc));
+}
+
+/// C (d x d, upper triangle) = A^T A + beta C for A (rows x d, leading dimension lda), float64.
+inline void dsyrk_ata(index_t d, index_t rows, const double* A, index_t lda, double beta, double* C) {
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, bi(d), bi(rows), 1.0, A, bi(lda), beta, C, bi(d));
 }
 
 }  // namespace levattn::detail

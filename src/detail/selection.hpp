@@ -3,13 +3,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "detail/rng.hpp"
 #include "kernels/online_attention.hpp"
 
 namespace levattn::detail {
 
 /// k distinct keys of [0, n) uniformly at random (Floyd's algorithm), ascending; a pure function
-/// of (n, k, seed, stream). k >= n returns every key.
-std::vector<index_t> random_keys(index_t n, index_t k, std::uint64_t seed, std::uint64_t stream);
+/// of (n, k, rng's stream). k >= n returns every key.
+std::vector<index_t> random_keys(index_t n, index_t k, const CounterRng& rng);
 
 /// For queries i0 .. i1-1 of Q, the k keys of K with largest f(scale q.k) (softmax: logit,
 /// power: |logit|), ties to the lower index, each row in descending order, into out

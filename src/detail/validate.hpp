@@ -30,6 +30,9 @@ inline bool all_finite(const float* x, index_t n) {
 /// Throws unless the matrix is non-empty and every entry finite; `what` names the argument.
 void require_finite_matrix(ConstMatrix A, const char* what);
 
+/// require_finite_matrix(A, what), and in the same pass max_ij |a_ij|.
+double finite_max_abs(ConstMatrix A, const char* what);
+
 /// Throws unless v lies in the open interval (0, 1); `what` names the parameter.
 void require_open_unit(double v, const char* what);
 

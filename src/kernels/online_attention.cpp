@@ -6,7 +6,6 @@
 
 #include "detail/blas.hpp"
 #include "detail/validate.hpp"
-#include "kernels/elementwise.hpp"
 #include "levattn/error.hpp"
 
 namespace levattn::kernels {
@@ -20,7 +19,9 @@ OnlineBlock::OnlineBlock(const KernelParams& params, index_t max_rows, index_t m
       tile_(new float[static_cast<std::size_t>(max_rows * max_tile)]),
       acc_(new float[static_cast<std::size_t>(max_rows * dv)]),
       max_(new float[static_cast<std::size_t>(max_rows)]),
-      sum_(new double[static_cast<std::size_t>(max_rows)]) {}
+      sum_(new double[static_cast<std::size_t>(max_rows)]) {
+  if (params_.ops == nullptr) params_.ops = &active_row_ops();
+}
 
 void OnlineBlock::begin(const float* q, index_t ldq, index_t rows, index_t d) {
   if (rows > max_rows_) throw Error(ErrorKind::internal, "OnlineBlock: block larger than its workspace");
@@ -54,27 +55,27 @@ void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
     float& m = max_[r];
     float* o = acc_.get() + r * dv_;
     if (params_.kernel == Kernel::softmax) {
-      const float tmax = row_max(s, c);
+      const float tmax = params_.ops->row_max(s, c);
       if (tmax == -std::numeric_limits<float>::infinity()) {  // every key masked
         std::fill_n(s, c, 0.0f);
         continue;
       }
       const float mnew = std::max(m, tmax);
       const float corr = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m - mnew);
-      const float tsum = exp_shift_sum(s, c, mnew);
+      const float tsum = params_.ops->exp_shift_sum(s, c, mnew);
       sum_[r] = sum_[r] * corr + tsum;
       if (corr != 1.0f)
         for (index_t j = 0; j < dv_; ++j) o[j] *= corr;
       m = mnew;
     } else {
-      const float tmax = abs_row_max(s, c);
+      const float tmax = params_.ops->abs_row_max(s, c);
       if (tmax <= 0.0f) {  // masked or all logits zero: no weight
         std::fill_n(s, c, 0.0f);
         continue;
       }
       const float mnew = std::max(m, tmax);
       const float corr = m <= 0.0f ? 0.0f : std::pow(m / mnew, params_.p);
-      const float tsum = power_rel_sum(s, c, mnew, params_.p);
+      const float tsum = params_.ops->power_rel_sum(s, c, mnew, params_.p);
       sum_[r] = sum_[r] * corr + tsum;
       if (corr != 1.0f)
         for (index_t j = 0; j < dv_; ++j) o[j] *= corr;

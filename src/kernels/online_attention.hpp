@@ -5,6 +5,7 @@
 #include <memory>
 #include <vector>
 
+#include "kernels/elementwise.hpp"
 #include "levattn/attention.hpp"
 
 namespace levattn::kernels {
@@ -16,6 +17,8 @@ struct KernelParams {
   /// Check every logit tile for overflow; the driver clears it when Cauchy-Schwarz shows that
   /// |scale q.k| <= |scale| max|q| max|k| cannot overflow.
   bool check_overflow = true;
+  /// The row operations of the instruction set in use (active_row_ops() unless a test picks one).
+  const RowOps* ops = nullptr;
 };
 
 /// Per-thread state for one block of up to `rows` queries.

@@ -1,0 +1,11 @@
+// The row operations compiled for baseline (CMakeLists.txt sets this file's ISA flags).
+#include "kernels/elementwise_impl.hpp"
+
+namespace levattn::kernels {
+
+const RowOps& row_ops_baseline() {
+  static constexpr RowOps ops = make_row_ops<Scalar>(Isa::baseline);
+  return ops;
+}
+
+}  // namespace levattn::kernels
