@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <random>
 
 #include "cli/cli.hpp"
@@ -28,7 +29,19 @@ void require_positive(index_t v, const char* name) {
   if (v < 1) throw Error(ErrorKind::invalid_argument, std::string(name) + ": expected an integer >= 1, got " + std::to_string(v));
 }
 
-}  // namespace
+struct BenchArgs {
+  index_t n = 16384, d = 64, heads = 1, top_k = 256;
+  int repeats = 5;
+  std::int64_t seed = 0;
+  bool json = false;
+};
+
+struct DemoArgs {
+  index_t n = 16384, d = 64, relevant = 8, top_k = 256;
+  double eps = 0.1;
+  std::int64_t seed = 0;
+  bool json = false;
+};
 
 int run_bench(const BenchArgs& a) {
   require_positive(a.n, "n");
@@ -36,9 +49,11 @@ int run_bench(const BenchArgs& a) {
   require_positive(a.heads, "heads");
   require_positive(a.top_k, "top-k");
   if (a.repeats < 1) throw Error(ErrorKind::invalid_argument, "repeats: expected an integer >= 1");
-  const index_t n = a.n, d = a.d, h = a.heads, total = h * n * d;
-  const std::vector<float> q = gaussian(total, a.seed), k = gaussian(total, a.seed + 1),
-                           v = gaussian(total, a.seed + 2);
+  // Q, K, V and the output: four (heads, n, d) float32 arrays, checked before any is formed.
+  const index_t total = checked_allocation({4, a.heads, a.n, a.d}, sizeof(float), "bench: Q, K, V and the output") / 4;
+  const index_t n = a.n, d = a.d, h = a.heads;
+  const auto seed = static_cast<std::uint64_t>(a.seed);
+  const std::vector<float> q = gaussian(total, seed), k = gaussian(total, seed + 1), v = gaussian(total, seed + 2);
   const Tensor4Ref Q{q.data(), 1, h, n, d}, K{k.data(), 1, h, n, d}, V{v.data(), 1, h, n, d};
   std::vector<float> out(static_cast<std::size_t>(total));
   Progress progress("levattn bench");
@@ -67,7 +82,7 @@ int run_bench(const BenchArgs& a) {
   });
   advance();
   constexpr blasint S = 2048;
-  const std::vector<float> A = gaussian(S * S, a.seed + 3), B = gaussian(S * S, a.seed + 4);
+  const std::vector<float> A = gaussian(S * S, seed + 3), B = gaussian(S * S, seed + 4);
   std::vector<float> C(static_cast<std::size_t>(S) * S);
   const double t_sgemm = median_seconds(std::max(a.repeats, 3), [&] {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, S, S, 1.0f, A.data(), S, B.data(), S,
@@ -120,7 +135,7 @@ int run_demo(const DemoArgs& a) {
   po.n = a.n;
   po.d = a.d;
   po.relevant = std::min({a.relevant, a.n, a.d});
-  po.seed = a.seed;
+  po.seed = static_cast<std::uint64_t>(a.seed);
   const PlantedInstance p = planted(po);
   const ConstMatrix Q = p.Q.view(), K = p.K.view(), V = p.V.view();
   Progress progress("levattn demo");
@@ -139,23 +154,8 @@ int run_demo(const DemoArgs& a) {
   const HeavyEntries brute = heavy_entries_brute_force(Q, K, a.eps);
   const double t_brute = seconds(t0);
   progress(0.4);
-  // Both lists are sorted by (query, key): a merge counts the common entries.
-  std::size_t common = 0;
-  double max_rel = 0.0;
-  for (std::size_t x = 0, y = 0; x < heavy.entries.size() && y < brute.entries.size();) {
-    const auto& e = heavy.entries[x];
-    const auto& f = brute.entries[y];
-    if (e.query == f.query && e.key == f.key) {
-      max_rel = std::max(max_rel, std::fabs(e.value - f.value) / f.value);
-      ++common, ++x, ++y;
-    } else if (std::tie(e.query, e.key) < std::tie(f.query, f.key)) {
-      ++x;
-    } else {
-      ++y;
-    }
-  }
-  const double recall = brute.entries.empty() ? 1.0 : static_cast<double>(common) / static_cast<double>(brute.entries.size());
-  const double precision = heavy.entries.empty() ? 1.0 : static_cast<double>(common) / static_cast<double>(heavy.entries.size());
+  const HeavyAgreement agree = compare_heavy_entries(heavy, brute);
+  const double recall = agree.recall, precision = agree.precision, max_rel = agree.max_rel_value_error;
 
   AttentionOptions lev;
   lev.select = Select::leverage;
@@ -185,7 +185,7 @@ int run_demo(const DemoArgs& a) {
   }
   std::printf("levattn demo: planted instance, n = %lld keys and queries, d = %lld, %lld planted keys (seed %llu)\n\n",
               static_cast<long long>(a.n), static_cast<long long>(a.d), static_cast<long long>(po.relevant),
-              static_cast<unsigned long long>(a.seed));
+              static_cast<unsigned long long>(po.seed));
   std::printf("universal set (x^2, eps = %g)\n", a.eps);
   std::printf("  |U| = %zu of n = %lld keys (bound rank/eps = %.0f); planted keys all in U: %s   [%.3f s]\n\n",
               U.indices.size(), static_cast<long long>(a.n), std::floor(static_cast<double>(U.rank) / a.eps),
@@ -202,6 +202,33 @@ int run_demo(const DemoArgs& a) {
   std::printf("  LevAttention %.4f s, dense %.4f s: %.1fx faster (median of 3 runs)\n", t_lev, t_dense,
               t_dense / t_lev);
   return 0;
+}
+
+}  // namespace
+
+Command add_bench(CLI::App& app) {
+  auto a = std::make_shared<BenchArgs>();
+  auto* sub = app.add_subcommand("bench", "time LevAttention, dense attention and BLAS");
+  sub->add_option("--n", a->n, "context length (default 16384)");
+  sub->add_option("--d", a->d, "head dimension (default 64)");
+  sub->add_option("--heads", a->heads, "heads (default 1)");
+  sub->add_option("--top-k", a->top_k, "keys per head (default 256)");
+  sub->add_option("--repeats", a->repeats, "timed runs, the median is reported (default 5)");
+  add_seed_option(sub, a->seed, "the random inputs");
+  sub->add_flag("--json", a->json, "print one JSON object");
+  return {sub, [a] { return run_bench(*a); }};
+}
+
+Command add_demo(CLI::App& app) {
+  auto a = std::make_shared<DemoArgs>();
+  auto* sub = app.add_subcommand("demo", "planted instance: universal set, heavy entries, LevAttention vs dense");
+  sub->add_option("--n", a->n, "context length (default 16384)");
+  sub->add_option("--d", a->d, "dimension (default 64)");
+  sub->add_option("--top-k", a->top_k, "LevAttention keys (default 256)");
+  sub->add_option("--eps", a->eps, "heavy-entry threshold (default 0.1)");
+  add_seed_option(sub, a->seed, "the planted instance");
+  sub->add_flag("--json", a->json, "print one JSON object");
+  return {sub, [a] { return run_demo(*a); }};
 }
 
 }  // namespace levattn::cli

@@ -3,7 +3,7 @@
 #pragma once
 #include <chrono>
 #include <filesystem>
-#include <map>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -16,6 +16,24 @@ namespace levattn::cli {
 
 using json = nlohmann::ordered_json;
 
+/// A subcommand: its parser and what runs it (the arguments live in the closure).
+struct Command {
+  CLI::App* app = nullptr;
+  std::function<int()> run;
+};
+
+Command add_info(CLI::App& app);
+Command add_universal(CLI::App& app);
+Command add_heavy(CLI::App& app);
+Command add_attend(CLI::App& app);
+Command add_reduce(CLI::App& app);
+Command add_planted(CLI::App& app);
+Command add_bench(CLI::App& app);
+Command add_demo(CLI::App& app);
+
+// ---------------------------------------------------------------------------------------------
+// Shared options and inputs (inputs.cpp).
+
 /// The score-method flags shared by universal, heavy and attend.
 struct MethodArgs {
   std::string method = "exact", sketch = "countsketch";
@@ -23,25 +41,47 @@ struct MethodArgs {
 };
 /// Adds --method, --sketch, --sketch-size to a subcommand.
 void add_method_options(CLI::App* sub, MethodArgs& m);
+/// Adds --seed (an integer in [0, 2^63)) to a subcommand.
+void add_seed_option(CLI::App* sub, std::int64_t& seed, const std::string& what);
 /// LeverageOptions for those flags and a seed.
-LeverageOptions leverage_options(const MethodArgs& m, std::uint64_t seed);
+LeverageOptions leverage_options(const MethodArgs& m, std::int64_t seed);
 
-/// A float32 array read from a .npy file, with the file it came from.
+/// A float32 array read from a .npy file or an .npz member, with where it came from.
 struct Input {
-  std::filesystem::path path;
+  std::string source;  ///< "K.npy", or "qkv.npz: member 'k'"
   std::vector<index_t> shape;
   std::vector<float> values;
 };
 
-/// Reads a float32/float64 .npy with 2 to `max_dims` dimensions; `what` names the argument.
+/// Reads a float32/float64 array with 2 to `max_dims` dimensions from a .npy file; `what` names
+/// the argument.
 Input load_input(const std::filesystem::path& path, const std::string& what, int max_dims);
+
+/// The arrays `names` (for example {"q", "k", "v"}) of an .npz archive, each as load_input.
+std::vector<Input> load_members(const std::filesystem::path& npz, const std::vector<std::string>& names,
+                                const std::vector<std::string>& what, int max_dims);
 
 /// (batch, heads, rows, cols) view of a 2-D, 3-D or 4-D input.
 Tensor4Ref as_tensor(const Input& in);
 
-/// Rewrites a library message "keys: ..." as "keys (K.npy): ..." for the named inputs.
-std::string annotate(const std::string& message, const std::vector<const Input*>& inputs,
-                     const std::vector<std::string>& names);
+/// Throws Error(invalid_argument) unless every input has the same leading (batch, heads)
+/// dimensions and number of dimensions as the first.
+void require_same_stack(const std::vector<const Input*>& inputs, const std::vector<std::string>& names);
+
+/// Runs f; a library Error about one of the named arguments ("keys: ...") gets that input's
+/// source: "keys (K.npy): ...".
+template <class F>
+auto with_sources(const std::vector<const Input*>& inputs, const std::vector<std::string>& names, F&& f) {
+  try {
+    return f();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (std::size_t i = 0; i < inputs.size(); ++i)
+      if (msg.rfind(names[i] + ":", 0) == 0)
+        throw Error(e.kind(), names[i] + " (" + inputs[i]->source + ")" + msg.substr(names[i].size()));
+    throw;
+  }
+}
 
 /// Progress on stderr, only when stderr is a terminal and the work has run for 2 s.
 class Progress {
@@ -57,58 +97,12 @@ class Progress {
   int last_percent_ = -1;
 };
 
-struct UniversalArgs {
-  std::string keys, out;
-  double eps = 0, ridge = 0, p = 2.0;
-  index_t top_k = 0;
-  bool use_top_k = false;  // --top-k given (selects top-k whatever its value)
-  std::uint64_t seed = 0;
-  MethodArgs method;
-  bool json = false;
-};
-struct HeavyArgs {
-  std::string queries, keys, out, normaliser = "exact";
-  double eps = 0, p = 2.0, gamma = 0.1;
-  index_t samples = 0;
-  std::uint64_t seed = 0;
-  MethodArgs method;
-  bool json = false;
-};
-struct AttendArgs {
-  std::string queries, keys, values, out, kernel = "softmax", select = "full";
-  double p = 2.0, scale = 0, eps = 0;
-  bool has_scale = false;
-  index_t top_k = 0, window = -1, sinks = 0;
-  std::string budget;  // "alpha,C"
-  std::uint64_t seed = 0;
-  MethodArgs method;
-  bool json = false;
-};
-struct PlantedArgs {
-  index_t n = 0, d = 0, relevant = 8;
-  std::uint64_t seed = 0;
-  std::string out_dir;
-};
-struct BenchArgs {
-  index_t n = 16384, d = 64, heads = 1, top_k = 256;
-  int repeats = 5;
-  std::uint64_t seed = 0;
-  bool json = false;
-};
-struct DemoArgs {
-  index_t n = 16384, d = 64, relevant = 8, top_k = 256;
-  double eps = 0.1;
-  std::uint64_t seed = 0;
-  bool json = false;
-};
+/// Whether a path names an .npz archive (by its suffix).
+bool is_npz(const std::string& path);
 
-int run_info(bool as_json);
-int run_universal(const UniversalArgs& a);
-int run_heavy(const HeavyArgs& a);
-int run_attend(const AttendArgs& a);
-int run_planted(const PlantedArgs& a);
-int run_bench(const BenchArgs& a);
-int run_demo(const DemoArgs& a);
+/// A note on stderr when a key budget exceeds the keys there are (the library then takes every
+/// key).
+void note_budget(const char* command, index_t top_k, index_t n);
 
 }  // namespace levattn::cli
 

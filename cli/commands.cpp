@@ -1,6 +1,8 @@
+// levattn info, universal, heavy, attend and planted.
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <sstream>
 
 #include "cli/cli.hpp"
@@ -8,23 +10,48 @@
 namespace levattn::cli {
 namespace {
 
-// Runs f; a library Error about one of the inputs gets that input's file name.
-template <class F>
-auto with_files(const std::vector<const Input*>& inputs, const std::vector<std::string>& names, F&& f) {
-  try {
-    return f();
-  } catch (const Error& e) {
-    throw Error(e.kind(), annotate(e.what(), inputs, names));
-  }
-}
-
-std::string format_value(double v) {
+std::string format_value(double v, const char* fmt = "%.9g") {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.9g", v);
+  std::snprintf(buf, sizeof buf, fmt, v);
   return buf;
 }
 
-}  // namespace
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The arrays of one command: from individual .npy files, or the members of one --inputs .npz.
+struct Sources {
+  std::string inputs;              // --inputs qkv.npz
+  std::vector<std::string> files;  // --queries/--keys/--values, in the order of `names`
+};
+
+std::vector<Input> load_all(const Sources& s, const std::vector<std::string>& members,
+                            const std::vector<std::string>& names, int max_dims) {
+  if (!s.inputs.empty()) {
+    for (const std::string& f : s.files)
+      if (!f.empty())
+        throw Error(ErrorKind::invalid_argument, "inputs: give either --inputs or the separate files, not both");
+    return load_members(s.inputs, members, names, max_dims);
+  }
+  std::vector<Input> out;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    if (s.files[i].empty())
+      throw Error(ErrorKind::invalid_argument, names[i] + ": give --" + names[i] + " FILE.npy or --inputs FILE.npz");
+    out.push_back(load_input(s.files[i], names[i], max_dims));
+  }
+  return out;
+}
+
+void add_inputs_option(CLI::App* sub, Sources& s, const std::string& members) {
+  sub->add_option("--inputs", s.inputs, "an .npz archive holding " + members + " instead of separate files");
+}
+
+std::vector<index_t> leading_dims(const Input& in) {
+  return std::vector<index_t>(in.shape.begin(), in.shape.end() - 2);
+}
+
+// ---------------------------------------------------------------------------------------------
 
 int run_info(bool as_json) {
   const BuildInfo b = build_info();
@@ -39,141 +66,242 @@ int run_info(bool as_json) {
   j["sanitizers"] = b.sanitizers;
   if (as_json) {
     std::cout << j.dump() << "\n";
-  } else {
-    std::cout << "levattn " << b.version << "\n"
-              << "BLAS:     " << b.blas << "\n"
-              << "BLAS core: " << b.blas_core << "\n"
-              << "ISA:      " << b.isa << " (CPU: " << b.cpu_isa << "; LEVATTN_ISA=avx512|avx2|baseline forces a path)\n"
-              << "threads:  " << b.threads << "\n"
-              << "MPI:      " << (b.mpi ? "yes" : "not built") << "\n";
+    return 0;
   }
+  std::cout << "levattn " << b.version << "\n"
+            << "BLAS:      " << b.blas << "\n"
+            << "BLAS core: " << b.blas_core << "\n"
+            << "ISA:       " << b.isa << " (CPU: " << b.cpu_isa << "; LEVATTN_ISA=avx512|avx2|baseline forces a path)\n"
+            << "threads:   " << b.threads << "\n"
+            << "MPI:       " << (b.mpi ? "yes" : "not built") << "\n";
   return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct UniversalArgs {
+  Sources src{"", {""}};
+  std::string out;
+  double eps = 0, ridge = 0, p = 2.0;
+  index_t top_k = 0;
+  bool use_top_k = false;
+  std::int64_t seed = 0;
+  MethodArgs method;
+  bool json = false;
+};
+
+json set_json(const UniversalSet& u) {
+  json j;
+  j["rank"] = u.rank;
+  j["size"] = u.indices.size();
+  j["bound"] = u.size_bound;
+  j["ties_left_out"] = u.ties_left_out;
+  j["indices"] = u.indices;
+  j["scores"] = u.scores;
+  return j;
+}
+
+void write_sets(const std::string& out, const std::vector<UniversalSet>& sets, bool stacked) {
+  if (!is_npz(out)) {
+    if (stacked)
+      throw Error(ErrorKind::invalid_argument, "out: a stack of key matrices gives one set per (batch, head); write an .npz");
+    write_npy(out, Array::from_int64({static_cast<index_t>(sets[0].indices.size())},
+                                     std::vector<std::int64_t>(sets[0].indices.begin(), sets[0].indices.end())));
+    return;
+  }
+  std::vector<std::int64_t> indices, offsets{0};
+  std::vector<double> scores;
+  for (const UniversalSet& u : sets) {
+    indices.insert(indices.end(), u.indices.begin(), u.indices.end());
+    scores.insert(scores.end(), u.scores.begin(), u.scores.end());
+    offsets.push_back(static_cast<std::int64_t>(indices.size()));
+  }
+  const auto c = static_cast<index_t>(indices.size());
+  write_npz(out, {{"indices", Array::from_int64({c}, indices)},
+                  {"offsets", Array::from_int64({static_cast<index_t>(offsets.size())}, offsets)},
+                  {"scores", Array::from_float64({c}, scores)}});
 }
 
 int run_universal(const UniversalArgs& a) {
-  const Input K = load_input(a.keys, "keys", 2);
-  const ConstMatrix k{K.values.data(), K.shape[0], K.shape[1]};
-  LeverageOptions opt = leverage_options(a.method, a.seed);
-  opt.ridge = a.ridge;
+  const std::vector<Input> in = load_all(a.src, {"k"}, {"keys"}, 4);
+  const Input& K = in[0];
+  UniversalOptions o;
+  o.leverage = leverage_options(a.method, a.seed);
+  o.leverage.ridge = a.ridge;
+  o.p = a.p;
+  if (a.use_top_k) o.top_k = a.top_k;
+  else o.eps = a.eps;
   if (a.p != 2.0 && a.ridge != 0.0)
     throw Error(ErrorKind::invalid_argument, "ridge: applies to p = 2 (leverage scores) only");
+  if (a.use_top_k && a.top_k < 1)
+    throw Error(ErrorKind::invalid_argument, "top-k: expected an integer >= 1, got " + std::to_string(a.top_k));
+  const Tensor4Ref k = as_tensor(K);
   const auto t0 = std::chrono::steady_clock::now();
-  const LeverageScores scores =
-      with_files({&K}, {"keys"}, [&] { return sensitivity_bounds(k, a.p, opt); });
-  // sum of scores <= rank^max(1,p/2), and the threshold is eps / (1 + gamma).
-  const double size_bound = std::pow(static_cast<double>(scores.rank), std::max(1.0, a.p / 2.0)) *
-                            (1.0 + scores.rel_error_bound);
-  const UniversalSet u = a.use_top_k ? universal_set_top_k(scores, a.top_k)
-                                      : universal_set(scores, a.eps);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (!a.out.empty()) {
-    write_npy(a.out, Array::from_int64({static_cast<index_t>(u.indices.size())},
-                                       std::vector<std::int64_t>(u.indices.begin(), u.indices.end())));
-  }
+  const std::vector<UniversalSet> sets = with_sources({&K}, {"keys"}, [&] { return universal_sets(k, o); });
+  const double secs = seconds_since(t0);
+  if (a.use_top_k) note_budget("universal", a.top_k, k.rows);
+  const bool stacked = K.shape.size() > 2;
+  if (!a.out.empty()) write_sets(a.out, sets, stacked);
+  const UniversalSet& u0 = sets[0];
   if (a.json) {
     json j;
-    j["n"] = u.n;
-    j["d"] = K.shape[1];
-    j["rank"] = u.rank;
+    if (stacked) j["batch_heads"] = leading_dims(K);
+    j["n"] = k.rows;
+    j["d"] = k.cols;
     if (a.use_top_k) j["top_k"] = a.top_k; else j["eps"] = a.eps;
     j["ridge"] = a.ridge;
     j["p"] = a.p;
-    j["size"] = u.indices.size();
-    j["bound"] = a.use_top_k ? json(nullptr) : json(std::floor(size_bound / a.eps));
-    j["method"] = scores.method == ScoreMethod::sketch ? "sketch" : "exact";
-    if (scores.method == ScoreMethod::sketch) {
+    j["method"] = u0.method == ScoreMethod::sketch ? "sketch" : "exact";
+    if (u0.method == ScoreMethod::sketch) {
       j["sketch"] = a.method.sketch;
-      j["sketch_size"] = scores.sketch_size;
-      j["gamma"] = scores.rel_error_bound;
-      j["failure_probability"] = scores.failure_probability;
+      j["sketch_size"] = u0.sketch_size;
+      j["gamma"] = u0.score_rel_error_bound;
+      j["failure_probability"] = u0.failure_probability;
     }
-    j["score_rel_error_bound"] = scores.rel_error_bound;
+    j["score_rel_error_bound"] = u0.score_rel_error_bound;
     j["seconds"] = secs;
-    j["indices"] = u.indices;
-    j["scores"] = u.scores;
+    j["scores_of"] = "selected keys";  // `scores` lists the selected keys' scores only
+    if (stacked) {
+      j["sets"] = json::array();
+      for (const UniversalSet& u : sets) j["sets"].push_back(set_json(u));
+    } else {
+      j.update(set_json(u0));
+    }
     std::cout << j.dump() << "\n";
   } else {
-    std::cout << "keys: n = " << u.n << ", d = " << K.shape[1] << ", rank = " << u.rank << "\n"
-              << "universal set: " << u.indices.size() << " keys"
-              << (a.use_top_k ? " (top-k by leverage score)"
-                               : " (every key with score >= eps / (1 + gamma); at most rank^max(1,p/2) (1 + gamma) / eps = " +
-                                     std::to_string(static_cast<long long>(std::floor(size_bound / a.eps))) + ")")
-              << " in " << secs << " s\n";
+    std::cout << "keys: n = " << k.rows << ", d = " << k.cols << (stacked ? ", " + std::to_string(sets.size()) + " (batch, head) pairs" : "")
+              << "\n";
+    for (std::size_t h = 0; h < sets.size(); ++h) {
+      const UniversalSet& u = sets[h];
+      if (stacked) std::cout << "pair " << h << ": ";
+      std::cout << "rank = " << u.rank << ", universal set: " << u.indices.size() << " keys"
+                << (a.use_top_k ? " (top-k by score)"
+                                : " (every key with score >= eps / (1 + gamma); at most " +
+                                      format_value(std::floor(u.size_bound), "%.6g") + ")");
+      if (u.ties_left_out > 0)
+        std::cout << "; " << u.ties_left_out << " keys tied with the last one chosen were left out by index"
+                  << (u.rank == k.rows ? " (K has full row rank: every score is 1, the choice is arbitrary)" : "");
+      std::cout << "\n";
+    }
+    std::cout << "in " << secs << " s\n";
   }
   return 0;
 }
 
-int run_heavy(const HeavyArgs& a) {
-  const Input Q = load_input(a.queries, "queries", 3), K = load_input(a.keys, "keys", 3);
-  if (Q.shape.size() != K.shape.size() || (Q.shape.size() == 3 && Q.shape[0] != K.shape[0])) {
-    throw Error(ErrorKind::invalid_argument,
-                "queries (" + a.queries + "), keys (" + a.keys +
-                    "): expected both (m, d) / (n, d) or both (heads, m, d) / (heads, n, d) with equal heads");
+}  // namespace
+
+Command add_universal(CLI::App& app) {
+  auto a = std::make_shared<UniversalArgs>();
+  auto* sub = app.add_subcommand("universal", "universal set of keys by leverage score (or |x|^p sensitivity bound)");
+  sub->add_option("--keys", a->src.files[0], "keys K .npy: (n, d), (h, n, d) or (b, h, n, d)");
+  add_inputs_option(sub, a->src, "the keys as member 'k'");
+  auto* eps = sub->add_option("--eps", a->eps, "threshold: every key j with score >= eps, eps in (0, 1]");
+  auto* top = sub->add_option("--top-k", a->top_k, "the N keys of largest score (N above n: every key)");
+  eps->excludes(top);
+  sub->add_option("--ridge", a->ridge, "ridge lambda >= 0 (p = 2)");
+  sub->add_option("--p", a->p, "f(x) = |x|^p: scores are sensitivity bounds from Lewis weights (default 2: leverage)");
+  add_seed_option(sub, a->seed, "the sketch");
+  add_method_options(sub, a->method);
+  sub->add_flag("--json", a->json, "print one JSON object");
+  sub->add_option("--out", a->out, "write the indices: int64 .npy (one key matrix), or .npz with indices, offsets, scores");
+  return {sub, [a, eps, top] {
+            if (eps->count() == 0 && top->count() == 0)
+              throw Error(ErrorKind::invalid_argument, "universal: give --eps or --top-k");
+            a->use_top_k = top->count() > 0;
+            return run_universal(*a);
+          }};
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+
+struct HeavyArgs {
+  Sources src{"", {"", ""}};
+  std::string out, normaliser = "exact";
+  double eps = 0, p = 2.0, gamma = 0.1;
+  index_t samples = 0;
+  std::int64_t seed = 0;
+  MethodArgs method;
+  bool json = false;
+};
+
+// Entries of every (batch, head) pair as CSV text or .npz members, with the leading columns the
+// input has: "query,key,value", "head,..." (3-D) or "batch,head,..." (4-D).
+void write_heavy(const std::string& out, const std::vector<HeavyEntries>& per, index_t heads, std::size_t dims,
+                 bool to_stdout) {
+  const bool with_head = dims >= 3, with_batch = dims >= 4;
+  if (is_npz(out)) {
+    std::vector<std::int64_t> batch, head, query, key;
+    std::vector<double> value;
+    for (std::size_t h = 0; h < per.size(); ++h)
+      for (const HeavyEntry& e : per[h].entries) {
+        batch.push_back(static_cast<index_t>(h) / heads);
+        head.push_back(static_cast<index_t>(h) % heads);
+        query.push_back(e.query);
+        key.push_back(e.key);
+        value.push_back(e.value);
+      }
+    const auto c = static_cast<index_t>(query.size());
+    std::vector<std::pair<std::string, Array>> arrays;
+    if (with_batch) arrays.emplace_back("batch", Array::from_int64({c}, batch));
+    if (with_head) arrays.emplace_back("head", Array::from_int64({c}, head));
+    arrays.emplace_back("query", Array::from_int64({c}, query));
+    arrays.emplace_back("key", Array::from_int64({c}, key));
+    arrays.emplace_back("value", Array::from_float64({c}, value));
+    write_npz(out, arrays);
+    return;
   }
+  std::ostringstream csv;
+  csv << (with_batch ? "batch," : "") << (with_head ? "head," : "") << "query,key,value\n";
+  for (std::size_t h = 0; h < per.size(); ++h)
+    for (const HeavyEntry& e : per[h].entries) {
+      if (with_batch) csv << static_cast<index_t>(h) / heads << ',';
+      if (with_head) csv << static_cast<index_t>(h) % heads << ',';
+      csv << e.query << ',' << e.key << ',' << format_value(e.value) << '\n';
+    }
+  if (to_stdout) std::cout << csv.str();
+  else write_text_file(out, csv.str());
+}
+
+int run_heavy(const HeavyArgs& a) {
+  const std::vector<Input> in = load_all(a.src, {"q", "k"}, {"queries", "keys"}, 4);
+  const Input &Q = in[0], &K = in[1];
+  require_same_stack({&Q, &K}, {"queries", "keys"});
   const Tensor4Ref q = as_tensor(Q), k = as_tensor(K);
-  const bool headed = Q.shape.size() == 3;
-  const auto t0 = std::chrono::steady_clock::now();
   HeavyOptions ho;
   ho.p = a.p;
   ho.normaliser = a.normaliser == "sampled" ? Normaliser::sampled : Normaliser::exact;
   ho.gamma = a.gamma;
   ho.samples = a.samples;
-  ho.seed = a.seed;
+  ho.seed = static_cast<std::uint64_t>(a.seed);
   ho.leverage = leverage_options(a.method, a.seed);
-  std::vector<HeavyEntries> per_head;
-  for (index_t h = 0; h < q.heads; ++h)
-    per_head.push_back(with_files({&Q, &K}, {"queries", "keys"},
-                                  [&] { return heavy_entries(q.slice(0, h), k.slice(0, h), a.eps, ho); }));
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<HeavyEntries> per =
+      with_sources({&Q, &K}, {"queries", "keys"}, [&] { return heavy_entries(q, k, a.eps, ho); });
+  const double secs = seconds_since(t0);
   std::size_t count = 0, zero = 0;
   index_t usize = 0;
-  for (const auto& r : per_head) {
+  for (const HeavyEntries& r : per) {
     count += r.entries.size();
     zero += r.zero_rows.size();
     usize += r.universal_size;
   }
-  const bool npz = a.out.size() >= 4 && a.out.substr(a.out.size() - 4) == ".npz";
-  if (npz) {
-    std::vector<std::int64_t> head, query, key;
-    std::vector<double> value;
-    for (index_t h = 0; h < static_cast<index_t>(per_head.size()); ++h)
-      for (const auto& e : per_head[h].entries) {
-        head.push_back(h);
-        query.push_back(e.query);
-        key.push_back(e.key);
-        value.push_back(e.value);
-      }
-    const index_t c = static_cast<index_t>(count);
-    std::vector<std::pair<std::string, Array>> arrays;
-    if (headed) arrays.emplace_back("head", Array::from_int64({c}, head));
-    arrays.emplace_back("query", Array::from_int64({c}, query));
-    arrays.emplace_back("key", Array::from_int64({c}, key));
-    arrays.emplace_back("value", Array::from_float64({c}, value));
-    write_npz(a.out, arrays);
-  } else if (!a.out.empty() || !a.json) {
-    std::ostringstream csv;
-    csv << (headed ? "head,query,key,value\n" : "query,key,value\n");
-    for (std::size_t h = 0; h < per_head.size(); ++h)
-      for (const auto& e : per_head[h].entries) {
-        if (headed) csv << h << ',';
-        csv << e.query << ',' << e.key << ',' << format_value(e.value) << '\n';
-      }
-    if (a.out.empty()) std::cout << csv.str();
-    else write_text_file(a.out, csv.str());
-  }
+  if (!a.out.empty() || !a.json) write_heavy(a.out, per, q.heads, Q.shape.size(), a.out.empty());
+  const HeavyEntries& first = per.front();
   if (a.json) {
     json j;
+    if (Q.shape.size() >= 4) j["batch"] = q.batch;
     j["heads"] = q.heads;
     j["m"] = q.rows;
     j["n"] = k.rows;
     j["d"] = q.cols;
     j["eps"] = a.eps;
     j["p"] = a.p;
-    j["normaliser"] = per_head.front().normaliser;
-    if (per_head.front().samples > 0) {
-      j["samples"] = per_head.front().samples;
-      j["gamma"] = per_head.front().gamma;
+    j["normaliser"] = first.normaliser;
+    if (first.samples > 0) {
+      j["samples"] = first.samples;
+      j["gamma"] = first.gamma;
     }
     j["count"] = count;
     j["universal_size"] = usize;
@@ -181,35 +309,71 @@ int run_heavy(const HeavyArgs& a) {
     j["seconds"] = secs;
     std::cout << j.dump() << "\n";
   }
-  if (!a.json && per_head.front().samples > 0)
-    std::cerr << "levattn heavy: sampled normalisers (" << per_head.front().samples
-              << " keys): values are (1 +- " << per_head.front().gamma << ") estimates\n";
-  if (zero > 0) std::cerr << "levattn heavy: " << zero << " queries have a zero row normaliser (orthogonal to every key); they have no entries\n";
+  if (!a.json && first.samples > 0)
+    std::cerr << "levattn heavy: sampled normalisers (" << first.samples << " keys): values are (1 +- "
+              << first.gamma << ") estimates\n";
+  if (zero > 0)
+    std::cerr << "levattn heavy: " << zero << " queries have a zero row normaliser (orthogonal to every key, "
+              << "to float64 resolution); they have no entries\n";
   return 0;
 }
 
-int run_attend(const AttendArgs& a) {
-  const Input Q = load_input(a.queries, "queries", 4), K = load_input(a.keys, "keys", 4),
-              V = load_input(a.values, "values", 4);
-  if (Q.shape.size() != K.shape.size() || Q.shape.size() != V.shape.size()) {
-    throw Error(ErrorKind::invalid_argument,
-                "queries (" + a.queries + "), keys (" + a.keys + "), values (" + a.values +
-                    "): expected arrays of the same number of dimensions");
-  }
+}  // namespace
+
+Command add_heavy(CLI::App& app) {
+  auto a = std::make_shared<HeavyArgs>();
+  auto* sub = app.add_subcommand("heavy", "every eps-heavy entry of x^2 (or |x|^p) attention, exactly");
+  sub->add_option("--queries", a->src.files[0], "queries Q .npy: (m, d), (h, m, d) or (b, h, m, d)");
+  sub->add_option("--keys", a->src.files[1], "keys K .npy, the same layout, n keys");
+  add_inputs_option(sub, a->src, "members 'q' and 'k'");
+  sub->add_option("--eps", a->eps, "report A_ij >= eps, eps in (0, 1]")->required();
+  sub->add_option("--out", a->out, "H.csv or H.npz (default: CSV on stdout)");
+  sub->add_option("--p", a->p, "f(x) = |x|^p (default 2)");
+  sub->add_option("--normaliser", a->normaliser, "exact (default) or sampled row normalisers")
+      ->check(CLI::IsMember({"exact", "sampled"}));
+  sub->add_option("--gamma", a->gamma, "sampled: target accuracy in (0, 1) (default 0.1)");
+  sub->add_option("--samples", a->samples, "sampled: keys to draw (default: from --gamma)");
+  add_seed_option(sub, a->seed, "the sampled normalisers and of the sketch");
+  add_method_options(sub, a->method);
+  sub->add_flag("--json", a->json, "print a JSON summary");
+  return {sub, [a] { return run_heavy(*a); }};
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+
+struct AttendArgs {
+  Sources src{"", {"", "", ""}};
+  std::string out, save_selection, kernel = "softmax", select = "full";
+  double p = 2.0, scale = 0, eps = 0;
+  bool has_scale = false;
+  index_t top_k = 0, window = -1, sinks = 0;
+  std::string budget;  // "alpha,C"
+  std::int64_t seed = 0;
+  MethodArgs method;
+  bool json = false;
+};
+
+AttentionOptions attention_options(const AttendArgs& a) {
   AttentionOptions o;
   o.kernel = a.kernel == "poly" ? Kernel::power : Kernel::softmax;
   o.p = a.p;
-  if (a.has_scale) o.scale = a.scale;
-  o.select = a.select == "full" ? Select::full
+  if (a.has_scale) {
+    if (!std::isfinite(a.scale))
+      throw Error(ErrorKind::invalid_argument, "scale: expected a finite number, got " + format_value(a.scale));
+    o.scale = a.scale;
+  }
+  o.select = a.select == "full"       ? Select::full
              : a.select == "leverage" ? Select::leverage
-             : a.select == "topk" ? Select::topk
-             : a.select == "random" ? Select::random
-                                    : Select::window;
+             : a.select == "topk"     ? Select::topk
+             : a.select == "random"   ? Select::random
+                                      : Select::window;
   o.top_k = a.top_k;
   o.eps = a.eps;
   o.window = a.window;
   o.sinks = a.sinks;
-  o.seed = a.seed;
+  o.seed = static_cast<std::uint64_t>(a.seed);
   o.leverage = leverage_options(a.method, a.seed);
   if (!a.budget.empty()) {
     double alpha = 0, c = 0;
@@ -220,17 +384,54 @@ int run_attend(const AttendArgs& a) {
     o.budget_alpha = alpha;
     o.budget_exponent = c;
   }
-  if (a.select == "window" && a.window < 0)
-    throw Error(ErrorKind::invalid_argument, "window: --select window needs --window W (W >= 0)");
+  if (a.select == "window" && a.window < 0 && a.sinks < 1)
+    throw Error(ErrorKind::invalid_argument, "window: --select window needs --window W (W >= 0) or --sinks S");
+  o.return_selection = !a.save_selection.empty();
+  return o;
+}
+
+// The keys each query attended: per (batch, head) its shared keys (offsets into one array),
+// the per-query keys of topk, and the window and sinks that every query adds.
+std::vector<std::pair<std::string, Array>> selection_arrays(const AttentionResult& r, const Input& Q,
+                                                            const AttentionOptions& o) {
+  if (o.select == Select::full)
+    throw Error(ErrorKind::invalid_argument, "save-selection: select full attends every key; there is no selection to save");
+  std::vector<std::int64_t> keys, offsets{0};
+  for (const auto& s : r.shared_keys) {
+    keys.insert(keys.end(), s.begin(), s.end());
+    offsets.push_back(static_cast<std::int64_t>(keys.size()));
+  }
+  std::vector<std::pair<std::string, Array>> out;
+  out.emplace_back("shared_keys", Array::from_int64({static_cast<index_t>(keys.size())}, keys));
+  out.emplace_back("shared_offsets", Array::from_int64({static_cast<index_t>(offsets.size())}, offsets));
+  if (o.select == Select::topk) {
+    std::vector<index_t> shape = Q.shape;  // the queries' leading dimensions, m, top_k
+    shape.back() = r.top_k;
+    out.emplace_back("query_keys", Array::from_int64(shape, std::vector<std::int64_t>(r.query_keys.begin(), r.query_keys.end())));
+  }
+  out.emplace_back("window", Array::from_int64({1}, {o.window}));
+  out.emplace_back("sinks", Array::from_int64({1}, {o.sinks}));
+  return out;
+}
+
+int run_attend(const AttendArgs& a) {
+  const std::vector<Input> in = load_all(a.src, {"q", "k", "v"}, {"queries", "keys", "values"}, 4);
+  const Input &Q = in[0], &K = in[1], &V = in[2];
+  require_same_stack({&Q, &K, &V}, {"queries", "keys", "values"});
+  AttentionOptions o = attention_options(a);
   Progress progress("levattn attend");
   o.progress = [&](double f) { progress(f); };
   const Tensor4Ref q = as_tensor(Q), k = as_tensor(K), v = as_tensor(V);
   std::vector<index_t> shape = Q.shape;
   shape.back() = v.cols;
-  std::vector<float> out(static_cast<std::size_t>(q.batch * q.heads * q.rows * v.cols));
-  const AttentionResult r = with_files({&Q, &K, &V}, {"queries", "keys", "values"},
-                                       [&] { return attention(q, k, v, out.data(), o); });
-  write_npy(a.out, Array::from_float32(shape, std::move(out)));
+  std::vector<float> out(static_cast<std::size_t>(checked_allocation({q.batch, q.heads, q.rows, v.cols}, 4, "output")));
+  const AttentionResult r = with_sources({&Q, &K, &V}, {"queries", "keys", "values"},
+                                         [&] { return attention(q, k, v, out.data(), o); });
+  note_budget("attend", a.top_k, k.rows);
+  OutputSet files;
+  files.add_npy(a.out, Array::from_float32(shape, std::move(out)));
+  if (!a.save_selection.empty()) files.add_npz(a.save_selection, selection_arrays(r, Q, o));
+  files.commit();
   if (a.json) {
     json j;
     j["shape"] = shape;
@@ -246,33 +447,100 @@ int run_attend(const AttendArgs& a) {
                     {"total", r.seconds_selection + r.seconds_attention}};
     std::cout << j.dump() << "\n";
   }
-  if (r.empty_rows > 0) std::cerr << "levattn attend: " << r.empty_rows << " queries had no selected key or a zero normaliser; their output rows are 0\n";
+  if (r.empty_rows > 0)
+    std::cerr << "levattn attend: " << r.empty_rows << " queries had no selected key or a zero normaliser; their output rows are 0\n";
   return 0;
 }
+
+}  // namespace
+
+Command add_attend(CLI::App& app) {
+  auto a = std::make_shared<AttendArgs>();
+  auto* sub = app.add_subcommand("attend", "attention over a selection of keys");
+  sub->add_option("--queries", a->src.files[0], "Q .npy: (m, d), (h, m, d) or (b, h, m, d)");
+  sub->add_option("--keys", a->src.files[1], "K .npy, same layout, n keys");
+  sub->add_option("--values", a->src.files[2], "V .npy, same layout, n values of width dv");
+  add_inputs_option(sub, a->src, "members 'q', 'k' and 'v'");
+  sub->add_option("--out", a->out, "output O .npy (float32)")->required();
+  sub->add_option("--save-selection", a->save_selection,
+                  "also write S.npz: shared_keys / shared_offsets per (batch, head), query_keys (topk), window, sinks");
+  sub->add_option("--kernel", a->kernel, "softmax or poly (|x|^p)")->check(CLI::IsMember({"softmax", "poly"}));
+  sub->add_option("--p", a->p, "exponent of the poly kernel, > 0");
+  sub->add_option("--scale", a->scale,
+                  "logit scale, any finite number (default 1/sqrt(d) softmax, 1 poly); 0 weighs every "
+                  "selected key equally, a negative scale reverses the order of the logits");
+  sub->add_option("--select", a->select, "full, leverage, topk, window or random")
+      ->check(CLI::IsMember({"full", "leverage", "topk", "window", "random"}));
+  sub->add_option("--top-k", a->top_k, "budget of leverage, topk and random (above n: every key)");
+  sub->add_option("--eps", a->eps, "leverage threshold in (0, 1]");
+  sub->add_option("--window", a->window, "also keys i-W .. i+W");
+  sub->add_option("--sinks", a->sinks, "also the first S keys");
+  add_seed_option(sub, a->seed, "random selection and of the sketch");
+  add_method_options(sub, a->method);
+  sub->add_option("--budget", a->budget, "adaptive budget alpha,C: top-k = ceil(alpha n^C)");
+  sub->add_flag("--json", a->json, "print selection sizes and timings as JSON");
+  auto* scale = sub->get_option("--scale");
+  return {sub, [a, scale] {
+            a->has_scale = scale->count() > 0;
+            return run_attend(*a);
+          }};
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+
+struct PlantedArgs {
+  index_t n = 0, d = 0, relevant = 8;
+  std::int64_t seed = 0;
+  std::string out_dir;
+};
 
 int run_planted(const PlantedArgs& a) {
   PlantedOptions o;
   o.n = a.n;
   o.d = a.d;
   o.relevant = a.relevant;
-  o.seed = a.seed;
+  o.seed = static_cast<std::uint64_t>(a.seed);
   const PlantedInstance p = planted(o);
   const std::filesystem::path dir(a.out_dir);
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) throw Error(ErrorKind::io, a.out_dir + ": cannot create directory: " + ec.message());
-  const auto save = [&](const char* name, const DenseMatrix<float>& m) {
-    write_npy(dir / name, Array::from_float32({m.rows, m.cols}, m.data));
+  OutputSet files;  // the four files as one instance: all new or all as before
+  const auto add = [&](const char* name, const DenseMatrix<float>& m) {
+    files.add_npy(dir / name, Array::from_float32({m.rows, m.cols}, m.data));
   };
-  save("Q.npy", p.Q);
-  save("K.npy", p.K);
-  save("V.npy", p.V);
-  write_npy(dir / "relevant.npy",
-            Array::from_int64({static_cast<index_t>(p.relevant.size())},
-                              std::vector<std::int64_t>(p.relevant.begin(), p.relevant.end())));
-  std::cout << "wrote " << (dir / "Q.npy").string() << ", K.npy, V.npy (n = " << a.n << ", d = "
-            << a.d << ") and relevant.npy (" << p.relevant.size() << " planted keys)\n";
+  add("Q.npy", p.Q);
+  add("K.npy", p.K);
+  add("V.npy", p.V);
+  files.add_npy(dir / "relevant.npy",
+                Array::from_int64({static_cast<index_t>(p.relevant.size())},
+                                  std::vector<std::int64_t>(p.relevant.begin(), p.relevant.end())));
+  files.commit();
+  std::cout << "wrote " << (dir / "Q.npy").string() << ", K.npy, V.npy (n = " << a.n << ", d = " << a.d
+            << ") and relevant.npy (" << p.relevant.size() << " planted keys)\n";
   return 0;
+}
+
+}  // namespace
+
+Command add_info(CLI::App& app) {
+  auto as_json = std::make_shared<bool>(false);
+  auto* sub = app.add_subcommand("info", "print the version, BLAS, ISA and threads in use");
+  sub->add_flag("--json", *as_json, "print one JSON object");
+  return {sub, [as_json] { return run_info(*as_json); }};
+}
+
+Command add_planted(CLI::App& app) {
+  auto a = std::make_shared<PlantedArgs>();
+  auto* sub = app.add_subcommand("planted", "write a planted instance Q.npy K.npy V.npy relevant.npy");
+  sub->add_option("--n", a->n, "keys and queries")->required();
+  sub->add_option("--d", a->d, "dimension")->required();
+  sub->add_option("--relevant", a->relevant, "planted keys (default 8)");
+  add_seed_option(sub, a->seed, "the instance");
+  sub->add_option("--out-dir", a->out_dir, "directory to write into")->required();
+  return {sub, [a] { return run_planted(*a); }};
 }
 
 }  // namespace levattn::cli

@@ -1,6 +1,4 @@
 // levattn reduce: X (n, d) .npy -> Y (n, m) .npy whose softmax Gram matrix approximates X's.
-#include "cli/reduce.hpp"
-
 #include <CLI/CLI.hpp>
 
 #include <chrono>
@@ -11,37 +9,23 @@
 #include "cli/cli.hpp"
 
 namespace levattn::cli {
+namespace {
 
-CLI::App* add_reduce_command(CLI::App& app, ReduceArgs& args) {
-  auto* cmd = app.add_subcommand(
-      "reduce", "reduce the feature dimension of X (n, d) to Y (n, m), keeping softmax(X X^T)");
-  cmd->add_option("--x", args.x, "X, (n, d) .npy, float32 or float64")->required();
-  cmd->add_option("--out", args.out, "output Y, (n, m) float32 .npy")->required();
-  cmd->add_option("--method", args.method, "gaussian, srht, countsketch, svd or bss (default gaussian)")
-      ->check(CLI::IsMember({"gaussian", "srht", "countsketch", "svd", "bss"}));
-  cmd->add_option("--m", args.m,
-                  "target dimension, 1 <= m <= d (default: ceil(n ln(100 n)) for the sketches, "
-                  "rank(X) for svd, 4 n for bss; at most d)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--seed", args.seed, "seed of the random sketches (default 0)");
-  cmd->add_flag("--json", args.json, "print one JSON object");
-  return cmd;
-}
+struct ReduceArgs {
+  std::string x, out, method = "gaussian";
+  index_t m = 0;  // 0: the method's default
+  std::int64_t seed = 0;
+  bool json = false;
+};
 
 int run_reduce(const ReduceArgs& args) {
   ReduceOptions o;
   o.method = parse_reduce_method(args.method);
   o.m = args.m;
-  o.seed = args.seed;
+  o.seed = static_cast<std::uint64_t>(args.seed);
   const Input X = load_input(args.x, "x", 2);
   const ConstMatrix x{X.values.data(), X.shape[0], X.shape[1]};
-  const auto named = [&](auto&& f) {
-    try {
-      return f();
-    } catch (const Error& e) {
-      throw Error(e.kind(), annotate(e.what(), {&X}, {"x"}));
-    }
-  };
+  const auto named = [&](auto&& f) { return with_sources({&X}, {"x"}, f); };
   const auto t0 = std::chrono::steady_clock::now();
   const Reduced r = named([&] { return reduce_dimension(x, o); });
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -68,6 +52,26 @@ int run_reduce(const ReduceArgs& args) {
     std::cout << " in " << secs << " s; softmax Gram error " << buf << "; wrote " << args.out << "\n";
   }
   return 0;
+}
+
+}  // namespace
+
+Command add_reduce(CLI::App& app) {
+  auto a = std::make_shared<ReduceArgs>();
+  ReduceArgs& args = *a;
+  auto* cmd = app.add_subcommand(
+      "reduce", "reduce the feature dimension of X (n, d) to Y (n, m), keeping softmax(X X^T)");
+  cmd->add_option("--x", args.x, "X, (n, d) .npy, float32 or float64")->required();
+  cmd->add_option("--out", args.out, "output Y, (n, m) float32 .npy")->required();
+  cmd->add_option("--method", args.method, "gaussian, srht, countsketch, svd or bss (default gaussian)")
+      ->check(CLI::IsMember({"gaussian", "srht", "countsketch", "svd", "bss"}));
+  cmd->add_option("--m", args.m,
+                  "target dimension, 1 <= m <= d (default: ceil(n ln(100 n)) for the sketches, "
+                  "rank(X) for svd, 4 n for bss; at most d)")
+      ->check(CLI::PositiveNumber);
+  add_seed_option(cmd, args.seed, "the random sketches");
+  cmd->add_flag("--json", args.json, "print one JSON object");
+  return {cmd, [a] { return run_reduce(*a); }};
 }
 
 }  // namespace levattn::cli

@@ -375,7 +375,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   const auto make = [&] { return Workspace(pl); };
   double t_select = 0.0;
   const auto t0 = Clock::now();
-  if (heads >= 2 * omp_get_max_threads() || blocks == 1) {
+  if (heads >= 2 * omp_get_max_threads() || (blocks == 1 && heads > 1)) {
     // Many (batch, head) pairs: one task per pair, selection and attention together, each task
     // on one thread (nested work is serial), in one parallel region.
     detail::parallel_tasks(heads, total, make, [&](index_t h, Workspace& w) {

@@ -7,6 +7,8 @@
 
 namespace levattn {
 
+const char* version() noexcept { return LEVATTN_VERSION; }
+
 BuildInfo build_info() {
   BuildInfo b;
   b.version = LEVATTN_VERSION;

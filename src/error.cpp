@@ -1,4 +1,6 @@
 #include <bit>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
 #include <sstream>
@@ -91,6 +93,11 @@ double finite_max_abs(ConstMatrix A, const char* what) {
   return static_cast<double>(sc.max_abs);
 }
 
+index_t to_index(double x) {
+  constexpr double kMax = 4611686018427387904.0;  // 2^62
+  return !(x > 0.0) ? 0 : x >= kMax ? static_cast<index_t>(kMax) : static_cast<index_t>(x);
+}
+
 void require_open_unit(double v, const char* what) {
   if (!(v > 0.0 && v < 1.0)) {
     std::ostringstream os;
@@ -108,3 +115,59 @@ void require_eps(double eps, const char* what) {
 }
 
 }  // namespace levattn::detail
+
+namespace levattn {
+
+index_t checked_elements(std::initializer_list<index_t> dims, const std::string& what) {
+  constexpr index_t kMax = index_t{1} << 62;
+  index_t product = 1;
+  bool over = false;
+  std::ostringstream shape;
+  for (index_t v : dims) {
+    shape << (shape.tellp() > 0 ? " x " : "") << v;
+    if (v < 0) detail::invalid(what + ": expected non-negative dimensions, got " + shape.str());
+    if (v != 0 && product > kMax / v) over = true;
+    else product *= v;
+  }
+  if (over) detail::invalid(what + ": " + shape.str() + " elements exceed 2^62");
+  return over ? 0 : product;
+}
+
+namespace {
+
+double physical_memory() {
+  const double page = static_cast<double>(sysconf(_SC_PAGESIZE)),
+               pages = static_cast<double>(sysconf(_SC_PHYS_PAGES));
+  return page > 0 && pages > 0 ? page * pages : INFINITY;
+}
+
+[[noreturn]] void too_large(double bytes, const std::string& what, const std::string& shape) {
+  std::ostringstream os;
+  os.precision(3);
+  os << what << ": needs " << bytes << " bytes" << (shape.empty() ? "" : " (" + shape + ")")
+     << ", more than the " << physical_memory() / 1073741824.0 << " GiB of memory this machine has";
+  detail::invalid(os.str());
+}
+
+}  // namespace
+
+double require_memory(double bytes, const std::string& what) {
+  if (bytes > physical_memory()) too_large(bytes, what, "");
+  return bytes;
+}
+
+index_t checked_allocation(std::initializer_list<index_t> dims, std::size_t elem_size, const std::string& what) {
+  // In double first: the product may not fit any integer type.
+  double bytes = static_cast<double>(elem_size);
+  std::ostringstream shape;
+  for (index_t v : dims) {
+    if (v < 0) return checked_elements(dims, what);  // throws, naming the negative dimension
+    bytes *= static_cast<double>(v);
+    shape << v << " x ";
+  }
+  shape << elem_size << " bytes";
+  if (bytes > physical_memory() || bytes >= 4611686018427387904.0) too_large(bytes, what, shape.str());
+  return checked_elements(dims, what);
+}
+
+}  // namespace levattn

@@ -139,14 +139,14 @@ NormaliserKeys normaliser_keys(ConstMatrix K, const LeverageScores& t, const Hea
   if (o.normaliser == Normaliser::sampled && total > 0.0) {
     const double logterm = std::log(2.0 * static_cast<double>(m) / o.delta);
     const index_t r = o.samples > 0 ? o.samples
-                                    : static_cast<index_t>(std::ceil(3.0 * total * logterm / (o.gamma * o.gamma)));
+                                    : detail::to_index(std::ceil(3.0 * total * logterm / (o.gamma * o.gamma)));
     if (r < n) {  // else the exact normaliser is cheaper
       nk.r = r;
       nk.gamma = std::sqrt(3.0 * total * logterm / static_cast<double>(r));
       if (nk.gamma >= 1.0) {
         std::ostringstream os;
         os << "samples: " << r << " keys give no (1 +- gamma) guarantee (gamma = " << nk.gamma
-           << " >= 1); draw at least " << static_cast<index_t>(std::ceil(3.0 * total * logterm))
+           << " >= 1); draw at least " << detail::to_index(std::ceil(3.0 * total * logterm))
            << " or leave samples at 0";
         detail::invalid(os.str());
       }

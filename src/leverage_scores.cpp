@@ -215,8 +215,14 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximat
   const index_t kept = d > 0 ? static_cast<index_t>(g.factor.size()) / d : 0;
   LeverageScores out;
   out.rank = g.rank;
+  out.sum_bound = static_cast<double>(g.rank);
   out.scores.assign(static_cast<std::size_t>(n), 0.0);
   if (kept == 0) return out;  // K == 0: every score is 0
+  if (g.rank == n && g.ridge == 0.0) {
+    // Full row rank: K K^+ = I, so every score is exactly 1 (rounding would only blur the ties).
+    std::fill(out.scores.begin(), out.scores.end(), 1.0);
+    return out;
+  }
 
   // Rounding bound of y_j = B^T k_j (see header): ||dy|| <= (gamma_d + u) ||k_j|| ||B||_F and
   // ||y_j|| >= ||k_j|| / sqrt(lambda_max), so the relative error of tau_j = ||y_j||^2 is at most
@@ -299,7 +305,13 @@ LeverageScores sketched_scores(ConstMatrix K, const LeverageOptions& o) {
     // Smallest s whose embedding part meets the target: (1 - e)^-2 = 1 + target.
     const double e = 1.0 - 1.0 / std::sqrt(1.0 + target);
     const double root = std::sqrt(static_cast<double>(d)) + std::sqrt(2.0 * std::log(2.0 / o.delta));
-    s = static_cast<index_t>(std::ceil(root * root / (e * e)));
+    s = detail::to_index(std::ceil(root * root / (e * e)));
+  }
+  if (s < d) {  // S K would have rank below d: its Gram cannot stand for K^T K
+    std::ostringstream os;
+    os << "sketch_size: expected at least d = " << d << " rows (fewer cannot embed the range of "
+       << "keys with d columns), got " << s;
+    detail::invalid(os.str());
   }
   if (s >= n) {  // the sketch would not be smaller than K
     LeverageOptions exact = o;

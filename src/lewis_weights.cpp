@@ -165,6 +165,7 @@ LewisWeights lewis_weights(ConstMatrix K, const LewisOptions& o) {
 LeverageScores sensitivity_bounds(const LewisWeights& w) {
   LeverageScores s;
   s.rank = w.rank;
+  s.sum_bound = std::pow(static_cast<double>(w.rank), std::max(1.0, w.p / 2.0));
   const double factor = w.p > 2.0 ? std::pow(static_cast<double>(std::max<index_t>(w.rank, 1)), w.p / 2.0 - 1.0) : 1.0;
   s.scores.resize(w.weights.size());
   for (std::size_t j = 0; j < w.weights.size(); ++j) s.scores[j] = std::min(1.0, factor * w.weights[j]);

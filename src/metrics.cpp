@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <sstream>
+#include <tuple>
 
 #include "detail/blas.hpp"
 #include "detail/parallel.hpp"
@@ -24,34 +25,56 @@ HeavyEntries heavy_entries_brute_force(ConstMatrix Q, ConstMatrix K, double eps)
   const index_t blocks = (m + kRows - 1) / kRows;
   std::vector<std::vector<HeavyEntry>> found(static_cast<std::size_t>(blocks));
   std::vector<std::vector<index_t>> zero(static_cast<std::size_t>(blocks));
-#pragma omp parallel
-  {
-    std::vector<double> q(static_cast<std::size_t>(kRows * d)), dots(static_cast<std::size_t>(kRows * n));
-#pragma omp for schedule(dynamic, 1)
-    for (index_t b = 0; b < blocks; ++b) {
-      const index_t i0 = b * kRows, rows = std::min(kRows, m - i0);
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t c = 0; c < d; ++c) q[r * d + c] = Q(i0 + r, c);
-      detail::dgemm_abt(rows, n, d, 1.0, q.data(), d, k64.data(), d, 0.0, dots.data(), n);
-      for (index_t r = 0; r < rows; ++r) {
-        double* s = dots.data() + r * n;
-        double z = 0.0;
-        for (index_t j = 0; j < n; ++j) z += (s[j] = s[j] * s[j]);
-        if (z == 0.0) {
-          zero[b].push_back(i0 + r);
-          continue;
-        }
-        for (index_t j = 0; j < n; ++j)
-          if (s[j] / z >= eps) found[b].push_back({i0 + r, j, s[j] / z});
+  struct Workspace {
+    std::vector<double> q, dots;
+  };
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(d);
+  const auto make = [&] {
+    return Workspace{std::vector<double>(static_cast<std::size_t>(kRows * d)),
+                     std::vector<double>(static_cast<std::size_t>(kRows * n))};
+  };
+  detail::parallel_tasks(blocks, flops, make, [&](index_t b, Workspace& w) {
+    const index_t i0 = b * kRows, rows = std::min(kRows, m - i0);
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < d; ++c) w.q[r * d + c] = Q(i0 + r, c);
+    detail::dgemm_abt(rows, n, d, 1.0, w.q.data(), d, k64.data(), d, 0.0, w.dots.data(), n);
+    for (index_t r = 0; r < rows; ++r) {
+      double* s = w.dots.data() + r * n;
+      double z = 0.0;
+      for (index_t j = 0; j < n; ++j) z += (s[j] = s[j] * s[j]);
+      if (z == 0.0) {
+        zero[b].push_back(i0 + r);
+        continue;
       }
+      for (index_t j = 0; j < n; ++j)
+        if (s[j] / z >= eps) found[b].push_back({i0 + r, j, s[j] / z});
     }
-  }
+  });
   HeavyEntries out;
   for (index_t b = 0; b < blocks; ++b) {
     out.entries.insert(out.entries.end(), found[b].begin(), found[b].end());
     out.zero_rows.insert(out.zero_rows.end(), zero[b].begin(), zero[b].end());
   }
   return out;
+}
+
+HeavyAgreement compare_heavy_entries(const HeavyEntries& found, const HeavyEntries& truth) {
+  HeavyAgreement a;
+  const auto& f = found.entries;
+  const auto& t = truth.entries;
+  for (std::size_t x = 0, y = 0; x < f.size() && y < t.size();) {
+    if (f[x].query == t[y].query && f[x].key == t[y].key) {
+      a.max_rel_value_error = std::max(a.max_rel_value_error, std::fabs(f[x].value - t[y].value) / t[y].value);
+      ++a.common, ++x, ++y;
+    } else if (std::tie(f[x].query, f[x].key) < std::tie(t[y].query, t[y].key)) {
+      ++x;
+    } else {
+      ++y;
+    }
+  }
+  if (!t.empty()) a.recall = static_cast<double>(a.common) / static_cast<double>(t.size());
+  if (!f.empty()) a.precision = static_cast<double>(a.common) / static_cast<double>(f.size());
+  return a;
 }
 
 SelectionMetrics selection_metrics(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
@@ -82,55 +105,70 @@ SelectionMetrics selection_metrics(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
 
   constexpr index_t kRows = 32;
   SelectionMetrics out;
+  // Per block of queries, summed in block order afterwards (the same for any thread count).
+  struct Partial {
+    double mass = 0.0, err2 = 0.0, ref2 = 0.0;
+    index_t heavy = 0, heavy_sel = 0;
+  };
+  const index_t blocks = (m + kRows - 1) / kRows;
+  std::vector<Partial> parts(static_cast<std::size_t>(blocks));
+  struct Workspace {
+    std::vector<float> s, o;
+    std::vector<char> mask;
+  };
+  const auto make = [&] {
+    return Workspace{std::vector<float>(static_cast<std::size_t>(kRows * n)),
+                     std::vector<float>(static_cast<std::size_t>(kRows * dv)),
+                     std::vector<char>(static_cast<std::size_t>(n))};
+  };
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(d + dv);
+  detail::parallel_tasks(blocks, flops, make, [&](index_t b, Workspace& w) {
+    const index_t i0 = b * kRows, rows = std::min(kRows, m - i0);
+    Partial& p = parts[b];
+    detail::gemm_abt(rows, n, d, static_cast<float>(scale), Q.row(i0), Q.ld, K.data, K.ld, 0.0f, w.s.data(), n);
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t i = i0 + r;
+      float* a = w.s.data() + r * n;
+      double z = 0.0;
+      if (options.kernel == Kernel::softmax) {
+        const float mx = *std::max_element(a, a + n);
+        for (index_t j = 0; j < n; ++j) z += (a[j] = static_cast<float>(std::exp(static_cast<double>(a[j]) - mx)));
+      } else {
+        for (index_t j = 0; j < n; ++j)
+          z += (a[j] = static_cast<float>(std::pow(std::fabs(static_cast<double>(a[j])), options.p)));
+      }
+      std::copy(shared.begin(), shared.end(), w.mask.begin());
+      if (options.window >= 0)
+        for (index_t j = std::max<index_t>(0, i - options.window); j <= std::min(n - 1, i + options.window); ++j)
+          w.mask[j] = 1;
+      if (per_query)
+        for (index_t c = 0; c < k; ++c) w.mask[selection.query_keys[i * k + c]] = 1;
+      for (index_t j = 0; j < n; ++j) {
+        const double wt = z > 0 ? a[j] / z : 0.0;
+        a[j] = static_cast<float>(wt);
+        if (w.mask[j]) p.mass += wt;
+        if (wt >= heavy_eps) {
+          ++p.heavy;
+          p.heavy_sel += w.mask[j] ? 1 : 0;
+        }
+      }
+    }
+    detail::gemm_ab(rows, dv, n, 1.0f, w.s.data(), n, V.data, V.ld, 0.0f, w.o.data(), dv);
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < dv; ++c) {
+        const double ref = w.o[r * dv + c], diff = approx[(i0 + r) * dv + c] - ref;
+        p.err2 += diff * diff;
+        p.ref2 += ref * ref;
+      }
+  });
   double mass = 0.0, err2 = 0.0, ref2 = 0.0;
   index_t heavy = 0, heavy_sel = 0;
-#pragma omp parallel reduction(+ : mass, err2, ref2, heavy, heavy_sel)
-  {
-    std::vector<float> s(static_cast<std::size_t>(kRows * n)), o(static_cast<std::size_t>(kRows * dv));
-    std::vector<char> mask(static_cast<std::size_t>(n));
-#pragma omp for schedule(dynamic, 1)
-    for (index_t i0 = 0; i0 < m; i0 += kRows) {
-      const index_t rows = std::min(kRows, m - i0);
-      detail::gemm_abt(rows, n, d, static_cast<float>(scale), Q.row(i0), Q.ld, K.data, K.ld, 0.0f,
-                       s.data(), n);
-      for (index_t r = 0; r < rows; ++r) {
-        const index_t i = i0 + r;
-        float* a = s.data() + r * n;
-        double z = 0.0;
-        if (options.kernel == Kernel::softmax) {
-          const float mx = *std::max_element(a, a + n);
-          for (index_t j = 0; j < n; ++j) z += (a[j] = static_cast<float>(std::exp(static_cast<double>(a[j]) - mx)));
-        } else {
-          for (index_t j = 0; j < n; ++j)
-            z += (a[j] = static_cast<float>(std::pow(std::fabs(static_cast<double>(a[j])), options.p)));
-        }
-        std::copy(shared.begin(), shared.end(), mask.begin());
-        if (options.window >= 0)
-          for (index_t j = std::max<index_t>(0, i - options.window);
-               j <= std::min(n - 1, i + options.window); ++j)
-            mask[j] = 1;
-        if (per_query)
-          for (index_t c = 0; c < k; ++c) mask[selection.query_keys[i * k + c]] = 1;
-        double captured = 0.0;
-        for (index_t j = 0; j < n; ++j) {
-          const double w = z > 0 ? a[j] / z : 0.0;
-          a[j] = static_cast<float>(w);
-          if (mask[j]) captured += w;
-          if (w >= heavy_eps) {
-            ++heavy;
-            heavy_sel += mask[j] ? 1 : 0;
-          }
-        }
-        mass += captured;
-      }
-      detail::gemm_ab(rows, dv, n, 1.0f, s.data(), n, V.data, V.ld, 0.0f, o.data(), dv);
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t c = 0; c < dv; ++c) {
-          const double ref = o[r * dv + c], diff = approx[(i0 + r) * dv + c] - ref;
-          err2 += diff * diff;
-          ref2 += ref * ref;
-        }
-    }
+  for (const Partial& p : parts) {
+    mass += p.mass;
+    err2 += p.err2;
+    ref2 += p.ref2;
+    heavy += p.heavy;
+    heavy_sel += p.heavy_sel;
   }
   out.heavy_total = heavy;
   out.heavy_selected = heavy_sel;

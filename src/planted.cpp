@@ -29,6 +29,7 @@ PlantedInstance planted(const PlantedOptions& o) {
     detail::invalid("planted: expected noise > 0 and signal, query_norm >= 0 (0: default), finite");
   }
   const index_t n = o.n, d = o.d, m = o.m > 0 ? o.m : o.n, R = o.relevant;
+  checked_allocation({2 * n + m, d}, sizeof(float), "planted: Q, K and V");
   const double nd = static_cast<double>(n), dd = static_cast<double>(d);
   const double signal = o.signal > 0 ? o.signal : 2.0 * o.noise * std::sqrt(nd / dd);
   const double qnorm = o.query_norm > 0 ? o.query_norm : (std::log(nd) + 6.0) * std::sqrt(dd) / signal;

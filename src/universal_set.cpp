@@ -1,20 +1,42 @@
 #include "levattn/universal_set.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <sstream>
+#include <string>
 
+#include "detail/parallel.hpp"
 #include "detail/validate.hpp"
+#include "levattn/lewis_weights.hpp"
 
 namespace levattn {
 
-UniversalSet universal_set(const LeverageScores& s, double eps) {
-  detail::require_eps(eps);
+namespace {
+
+UniversalSet empty_set(const LeverageScores& s) {
   UniversalSet u;
   u.n = static_cast<index_t>(s.scores.size());
   u.rank = s.rank;
+  u.score_rel_error_bound = s.rel_error_bound;
+  u.method = s.method;
+  u.sketch_size = s.sketch_size;
+  u.failure_probability = s.failure_probability;
+  return u;
+}
+
+}  // namespace
+
+UniversalSet universal_set(const LeverageScores& s, double eps) {
+  detail::require_eps(eps);
+  UniversalSet u = empty_set(s);
   // Lowered by the accuracy of the scores so the set stays a superset of the exact U_eps.
   const double threshold = eps / (1.0 + s.rel_error_bound);
+  double sum = s.sum_bound;
+  if (!(sum > 0.0))
+    for (double x : s.scores) sum += x;
+  const double g = 1.0 + s.rel_error_bound;
+  u.size_bound = std::floor(std::min(static_cast<double>(u.n), sum * g * g / eps));
   for (index_t j = 0; j < u.n; ++j) {
     if (s.scores[j] >= threshold) {
       u.indices.push_back(j);
@@ -30,9 +52,7 @@ UniversalSet universal_set_top_k(const LeverageScores& s, index_t k) {
     os << "top_k: expected an integer >= 1, got " << k;
     detail::invalid(os.str());
   }
-  UniversalSet u;
-  u.n = static_cast<index_t>(s.scores.size());
-  u.rank = s.rank;
+  UniversalSet u = empty_set(s);
   if (u.n == 0) return u;
   // The k-th largest score t (selection on a plain copy of the scores), then in index order
   // every key above t and as many keys equal to t as still fit: larger score first, ties to the
@@ -44,6 +64,10 @@ UniversalSet universal_set_top_k(const LeverageScores& s, index_t k) {
   index_t above = 0;
   for (double x : s.scores) above += x > t ? 1 : 0;
   index_t ties = take - above;
+  index_t equal = 0;
+  for (double x : s.scores) equal += x == t ? 1 : 0;
+  u.ties_left_out = equal - ties;
+  u.size_bound = static_cast<double>(take);
   u.indices.reserve(static_cast<std::size_t>(take));
   u.scores.reserve(static_cast<std::size_t>(take));
   for (index_t j = 0; j < u.n; ++j) {
@@ -59,6 +83,30 @@ UniversalSet universal_set_top_k(const LeverageScores& s, index_t k) {
 UniversalSet universal_set(ConstMatrix K, double eps, const LeverageOptions& options) {
   detail::require_eps(eps);
   return universal_set(leverage_scores(K, options), eps);
+}
+
+std::vector<UniversalSet> universal_sets(const Tensor4Ref& K, const UniversalOptions& o) {
+  if ((o.top_k != 0) == (o.eps != 0.0))
+    detail::invalid("universal set: give exactly one of eps in (0, 1] or top_k >= 1");
+  if (o.eps != 0.0) detail::require_eps(o.eps);
+  if (o.top_k < 0) detail::invalid("top_k: expected an integer >= 1, got " + std::to_string(o.top_k));
+  if (K.batch < 1 || K.heads < 1)
+    detail::invalid("keys: expected batch >= 1 and heads >= 1, got (" + std::to_string(K.batch) +
+                    ", " + std::to_string(K.heads) + ")");
+  const index_t pairs = K.batch * K.heads;
+  std::vector<UniversalSet> out(static_cast<std::size_t>(pairs));
+  const auto select = [&](index_t h) {
+    const LeverageScores s = sensitivity_bounds(K.slice(h / K.heads, h % K.heads), o.p, o.leverage);
+    out[h] = o.top_k > 0 ? universal_set_top_k(s, o.top_k) : universal_set(s, o.eps);
+  };
+  if (pairs == 1) {
+    select(0);  // one matrix: its own passes use the team
+    return out;
+  }
+  const double flops = 2.0 * static_cast<double>(pairs) * static_cast<double>(K.rows) *
+                       static_cast<double>(K.cols * K.cols);
+  detail::parallel_tasks(pairs, flops, [] { return 0; }, [&](index_t h, int&) { select(h); });
+  return out;
 }
 
 }  // namespace levattn

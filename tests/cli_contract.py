@@ -671,6 +671,170 @@ def bad(name, args, must_name=(), rc=2):
     check("bad input: " + name, not problems, "; ".join(problems) + " | stderr=%r" % p.stderr[:400])
 
 
+def test_hardening():
+    """Defects that must stay fixed: independent random streams, sizes that overflow, float-to-int
+    conversions, refused sketches, outputs written as one set, flag ranges, --inputs and
+    --save-selection, stacks of key matrices for universal."""
+    # Random selection draws from its own streams: with the same seed it must not reproduce the
+    # planted positions (an earlier version selected exactly the 8 planted keys in head 2).
+    if ok_run("planted for streams", "planted", "--n", 1024, "--d", 16, "--relevant", 8, "--seed", 3,
+              "--out-dir", "PS"):
+        rel = set(np.load(path("PS/relevant.npy")).tolist())
+        for name in ("Q", "K", "V"):
+            a = np.load(path("PS/%s.npy" % name))
+            np.save(path("PS/%s3.npy" % name), np.stack([a, a, a]))
+        if ok_run("attend random on the planted stack", "attend", "--queries", "PS/Q3.npy", "--keys", "PS/K3.npy",
+                  "--values", "PS/V3.npy", "--out", "PS/O3.npy", "--select", "random", "--top-k", 8, "--seed", 3,
+                  "--save-selection", "PS/S3.npz"):
+            z = np.load(path("PS/S3.npz"))
+            off, keys = z["shared_offsets"], z["shared_keys"]
+            overlaps = [len(rel & set(keys[off[h]:off[h + 1]].tolist())) for h in range(3)]
+            check("random selection is independent of the planted positions (seed 3, 3 heads)",
+                  max(overlaps) <= 2 and len(off) == 4, "overlaps %r" % overlaps)
+    # Sizes whose products overflow, or that no memory holds: exit 2 naming the bytes.
+    bad("planted 2^32 x 2^32", ("planted", "--n", 4294967296, "--d", 4294967296, "--out-dir", "Pbig"), ("planted", "bytes"))
+    bad("planted 3e9 x 1e9", ("planted", "--n", 3000000000, "--d", 1000000000, "--out-dir", "Pbig"), ("bytes",))
+    bad("bench 2^32 x 2^32", ("bench", "--n", 4294967296, "--d", 4294967296), ("bench", "bytes"))
+    check("oversized commands wrote nothing", not os.path.exists(path("Pbig")))
+    # |U| bound of a tiny eps: a large positive number, not a wrapped integer.
+    rng = np.random.default_rng(21)
+    save("Kt.npy", rng.standard_normal((300, 8)))
+    p = ok_run("universal --eps 1e-300", "universal", "--keys", "Kt.npy", "--eps", 1e-300, "--json")
+    if p:
+        j = parse_json("universal --eps 1e-300", p.stdout)
+        check("universal --eps 1e-300: bound is min(n, ...) and positive", j is not None and j["bound"] == 300,
+              repr(j and j["bound"]))
+    p = ok_run("universal --eps 1e-300 (text)", "universal", "--keys", "Kt.npy", "--eps", 1e-300)
+    if p:
+        check("universal --eps 1e-300 text: no negative bound", "-" not in p.stdout.split("at most")[-1], p.stdout)
+    # A sketch with fewer rows than d cannot embed range(K).
+    save("K64.npy", rng.standard_normal((5000, 64)))
+    bad("universal --method sketch --sketch-size 10 at d = 64",
+        ("universal", "--keys", "K64.npy", "--eps", 0.1, "--method", "sketch", "--sketch-size", 10),
+        ("sketch_size", "64"))
+    bad("heavy --method sketch (exact normalisers)",
+        ("heavy", "--queries", "Kt.npy", "--keys", "Kt.npy", "--eps", 0.1, "--method", "sketch"), ("sketch",))
+    # Flags outside their ranges.
+    att = ("attend", "--queries", "Kt.npy", "--keys", "Kt.npy", "--values", "Kt.npy", "--out", "Ot.npy")
+    bad("--seed -1", att + ("--select", "random", "--top-k", 3, "--seed", -1), ("--seed",))
+    bad("--scale nan", att + ("--scale", "nan"), ("scale",))
+    bad("--scale inf", att + ("--scale", "inf"), ("scale",))
+    p = ok_run("attend --top-k above n", *att, "--select", "random", "--top-k", 500, "--json")
+    if p:
+        j = parse_json("attend --top-k 500", p.stdout)
+        check("attend --top-k above n: every key, and a note on stderr",
+              j is not None and j["top_k"] == 300 and j["shared_sizes"] == [300] and "every key" in p.stderr,
+              "%r %r" % (j and j.get("top_k"), p.stderr))
+    p = ok_run("attend --scale 0", *att, "--scale", 0)
+    if p:
+        K = np.load(path("Kt.npy")).astype(np.float64)
+        good, det = rel_close(np.load(path("Ot.npy")), np.broadcast_to(K.mean(axis=0), K.shape))
+        check("attend --scale 0 weighs every key equally", good, det)
+    # planted writes its four files as one set: a failure at the last leaves the old three.
+    os.makedirs(path("PSet/relevant.npy"))
+    for name in ("Q", "K", "V"):
+        with open(path("PSet/%s.npy" % name), "wb") as f:
+            f.write(b"old " + name.encode())
+    bad("planted with relevant.npy a directory", ("planted", "--n", 64, "--d", 8, "--out-dir", "PSet"),
+        ("relevant.npy",))
+    check("planted failure left Q, K, V as they were",
+          all(open(path("PSet/%s.npy" % n), "rb").read() == b"old " + n.encode() for n in ("Q", "K", "V"))
+          and sorted(os.listdir(path("PSet"))) == ["K.npy", "Q.npy", "V.npy", "relevant.npy"],
+          repr(sorted(os.listdir(path("PSet")))))
+    # A write that fails midway (file size limit) leaves the old output and no temporary file.
+    import resource
+    import signal
+    sub = path("fsize")
+    os.mkdir(sub)
+    with open(os.path.join(sub, "O.npy"), "wb") as f:
+        f.write(b"old output")
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    Kl = rng.standard_normal((2000, 8)).astype(np.float32)
+    save("fsize/K.npy", Kl)  # 64 KB: readable, but an output of this size cannot be written
+    pr = subprocess.run([BIN, "attend", "--queries", "fsize/K.npy", "--keys", "fsize/K.npy", "--values", "fsize/K.npy",
+                         "--out", "fsize/O.npy"], cwd=WORK, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        universal_newlines=True, preexec_fn=limit, timeout=120)
+    check("write failing midway: exit 2 naming the file", pr.returncode == 2 and "O.npy" in pr.stderr,
+          "rc=%d %r" % (pr.returncode, pr.stderr))
+    check("write failing midway: old output kept, no temporary left",
+          open(os.path.join(sub, "O.npy"), "rb").read() == b"old output" and sorted(os.listdir(sub)) == ["K.npy", "O.npy"],
+          repr(sorted(os.listdir(sub))))
+    # --inputs qkv.npz equals the separate files.
+    Q = rng.standard_normal((2, 40, 8)).astype(np.float32)
+    K = (rng.standard_normal((2, 70, 8)) * np.exp(rng.standard_normal((2, 70, 1)))).astype(np.float32)
+    V = rng.standard_normal((2, 70, 5)).astype(np.float32)
+    for n_, a in (("Qi", Q), ("Ki", K), ("Vi", V)):
+        save(n_ + ".npy", a)
+    np.savez(path("qkv.npz"), q=Q, k=K, v=V)
+    sel = ("--select", "leverage", "--top-k", 6, "--window", 1)
+    if ok_run("attend --inputs", "attend", "--inputs", "qkv.npz", "--out", "Oi1.npy", *sel) and \
+            ok_run("attend separate files", "attend", "--queries", "Qi.npy", "--keys", "Ki.npy", "--values", "Vi.npy",
+                   "--out", "Oi2.npy", *sel):
+        check("attend --inputs qkv.npz gives the same bytes as separate files",
+              open(path("Oi1.npy"), "rb").read() == open(path("Oi2.npy"), "rb").read())
+    p1 = ok_run("heavy --inputs", "heavy", "--inputs", "qkv.npz", "--eps", 0.05)
+    p2 = ok_run("heavy separate", "heavy", "--queries", "Qi.npy", "--keys", "Ki.npy", "--eps", 0.05)
+    if p1 and p2:
+        check("heavy --inputs equals separate files", p1.stdout == p2.stdout and p1.stdout.startswith("head,"))
+    np.savez(path("qk_only.npz"), q=Q, k=K)
+    bad("attend --inputs without member v", ("attend", "--inputs", "qk_only.npz", "--out", "Oi3.npy"), ("qk_only.npz", "'v'"))
+    bad("attend --inputs and --queries", ("attend", "--inputs", "qkv.npz", "--queries", "Qi.npy", "--out", "Oi3.npy"),
+        ("inputs",))
+    # --save-selection: the keys each query attended, as masks that reproduce the output.
+    if ok_run("attend --save-selection leverage", "attend", "--inputs", "qkv.npz", "--out", "Os.npy",
+              "--save-selection", "Ss.npz", *sel):
+        z = np.load(path("Ss.npz"))
+        O = np.load(path("Os.npy"))
+        ok = int(z["window"][0]) == 1 and int(z["sinks"][0]) == 0 and len(z["shared_offsets"]) == 3
+        I, J = np.arange(40)[:, None], np.arange(70)[None, :]
+        for h in range(2):
+            keys = z["shared_keys"][z["shared_offsets"][h]:z["shared_offsets"][h + 1]]
+            tau, _ = np_leverage(K[h])
+            ok = ok and sorted(keys.tolist()) == sorted(np.argsort(-tau, kind="stable")[:6].tolist())
+            shared = np.zeros(70, dtype=bool)
+            shared[keys] = True
+            good, det = rel_close(O[h], np_attention(Q[h], K[h], V[h], mask=shared[None, :] | (np.abs(I - J) <= 1)))
+            ok = ok and good
+        check("--save-selection (leverage): shared keys are the top-6 and reproduce the output", ok)
+    if ok_run("attend --save-selection topk", "attend", "--inputs", "qkv.npz", "--out", "Ot2.npy",
+              "--save-selection", "St.npz", "--select", "topk", "--top-k", 5):
+        z = np.load(path("St.npz"))
+        qk = z["query_keys"]
+        s0 = Q[0].astype(np.float64) @ K[0].astype(np.float64).T
+        ref = np.argsort(-s0, axis=1, kind="stable")[:, :5]
+        check("--save-selection (topk): query_keys of shape (2, 40, 5), the top-5 of each query of head 0",
+              qk.shape == (2, 40, 5) and all(set(qk[0, i]) == set(ref[i]) for i in range(40)), repr(qk.shape))
+    bad("--save-selection with select full", ("attend", "--inputs", "qkv.npz", "--out", "Of.npy", "--save-selection",
+                                              "Sf.npz"), ("select full",))
+    check("a refused --save-selection wrote no output", not os.path.exists(path("Of.npy")))
+    # universal on a stack: one set per (batch, head), each as the 2-D run gives it.
+    K4 = (rng.standard_normal((2, 2, 60, 6)) * np.exp(rng.standard_normal((2, 2, 60, 1)))).astype(np.float32)
+    save("K4u.npy", K4)
+    p = ok_run("universal 4-D --json", "universal", "--keys", "K4u.npy", "--top-k", 7, "--json", "--out", "U4.npz")
+    if p:
+        j = parse_json("universal 4-D", p.stdout)
+        z = np.load(path("U4.npz"))
+        ok = j is not None and len(j["sets"]) == 4 and j["scores_of"] == "selected keys" and j["batch_heads"] == [2, 2]
+        for h, hidx in enumerate(np.ndindex(2, 2)):
+            tau, _ = np_leverage(K4[hidx])
+            expect = sorted(np.argsort(-tau, kind="stable")[:7].tolist())
+            ok = ok and j["sets"][h]["indices"] == expect
+            ok = ok and z["indices"][z["offsets"][h]:z["offsets"][h + 1]].tolist() == expect
+        check("universal 4-D: every (batch, head) set is that head's top-7, in JSON and in the .npz", ok)
+    bad("universal stack into .npy", ("universal", "--keys", "K4u.npy", "--top-k", 7, "--out", "U4.npy"), ("npz",))
+    # Full row rank (n <= d): every score is 1, top-k says the choice among ties was by index.
+    save("Kwide.npy", rng.standard_normal((6, 10)))
+    p = ok_run("universal --top-k on full-row-rank K", "universal", "--keys", "Kwide.npy", "--top-k", 2, "--json")
+    if p:
+        j = parse_json("universal ties", p.stdout)
+        check("universal --top-k reports ties left out (all scores 1)",
+              j is not None and j["ties_left_out"] == 4 and j["indices"] == [0, 1], repr(j))
+
+
 def test_bad_input():
     rng = np.random.default_rng(3)
     K = rng.standard_normal((100, 8)).astype(np.float32)
@@ -783,7 +947,7 @@ def main():
         WORK = d
         for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_power_and_sketch, test_reduce,
                   test_bench, test_demo,
-                  test_bad_input, test_atomic_output):
+                  test_bad_input, test_atomic_output, test_hardening):
             t0 = time.time()
             group(g)
             print("%-20s %.1f s" % (g.__name__, time.time() - t0), flush=True)

@@ -2,6 +2,7 @@
 // for clarity, not speed. None of them uses the library's algorithms.
 #pragma once
 #include <lapacke.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +36,22 @@ inline Mat gaussian(index_t r, index_t c, std::uint64_t seed, double sd = 1.0) {
   Mat m(r, c);
   for (auto& x : m.v) x = static_cast<float>(nd(g));
   return m;
+}
+
+/// The OpenMP thread counts every thread-count invariance test runs with.
+inline constexpr int kThreadCounts[] = {1, 2, 4, 8};
+
+/// f() computed with each of kThreadCounts threads, in that order (the setting is restored).
+template <class F>
+auto at_each_thread_count(F&& f) {
+  const int saved = omp_get_max_threads();
+  std::vector<decltype(f())> out;
+  for (int t : kThreadCounts) {
+    omp_set_num_threads(t);
+    out.push_back(f());
+  }
+  omp_set_num_threads(saved);
+  return out;
 }
 
 /// A B with float64 accumulation, rounded to float32.
@@ -99,7 +116,10 @@ inline std::vector<Entry> heavy_x2(const Mat& Q, const Mat& K, double eps,
   for (index_t i = 0; i < Q.rows; ++i) {
     std::vector<double> s(static_cast<std::size_t>(K.rows));
     double z = 0;
-    for (index_t j = 0; j < K.rows; ++j) z += (s[j] = std::pow(dot(Q, i, K, j), 2));
+    for (index_t j = 0; j < K.rows; ++j) {
+      const double x = dot(Q, i, K, j);
+      z += (s[j] = x * x);
+    }
     if (z == 0) {
       if (zero) zero->push_back(i);
       continue;

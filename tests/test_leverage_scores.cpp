@@ -132,15 +132,13 @@ TEST(LeverageScores, IllConditionedUsesFloat64Pass) {
   expect_matches_oracle(K, s, "cond 1e4");
 }
 
-TEST(LeverageScores, SameResultForOneAndTwoThreads) {
-  const Mat K = oracle::gaussian(20000, 16, 21);
-  const int saved = omp_get_max_threads();
-  omp_set_num_threads(1);
-  const LeverageScores a = leverage_scores(K.view());
-  omp_set_num_threads(2);
-  const LeverageScores b = leverage_scores(K.view());
-  omp_set_num_threads(saved);
-  EXPECT_EQ(a.scores, b.scores);  // bit for bit
+TEST(LeverageScores, SameResultForEveryThreadCount) {
+  for (index_t d : {16, 5}) {  // Cholesky and, rank-deficient, eigenvector factors
+    const Mat K = d == 16 ? oracle::gaussian(20000, 16, 21)
+                          : oracle::product(oracle::gaussian(20000, 3, 22), oracle::gaussian(3, 5, 23));
+    const auto runs = oracle::at_each_thread_count([&] { return leverage_scores(K.view()).scores; });
+    for (const auto& r : runs) EXPECT_EQ(r, runs[0]) << d;  // bit for bit
+  }
 }
 
 TEST(LeverageScores, RejectsBadInput) {
@@ -263,13 +261,9 @@ TEST(SketchedScores, ReproducibleAndThreadCountIndependent) {
     o.sketch = kind;
     o.gamma = 0.5;
     o.seed = 3;
-    const int saved = omp_get_max_threads();
-    omp_set_num_threads(1);
     const LeverageScores a = leverage_scores(K.view(), o);
-    omp_set_num_threads(2);
-    const LeverageScores b = leverage_scores(K.view(), o);
-    omp_set_num_threads(saved);
-    EXPECT_EQ(a.scores, b.scores) << to_string(kind);
+    for (const auto& r : oracle::at_each_thread_count([&] { return leverage_scores(K.view(), o).scores; }))
+      EXPECT_EQ(r, a.scores) << to_string(kind);
     o.seed = 4;
     EXPECT_NE(leverage_scores(K.view(), o).scores, a.scores) << to_string(kind);
   }

@@ -17,6 +17,9 @@ struct BuildInfo {
   bool sanitizers = false; ///< built with ASan/UBSan
 };
 
+/// The library version ("0.1.0").
+const char* version() noexcept;
+
 /// What this build runs on. Throws Error(invalid_argument) if LEVATTN_ISA names an unknown
 /// path or one the CPU lacks.
 BuildInfo build_info();

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -58,5 +59,33 @@ std::vector<float> to_float32(const Array& array, const std::string& what);
 /// Writes `text` to `path` atomically (temporary file in the same directory, then rename), for
 /// CSV and JSON outputs. Throws Error(ErrorKind::io) naming the path.
 void write_text_file(const std::filesystem::path& path, std::string_view text);
+
+/// The output files of one command, written as one set. Each add_*() writes its file completely
+/// under a temporary name beside the target (throwing Error(io) as the single-file writers, or
+/// if the target is a directory or named twice); commit() then moves the existing targets aside
+/// and every new file into place, and removes the old ones. If a move fails, the files that were
+/// there before are put back and Error(io) is thrown, so that a failure leaves all the old files
+/// or all the new ones, never a mix. Without commit() the destructor removes the temporaries and
+/// nothing that existed is touched.
+class OutputSet {
+ public:
+  OutputSet() = default;
+  OutputSet(const OutputSet&) = delete;
+  OutputSet& operator=(const OutputSet&) = delete;
+  ~OutputSet();
+
+  void add_npy(const std::filesystem::path& path, const Array& array);
+  void add_npz(const std::filesystem::path& path, const std::vector<std::pair<std::string, Array>>& arrays);
+  void add_text(const std::filesystem::path& path, std::string_view text);
+  void commit();
+
+ private:
+  struct Entry {
+    std::filesystem::path target, staged, backup;
+  };
+  void stage(const std::filesystem::path& target,
+             const std::function<void(const std::filesystem::path&)>& write);
+  std::vector<Entry> entries_;
+};
 
 }  // namespace levattn

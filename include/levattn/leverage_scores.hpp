@@ -73,6 +73,9 @@ struct LeverageScores {
   /// >= 1 - failure_probability. Universal sets threshold at eps / (1 + gamma), so that they stay
   /// supersets of the exact U_eps.
   double rel_error_bound = 0.0;
+  /// A proven upper bound on the sum of the exact scores: rank for leverage scores,
+  /// rank^max(1, p/2) for |x|^p sensitivity bounds (0: unknown, the computed sum is used).
+  double sum_bound = 0.0;
   ScoreMethod method = ScoreMethod::exact;  ///< the method actually used
   index_t sketch_size = 0;                  ///< sketch: rows of S
   double failure_probability = 0.0;         ///< sketch: probability that rel_error_bound fails

@@ -2,12 +2,25 @@
 // library function. The library never copies an input it does not need to.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
 namespace levattn {
 
 using index_t = std::int64_t;
+
+/// The product of `dims` (each >= 0). Throws Error(invalid_argument) "<what>: ..." naming the
+/// dimensions if one is negative or the product exceeds 2^62.
+index_t checked_elements(std::initializer_list<index_t> dims, const std::string& what);
+
+/// Throws Error(invalid_argument) "<what>: needs N bytes (..), more than the M bytes of memory
+/// this machine has" unless `bytes` fit in its physical memory: a clear error instead of an
+/// allocation that fails or swaps. Returns bytes.
+double require_memory(double bytes, const std::string& what);
+
+/// checked_elements(dims) * elem_size bytes, checked by require_memory; returns the elements.
+index_t checked_allocation(std::initializer_list<index_t> dims, std::size_t elem_size, const std::string& what);
 
 /// Row-major view: element (i, j) is data[i * ld + j]; ld >= cols.
 template <class T>
@@ -39,7 +52,9 @@ struct DenseMatrix {
   std::vector<T> data;
 
   DenseMatrix() = default;
-  DenseMatrix(index_t r, index_t c) : rows(r), cols(c), data(static_cast<std::size_t>(r * c)) {}
+  /// r x c zeros; Error(invalid_argument) if r * c overflows or does not fit in memory.
+  DenseMatrix(index_t r, index_t c)
+      : rows(r), cols(c), data(static_cast<std::size_t>(checked_allocation({r, c}, sizeof(T), "matrix"))) {}
   T* row(index_t i) { return data.data() + i * cols; }
   const T* row(index_t i) const { return data.data() + i * cols; }
   T& operator()(index_t i, index_t j) { return data[static_cast<std::size_t>(i * cols + j)]; }

@@ -12,6 +12,18 @@ namespace levattn {
 /// normaliser is exactly zero go to zero_rows.
 HeavyEntries heavy_entries_brute_force(ConstMatrix Q, ConstMatrix K, double eps);
 
+/// How a list of heavy entries agrees with the true list.
+struct HeavyAgreement {
+  index_t common = 0;               ///< (query, key) pairs in both
+  double recall = 1.0;              ///< common / |truth| (1 when truth is empty)
+  double precision = 1.0;           ///< common / |found| (1 when found is empty)
+  double max_rel_value_error = 0.0; ///< max |found - truth| / truth over the common pairs
+};
+
+/// Compares `found` with `truth` (both sorted by query, then key, as heavy_entries and
+/// heavy_entries_brute_force return them) by one merge: O(|found| + |truth|).
+HeavyAgreement compare_heavy_entries(const HeavyEntries& found, const HeavyEntries& truth);
+
 struct SelectionMetrics {
   index_t heavy_total = 0;     ///< eps-heavy entries of the full attention matrix
   index_t heavy_selected = 0;  ///< of those, entries whose key each query's selection holds

@@ -42,6 +42,8 @@ inline void symmetrize_upper(std::vector<double>& a, index_t d) {
 /// blocks, each thread with its own buffer. O(blocks * max_rows * d^2) time, O(P d^2) memory.
 template <class Fill>
 std::vector<double> fixed_order_gram(index_t blocks, index_t max_rows, index_t d, Fill&& fill) {
+  // A few d x d float64 matrices (partials, sum, factor) must fit before anything is formed.
+  checked_allocation({d, d, 4}, sizeof(double), "the d x d float64 Gram matrix");
   if (blocks <= 0) return std::vector<double>(static_cast<std::size_t>(d * d), 0.0);
   const index_t partials = gram_partials(blocks, d);
   // Uninitialised: each partial's first DSYRK runs with beta = 0.

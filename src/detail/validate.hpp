@@ -33,6 +33,10 @@ void require_finite_matrix(ConstMatrix A, const char* what);
 /// require_finite_matrix(A, what), and in the same pass max_ij |a_ij|.
 double finite_max_abs(ConstMatrix A, const char* what);
 
+/// x rounded down to an index, clamped to [0, 2^62] (NaN gives 0): a float-to-integer conversion
+/// that is defined for every double.
+index_t to_index(double x);
+
 /// Throws unless v lies in the open interval (0, 1); `what` names the parameter.
 void require_open_unit(double v, const char* what);
 

@@ -1,0 +1,142 @@
+// Shared pieces of the commands: options, input files, progress.
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+
+#include "cli/cli.hpp"
+
+namespace levattn::cli {
+
+void add_method_options(CLI::App* sub, MethodArgs& m) {
+  sub->add_option("--method", m.method, "leverage scores: exact (default) or sketch")
+      ->check(CLI::IsMember({"exact", "sketch"}));
+  sub->add_option("--sketch", m.sketch, "sketch: countsketch (default), srht or gaussian")
+      ->check(CLI::IsMember({"countsketch", "srht", "gaussian"}));
+  sub->add_option("--sketch-size", m.sketch_size,
+                  "sketch: rows of the sketch, at least d (default: for gamma 0.2)");
+}
+
+void add_seed_option(CLI::App* sub, std::int64_t& seed, const std::string& what) {
+  sub->add_option("--seed", seed, "seed of " + what + ", an integer in [0, 2^63) (default 0)")
+      ->check(CLI::NonNegativeNumber);
+}
+
+LeverageOptions leverage_options(const MethodArgs& m, std::int64_t seed) {
+  LeverageOptions o;
+  o.method = m.method == "sketch" ? ScoreMethod::sketch : ScoreMethod::exact;
+  o.sketch = parse_sketch_kind(m.sketch);
+  o.sketch_size = m.sketch_size;
+  o.seed = static_cast<std::uint64_t>(seed);
+  return o;
+}
+
+namespace {
+
+Input make_input(Array a, const std::string& source, const std::string& what, int max_dims) {
+  const auto dims = static_cast<int>(a.shape.size());
+  if (dims < 2 || dims > max_dims) {
+    std::ostringstream os;
+    os << source << ": " << what << ": expected a 2-D";
+    if (max_dims >= 3) os << (max_dims == 3 ? " or 3-D" : ", 3-D or 4-D");
+    os << " array, got " << dims << "-D";
+    throw Error(ErrorKind::invalid_argument, os.str());
+  }
+  for (index_t extent : a.shape)
+    if (extent < 1)
+      throw Error(ErrorKind::invalid_argument,
+                  source + ": " + what + ": expected a non-empty array, got a dimension of 0");
+  Input in;
+  in.source = source;
+  in.shape = a.shape;
+  try {
+    in.values = to_float32(a, what);
+  } catch (const Error& e) {
+    throw Error(e.kind(), source + ": " + e.what());
+  }
+  return in;
+}
+
+}  // namespace
+
+Input load_input(const std::filesystem::path& path, const std::string& what, int max_dims) {
+  return make_input(read_npy(path), path.string(), what, max_dims);
+}
+
+std::vector<Input> load_members(const std::filesystem::path& npz, const std::vector<std::string>& names,
+                                const std::vector<std::string>& what, int max_dims) {
+  auto arrays = read_npz(npz);
+  std::vector<Input> out;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    auto it = std::find_if(arrays.begin(), arrays.end(), [&](const auto& a) { return a.first == names[i]; });
+    if (it == arrays.end()) {
+      std::string have;
+      for (const auto& a : arrays) have += (have.empty() ? "'" : ", '") + a.first + "'";
+      throw Error(ErrorKind::invalid_argument, npz.string() + ": expected a member '" + names[i] + "' (" +
+                                                   what[i] + "), found " + (have.empty() ? "none" : have));
+    }
+    out.push_back(make_input(std::move(it->second), npz.string() + ": member '" + names[i] + "'", what[i], max_dims));
+  }
+  return out;
+}
+
+Tensor4Ref as_tensor(const Input& in) {
+  Tensor4Ref t;
+  t.data = in.values.data();
+  const auto& s = in.shape;
+  const std::size_t k = s.size();
+  t.rows = s[k - 2];
+  t.cols = s[k - 1];
+  t.heads = k >= 3 ? s[k - 3] : 1;
+  t.batch = k >= 4 ? s[k - 4] : 1;
+  return t;
+}
+
+void require_same_stack(const std::vector<const Input*>& inputs, const std::vector<std::string>& names) {
+  const Input& first = *inputs[0];
+  for (std::size_t i = 1; i < inputs.size(); ++i) {
+    const Input& in = *inputs[i];
+    const bool same = in.shape.size() == first.shape.size() &&
+                      std::equal(first.shape.begin(), first.shape.end() - 2, in.shape.begin());
+    if (!same) {
+      std::ostringstream os;
+      os << names[0] << " (" << first.source << "), " << names[i] << " (" << in.source
+         << "): expected the same number of dimensions and the same leading (batch, heads) "
+            "dimensions";
+      throw Error(ErrorKind::invalid_argument, os.str());
+    }
+  }
+}
+
+Progress::Progress(std::string label)
+    : label_(std::move(label)), start_(std::chrono::steady_clock::now()), tty_(isatty(2) != 0) {}
+
+Progress::~Progress() {
+  if (shown_) std::fprintf(stderr, "\r%s: done      \n", label_.c_str());
+}
+
+void Progress::operator()(double fraction) {
+  if (!tty_) return;
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  if (elapsed < 2.0) return;
+  const int percent = static_cast<int>(std::clamp(fraction, 0.0, 1.0) * 100.0);
+  if (percent == last_percent_) return;
+  last_percent_ = percent;
+  shown_ = true;
+  std::fprintf(stderr, "\r%s: %3d%% (%.0f s)", label_.c_str(), percent, elapsed);
+  std::fflush(stderr);
+}
+
+bool is_npz(const std::string& path) {
+  return path.size() >= 4 && path.compare(path.size() - 4, 4, ".npz") == 0;
+}
+
+void note_budget(const char* command, index_t top_k, index_t n) {
+  if (top_k > n)
+    std::cerr << "levattn " << command << ": --top-k " << top_k << " is more than the " << n
+              << " keys; every key is selected\n";
+}
+
+}  // namespace levattn::cli

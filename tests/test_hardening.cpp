@@ -1,0 +1,340 @@
+// test_hardening.cpp: defects that must stay fixed (independent random streams, every kernel
+// path, size checks, normalisers near the null space of K, refused sketches, batched entry
+// points, output sets).
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "cases.hpp"
+#include "detail/blas.hpp"
+#include "detail/rng.hpp"
+#include "kernels/elementwise.hpp"
+
+using namespace levattn;
+using oracle::Mat;
+
+namespace {
+
+// Sets LEVATTN_ISA for the lifetime of the object.
+class IsaOverride {
+ public:
+  explicit IsaOverride(const std::string& value) {
+    const char* old = std::getenv("LEVATTN_ISA");
+    if (old) saved_ = old, had_ = true;
+    ::setenv("LEVATTN_ISA", value.c_str(), 1);
+  }
+  ~IsaOverride() {
+    if (had_) ::setenv("LEVATTN_ISA", saved_.c_str(), 1);
+    else ::unsetenv("LEVATTN_ISA");
+  }
+
+ private:
+  std::string saved_;
+  bool had_ = false;
+};
+
+std::vector<kernels::Isa> supported_isas() {
+  std::vector<kernels::Isa> out;
+  for (kernels::Isa isa : {kernels::Isa::baseline, kernels::Isa::avx2, kernels::Isa::avx512})
+    if (kernels::cpu_supports(isa)) out.push_back(isa);
+  return out;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Random streams.
+
+TEST(RandomStreams, PurposesAndIndicesNeverShareDraws) {
+  using detail::CounterRng;
+  using detail::Purpose;
+  const std::vector<CounterRng> streams = {
+      CounterRng(3, Purpose::planted_positions), CounterRng(3, Purpose::random_selection, 0),
+      CounterRng(3, Purpose::random_selection, 1), CounterRng(3, Purpose::random_selection, 2),
+      CounterRng(3, Purpose::planted_noise), CounterRng(3, Purpose::countsketch)};
+  constexpr int kDraws = 20000;
+  std::set<std::uint64_t> seen;
+  std::vector<std::vector<double>> u(streams.size());
+  for (std::size_t s = 0; s < streams.size(); ++s)
+    for (int i = 0; i < kDraws; ++i) {
+      seen.insert(streams[s].u64(static_cast<std::uint64_t>(i)));
+      u[s].push_back(streams[s].uniform(static_cast<std::uint64_t>(i)));
+    }
+  EXPECT_EQ(seen.size(), streams.size() * kDraws);  // no value repeats across streams
+  // Pairwise correlation of the uniforms: sd 1 / sqrt(N) = 0.007 for independent streams.
+  for (std::size_t a = 0; a < u.size(); ++a)
+    for (std::size_t b = a + 1; b < u.size(); ++b) {
+      double sab = 0;
+      for (int i = 0; i < kDraws; ++i) sab += (u[a][i] - 0.5) * (u[b][i] - 0.5);
+      EXPECT_LT(std::fabs(sab / kDraws * 12.0), 0.035) << a << " " << b;
+    }
+}
+
+TEST(RandomStreams, RandomSelectionDoesNotReproducePlantedPositions) {
+  PlantedOptions po;
+  po.n = 1024;
+  po.d = 16;
+  po.relevant = 8;
+  po.seed = 3;
+  const PlantedInstance p = planted(po);
+  std::vector<float> q, k, v;
+  for (int h = 0; h < 3; ++h) {
+    q.insert(q.end(), p.Q.data.begin(), p.Q.data.end());
+    k.insert(k.end(), p.K.data.begin(), p.K.data.end());
+    v.insert(v.end(), p.V.data.begin(), p.V.data.end());
+  }
+  const Tensor4Ref Q{q.data(), 1, 3, 1024, 16}, K{k.data(), 1, 3, 1024, 16}, V{v.data(), 1, 3, 1024, 16};
+  AttentionOptions o;
+  o.select = Select::random;
+  o.top_k = 8;
+  o.seed = 3;
+  o.return_selection = true;
+  std::vector<float> out(q.size());
+  const AttentionResult r = attention(Q, K, V, out.data(), o);
+  const std::set<index_t> rel(p.relevant.begin(), p.relevant.end());
+  ASSERT_EQ(r.shared_keys.size(), 3u);
+  for (const auto& keys : r.shared_keys) {
+    index_t overlap = 0;
+    for (index_t j : keys) overlap += rel.count(j) ? 1 : 0;
+    EXPECT_LE(overlap, 2);  // expected 8 * 8 / 1024 = 0.06
+  }
+  EXPECT_NE(r.shared_keys[0], r.shared_keys[1]);  // each head its own stream
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel paths: every instruction set the CPU has, the same formulas.
+
+TEST(KernelPaths, RowOperationsMatchFloat64OnEveryIsa) {
+  std::mt19937_64 gen(5);
+  std::uniform_real_distribution<float> logit(-90.0f, 0.0f);
+  for (kernels::Isa isa : supported_isas()) {
+    const kernels::RowOps& ops = kernels::row_ops(isa);
+    EXPECT_EQ(ops.isa, isa);
+    for (index_t n : {0, 1, 7, 8, 15, 16, 17, 33, 64, 67, 512}) {
+      std::vector<float> x(static_cast<std::size_t>(n));
+      for (float& e : x) e = logit(gen);
+      if (n > 3) x[2] = -std::numeric_limits<float>::infinity();  // a masked entry
+      std::vector<float> y = x;
+      double ref_max = -INFINITY;
+      for (float e : x) ref_max = std::max(ref_max, static_cast<double>(e));
+      EXPECT_EQ(ops.row_max(x.data(), n), n ? static_cast<float>(ref_max) : -INFINITY) << kernels::to_string(isa) << n;
+      const float sum = ops.exp_shift_sum(y.data(), n, 0.0f);
+      double ref_sum = 0;
+      for (index_t j = 0; j < n; ++j) {
+        const double e = x[j] < -87.0f ? 0.0 : std::exp(static_cast<double>(x[j]));
+        ref_sum += e;
+        EXPECT_NEAR(y[j], e, 2e-7 * e + 1e-45) << kernels::to_string(isa) << " n " << n << " j " << j;
+      }
+      EXPECT_NEAR(sum, ref_sum, 1e-6 * ref_sum + 1e-30) << kernels::to_string(isa);
+      for (float p : {1.0f, 2.0f, 3.0f}) {
+        std::vector<float> a = x;
+        const float m = ops.abs_row_max(a.data(), n);
+        double ref_m = -1;
+        for (float e : x) ref_m = std::max(ref_m, std::isinf(e) ? -1.0 : std::fabs(static_cast<double>(e)));
+        EXPECT_EQ(m, n ? static_cast<float>(ref_m) : -1.0f);
+        if (m <= 0) continue;
+        const float s = ops.power_rel_sum(a.data(), n, m, p);
+        double ref_s = 0;
+        for (float e : x) ref_s += std::isinf(e) ? 0.0 : std::pow(std::fabs(static_cast<double>(e)) / m, p);
+        EXPECT_NEAR(s, ref_s, 1e-5 * ref_s) << kernels::to_string(isa) << " p " << p;
+      }
+    }
+  }
+}
+
+TEST(KernelPaths, AttentionMatchesTheOracleOnEveryIsa) {
+  const Mat Q = oracle::gaussian(300, 24, 1), K = oracle::gaussian(700, 24, 2), V = oracle::gaussian(700, 9, 3);
+  for (kernels::Isa isa : supported_isas()) {
+    const IsaOverride use(kernels::to_string(isa));
+    EXPECT_EQ(build_info().isa, kernels::to_string(isa));
+    for (Kernel kernel : {Kernel::softmax, Kernel::power}) {
+      AttentionOptions o;
+      o.kernel = kernel;
+      o.p = 3.0;
+      const std::vector<float> got = attention(Q.view(), K.view(), V.view(), o);
+      const double scale = kernel == Kernel::softmax ? 1.0 / std::sqrt(24.0) : 1.0;
+      const auto ref = oracle::attention(Q, K, V, kernel == Kernel::softmax, scale, 3.0,
+                                         [](index_t, index_t) { return true; });
+      EXPECT_LT(oracle::max_rel_error(got, ref), 2e-5) << kernels::to_string(isa) << " " << to_string(kernel);
+    }
+  }
+}
+
+TEST(KernelPaths, UnknownOrUnsupportedIsaIsAnError) {
+  {
+    const IsaOverride use("avx9000");
+    const auto [kind, msg] = oracle::error_of([] { (void)build_info(); });
+    EXPECT_EQ(kind, ErrorKind::invalid_argument);
+    EXPECT_NE(msg.find("LEVATTN_ISA"), std::string::npos) << msg;
+    const Mat Q = oracle::gaussian(4, 3, 1);
+    EXPECT_THROW(attention(Q.view(), Q.view(), Q.view()), Error);
+  }
+  if (!kernels::cpu_supports(kernels::Isa::avx512)) {
+    const IsaOverride use("avx512");
+    const auto [kind, msg] = oracle::error_of([] { (void)build_info(); });
+    EXPECT_NE(msg.find("does not support"), std::string::npos) << msg;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sizes.
+
+TEST(Sizes, ProductsThatOverflowOrExceedMemoryAreRefused) {
+  const auto [k1, m1] = oracle::error_of([] { DenseMatrix<float> a(index_t{1} << 32, index_t{1} << 32); });
+  EXPECT_EQ(k1, ErrorKind::invalid_argument);
+  EXPECT_NE(m1.find("bytes"), std::string::npos) << m1;
+  const auto [k2, m2] = oracle::error_of([] { (void)checked_allocation({3000000000, 1000000000}, 4, "x"); });
+  EXPECT_EQ(k2, ErrorKind::invalid_argument);
+  EXPECT_NE(m2.find("x: needs 1.2e+19 bytes"), std::string::npos) << m2;
+  EXPECT_EQ(checked_elements({3, 4, 5}, "x"), 60);
+  EXPECT_THROW(checked_elements({3, -4}, "x"), Error);
+  EXPECT_THROW(detail::bi(index_t{1} << 40), Error);  // never truncated to a BLAS int
+  EXPECT_THROW(detail::li(-1), Error);
+  PlantedOptions po;
+  po.n = index_t{1} << 32;
+  po.d = index_t{1} << 32;
+  po.relevant = 1;
+  EXPECT_THROW(planted(po), Error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalisers of queries nearly orthogonal to range(K): Z = ||R q||^2, a sum of squares.
+
+TEST(HeavyEntries, NormalisersNearTheNullSpaceOfK) {
+  // Rank-2 keys in d = 3, exactly (third column zero) and in a random plane (rounded to float32).
+  Mat plane = oracle::gaussian(200, 3, 7);
+  for (index_t i = 0; i < 200; ++i) plane(i, 2) = 0.0f;
+  const std::vector<std::pair<std::string, Mat>> keys = {
+      {"axis plane", plane}, {"random plane", oracle::product(oracle::gaussian(200, 2, 8), oracle::gaussian(2, 3, 9))}};
+  for (const auto& [name, K] : keys) {
+    // Queries: a unit normal of the plane plus a component of size 1e-6 .. 1e-2 in it.
+    const double n0 = K(0, 1) * K(1, 2) - K(0, 2) * K(1, 1), n1 = K(0, 2) * K(1, 0) - K(0, 0) * K(1, 2),
+                 n2 = K(0, 0) * K(1, 1) - K(0, 1) * K(1, 0), nn = std::sqrt(n0 * n0 + n1 * n1 + n2 * n2);
+    Mat Q(40, 3);
+    std::mt19937_64 gen(11);
+    std::normal_distribution<double> g;
+    for (index_t i = 0; i < 40; ++i) {
+      const double t = std::pow(10.0, -6.0 + 4.0 * static_cast<double>(i) / 39.0);
+      Q(i, 0) = static_cast<float>(n0 / nn + t * g(gen));
+      Q(i, 1) = static_cast<float>(n1 / nn + t * g(gen));
+      Q(i, 2) = static_cast<float>(n2 / nn + t * g(gen));
+    }
+    const double eps = 0.02;
+    std::vector<index_t> zero_ref;
+    const auto ref = oracle::heavy_x2(Q, K, eps, &zero_ref);
+    const HeavyEntries got = heavy_entries(Q.view(), K.view(), eps);
+    EXPECT_EQ(got.zero_rows, zero_ref) << name;  // every row here is well defined
+    std::map<std::pair<index_t, index_t>, double> want;
+    for (const auto& e : ref) want[{e.i, e.j}] = e.a;
+    double worst = 0;
+    for (const HeavyEntry& e : got.entries) {
+      const auto it = want.find({e.query, e.key});
+      if (it == want.end()) continue;
+      worst = std::max(worst, std::fabs(e.value - it->second) / it->second);
+    }
+    index_t missing = 0;
+    for (const auto& e : ref)
+      if (e.a >= eps * (1 + 1e-6) &&
+          std::none_of(got.entries.begin(), got.entries.end(),
+                       [&](const HeavyEntry& h) { return h.query == e.i && h.key == e.j; }))
+        ++missing;
+    EXPECT_EQ(missing, 0) << name;
+    EXPECT_LT(worst, 1e-7) << name;  // q^T (K^T K) q was off by 3.7e-4 here
+    EXPECT_GT(got.entries.size(), 40u) << name;
+  }
+  // An exactly orthogonal query has no row.
+  Mat q(1, 3);
+  q(0, 2) = 1.0f;
+  EXPECT_EQ(heavy_entries(q.view(), plane.view(), 0.1).zero_rows, std::vector<index_t>{0});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refused requests.
+
+TEST(Refusals, SketchWithFewerRowsThanDAndSketchedExactNormalisers) {
+  const Mat K = oracle::gaussian(5000, 64, 3);
+  LeverageOptions o;
+  o.method = ScoreMethod::sketch;
+  o.sketch_size = 10;
+  const auto [kind, msg] = oracle::error_of([&] { (void)leverage_scores(K.view(), o); });
+  EXPECT_EQ(kind, ErrorKind::invalid_argument);
+  EXPECT_NE(msg.find("sketch_size: expected at least d = 64"), std::string::npos) << msg;
+  HeavyOptions h;
+  h.leverage.method = ScoreMethod::sketch;
+  const auto [k2, m2] = oracle::error_of([&] { (void)heavy_entries(K.view(), K.view(), 0.1, h); });
+  EXPECT_EQ(k2, ErrorKind::invalid_argument);
+  EXPECT_NE(m2.find("method sketch"), std::string::npos) << m2;
+  h.normaliser = Normaliser::sampled;  // a sketch with sampled normalisers is a real saving
+  EXPECT_NO_THROW((void)heavy_entries(K.view(), K.view(), 0.1, h));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched entry points equal the per-matrix ones.
+
+TEST(Batched, HeavyEntriesAndUniversalSetsPerPair) {
+  const index_t b = 2, h = 3, m = 50, n = 120, d = 6;
+  const Mat Qs = oracle::gaussian(b * h * m, d, 1), Ks = cases::heavy_tailed(b * h * n, d, 2);
+  const Tensor4Ref Q{Qs.v.data(), b, h, m, d}, K{Ks.v.data(), b, h, n, d};
+  const std::vector<HeavyEntries> all = heavy_entries(Q, K, 0.05, HeavyOptions{});
+  UniversalOptions uo;
+  uo.top_k = 9;
+  const std::vector<UniversalSet> sets = universal_sets(K, uo);
+  ASSERT_EQ(all.size(), 6u);
+  ASSERT_EQ(sets.size(), 6u);
+  for (index_t p = 0; p < b * h; ++p) {
+    const HeavyEntries one = heavy_entries(Q.slice(p / h, p % h), K.slice(p / h, p % h), 0.05);
+    ASSERT_EQ(all[p].entries.size(), one.entries.size()) << p;
+    for (std::size_t e = 0; e < one.entries.size(); ++e) {
+      EXPECT_EQ(all[p].entries[e].key, one.entries[e].key);
+      EXPECT_EQ(all[p].entries[e].value, one.entries[e].value);
+    }
+    EXPECT_EQ(sets[p].indices, universal_set_top_k(leverage_scores(K.slice(p / h, p % h)), 9).indices) << p;
+  }
+  const Tensor4Ref other{Ks.v.data(), b, h - 1, n, d};
+  EXPECT_THROW(heavy_entries(Q, other, 0.05, HeavyOptions{}), Error);
+  uo.eps = 0.1;
+  EXPECT_THROW(universal_sets(K, uo), Error);  // both eps and top_k
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output sets: all new files or all the old ones.
+
+TEST(OutputSetTest, CommitReplacesEveryFileAndAFailedStageChangesNothing) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("levattn_set_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const auto read = [](const fs::path& p) {
+    std::ifstream f(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  };
+  const auto write = [](const fs::path& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; };
+  write(dir / "a.txt", "old a");
+  write(dir / "b.txt", "old b");
+  {
+    OutputSet set;
+    set.add_text(dir / "a.txt", "new a");
+    set.add_text(dir / "b.txt", "new b");
+    set.add_text(dir / "c.txt", "new c");
+    set.commit();
+  }
+  EXPECT_EQ(read(dir / "a.txt"), "new a");
+  EXPECT_EQ(read(dir / "c.txt"), "new c");
+  fs::create_directories(dir / "d.txt");
+  {
+    OutputSet set;
+    set.add_text(dir / "a.txt", "newer a");
+    EXPECT_THROW(set.add_text(dir / "d.txt", "x"), Error);  // a directory: the set is abandoned
+    EXPECT_THROW(set.add_text(dir / "a.txt", "again"), Error);  // named twice
+  }
+  EXPECT_EQ(read(dir / "a.txt"), "new a");
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"a.txt", "b.txt", "c.txt", "d.txt"}));  // no temporaries
+  fs::remove_all(dir);
+}
