@@ -5,7 +5,8 @@
 # (they are separate packages). This module needs only the header and the library. A libzip::zip
 # target that already exists is used as it is.
 #
-# Sets libzip_FOUND, libzip_VERSION, libzip_INCLUDE_DIR, libzip_LIBRARY.
+# Sets libzip_FOUND, libzip_VERSION, libzip_INCLUDE_DIR, libzip_LIBRARY. Installed with levattn's
+# CMake package, whose config finds libzip with it.
 if(TARGET libzip::zip)
   set(libzip_FOUND TRUE)
   return()
