@@ -1,8 +1,9 @@
 // test_io.cpp: .npy / .npz reading and writing (levattn/io.hpp).
 //
 // Files "written by numpy" are built here byte for byte as numpy writes them (the layouts were
-// checked against numpy 1.24's np.save / np.savez / np.savez_compressed); the tests never run
-// Python. Hostile inputs are built by hand or by damaging valid files.
+// checked against numpy 1.24's np.save / np.savez / np.savez_compressed). Two .npz tests also run
+// numpy itself (LEVATTN_PYTHON), one on archives numpy writes and one on archives numpy reads.
+// Hostile inputs are built by hand or by damaging valid files.
 #include <gtest/gtest.h>
 #include <zlib.h>
 
@@ -11,6 +12,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -251,7 +253,7 @@ Bytes build_zip(const std::vector<ZipEntry>& entries, bool zip64_end = false,
     offsets.push_back(out.size());
     lay.local.push_back(out.size());
     put32(out, 0x04034b50);
-    put16(out, e.local_zip64 ? 45 : 20);
+    put16(out, 20);  // numpy writes 2.0 even with the ZIP64 extra (its sizes fit 32 bits)
     put16(out, e.flags);
     put16(out, e.method);
     put16(out, 0);
@@ -970,7 +972,9 @@ TEST_F(IoTest, ReadsZip64CentralDirectoryAndEndRecord) {
   for (std::size_t k = 0; k < 4; ++k) z[lay.central[0] + 20 + k] = 0xff;
   write_bytes(p, z);
   EXPECT_CONTAINS(error_of([&] { (void)levattn::read_npz(p); }, ErrorKind::io),
-                  "member 'value': sizes or offset are 0xFFFFFFFF but there is no ZIP64 extra");
+                  p.string() +
+                      ": a central directory entry has sizes or offset 0xFFFFFFFF but no "
+                      "ZIP64 extra field");
 }
 
 TEST_F(IoTest, ReadsDeflatedNpz) {
@@ -1011,6 +1015,82 @@ TEST_F(IoTest, ReadsDeflatedNpz) {
   write_bytes(p, build_zip({lying}));
   EXPECT_CONTAINS(error_of([&] { (void)levattn::read_npz(p); }, ErrorKind::io),
                   "member 'value': deflate data decodes to more than");
+}
+
+/// Runs `script` with LEVATTN_PYTHON (numpy available), the test directory as sys.argv[1]; returns
+/// the exit status. The script must not contain single quotes.
+int run_python(const std::string& script, const fs::path& dir) {
+  EXPECT_EQ(script.find('\''), std::string::npos);
+  const std::string command =
+      std::string(LEVATTN_PYTHON) + " -c '" + script + "' '" + dir.string() + "'";
+  return std::system(command.c_str());
+}
+
+TEST_F(IoTest, ReadsNpzWrittenByNumpy) {
+  // numpy's own np.savez_compressed (deflated members) and np.savez (stored members with a local
+  // ZIP64 extra field), a non-ASCII name among them.
+  ASSERT_EQ(run_python(R"(
+import sys, numpy as np
+d = sys.argv[1]
+v = (np.arange(1000) % 7 * 0.25).reshape(10, 100)
+k = np.arange(12, dtype="<f4").reshape(3, 4)
+np.savez_compressed(d + "/C.npz", value=v, idx=np.arange(3), k=k,
+                    **{"\u00e9t\u00e9": np.zeros((0, 2), dtype="<f4")})
+np.savez(d + "/S.npz", value=v, idx=np.arange(3))
+)",
+                       dir_),
+            0);
+  std::vector<double> v(1000);
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<double>(i % 7) * 0.25;
+
+  const Bytes c = read_bytes(path("C.npz"));
+  ASSERT_GT(c.size(), 30u);
+  EXPECT_EQ(c[8] | (c[9] << 8), 8);  // the first member is deflated
+  const auto deflated = levattn::read_npz(path("C.npz"));
+  ASSERT_EQ(deflated.size(), 4u);
+  EXPECT_EQ(deflated[0].first, "value");
+  EXPECT_EQ(deflated[0].second.shape, (std::vector<index_t>{10, 100}));
+  EXPECT_EQ(deflated[0].second.f64, v);
+  EXPECT_EQ(deflated[1].first, "idx");
+  EXPECT_EQ(deflated[1].second.i64, (std::vector<std::int64_t>{0, 1, 2}));
+  EXPECT_EQ(deflated[2].first, "k");
+  EXPECT_EQ(deflated[2].second.shape, (std::vector<index_t>{3, 4}));
+  EXPECT_EQ(deflated[2].second.f32[11], 11.0f);
+  EXPECT_EQ(deflated[3].first, "\xc3\xa9t\xc3\xa9");
+  EXPECT_EQ(deflated[3].second.shape, (std::vector<index_t>{0, 2}));
+
+  const auto stored = levattn::read_npz(path("S.npz"));
+  ASSERT_EQ(stored.size(), 2u);
+  EXPECT_EQ(stored[0].first, "value");
+  EXPECT_EQ(stored[0].second.f64, v);
+  EXPECT_EQ(stored[1].second.i64, (std::vector<std::int64_t>{0, 1, 2}));
+}
+
+TEST_F(IoTest, NumpyReadsWrittenNpz) {
+  levattn::write_npz(path("W.npz"),
+                     {{"value", Array::from_float32({3, 4}, f32_values(12))},
+                      {"idx", Array::from_int64({5}, i64_values(5))},
+                      {"\xc3\xa9t\xc3\xa9", Array::from_float64({2, 1, 2, 2}, f64_values(8))},
+                      {"empty", Array::from_float32({0, 4}, {})},
+                      {"q/sub", Array::from_float64({1, 2, 3}, f64_values(6))}});
+  // Exit status 0 only if numpy reads every array, with its name, dtype, shape and values.
+  EXPECT_EQ(run_python(R"(
+import sys, numpy as np
+z = np.load(sys.argv[1] + "/W.npz")
+f32 = lambda n: np.arange(n, dtype="<f4") * np.float32(0.5) - np.float32(3.25)
+f64 = lambda n: np.arange(n) * 1e-3 - 1.0 / 3.0
+want = {"value": f32(12).reshape(3, 4),
+        "idx": np.arange(5, dtype="<i8") * 1000003 - (1 << 40),
+        "\u00e9t\u00e9": f64(8).reshape(2, 1, 2, 2),
+        "empty": np.zeros((0, 4), dtype="<f4"),
+        "q/sub": f64(6).reshape(1, 2, 3)}
+assert z.files == list(want), z.files
+for name, w in want.items():
+    a = z[name]
+    assert a.dtype == w.dtype and a.shape == w.shape and np.array_equal(a, w), name
+)",
+                       dir_),
+            0);
 }
 
 TEST_F(IoTest, NpzCorruptedCrc) {
@@ -1100,37 +1180,54 @@ TEST_F(IoTest, NpzStructuralErrors) {
     for (int k = 0; k < 4; ++k)
       b[o + static_cast<std::size_t>(k)] = static_cast<std::uint8_t>(v >> (8 * k));
   };
+  // Local headers that do not match the central directory. libzip's consistency check reports
+  // them for the archive as a whole, not per member.
+  const std::string local_mismatch =
+      ": the members' local headers and data do not match the central directory";
   {  // local header offset past the end of the file
     Bytes z = good;
     set32(z, lay.central[1] + 42, 0x7fffffff);
-    EXPECT_CONTAINS(npz_error(z), "member 'idx': local header offset 2147483647 lies outside");
+    EXPECT_CONTAINS(npz_error(z), p.string() + local_mismatch);
   }
-  {  // local header offset pointing into the other member: overlap or bad signature
+  {  // local header offset pointing at the other member's header, which names 'value'
     Bytes z = good;
     set32(z, lay.central[1] + 42, 0);
-    EXPECT_CONTAINS(npz_error(z), "member 'idx': the local header names 'value'");
+    EXPECT_CONTAINS(npz_error(z), p.string() + local_mismatch);
   }
-  {  // compressed size past the end of the file
+  {  // compressed size past the end of the file (in the central directory only)
     Bytes z = good;
     set32(z, lay.central[0] + 20, 0x10000000);
     set32(z, lay.central[0] + 24, 0x10000000);
-    EXPECT_CONTAINS(npz_error(z), "member 'value': data is truncated");
+    EXPECT_CONTAINS(npz_error(z), p.string() + local_mismatch);
   }
+  {  // bad local header signature
+    Bytes z = good;
+    z[lay.local[1]] = 'X';
+    EXPECT_CONTAINS(npz_error(z), p.string() + local_mismatch);
+  }
+
+  // End records and central directories that do not fit the file or each other.
+  const std::string directory_mismatch =
+      ": the ZIP archive is inconsistent: the end-of-central-directory record and the central "
+      "directory do not agree";
   {  // central directory offset beyond the file
     Bytes z = good;
     set32(z, lay.eocd + 16, 0x00ffffff);
-    EXPECT_CONTAINS(npz_error(z), "the central directory (offset 16777215");
+    EXPECT_CONTAINS(npz_error(z), p.string() + directory_mismatch);
   }
   {  // entry count larger than the directory can hold
     Bytes z = good;
     z[lay.eocd + 8] = 0xff;
     z[lay.eocd + 10] = 0xff;
-    EXPECT_CONTAINS(npz_error(z), "too small for 255 entries");
+    EXPECT_CONTAINS(npz_error(z), p.string() + directory_mismatch);
   }
-  {  // bad central directory signature
+  {  // bad central directory signature: the end record leads to no valid directory
     Bytes z = good;
     z[lay.central[0]] = 'X';
-    EXPECT_CONTAINS(npz_error(z), "central directory entry 0 has a bad signature");
+    EXPECT_CONTAINS(npz_error(z),
+                    p.string() +
+                        ": not a ZIP archive: no end-of-central-directory record with a "
+                        "valid central directory");
   }
   {  // stored member whose sizes disagree
     ZipEntry e = stored_entry("value.npy", numpy_arange_3x4_f4());
@@ -1140,23 +1237,34 @@ TEST_F(IoTest, NpzStructuralErrors) {
 }
 
 TEST_F(IoTest, NpzOverlappingMembersAreRejected) {
-  // Two directory entries for one stored member under different names: each local header check
-  // passes only for its own name, so build the archive with two local headers that overlap.
+  // A "quoted overlap", how zip bombs multiply their output: member a's data runs on over member
+  // b's local header and data. Every header is consistent (sizes and CRC-32 in the local headers
+  // and the central directory agree) and each member's data is intact, so only the overlap
+  // itself is wrong.
   const Bytes npy = numpy_arange_3_i8();
+  ZipEntry a = stored_entry("a.npy", npy);
+  ZipEntry b = stored_entry("b.npy", npy);
+  a.local_zip64 = b.local_zip64 = false;
   ZipLayout lay;
-  Bytes z = build_zip({stored_entry("a.npy", npy), stored_entry("b.npy", npy)}, false, &lay);
-  // Claim that member a's data is long enough to cover member b's local header.
-  const std::uint32_t longer = static_cast<std::uint32_t>(lay.local[1] - lay.data[0] + 1);
-  for (int k = 0; k < 4; ++k) {
-    z[lay.central[0] + 20 + static_cast<std::size_t>(k)] =
-        static_cast<std::uint8_t>(longer >> (8 * k));
-    z[lay.central[0] + 24 + static_cast<std::size_t>(k)] =
-        static_cast<std::uint8_t>(longer >> (8 * k));
+  Bytes z = build_zip({a, b}, false, &lay);
+  const std::size_t longer = lay.central[0] - lay.data[0];  // up to the central directory
+  const std::uint32_t crc =
+      crc_of(Bytes(z.begin() + static_cast<std::ptrdiff_t>(lay.data[0]),
+                   z.begin() + static_cast<std::ptrdiff_t>(lay.data[0] + longer)));
+  auto set32 = [&](std::size_t o, std::uint32_t v) {
+    for (std::size_t k = 0; k < 4; ++k) z[o + k] = static_cast<std::uint8_t>(v >> (8 * k));
+  };
+  for (const std::size_t header : {lay.local[0] + 14, lay.central[0] + 16}) {
+    set32(header, crc);
+    set32(header + 4, static_cast<std::uint32_t>(longer));
+    set32(header + 8, static_cast<std::uint32_t>(longer));
   }
   const fs::path p = path("O.npz");
   write_bytes(p, z);
+  EXPECT_STARTS_WITH(error_of([&] { (void)levattn::read_npz(p); }, ErrorKind::io),
+                     p.string() + ": the members' headers and data need at least ");
   EXPECT_CONTAINS(error_of([&] { (void)levattn::read_npz(p); }, ErrorKind::io),
-                  "members 'a' and 'b' overlap");
+                  "bytes but the file has " + std::to_string(z.size()) + ": members overlap");
 }
 
 TEST_F(IoTest, WriteNpzRejectsBadNames) {
