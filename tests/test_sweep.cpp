@@ -15,6 +15,7 @@
 #include <omp.h>
 
 #include <set>
+#include <sstream>
 
 #include "cases.hpp"
 
@@ -61,9 +62,9 @@ std::vector<Case> sweep_cases() {
       for (double cond : {1.0, 1e2, 1e4, 0.0}) {  // 0: rank-deficient (rank d / 4, cond 10)
         const index_t full = std::min(n, d);
         const index_t r = cond == 0.0 ? std::max<index_t>(1, d / 4) : full;
-        const std::string name = "d" + std::to_string(d) + "_n" + std::to_string(n) +
-                           (cond == 0.0 ? "_rank" + std::to_string(r) : "_cond" + std::to_string(static_cast<int>(cond)));
-        out.push_back({name, conditioned_keys(n, d, std::min(r, full), cond == 0.0 ? 10.0 : cond, seed += 3)});
+        std::ostringstream name;
+        name << "d" << d << "_n" << n << (cond == 0.0 ? "_rank" : "_cond") << (cond == 0.0 ? static_cast<double>(r) : cond);
+        out.push_back({name.str(), conditioned_keys(n, d, std::min(r, full), cond == 0.0 ? 10.0 : cond, seed += 3)});
       }
   return out;
 }
