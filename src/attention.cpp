@@ -58,7 +58,14 @@ void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
     os << "values: expected " << K.rows << " rows (one per key), got " << V.rows;
     detail::invalid(os.str());
   }
+}
+
+// Names the first non-finite entry of the inputs (queries, then keys, then values) and throws.
+[[noreturn]] void report_non_finite(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V) {
+  detail::require_finite_matrix(flat(Q), "queries");
+  detail::require_finite_matrix(flat(K), "keys");
   detail::require_finite_matrix(flat(V), "values");
+  throw Error(ErrorKind::internal, "attention: a non-finite input was not found again");
 }
 
 // Replaces an adaptive budget by the top_k it gives for n keys.
@@ -143,13 +150,21 @@ struct Plan {
   index_t blocks = 0;   // query blocks per head
 };
 
-// Checks Q and K for finiteness and returns whether logits can overflow float32: they are
-// bounded by |scale| d max|q_ij| max|k_ij| (one pass over each input for both).
-bool logits_can_overflow(const Tensor4Ref& Q, const Tensor4Ref& K, double scale) {
-  const double q = detail::finite_max_abs(flat(Q), "queries");
-  const double k = detail::finite_max_abs(flat(K), "keys");
-  const double bound = std::fabs(scale) * static_cast<double>(Q.cols) * q * k;
+// Whether logits can overflow float32: they are bounded by |scale| d max|q_ij| max|k_ij|.
+bool logits_can_overflow(double scale, index_t d, double max_q, double max_k) {
+  const double bound = std::fabs(scale) * static_cast<double>(d) * max_q * max_k;
   return !(bound < 0.5 * static_cast<double>(std::numeric_limits<float>::max()));
+}
+
+// One pass over a (batch, head) pair's inputs, while they are about to be used: false if any
+// entry is not finite; else sets `overflow` (whether its logit tiles need checking).
+bool check_pair(const kernels::RowOps& ops, double scale, ConstMatrix Qh, ConstMatrix Kh, ConstMatrix Vh,
+                bool& overflow) {
+  const double q = detail::max_abs_or_non_finite(ops, Qh.data, Qh.rows * Qh.cols);
+  const double k = detail::max_abs_or_non_finite(ops, Kh.data, Kh.rows * Kh.cols);
+  if (q < 0 || k < 0 || detail::max_abs_or_non_finite(ops, Vh.data, Vh.rows * Vh.cols) < 0) return false;
+  overflow = logits_can_overflow(scale, Qh.cols, q, k);
+  return true;
 }
 
 Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, const AttentionOptions& options) {
@@ -167,7 +182,7 @@ Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, co
                        : o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(pl.d))
                                                      : 1.0;
   pl.params.scale = static_cast<float>(scale);
-  pl.params.check_overflow = logits_can_overflow(Q, K, scale);
+  pl.params.check_overflow = true;  // until the inputs are scanned
   pl.window = std::min(o.window, std::max(pl.m, pl.n));
   pl.k_top = std::min(o.top_k, pl.n);
   pl.shared = o.select == Select::leverage || o.select == Select::random || o.select == Select::window;
@@ -226,8 +241,12 @@ struct Workspace {
 
 // Empty rows and keys attended, summed over the blocks of a task.
 struct BlockStats {
-  index_t empty = 0;
+  index_t empty = 0, non_finite = 0;
   double keys = 0.0;
+  void add(const kernels::OnlineBlock::Rows& r) {
+    empty += r.empty;
+    non_finite += r.non_finite;
+  }
 };
 
 BlockStats attend_full(const Plan& pl, Workspace& w, ConstMatrix Qh, ConstMatrix Kh, ConstMatrix Vh,
@@ -238,7 +257,10 @@ BlockStats attend_full(const Plan& pl, Workspace& w, ConstMatrix Qh, ConstMatrix
     w.blk.logits(Kh.row(c0), Kh.ld, c);
     w.blk.absorb(Vh.row(c0), Vh.ld, c);
   }
-  return {w.blk.finish(dst, pl.dv), static_cast<double>(rows * pl.n)};
+  BlockStats st;
+  st.add(w.blk.finish(dst, pl.dv));
+  st.keys = static_cast<double>(rows * pl.n);
+  return st;
 }
 
 // The shared keys, then the band of keys any query of the block can see, masked per row to its
@@ -271,7 +293,7 @@ BlockStats attend_shared(const Plan& pl, Workspace& w, const HeadSelection& s, C
       w.blk.absorb(Vh.row(c0), Vh.ld, c);
     }
   }
-  st.empty = w.blk.finish(dst, pl.dv);
+  st.add(w.blk.finish(dst, pl.dv));
   return st;
 }
 
@@ -294,7 +316,7 @@ BlockStats attend_topk(const Plan& pl, Workspace& w, const index_t* keys, ConstM
       w.blk.logits(w.gk.data(), d, c);
       w.blk.absorb(w.gv.data(), dv, c);
     }
-    st.empty += w.blk.finish(dst + r * dv, dv);
+    st.add(w.blk.finish(dst + r * dv, dv));
   }
   st.keys = static_cast<double>(rows * k);
   return st;
@@ -376,25 +398,38 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   double t_select = 0.0;
   const auto t0 = Clock::now();
   if (heads >= 2 * omp_get_max_threads() || (blocks == 1 && heads > 1)) {
-    // Many (batch, head) pairs: one task per pair, selection and attention together, each task
-    // on one thread (nested work is serial), in one parallel region.
+    // Many (batch, head) pairs: one task per pair checks its inputs, makes its selection and
+    // attends, each task on one thread (nested work is serial), in one parallel region.
+    std::atomic<bool> finite{true};
     detail::parallel_tasks(heads, total, make, [&](index_t h, Workspace& w) {
       const index_t bb = h / pl.qheads, hh = h % pl.qheads;
+      bool overflow = true;
+      if (!check_pair(*pl.params.ops, pl.params.scale, Q.slice(bb, hh), K.slice(bb, hh), V.slice(bb, hh), overflow)) {
+        finite = false;
+        return;
+      }
+      w.blk.set_check_overflow(overflow);
       if (pl.shared) sel[h] = select_head(pl, K.slice(bb, hh), V.slice(bb, hh), h);
       for (index_t b = 0; b < blocks; ++b) {
         stats[h * blocks + b] = run_block(pl, w, in, pl.shared ? &sel[h] : nullptr, top.data(), h, b);
         report(++done);
       }
     });
+    if (!finite) report_non_finite(Q, K, V);
   } else {
-    // Few pairs, many queries each: the selections first (each may use the team itself), then
-    // one task per (pair, query block).
+    // Few pairs, many queries each: the inputs are checked and the selections made first (each
+    // using the team itself), then one task per (pair, query block) shares the team.
+    const double max_q = detail::finite_max_abs(flat(Q), "queries");
+    const double max_k = detail::finite_max_abs(flat(K), "keys");
+    detail::require_finite_matrix(flat(V), "values");
+    const bool overflow = logits_can_overflow(pl.params.scale, pl.d, max_q, max_k);
     if (pl.shared)
       for (index_t h = 0; h < heads; ++h)
         sel[h] = select_head(pl, K.slice(h / pl.qheads, h % pl.qheads), V.slice(h / pl.qheads, h % pl.qheads), h);
     t_select = seconds_since(t0);
     detail::parallel_tasks(heads * blocks, total, make, [&](index_t t, Workspace& w) {
       const index_t h = t / blocks;
+      w.blk.set_check_overflow(overflow);
       stats[t] = run_block(pl, w, in, pl.shared ? &sel[h] : nullptr, top.data(), h, t % blocks);
       report(++done);
     });
@@ -403,8 +438,10 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   res.seconds_selection = t_select;
   res.seconds_attention = t_all - t_select;
   double keys_total = 0.0;
+  index_t non_finite = 0;
   for (const BlockStats& st : stats) {
     res.empty_rows += st.empty;
+    non_finite += st.non_finite;
     keys_total += st.keys;
   }
   res.mean_keys_per_query = keys_total / static_cast<double>(heads * pl.m);
@@ -412,9 +449,11 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   for (index_t h = 0; h < static_cast<index_t>(sel.size()); ++h)
     res.shared_sizes[h] = static_cast<index_t>(sel[h].keys.size());
 
-  // Finite inputs can still overflow float32 in the logits (|q||k| scale > 3e38).
-  if (!detail::all_finite(out, heads * pl.m * pl.dv)) {
-    detail::invalid("attention: the scaled logits overflow float32; rescale queries or keys "
+  // Finite inputs can still overflow float32: in the logits (|q||k| scale > 3e38) or, for values
+  // near the float32 limit, in the weighted sum.
+  if (non_finite > 0) {
+    detail::invalid("attention: the scaled logits or the weighted values overflow float32 in " +
+                    std::to_string(non_finite) + " output rows; rescale queries, keys or values "
                     "(or pass a smaller scale)");
   }
   if (o.return_selection) {

@@ -8,39 +8,22 @@
 #include <algorithm>
 
 #include "detail/validate.hpp"
+#include "kernels/elementwise.hpp"
 
 namespace levattn::detail {
 
 namespace {
 
-// Over x[0 .. n): whether any entry is NaN or Inf, and max |x_j|, in 16 independent lanes so
-// that the loop vectorises.
+// Over x[0 .. n): whether any entry is NaN or Inf, and max |x_j|, by the vectorised kernel of
+// the CPU's instruction set.
 struct Scan {
   bool bad = false;
   float max_abs = 0.0f;
 };
 
-Scan scan(const float* x, index_t n) {
-  std::uint32_t bad[16] = {};
-  float m[16] = {};
-  index_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (index_t l = 0; l < 16; ++l) {
-      const std::uint32_t bits = std::bit_cast<std::uint32_t>(x[j + l]);
-      bad[l] |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-      const float a = std::bit_cast<float>(bits & 0x7fffffffu);
-      m[l] = a > m[l] ? a : m[l];
-    }
-  Scan out;
-  for (; j < n; ++j) {
-    out.bad = out.bad || !is_finite(x[j]);
-    out.max_abs = std::max(out.max_abs, std::fabs(x[j]));
-  }
-  for (index_t l = 0; l < 16; ++l) {
-    out.bad = out.bad || bad[l] != 0;
-    out.max_abs = std::max(out.max_abs, m[l]);
-  }
-  return out;
+Scan scan(const kernels::RowOps& ops, const float* x, index_t n) {
+  const float m = ops.max_abs(x, n);
+  return {m < 0.0f, m < 0.0f ? 0.0f : m};
 }
 
 // scan() over the whole matrix: contiguous rows as runs of up to 2^14 entries, else row by row.
@@ -50,9 +33,11 @@ Scan scan_matrix(ConstMatrix A) {
   const index_t tasks = flat ? (total + chunk - 1) / chunk : A.rows;
   bool bad = false;
   float best = 0.0f;
+  const kernels::RowOps& ops = kernels::active_row_ops();  // may throw: outside the region
 #pragma omp parallel for schedule(static) reduction(|| : bad) reduction(max : best) if (total > (1 << 16))
   for (index_t t = 0; t < tasks; ++t) {
-    const Scan sc = flat ? scan(A.data + t * chunk, std::min(chunk, total - t * chunk)) : scan(A.row(t), A.cols);
+    const Scan sc = flat ? scan(ops, A.data + t * chunk, std::min(chunk, total - t * chunk))
+                         : scan(ops, A.row(t), A.cols);
     bad = bad || sc.bad;
     best = sc.max_abs > best ? sc.max_abs : best;
   }
@@ -84,6 +69,11 @@ void require_non_empty(ConstMatrix A, const char* what) {
 void require_finite_matrix(ConstMatrix A, const char* what) {
   require_non_empty(A, what);
   if (scan_matrix(A).bad) non_finite(A, what);
+}
+
+double max_abs_or_non_finite(const kernels::RowOps& ops, const float* x, index_t n) {
+  const Scan sc = scan(ops, x, n);
+  return sc.bad ? -1.0 : static_cast<double>(sc.max_abs);
 }
 
 double finite_max_abs(ConstMatrix A, const char* what) {
@@ -121,24 +111,32 @@ namespace levattn {
 index_t checked_elements(std::initializer_list<index_t> dims, const std::string& what) {
   constexpr index_t kMax = index_t{1} << 62;
   index_t product = 1;
-  bool over = false;
-  std::ostringstream shape;
+  bool negative = false, over = false;
   for (index_t v : dims) {
-    shape << (shape.tellp() > 0 ? " x " : "") << v;
-    if (v < 0) detail::invalid(what + ": expected non-negative dimensions, got " + shape.str());
+    negative = negative || v < 0;
+    if (negative || over) continue;
     if (v != 0 && product > kMax / v) over = true;
     else product *= v;
   }
-  if (over) detail::invalid(what + ": " + shape.str() + " elements exceed 2^62");
-  return over ? 0 : product;
+  if (negative || over) {
+    std::ostringstream shape;
+    for (index_t v : dims) shape << (shape.tellp() > 0 ? " x " : "") << v;
+    detail::invalid(what + (negative ? ": expected non-negative dimensions, got " + shape.str()
+                                     : ": " + shape.str() + " elements exceed 2^62"));
+  }
+  return product;
 }
 
 namespace {
 
+// A property of the machine, read once (sysconf(_SC_PHYS_PAGES) is a system call).
 double physical_memory() {
-  const double page = static_cast<double>(sysconf(_SC_PAGESIZE)),
-               pages = static_cast<double>(sysconf(_SC_PHYS_PAGES));
-  return page > 0 && pages > 0 ? page * pages : INFINITY;
+  static const double bytes = [] {
+    const double page = static_cast<double>(sysconf(_SC_PAGESIZE)),
+                 pages = static_cast<double>(sysconf(_SC_PHYS_PAGES));
+    return page > 0 && pages > 0 ? page * pages : INFINITY;
+  }();
+  return bytes;
 }
 
 [[noreturn]] void too_large(double bytes, const std::string& what, const std::string& shape) {
@@ -159,14 +157,16 @@ double require_memory(double bytes, const std::string& what) {
 index_t checked_allocation(std::initializer_list<index_t> dims, std::size_t elem_size, const std::string& what) {
   // In double first: the product may not fit any integer type.
   double bytes = static_cast<double>(elem_size);
-  std::ostringstream shape;
   for (index_t v : dims) {
     if (v < 0) return checked_elements(dims, what);  // throws, naming the negative dimension
     bytes *= static_cast<double>(v);
-    shape << v << " x ";
   }
-  shape << elem_size << " bytes";
-  if (bytes > physical_memory() || bytes >= 4611686018427387904.0) too_large(bytes, what, shape.str());
+  if (bytes > physical_memory() || bytes >= 4611686018427387904.0) {
+    std::ostringstream shape;
+    for (index_t v : dims) shape << v << " x ";
+    shape << elem_size << " bytes";
+    too_large(bytes, what, shape.str());
+  }
   return checked_elements(dims, what);
 }
 

@@ -16,6 +16,7 @@
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "detail/validate.hpp"
+#include "kernels/elementwise.hpp"
 
 namespace levattn {
 namespace {
@@ -136,7 +137,11 @@ void score_rows32(ConstMatrix K, const KeyGram& g, const std::vector<float>& B32
                   index_t rows, ScoreWorkspace& ws, double* scores) {
   const index_t d = K.cols, kept = static_cast<index_t>(B32.size()) / d;
   ws.y32.resize(static_cast<std::size_t>(rows * kept));
-  if (g.triangular) {
+  if (kept <= kernels::kNarrowTile) {
+    // Few columns: the register-blocked product of the attention kernels beats a BLAS call's
+    // set-up (the triangle's zeros are multiplied too; the rounding bound is the same).
+    kernels::active_row_ops().narrow_logits(rows, kept, d, 1.0f, K.row(r0), K.ld, B32.data(), ws.y32.data(), kept);
+  } else if (g.triangular) {
     for (index_t i = 0; i < rows; ++i) std::copy_n(K.row(r0 + i), d, ws.y32.data() + i * d);
     cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, detail::bi(rows),
                 detail::bi(d), 1.0f, B32.data(), detail::bi(d), ws.y32.data(), detail::bi(d));

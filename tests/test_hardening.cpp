@@ -146,9 +146,60 @@ TEST(KernelPaths, RowOperationsMatchFloat64OnEveryIsa) {
   }
 }
 
-TEST(KernelPaths, AttentionMatchesTheOracleOnEveryIsa) {
-  const Mat Q = oracle::gaussian(300, 24, 1), K = oracle::gaussian(700, 24, 2), V = oracle::gaussian(700, 9, 3);
+TEST(KernelPaths, NarrowProductsAndSmallGramMatchFloat64OnEveryIsa) {
+  std::mt19937_64 gen(9);
+  std::normal_distribution<float> g;
   for (kernels::Isa isa : supported_isas()) {
+    const kernels::RowOps& ops = kernels::row_ops(isa);
+    for (index_t count : {1, 3, 8, 13, 16, 31, 32, 64})
+      for (index_t d : {1, 5, 16, 40}) {
+        const index_t rows = 37;
+        std::vector<float> A(rows * d), Bt(d * count), C(rows * count), P(rows * count), V(count * 21);
+        for (auto* v : {&A, &Bt, &P, &V})
+          for (float& x : *v) x = g(gen);
+        ops.narrow_logits(rows, count, d, 0.5f, A.data(), d, Bt.data(), C.data(), count);
+        std::vector<float> O(rows * 21, 1.0f);
+        ops.narrow_weighted_sum(rows, count, 21, P.data(), count, V.data(), 21, O.data(), 21);
+        for (index_t i = 0; i < rows; ++i) {
+          for (index_t j = 0; j < count; ++j) {
+            double ref = 0, mag = 0;
+            for (index_t t = 0; t < d; ++t) {
+              ref += static_cast<double>(A[i * d + t]) * Bt[t * count + j];
+              mag += std::fabs(static_cast<double>(A[i * d + t]) * Bt[t * count + j]);
+            }
+            EXPECT_NEAR(C[i * count + j], 0.5 * ref, 1e-6 * mag + 1e-30) << kernels::to_string(isa);
+          }
+          for (index_t c = 0; c < 21; ++c) {
+            double ref = 1.0, mag = 1.0;
+            for (index_t j = 0; j < count; ++j) {
+              ref += static_cast<double>(P[i * count + j]) * V[j * 21 + c];
+              mag += std::fabs(static_cast<double>(P[i * count + j]) * V[j * 21 + c]);
+            }
+            EXPECT_NEAR(O[i * 21 + c], ref, 1e-6 * mag) << kernels::to_string(isa);
+          }
+        }
+      }
+    for (index_t d : {1, 3, 4, 5, 8, 13, 16, 33, 64}) {
+      const index_t rows = 29;
+      std::vector<double> Y(rows * d), G(d * d, -7.0);
+      for (double& y : Y) y = g(gen);
+      ops.gram_update(rows, d, Y.data(), 0.0, G.data());
+      ops.gram_update(rows, d, Y.data(), 1.0, G.data());  // twice: beta 1 adds
+      for (index_t i = 0; i < d; ++i)
+        for (index_t j = i; j < d; ++j) {
+          double ref = 0;
+          for (index_t r = 0; r < rows; ++r) ref += Y[r * d + i] * Y[r * d + j];
+          EXPECT_NEAR(G[i * d + j], 2 * ref, 1e-12 * rows * 4) << kernels::to_string(isa) << " d " << d;
+        }
+    }
+  }
+}
+
+TEST(KernelPaths, AttentionMatchesTheOracleOnEveryIsa) {
+  // 700 keys: BLAS tiles of 512 and 188; 40 keys: one narrow tile.
+  for (index_t n : {700, 40})
+  for (kernels::Isa isa : supported_isas()) {
+    const Mat Q = oracle::gaussian(300, 24, 1), K = oracle::gaussian(n, 24, 2), V = oracle::gaussian(n, 9, 3);
     const IsaOverride use(kernels::to_string(isa));
     EXPECT_EQ(build_info().isa, kernels::to_string(isa));
     for (Kernel kernel : {Kernel::softmax, Kernel::power}) {

@@ -7,6 +7,7 @@
 
 #include "detail/blas.hpp"
 #include "detail/parallel.hpp"
+#include "kernels/elementwise.hpp"
 
 namespace levattn::detail {
 
@@ -49,6 +50,10 @@ std::vector<double> fixed_order_gram(index_t blocks, index_t max_rows, index_t d
   // Uninitialised: each partial's first DSYRK runs with beta = 0.
   std::unique_ptr<double[]> part(new double[static_cast<std::size_t>(partials * d * d)]);
   const double flops = static_cast<double>(blocks) * static_cast<double>(max_rows) * static_cast<double>(d * d);
+  // A small d: the register-blocked kernel of the CPU's instruction set (DSYRK's set-up costs more
+  // than its arithmetic there); the same order of summation, so the same bits for any schedule.
+  const kernels::RowOps& ops = kernels::active_row_ops();
+  const bool small = d <= kernels::kSmallGram;
   parallel_tasks(
       partials, flops, [&] { return std::vector<double>(static_cast<std::size_t>(max_rows * d)); },
       [&](index_t p, std::vector<double>& buf) {
@@ -56,7 +61,8 @@ std::vector<double> fixed_order_gram(index_t blocks, index_t max_rows, index_t d
         bool first = true;
         for (index_t b = p; b < blocks; b += partials) {
           const index_t rows = fill(b, buf.data());
-          dsyrk_ata(d, rows, buf.data(), d, first ? 0.0 : 1.0, C);
+          if (small) ops.gram_update(rows, d, buf.data(), first ? 0.0 : 1.0, C);
+          else dsyrk_ata(d, rows, buf.data(), d, first ? 0.0 : 1.0, C);
           first = false;
         }
       });

@@ -8,6 +8,10 @@
 #include "levattn/error.hpp"
 #include "levattn/matrix.hpp"
 
+namespace levattn::kernels {
+struct RowOps;
+}
+
 namespace levattn::detail {
 
 /// isfinite by the exponent bits, so that loops using it vectorise.
@@ -32,6 +36,10 @@ void require_finite_matrix(ConstMatrix A, const char* what);
 
 /// require_finite_matrix(A, what), and in the same pass max_ij |a_ij|.
 double finite_max_abs(ConstMatrix A, const char* what);
+
+/// max |x_j| over x[0 .. n), or -1 if an entry is NaN or Inf: one pass of ops.max_abs (the
+/// kernel of an instruction set, kernels/elementwise.hpp), no throw.
+double max_abs_or_non_finite(const kernels::RowOps& ops, const float* x, index_t n);
 
 /// x rounded down to an index, clamped to [0, 2^62] (NaN gives 0): a float-to-integer conversion
 /// that is defined for every double.

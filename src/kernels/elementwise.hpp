@@ -19,7 +19,29 @@ struct RowOps {
   float (*abs_row_max)(float* x, index_t n) = nullptr;
   /// x[j] <- (x[j] / m)^p for x[j] >= 0 and 0 for the -1 mask, returns the sum. m > 0, p > 0.
   float (*power_rel_sum)(float* x, index_t n, float m, float p) = nullptr;
+  /// max_j |x[j]|, or -1 if an entry is NaN or Inf: the input check of every entry point.
+  float (*max_abs)(const float* x, index_t n) = nullptr;
+
+  // Products of one query block with a narrow tile of keys (count <= kNarrowTile), where a BLAS
+  // call costs more in set-up than in arithmetic (a few hundred keys per head).
+  /// C (rows x count, ldc) = alpha A (rows x d, lda) Bt, with Bt (d x count, row-major, leading
+  /// dimension count) the tile's keys transposed.
+  void (*narrow_logits)(index_t rows, index_t count, index_t d, float alpha, const float* A,
+                        index_t lda, const float* Bt, float* C, index_t ldc) = nullptr;
+  /// C (rows x dv, ldc) += P (rows x count, ldp) V (count x dv, ldv).
+  void (*narrow_weighted_sum)(index_t rows, index_t count, index_t dv, const float* P, index_t ldp,
+                              const float* V, index_t ldv, float* C, index_t ldc) = nullptr;
+  /// C <- beta C + Y^T Y for Y (rows x d, row-major, float64) and C (d x d, row-major; the upper
+  /// triangle, diagonal included, is written), d <= kSmallGram, beta 0 or 1: DSYRK for a small d,
+  /// each entry summed over the rows in order.
+  void (*gram_update)(index_t rows, index_t d, const double* Y, double beta, double* C) = nullptr;
 };
+
+/// The widest key tile the narrow products take.
+inline constexpr index_t kNarrowTile = 64;
+
+/// The largest d the small Gram update takes (RowOps::gram_update).
+inline constexpr index_t kSmallGram = 64;
 
 /// The operations of `isa`. Throws Error(invalid_argument) if this build or CPU lacks it.
 const RowOps& row_ops(Isa isa);

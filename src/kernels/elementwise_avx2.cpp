@@ -4,7 +4,7 @@
 namespace levattn::kernels {
 
 const RowOps& row_ops_avx2() {
-  static constexpr RowOps ops = make_row_ops<Avx2>(Isa::avx2);
+  static constexpr RowOps ops = make_row_ops<Avx2, Avx2D>(Isa::avx2);
   return ops;
 }
 

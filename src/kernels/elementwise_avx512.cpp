@@ -4,7 +4,7 @@
 namespace levattn::kernels {
 
 const RowOps& row_ops_avx512() {
-  static constexpr RowOps ops = make_row_ops<Avx512>(Isa::avx512);
+  static constexpr RowOps ops = make_row_ops<Avx512, Avx512D>(Isa::avx512);
   return ops;
 }
 

@@ -4,7 +4,7 @@
 namespace levattn::kernels {
 
 const RowOps& row_ops_baseline() {
-  static constexpr RowOps ops = make_row_ops<Scalar>(Isa::baseline);
+  static constexpr RowOps ops = make_row_ops<Scalar, ScalarD>(Isa::baseline);
   return ops;
 }
 

@@ -2,6 +2,7 @@
 // vector traits of simd.hpp. Each elementwise_<isa>.cpp includes this with its own compiler
 // flags and instantiates it for its traits; the anonymous namespace keeps the copies apart.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -143,7 +144,195 @@ float power_rel_sum(float* x, index_t n, float m, float p) {
   return power_sum<Scalar>(x, n, inv, PowAny{p});
 }
 
+// x - x is 0 for a finite x and NaN for NaN or Inf, so the sum of all x - x tells whether every
+// entry is finite, with nothing but vector arithmetic.
 template <class V>
+float max_abs(const float* x, index_t n) {
+  constexpr index_t W = V::width;
+  auto m0 = V::set1(0.0f), m1 = V::set1(0.0f), z = V::set1(0.0f);
+  index_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    const auto a = V::load(x + j), b = V::load(x + j + W);
+    z = V::add(z, V::add(V::sub(a, a), V::sub(b, b)));
+    m0 = V::max(m0, V::abs(a));
+    m1 = V::max(m1, V::abs(b));
+  }
+  float m = V::hmax(V::max(m0, m1)), finite = V::hsum(z);
+  for (; j < n; ++j) {
+    finite += x[j] - x[j];
+    const float a = Scalar::abs(x[j]);
+    m = a > m ? a : m;
+  }
+  return finite == 0.0f ? m : -1.0f;
+}
+
+// The narrow products keep RB rows x NR vectors of accumulators in registers (both constants, so
+// the arrays unroll into them): RB independent chains hide the latency of the fused multiply-adds.
+template <int NR>
+constexpr int rows_per_block() {
+  return NR >= 8 ? 1 : NR >= 4 ? 2 : 4;
+}
+
+// Rows i0 .. i0 + RB - 1 of C = alpha A Bt, over NR whole vectors of columns.
+template <class V, int NR, int RB>
+void narrow_block(index_t d, float alpha, const float* A, index_t lda, const float* Bt, index_t count,
+                  float* C, index_t ldc) {
+  constexpr index_t W = V::width;
+  typename V::reg acc[RB][NR];
+  for (int q = 0; q < RB; ++q)
+    for (int r = 0; r < NR; ++r) acc[q][r] = V::set1(0.0f);
+  for (index_t t = 0; t < d; ++t) {
+    const float* b = Bt + t * count;
+    typename V::reg bt[NR];
+    for (int r = 0; r < NR; ++r) bt[r] = V::load(b + r * W);
+    for (int q = 0; q < RB; ++q) {
+      const auto at = V::set1(A[q * lda + t]);
+      for (int r = 0; r < NR; ++r) acc[q][r] = V::fmadd(at, bt[r], acc[q][r]);
+    }
+  }
+  const auto va = V::set1(alpha);
+  for (int q = 0; q < RB; ++q)
+    for (int r = 0; r < NR; ++r) V::store(C + q * ldc + r * W, V::mul(va, acc[q][r]));
+}
+
+template <class V, int NR>
+void narrow_rows(index_t rows, index_t count, index_t d, float alpha, const float* A, index_t lda,
+                 const float* Bt, float* C, index_t ldc) {
+  constexpr int RB = rows_per_block<NR>();
+  index_t i = 0;
+  for (; i + RB <= rows; i += RB) narrow_block<V, NR, RB>(d, alpha, A + i * lda, lda, Bt, count, C + i * ldc, ldc);
+  for (; i < rows; ++i) narrow_block<V, NR, 1>(d, alpha, A + i * lda, lda, Bt, count, C + i * ldc, ldc);
+}
+
+// C (rows x count) = alpha A Bt for count <= kNarrowTile: whole vectors by narrow_rows, the last
+// count % W columns lane by lane.
+template <class V>
+void narrow_logits(index_t rows, index_t count, index_t d, float alpha, const float* A, index_t lda,
+                   const float* Bt, float* C, index_t ldc) {
+  constexpr index_t W = V::width;
+  using Rows = void (*)(index_t, index_t, index_t, float, const float*, index_t, const float*, float*, index_t);
+  static constexpr Rows by_regs[] = {nullptr,
+                                     &narrow_rows<V, 1>, &narrow_rows<V, 2>, &narrow_rows<V, 3>, &narrow_rows<V, 4>,
+                                     &narrow_rows<V, 5>, &narrow_rows<V, 6>, &narrow_rows<V, 7>, &narrow_rows<V, 8>};
+  index_t full = count / W;
+  for (index_t c0 = 0; full > 0;) {  // at most 8 vectors at a time (64 columns at W = 8)
+    const index_t regs = std::min<index_t>(full, 8);
+    by_regs[regs](rows, count, d, alpha, A, lda, Bt + c0, C + c0, ldc);
+    c0 += regs * W;
+    full -= regs;
+  }
+  for (index_t j = count / W * W; j < count; ++j)
+    for (index_t i = 0; i < rows; ++i) {
+      const float* a = A + i * lda;
+      float sum = 0.0f;
+      for (index_t t = 0; t < d; ++t) sum += a[t] * Bt[t * count + j];
+      C[i * ldc + j] = alpha * sum;
+    }
+}
+
+// Rows i0 .. i0 + RB - 1 of C += P V over NR whole vectors of C's columns (starting at col).
+template <class V, int NR, int RB>
+void weighted_block(index_t count, const float* P, index_t ldp, const float* Vm, index_t ldv, float* C,
+                    index_t ldc) {
+  constexpr index_t W = V::width;
+  typename V::reg acc[RB][NR];
+  for (int q = 0; q < RB; ++q)
+    for (int r = 0; r < NR; ++r) acc[q][r] = V::load(C + q * ldc + r * W);
+  for (index_t j = 0; j < count; ++j) {
+    typename V::reg v[NR];
+    for (int r = 0; r < NR; ++r) v[r] = V::load(Vm + j * ldv + r * W);
+    for (int q = 0; q < RB; ++q) {
+      const auto p = V::set1(P[q * ldp + j]);
+      for (int r = 0; r < NR; ++r) acc[q][r] = V::fmadd(p, v[r], acc[q][r]);
+    }
+  }
+  for (int q = 0; q < RB; ++q)
+    for (int r = 0; r < NR; ++r) V::store(C + q * ldc + r * W, acc[q][r]);
+}
+
+template <class V, int NR>
+void weighted_rows(index_t rows, index_t count, const float* P, index_t ldp, const float* Vm, index_t ldv,
+                   float* C, index_t ldc) {
+  constexpr int RB = rows_per_block<NR>();
+  index_t i = 0;
+  for (; i + RB <= rows; i += RB) weighted_block<V, NR, RB>(count, P + i * ldp, ldp, Vm, ldv, C + i * ldc, ldc);
+  for (; i < rows; ++i) weighted_block<V, NR, 1>(count, P + i * ldp, ldp, Vm, ldv, C + i * ldc, ldc);
+}
+
+template <class V>
+void narrow_weighted_sum(index_t rows, index_t count, index_t dv, const float* P, index_t ldp,
+                         const float* Vm, index_t ldv, float* C, index_t ldc) {
+  constexpr index_t W = V::width;
+  using Rows = void (*)(index_t, index_t, const float*, index_t, const float*, index_t, float*, index_t);
+  static constexpr Rows by_regs[] = {nullptr,
+                                     &weighted_rows<V, 1>, &weighted_rows<V, 2>, &weighted_rows<V, 3>, &weighted_rows<V, 4>,
+                                     &weighted_rows<V, 5>, &weighted_rows<V, 6>, &weighted_rows<V, 7>, &weighted_rows<V, 8>};
+  index_t full = dv / W;
+  for (index_t c0 = 0; full > 0;) {
+    const index_t regs = std::min<index_t>(full, 8);
+    by_regs[regs](rows, count, P, ldp, Vm + c0, ldv, C + c0, ldc);
+    c0 += regs * W;
+    full -= regs;
+  }
+  for (index_t col = dv / W * W; col < dv; ++col)
+    for (index_t i = 0; i < rows; ++i) {
+      float sum = C[i * ldc + col];
+      for (index_t j = 0; j < count; ++j) sum += P[i * ldp + j] * Vm[j * ldv + col];
+      C[i * ldc + col] = sum;
+    }
+}
+
+// Rows i .. i + RB - 1 of C from column j0, NR float64 vectors wide: RB x NR accumulators over
+// the rows of Y in order.
+template <class D, int RB, int NR>
+void gram_tile(index_t rows, index_t d, const double* Y, index_t i, index_t j0, double beta, double* C) {
+  constexpr index_t W = D::width;
+  typename D::reg acc[RB][NR];
+  for (int q = 0; q < RB; ++q)
+    for (int r = 0; r < NR; ++r) acc[q][r] = beta == 0.0 ? D::set1(0.0) : D::load(C + (i + q) * d + j0 + r * W);
+  for (index_t s = 0; s < rows; ++s) {
+    const double* y = Y + s * d;
+    typename D::reg v[NR];
+    for (int r = 0; r < NR; ++r) v[r] = D::load(y + j0 + r * W);
+    for (int q = 0; q < RB; ++q) {
+      const auto a = D::set1(y[i + q]);
+      for (int r = 0; r < NR; ++r) acc[q][r] = D::fmadd(a, v[r], acc[q][r]);
+    }
+  }
+  for (int q = 0; q < RB; ++q)
+    for (int r = 0; r < NR; ++r) D::store(C + (i + q) * d + j0 + r * W, acc[q][r]);
+}
+
+// One band of RB rows of C from the vector column holding the diagonal: tiles of 2 vectors,
+// then of 1.
+template <class D, int RB>
+void gram_band(index_t rows, index_t d, const double* Y, index_t i, double beta, double* C) {
+  constexpr index_t W = D::width;
+  const index_t whole = d / W * W;
+  index_t j = i / W * W;
+  for (; j + 2 * W <= whole; j += 2 * W) gram_tile<D, RB, 2>(rows, d, Y, i, j, beta, C);
+  for (; j + W <= whole; j += W) gram_tile<D, RB, 1>(rows, d, Y, i, j, beta, C);
+}
+
+// C <- beta C + Y^T Y (the upper triangle, and some entries below it that callers ignore): bands
+// of 4 rows of C (8 independent accumulators per tile), columns past the last whole vector lane
+// by lane.
+template <class D>
+void gram_update(index_t rows, index_t d, const double* Y, double beta, double* C) {
+  constexpr index_t W = D::width;
+  const index_t whole = d / W * W;
+  index_t i = 0;
+  for (; i + 4 <= d; i += 4) gram_band<D, 4>(rows, d, Y, i, beta, C);
+  for (; i < d; ++i) gram_band<D, 1>(rows, d, Y, i, beta, C);
+  for (index_t q = 0; q < d; ++q)
+    for (index_t c = std::max(whole, q); c < d; ++c) {
+      double sum = beta == 0.0 ? 0.0 : C[q * d + c];
+      for (index_t s = 0; s < rows; ++s) sum += Y[s * d + q] * Y[s * d + c];
+      C[q * d + c] = sum;
+    }
+}
+
+template <class V, class D>
 constexpr RowOps make_row_ops(Isa isa) {
   RowOps ops;
   ops.isa = isa;
@@ -151,6 +340,10 @@ constexpr RowOps make_row_ops(Isa isa) {
   ops.exp_shift_sum = &exp_shift_sum<V>;
   ops.abs_row_max = &abs_row_max<V>;
   ops.power_rel_sum = &power_rel_sum<V>;
+  ops.max_abs = &max_abs<V>;
+  ops.narrow_logits = &narrow_logits<V>;
+  ops.narrow_weighted_sum = &narrow_weighted_sum<V>;
+  ops.gram_update = &gram_update<D>;
   return ops;
 }
 

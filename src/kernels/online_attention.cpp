@@ -41,7 +41,15 @@ void OnlineBlock::begin(const float* q, index_t ldq, index_t rows, index_t d) {
 float* OnlineBlock::logits(const float* k, index_t ldk, index_t count) {
   if (count > max_tile_) throw Error(ErrorKind::internal, "OnlineBlock: tile larger than its workspace");
   count_ = count;
-  detail::gemm_abt(rows_, count, d_, params_.scale, q_, ldq_, k, ldk, 0.0f, tile_.get(), count);
+  if (count <= kNarrowTile) {
+    // A narrow tile: its keys transposed once, then register-blocked rows (no BLAS set-up).
+    keys_t_.resize(static_cast<std::size_t>(d_ * count));
+    for (index_t j = 0; j < count; ++j)
+      for (index_t t = 0; t < d_; ++t) keys_t_[t * count + j] = k[j * ldk + t];
+    params_.ops->narrow_logits(rows_, count, d_, params_.scale, q_, ldq_, keys_t_.data(), tile_.get(), count);
+  } else {
+    detail::gemm_abt(rows_, count, d_, params_.scale, q_, ldq_, k, ldk, 0.0f, tile_.get(), count);
+  }
   // Finite inputs can overflow here; such a logit must not pass for a masked one.
   if (params_.check_overflow && !detail::all_finite(tile_.get(), rows_ * count)) overflow_ = true;
   return tile_.get();
@@ -83,31 +91,31 @@ void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
     }
     any = true;
   }
-  if (any) detail::gemm_ab(rows_, dv_, c, 1.0f, tile_.get(), c, v, ldv, 1.0f, acc_.get(), dv_);
+  if (!any) return;
+  if (c <= kNarrowTile) params_.ops->narrow_weighted_sum(rows_, c, dv_, tile_.get(), c, v, ldv, acc_.get(), dv_);
+  else detail::gemm_ab(rows_, dv_, c, 1.0f, tile_.get(), c, v, ldv, 1.0f, acc_.get(), dv_);
 }
 
-index_t OnlineBlock::finish(float* out, index_t ldo) {
-  index_t empty = 0;
+OnlineBlock::Rows OnlineBlock::finish(float* out, index_t ldo) {
+  Rows rows;
   for (index_t r = 0; r < rows_; ++r) {
     float* dst = out + r * ldo;
-    if (overflow_) {
+    if (overflow_ || !std::isfinite(sum_[r])) {  // overflowing logits: the caller reports it
       std::fill_n(dst, dv_, std::numeric_limits<float>::quiet_NaN());
-      continue;
-    }
-    const float* o = acc_.get() + r * dv_;
-    if (!std::isfinite(sum_[r])) {  // overflowing logits: the caller reports it
-      std::fill_n(dst, dv_, std::numeric_limits<float>::quiet_NaN());
+      ++rows.non_finite;
       continue;
     }
     if (!(sum_[r] > 0.0)) {
       std::fill_n(dst, dv_, 0.0f);
-      ++empty;
+      ++rows.empty;
       continue;
     }
+    const float* o = acc_.get() + r * dv_;
     const float inv = static_cast<float>(1.0 / sum_[r]);
     for (index_t j = 0; j < dv_; ++j) dst[j] = o[j] * inv;
+    rows.non_finite += detail::all_finite(dst, dv_) ? 0 : 1;  // huge values can overflow the sum
   }
-  return empty;
+  return rows;
 }
 
 }  // namespace levattn::kernels

@@ -37,10 +37,18 @@ class OnlineBlock {
   /// Folds the tile last returned by logits() into the running sums, with values v (count x dv).
   void absorb(const float* v, index_t ldv, index_t count);
 
-  /// Writes O_r = acc_r / l_r to out (rows x dv, leading dimension ldo). Rows with no key or a
-  /// zero normaliser get 0; returns how many there were. If a logit overflowed float32, every
-  /// row of the block is NaN, which the caller reports.
-  index_t finish(float* out, index_t ldo);
+  /// Rows of a finished block: with no key or a zero normaliser (written as 0), and not finite
+  /// (a logit or the weighted sum of values overflowed float32; written as NaN, for the caller
+  /// to report).
+  struct Rows {
+    index_t empty = 0, non_finite = 0;
+  };
+
+  /// Writes O_r = acc_r / l_r to out (rows x dv, leading dimension ldo) and counts its rows.
+  Rows finish(float* out, index_t ldo);
+
+  /// Whether logits() checks its tiles for overflow (see KernelParams::check_overflow).
+  void set_check_overflow(bool check) { params_.check_overflow = check; }
 
  private:
   KernelParams params_;
@@ -52,6 +60,7 @@ class OnlineBlock {
   // hundreds of KiB per call shows up in profiles.
   std::unique_ptr<float[]> tile_, acc_, max_;
   std::unique_ptr<double[]> sum_;
+  std::vector<float> keys_t_;  // a narrow tile's keys, transposed (d x count)
 };
 
 /// Tile width used over keys.

@@ -46,7 +46,26 @@ struct Scalar {
   static float hmax(reg a) { return a; }
 };
 
+/// float64 lanes, for the Gram accumulator: the same operations on doubles.
+struct ScalarD {
+  using reg = double;
+  static constexpr int width = 1;
+  static reg load(const double* p) { return *p; }
+  static void store(double* p, reg v) { *p = v; }
+  static reg set1(double x) { return x; }
+  static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
+};
+
 #if defined(__AVX2__) && defined(__FMA__)
+struct Avx2D {
+  using reg = __m256d;
+  static constexpr int width = 4;
+  static reg load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
+  static reg set1(double x) { return _mm256_set1_pd(x); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+};
+
 struct Avx2 {
   using reg = __m256;
   static constexpr int width = 8;
@@ -86,6 +105,15 @@ struct Avx2 {
 #endif
 
 #if defined(__AVX512F__)
+struct Avx512D {
+  using reg = __m512d;
+  static constexpr int width = 8;
+  static reg load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+  static reg set1(double x) { return _mm512_set1_pd(x); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+};
+
 struct Avx512 {
   using reg = __m512;
   static constexpr int width = 16;
