@@ -11,6 +11,7 @@
 // so that its logits have standard deviation 1.5 sqrt(2 ln n)).
 //
 // Run: build/bench/levattn_budget_sweep [--alpha A] [--c C] [--k0 K] [--max-n N] [--queries M]
+#include <CLI/CLI.hpp>
 #include <Random123/philox.h>
 
 #include <algorithm>
@@ -48,54 +49,21 @@ struct Settings {
   index_t queries = 2048;
 };
 
-constexpr const char* kUsage =
-    "usage: levattn_budget_sweep [--alpha A (> 0, default 1)] [--c C (in (0, 1], default 0.5)]\n"
-    "       [--k0 K (>= 1, default 32)] [--max-n N (>= 1024, default 65536)]\n"
-    "       [--queries M (>= 1, default 2048)]\n"
-    "n runs over the powers of two from 1024 to min(N, 65536); CSV goes to stdout.\n";
-
-[[noreturn]] void usage_error(const std::string& message) {
-  std::fprintf(stderr, "levattn_budget_sweep: %s\n%s", message.c_str(), kUsage);
-  std::exit(2);
-}
-
-double parse_double(const char* name, const char* text) {
-  char* end = nullptr;
-  const double v = std::strtod(text, &end);
-  if (end == text || *end != '\0' || !std::isfinite(v))
-    usage_error(std::string(name) + ": expected a number, got '" + text + "'");
-  return v;
-}
-
-index_t parse_int(const char* name, const char* text) {
-  char* end = nullptr;
-  const long long v = std::strtoll(text, &end, 10);
-  if (end == text || *end != '\0') usage_error(std::string(name) + ": expected an integer, got '" + text + "'");
-  return static_cast<index_t>(v);
-}
-
+// Options by CLI11; exits 2 (with the message) on a bad one, 0 after --help.
 Settings parse(int argc, char** argv) {
   Settings s;
-  for (int a = 1; a < argc; ++a) {
-    const char* arg = argv[a];
-    if (std::strcmp(arg, "--help") == 0 || std::strcmp(arg, "-h") == 0) {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    }
-    if (a + 1 >= argc) usage_error(std::string("unknown option or missing value: ") + arg);
-    const char* value = argv[++a];
-    if (std::strcmp(arg, "--alpha") == 0) s.alpha = parse_double(arg, value);
-    else if (std::strcmp(arg, "--c") == 0) s.c = parse_double(arg, value);
-    else if (std::strcmp(arg, "--k0") == 0) s.k0 = parse_int(arg, value);
-    else if (std::strcmp(arg, "--max-n") == 0) s.max_n = parse_int(arg, value);
-    else if (std::strcmp(arg, "--queries") == 0) s.queries = parse_int(arg, value);
-    else usage_error(std::string("unknown option: ") + arg);
+  CLI::App app{"levattn_budget_sweep: fixed against n^C-adaptive key budgets (docs/budgets.md); n runs over "
+               "the powers of two from 1024 to min(--max-n, 65536); CSV goes to stdout"};
+  app.add_option("--alpha", s.alpha, "alpha of k = ceil(alpha n^C), > 0 (default 1)")->check(CLI::PositiveNumber);
+  app.add_option("--c", s.c, "C, in (0, 1] (default 0.5)")->check(CLI::Range(1e-12, 1.0));
+  app.add_option("--k0", s.k0, "the fixed budget, >= 1 (default 32)")->check(CLI::PositiveNumber);
+  app.add_option("--max-n", s.max_n, "largest n, >= 1024 (default 65536)")->check(CLI::Range(index_t{1024}, index_t{1} << 40));
+  app.add_option("--queries", s.queries, "queries per instance, >= 1 (default 2048)")->check(CLI::PositiveNumber);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    std::exit(app.exit(e) == 0 ? 0 : 2);
   }
-  if (!(s.alpha > 0)) usage_error("--alpha: expected a number > 0");
-  if (!(s.c > 0 && s.c <= 1)) usage_error("--c: expected a number in (0, 1]");
-  if (s.k0 < 1) usage_error("--k0: expected an integer >= 1");
-  if (s.max_n < 1024) usage_error("--max-n: expected an integer >= 1024");
-  if (s.queries < 1) usage_error("--queries: expected an integer >= 1");
   return s;
 }
 

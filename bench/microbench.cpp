@@ -76,7 +76,7 @@ void BM_DenseAttention(benchmark::State& state) {
 
 }  // namespace
 
-BENCHMARK(BM_LeverageScores)->Args({1 << 14, 64})->Args({1 << 20, 64})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_LeverageScores)->Args({1024, 16})->Args({1 << 14, 64})->Args({1 << 20, 64})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_GemmKtK)->Args({1 << 14, 64})->Args({1 << 20, 64})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LevAttention)->Args({1 << 14, 256})->Args({1 << 16, 256})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_DenseAttention)->Arg(1 << 12)->Arg(1 << 14)->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -2,6 +2,9 @@
 // and the measured accuracy of the sketch. Prints one JSON object.
 //   build/bench/levattn_score_bench [--n N] [--d D] [--sketch countsketch|srht|gaussian]
 //                                   [--gamma G] [--repeats R] [--seed S]
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -34,23 +37,15 @@ int main(int argc, char** argv) {
   long long n = 1 << 20, d = 512, repeats = 3, seed = 0;
   double gamma = 0.2;
   std::string sketch = "countsketch";
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--n") n = std::atoll(v.c_str());
-    else if (k == "--d") d = std::atoll(v.c_str());
-    else if (k == "--repeats") repeats = std::atoll(v.c_str());
-    else if (k == "--seed") seed = std::atoll(v.c_str());
-    else if (k == "--gamma") gamma = std::atof(v.c_str());
-    else if (k == "--sketch") sketch = v;
-    else {
-      std::fprintf(stderr, "levattn_score_bench: unknown option %s\n", k.c_str());
-      return 2;
-    }
-  }
-  if (n < 1 || d < 1 || repeats < 1) {
-    std::fprintf(stderr, "levattn_score_bench: expected n, d, repeats >= 1\n");
-    return 2;
-  }
+  CLI::App app{"levattn_score_bench: exact against sketched leverage scores, one JSON object"};
+  app.add_option("--n", n, "keys (default 2^20)")->check(CLI::PositiveNumber);
+  app.add_option("--d", d, "dimension (default 512)")->check(CLI::PositiveNumber);
+  app.add_option("--repeats", repeats, "timed runs, the median is reported (default 3)")->check(CLI::PositiveNumber);
+  app.add_option("--seed", seed, "seed of the keys and of the sketch (default 0)")->check(CLI::NonNegativeNumber);
+  app.add_option("--gamma", gamma, "target accuracy of the sketch, in (0, 1) (default 0.2)");
+  app.add_option("--sketch", sketch, "countsketch (default), srht or gaussian")
+      ->check(CLI::IsMember({"countsketch", "srht", "gaussian"}));
+  CLI11_PARSE(app, argc, argv);
   try {
     // Gaussian K from the planted generator's noise (relevant = 1 planted key).
     levattn::PlantedOptions po;
@@ -76,12 +71,18 @@ int main(int argc, char** argv) {
       mean += e;
     }
     mean /= static_cast<double>(n);
-    std::printf(
-        "{\"n\":%lld,\"d\":%lld,\"sketch\":\"%s\",\"sketch_size\":%lld,\"stated_gamma\":%.4f,"
-        "\"seconds\":{\"exact\":%.4f,\"sketch\":%.4f},\"speedup\":%.2f,"
-        "\"max_rel_error\":%.4f,\"mean_rel_error\":%.5f,\"exact_rel_error_bound\":%.3g}\n",
-        n, d, sketch.c_str(), static_cast<long long>(sk.sketch_size), sk.rel_error_bound, t_exact,
-        t_sketch, t_exact / t_sketch, worst, mean, exact.rel_error_bound);
+    nlohmann::ordered_json j;
+    j["n"] = n;
+    j["d"] = d;
+    j["sketch"] = sketch;
+    j["sketch_size"] = sk.sketch_size;
+    j["stated_gamma"] = sk.rel_error_bound;
+    j["seconds"] = {{"exact", t_exact}, {"sketch", t_sketch}};
+    j["speedup"] = t_exact / t_sketch;
+    j["max_rel_error"] = worst;
+    j["mean_rel_error"] = mean;
+    j["exact_rel_error_bound"] = exact.rel_error_bound;
+    std::printf("%s\n", j.dump().c_str());
   } catch (const levattn::Error& e) {
     std::fprintf(stderr, "levattn_score_bench: %s\n", e.what());
     return e.kind() == levattn::ErrorKind::internal ? 1 : 2;

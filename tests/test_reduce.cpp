@@ -207,7 +207,7 @@ TEST(Reduce, SoftmaxGramErrorIsOrderR) {
       const double err = softmax_gram_error(X.view(), y.Y.view());
       std::printf("[ measured ] %-11s seed %llu m %3lld error %.3e = %.4f r\n", to_string(m).c_str(),
                   static_cast<unsigned long long>(seed), static_cast<long long>(y.Y.cols), err, err / kR);
-      EXPECT_LE(err, 4.0 * kR) << to_string(m);        // the paper's O(r), C = 4
+      // The paper's bound is O(r) (4 r here), implied by the measured-level check below.
       EXPECT_LE(err, 0.02 * kR) << to_string(m);       // measured <= 0.003 r
       EXPECT_LE(err, 0.35 * garbage) << to_string(m);  // measured <= 0.2 x
       if (!random_method(m)) break;
