@@ -64,8 +64,8 @@ class OnlineBlock {
 };
 
 /// Tile width used over keys.
-inline constexpr index_t kKeyTile = 256;
+inline constexpr index_t kKeyTile = 512;
 /// Queries per block.
-inline constexpr index_t kQueryBlock = 128;
+inline constexpr index_t kQueryBlock = 256;
 
 }  // namespace levattn::kernels
