@@ -70,19 +70,24 @@ bool triangular_factor(KeyGram& g) {
 }
 
 // Fast path for well-conditioned M (no ridge): B = L^-T from one Cholesky, no eigensolver. With
-// t = trace(M) >= lambda_max and f = ||L^-1||_F^2 = trace(M^-1) >= 1 / lambda_min, t f bounds both
-// the condition number and sum_i lambda_max / lambda_i; when t f < 1 / rank_rtol^2 every
-// eigenvalue exceeds rank_rtol^2 lambda_max, so M has full numerical rank. False otherwise.
+// t = min(trace(M), ||M||_inf) >= lambda_max (both bound the largest eigenvalue of a positive
+// semi-definite M; the row-sum norm is nearly tight for well-spread keys) and
+// f = ||L^-1||_F^2 = trace(M^-1) = sum_i 1 / lambda_i exactly, t f bounds sum_i lambda_max / lambda_i
+// and the condition number; when t f < 1 / rank_rtol^2 every eigenvalue exceeds
+// rank_rtol^2 lambda_max, so M has full numerical rank. False otherwise.
 bool cholesky_factor(KeyGram& g, double rank_rtol) {
   const index_t d = g.d;
   std::vector<double> L = g.gram;
   if (!detail::inverse_cholesky(L, d)) return false;
-  double trace = 0.0, frob = 0.0;
+  double trace = 0.0, row_sum = 0.0, frob = 0.0;
   for (index_t i = 0; i < d; ++i) {
     trace += g.gram[i * d + i];
+    double r = 0.0;
+    for (index_t j = 0; j < d; ++j) r += std::fabs(g.gram[i * d + j]);
+    row_sum = std::max(row_sum, r);
     for (index_t j = 0; j <= i; ++j) frob += L[i * d + j] * L[i * d + j];
   }
-  const double bound = trace * frob;
+  const double bound = std::min(trace, row_sum) * frob;
   if (!(std::isfinite(bound) && bound * rank_rtol * rank_rtol < 1.0)) return false;
   g.factor.assign(static_cast<std::size_t>(d * d), 0.0);
   for (index_t i = 0; i < d; ++i)
@@ -137,7 +142,7 @@ void score_rows32(ConstMatrix K, const KeyGram& g, const std::vector<float>& B32
                   index_t rows, ScoreWorkspace& ws, double* scores) {
   const index_t d = K.cols, kept = static_cast<index_t>(B32.size()) / d;
   ws.y32.resize(static_cast<std::size_t>(rows * kept));
-  if (kept <= kernels::kNarrowTile) {
+  if (kept <= kernels::kSmallGram) {
     // Few columns: the register-blocked product of the attention kernels beats a BLAS call's
     // set-up (the triangle's zeros are multiplied too; the rounding bound is the same).
     kernels::active_row_ops().narrow_logits(rows, kept, d, 1.0f, K.row(r0), K.ld, B32.data(), ws.y32.data(), kept);

@@ -47,12 +47,13 @@ struct KeyGram {
   std::vector<double> factor;   ///< B (d x rank): M^+ = B B^T (ridge: (M + lambda I)^-1 = B B^T)
   /// B is upper triangular (d x d), the inverse transposed Cholesky factor of M + ridge I; set
   /// when M is numerically full rank. Otherwise B = V_r Lambda_r^-1/2 from the eigenvectors.
-  /// Well-conditioned M (trace(M) trace(M^-1) < 1 / rank_rtol^2, no ridge) is recognised from one
-  /// Cholesky factorisation, without an eigensolver.
+  /// Well-conditioned M (min(trace(M), ||M||_inf) trace(M^-1) < 1 / rank_rtol^2, no ridge) is
+  /// recognised from one Cholesky factorisation, without an eigensolver.
   bool triangular = false;
   /// sum over the retained directions of lambda_max / lambda_i (eigenvalues of M + ridge I), and
-  /// lambda_max / lambda_min: exact from the eigensolver, or the upper bound trace(M) trace(M^-1)
-  /// on the Cholesky path. They enter the scores' rounding bound.
+  /// lambda_max / lambda_min: exact from the eigensolver, or the upper bound
+  /// min(trace(M), ||M||_inf) trace(M^-1) on the Cholesky path. They enter the scores' rounding
+  /// bound.
   double condition_sum = 0.0;
   double condition = 0.0;
 };

@@ -40,8 +40,9 @@ struct RowOps {
 /// The widest key tile the narrow products take.
 inline constexpr index_t kNarrowTile = 64;
 
-/// The largest d the small Gram update takes (RowOps::gram_update).
-inline constexpr index_t kSmallGram = 64;
+/// The largest d for which the small Gram update (RowOps::gram_update) and the narrow score
+/// product replace DSYRK and STRMM: above it the BLAS wins at every n.
+inline constexpr index_t kSmallGram = 32;
 
 /// The operations of `isa`. Throws Error(invalid_argument) if this build or CPU lacks it.
 const RowOps& row_ops(Isa isa);
