@@ -19,6 +19,12 @@ struct RowOps {
   float (*abs_row_max)(float* x, index_t n) = nullptr;
   /// x[j] <- (x[j] / m)^p for x[j] >= 0 and 0 for the -1 mask, returns the sum. m > 0, p > 0.
   float (*power_rel_sum)(float* x, index_t n, float m, float p) = nullptr;
+  /// The online-softmax update of a tile of rows x c logits (leading dimension c): per row, the
+  /// running maximum m[r] and normaliser l[r] absorb the tile, the tile is replaced by its
+  /// weights exp(s - m_new) (0 for rows that are entirely masked with -inf), and the accumulator
+  /// row acc[r] (dv wide) is rescaled by exp(m_old - m_new). Returns whether any row had a key.
+  bool (*softmax_update)(float* tile, index_t rows, index_t c, float* m, double* l, float* acc,
+                         index_t dv) = nullptr;
   /// max_j |x[j]|, or -1 if an entry is NaN or Inf: the input check of every entry point.
   float (*max_abs)(const float* x, index_t n) = nullptr;
 

@@ -332,6 +332,30 @@ void gram_update(index_t rows, index_t d, const double* Y, double beta, double* 
     }
 }
 
+template <class V>
+bool softmax_update(float* tile, index_t rows, index_t c, float* m, double* l, float* acc, index_t dv) {
+  bool any = false;
+  for (index_t r = 0; r < rows; ++r) {
+    float* s = tile + r * c;
+    const float tmax = row_max<V>(s, c);
+    if (tmax == -kInf) {  // every key masked
+      for (index_t j = 0; j < c; ++j) s[j] = 0.0f;
+      continue;
+    }
+    const float mnew = m[r] > tmax ? m[r] : tmax;
+    const float corr = m[r] == -kInf ? 0.0f : std::exp(m[r] - mnew);
+    const float tsum = exp_shift_sum<V>(s, c, mnew);
+    l[r] = l[r] * corr + tsum;
+    if (corr != 1.0f) {
+      float* o = acc + r * dv;
+      for (index_t j = 0; j < dv; ++j) o[j] *= corr;
+    }
+    m[r] = mnew;
+    any = true;
+  }
+  return any;
+}
+
 template <class V, class D>
 constexpr RowOps make_row_ops(Isa isa) {
   RowOps ops;
@@ -341,6 +365,7 @@ constexpr RowOps make_row_ops(Isa isa) {
   ops.abs_row_max = &abs_row_max<V>;
   ops.power_rel_sum = &power_rel_sum<V>;
   ops.max_abs = &max_abs<V>;
+  ops.softmax_update = &softmax_update<V>;
   ops.narrow_logits = &narrow_logits<V>;
   ops.narrow_weighted_sum = &narrow_weighted_sum<V>;
   ops.gram_update = &gram_update<D>;

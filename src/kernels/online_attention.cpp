@@ -62,24 +62,14 @@ float* OnlineBlock::logits(const float* k, index_t ldk, index_t count) {
 void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
   const index_t c = count;
   bool any = false;
-  for (index_t r = 0; r < rows_; ++r) {
-    float* s = tile_.get() + r * c;
-    float& m = max_[r];
-    float* o = acc_.get() + r * dv_;
-    if (params_.kernel == Kernel::softmax) {
-      const float tmax = params_.ops->row_max(s, c);
-      if (tmax == -std::numeric_limits<float>::infinity()) {  // every key masked
-        std::fill_n(s, c, 0.0f);
-        continue;
-      }
-      const float mnew = std::max(m, tmax);
-      const float corr = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m - mnew);
-      const float tsum = params_.ops->exp_shift_sum(s, c, mnew);
-      sum_[r] = sum_[r] * corr + tsum;
-      if (corr != 1.0f)
-        for (index_t j = 0; j < dv_; ++j) o[j] *= corr;
-      m = mnew;
-    } else {
+  if (params_.kernel == Kernel::softmax) {
+    // All rows in one call of the ISA kernel (per-row calls cost more than a narrow tile's work).
+    any = params_.ops->softmax_update(tile_.get(), rows_, c, max_.get(), sum_.get(), acc_.get(), dv_);
+  } else {
+    for (index_t r = 0; r < rows_; ++r) {
+      float* s = tile_.get() + r * c;
+      float& m = max_[r];
+      float* o = acc_.get() + r * dv_;
       const float tmax = params_.ops->abs_row_max(s, c);
       if (tmax <= 0.0f) {  // masked or all logits zero: no weight
         std::fill_n(s, c, 0.0f);
@@ -92,8 +82,8 @@ void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
       if (corr != 1.0f)
         for (index_t j = 0; j < dv_; ++j) o[j] *= corr;
       m = mnew;
+      any = true;
     }
-    any = true;
   }
   if (!any) return;
   if (c <= kNarrowTile) params_.ops->narrow_weighted_sum(rows_, c, dv_, tile_.get(), c, v, ldv, acc_.get(), dv_);
