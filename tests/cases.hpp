@@ -11,16 +11,19 @@ namespace cases {
 using oracle::index_t;
 using oracle::Mat;
 
-/// Random orthogonal n x n matrix (QR of a Gaussian), float64 row-major.
-inline std::vector<double> orthogonal(index_t n, std::uint64_t seed) {
-  const Mat g = oracle::gaussian(n, n, seed);
-  std::vector<double> a(g.v.begin(), g.v.end()), tau(static_cast<std::size_t>(n));
-  LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, static_cast<lapack_int>(n), static_cast<lapack_int>(n), a.data(),
-                 static_cast<lapack_int>(n), tau.data());
-  LAPACKE_dorgqr(LAPACK_ROW_MAJOR, static_cast<lapack_int>(n), static_cast<lapack_int>(n),
-                 static_cast<lapack_int>(n), a.data(), static_cast<lapack_int>(n), tau.data());
+/// rows x cols (cols <= rows) with orthonormal columns (QR of a Gaussian), float64 row-major.
+inline std::vector<double> orthonormal_columns(index_t rows, index_t cols, std::uint64_t seed) {
+  const Mat g = oracle::gaussian(rows, cols, seed);
+  std::vector<double> a(g.v.begin(), g.v.end()), tau(static_cast<std::size_t>(cols));
+  LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, static_cast<lapack_int>(rows), static_cast<lapack_int>(cols), a.data(),
+                 static_cast<lapack_int>(cols), tau.data());
+  LAPACKE_dorgqr(LAPACK_ROW_MAJOR, static_cast<lapack_int>(rows), static_cast<lapack_int>(cols),
+                 static_cast<lapack_int>(cols), a.data(), static_cast<lapack_int>(cols), tau.data());
   return a;
 }
+
+/// Random orthogonal n x n matrix, float64 row-major.
+inline std::vector<double> orthogonal(index_t n, std::uint64_t seed) { return orthonormal_columns(n, n, seed); }
 
 /// n x d with singular values logspaced from 1 to 1/cond.
 inline Mat conditioned(index_t n, index_t d, double cond, std::uint64_t seed) {

@@ -27,16 +27,7 @@ namespace {
 // n x d with rank r: U diag(s) W^T, U (n x r) and W (d x r) orthonormal, s log-spaced from 1 to
 // 1 / cond.
 Mat conditioned_keys(index_t n, index_t d, index_t r, double cond, std::uint64_t seed) {
-  const auto orth = [](index_t rows, index_t cols, std::uint64_t sd) {
-    const Mat g = oracle::gaussian(rows, cols, sd);
-    std::vector<double> a(g.v.begin(), g.v.end()), tau(static_cast<std::size_t>(cols));
-    LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, static_cast<lapack_int>(rows), static_cast<lapack_int>(cols), a.data(),
-                   static_cast<lapack_int>(cols), tau.data());
-    LAPACKE_dorgqr(LAPACK_ROW_MAJOR, static_cast<lapack_int>(rows), static_cast<lapack_int>(cols),
-                   static_cast<lapack_int>(cols), a.data(), static_cast<lapack_int>(cols), tau.data());
-    return a;
-  };
-  const std::vector<double> U = orth(n, r, seed), W = orth(d, r, seed + 1);
+  const std::vector<double> U = cases::orthonormal_columns(n, r, seed), W = cases::orthonormal_columns(d, r, seed + 1);
   Mat K(n, d);
   for (index_t i = 0; i < n; ++i)
     for (index_t j = 0; j < d; ++j) {
