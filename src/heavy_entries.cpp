@@ -39,6 +39,23 @@ void merge_blocks(const std::vector<std::vector<HeavyEntry>>& found,
   }
 }
 
+// Rows r0 .. r0 + rows - 1 of A in float64 (rows x cols, contiguous), so that dot products with
+// them are not the accuracy bottleneck.
+void rows_to_double(ConstMatrix A, index_t r0, index_t rows, std::vector<double>& out) {
+  out.resize(static_cast<std::size_t>(rows * A.cols));
+  for (index_t i = 0; i < rows; ++i)
+    for (index_t j = 0; j < A.cols; ++j) out[i * A.cols + j] = A(r0 + i, j);
+}
+
+// The keys of U in float64 (|U| x d).
+std::vector<double> universal_keys(ConstMatrix K, const UniversalSet& U) {
+  const index_t u = static_cast<index_t>(U.indices.size()), d = K.cols;
+  std::vector<double> KU(static_cast<std::size_t>(u * d));
+  for (index_t a = 0; a < u; ++a)
+    for (index_t j = 0; j < d; ++j) KU[a * d + j] = K(U.indices[a], j);
+  return KU;
+}
+
 // Exact x^2 heavy entries: keys of U_eps only, and Z_i = ||R q_i||^2 with K = Q R (header).
 HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& lo) {
   check_inputs(Q, K, eps);
@@ -64,10 +81,7 @@ HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOp
   out.rank = g.rank;
   out.normaliser = "exact (||R q||^2, K = QR)";
 
-  // Keys of U in float64 (|U| x d), so the dot products are not the accuracy bottleneck.
-  std::vector<double> KU(static_cast<std::size_t>(u * d));
-  for (index_t a = 0; a < u; ++a)
-    for (index_t j = 0; j < d; ++j) KU[a * d + j] = K(U.indices[a], j);
+  const std::vector<double> KU = universal_keys(K, U);
 
   constexpr index_t kRows = 256;
   const index_t blocks = (m + kRows - 1) / kRows;
@@ -79,10 +93,8 @@ HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOp
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(d * (d + u));
   detail::parallel_tasks(blocks, flops, [] { return Workspace{}; }, [&](index_t b, Workspace& w) {
     const index_t r0 = b * kRows, rows = std::min(kRows, m - r0);
-    w.q.resize(static_cast<std::size_t>(rows * d));
+    rows_to_double(Q, r0, rows, w.q);
     w.t.resize(static_cast<std::size_t>(rows * d));
-    for (index_t i = 0; i < rows; ++i)
-      for (index_t j = 0; j < d; ++j) w.q[i * d + j] = Q(r0 + i, j);
     // T = Q_b R^T: row i is R q_i, and Z_i = ||R q_i||^2 = sum_l (q_i.k_l)^2, a sum of squares.
     detail::dgemm_abt(rows, d, d, 1.0, w.q.data(), d, R.data(), d, 0.0, w.t.data(), d);
     if (u > 0) {
@@ -200,9 +212,7 @@ HeavyEntries heavy_power(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOp
   out.gamma = nk.gamma;
   out.normaliser = nk.r > 0 ? "sampled" : "exact (all keys)";
   const double report = nk.r > 0 ? eps / (1.0 + nk.gamma) : eps;
-  std::vector<double> KU(static_cast<std::size_t>(u * d));
-  for (index_t a = 0; a < u; ++a)
-    for (index_t j = 0; j < d; ++j) KU[a * d + j] = K(U.indices[a], j);
+  const std::vector<double> KU = universal_keys(K, U);
 
   constexpr index_t kRows = 256, kTile = 512;
   const index_t blocks = (m + kRows - 1) / kRows;
@@ -215,9 +225,7 @@ HeavyEntries heavy_power(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOp
   detail::parallel_tasks(blocks, flops, [] { return Workspace{}; }, [&](index_t b, Workspace& w) {
     const index_t r0 = b * kRows, rows = std::min(kRows, m - r0);
     w.tile.resize(static_cast<std::size_t>(kRows * kTile));
-    w.q.resize(static_cast<std::size_t>(rows * d));
-    for (index_t i = 0; i < rows; ++i)
-      for (index_t j = 0; j < d; ++j) w.q[i * d + j] = Q(r0 + i, j);
+    rows_to_double(Q, r0, rows, w.q);
     w.z.assign(static_cast<std::size_t>(rows), 0.0);
     for (index_t c0 = 0; c0 < nkeys; c0 += kTile) {
       const index_t c = std::min(kTile, nkeys - c0);

@@ -146,6 +146,25 @@ TEST(KernelPaths, RowOperationsMatchFloat64OnEveryIsa) {
   }
 }
 
+TEST(KernelPaths, InputScanFindsEveryNonFiniteEntryOnEveryIsa) {
+  for (kernels::Isa isa : supported_isas()) {
+    const kernels::RowOps& ops = kernels::row_ops(isa);
+    for (index_t n : {1, 7, 16, 17, 40, 1000}) {
+      std::vector<float> x(static_cast<std::size_t>(n));
+      for (index_t j = 0; j < n; ++j) x[j] = static_cast<float>((j * 37) % 101) - 50.0f;
+      float ref = 0;
+      for (float v : x) ref = std::max(ref, std::fabs(v));
+      EXPECT_EQ(ops.max_abs(x.data(), n), ref) << kernels::to_string(isa) << " n " << n;
+      for (index_t at : {index_t{0}, n / 2, n - 1})  // head, middle (vector part), tail
+        for (float bad : {NAN, INFINITY, -INFINITY}) {
+          std::vector<float> y = x;
+          y[at] = bad;
+          EXPECT_EQ(ops.max_abs(y.data(), n), -1.0f) << kernels::to_string(isa) << " n " << n << " at " << at;
+        }
+    }
+  }
+}
+
 TEST(KernelPaths, NarrowProductsAndSmallGramMatchFloat64OnEveryIsa) {
   std::mt19937_64 gen(9);
   std::normal_distribution<float> g;

@@ -61,8 +61,11 @@ struct AttentionResult {
   double mean_keys_per_query = 0.0;   ///< average |S_i| over all queries (window included)
   /// Queries whose selection is empty or whose normaliser is zero; their output row is 0.
   index_t empty_rows = 0;
-  double seconds_selection = 0.0;  ///< leverage scores, sets, top-k search
-  double seconds_attention = 0.0;  ///< the attention over the selection
+  /// The shared selections (leverage scores and sets, random sets) when they run as a phase of
+  /// their own (few (batch, head) pairs); 0 when each pair's selection runs inside its task
+  /// (many pairs) and for topk, whose per-query search is part of each block's attention.
+  double seconds_selection = 0.0;
+  double seconds_attention = 0.0;  ///< the rest of the call: the attention (and fused selections)
 };
 
 /// O = D^-1 f(scale Q K_S^T) V_S for each query over its selection S_i, normalised over S_i.
