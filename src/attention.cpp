@@ -15,6 +15,7 @@
 #include "detail/validate.hpp"
 #include "kernels/online_attention.hpp"
 #include "levattn/lewis_weights.hpp"
+#include "levattn/selected_attention.hpp"
 #include "levattn/universal_set.hpp"
 
 namespace levattn {
@@ -27,7 +28,7 @@ double seconds_since(Clock::time_point t0) {
 
 ConstMatrix flat(const Tensor4Ref& t) { return {t.data, t.batch * t.heads * t.rows, t.cols}; }
 
-void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, float* out) {
+void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V) {
   std::ostringstream os;
   const std::pair<const Tensor4Ref*, const char*> args[] = {{&Q, "queries"}, {&K, "keys"}, {&V, "values"}};
   for (const auto& [t, name] : args) {
@@ -37,9 +38,7 @@ void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
       detail::invalid(os.str());
     }
   }
-  if (!Q.data || !K.data || !V.data || !out) {
-    detail::invalid("attention: null data pointer for queries, keys, values or output");
-  }
+  if (!Q.data || !K.data || !V.data) detail::invalid("attention: null data pointer for queries, keys or values");
   if (Q.batch < 1 || Q.heads < 1) {
     os << "queries: expected batch >= 1 and heads >= 1, got (" << Q.batch << ", " << Q.heads << ")";
     detail::invalid(os.str());
@@ -82,14 +81,7 @@ AttentionOptions resolve_budget(const AttentionOptions& options, index_t n) {
 
 void check_options(const AttentionOptions& o) {
   std::ostringstream os;
-  if (o.kernel == Kernel::power && !(o.p > 0.0 && std::isfinite(o.p))) {
-    os << "p: expected a finite exponent > 0, got " << o.p;
-    detail::invalid(os.str());
-  }
-  if (!std::isnan(o.scale) && !std::isfinite(o.scale)) {
-    os << "scale: expected a finite number, got " << o.scale;
-    detail::invalid(os.str());
-  }
+  detail::check_kernel(o);
   if (o.window < -1) {
     os << "window: expected an integer >= 0 (or -1 for none), got " << o.window;
     detail::invalid(os.str());
@@ -178,10 +170,7 @@ Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, co
   pl.params.kernel = o.kernel;
   pl.params.p = static_cast<float>(o.p);
   pl.params.ops = &kernels::active_row_ops();
-  const double scale = !std::isnan(o.scale) ? o.scale
-                       : o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(pl.d))
-                                                     : 1.0;
-  pl.params.scale = static_cast<float>(scale);
+  pl.params.scale = static_cast<float>(logit_scale(o, pl.d));
   pl.params.check_overflow = true;  // until the inputs are scanned
   pl.window = std::min(o.window, std::max(pl.m, pl.n));
   pl.k_top = std::min(o.top_k, pl.n);
@@ -343,6 +332,23 @@ BlockStats run_block(const Plan& pl, Workspace& w, const Inputs& in, const HeadS
 
 }  // namespace
 
+void detail::check_kernel(const AttentionOptions& o) {
+  std::ostringstream os;
+  if (o.kernel == Kernel::power && !(o.p > 0.0 && std::isfinite(o.p))) {
+    os << "p: expected a finite exponent > 0, got " << o.p;
+    invalid(os.str());
+  }
+  if (!std::isnan(o.scale) && !std::isfinite(o.scale)) {
+    os << "scale: expected a finite number, got " << o.scale;
+    invalid(os.str());
+  }
+}
+
+double logit_scale(const AttentionOptions& o, index_t d) {
+  if (!std::isnan(o.scale)) return o.scale;
+  return o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
+}
+
 std::string to_string(Kernel k) { return k == Kernel::softmax ? "softmax" : "poly"; }
 
 std::string to_string(Select s) {
@@ -368,7 +374,8 @@ index_t adaptive_budget(index_t n, double alpha, double exponent) {
 
 AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
                           float* out, const AttentionOptions& options) {
-  check_shapes(Q, K, V, out);
+  check_shapes(Q, K, V);
+  if (!out) detail::invalid("attention: null output buffer");
   const Plan pl = make_plan(Q, K, V, options);
   const AttentionOptions& o = pl.o;
   const index_t heads = pl.heads, blocks = pl.blocks;
@@ -461,6 +468,39 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
     res.query_keys = std::move(top);
   }
   return res;
+}
+
+Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options) {
+  check_shapes(Q, K, K);  // no values: K stands in for V's shape
+  const Plan pl = make_plan(Q, K, K, options);
+  detail::require_finite_matrix(flat(Q), "queries");
+  detail::require_finite_matrix(flat(K), "keys");
+  Selection sel;
+  sel.batch = Q.batch, sel.heads = Q.heads, sel.m = pl.m, sel.n = pl.n;
+  sel.all_keys = pl.o.select == Select::full;
+  if (pl.shared) {
+    sel.window = pl.window;
+    sel.shared_keys.resize(static_cast<std::size_t>(pl.heads));
+    const double flops = pl.o.select == Select::leverage
+                             ? 2.0 * static_cast<double>(pl.heads * pl.n * pl.d) * static_cast<double>(pl.d)
+                             : 0.0;
+    detail::parallel_tasks(pl.heads, flops, [] { return 0; }, [&](index_t h, int&) {
+      sel.shared_keys[h] = shared_keys(pl.o, K.slice(h / pl.qheads, h % pl.qheads), static_cast<std::uint64_t>(h));
+    });
+  } else if (pl.o.select == Select::topk) {
+    sel.top_k = pl.k_top;
+    sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "top-k keys")));
+    const double flops = 2.0 * static_cast<double>(pl.heads * pl.m) * static_cast<double>(pl.n * pl.d);
+    detail::parallel_tasks(pl.heads * pl.blocks, flops, [] { return std::vector<float>(); },
+                           [&](index_t t, std::vector<float>& tile) {
+                             const index_t h = t / pl.blocks, i0 = (t % pl.blocks) * kernels::kQueryBlock;
+                             const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
+                             detail::top_keys(pl.params, Q.slice(h / pl.qheads, h % pl.qheads),
+                                              K.slice(h / pl.qheads, h % pl.qheads), pl.k_top, i0, i1,
+                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile);
+                           });
+  }
+  return sel;
 }
 
 std::vector<float> attention(ConstMatrix Q, ConstMatrix K, ConstMatrix V,

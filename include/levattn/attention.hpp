@@ -90,6 +90,10 @@ std::vector<float> attention(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
 /// Throws Error(invalid_argument) unless alpha > 0 and exponent in (0, 1] are finite.
 index_t adaptive_budget(index_t n, double alpha, double exponent);
 
+/// The logit scale a call uses: options.scale, or its kernel's default (1/sqrt(d) for softmax,
+/// 1 for power) when that is NaN.
+double logit_scale(const AttentionOptions& options, index_t d);
+
 /// Names used by the CLI and in messages: "softmax"/"poly", "full"/"leverage"/...
 std::string to_string(Kernel k);
 std::string to_string(Select s);

@@ -23,5 +23,6 @@
 #include "levattn/metrics.hpp"
 #include "levattn/planted.hpp"
 #include "levattn/reduce.hpp"
+#include "levattn/selected_attention.hpp"
 #include "levattn/sketch.hpp"
 #include "levattn/universal_set.hpp"

@@ -57,6 +57,18 @@ inline void dgemm_ab(index_t m, index_t n, index_t k, double alpha, const double
               bi(ldb), beta, C, bi(ldc));
 }
 
+/// C (m x n) = alpha op(A) op(B) + beta C, row-major, for float and double: the one GEMM of the
+/// kernels templated on the scalar (op(X) = X or X^T by ta / tb).
+inline void gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, index_t m, index_t n, index_t k, float alpha,
+                 const float* A, index_t lda, const float* B, index_t ldb, float beta, float* C, index_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta, tb, bi(m), bi(n), bi(k), alpha, A, bi(lda), B, bi(ldb), beta, C, bi(ldc));
+}
+inline void gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, index_t m, index_t n, index_t k, double alpha,
+                 const double* A, index_t lda, const double* B, index_t ldb, double beta, double* C,
+                 index_t ldc) {
+  cblas_dgemm(CblasRowMajor, ta, tb, bi(m), bi(n), bi(k), alpha, A, bi(lda), B, bi(ldb), beta, C, bi(ldc));
+}
+
 /// C (d x d, upper triangle) = A^T A + beta C for A (rows x d, leading dimension lda), float64.
 inline void dsyrk_ata(index_t d, index_t rows, const double* A, index_t lda, double beta, double* C) {
   cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, bi(d), bi(rows), 1.0, A, bi(lda), beta, C, bi(d));

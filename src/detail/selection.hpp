@@ -5,8 +5,12 @@
 
 #include "detail/rng.hpp"
 #include "kernels/online_attention.hpp"
+#include "levattn/attention.hpp"
 
 namespace levattn::detail {
+
+/// Throws Error(invalid_argument) unless the kernel's p (power) and scale (NaN or finite) are valid.
+void check_kernel(const AttentionOptions& o);
 
 /// k distinct keys of [0, n) uniformly at random (Floyd's algorithm), ascending; a pure function
 /// of (n, k, rng's stream). k >= n returns every key.

@@ -1,0 +1,72 @@
+// levattn/selected_attention.hpp: attention over a fixed selection of keys, with its gradients.
+// The selection is a discrete choice (select_keys); given it, attention is a smooth function of
+// Q, K and V, and selected_attention_backward gives the gradients exactly as autograd through
+// the dense masked computation would, without an n x n buffer (docs/design.md, "Gradients").
+#pragma once
+#include <vector>
+
+#include "levattn/attention.hpp"
+
+namespace levattn {
+
+/// The keys each query of every (batch, head) pair attends, in one of three forms:
+/// all keys (select full); a shared set per pair plus a window band (leverage, random, window;
+/// the sinks are part of the shared set); or per-query keys (select topk).
+struct Selection {
+  index_t batch = 0, heads = 0;  ///< pairs are numbered b * heads + h
+  index_t m = 0, n = 0;          ///< queries and keys per pair
+  bool all_keys = false;         ///< every query attends every key
+  /// Per pair, the keys every query attends, ascending and distinct (empty in the other forms).
+  std::vector<std::vector<index_t>> shared_keys;
+  /// >= 0: query i also attends the keys j with |i - j| <= window that are not shared keys.
+  index_t window = -1;
+  index_t top_k = 0;  ///< > 0: per-query form, query_keys (pairs, m, top_k), distinct per query
+  std::vector<index_t> query_keys;
+
+  index_t pairs() const { return batch * heads; }
+};
+
+/// The selection attention(Q, K, V, options) makes, without attending: the same keys (same
+/// scores, streams and tie-breaks) as its `return_selection`. Shapes: Q (batch, heads, m, d),
+/// K (batch, heads, n, d). Cost: that of the selection alone (leverage O(n d^2) per pair, topk
+/// O(m n d)). Throws Error(invalid_argument) as attention() does for these inputs and options.
+Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options);
+
+/// Shapes of one differentiable call: Q (batch, heads, m, d), K (batch, heads, n, d),
+/// V (batch, heads, n, dv), all contiguous row-major.
+struct AttentionShape {
+  index_t batch = 1, heads = 1, m = 0, n = 0, d = 0, dv = 0;
+};
+
+/// The kernel of a differentiable call: kernel, p and scale as in AttentionOptions (the
+/// selection fields are not read; the selection is given).
+///
+/// Writes with g(s) = s (softmax) or g(s) = p log|s| (power, g(0) = -inf), s = scale q_i.k_j:
+///   out_i  = sum_{j in S_i} exp(g(s_ij) - L_i) v_j              (dv wide)
+///   stat_i = L_i = log sum_{j in S_i} exp(g(s_ij))              (+inf for an empty row, whose out is 0)
+/// which is softmax over S_i, or |s|^p / sum |s|^p. Buffers: out (pairs, m, dv), stat (pairs, m).
+/// Cost O(m |S| (d + dv)) time (dense products by key tiles), O(tile * (d + dv)) workspace per
+/// thread. T is float or double; every sum is formed in T (float: log-sum-exp in double).
+/// Throws Error(invalid_argument) on shapes that do not match the selection, an inconsistent
+/// selection, non-finite inputs, or logits / outputs that overflow T.
+template <class T>
+void selected_attention_forward(const AttentionShape& shape, const Selection& selection,
+                                const AttentionOptions& kernel, const T* q, const T* k, const T* v,
+                                T* out, T* stat);
+
+/// Gradients of sum(dout * out) for out = selected_attention_forward(...) with the same
+/// selection and kernel, from the saved out and stat (FlashAttention-2 style: the selected
+/// logits are recomputed by tiles, never an n x n buffer):
+///   P_ij = exp(g(s_ij) - L_i),  delta_i = dout_i . out_i,
+///   dS_ij = P_ij g'(s_ij) (dout_i . v_j - delta_i)   (g' = 1, or p / s; 0 at s = 0),
+///   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i P_ij dout_i.
+/// Buffers: dq (pairs, m, d), dk (pairs, n, d), dv (pairs, n, dv), each nullable (not computed);
+/// written whole (keys no query attends get 0). dK and dV are summed per key block in a fixed
+/// order, so the result does not depend on the thread count. Cost about 1.4x the forward's
+/// products for dq + dk + dv. Throws as the forward does, and on non-finite dout.
+template <class T>
+void selected_attention_backward(const AttentionShape& shape, const Selection& selection,
+                                 const AttentionOptions& kernel, const T* q, const T* k, const T* v,
+                                 const T* out, const T* stat, const T* dout, T* dq, T* dk, T* dv);
+
+}  // namespace levattn

@@ -1,0 +1,300 @@
+// Attention over a fixed selection and its gradients, against a dense masked computation in
+// float64 (the n x n mask and weights written out) and against finite differences.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "levattn/levattn.hpp"
+#include "oracle.hpp"
+
+namespace {
+
+using levattn::AttentionOptions;
+using levattn::AttentionShape;
+using levattn::index_t;
+using levattn::Kernel;
+using levattn::Select;
+using levattn::Selection;
+
+std::vector<double> normal(std::size_t size, std::uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<double> x(size);
+  for (auto& v : x) v = nd(g);
+  return x;
+}
+
+template <class T, class S>
+std::vector<T> as(const std::vector<S>& x) {
+  return std::vector<T>(x.begin(), x.end());
+}
+
+// The mask of pair h: entry (i, j) is 1 when query i attends key j.
+std::vector<char> mask_of(const Selection& s, index_t h) {
+  std::vector<char> mask(static_cast<std::size_t>(s.m * s.n), 0);
+  for (index_t i = 0; i < s.m; ++i)
+    for (index_t j = 0; j < s.n; ++j) {
+      bool in = s.all_keys || (s.window >= 0 && std::llabs(i - j) <= s.window);
+      if (!s.shared_keys.empty())
+        for (index_t key : s.shared_keys[h]) in = in || key == j;
+      for (index_t a = 0; a < s.top_k; ++a) in = in || s.query_keys[(h * s.m + i) * s.top_k + a] == j;
+      mask[i * s.n + j] = in;
+    }
+  return mask;
+}
+
+struct Dense {
+  std::vector<double> out, dq, dk, dv;
+};
+
+// out = normalised f(scale q.k) over the mask, and the gradients of sum(dout * out), written
+// out as an autograd would: P, dP = dout V^T, dS = dP/ds through the row normalisation.
+Dense dense_masked(const AttentionShape& sh, const Selection& sel, bool softmax, double p, double scale,
+                   const std::vector<double>& q, const std::vector<double>& k, const std::vector<double>& v,
+                   const std::vector<double>& dout) {
+  const index_t m = sh.m, n = sh.n, d = sh.d, dv = sh.dv, pairs = sh.batch * sh.heads;
+  Dense r{std::vector<double>(pairs * m * dv), std::vector<double>(pairs * m * d), std::vector<double>(pairs * n * d),
+          std::vector<double>(pairs * n * dv)};
+  for (index_t h = 0; h < pairs; ++h) {
+    const std::vector<char> mask = mask_of(sel, h);
+    for (index_t i = 0; i < m; ++i) {
+      std::vector<double> s(n), f(n), fp(n);
+      double D = 0.0, smax = -INFINITY;
+      for (index_t j = 0; j < n; ++j) {
+        double dot = 0.0;
+        for (index_t x = 0; x < d; ++x) dot += q[(h * m + i) * d + x] * k[(h * n + j) * d + x];
+        s[j] = scale * dot;
+        if (mask[i * n + j] && softmax) smax = std::max(smax, s[j]);
+      }
+      for (index_t j = 0; j < n; ++j) {
+        if (!mask[i * n + j]) continue;
+        f[j] = softmax ? std::exp(s[j] - smax) : std::pow(std::fabs(s[j]), p);
+        fp[j] = softmax ? f[j] : (s[j] == 0 ? 0.0 : p * std::pow(std::fabs(s[j]), p - 1) * (s[j] > 0 ? 1 : -1));
+        D += f[j];
+      }
+      if (!(D > 0)) continue;
+      std::vector<double> P(n), dP(n);
+      double delta = 0.0;
+      for (index_t j = 0; j < n; ++j) {
+        P[j] = f[j] / D;
+        for (index_t x = 0; x < dv; ++x) {
+          r.out[(h * m + i) * dv + x] += P[j] * v[(h * n + j) * dv + x];
+          dP[j] += dout[(h * m + i) * dv + x] * v[(h * n + j) * dv + x];
+        }
+        delta += P[j] * dP[j];
+      }
+      for (index_t j = 0; j < n; ++j) {
+        if (!mask[i * n + j]) continue;
+        const double ds = fp[j] / D * (dP[j] - delta);  // d out / d s_ij through f and D
+        for (index_t x = 0; x < d; ++x) {
+          r.dq[(h * m + i) * d + x] += scale * ds * k[(h * n + j) * d + x];
+          r.dk[(h * n + j) * d + x] += scale * ds * q[(h * m + i) * d + x];
+        }
+        for (index_t x = 0; x < dv; ++x) r.dv[(h * n + j) * dv + x] += P[j] * dout[(h * m + i) * dv + x];
+      }
+    }
+  }
+  return r;
+}
+
+template <class T>
+double rel_error(const std::vector<T>& a, const std::vector<double>& b) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    num = std::max(num, std::fabs(static_cast<double>(a[i]) - b[i]));
+    den = std::max(den, std::fabs(b[i]));
+  }
+  return num / std::max(den, 1e-300);
+}
+
+struct Case {
+  const char* name;
+  AttentionOptions o;
+};
+
+std::vector<Case> cases() {
+  std::vector<Case> c;
+  const auto add = [&](const char* name, Select s, Kernel kern, double p, index_t top_k, index_t window, index_t sinks) {
+    AttentionOptions o;
+    o.select = s, o.kernel = kern, o.p = p, o.top_k = top_k, o.window = window, o.sinks = sinks, o.seed = 5;
+    c.push_back({name, o});
+  };
+  add("full softmax", Select::full, Kernel::softmax, 2, 0, -1, 0);
+  add("full power p=3", Select::full, Kernel::power, 3, 0, -1, 0);
+  add("leverage + window + sinks", Select::leverage, Kernel::softmax, 2, 40, 9, 3);
+  add("leverage power p=2", Select::leverage, Kernel::power, 2, 24, -1, 0);
+  add("random + window", Select::random, Kernel::softmax, 2, 30, 4, 0);
+  add("window + sinks power p=1.5", Select::window, Kernel::power, 1.5, 0, 6, 2);
+  add("topk softmax", Select::topk, Kernel::softmax, 2, 17, -1, 0);
+  add("topk power p=4", Select::topk, Kernel::power, 4, 9, -1, 0);
+  return c;
+}
+
+// Shapes that cross the query-tile (128) and key-block (256) boundaries, with m != n.
+constexpr AttentionShape kShape{2, 2, 300, 530, 12, 7};
+
+template <class T>
+void check_against_dense(double tol) {
+  const AttentionShape sh = kShape;
+  const index_t pairs = sh.batch * sh.heads;
+  const auto q = normal(pairs * sh.m * sh.d, 1), k = normal(pairs * sh.n * sh.d, 2), v = normal(pairs * sh.n * sh.dv, 3),
+             dout = normal(pairs * sh.m * sh.dv, 4);
+  const auto qf = as<float>(q), kf = as<float>(k);
+  const auto qt = as<T>(q), kt = as<T>(k), vt = as<T>(v), dt = as<T>(dout);
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(c.name);
+    const levattn::Tensor4Ref Q{qf.data(), sh.batch, sh.heads, sh.m, sh.d}, K{kf.data(), sh.batch, sh.heads, sh.n, sh.d};
+    const Selection sel = levattn::select_keys(Q, K, c.o);
+    const bool softmax = c.o.kernel == Kernel::softmax;
+    const double scale = softmax ? 1.0 / std::sqrt(static_cast<double>(sh.d)) : 1.0;
+    const Dense ref = dense_masked(sh, sel, softmax, c.o.p, scale, as<double>(qt), as<double>(kt), as<double>(vt),
+                                   as<double>(dt));
+    std::vector<T> out(ref.out.size()), stat(pairs * sh.m), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size());
+    levattn::selected_attention_forward<T>(sh, sel, c.o, qt.data(), kt.data(), vt.data(), out.data(), stat.data());
+    EXPECT_LT(rel_error(out, ref.out), tol);
+    levattn::selected_attention_backward<T>(sh, sel, c.o, qt.data(), kt.data(), vt.data(), out.data(), stat.data(),
+                                            dt.data(), dq.data(), dk.data(), dv.data());
+    EXPECT_LT(rel_error(dq, ref.dq), tol) << "dq";
+    EXPECT_LT(rel_error(dk, ref.dk), tol) << "dk";
+    EXPECT_LT(rel_error(dv, ref.dv), tol) << "dv";
+  }
+}
+
+TEST(SelectedAttention, Float64MatchesDenseMaskedComputation) { check_against_dense<double>(1e-11); }
+TEST(SelectedAttention, Float32MatchesDenseMaskedComputation) { check_against_dense<float>(2e-5); }
+
+// The loss sum(dout * out) changes by <grad, e> to first order: central differences in float64.
+TEST(SelectedAttention, GradientsMatchFiniteDifferences) {
+  const AttentionShape sh{1, 2, 9, 13, 4, 3};
+  const index_t pairs = 2;
+  auto q = normal(pairs * sh.m * sh.d, 11), k = normal(pairs * sh.n * sh.d, 12), v = normal(pairs * sh.n * sh.dv, 13);
+  const auto dout = normal(pairs * sh.m * sh.dv, 14);
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(c.name);
+    const auto qf = as<float>(q), kf = as<float>(k);
+    const Selection sel = levattn::select_keys({qf.data(), 1, 2, sh.m, sh.d}, {kf.data(), 1, 2, sh.n, sh.d}, c.o);
+    const auto loss = [&] {
+      std::vector<double> out(pairs * sh.m * sh.dv), stat(pairs * sh.m);
+      levattn::selected_attention_forward<double>(sh, sel, c.o, q.data(), k.data(), v.data(), out.data(), stat.data());
+      double l = 0.0;
+      for (std::size_t i = 0; i < out.size(); ++i) l += out[i] * dout[i];
+      return l;
+    };
+    std::vector<double> out(pairs * sh.m * sh.dv), stat(pairs * sh.m), dq(q.size()), dk(k.size()), dv(v.size());
+    levattn::selected_attention_forward<double>(sh, sel, c.o, q.data(), k.data(), v.data(), out.data(), stat.data());
+    levattn::selected_attention_backward<double>(sh, sel, c.o, q.data(), k.data(), v.data(), out.data(), stat.data(),
+                                                 dout.data(), dq.data(), dk.data(), dv.data());
+    const std::pair<std::vector<double>*, std::vector<double>*> args[] = {{&q, &dq}, {&k, &dk}, {&v, &dv}};
+    for (auto [x, g] : args)
+      for (std::size_t i = 0; i < x->size(); i += 3) {
+        const double h = 1e-6, x0 = (*x)[i];
+        (*x)[i] = x0 + h;
+        const double up = loss();
+        (*x)[i] = x0 - h;
+        const double down = loss();
+        (*x)[i] = x0;
+        EXPECT_NEAR((up - down) / (2 * h), (*g)[i], 1e-6 * std::max(1.0, std::fabs((*g)[i])));
+      }
+  }
+}
+
+// select_keys makes attention()'s selection, and the float32 forward gives attention()'s output.
+TEST(SelectedAttention, SelectKeysIsAttentionsSelection) {
+  const AttentionShape sh{2, 3, 150, 150, 16, 16};
+  const index_t pairs = 6;
+  const auto q = as<float>(normal(pairs * sh.m * sh.d, 21)), k = as<float>(normal(pairs * sh.n * sh.d, 22)),
+             v = as<float>(normal(pairs * sh.n * sh.dv, 23));
+  const levattn::Tensor4Ref Q{q.data(), 2, 3, sh.m, sh.d}, K{k.data(), 2, 3, sh.n, sh.d}, V{v.data(), 2, 3, sh.n, sh.dv};
+  for (Case c : cases()) {
+    SCOPED_TRACE(c.name);
+    c.o.return_selection = true;
+    std::vector<float> ref(pairs * sh.m * sh.dv), out(ref.size()), stat(pairs * sh.m);
+    const levattn::AttentionResult r = levattn::attention(Q, K, V, ref.data(), c.o);
+    const Selection sel = levattn::select_keys(Q, K, c.o);
+    if (c.o.select == Select::topk) {
+      EXPECT_EQ(sel.query_keys, r.query_keys);
+    } else if (c.o.select != Select::full) {
+      EXPECT_EQ(sel.shared_keys, r.shared_keys);
+    }
+    levattn::selected_attention_forward<float>(sh, sel, c.o, q.data(), k.data(), v.data(), out.data(), stat.data());
+    EXPECT_LT(rel_error(out, std::vector<double>(ref.begin(), ref.end())), 2e-5);
+  }
+}
+
+TEST(SelectedAttention, GradientsDoNotDependOnThreadCount) {
+  const AttentionShape sh = kShape;
+  const index_t pairs = 4;
+  const auto q = as<float>(normal(pairs * sh.m * sh.d, 31)), k = as<float>(normal(pairs * sh.n * sh.d, 32)),
+             v = as<float>(normal(pairs * sh.n * sh.dv, 33)), dout = as<float>(normal(pairs * sh.m * sh.dv, 34));
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(c.name);
+    const auto runs = oracle::at_each_thread_count([&] {
+      const Selection sel = levattn::select_keys({q.data(), 2, 2, sh.m, sh.d}, {k.data(), 2, 2, sh.n, sh.d}, c.o);
+      std::vector<float> out(pairs * sh.m * sh.dv), stat(pairs * sh.m), g(q.size() + k.size() + v.size());
+      levattn::selected_attention_forward<float>(sh, sel, c.o, q.data(), k.data(), v.data(), out.data(), stat.data());
+      levattn::selected_attention_backward<float>(sh, sel, c.o, q.data(), k.data(), v.data(), out.data(), stat.data(),
+                                                  dout.data(), g.data(), g.data() + q.size(),
+                                                  g.data() + q.size() + k.size());
+      g.insert(g.end(), out.begin(), out.end());
+      return g;
+    });
+    for (const auto& r : runs) EXPECT_EQ(r, runs[0]);
+  }
+}
+
+// A query that no key is selected for: output 0, statistic +inf, no gradient.
+TEST(SelectedAttention, EmptyRowsAreZeroAndCarryNoGradient) {
+  const AttentionShape sh{1, 1, 40, 10, 3, 2};
+  Selection sel;
+  sel.batch = sel.heads = 1, sel.m = 40, sel.n = 10, sel.window = 2;
+  sel.shared_keys = {{}};
+  AttentionOptions o;
+  const auto q = normal(40 * 3, 41), k = normal(10 * 3, 42), v = normal(10 * 2, 43), dout = normal(40 * 2, 44);
+  std::vector<double> out(80), stat(40), dq(120, 7.0), dk(30), dv(20);
+  levattn::selected_attention_forward<double>(sh, sel, o, q.data(), k.data(), v.data(), out.data(), stat.data());
+  levattn::selected_attention_backward<double>(sh, sel, o, q.data(), k.data(), v.data(), out.data(), stat.data(),
+                                               dout.data(), dq.data(), dk.data(), dv.data());
+  for (index_t i = 12; i < 40; ++i) {  // queries 12.. see no key within distance 2 of 0 .. 9
+    EXPECT_EQ(stat[i], INFINITY);
+    for (index_t x = 0; x < 2; ++x) EXPECT_EQ(out[i * 2 + x], 0.0);
+    for (index_t x = 0; x < 3; ++x) EXPECT_EQ(dq[i * 3 + x], 0.0);
+  }
+  EXPECT_TRUE(std::isfinite(stat[11]));
+}
+
+TEST(SelectedAttention, RejectsInconsistentSelectionsAndInputs) {
+  const AttentionShape sh{1, 1, 4, 6, 2, 2};
+  const std::vector<double> q(8, 0.5), k(12, 0.25), v(12, 1.0);
+  std::vector<double> out(8), stat(4);
+  AttentionOptions o;
+  const auto message = [&](const Selection& s, const std::vector<double>& qq) {
+    return oracle::error_of([&] {
+             levattn::selected_attention_forward<double>(sh, s, o, qq.data(), k.data(), v.data(), out.data(), stat.data());
+           }).second;
+  };
+  Selection s;
+  s.batch = s.heads = 1, s.m = 4, s.n = 6, s.shared_keys = {{0, 2}};
+  EXPECT_EQ(message(s, q), "no error");
+  Selection bad = s;
+  bad.shared_keys = {{2, 0}};
+  EXPECT_NE(message(bad, q).find("ascending"), std::string::npos);
+  bad = s, bad.n = 7;
+  EXPECT_NE(message(bad, q).find("used with"), std::string::npos);
+  bad = s, bad.shared_keys.clear(), bad.top_k = 2, bad.query_keys = {0, 1, 1, 1, 0, 2, 3, 4};
+  EXPECT_NE(message(bad, q).find("distinct"), std::string::npos);
+  std::vector<double> nan_q = q;
+  nan_q[3] = NAN;
+  EXPECT_NE(message(s, nan_q).find("queries: expected finite"), std::string::npos);
+  const std::vector<double> dout(8, NAN);
+  std::vector<double> dq(8);
+  levattn::selected_attention_forward<double>(sh, s, o, q.data(), k.data(), v.data(), out.data(), stat.data());
+  const auto [kind, msg] = oracle::error_of([&] {
+    levattn::selected_attention_backward<double>(sh, s, o, q.data(), k.data(), v.data(), out.data(), stat.data(),
+                                                 dout.data(), dq.data(), nullptr, nullptr);
+  });
+  EXPECT_EQ(kind, levattn::ErrorKind::invalid_argument);
+  EXPECT_NE(msg.find("output gradient"), std::string::npos);
+}
+
+}  // namespace
