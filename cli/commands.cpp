@@ -68,12 +68,7 @@ int run_info(bool as_json) {
     std::cout << j.dump() << "\n";
     return 0;
   }
-  std::cout << "levattn " << b.version << "\n"
-            << "BLAS:      " << b.blas << "\n"
-            << "BLAS core: " << b.blas_core << "\n"
-            << "ISA:       " << b.isa << " (CPU: " << b.cpu_isa << "; LEVATTN_ISA=avx512|avx2|baseline forces a path)\n"
-            << "threads:   " << b.threads << "\n"
-            << "MPI:       " << (b.mpi ? "yes" : "not built") << "\n";
+  std::cout << to_string(b);
   return 0;
 }
 
@@ -357,18 +352,14 @@ struct AttendArgs {
 
 AttentionOptions attention_options(const AttendArgs& a) {
   AttentionOptions o;
-  o.kernel = a.kernel == "poly" ? Kernel::power : Kernel::softmax;
+  o.kernel = parse_kernel(a.kernel);
   o.p = a.p;
   if (a.has_scale) {
     if (!std::isfinite(a.scale))
       throw Error(ErrorKind::invalid_argument, "scale: expected a finite number, got " + format_value(a.scale));
     o.scale = a.scale;
   }
-  o.select = a.select == "full"       ? Select::full
-             : a.select == "leverage" ? Select::leverage
-             : a.select == "topk"     ? Select::topk
-             : a.select == "random"   ? Select::random
-                                      : Select::window;
+  o.select = parse_select(a.select);
   o.top_k = a.top_k;
   o.eps = a.eps;
   o.window = a.window;

@@ -362,6 +362,18 @@ std::string to_string(Select s) {
   return "?";
 }
 
+Kernel parse_kernel(const std::string& name) {
+  if (name == "softmax") return Kernel::softmax;
+  if (name == "poly" || name == "power") return Kernel::power;
+  detail::invalid("kernel: expected softmax or poly (power), got '" + name + "'");
+}
+
+Select parse_select(const std::string& name) {
+  for (Select s : {Select::full, Select::leverage, Select::topk, Select::random, Select::window})
+    if (name == to_string(s)) return s;
+  detail::invalid("select: expected full, leverage, topk, random or window, got '" + name + "'");
+}
+
 index_t adaptive_budget(index_t n, double alpha, double exponent) {
   if (!(alpha > 0.0 && std::isfinite(alpha)) || !(exponent > 0.0 && exponent <= 1.0)) {
     std::ostringstream os;

@@ -23,4 +23,13 @@ BuildInfo build_info() {
   return b;
 }
 
+std::string to_string(const BuildInfo& b) {
+  return "levattn " + b.version + "\n" +                       //
+         "BLAS:      " + b.blas + "\n" +                         //
+         "BLAS core: " + b.blas_core + "\n" +                    //
+         "ISA:       " + b.isa + " (CPU: " + b.cpu_isa + "; LEVATTN_ISA=avx512|avx2|baseline forces a path)\n" +
+         "threads:   " + std::to_string(b.threads) + "\n" +      //
+         "MPI:       " + (b.mpi ? "yes" : "not built") + "\n";
+}
+
 }  // namespace levattn

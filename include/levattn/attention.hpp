@@ -98,4 +98,9 @@ double logit_scale(const AttentionOptions& options, index_t d);
 std::string to_string(Kernel k);
 std::string to_string(Select s);
 
+/// The inverses of to_string ("power" is accepted for "poly"). Throw Error(invalid_argument)
+/// naming the choices for any other name.
+Kernel parse_kernel(const std::string& name);
+Select parse_select(const std::string& name);
+
 }  // namespace levattn

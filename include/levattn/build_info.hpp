@@ -24,4 +24,7 @@ const char* version() noexcept;
 /// path or one the CPU lacks.
 BuildInfo build_info();
 
+/// The report `levattn info` prints: one "name: value" line per field.
+std::string to_string(const BuildInfo& info);
+
 }  // namespace levattn
