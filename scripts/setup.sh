@@ -4,7 +4,8 @@ set -euo pipefail
 
 LEVATTN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LEVATTN_PACKAGES=(g++ cmake make libopenblas-openmp-dev liblapacke-dev libgtest-dev
-  libbenchmark-dev libcli11-dev nlohmann-json3-dev librandom123-dev libzip-dev zlib1g-dev python3-numpy)
+  libbenchmark-dev libcli11-dev nlohmann-json3-dev librandom123-dev libzip-dev zlib1g-dev
+  python3-numpy python3-dev pybind11-dev python3-torch python3-pytest)
 
 levattn_install_packages() {
   local missing=()
@@ -37,4 +38,18 @@ levattn_build() {
     return 1
   fi
   grep -E 'warning:' "$log" | head -n 20 >&2 || true
+}
+
+# levattn_register_python BUILD_DIR: makes `import levattn` (for /usr/bin/python3) find the package
+# built in BUILD_DIR/python, through a .pth file in this user's site-packages.
+levattn_register_python() {
+  local pkg="$1/python"
+  [ -f "$pkg/levattn/__init__.py" ] || return 0
+  local site
+  site="$(/usr/bin/python3 -c 'import site; print(site.getusersitepackages())')"
+  mkdir -p "$site"
+  if [ "$(cat "$site/levattn.pth" 2>/dev/null)" != "$pkg" ]; then
+    echo "$pkg" >"$site/levattn.pth"
+    echo "levattn: /usr/bin/python3 imports levattn from $pkg (via $site/levattn.pth)" >&2
+  fi
 }

@@ -82,7 +82,7 @@ def lev_attention(q, k, v, *, select="leverage", top_k=None, eps=None, window=No
 
     The selection is a discrete choice made in the forward pass from q and k (rounded to float32
     for it); the output and gradients are computed in the inputs' dtype. Cost per (batch, head):
-    selection O(n d^2) (leverage), attention O(m |S| (d + dv)), backward about 1.4x the forward;
+    selection O(n d^2) (leverage), attention O(m |S| (d + dv)), backward 2.5-4x the forward;
     memory O(m + |S| (d + dv)) beyond the inputs and outputs.
     Raises ValueError for CUDA tensors, other dtypes, bad shapes, NaN/Inf or bad options.
     """

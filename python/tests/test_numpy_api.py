@@ -1,0 +1,213 @@
+"""The numpy API against numpy oracles: scores, sets, heavy entries, attention, errors, files."""
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import levattn
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def svd_leverage(K):
+    u, s, _ = np.linalg.svd(K.astype(np.float64), full_matrices=False)
+    r = int(np.sum(s > s[0] * 1e-5))
+    return np.sum(u[:, :r] ** 2, axis=1), r
+
+
+def dense_softmax(q, k, v, scale=None):
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    s = q @ k.T * (1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
+    w = np.exp(s - s.max(axis=1, keepdims=True))
+    return (w / w.sum(axis=1, keepdims=True)) @ v
+
+
+def test_leverage_scores_match_the_svd():
+    K = rng().standard_normal((300, 12)).astype(np.float32)
+    K[:, 11] = K[:, 0] + K[:, 1]  # rank 11
+    s = levattn.leverage_scores(K)
+    tau, r = svd_leverage(K)
+    assert s.rank == r == 11
+    assert s.scores.dtype == np.float64 and s.scores.shape == (300,)
+    np.testing.assert_allclose(s.scores, tau, atol=1e-5)
+
+
+def test_sketched_scores_are_reproducible_by_seed_and_close():
+    K = rng(1).standard_normal((4000, 8)).astype(np.float32)
+    a = levattn.leverage_scores(K, method="sketch", sketch_size=400, seed=3)
+    b = levattn.leverage_scores(K, method="sketch", sketch_size=400, seed=3)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    tau, _ = svd_leverage(K)
+    assert np.max(np.abs(a.scores / tau - 1)) < 0.6
+    assert a.method == "sketch" and a.sketch_size == 400
+
+
+def test_universal_set_is_the_scores_above_eps_and_batches_like_single_heads():
+    K = rng(2).standard_normal((2, 3, 80, 6)).astype(np.float32)
+    K[0, 1, 5] *= 30  # a key that stands out
+    sets = levattn.universal_set(K, 0.2)
+    assert len(sets) == 6
+    for pair, u in enumerate(sets):
+        Kh = K.reshape(6, 80, 6)[pair]
+        tau, _ = svd_leverage(Kh)
+        np.testing.assert_array_equal(u.indices, np.flatnonzero(tau >= 0.2))
+        single = levattn.universal_set(Kh, 0.2)
+        np.testing.assert_array_equal(single.indices, u.indices)
+        assert len(u) <= u.size_bound
+    assert 5 in sets[1].indices
+    top = levattn.universal_set(K[0, 0], top_k=7)
+    tau, _ = svd_leverage(K[0, 0])
+    np.testing.assert_array_equal(np.sort(top.indices), np.sort(np.argsort(-tau, kind="stable")[:7]))
+
+
+def test_heavy_entries_match_brute_force():
+    r = rng(3)
+    K = r.standard_normal((400, 8)).astype(np.float32)
+    Q = r.standard_normal((50, 8)).astype(np.float32)
+    h = levattn.heavy_entries(Q, K, 0.05)
+    A = (Q.astype(np.float64) @ K.T.astype(np.float64)) ** 2
+    A /= A.sum(axis=1, keepdims=True)
+    qi, kj = np.nonzero(A >= 0.05)
+    np.testing.assert_array_equal(h.queries, qi)
+    np.testing.assert_array_equal(h.keys, kj)
+    np.testing.assert_allclose(h.values, A[qi, kj], rtol=1e-5)
+    truth = levattn.heavy_entries_brute_force(Q, K, 0.05)
+    agree = levattn.compare_heavy_entries(h, truth)
+    assert agree.recall == 1.0 and agree.precision == 1.0
+
+
+def test_full_attention_is_dense_softmax_for_every_layout():
+    r = rng(4)
+    q = r.standard_normal((2, 3, 70, 16)).astype(np.float32)
+    k = r.standard_normal((2, 3, 90, 16)).astype(np.float32)
+    v = r.standard_normal((2, 3, 90, 5)).astype(np.float32)
+    out = levattn.attention(q, k, v)
+    assert out.shape == (2, 3, 70, 5) and out.dtype == np.float32
+    for b in range(2):
+        for h in range(3):
+            np.testing.assert_allclose(out[b, h], dense_softmax(q[b, h], k[b, h], v[b, h]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(levattn.attention(q[0], k[0], v[0]), out[0], rtol=1e-6)
+    np.testing.assert_allclose(levattn.attention(q[0, 0], k[0, 0], v[0, 0]), out[0, 0], rtol=1e-6)
+
+
+def test_leverage_attention_attends_its_selection():
+    r = rng(5)
+    q, k, v = (r.standard_normal((120, 8)).astype(np.float32) for _ in range(3))
+    out, res = levattn.attention(q, k, v, select="leverage", top_k=10, sinks=2, return_result=True)
+    keys = res.shared_keys[0]
+    assert len(keys) <= 12 and {0, 1} <= set(keys.tolist())
+    np.testing.assert_allclose(out, dense_softmax(q, k[keys], v[keys]), rtol=1e-4, atol=1e-5)
+    sel = levattn.select_keys(q, k, select="leverage", top_k=10, sinks=2)
+    np.testing.assert_array_equal(sel.shared_keys[0], keys)
+    assert (sel.keys_per_query() == len(keys)).all()
+
+
+def test_selection_metrics_of_a_planted_instance():
+    inst = levattn.planted(1024, 16, relevant=4, seed=2)
+    assert inst.Q.shape == (1024, 16) and sorted(inst.relevant.tolist()) == inst.relevant.tolist()
+    out, res = levattn.attention(inst.Q, inst.K, inst.V, select="leverage", eps=0.05, kernel="poly",
+                                 return_result=True)
+    m = levattn.selection_metrics(inst.Q, inst.K, inst.V, out, res, 0.05, select="leverage", eps=0.05,
+                                  kernel="poly")
+    assert m.heavy_recall == 1.0 and 0.0 < m.mass_captured <= 1.0
+    assert set(inst.relevant.tolist()) <= set(res.shared_keys[0].tolist())
+
+
+def test_lewis_weights_sensitivities_and_reduction():
+    K = rng(6).standard_normal((500, 6)).astype(np.float32)
+    w = levattn.lewis_weights(K, 3.0)
+    assert w.converged and abs(w.weights.sum() - w.rank) < 1e-6
+    s2 = levattn.sensitivity_bounds(K, 2.0)
+    np.testing.assert_allclose(s2.scores, levattn.leverage_scores(K).scores)
+    X = rng(7).standard_normal((200, 64)).astype(np.float32) / 8
+    red = levattn.reduce_dimension(X, 32, method="svd")
+    assert red.Y.shape == (200, 32) and red.method == "svd"
+    assert levattn.softmax_gram_error(X, red.Y) < 0.5
+    g = levattn.key_gram(K)
+    np.testing.assert_allclose(g.gram, K.T.astype(np.float64) @ K.astype(np.float64), rtol=1e-6)
+    assert levattn.sketch_rows(K, 50).shape == (50, 6)
+    assert levattn.adaptive_budget(10000, 2.0, 0.5) == 200
+
+
+def test_inputs_are_converted_when_they_must_be():
+    r = rng(8)
+    K = r.standard_normal((60, 10))  # float64, then a non-contiguous view, then nested lists
+    a = levattn.leverage_scores(K).scores
+    np.testing.assert_allclose(levattn.leverage_scores(np.asfortranarray(K)).scores, a)
+    np.testing.assert_allclose(levattn.leverage_scores(K.tolist()).scores, a)
+    np.testing.assert_allclose(levattn.leverage_scores(np.hstack([K, K])[:, :10]).scores, a)
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: levattn.leverage_scores(np.full((4, 2), np.nan)), "finite"),
+    (lambda: levattn.leverage_scores(np.array([[1 + 1j, 2]])), "real numbers"),
+    (lambda: levattn.leverage_scores(np.array([["a", "b"]])), "real numbers"),
+    (lambda: levattn.leverage_scores(np.zeros((0, 4))), "non-empty"),
+    (lambda: levattn.leverage_scores(np.zeros(4)), "2-D"),
+    (lambda: levattn.leverage_scores(None), "None"),
+    (lambda: levattn.universal_set(np.ones((5, 2)), 1.5), "eps"),
+    (lambda: levattn.universal_set(np.ones((2, 2, 2, 5, 2)), 0.5), "4-D"),
+    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 5)), np.ones((3, 2))), "columns"),
+    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), select="nope"), "select"),
+    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), select="leverage"), "top_k"),
+    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), scale=float("inf")), "scale"),
+    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), select="random", top_k=2, seed=-1),
+     "seed"),
+    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), window=-2), "window"),
+    (lambda: levattn.heavy_entries(np.ones((3, 4)), np.ones((3, 4)), 0.1, normaliser="other"), "normaliser"),
+    (lambda: levattn.reduce_dimension(np.ones((3, 4)), 2, method="pca"), "method"),
+])
+def test_bad_arguments_are_value_errors_naming_what_was_expected(call, text):
+    with pytest.raises(ValueError, match=text):
+        call()
+
+
+def test_files_round_trip_and_bad_files_are_os_errors(tmp_path):
+    a = rng(9).standard_normal((3, 4)).astype(np.float32)
+    levattn.write_npy(tmp_path / "a.npy", a)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), a)
+    np.testing.assert_array_equal(levattn.read_npy(tmp_path / "a.npy"), a)
+    levattn.write_npz(tmp_path / "b.npz", {"q": a, "idx": np.arange(5)})
+    d = levattn.read_npz(tmp_path / "b.npz")
+    np.testing.assert_array_equal(d["q"], a)
+    assert d["idx"].dtype == np.int64 and d["idx"].tolist() == list(range(5))
+    with pytest.raises(OSError, match="missing.npy"):
+        levattn.read_npy(tmp_path / "missing.npy")
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+    with pytest.raises(OSError, match="bad.npy"):
+        levattn.read_npy(tmp_path / "bad.npy")
+
+
+def test_concurrent_calls_from_python_threads_agree():
+    # The GIL is released inside the library: calls from several threads run at once and must
+    # give what each gives alone (no shared state).
+    r = rng(10)
+    inputs = [tuple(r.standard_normal((2, 300, 16)).astype(np.float32) for _ in range(3)) for _ in range(4)]
+    alone = [levattn.attention(*x, select="leverage", top_k=32, window=4) for x in inputs]
+    results = [None] * 4
+
+    def work(i):
+        for _ in range(5):
+            results[i] = levattn.attention(*inputs[i], select="leverage", top_k=32, window=4)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_module_info_prints_the_build_and_versions():
+    text = subprocess.run([sys.executable, "-m", "levattn", "info"], check=True, capture_output=True,
+                          text=True).stdout
+    for field in ("levattn ", "BLAS:", "ISA:", "threads:", "numpy:", "torch:"):
+        assert field in text
+    assert levattn.__version__ == levattn.build_info()["version"]
+    bad = subprocess.run([sys.executable, "-m", "levattn", "nonsense"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
