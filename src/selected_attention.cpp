@@ -81,30 +81,42 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
     detail::invalid(os.str());
   }
   const index_t pairs = sel.pairs();
-  const bool shared = !sel.all_keys && sel.top_k == 0;
   if (sel.window < -1) detail::invalid("selection: window must be >= -1");
-  if (!shared && (!sel.shared_keys.empty() || sel.window >= 0))
-    detail::invalid("selection: shared keys and a window belong to the shared form only");
-  if (sel.all_keys && sel.top_k != 0) detail::invalid("selection: all keys and per-query keys together");
-  if (shared && static_cast<index_t>(sel.shared_keys.size()) != pairs) {
-    os << "selection: expected a shared key set per pair (" << pairs << "), got " << sel.shared_keys.size();
+  if (sel.all_keys && (!sel.shared_keys.empty() || sel.window >= 0 || sel.top_k != 0))
+    detail::invalid("selection: all keys excludes shared keys, a window and per-query keys");
+  if (!sel.shared_keys.empty() && static_cast<index_t>(sel.shared_keys.size()) != pairs) {
+    os << "selection: expected a shared key set per pair (" << pairs << ") or none, got " << sel.shared_keys.size();
     detail::invalid(os.str());
   }
   for (const auto& keys : sel.shared_keys)
     for (std::size_t a = 0; a < keys.size(); ++a)
       if (keys[a] < 0 || keys[a] >= sel.n || (a > 0 && keys[a] <= keys[a - 1]))
         detail::invalid("selection: shared keys must be ascending, distinct and in [0, n)");
-  if (sel.top_k == 0) return;
+  if (sel.top_k == 0) {
+    if (!sel.query_keys.empty()) detail::invalid("selection: per-query keys without a top_k");
+    return;
+  }
   if (sel.top_k < 0 || sel.top_k > sel.n || static_cast<index_t>(sel.query_keys.size()) != pairs * sel.m * sel.top_k)
     detail::invalid("selection: per-query keys must be (pairs, m, top_k) with 1 <= top_k <= n");
+  // Each query's own keys: distinct, in range (or -1), and neither shared keys nor in its window.
   std::vector<index_t> stamp(static_cast<std::size_t>(sel.n), -1);
-  for (index_t row = 0; row < pairs * sel.m; ++row)
-    for (index_t a = 0; a < sel.top_k; ++a) {
-      const index_t j = sel.query_keys[row * sel.top_k + a];
-      if (j < 0 || j >= sel.n || stamp[j] == row)
-        detail::invalid("selection: each query's keys must be distinct and in [0, n)");
-      stamp[j] = row;
+  for (index_t h = 0; h < pairs; ++h) {
+    std::vector<char> shared(static_cast<std::size_t>(sel.n), 0);
+    if (!sel.shared_keys.empty())
+      for (index_t j : sel.shared_keys[h]) shared[j] = 1;
+    for (index_t i = 0; i < sel.m; ++i) {
+      const index_t row = h * sel.m + i;
+      for (index_t a = 0; a < sel.top_k; ++a) {
+        const index_t j = sel.query_keys[row * sel.top_k + a];
+        if (j == -1) continue;
+        if (j < 0 || j >= sel.n || stamp[j] == row)
+          detail::invalid("selection: each query's keys must be distinct and in [0, n) (-1 for an unused slot)");
+        if (shared[j] || (sel.window >= 0 && std::abs(i - j) <= sel.window))
+          detail::invalid("selection: a query's own keys must not repeat its shared keys or its window");
+        stamp[j] = row;
+      }
     }
+  }
 }
 
 // What both directions share: sizes, kernel, inputs, the gathered shared keys and the
@@ -121,15 +133,15 @@ struct Ctx {
   const T* Q(index_t h) const { return q + h * sh.m * sh.d; }
   const T* K(index_t h) const { return k + h * sh.n * sh.d; }
   const T* V(index_t h) const { return v + h * sh.n * sh.dv; }
-  bool shared() const { return !sel.all_keys && sel.top_k == 0; }
+  bool has_shared() const { return !sel.shared_keys.empty(); }
   index_t tiles() const { return (sh.m + kRows - 1) / kRows; }
   // Keys a query attends (for the work estimate).
   double keys_per_query() const {
     if (sel.all_keys) return static_cast<double>(sh.n);
-    if (sel.top_k > 0) return static_cast<double>(sel.top_k);
     double u = 0.0;
     for (const auto& s : sel.shared_keys) u += static_cast<double>(s.size());
-    return u / static_cast<double>(sel.pairs()) + 2.0 * static_cast<double>(std::max<index_t>(sel.window, 0)) + 1.0;
+    const double band = sel.window >= 0 ? 2.0 * static_cast<double>(sel.window) + 1.0 : 0.0;
+    return u / static_cast<double>(sel.pairs()) + band + static_cast<double>(sel.top_k);
   }
   double flops() const {
     return 4.0 * static_cast<double>(sel.pairs()) * static_cast<double>(sh.m) * keys_per_query() *
@@ -148,12 +160,13 @@ Ctx<T> make_ctx(const AttentionShape& sh, const Selection& sel, const AttentionO
   if (!finite(k, pairs * sh.n * sh.d)) detail::invalid("keys: expected finite values (found NaN or Inf)");
   if (!finite(v, pairs * sh.n * sh.dv)) detail::invalid("values: expected finite values (found NaN or Inf)");
   Ctx<T> c{sh, sel, make_fn<T>(o, sh.d), q, k, v, {}, {}, {}};
-  if (!c.shared()) return c;
+  if (sel.all_keys) return c;
   c.ks.resize(static_cast<std::size_t>(pairs));
   c.vs.resize(static_cast<std::size_t>(pairs));
   if (sel.window >= 0) c.member.resize(static_cast<std::size_t>(pairs));
   for (index_t h = 0; h < pairs; ++h) {
-    const auto& keys = sel.shared_keys[h];
+    static const std::vector<index_t> none;
+    const auto& keys = c.has_shared() ? sel.shared_keys[h] : none;
     const index_t u = static_cast<index_t>(keys.size());
     c.ks[h].resize(static_cast<std::size_t>(u * sh.d));
     c.vs[h].resize(static_cast<std::size_t>(u * sh.dv));
@@ -186,7 +199,7 @@ void for_each_block(const Ctx<T>& c, index_t h, index_t i0, index_t rows, F&& f)
       f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(kCols, c.sh.n - j0), -1});
     return;
   }
-  const index_t u = static_cast<index_t>(c.sel.shared_keys[h].size());
+  const index_t u = static_cast<index_t>(c.ks[h].size()) / d;
   for (index_t a0 = 0; a0 < u; a0 += kCols)
     f(Block<T>{c.ks[h].data() + a0 * d, c.vs[h].data() + a0 * dv, std::min(kCols, u - a0), -1});
   const index_t w = c.sel.window;
@@ -196,16 +209,19 @@ void for_each_block(const Ctx<T>& c, index_t h, index_t i0, index_t rows, F&& f)
     f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(kCols, j1 - j0), j0});
 }
 
-// Per-thread buffers of one tile: logits, weights and their gradients, accumulators.
+// Per-thread buffers of one tile: logits, weights and their gradients, accumulators, and one
+// query's own keys (their indices, logits and g).
 template <class T>
 struct Workspace {
   std::vector<T> s, p, ds, acc, dkb, dvb;
   std::vector<double> l;
   std::vector<T> mx;
-  explicit Workspace(const AttentionShape& sh)
+  std::vector<index_t> own;
+  std::vector<T> os, og;
+  Workspace(const AttentionShape& sh, index_t top_k)
       : s(kRows * kCols), p(kRows * kCols), ds(kRows * kCols), acc(static_cast<std::size_t>(kRows * sh.dv)),
         dkb(static_cast<std::size_t>(kCols * sh.d)), dvb(static_cast<std::size_t>(kCols * sh.dv)), l(kRows),
-        mx(kRows) {}
+        mx(kRows), own(static_cast<std::size_t>(top_k)), os(own.size()), og(own.size()) {}
 };
 
 constexpr auto kNo = CblasNoTrans;
@@ -264,6 +280,8 @@ void forward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, inde
     logits(c, ws, h, i0, rows, b);
     absorb(c, ws, rows, b);
   });
+  if (c.sel.top_k > 0)
+    for (index_t r = 0; r < rows; ++r) absorb_own(c, ws, h, i0, r);
   for (index_t r = 0; r < rows; ++r) {
     T* o = out + (h * c.sh.m + i0 + r) * dv;
     const double l = ws.l[r];
@@ -274,46 +292,49 @@ void forward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, inde
   }
 }
 
-// One query's per-query keys: s (k logits) and their weights exp(g - L) into w.
+// Query i's own keys (slots of -1 skipped) into ws.own, their logits into ws.os and g(s) into
+// ws.og; returns how many.
 template <class T>
-void query_weights(const Ctx<T>& c, index_t h, index_t i, T L, T* s, T* w) {
+index_t own_logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i) {
   const index_t kk = c.sel.top_k, d = c.sh.d;
   const index_t* keys = c.sel.query_keys.data() + (h * c.sh.m + i) * kk;
   const T* qi = c.Q(h) + i * d;
+  index_t count = 0;
   for (index_t a = 0; a < kk; ++a) {
+    if (keys[a] < 0) continue;
     const T* kj = c.K(h) + keys[a] * d;
     T dot = 0;
     for (index_t x = 0; x < d; ++x) dot += qi[x] * kj[x];
-    s[a] = c.fn.scale * dot;
-    w[a] = c.fn.g(s[a]);
+    ws.own[count] = keys[a];
+    ws.os[count] = c.fn.scale * dot;
+    ws.og[count] = c.fn.g(ws.os[count]);
+    ++count;
   }
-  if (std::isnan(L)) {  // the forward: L from the logits
-    const T mx = *std::max_element(w, w + kk);
-    double sum = 0.0;
-    if (mx != -std::numeric_limits<T>::infinity())
-      for (index_t a = 0; a < kk; ++a) sum += std::exp(static_cast<double>(w[a] - mx));
-    L = sum > 0.0 ? static_cast<T>(static_cast<double>(mx) + std::log(sum)) : std::numeric_limits<T>::infinity();
-    s[kk] = L;
-  }
-  for (index_t a = 0; a < kk; ++a) w[a] = std::exp(w[a] - L);
+  return count;
 }
 
+// Row r's own keys into the tile's running maximum, sum and accumulator (after its blocks).
 template <class T>
-void forward_topk(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, T* out, T* stat) {
-  const index_t kk = c.sel.top_k, dv = c.sh.dv;
-  ws.s.resize(std::max<std::size_t>(ws.s.size(), static_cast<std::size_t>(kk + 1)));
-  ws.p.resize(std::max<std::size_t>(ws.p.size(), static_cast<std::size_t>(kk)));
-  for (index_t i = i0; i < i0 + rows; ++i) {
-    query_weights(c, h, i, std::numeric_limits<T>::quiet_NaN(), ws.s.data(), ws.p.data());
-    stat[h * c.sh.m + i] = ws.s[kk];
-    T* o = out + (h * c.sh.m + i) * dv;
-    std::fill_n(o, dv, T(0));
-    const index_t* keys = c.sel.query_keys.data() + (h * c.sh.m + i) * kk;
-    for (index_t a = 0; a < kk; ++a) {
-      const T* vj = c.V(h) + keys[a] * dv;
-      for (index_t x = 0; x < dv; ++x) o[x] += ws.p[a] * vj[x];
-    }
+void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r) {
+  const index_t count = own_logits(c, ws, h, i0 + r), dv = c.sh.dv;
+  if (count == 0) return;
+  const T nm = std::max(ws.mx[r], *std::max_element(ws.og.begin(), ws.og.begin() + count));
+  if (nm == -std::numeric_limits<T>::infinity()) return;
+  T* acc = ws.acc.data() + r * dv;
+  if (ws.mx[r] != nm) {
+    const T f = std::exp(ws.mx[r] - nm);
+    ws.l[r] *= static_cast<double>(f);
+    for (index_t x = 0; x < dv; ++x) acc[x] *= f;
+    ws.mx[r] = nm;
   }
+  double sum = 0.0;
+  for (index_t a = 0; a < count; ++a) {
+    const T w = std::exp(ws.og[a] - nm);
+    sum += static_cast<double>(w);
+    const T* vj = c.V(h) + ws.own[a] * dv;
+    for (index_t x = 0; x < dv; ++x) acc[x] += w * vj[x];
+  }
+  ws.l[r] += sum;
 }
 
 [[noreturn]] void overflow(const char* what) {
@@ -329,11 +350,10 @@ void selected_attention_forward(const AttentionShape& sh, const Selection& sel, 
   const Ctx<T> c = make_ctx(sh, sel, o, q, k, v);
   if (!out || !stat) detail::invalid("attention: null output or statistics buffer");
   const index_t tiles = c.tiles(), pairs = sel.pairs();
-  detail::parallel_tasks(pairs * tiles, c.flops() / 2.0, [&] { return Workspace<T>(sh); },
+  detail::parallel_tasks(pairs * tiles, c.flops() / 2.0, [&] { return Workspace<T>(sh, sel.top_k); },
                          [&](index_t t, Workspace<T>& ws) {
-                           const index_t h = t / tiles, i0 = (t % tiles) * kRows, rows = std::min(kRows, sh.m - i0);
-                           if (sel.top_k > 0) forward_topk(c, ws, h, i0, rows, out, stat);
-                           else forward_tile(c, ws, h, i0, rows, out, stat);
+                           const index_t h = t / tiles, i0 = (t % tiles) * kRows;
+                           forward_tile(c, ws, h, i0, std::min(kRows, sh.m - i0), out, stat);
                          });
   bool ok = finite(out, pairs * sh.m * sh.dv);
   for (index_t i = 0; i < pairs * sh.m; ++i) ok &= !std::isnan(stat[i]) && stat[i] != -std::numeric_limits<T>::infinity();
@@ -364,6 +384,16 @@ void block_grads(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index
   }
 }
 
+// (P, dS) of one own-key entry: P = exp(g - L), dS = P g'(s) (dout_i . v_j - delta_i).
+template <class T>
+std::pair<T, T> own_grad(const Ctx<T>& c, T s, T g, T L, T delta, const T* dout_i, const T* vj) {
+  const T p = std::exp(g - L);
+  if (p == T(0)) return {T(0), T(0)};
+  T dp = 0;
+  for (index_t x = 0; x < c.sh.dv; ++x) dp += dout_i[x] * vj[x];
+  return {p, p * c.fn.dg(s) * (dp - delta)};
+}
+
 template <class T>
 void dq_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, const T* stat, const T* dout,
              const T* delta, T* dq) {
@@ -374,6 +404,18 @@ void dq_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r
     block_grads(c, ws, h, i0, rows, b, stat, dout, delta);
     detail::gemm(kNo, kNo, rows, d, b.c, c.fn.scale, ws.ds.data(), b.c, b.kb, d, T(1), dst, d);
   });
+  if (c.sel.top_k == 0) return;
+  const index_t dvw = c.sh.dv;
+  for (index_t r = 0; r < rows; ++r) {
+    const index_t row = h * c.sh.m + i0 + r;
+    if (stat[row] == std::numeric_limits<T>::infinity()) continue;
+    const index_t count = own_logits(c, ws, h, i0 + r);
+    for (index_t a = 0; a < count; ++a) {
+      const T ds = own_grad(c, ws.os[a], ws.og[a], stat[row], delta[row], dout + row * dvw, c.V(h) + ws.own[a] * dvw).second;
+      const T* kj = c.K(h) + ws.own[a] * d;
+      for (index_t x = 0; x < d; ++x) dst[r * d + x] += c.fn.scale * ds * kj[x];
+    }
+  }
 }
 
 // A block of keys whose dK and dV one task owns: pair h, keys (shared-set positions a0 .. or key
@@ -393,7 +435,7 @@ std::vector<KeyTask> key_tasks(const Ctx<T>& c) {
       for (index_t j0 = 0; j0 < n; j0 += kCols) tasks.push_back({h, j0, std::min(kCols, n - j0), false, 0, m});
       continue;
     }
-    const index_t u = static_cast<index_t>(c.sel.shared_keys[h].size());
+    const index_t u = c.has_shared() ? static_cast<index_t>(c.sel.shared_keys[h].size()) : 0;
     for (index_t a0 = 0; a0 < u; a0 += kCols) tasks.push_back({h, a0, std::min(kCols, u - a0), true, 0, m});
     if (w < 0) continue;
     for (index_t j0 = 0; j0 < n; j0 += kCols) {
@@ -429,57 +471,48 @@ void dkv_block(const Ctx<T>& c, Workspace<T>& ws, const KeyTask& t, const T* sta
   }
 }
 
-// Per-query keys: dS entry by entry. dq by query; dk and dv by key through the transposed lists.
+// The own keys' share of dK and dV, added to what the key blocks wrote: the entries of each pair
+// grouped by key (a counting sort; queries ascending within a key), then one task per block of
+// keys sums its keys' entries in that order.
 template <class T>
-void topk_backward(const Ctx<T>& c, const T* stat, const T* dout, const T* delta, T* dq, T* dk, T* dv) {
+void own_keys_dkv(const Ctx<T>& c, const T* stat, const T* dout, const T* delta, T* dk, T* dv) {
   const index_t kk = c.sel.top_k, d = c.sh.d, dvw = c.sh.dv, m = c.sh.m, n = c.sh.n, pairs = c.sel.pairs();
-  // P and dS of every selected entry, (pairs, m, k): the per-query form stores m k indices already.
-  std::vector<T> P(c.sel.query_keys.size()), DS(c.sel.query_keys.size());
-  detail::parallel_tasks(pairs * m, c.flops(), [&] { return std::vector<T>(static_cast<std::size_t>(kk + 1)); },
-                         [&](index_t row, std::vector<T>& s) {
-                           const index_t h = row / m, i = row % m;
-                           T* p = P.data() + row * kk;
-                           query_weights(c, h, i, stat[row], s.data(), p);
-                           const index_t* keys = c.sel.query_keys.data() + row * kk;
-                           for (index_t a = 0; a < kk; ++a) {
-                             const T* vj = c.V(h) + keys[a] * dvw;
-                             const T* go = dout + row * dvw;
-                             T dp = 0;
-                             for (index_t x = 0; x < dvw; ++x) dp += go[x] * vj[x];
-                             DS[row * kk + a] = p[a] == T(0) ? T(0) : p[a] * c.fn.dg(s[a]) * (dp - delta[row]);
-                           }
-                           if (!dq) return;
-                           T* g = dq + row * d;
-                           std::fill_n(g, d, T(0));
-                           for (index_t a = 0; a < kk; ++a) {
-                             const T* kj = c.K(h) + keys[a] * d;
-                             for (index_t x = 0; x < d; ++x) g[x] += c.fn.scale * DS[row * kk + a] * kj[x];
-                           }
-                         });
-  if (!dk && !dv) return;
-  detail::parallel_tasks(pairs, c.flops(), [] { return std::vector<index_t>(); },
-                         [&](index_t h, std::vector<index_t>& start) {
-                           // Entries grouped by key (counting sort, queries ascending within a key).
-                           start.assign(static_cast<std::size_t>(n + 1), 0);
+  std::vector<std::vector<index_t>> start(static_cast<std::size_t>(pairs)), entry(start.size());
+  detail::parallel_tasks(pairs, static_cast<double>(m * kk) * static_cast<double>(pairs), [] { return 0; },
+                         [&](index_t h, int&) {
                            const index_t* keys = c.sel.query_keys.data() + h * m * kk;
-                           for (index_t e = 0; e < m * kk; ++e) ++start[keys[e] + 1];
-                           for (index_t j = 0; j < n; ++j) start[j + 1] += start[j];
-                           std::vector<index_t> fill(start.begin(), start.end() - 1), entry(static_cast<std::size_t>(m * kk));
-                           for (index_t e = 0; e < m * kk; ++e) entry[fill[keys[e]]++] = e;
-                           for (index_t j = 0; j < n; ++j) {
-                             T* gk = dk ? dk + (h * n + j) * d : nullptr;
-                             T* gv = dv ? dv + (h * n + j) * dvw : nullptr;
-                             if (gk) std::fill_n(gk, d, T(0));
-                             if (gv) std::fill_n(gv, dvw, T(0));
-                             for (index_t x = start[j]; x < start[j + 1]; ++x) {
-                               const index_t e = h * m * kk + entry[x], i = entry[x] / kk;
-                               const T* qi = c.Q(h) + i * d;
-                               const T* go = dout + (h * m + i) * dvw;
-                               if (gk) for (index_t y = 0; y < d; ++y) gk[y] += c.fn.scale * DS[e] * qi[y];
-                               if (gv) for (index_t y = 0; y < dvw; ++y) gv[y] += P[e] * go[y];
-                             }
-                           }
+                           auto& st = start[h];
+                           st.assign(static_cast<std::size_t>(n + 1), 0);
+                           for (index_t e = 0; e < m * kk; ++e)
+                             if (keys[e] >= 0) ++st[keys[e] + 1];
+                           for (index_t j = 0; j < n; ++j) st[j + 1] += st[j];
+                           std::vector<index_t> fill(st.begin(), st.end() - 1);
+                           entry[h].resize(static_cast<std::size_t>(st[n]));
+                           for (index_t e = 0; e < m * kk; ++e)
+                             if (keys[e] >= 0) entry[h][fill[keys[e]]++] = e / kk;
                          });
+  const index_t blocks = (n + kCols - 1) / kCols;
+  detail::parallel_tasks(pairs * blocks, c.flops() / 4.0, [] { return 0; }, [&](index_t t, int&) {
+    const index_t h = t / blocks, j0 = (t % blocks) * kCols, j1 = std::min(n, j0 + kCols);
+    for (index_t j = j0; j < j1; ++j) {
+      const T* kj = c.K(h) + j * d;
+      T* gk = dk ? dk + (h * n + j) * d : nullptr;
+      T* gv = dv ? dv + (h * n + j) * dvw : nullptr;
+      for (index_t x = start[h][j]; x < start[h][j + 1]; ++x) {
+        const index_t i = entry[h][x], row = h * m + i;
+        if (stat[row] == std::numeric_limits<T>::infinity()) continue;
+        const T* qi = c.Q(h) + i * d;
+        T dot = 0;
+        for (index_t y = 0; y < d; ++y) dot += qi[y] * kj[y];
+        const T s = c.fn.scale * dot;
+        const auto [p, ds] = own_grad(c, s, c.fn.g(s), stat[row], delta[row], dout + row * dvw, c.V(h) + j * dvw);
+        if (gk)
+          for (index_t y = 0; y < d; ++y) gk[y] += c.fn.scale * ds * qi[y];
+        if (gv)
+          for (index_t y = 0; y < dvw; ++y) gv[y] += p * dout[row * dvw + y];
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -500,23 +533,20 @@ void selected_attention_backward(const AttentionShape& sh, const Selection& sel,
     for (index_t x = 0; x < sh.dv; ++x) s += dout[i * sh.dv + x] * out[i * sh.dv + x];
     delta[i] = s;
   }
-  if (sel.top_k > 0) {
-    topk_backward(c, stat, dout, delta.data(), dq, dk, dv);
-  } else {
-    const auto make = [&] { return Workspace<T>(sh); };
-    const index_t tiles = c.tiles();
-    if (dq)
-      detail::parallel_tasks(pairs * tiles, 0.6 * c.flops(), make, [&](index_t t, Workspace<T>& ws) {
-        const index_t h = t / tiles, i0 = (t % tiles) * kRows;
-        dq_tile(c, ws, h, i0, std::min(kRows, sh.m - i0), stat, dout, delta.data(), dq);
-      });
-    if (dk || dv) {
-      if (dk) std::fill_n(dk, pairs * sh.n * sh.d, T(0));
-      if (dv) std::fill_n(dv, pairs * sh.n * sh.dv, T(0));
-      const std::vector<KeyTask> tasks = key_tasks(c);
-      detail::parallel_tasks(static_cast<index_t>(tasks.size()), 0.8 * c.flops(), make,
-                             [&](index_t t, Workspace<T>& ws) { dkv_block(c, ws, tasks[t], stat, dout, delta.data(), dk, dv); });
-    }
+  const auto make = [&] { return Workspace<T>(sh, sel.top_k); };
+  const index_t tiles = c.tiles();
+  if (dq)
+    detail::parallel_tasks(pairs * tiles, 0.6 * c.flops(), make, [&](index_t t, Workspace<T>& ws) {
+      const index_t h = t / tiles, i0 = (t % tiles) * kRows;
+      dq_tile(c, ws, h, i0, std::min(kRows, sh.m - i0), stat, dout, delta.data(), dq);
+    });
+  if (dk || dv) {
+    if (dk) std::fill_n(dk, pairs * sh.n * sh.d, T(0));
+    if (dv) std::fill_n(dv, pairs * sh.n * sh.dv, T(0));
+    const std::vector<KeyTask> tasks = key_tasks(c);
+    detail::parallel_tasks(static_cast<index_t>(tasks.size()), 0.8 * c.flops(), make,
+                           [&](index_t t, Workspace<T>& ws) { dkv_block(c, ws, tasks[t], stat, dout, delta.data(), dk, dv); });
+    if (sel.top_k > 0) own_keys_dkv(c, stat, dout, delta.data(), dk, dv);
   }
   const bool ok = (!dq || finite(dq, rows * sh.d)) && (!dk || finite(dk, pairs * sh.n * sh.d)) &&
                   (!dv || finite(dv, pairs * sh.n * sh.dv));

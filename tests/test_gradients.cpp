@@ -2,6 +2,7 @@
 // float64 (the n x n mask and weights written out) and against finite differences.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -38,7 +39,7 @@ std::vector<char> mask_of(const Selection& s, index_t h) {
       bool in = s.all_keys || (s.window >= 0 && std::llabs(i - j) <= s.window);
       if (!s.shared_keys.empty())
         for (index_t key : s.shared_keys[h]) in = in || key == j;
-      for (index_t a = 0; a < s.top_k; ++a) in = in || s.query_keys[(h * s.m + i) * s.top_k + a] == j;
+      for (index_t a = 0; a < s.top_k; ++a) in = in || s.query_keys[(h * s.m + i) * s.top_k + a] == j;  // -1 never matches
       mask[i * s.n + j] = in;
     }
   return mask;
@@ -159,6 +160,63 @@ void check_against_dense(double tol) {
     EXPECT_LT(rel_error(dk, ref.dk), tol) << "dk";
     EXPECT_LT(rel_error(dv, ref.dv), tol) << "dv";
   }
+}
+
+// All three parts at once: shared keys, a window band and own keys (with unused slots), built by
+// hand so that the kernels are tested apart from any selection.
+Selection mixed_selection(const AttentionShape& sh, std::uint64_t seed) {
+  std::mt19937_64 g(seed);
+  Selection s;
+  s.batch = sh.batch, s.heads = sh.heads, s.m = sh.m, s.n = sh.n, s.window = 3, s.top_k = 9;
+  const index_t pairs = sh.batch * sh.heads;
+  s.query_keys.assign(static_cast<std::size_t>(pairs * sh.m * s.top_k), -1);
+  for (index_t h = 0; h < pairs; ++h) {
+    std::vector<index_t> shared;
+    for (index_t j = 0; j < sh.n; ++j)
+      if (g() % 23 == 0) shared.push_back(j);
+    s.shared_keys.push_back(shared);
+    for (index_t i = 0; i < sh.m; ++i) {
+      std::vector<index_t> own;
+      while (static_cast<index_t>(own.size()) < 1 + static_cast<index_t>(i % s.top_k)) {
+        const auto j = static_cast<index_t>(g() % static_cast<std::uint64_t>(sh.n));
+        if (std::llabs(i - j) > s.window && !std::binary_search(shared.begin(), shared.end(), j) &&
+            std::find(own.begin(), own.end(), j) == own.end())
+          own.push_back(j);
+      }
+      std::copy(own.begin(), own.end(), s.query_keys.begin() + (h * sh.m + i) * s.top_k);
+    }
+  }
+  return s;
+}
+
+TEST(SelectedAttention, SharedWindowAndOwnKeysTogether) {
+  const AttentionShape sh = kShape;
+  const index_t pairs = sh.batch * sh.heads;
+  const auto q = normal(pairs * sh.m * sh.d, 51), k = normal(pairs * sh.n * sh.d, 52), v = normal(pairs * sh.n * sh.dv, 53),
+             dout = normal(pairs * sh.m * sh.dv, 54);
+  const Selection sel = mixed_selection(sh, 55);
+  for (const Kernel kern : {Kernel::softmax, Kernel::power}) {
+    AttentionOptions o;
+    o.kernel = kern, o.p = 2.5;
+    const bool softmax = kern == Kernel::softmax;
+    const Dense ref = dense_masked(sh, sel, softmax, o.p, softmax ? 1.0 / std::sqrt(12.0) : 1.0, q, k, v, dout);
+    std::vector<double> out(ref.out.size()), stat(pairs * sh.m), dq(q.size()), dk(k.size()), dv(v.size());
+    levattn::selected_attention_forward<double>(sh, sel, o, q.data(), k.data(), v.data(), out.data(), stat.data());
+    levattn::selected_attention_backward<double>(sh, sel, o, q.data(), k.data(), v.data(), out.data(), stat.data(),
+                                                 dout.data(), dq.data(), dk.data(), dv.data());
+    EXPECT_LT(rel_error(out, ref.out), 1e-11);
+    EXPECT_LT(rel_error(dq, ref.dq), 1e-11);
+    EXPECT_LT(rel_error(dk, ref.dk), 1e-11);
+    EXPECT_LT(rel_error(dv, ref.dv), 1e-11);
+  }
+  Selection bad = sel;
+  bad.query_keys[0] = 1;  // query 0's window holds key 1
+  const std::vector<double> out(pairs * sh.m * sh.dv), stat(pairs * sh.m);
+  EXPECT_NE(oracle::error_of([&] {
+              std::vector<double> o2(out), s2(stat);
+              levattn::selected_attention_forward<double>(sh, bad, {}, q.data(), k.data(), v.data(), o2.data(), s2.data());
+            }).second.find("window"),
+            std::string::npos);
 }
 
 TEST(SelectedAttention, Float64MatchesDenseMaskedComputation) { check_against_dense<double>(1e-11); }

@@ -9,18 +9,21 @@
 
 namespace levattn {
 
-/// The keys each query of every (batch, head) pair attends, in one of three forms:
-/// all keys (select full); a shared set per pair plus a window band (leverage, random, window;
-/// the sinks are part of the shared set); or per-query keys (select topk).
+/// The keys each query of every (batch, head) pair attends: all keys (select full), or the union
+/// of three disjoint parts: a shared set per pair (leverage, random; sinks included), the window
+/// band, and each query's own keys (select topk, cluster).
 struct Selection {
   index_t batch = 0, heads = 0;  ///< pairs are numbered b * heads + h
   index_t m = 0, n = 0;          ///< queries and keys per pair
-  bool all_keys = false;         ///< every query attends every key
-  /// Per pair, the keys every query attends, ascending and distinct (empty in the other forms).
+  bool all_keys = false;         ///< every query attends every key (nothing else is set)
+  /// Per pair, the keys every query attends, ascending and distinct; empty (no pair has any) or
+  /// one entry per pair.
   std::vector<std::vector<index_t>> shared_keys;
   /// >= 0: query i also attends the keys j with |i - j| <= window that are not shared keys.
   index_t window = -1;
-  index_t top_k = 0;  ///< > 0: per-query form, query_keys (pairs, m, top_k), distinct per query
+  /// > 0: each query's own keys, query_keys (pairs, m, top_k): distinct, none of them a shared key
+  /// or in the query's window, -1 for an unused slot.
+  index_t top_k = 0;
   std::vector<index_t> query_keys;
 
   index_t pairs() const { return batch * heads; }
