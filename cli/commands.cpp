@@ -343,7 +343,7 @@ struct AttendArgs {
   std::string out, save_selection, kernel = "softmax", select = "full";
   double p = 2.0, scale = 0, eps = 0;
   bool has_scale = false;
-  index_t top_k = 0, window = -1, sinks = 0;
+  index_t top_k = 0, window = -1, sinks = 0, clusters = 0, probe = 0, cluster_iterations = 8;
   std::string budget;  // "alpha,C"
   std::int64_t seed = 0;
   MethodArgs method;
@@ -364,6 +364,9 @@ AttentionOptions attention_options(const AttendArgs& a) {
   o.eps = a.eps;
   o.window = a.window;
   o.sinks = a.sinks;
+  o.clusters = a.clusters;
+  o.probe = a.probe;
+  o.cluster_iterations = a.cluster_iterations;
   o.seed = static_cast<std::uint64_t>(a.seed);
   o.leverage = leverage_options(a.method, a.seed);
   if (!a.budget.empty()) {
@@ -395,7 +398,7 @@ std::vector<std::pair<std::string, Array>> selection_arrays(const AttentionResul
   std::vector<std::pair<std::string, Array>> out;
   out.emplace_back("shared_keys", Array::from_int64({static_cast<index_t>(keys.size())}, keys));
   out.emplace_back("shared_offsets", Array::from_int64({static_cast<index_t>(offsets.size())}, offsets));
-  if (o.select == Select::topk) {
+  if (o.select == Select::topk || o.select == Select::cluster) {
     std::vector<index_t> shape = Q.shape;  // the queries' leading dimensions, m, top_k
     shape.back() = r.top_k;
     out.emplace_back("query_keys", Array::from_int64(shape, std::vector<std::int64_t>(r.query_keys.begin(), r.query_keys.end())));
@@ -454,19 +457,23 @@ Command add_attend(CLI::App& app) {
   add_inputs_option(sub, a->src, "members 'q', 'k' and 'v'");
   sub->add_option("--out", a->out, "output O .npy (float32)")->required();
   sub->add_option("--save-selection", a->save_selection,
-                  "also write S.npz: shared_keys / shared_offsets per (batch, head), query_keys (topk), window, sinks");
+                  "also write S.npz: shared_keys / shared_offsets per (batch, head), query_keys (topk, cluster; "
+                  "-1: unused), window, sinks");
   sub->add_option("--kernel", a->kernel, "softmax or poly (|x|^p)")->check(CLI::IsMember({"softmax", "poly"}));
   sub->add_option("--p", a->p, "exponent of the poly kernel, > 0");
   sub->add_option("--scale", a->scale,
                   "logit scale, any finite number (default 1/sqrt(d) softmax, 1 poly); 0 weighs every "
                   "selected key equally, a negative scale reverses the order of the logits");
-  sub->add_option("--select", a->select, "full, leverage, topk, window or random")
-      ->check(CLI::IsMember({"full", "leverage", "topk", "window", "random"}));
-  sub->add_option("--top-k", a->top_k, "budget of leverage, topk and random (above n: every key)");
-  sub->add_option("--eps", a->eps, "leverage threshold in (0, 1]");
+  sub->add_option("--select", a->select, "full, leverage, topk, window, random or cluster")
+      ->check(CLI::IsMember({"full", "leverage", "topk", "window", "random", "cluster"}));
+  sub->add_option("--top-k", a->top_k, "budget of leverage, topk, random and cluster (above n: every key)");
+  sub->add_option("--eps", a->eps, "leverage threshold in (0, 1] (cluster: adds U_eps)");
+  sub->add_option("--clusters", a->clusters, "cluster: k-means clusters per head (default ceil(sqrt(n)))");
+  sub->add_option("--probe", a->probe, "cluster: clusters each query searches (default 1/8 of them)");
+  sub->add_option("--cluster-iterations", a->cluster_iterations, "cluster: most k-means steps (default 8)");
   sub->add_option("--window", a->window, "also keys i-W .. i+W");
   sub->add_option("--sinks", a->sinks, "also the first S keys");
-  add_seed_option(sub, a->seed, "random selection and of the sketch");
+  add_seed_option(sub, a->seed, "random selection, cluster's initial centroids and of the sketch");
   add_method_options(sub, a->method);
   sub->add_option("--budget", a->budget, "adaptive budget alpha,C: top-k = ceil(alpha n^C)");
   sub->add_flag("--json", a->json, "print selection sizes and timings as JSON");

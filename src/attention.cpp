@@ -9,6 +9,7 @@
 #include <limits>
 #include <sstream>
 
+#include "detail/cluster.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "detail/selection.hpp"
@@ -72,8 +73,9 @@ AttentionOptions resolve_budget(const AttentionOptions& options, index_t n) {
   AttentionOptions o = options;
   if (o.budget_alpha == 0.0 && o.budget_exponent == 0.0) return o;
   if (o.top_k != 0) detail::invalid("budget: give either top_k or an adaptive budget, not both");
-  if (o.select != Select::topk && o.select != Select::leverage && o.select != Select::random)
-    detail::invalid("budget: applies to select topk, leverage and random only");
+  if (o.select != Select::topk && o.select != Select::leverage && o.select != Select::random &&
+      o.select != Select::cluster)
+    detail::invalid("budget: applies to select topk, leverage, random and cluster only");
   o.top_k = adaptive_budget(n, o.budget_alpha, o.budget_exponent);
   o.budget_alpha = o.budget_exponent = 0.0;
   return o;
@@ -91,8 +93,8 @@ void check_options(const AttentionOptions& o) {
     detail::invalid(os.str());
   }
   const bool local = o.window >= 0 || o.sinks > 0;
-  if (o.eps != 0.0 && o.select != Select::leverage)
-    detail::invalid("eps: applies to select leverage only, got select " + to_string(o.select));
+  if (o.eps != 0.0 && o.select != Select::leverage && o.select != Select::cluster)
+    detail::invalid("eps: applies to select leverage and cluster only, got select " + to_string(o.select));
   if (o.top_k != 0 && (o.select == Select::full || o.select == Select::window))
     detail::invalid("top_k: select " + to_string(o.select) + " takes no key budget");
   switch (o.select) {
@@ -120,6 +122,18 @@ void check_options(const AttentionOptions& o) {
       break;
     case Select::window:
       if (!local) detail::invalid("select window: give a window >= 0 or sinks >= 1");
+      break;
+    case Select::cluster:
+      if (o.top_k < 1) {
+        os << "top_k: select cluster needs a per-query budget >= 1, got " << o.top_k;
+        detail::invalid(os.str());
+      }
+      if (o.eps != 0.0) detail::require_eps(o.eps);
+      if (o.clusters < 0 || o.probe < 0 || o.cluster_iterations < 1) {
+        os << "cluster: expected clusters >= 0, probe >= 0 (0: defaults) and iterations >= 1, got " << o.clusters
+           << ", " << o.probe << ", " << o.cluster_iterations;
+        detail::invalid(os.str());
+      }
       break;
   }
 }
@@ -182,12 +196,13 @@ Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, co
 // The shared key set of head h (leverage scores / Lewis bounds, or random, plus sinks).
 std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::uint64_t stream) {
   std::vector<index_t> keys;
-  if (o.select == Select::leverage) {
+  if (o.select == Select::leverage || (o.select == Select::cluster && o.eps > 0.0)) {
     // |x|^p attention selects by its own sensitivity bounds (Lewis weights); softmax and x^2 by
-    // leverage scores: one dispatcher for both (exact or sketched, by o.leverage).
+    // leverage scores: one dispatcher for both (exact or sketched, by o.leverage). Cluster's
+    // top_k is its per-query budget; its shared set is U_eps.
     const double p = o.kernel == Kernel::power ? o.p : 2.0;
     const LeverageScores s = sensitivity_bounds(K, p, o.leverage);
-    keys = (o.top_k > 0 ? universal_set_top_k(s, o.top_k) : universal_set(s, o.eps)).indices;
+    keys = (o.select == Select::leverage && o.top_k > 0 ? universal_set_top_k(s, o.top_k) : universal_set(s, o.eps)).indices;
   } else if (o.select == Select::random) {
     keys = detail::random_keys(K.rows, o.top_k,
                                detail::CounterRng(o.seed, detail::Purpose::random_selection, stream));
@@ -330,6 +345,66 @@ BlockStats run_block(const Plan& pl, Workspace& w, const Inputs& in, const HeadS
   return attend_topk(pl, w, keys, Qh, Kh, Vh, i0, rows, dst);
 }
 
+// Select::cluster: per pair its shared keys (U_eps, sinks) and its k-means clusters, then per query
+// block each query's top_k keys among its probed clusters' keys outside the shared set and window.
+void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, Selection& sel) {
+  const AttentionOptions& o = pl.o;
+  const bool shared = o.eps > 0.0 || o.sinks > 0;
+  sel.window = pl.window;
+  sel.top_k = pl.k_top;
+  if (shared) sel.shared_keys.resize(static_cast<std::size_t>(pl.heads));
+  sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "cluster keys")));
+  const index_t c = o.clusters > 0 ? std::min(o.clusters, pl.n)
+                                   : static_cast<index_t>(std::ceil(std::sqrt(static_cast<double>(pl.n))));
+  const index_t probe = o.probe > 0 ? std::min(o.probe, c)
+                                    : std::max<index_t>(1, static_cast<index_t>(std::ceil(kDefaultProbe * static_cast<double>(c))));
+  const double nd = static_cast<double>(pl.heads * pl.n * pl.d);
+  std::vector<detail::KeyClusters> kc(static_cast<std::size_t>(pl.heads));
+  detail::parallel_tasks(pl.heads, 2.0 * nd * static_cast<double>(c * o.cluster_iterations), [] { return 0; },
+                         [&](index_t h, int&) {
+                           const ConstMatrix Kh = K.slice(h / pl.qheads, h % pl.qheads);
+                           if (shared) sel.shared_keys[h] = shared_keys(o, Kh, static_cast<std::uint64_t>(h));
+                           kc[h] = detail::cluster_keys(Kh, c, o.cluster_iterations,
+                                                        detail::CounterRng(o.seed, detail::Purpose::cluster_seeds,
+                                                                           static_cast<std::uint64_t>(h)));
+                         });
+  const double search = 2.0 * static_cast<double>(pl.heads * pl.m * pl.d) *
+                        (static_cast<double>(c) + static_cast<double>(probe * pl.n) / static_cast<double>(c));
+  detail::parallel_tasks(pl.heads * pl.blocks, search, [] { return std::vector<char>(); },
+                         [&](index_t t, std::vector<char>& excluded) {
+                           const index_t h = t / pl.blocks, i0 = (t % pl.blocks) * kernels::kQueryBlock;
+                           const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
+                           if (shared) {
+                             excluded.assign(static_cast<std::size_t>(pl.n), 0);
+                             for (index_t j : sel.shared_keys[h]) excluded[j] = 1;
+                           }
+                           detail::clustered_top_keys(pl.params, Q.slice(h / pl.qheads, h % pl.qheads), kc[h], probe,
+                                                      pl.k_top, i0, i1, shared ? excluded.data() : nullptr, pl.window,
+                                                      sel.query_keys.data() + (h * pl.m + i0) * pl.k_top);
+                         });
+}
+
+// How many keys each query of a selection attends, summed over all queries.
+double keys_attended(const Selection& s) {
+  double total = 0.0;
+  for (index_t h = 0; h < s.pairs(); ++h) {
+    const std::vector<index_t>* shared = s.shared_keys.empty() ? nullptr : &s.shared_keys[h];
+    const double u = shared ? static_cast<double>(shared->size()) : 0.0;
+    for (index_t i = 0; i < s.m; ++i) {
+      total += u;
+      if (s.window >= 0) {
+        const index_t lo = std::max<index_t>(0, i - s.window), hi = std::min(s.n - 1, i + s.window);
+        index_t in_shared = 0;
+        if (shared)
+          in_shared = std::upper_bound(shared->begin(), shared->end(), hi) - std::lower_bound(shared->begin(), shared->end(), lo);
+        total += static_cast<double>(std::max<index_t>(0, hi - lo + 1) - in_shared);
+      }
+      for (index_t a = 0; a < s.top_k; ++a) total += s.query_keys[(h * s.m + i) * s.top_k + a] >= 0 ? 1.0 : 0.0;
+    }
+  }
+  return total;
+}
+
 }  // namespace
 
 void detail::check_kernel(const AttentionOptions& o) {
@@ -358,6 +433,7 @@ std::string to_string(Select s) {
     case Select::topk: return "topk";
     case Select::random: return "random";
     case Select::window: return "window";
+    case Select::cluster: return "cluster";
   }
   return "?";
 }
@@ -369,9 +445,9 @@ Kernel parse_kernel(const std::string& name) {
 }
 
 Select parse_select(const std::string& name) {
-  for (Select s : {Select::full, Select::leverage, Select::topk, Select::random, Select::window})
+  for (Select s : {Select::full, Select::leverage, Select::topk, Select::random, Select::window, Select::cluster})
     if (name == to_string(s)) return s;
-  detail::invalid("select: expected full, leverage, topk, random or window, got '" + name + "'");
+  detail::invalid("select: expected full, leverage, topk, random, window or cluster, got '" + name + "'");
 }
 
 index_t adaptive_budget(index_t n, double alpha, double exponent) {
@@ -384,10 +460,40 @@ index_t adaptive_budget(index_t n, double alpha, double exponent) {
   return static_cast<index_t>(std::clamp(k, 1.0, static_cast<double>(std::max<index_t>(n, 1))));
 }
 
+namespace {
+
+// Selections that select_keys alone makes (cluster): the selection, then the float32 kernel of
+// selected_attention over it.
+AttentionResult attend_selection(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, float* out,
+                                 const AttentionOptions& options) {
+  const auto t0 = Clock::now();
+  Selection sel = select_keys(Q, K, options);
+  AttentionResult res;
+  res.seconds_selection = seconds_since(t0);
+  const AttentionShape sh{Q.batch, Q.heads, Q.rows, K.rows, Q.cols, V.cols};
+  std::vector<float> stat(static_cast<std::size_t>(sel.pairs() * sh.m));
+  selected_attention_forward<float>(sh, sel, options, Q.data, K.data, V.data, out, stat.data());
+  res.seconds_attention = seconds_since(t0) - res.seconds_selection;
+  res.top_k = sel.top_k;
+  res.empty_rows = std::count(stat.begin(), stat.end(), std::numeric_limits<float>::infinity());
+  res.mean_keys_per_query = keys_attended(sel) / static_cast<double>(sel.pairs() * sh.m);
+  res.shared_sizes.assign(static_cast<std::size_t>(sel.pairs()), 0);
+  for (std::size_t h = 0; h < sel.shared_keys.size(); ++h) res.shared_sizes[h] = static_cast<index_t>(sel.shared_keys[h].size());
+  if (options.return_selection) {
+    res.shared_keys = std::move(sel.shared_keys);
+    res.shared_keys.resize(static_cast<std::size_t>(sel.pairs()));
+    res.query_keys = std::move(sel.query_keys);
+  }
+  return res;
+}
+
+}  // namespace
+
 AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
                           float* out, const AttentionOptions& options) {
   check_shapes(Q, K, V);
   if (!out) detail::invalid("attention: null output buffer");
+  if (options.select == Select::cluster) return attend_selection(Q, K, V, out, options);
   const Plan pl = make_plan(Q, K, V, options);
   const AttentionOptions& o = pl.o;
   const index_t heads = pl.heads, blocks = pl.blocks;
@@ -511,6 +617,8 @@ Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionO
                                               K.slice(h / pl.qheads, h % pl.qheads), pl.k_top, i0, i1,
                                               sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile);
                            });
+  } else if (pl.o.select == Select::cluster) {
+    select_clustered(pl, Q, K, sel);
   }
   return sel;
 }

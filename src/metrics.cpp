@@ -88,16 +88,20 @@ SelectionMetrics selection_metrics(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
     detail::invalid("selection_metrics: expected queries and keys of equal d and one value per key");
   if (approx == nullptr) detail::invalid("selection_metrics: null approximate output");
   const index_t m = Q.rows, n = K.rows, d = K.cols, dv = V.cols;
-  const bool per_query = options.select == Select::topk;
+  // Per-query keys (topk, cluster; -1 marks an unused slot) besides the shared set and window.
+  const bool per_query = options.select == Select::topk || options.select == Select::cluster;
   const bool full = options.select == Select::full;
   if ((!full && !per_query && selection.shared_keys.empty()) ||
       (per_query && (selection.query_keys.empty() || selection.query_keys.size() % static_cast<std::size_t>(m) != 0)))
     detail::invalid("selection_metrics: the selection was not returned (set return_selection)");
-  for (index_t j : per_query ? selection.query_keys : (full ? std::vector<index_t>{} : selection.shared_keys[0]))
+  const bool has_shared = !full && !selection.shared_keys.empty();
+  for (index_t j : has_shared ? selection.shared_keys[0] : std::vector<index_t>{})
     if (j < 0 || j >= n) detail::invalid("selection_metrics: a selected key index is out of range");
+  for (index_t j : selection.query_keys)
+    if (j < -1 || j >= n) detail::invalid("selection_metrics: a selected key index is out of range");
   const index_t k = per_query ? static_cast<index_t>(selection.query_keys.size()) / std::max<index_t>(m, 1) : 0;
   std::vector<char> shared(static_cast<std::size_t>(n), full ? 1 : 0);
-  if (!full && !per_query)
+  if (has_shared)
     for (index_t j : selection.shared_keys[0]) shared[j] = 1;
   const double scale = !std::isnan(options.scale)
                            ? options.scale
@@ -142,7 +146,8 @@ SelectionMetrics selection_metrics(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
         for (index_t j = std::max<index_t>(0, i - options.window); j <= std::min(n - 1, i + options.window); ++j)
           w.mask[j] = 1;
       if (per_query)
-        for (index_t c = 0; c < k; ++c) w.mask[selection.query_keys[i * k + c]] = 1;
+        for (index_t c = 0; c < k; ++c)
+          if (selection.query_keys[i * k + c] >= 0) w.mask[selection.query_keys[i * k + c]] = 1;
       for (index_t j = 0; j < n; ++j) {
         const double wt = z > 0 ? a[j] / z : 0.0;
         a[j] = static_cast<float>(wt);

@@ -33,39 +33,16 @@ void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K,
   const index_t rows = i1 - i0, n = K.rows, d = K.cols;
   const index_t width = std::min(kernels::kKeyTile, n);
   tile.resize(static_cast<std::size_t>(rows * width));
-  // One heap of (value, -index) per row whose root is the weakest of the best k so far; among
-  // equal values the lower index is stronger, so ties go to the lower index.
-  using Item = std::pair<float, index_t>;
-  const auto stronger = [](const Item& a, const Item& b) {
-    return a.first != b.first ? a.first > b.first : a.second > b.second;
-  };
-  std::vector<std::vector<Item>> heaps(static_cast<std::size_t>(rows));
-  for (auto& h : heaps) h.reserve(static_cast<std::size_t>(k));
+  std::vector<BestKeys> best(static_cast<std::size_t>(rows), BestKeys(k));
   for (index_t c0 = 0; c0 < n; c0 += width) {
     const index_t c = std::min(width, n - c0);
     gemm_abt(rows, c, d, params.scale, Q.row(i0), Q.ld, K.row(c0), K.ld, 0.0f, tile.data(), c);
     for (index_t r = 0; r < rows; ++r) {
-      auto& h = heaps[r];
       const float* s = tile.data() + r * c;
-      for (index_t j = 0; j < c; ++j) {
-        const float v = params.kernel == Kernel::softmax ? s[j] : std::fabs(s[j]);
-        const Item item{v, -(c0 + j)};
-        if (static_cast<index_t>(h.size()) < k) {
-          h.push_back(item);
-          std::push_heap(h.begin(), h.end(), stronger);
-        } else if (stronger(item, h.front())) {
-          std::pop_heap(h.begin(), h.end(), stronger);
-          h.back() = item;
-          std::push_heap(h.begin(), h.end(), stronger);
-        }
-      }
+      for (index_t j = 0; j < c; ++j) best[r].push(params.kernel == Kernel::softmax ? s[j] : std::fabs(s[j]), c0 + j);
     }
   }
-  for (index_t r = 0; r < rows; ++r) {
-    auto& h = heaps[r];
-    std::sort_heap(h.begin(), h.end(), stronger);  // strongest first
-    for (index_t a = 0; a < k; ++a) out[r * k + a] = -h[a].second;
-  }
+  for (index_t r = 0; r < rows; ++r) best[r].write(out + r * k);
 }
 
 }  // namespace levattn::detail

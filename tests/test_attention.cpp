@@ -34,14 +34,15 @@ void expect_masked_equal(const Inputs& in, AttentionOptions o, const std::string
   const index_t n = in.K.rows;
   std::set<index_t> shared;
   if (!r.shared_keys.empty()) shared.insert(r.shared_keys[0].begin(), r.shared_keys[0].end());
-  const index_t k = o.select == Select::topk ? std::min(o.top_k, n) : 0;
+  // Per-query keys (topk, cluster: -1 marks an unused slot) besides the shared keys and window.
+  const index_t k = r.query_keys.empty() ? 0 : static_cast<index_t>(r.query_keys.size()) / in.Q.rows;
+  if (o.select == Select::topk) {
+    EXPECT_EQ(k, std::min(o.top_k, n)) << what;
+  }
   const auto mask = [&](index_t i, index_t j) {
     if (o.select == Select::full) return true;
-    if (o.select == Select::topk) {
-      for (index_t c = 0; c < k; ++c)
-        if (r.query_keys[i * k + c] == j) return true;
-      return false;
-    }
+    for (index_t c = 0; c < k; ++c)
+      if (r.query_keys[i * k + c] == j) return true;
     if (shared.count(j)) return true;
     return o.window >= 0 && j >= i - o.window && j <= i + o.window;
   };
@@ -101,6 +102,13 @@ TEST(Attention, EverySelectionEqualsNaiveMaskedComputation) {
     o.sinks = 2;
     o.window = 1;
     expect_masked_equal(in, o, "random + window + sinks");
+    o.select = Select::cluster;
+    o.top_k = 24;
+    expect_masked_equal(in, o, "cluster + window + sinks");
+    o.window = -1, o.sinks = 0, o.eps = 0.01, o.probe = 3;
+    expect_masked_equal(in, o, "cluster + U_eps");
+    o.eps = 0, o.top_k = 900;  // more than the candidates: unused slots
+    expect_masked_equal(in, o, "cluster k > candidates");
   }
 }
 

@@ -25,6 +25,8 @@ enum class Select {
   topk,      ///< per query, the top_k keys of largest f(s): the exact oracle, O(m n d) time
   random,    ///< top_k keys drawn uniformly without replacement per (batch, head), by seed
   window,    ///< no shared keys: only the window and sinks (local attention)
+  cluster,   ///< per query, its top_k keys among those of its `probe` nearest key clusters
+             ///< (k-means, by seed): query-aware, sub-quadratic; unions with window, sinks and U_eps
 };
 
 struct AttentionOptions {
@@ -41,7 +43,13 @@ struct AttentionOptions {
   double eps = 0.0;    ///< leverage threshold, in (0, 1] when used
   index_t window = -1; ///< >= 0: query i also attends keys i-window .. i+window
   index_t sinks = 0;   ///< >= 0: every query also attends keys 0 .. sinks-1
-  std::uint64_t seed = 0;  ///< random selection
+  std::uint64_t seed = 0;  ///< random selection, cluster initial centroids
+  /// Select::cluster: clusters per head (0: ceil(sqrt(n))), clusters each query searches (0:
+  /// kDefaultProbe of them, at least 1) and the most k-means steps. With eps > 0 the shared set U_eps
+  /// (leverage scores) is added; window and sinks add as for the other selections.
+  index_t clusters = 0;
+  index_t probe = 0;
+  index_t cluster_iterations = 8;
   LeverageOptions leverage;  ///< options of the leverage scores used by Select::leverage
   bool return_selection = false;  ///< fill AttentionResult::shared_keys / query_keys
   /// Called now and then from the calling thread with the fraction of work done, in [0, 1].
@@ -53,8 +61,8 @@ struct AttentionResult {
   /// Per (batch, head) pair, in b * heads + h order: the keys every query of that head attends
   /// (leverage or random set plus sinks), ascending. Filled when return_selection is set.
   std::vector<std::vector<index_t>> shared_keys;
-  /// Select::topk with return_selection: (batch, heads, m, top_k) key indices, each query's keys
-  /// in descending order of f(s).
+  /// Select::topk and cluster with return_selection: (batch, heads, m, top_k) key indices, each
+  /// query's own keys in descending order of f(s); cluster: -1 in the slots beyond its candidates.
   std::vector<index_t> query_keys;
   std::vector<index_t> shared_sizes;  ///< |shared set| per (batch, head)
   index_t top_k = 0;                  ///< the key budget used (an adaptive budget resolved)
@@ -93,6 +101,9 @@ index_t adaptive_budget(index_t n, double alpha, double exponent);
 /// The logit scale a call uses: options.scale, or its kernel's default (1/sqrt(d) for softmax,
 /// 1 for power) when that is NaN.
 double logit_scale(const AttentionOptions& options, index_t d);
+
+/// Select::cluster's default probe: this fraction of the clusters (rounded up).
+inline constexpr double kDefaultProbe = 0.125;
 
 /// Names used by the CLI and in messages: "softmax"/"poly", "full"/"leverage"/...
 std::string to_string(Kernel k);

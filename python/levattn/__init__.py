@@ -11,6 +11,7 @@ backward) and the ``LevSelfAttention`` module.
 from . import _core
 from ._core import (  # noqa: F401
     AttentionResult,
+    ClusterOptions,
     HeavyAgreement,
     HeavyEntries,
     KeyGram,

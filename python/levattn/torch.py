@@ -65,7 +65,7 @@ class _LevAttention(torch.autograd.Function):
 
 def lev_attention(q, k, v, *, select="leverage", top_k=None, eps=None, window=None, sinks=0,
                   kernel="softmax", p=2.0, scale=None, seed=0, budget_alpha=0.0, budget_exponent=0.0,
-                  leverage=None, return_selection=False):
+                  leverage=None, cluster=None, return_selection=False):
     """Attention of each query over its selected keys, differentiable in q, k and v.
 
     q (.., m, d), k (.., n, d), v (.., n, dv) with .. = (), (heads,) or (batch, heads): CPU
@@ -75,8 +75,10 @@ def lev_attention(q, k, v, *, select="leverage", top_k=None, eps=None, window=No
     select: "leverage" (top_k keys by leverage score, or the universal set U_eps for eps in
     (0, 1]; with the poly kernel and p != 2 by |x|^p sensitivity bounds), "full" (every key),
     "topk" (per query its top_k keys by f(s): the exact oracle, O(m n d)), "random" (top_k keys per
-    (batch, head) by seed) or "window" (window and sinks only). window=w adds keys |i - j| <= w,
-    sinks=s keys 0 .. s-1 (leverage, random, window). kernel: "softmax" (exp(s), scale 1/sqrt(d))
+    (batch, head) by seed), "window" (window and sinks only) or "cluster" (per query its top_k keys
+    among the keys of its nearest k-means clusters: query-aware, sub-quadratic; settings in
+    cluster=levattn.ClusterOptions(...), eps adds U_eps). window=w adds keys |i - j| <= w, sinks=s
+    keys 0 .. s-1 (leverage, random, window, cluster). kernel: "softmax" (exp(s), scale 1/sqrt(d))
     or "poly" (|s|^p normalised over the selection, scale 1). budget_alpha / budget_exponent: the
     n^C-adaptive budget top_k = ceil(alpha n^C). leverage: a levattn.LeverageOptions.
 
@@ -88,7 +90,8 @@ def lev_attention(q, k, v, *, select="leverage", top_k=None, eps=None, window=No
     """
     options = {
         "select": dict(select=select, top_k=top_k, eps=eps, window=window, sinks=sinks, seed=seed,
-                       budget_alpha=budget_alpha, budget_exponent=budget_exponent, leverage=leverage),
+                       budget_alpha=budget_alpha, budget_exponent=budget_exponent, leverage=leverage,
+                       cluster=cluster),
         "kernel": kernel, "p": p, "scale": scale,
     }
     holder = [] if return_selection else None
@@ -108,8 +111,8 @@ class LevSelfAttention(nn.Module):
     """
 
     def __init__(self, embed_dim, num_heads, *, select="leverage", top_k=None, eps=None, window=None,
-                 sinks=0, kernel="softmax", p=2.0, scale=None, seed=0, leverage=None, bias=True,
-                 device=None, dtype=None):
+                 sinks=0, kernel="softmax", p=2.0, scale=None, seed=0, leverage=None, cluster=None,
+                 bias=True, device=None, dtype=None):
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
@@ -123,6 +126,7 @@ class LevSelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.select, self.top_k, self.eps, self.window, self.sinks = select, top_k, eps, window, sinks
         self.kernel, self.p, self.scale, self.seed, self.leverage = kernel, p, scale, seed, leverage
+        self.cluster = cluster
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -135,7 +139,8 @@ class LevSelfAttention(nn.Module):
     def options(self):
         """The lev_attention keywords this module uses now."""
         return dict(select=self.select, top_k=self.top_k, eps=self.eps, window=self.window, sinks=self.sinks,
-                    kernel=self.kernel, p=self.p, scale=self.scale, seed=self.seed, leverage=self.leverage)
+                    kernel=self.kernel, p=self.p, scale=self.scale, seed=self.seed, leverage=self.leverage,
+                    cluster=self.cluster)
 
     def forward(self, x, return_selection=False):
         unbatched = x.dim() == 2
@@ -153,5 +158,5 @@ class LevSelfAttention(nn.Module):
         return (y, selection) if return_selection else y
 
     def extra_repr(self):
-        o = {k: v for k, v in self.options().items() if v is not None and k != "leverage"}
+        o = {k: v for k, v in self.options().items() if v is not None and k not in ("leverage", "cluster")}
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, " + ", ".join(f"{k}={v!r}" for k, v in o.items())

@@ -117,11 +117,17 @@ LeverageOptions leverage_options(const std::string& method, double ridge, double
 
 std::string method_name(ScoreMethod m) { return m == ScoreMethod::exact ? "exact" : "sketch"; }
 
+// Select::cluster's settings, as one keyword.
+struct ClusterOptions {
+  index_t clusters = 0, probe = 0, iterations = 8;
+};
+
 // The options of attention() and select_keys() from the Python keywords.
 AttentionOptions attention_options(const std::string& select, std::optional<index_t> top_k, std::optional<double> eps,
                                    std::optional<index_t> window, index_t sinks, const std::string& kernel, double p,
                                    std::optional<double> scale, std::int64_t seed, double budget_alpha,
-                                   double budget_exponent, const std::optional<LeverageOptions>& leverage) {
+                                   double budget_exponent, const std::optional<LeverageOptions>& leverage,
+                                   const std::optional<ClusterOptions>& cluster) {
   AttentionOptions o;
   o.select = parse_select(select);
   o.kernel = parse_kernel(kernel);
@@ -138,13 +144,14 @@ AttentionOptions attention_options(const std::string& select, std::optional<inde
   o.seed = seed_of(seed);
   o.budget_alpha = budget_alpha, o.budget_exponent = budget_exponent;
   if (leverage) o.leverage = *leverage;
+  if (cluster) o.clusters = cluster->clusters, o.probe = cluster->probe, o.cluster_iterations = cluster->iterations;
   return o;
 }
 
 #define LEVATTN_ATTENTION_ARGS                                                                                 \
   arg("select") = "full", arg("top_k") = py::none(), arg("eps") = py::none(), arg("window") = py::none(),      \
   arg("sinks") = 0, arg("kernel") = "softmax", arg("p") = 2.0, arg("scale") = py::none(), arg("seed") = 0,     \
-  arg("budget_alpha") = 0.0, arg("budget_exponent") = 0.0, arg("leverage") = py::none()
+  arg("budget_alpha") = 0.0, arg("budget_exponent") = 0.0, arg("leverage") = py::none(), arg("cluster") = py::none()
 
 // Attention over a selection in float T (float32 or float64): out (.., m, dv) and stat (.., m).
 template <class T>
@@ -248,6 +255,18 @@ LeverageOptions(method="exact", ridge=0.0, rank_rtol=1e-5, sketch="countsketch",
       .def_readonly("jl_columns", &LeverageOptions::jl_columns)
       .def_readonly("delta", &LeverageOptions::delta)
       .def_readonly("seed", &LeverageOptions::seed);
+
+  py::class_<ClusterOptions>(m, "ClusterOptions", R"doc(Settings of select="cluster".
+
+ClusterOptions(clusters=0, probe=0, iterations=8): k-means clusters per head (0: ceil(sqrt(n))),
+clusters each query searches (0: 1/8 of them) and the most k-means steps.)doc")
+      .def(py::init([](index_t clusters, index_t probe, index_t iterations) {
+             return ClusterOptions{clusters, probe, iterations};
+           }),
+           arg("clusters") = 0, arg("probe") = 0, arg("iterations") = 8)
+      .def_readonly("clusters", &ClusterOptions::clusters)
+      .def_readonly("probe", &ClusterOptions::probe)
+      .def_readonly("iterations", &ClusterOptions::iterations);
 
   py::class_<LeverageScores>(m, "LeverageScores", "Leverage scores (or |x|^p sensitivity bounds) of the keys.")
       .def_property_readonly("scores", [](const LeverageScores& s) { return to_array(s.scores); },
@@ -586,11 +605,12 @@ column subset. m = 0: the default size for failure probability delta. Returns Re
   m.def("attention", [](py::handle q_, py::handle k_, py::handle v_, const std::string& select, std::optional<index_t> top_k,
                         std::optional<double> eps, std::optional<index_t> window, index_t sinks, const std::string& kernel,
                         double p, std::optional<double> scale, std::int64_t seed, double budget_alpha,
-                        double budget_exponent, const std::optional<LeverageOptions>& lev, bool return_result) -> py::object {
+                        double budget_exponent, const std::optional<LeverageOptions>& lev,
+                        const std::optional<ClusterOptions>& cl, bool return_result) -> py::object {
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k"), v = array_of<float>(v_, "v");
     if (q.ndim() != k.ndim() || q.ndim() != v.ndim()) value_error("q, k, v: expected arrays of the same number of dimensions");
     AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed, budget_alpha,
-                                           budget_exponent, lev);
+                                           budget_exponent, lev, cl);
     o.return_selection = return_result;
     const Tensor4Ref Q = tensor4(q, "q"), K = tensor4(k, "k"), V = tensor4(v, "v");
     py::array_t<float> out(shape_like(q, q.shape(q.ndim() - 2), v.shape(v.ndim() - 1)));
@@ -607,18 +627,20 @@ column subset. m = 0: the default size for failure probability delta. Returns Re
 q (.., m, d), k (.., n, d), v (.., n, dv) with .. = (), (heads,) or (batch, heads); returns out
 (.., m, dv), and with return_result=True (out, AttentionResult). select: full (dense reference,
 no n x n buffer), leverage (top_k or eps; + window, sinks), topk (per-query oracle, O(m n d)),
-random (top_k by seed), window (window and/or sinks only). kernel: softmax (scale 1/sqrt(d)) or
+random (top_k by seed), window (window and/or sinks only), cluster (per query its top_k keys among
+its probed k-means clusters, `cluster=ClusterOptions(...)`; + window, sinks, U_eps by eps). kernel: softmax (scale 1/sqrt(d)) or
 poly (|s|^p, scale 1). window=None: no window; window=w: keys |i - j| <= w. Cost per pair:
 leverage O(n d^2 + m |S| (d + dv)).)doc");
 
   m.def("select_keys", [](py::handle q_, py::handle k_, const std::string& select, std::optional<index_t> top_k,
                           std::optional<double> eps, std::optional<index_t> window, index_t sinks,
                           const std::string& kernel, double p, std::optional<double> scale, std::int64_t seed,
-                          double budget_alpha, double budget_exponent, const std::optional<LeverageOptions>& lev) {
+                          double budget_alpha, double budget_exponent, const std::optional<LeverageOptions>& lev,
+                          const std::optional<ClusterOptions>& cl) {
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k");
     if (q.ndim() != k.ndim()) value_error("q, k: expected arrays of the same number of dimensions");
     const AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed,
-                                                 budget_alpha, budget_exponent, lev);
+                                                 budget_alpha, budget_exponent, lev, cl);
     const Tensor4Ref Q = tensor4(q, "q"), K = tensor4(k, "k");
     py::gil_scoped_release release;
     return select_keys(Q, K, o);
@@ -629,11 +651,12 @@ leverage O(n d^2 + m |S| (d + dv)).)doc");
                                 double heavy_eps, const std::string& select, std::optional<index_t> top_k,
                                 std::optional<double> eps, std::optional<index_t> window, index_t sinks,
                                 const std::string& kernel, double p, std::optional<double> scale, std::int64_t seed,
-                                double budget_alpha, double budget_exponent, const std::optional<LeverageOptions>& lev) {
+                                double budget_alpha, double budget_exponent, const std::optional<LeverageOptions>& lev,
+                          const std::optional<ClusterOptions>& cl) {
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k"), v = array_of<float>(v_, "v");
     const auto approx = array_of<float>(approx_, "approx");
     const AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed,
-                                                 budget_alpha, budget_exponent, lev);
+                                                 budget_alpha, budget_exponent, lev, cl);
     const ConstMatrix Q = matrix(q, "q"), K = matrix(k, "k"), V = matrix(v, "v");
     if (approx.size() != static_cast<py::ssize_t>(Q.rows * V.cols)) value_error("approx: expected shape (m, dv)");
     py::gil_scoped_release release;

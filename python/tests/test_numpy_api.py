@@ -211,3 +211,16 @@ def test_module_info_prints_the_build_and_versions():
     assert levattn.__version__ == levattn.build_info()["version"]
     bad = subprocess.run([sys.executable, "-m", "levattn", "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_cluster_selection_with_every_cluster_searched_is_the_exact_topk():
+    r = rng(11)
+    q = r.standard_normal((100, 8)).astype(np.float32)
+    k = r.standard_normal((400, 8)).astype(np.float32)
+    exact = levattn.select_keys(q, k, select="topk", top_k=10)
+    every = levattn.select_keys(q, k, select="cluster", top_k=10, cluster=levattn.ClusterOptions(clusters=20, probe=20))
+    np.testing.assert_array_equal(every.query_keys, exact.query_keys)
+    out, res = levattn.attention(q, k, k, select="cluster", top_k=10, window=2, return_result=True)
+    assert res.query_keys.shape == (100 * 10,) and out.shape == (100, 8)
+    with pytest.raises(ValueError, match="probe"):
+        levattn.attention(q, k, k, select="cluster", top_k=10, cluster=levattn.ClusterOptions(probe=-1))

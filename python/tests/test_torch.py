@@ -14,6 +14,7 @@ SELECTIONS = [
     dict(select="topk", top_k=5),
     dict(select="random", top_k=6, seed=4),
     dict(select="window", window=3, sinks=2),
+    dict(select="cluster", top_k=4, window=1, sinks=1),
 ]
 KERNELS = [dict(kernel="softmax"), dict(kernel="poly", p=2.0), dict(kernel="poly", p=3.5)]
 
@@ -23,10 +24,11 @@ def mask_of(sel):
     pairs = sel.batch * sel.heads
     if sel.all_keys:
         return torch.ones(pairs, sel.m, sel.n, dtype=torch.bool)
-    mask = torch.zeros(pairs, sel.m, sel.n, dtype=torch.bool)
+    mask = torch.zeros(pairs, sel.m, sel.n + 1, dtype=torch.bool)  # column n takes the unused slots (-1)
     if sel.top_k > 0:
-        mask.scatter_(2, torch.from_numpy(sel.query_keys), True)
-        return mask
+        own = torch.from_numpy(sel.query_keys)
+        mask.scatter_(2, torch.where(own < 0, sel.n, own), True)
+    mask = mask[..., :sel.n].clone()
     for h, keys in enumerate(sel.shared_keys):
         mask[h][:, torch.from_numpy(keys)] = True
     if sel.window >= 0:

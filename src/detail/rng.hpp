@@ -30,6 +30,7 @@ enum class Purpose : std::uint32_t {
   gaussian_sketch,     ///< entries of a Gaussian sketch
   srht_signs,          ///< the diagonal D of an SRHT
   srht_rows,           ///< the rows P an SRHT keeps
+  cluster_seeds,       ///< attention Select::cluster: initial centroids, index = (batch, head) pair
 };
 
 class CounterRng {

@@ -1,6 +1,8 @@
 // detail/selection.hpp: the per-head key selections that are not leverage scores.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "detail/rng.hpp"
@@ -15,6 +17,35 @@ void check_kernel(const AttentionOptions& o);
 /// k distinct keys of [0, n) uniformly at random (Floyd's algorithm), ascending; a pure function
 /// of (n, k, rng's stream). k >= n returns every key.
 std::vector<index_t> random_keys(index_t n, index_t k, const CounterRng& rng);
+
+/// The k best (value, key) pairs pushed so far: larger values first, ties to the lower key.
+class BestKeys {
+ public:
+  explicit BestKeys(index_t k = 0) : k_(k) { heap_.reserve(static_cast<std::size_t>(k)); }
+  void push(float value, index_t key) {
+    const Item item{value, -key};
+    if (static_cast<index_t>(heap_.size()) < k_) {
+      heap_.push_back(item);
+      std::push_heap(heap_.begin(), heap_.end(), stronger);
+    } else if (k_ > 0 && stronger(item, heap_.front())) {
+      std::pop_heap(heap_.begin(), heap_.end(), stronger);
+      heap_.back() = item;
+      std::push_heap(heap_.begin(), heap_.end(), stronger);
+    }
+  }
+  /// The keys best first into out[0 .. k), -1 in the slots beyond the pairs pushed; empties it.
+  void write(index_t* out) {
+    std::sort_heap(heap_.begin(), heap_.end(), stronger);  // strongest first
+    for (index_t a = 0; a < k_; ++a) out[a] = a < static_cast<index_t>(heap_.size()) ? -heap_[a].second : -1;
+    heap_.clear();
+  }
+
+ private:
+  using Item = std::pair<float, index_t>;  // (value, -key): the root is the weakest kept
+  static bool stronger(const Item& a, const Item& b) { return a.first != b.first ? a.first > b.first : a.second > b.second; }
+  index_t k_;
+  std::vector<Item> heap_;
+};
 
 /// For queries i0 .. i1-1 of Q, the k keys of K with largest f(scale q.k) (softmax: logit,
 /// power: |logit|), ties to the lower index, each row in descending order, into out

@@ -1,0 +1,156 @@
+// Select::cluster against the exact per-query top-k oracle, its k-means, its unions and its
+// reproducibility.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+#include <set>
+
+#include "detail/cluster.hpp"
+#include "levattn/levattn.hpp"
+#include "oracle.hpp"
+
+namespace {
+
+using levattn::AttentionOptions;
+using levattn::index_t;
+using levattn::Kernel;
+using levattn::Select;
+using levattn::Selection;
+
+// Keys around `blobs` well-separated centres; queries near the centres too.
+struct Blobs {
+  oracle::Mat Q, K;
+  std::vector<index_t> blob;  // each key's centre
+};
+Blobs blobs(index_t m, index_t n, index_t d, index_t count, std::uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  const oracle::Mat centres = oracle::gaussian(count, d, seed + 1, 3.0);
+  Blobs b{oracle::Mat(m, d), oracle::Mat(n, d), std::vector<index_t>(static_cast<std::size_t>(n))};
+  for (index_t i = 0; i < n; ++i) {
+    b.blob[i] = static_cast<index_t>(g() % static_cast<std::uint64_t>(count));
+    for (index_t x = 0; x < d; ++x) b.K(i, x) = static_cast<float>(centres(b.blob[i], x) + 0.3 * nd(g));
+  }
+  for (index_t i = 0; i < m; ++i) {
+    const auto c = static_cast<index_t>(g() % static_cast<std::uint64_t>(count));
+    for (index_t x = 0; x < d; ++x) b.Q(i, x) = static_cast<float>(centres(c, x) + 0.3 * nd(g));
+  }
+  return b;
+}
+
+Selection select(const oracle::Mat& Q, const oracle::Mat& K, const AttentionOptions& o) {
+  return levattn::select_keys({Q.v.data(), 1, 1, Q.rows, Q.cols}, {K.v.data(), 1, 1, K.rows, K.cols}, o);
+}
+
+double recall(const Selection& got, const Selection& exact) {
+  double hits = 0.0;
+  const index_t k = exact.top_k;
+  for (index_t i = 0; i < exact.m; ++i) {
+    const std::set<index_t> truth(exact.query_keys.begin() + i * k, exact.query_keys.begin() + (i + 1) * k);
+    for (index_t a = 0; a < got.top_k; ++a) hits += truth.count(got.query_keys[i * got.top_k + a]) ? 1.0 : 0.0;
+  }
+  return hits / static_cast<double>(exact.m * k);
+}
+
+TEST(Cluster, SearchingEveryClusterIsTheExactTopK) {
+  const oracle::Mat Q = oracle::gaussian(150, 8, 1), K = oracle::gaussian(700, 8, 2);
+  for (Kernel kernel : {Kernel::softmax, Kernel::power}) {
+    AttentionOptions o;
+    o.kernel = kernel, o.top_k = 20, o.select = Select::topk;
+    const Selection exact = select(Q, K, o);
+    o.select = Select::cluster, o.clusters = 30, o.probe = 30;
+    const Selection all = select(Q, K, o);
+    EXPECT_EQ(all.query_keys, exact.query_keys);  // same keys, same order, same tie-breaks
+    EXPECT_TRUE(all.shared_keys.empty());
+    EXPECT_EQ(all.window, -1);
+  }
+}
+
+TEST(Cluster, RecallOfTheExactTopKGrowsWithTheClustersSearched) {
+  const Blobs b = blobs(300, 4000, 16, 40, 3);
+  AttentionOptions o;
+  o.top_k = 32, o.select = Select::topk;
+  const Selection exact = select(b.Q, b.K, o);
+  o.select = Select::cluster, o.clusters = 64;
+  double last = 0.0;
+  for (index_t probe : {1, 4, 16, 64}) {
+    o.probe = probe;
+    const double r = recall(select(b.Q, b.K, o), exact);
+    EXPECT_GE(r, last - 1e-12) << "probe " << probe;
+    last = r;
+  }
+  EXPECT_EQ(last, 1.0);
+  o.probe = 0;  // the default: 1/8 of the clusters
+  EXPECT_GE(recall(select(b.Q, b.K, o), exact), 0.9);
+}
+
+TEST(Cluster, KMeansRecoversSeparatedBlobs) {
+  const Blobs b = blobs(1, 2000, 8, 6, 5);
+  const levattn::detail::KeyClusters kc = levattn::detail::cluster_keys(
+      b.K.view(), 6, 20, levattn::detail::CounterRng(9, levattn::detail::Purpose::cluster_seeds, 0));
+  ASSERT_EQ(kc.count, 6);
+  ASSERT_EQ(kc.start.back(), 2000);
+  std::vector<index_t> order = kc.order;
+  std::sort(order.begin(), order.end());
+  for (index_t i = 0; i < 2000; ++i) ASSERT_EQ(order[i], i);  // a permutation of the keys
+  // Each cluster holds keys of one blob (random starts may merge two blobs and split another;
+  // a cluster mixing blobs that are 3 sd apart in 8 dimensions would be a wrong assignment).
+  index_t pure = 0;
+  for (index_t j = 0; j < 6; ++j) {
+    std::set<index_t> seen;
+    for (index_t a = kc.start[j]; a < kc.start[j + 1]; ++a) seen.insert(b.blob[kc.order[a]]);
+    pure += seen.size() <= 1;
+  }
+  EXPECT_GE(pure, 4);
+}
+
+TEST(Cluster, OwnKeysAvoidTheSharedSetAndTheWindow) {
+  const oracle::Mat Q = oracle::gaussian(200, 6, 7), K = oracle::gaussian(200, 6, 8);
+  AttentionOptions o;
+  o.select = Select::cluster, o.top_k = 12, o.eps = 0.05, o.window = 4, o.sinks = 3, o.probe = 1000;
+  const Selection s = select(Q, K, o);
+  ASSERT_EQ(s.shared_keys.size(), 1u);
+  std::vector<index_t> expected = levattn::universal_set(K.view(), 0.05).indices;
+  for (index_t j = 0; j < 3; ++j) expected.push_back(j);
+  std::sort(expected.begin(), expected.end());
+  expected.erase(std::unique(expected.begin(), expected.end()), expected.end());
+  EXPECT_EQ(s.shared_keys[0], expected);
+  EXPECT_EQ(s.window, 4);
+  // With every cluster searched, the own keys are the exact top-12 of the keys outside both.
+  const double scale = 1.0 / std::sqrt(6.0);
+  for (index_t i = 0; i < 200; ++i) {
+    std::vector<std::pair<double, index_t>> rest;
+    for (index_t j = 0; j < 200; ++j)
+      if (!std::binary_search(expected.begin(), expected.end(), j) && std::llabs(i - j) > 4)
+        rest.push_back({-static_cast<float>(scale * oracle::dot(Q, i, K, j)), j});
+    std::sort(rest.begin(), rest.end());
+    for (index_t a = 0; a < 12; ++a) EXPECT_EQ(s.query_keys[i * 12 + a], rest[a].second) << i;
+  }
+}
+
+TEST(Cluster, ReproducibleBySeedAtEveryThreadCount) {
+  const Blobs b = blobs(500, 3000, 16, 30, 11);
+  std::vector<float> q2(b.Q.v), k2(b.K.v);
+  q2.insert(q2.end(), b.Q.v.begin(), b.Q.v.end());
+  k2.insert(k2.end(), b.K.v.begin(), b.K.v.end());
+  AttentionOptions o;
+  o.select = Select::cluster, o.top_k = 16, o.seed = 4;
+  const auto runs = oracle::at_each_thread_count([&] {
+    return levattn::select_keys({q2.data(), 1, 2, 500, 16}, {k2.data(), 1, 2, 3000, 16}, o).query_keys;
+  });
+  for (const auto& r : runs) EXPECT_EQ(r, runs[0]);
+}
+
+TEST(Cluster, RejectsBadOptions) {
+  const oracle::Mat Q = oracle::gaussian(10, 4, 1), K = oracle::gaussian(30, 4, 2);
+  AttentionOptions o;
+  o.select = Select::cluster;
+  EXPECT_NE(oracle::error_of([&] { select(Q, K, o); }).second.find("per-query budget"), std::string::npos);
+  o.top_k = 3, o.probe = -1;
+  EXPECT_NE(oracle::error_of([&] { select(Q, K, o); }).second.find("probe"), std::string::npos);
+  o.probe = 0, o.eps = 2.0;
+  EXPECT_NE(oracle::error_of([&] { select(Q, K, o); }).second.find("eps"), std::string::npos);
+}
+
+}  // namespace
