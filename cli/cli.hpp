@@ -26,6 +26,7 @@ Command add_info(CLI::App& app);
 Command add_universal(CLI::App& app);
 Command add_heavy(CLI::App& app);
 Command add_attend(CLI::App& app);
+Command add_evaluate(CLI::App& app);
 Command add_reduce(CLI::App& app);
 Command add_planted(CLI::App& app);
 Command add_bench(CLI::App& app);

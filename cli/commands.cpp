@@ -47,6 +47,14 @@ void add_inputs_option(CLI::App* sub, Sources& s, const std::string& members) {
   sub->add_option("--inputs", s.inputs, "an .npz archive holding " + members + " instead of separate files");
 }
 
+// --queries, --keys, --values or --inputs with members q, k, v: the inputs of attend and evaluate.
+void add_qkv_options(CLI::App* sub, Sources& s) {
+  sub->add_option("--queries", s.files[0], "Q .npy: (m, d), (h, m, d) or (b, h, m, d)");
+  sub->add_option("--keys", s.files[1], "K .npy, same layout, n keys");
+  sub->add_option("--values", s.files[2], "V .npy, same layout, n values of width dv");
+  add_inputs_option(sub, s, "members 'q', 'k' and 'v'");
+}
+
 std::vector<index_t> leading_dims(const Input& in) {
   return std::vector<index_t>(in.shape.begin(), in.shape.end() - 2);
 }
@@ -451,10 +459,7 @@ int run_attend(const AttendArgs& a) {
 Command add_attend(CLI::App& app) {
   auto a = std::make_shared<AttendArgs>();
   auto* sub = app.add_subcommand("attend", "attention over a selection of keys");
-  sub->add_option("--queries", a->src.files[0], "Q .npy: (m, d), (h, m, d) or (b, h, m, d)");
-  sub->add_option("--keys", a->src.files[1], "K .npy, same layout, n keys");
-  sub->add_option("--values", a->src.files[2], "V .npy, same layout, n values of width dv");
-  add_inputs_option(sub, a->src, "members 'q', 'k' and 'v'");
+  add_qkv_options(sub, a->src);
   sub->add_option("--out", a->out, "output O .npy (float32)")->required();
   sub->add_option("--save-selection", a->save_selection,
                   "also write S.npz: shared_keys / shared_offsets per (batch, head), query_keys (topk, cluster; "
@@ -528,6 +533,70 @@ Command add_info(CLI::App& app) {
   auto* sub = app.add_subcommand("info", "print the version, BLAS, ISA and threads in use");
   sub->add_flag("--json", *as_json, "print one JSON object");
   return {sub, [as_json] { return run_info(*as_json); }};
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+
+struct EvaluateArgs {
+  Sources src{"", {"", "", ""}};
+  std::vector<std::string> selections;
+  double heavy_eps = 0.05, p = 4.0;
+  bool json = false;
+};
+
+int run_evaluate(const EvaluateArgs& a) {
+  const std::vector<Input> in = load_all(a.src, {"q", "k", "v"}, {"queries", "keys", "values"}, 4);
+  const Input &Q = in[0], &K = in[1], &V = in[2];
+  require_same_stack({&Q, &K, &V}, {"queries", "keys", "values"});
+  std::vector<AttentionOptions> sel;
+  for (const std::string& spec : a.selections) sel.push_back(parse_selection(spec));
+  EvaluateOptions eo;
+  eo.heavy_eps = a.heavy_eps, eo.p = a.p;
+  const std::vector<Evaluation> rows = with_sources({&Q, &K, &V}, {"queries", "keys", "values"},
+                                                    [&] { return evaluate(as_tensor(Q), as_tensor(K), as_tensor(V), sel, eo); });
+  if (a.json) {
+    json j = json::array();
+    for (const Evaluation& e : rows)
+      j.push_back({{"pair", e.pair}, {"selection", e.selection}, {"keys_per_query", e.keys_per_query},
+                   {"softmax_mass", e.softmax_mass}, {"output_error", e.output_error},
+                   {"x2_heavy_recall", e.x2_heavy_recall}, {"x2_heavy", e.x2_heavy},
+                   {"power_heavy_recall", e.power_heavy_recall}, {"power_heavy", e.power_heavy},
+                   {"scores_tied", e.scores_tied}});
+    std::cout << json{{"heavy_eps", a.heavy_eps}, {"p", a.p}, {"rows", j}}.dump() << "\n";
+    return 0;
+  }
+  std::printf("%-5s %-32s %8s %9s %9s %9s %9s\n", "pair", "selection", "keys/q", "softmax", "out.err",
+              "x^2 rec.", "|x|^p rec");
+  bool tied = false;
+  for (const Evaluation& e : rows) {
+    std::printf("%-5lld %-32s %8.1f %9.4f %9.4f %9.4f %9.4f%s\n", static_cast<long long>(e.pair), e.selection.c_str(),
+                e.keys_per_query, e.softmax_mass, e.output_error, e.x2_heavy_recall, e.power_heavy_recall,
+                e.scores_tied ? "  tied" : "");
+    tied = tied || e.scores_tied;
+  }
+  std::printf("softmax: mass captured; out.err: ||O_S - O_full|| / ||O_full||; heavy recall at eps %g (p = %g)\n",
+              a.heavy_eps, a.p);
+  if (tied)
+    std::printf("tied: every leverage score of the pair is equal (n <= d): leverage top-k is an index tie-break there\n");
+  return 0;
+}
+
+}  // namespace
+
+Command add_evaluate(CLI::App& app) {
+  auto a = std::make_shared<EvaluateArgs>();
+  auto* sub = app.add_subcommand("evaluate", "how well each selection fits these attention heads");
+  add_qkv_options(sub, a->src);
+  sub->add_option("--select", a->selections,
+                  "a selection, repeatable: NAME[:VALUE][+FIELD:VALUE...], e.g. leverage:32, "
+                  "leverage+eps:0.05+window:4, topk:32, random:32, cluster:32+probe:8, window:16, full")
+      ->required();
+  sub->add_option("--heavy-eps", a->heavy_eps, "entries >= this count as heavy, in (0, 1]");
+  sub->add_option("--p", a->p, "exponent of the |x|^p heavy recall, > 0");
+  sub->add_flag("--json", a->json, "print the rows as JSON");
+  return {sub, [a] { return run_evaluate(*a); }};
 }
 
 Command add_planted(CLI::App& app) {

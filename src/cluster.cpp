@@ -95,8 +95,13 @@ void clustered_top_keys(const kernels::KernelParams& params, ConstMatrix Q, cons
     routes.write(picked.data());
     for (index_t j : picked) members[j].push_back(r);
   }
-  // Search: per cluster, its queries' logits against its keys in one product.
-  std::vector<BestKeys> best(static_cast<std::size_t>(rows), BestKeys(k));
+  // Search: per cluster, its queries' logits against its keys in one product; each query's
+  // candidates are kept whole and cut to the best k once (cheaper than a heap per push).
+  using Item = std::pair<float, index_t>;
+  const auto stronger = [](const Item& a, const Item& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
+  std::vector<std::vector<Item>> cand(static_cast<std::size_t>(rows));
+  const auto expected = static_cast<std::size_t>(2 * p * (kc.start[c] / c) + 16);
+  for (auto& list : cand) list.reserve(expected);
   std::vector<float> qs, tile;
   for (index_t j = 0; j < c; ++j) {
     const index_t cnt = static_cast<index_t>(members[j].size()), size = kc.start[j + 1] - kc.start[j];
@@ -107,18 +112,29 @@ void clustered_top_keys(const kernels::KernelParams& params, ConstMatrix Q, cons
       const index_t w = std::min(kernels::kKeyTile, size - b0), first = kc.start[j] + b0;
       tile.resize(static_cast<std::size_t>(cnt * w));
       gemm_abt(cnt, w, d, params.scale, qs.data(), d, kc.keys.data() + first * d, d, 0.0f, tile.data(), w);
+      const index_t* keys = kc.order.data() + first;
       for (index_t a = 0; a < cnt; ++a) {
         const index_t r = members[j][a], i = i0 + r;
+        auto& list = cand[r];
+        const float* t = tile.data() + a * w;
+        if (!excluded && window < 0 && softmax) {
+          for (index_t b = 0; b < w; ++b) list.emplace_back(t[b], keys[b]);
+          continue;
+        }
         for (index_t b = 0; b < w; ++b) {
-          const index_t key = kc.order[first + b];
-          if ((excluded && excluded[key]) || (window >= 0 && std::abs(i - key) <= window)) continue;
-          const float s = tile[a * w + b];
-          best[r].push(softmax ? s : std::fabs(s), key);
+          if ((excluded && excluded[keys[b]]) || (window >= 0 && std::abs(i - keys[b]) <= window)) continue;
+          list.emplace_back(softmax ? t[b] : std::fabs(t[b]), keys[b]);
         }
       }
     }
   }
-  for (index_t r = 0; r < rows; ++r) best[r].write(out + r * k);
+  for (index_t r = 0; r < rows; ++r) {
+    auto& list = cand[r];
+    const index_t keep = std::min<index_t>(k, static_cast<index_t>(list.size()));
+    std::nth_element(list.begin(), list.begin() + keep, list.end(), stronger);
+    std::sort(list.begin(), list.begin() + keep, stronger);
+    for (index_t a = 0; a < k; ++a) out[r * k + a] = a < keep ? list[a].second : -1;
+  }
 }
 
 }  // namespace levattn::detail

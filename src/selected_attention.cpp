@@ -217,11 +217,12 @@ struct Workspace {
   std::vector<double> l;
   std::vector<T> mx;
   std::vector<index_t> own;
-  std::vector<T> os, og;
+  std::vector<T> os, og, op, kg, vg;  // own keys: logits, g, weights or dP, gathered K and V rows
   Workspace(const AttentionShape& sh, index_t top_k)
       : s(kRows * kCols), p(kRows * kCols), ds(kRows * kCols), acc(static_cast<std::size_t>(kRows * sh.dv)),
         dkb(static_cast<std::size_t>(kCols * sh.d)), dvb(static_cast<std::size_t>(kCols * sh.dv)), l(kRows),
-        mx(kRows), own(static_cast<std::size_t>(top_k)), os(own.size()), og(own.size()) {}
+        mx(kRows), own(static_cast<std::size_t>(top_k)), os(own.size()), og(own.size()), op(own.size()),
+        kg(static_cast<std::size_t>(top_k * sh.d)), vg(static_cast<std::size_t>(top_k * sh.dv)) {}
 };
 
 constexpr auto kNo = CblasNoTrans;
@@ -292,24 +293,23 @@ void forward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, inde
   }
 }
 
-// Query i's own keys (slots of -1 skipped) into ws.own, their logits into ws.os and g(s) into
-// ws.og; returns how many.
+// Query i's own keys (slots of -1 skipped): their indices into ws.own, their K and V rows into
+// ws.kg and ws.vg, their logits into ws.os and g(s) into ws.og; returns how many.
 template <class T>
 index_t own_logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i) {
-  const index_t kk = c.sel.top_k, d = c.sh.d;
+  const index_t kk = c.sel.top_k, d = c.sh.d, dv = c.sh.dv;
   const index_t* keys = c.sel.query_keys.data() + (h * c.sh.m + i) * kk;
-  const T* qi = c.Q(h) + i * d;
   index_t count = 0;
   for (index_t a = 0; a < kk; ++a) {
     if (keys[a] < 0) continue;
-    const T* kj = c.K(h) + keys[a] * d;
-    T dot = 0;
-    for (index_t x = 0; x < d; ++x) dot += qi[x] * kj[x];
     ws.own[count] = keys[a];
-    ws.os[count] = c.fn.scale * dot;
-    ws.og[count] = c.fn.g(ws.os[count]);
+    std::copy_n(c.K(h) + keys[a] * d, d, ws.kg.data() + count * d);
+    std::copy_n(c.V(h) + keys[a] * dv, dv, ws.vg.data() + count * dv);
     ++count;
   }
+  if (count == 0) return 0;
+  detail::gemv(kNo, count, d, c.fn.scale, ws.kg.data(), d, c.Q(h) + i * d, T(0), ws.os.data());
+  for (index_t a = 0; a < count; ++a) ws.og[a] = c.fn.g(ws.os[a]);
   return count;
 }
 
@@ -327,14 +327,9 @@ void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_
     for (index_t x = 0; x < dv; ++x) acc[x] *= f;
     ws.mx[r] = nm;
   }
-  double sum = 0.0;
-  for (index_t a = 0; a < count; ++a) {
-    const T w = std::exp(ws.og[a] - nm);
-    sum += static_cast<double>(w);
-    const T* vj = c.V(h) + ws.own[a] * dv;
-    for (index_t x = 0; x < dv; ++x) acc[x] += w * vj[x];
-  }
-  ws.l[r] += sum;
+  std::copy_n(ws.og.begin(), count, ws.op.begin());
+  ws.l[r] += static_cast<double>(exp_rows(ws.op.data(), count, nm));
+  detail::gemv(kTr, count, dv, T(1), ws.vg.data(), dv, ws.op.data(), T(1), acc);
 }
 
 [[noreturn]] void overflow(const char* what) {
@@ -384,13 +379,12 @@ void block_grads(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index
   }
 }
 
-// (P, dS) of one own-key entry: P = exp(g - L), dS = P g'(s) (dout_i . v_j - delta_i).
+// (P, dS) of one own-key entry from its logit s, g(s), L_i, delta_i and dP = dout_i . v_j:
+// P = exp(g - L), dS = P g'(s) (dP - delta).
 template <class T>
-std::pair<T, T> own_grad(const Ctx<T>& c, T s, T g, T L, T delta, const T* dout_i, const T* vj) {
+std::pair<T, T> own_ds(const Ctx<T>& c, T s, T g, T L, T delta, T dp) {
   const T p = std::exp(g - L);
   if (p == T(0)) return {T(0), T(0)};
-  T dp = 0;
-  for (index_t x = 0; x < c.sh.dv; ++x) dp += dout_i[x] * vj[x];
   return {p, p * c.fn.dg(s) * (dp - delta)};
 }
 
@@ -410,11 +404,11 @@ void dq_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r
     const index_t row = h * c.sh.m + i0 + r;
     if (stat[row] == std::numeric_limits<T>::infinity()) continue;
     const index_t count = own_logits(c, ws, h, i0 + r);
-    for (index_t a = 0; a < count; ++a) {
-      const T ds = own_grad(c, ws.os[a], ws.og[a], stat[row], delta[row], dout + row * dvw, c.V(h) + ws.own[a] * dvw).second;
-      const T* kj = c.K(h) + ws.own[a] * d;
-      for (index_t x = 0; x < d; ++x) dst[r * d + x] += c.fn.scale * ds * kj[x];
-    }
+    if (count == 0) continue;
+    // dP = V_own dout_i, then dS in ws.op, then dq_i += scale K_own^T dS.
+    detail::gemv(kNo, count, dvw, T(1), ws.vg.data(), dvw, dout + row * dvw, T(0), ws.op.data());
+    for (index_t a = 0; a < count; ++a) ws.op[a] = own_ds(c, ws.os[a], ws.og[a], stat[row], delta[row], ws.op[a]).second;
+    detail::gemv(kTr, count, d, c.fn.scale, ws.kg.data(), d, ws.op.data(), T(1), dst + r * d);
   }
 }
 
@@ -491,26 +485,39 @@ void own_keys_dkv(const Ctx<T>& c, const T* stat, const T* dout, const T* delta,
                            for (index_t e = 0; e < m * kk; ++e)
                              if (keys[e] >= 0) entry[h][fill[keys[e]]++] = e / kk;
                          });
+  // Per key, its entries' q and dout rows gathered: s = Q_e k_j, dP = Dout_e v_j, then
+  // dk_j += scale Q_e^T dS and dv_j += Dout_e^T P.
+  struct Rows {
+    std::vector<T> q, g, s, p, ds;
+  };
   const index_t blocks = (n + kCols - 1) / kCols;
-  detail::parallel_tasks(pairs * blocks, c.flops() / 4.0, [] { return 0; }, [&](index_t t, int&) {
+  detail::parallel_tasks(pairs * blocks, c.flops() / 4.0, [] { return Rows(); }, [&](index_t t, Rows& w) {
     const index_t h = t / blocks, j0 = (t % blocks) * kCols, j1 = std::min(n, j0 + kCols);
     for (index_t j = j0; j < j1; ++j) {
-      const T* kj = c.K(h) + j * d;
-      T* gk = dk ? dk + (h * n + j) * d : nullptr;
-      T* gv = dv ? dv + (h * n + j) * dvw : nullptr;
-      for (index_t x = start[h][j]; x < start[h][j + 1]; ++x) {
-        const index_t i = entry[h][x], row = h * m + i;
-        if (stat[row] == std::numeric_limits<T>::infinity()) continue;
-        const T* qi = c.Q(h) + i * d;
-        T dot = 0;
-        for (index_t y = 0; y < d; ++y) dot += qi[y] * kj[y];
-        const T s = c.fn.scale * dot;
-        const auto [p, ds] = own_grad(c, s, c.fn.g(s), stat[row], delta[row], dout + row * dvw, c.V(h) + j * dvw);
-        if (gk)
-          for (index_t y = 0; y < d; ++y) gk[y] += c.fn.scale * ds * qi[y];
-        if (gv)
-          for (index_t y = 0; y < dvw; ++y) gv[y] += p * dout[row * dvw + y];
+      const index_t e0 = start[h][j], count = start[h][j + 1] - e0;
+      if (count == 0) continue;
+      w.q.resize(static_cast<std::size_t>(count * d));
+      w.g.resize(static_cast<std::size_t>(count * dvw));
+      w.s.resize(static_cast<std::size_t>(count));
+      w.p.resize(w.s.size());
+      w.ds.resize(w.s.size());
+      for (index_t x = 0; x < count; ++x) {
+        const index_t i = entry[h][e0 + x];
+        std::copy_n(c.Q(h) + i * d, d, w.q.data() + x * d);
+        std::copy_n(dout + (h * m + i) * dvw, dvw, w.g.data() + x * dvw);
       }
+      detail::gemv(kNo, count, d, c.fn.scale, w.q.data(), d, c.K(h) + j * d, T(0), w.s.data());
+      detail::gemv(kNo, count, dvw, T(1), w.g.data(), dvw, c.V(h) + j * dvw, T(0), w.ds.data());
+      for (index_t x = 0; x < count; ++x) {
+        const index_t row = h * m + entry[h][e0 + x];
+        const bool empty = stat[row] == std::numeric_limits<T>::infinity();
+        const auto pd = empty ? std::pair<T, T>{T(0), T(0)}
+                              : own_ds(c, w.s[x], c.fn.g(w.s[x]), stat[row], delta[row], w.ds[x]);
+        w.p[x] = pd.first;
+        w.ds[x] = pd.second;
+      }
+      if (dk) detail::gemv(kTr, count, d, c.fn.scale, w.q.data(), d, w.ds.data(), T(1), dk + (h * n + j) * d);
+      if (dv) detail::gemv(kTr, count, dvw, T(1), w.g.data(), dvw, w.p.data(), T(1), dv + (h * n + j) * dvw);
     }
   });
 }

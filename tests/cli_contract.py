@@ -939,6 +939,60 @@ def test_atomic_output():
     check("atomic: no temporary files left after success", sorted(os.listdir(sub)) == before)
 
 
+def np_evaluate_row(Q, K, V, mask, heavy_eps, p):
+    """softmax mass, output error, x^2 and |x|^p heavy recall of one head's selection mask."""
+    Q, K, V = (np.asarray(x, np.float64) for x in (Q, K, V))
+    s = Q @ K.T
+    soft = np.exp(s / np.sqrt(Q.shape[1]) - (s / np.sqrt(Q.shape[1])).max(axis=1, keepdims=True))
+    soft /= soft.sum(axis=1, keepdims=True)
+    x2 = s ** 2 / (s ** 2).sum(axis=1, keepdims=True)
+    pw = np.abs(s) ** p / (np.abs(s) ** p).sum(axis=1, keepdims=True)
+    full = soft @ V
+    approx = np_attention(Q, K, V, mask=mask)
+    recall = lambda w: (mask & (w >= heavy_eps)).sum() / max((w >= heavy_eps).sum(), 1)
+    return {"softmax_mass": (soft * mask).sum(axis=1).mean(),
+            "output_error": np.linalg.norm(approx - full) / np.linalg.norm(full),
+            "x2_heavy_recall": recall(x2), "power_heavy_recall": recall(pw)}
+
+
+def test_evaluate():
+    """evaluate against numpy: per head and selection, mass, output error and heavy recalls."""
+    rng = np.random.default_rng(41)
+    Q, K, V = rng.standard_normal((2, 90, 8)), rng.standard_normal((2, 120, 8)) * np.array([3.0] + [1.0] * 7), \
+        rng.standard_normal((2, 120, 4))
+    np.savez(path("E.npz"), q=Q, k=K, v=V)
+    p = ok_run("evaluate", "evaluate", "--inputs", "E.npz", "--select", "topk:7", "--select", "window:5",
+               "--select", "leverage:10", "--heavy-eps", 0.05, "--p", 3, "--json")
+    j = parse_json("evaluate", p.stdout) if p else None
+    if not j:
+        return
+    rows = j["rows"]
+    check("evaluate: one row per (head, selection)", len(rows) == 6 and [r["pair"] for r in rows] == [0, 0, 0, 1, 1, 1],
+          repr([(r["pair"], r["selection"]) for r in rows]))
+    for r in rows:
+        h = r["pair"]
+        s = Q[h] @ K[h].T
+        i, jj = np.indices(s.shape)
+        if r["selection"].startswith("topk"):
+            mask = np.zeros(s.shape, bool)
+            np.put_along_axis(mask, np.argsort(-s, axis=1, kind="stable")[:, :7], True, axis=1)
+        elif r["selection"].startswith("window"):
+            mask = np.abs(i - jj) <= 5
+        else:
+            tau = np_leverage(K[h])[0]
+            mask = np.zeros(s.shape, bool)
+            mask[:, np.argsort(-tau, kind="stable")[:10]] = True
+        ref = np_evaluate_row(Q[h], K[h], V[h], mask, 0.05, 3.0)
+        for field, value in ref.items():
+            check("evaluate %s head %d: %s" % (r["selection"], h, field), abs(r[field] - value) <= 1e-4 * max(1, abs(value)),
+                  "%r vs numpy %r" % (r[field], value))
+    p = ok_run("evaluate table", "evaluate", "--inputs", "E.npz", "--select", "leverage:10+window:2")
+    check("evaluate table has a header and a row per head", p is not None and len(p.stdout.splitlines()) >= 4,
+          repr(p.stdout if p else ""))
+    bad("evaluate with a bad spec", ("evaluate", "--inputs", "E.npz", "--select", "leverage:ten"), ("top_k", "leverage:ten"))
+    bad("evaluate with an unknown field", ("evaluate", "--inputs", "E.npz", "--select", "topk:3+wndow:2"), ("wndow",))
+
+
 def main():
     global WORK
     if not os.access(BIN, os.X_OK):
@@ -950,7 +1004,7 @@ def main():
         WORK = d
         for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_power_and_sketch, test_reduce,
                   test_bench, test_demo,
-                  test_bad_input, test_atomic_output, test_hardening):
+                  test_bad_input, test_atomic_output, test_hardening, test_evaluate):
             t0 = time.time()
             group(g)
             print("%-20s %.1f s" % (g.__name__, time.time() - t0), flush=True)

@@ -15,6 +15,7 @@
 #include "levattn/attention.hpp"
 #include "levattn/build_info.hpp"
 #include "levattn/error.hpp"
+#include "levattn/evaluate.hpp"
 #include "levattn/heavy_entries.hpp"
 #include "levattn/io.hpp"
 #include "levattn/leverage_scores.hpp"

@@ -667,6 +667,44 @@ leverage O(n d^2 + m |S| (d + dv)).)doc");
 q (m, d), k (n, d), v (n, dv); approx and result from attention(..., return_result=True) with the
 same options. Cost O(m n (d + dv)): the full attention matrix row by row (an evaluation tool).)doc");
 
+  m.def("evaluate", [](py::handle q_, py::handle k_, py::handle v_, const std::vector<std::string>& selections,
+                       double heavy_eps, double p) {
+    const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k"), v = array_of<float>(v_, "v");
+    if (q.ndim() != k.ndim() || q.ndim() != v.ndim()) value_error("q, k, v: expected arrays of the same number of dimensions");
+    std::vector<AttentionOptions> sel;
+    for (const std::string& spec : selections) sel.push_back(parse_selection(spec));
+    EvaluateOptions eo;
+    eo.heavy_eps = heavy_eps, eo.p = p;
+    const Tensor4Ref Q = tensor4(q, "q"), K = tensor4(k, "k"), V = tensor4(v, "v");
+    std::vector<Evaluation> rows;
+    {
+      py::gil_scoped_release release;
+      rows = evaluate(Q, K, V, sel, eo);
+    }
+    py::list out;
+    for (const Evaluation& e : rows) {
+      py::dict d;
+      d["pair"] = e.pair, d["selection"] = e.selection, d["keys_per_query"] = e.keys_per_query;
+      d["softmax_mass"] = e.softmax_mass, d["output_error"] = e.output_error;
+      d["x2_heavy_recall"] = e.x2_heavy_recall, d["x2_heavy"] = e.x2_heavy;
+      d["power_heavy_recall"] = e.power_heavy_recall, d["power_heavy"] = e.power_heavy;
+      d["scores_tied"] = e.scores_tied;
+      out.append(d);
+    }
+    return out;
+  }, arg("q"), arg("k"), arg("v"), arg("selections"), py::kw_only(), arg("heavy_eps") = 0.05, arg("p") = 4.0,
+     R"doc(How well each selection fits these attention heads: one dict per (pair, selection).
+
+q (.., m, d), k (.., n, d), v (.., n, dv); selections: specs as `levattn evaluate --select` takes
+them ("leverage:32", "leverage+eps:0.05+window:4", "topk:32", "cluster:32", "window:16", ...).
+Each row: pair, selection, keys_per_query, softmax_mass (mean softmax mass inside the selection),
+output_error (||O_S - O_full|| / ||O_full||), x2_heavy_recall / power_heavy_recall (share of the
+entries >= heavy_eps of x^2 and |x|^p attention whose key is selected) with their counts, and
+scores_tied (all leverage scores equal: a leverage top-k is then a tie-break). O(m n d) per pair.)doc");
+
+  m.def("parse_selection", [](const std::string& spec) { return describe(parse_selection(spec)); }, arg("spec"),
+        "The canonical name of a selection spec (ValueError when it does not parse).");
+
   m.def("attention_forward", [](py::handle q, py::handle k, py::handle v, const Selection& sel, const std::string& kernel,
                                 double p, std::optional<double> scale) {
     AttentionOptions o;

@@ -224,3 +224,43 @@ def test_cluster_selection_with_every_cluster_searched_is_the_exact_topk():
     assert res.query_keys.shape == (100 * 10,) and out.shape == (100, 8)
     with pytest.raises(ValueError, match="probe"):
         levattn.attention(q, k, k, select="cluster", top_k=10, cluster=levattn.ClusterOptions(probe=-1))
+
+
+def test_evaluate_matches_a_numpy_oracle():
+    r = rng(12)
+    q = r.standard_normal((3, 70, 6)).astype(np.float32)
+    k = r.standard_normal((3, 100, 6)).astype(np.float32)
+    v = r.standard_normal((3, 100, 5)).astype(np.float32)
+    rows = levattn.evaluate(q, k, v, ["topk:9", "random:12+sinks:2", "full"], heavy_eps=0.04, p=3.0)
+    assert [(x["pair"], x["selection"]) for x in rows][:3] == [(0, "topk top_k=9"), (0, "random top_k=12 sinks=2"),
+                                                              (0, "full")]
+    sels = [levattn.select_keys(q, k, select="topk", top_k=9), levattn.select_keys(q, k, select="random", top_k=12, sinks=2),
+            None]
+    for x in rows:
+        h, c = x["pair"], ["topk top_k=9", "random top_k=12 sinks=2", "full"].index(x["selection"])
+        s = q[h].astype(np.float64) @ k[h].T.astype(np.float64)
+        mask = np.ones(s.shape, bool) if sels[c] is None else np.zeros(s.shape, bool)
+        if c == 0:
+            np.put_along_axis(mask, sels[0].query_keys[h], True, axis=1)
+        elif c == 1:
+            mask[:, sels[1].shared_keys[h]] = True
+        soft = np.exp(s / np.sqrt(6) - (s / np.sqrt(6)).max(1, keepdims=True))
+        soft /= soft.sum(1, keepdims=True)
+        x2 = s ** 2 / (s ** 2).sum(1, keepdims=True)
+        pw = np.abs(s) ** 3 / (np.abs(s) ** 3).sum(1, keepdims=True)
+        masked = np.where(mask, soft, 0)
+        approx = (masked / masked.sum(1, keepdims=True)) @ v[h]
+        full = soft @ v[h]
+        np.testing.assert_allclose(x["softmax_mass"], (soft * mask).sum(1).mean(), rtol=1e-5)
+        np.testing.assert_allclose(x["output_error"], np.linalg.norm(approx - full) / np.linalg.norm(full),
+                                   rtol=1e-3, atol=1e-6)
+        assert x["x2_heavy"] == (x2 >= 0.04).sum() and x["power_heavy"] == (pw >= 0.04).sum()
+        np.testing.assert_allclose(x["x2_heavy_recall"], (mask & (x2 >= 0.04)).sum() / max((x2 >= 0.04).sum(), 1))
+        np.testing.assert_allclose(x["power_heavy_recall"], (mask & (pw >= 0.04)).sum() / max((pw >= 0.04).sum(), 1))
+        assert x["keys_per_query"] == mask.sum(1).mean()
+        assert x["scores_tied"] is False
+    tied = levattn.evaluate(q[0, :5], k[0, :5], v[0, :5], ["leverage:2"])[0]
+    assert tied["scores_tied"] is True  # 5 keys in dimension 6: every leverage score is 1
+    with pytest.raises(ValueError, match="wndow"):
+        levattn.evaluate(q, k, v, ["topk:3+wndow:2"])
+    assert levattn.parse_selection("leverage+eps:0.05+window:4") == "leverage eps=0.05 window=4"

@@ -69,6 +69,17 @@ inline void gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, index_t m, index_t n, i
   cblas_dgemm(CblasRowMajor, ta, tb, bi(m), bi(n), bi(k), alpha, A, bi(lda), B, bi(ldb), beta, C, bi(ldc));
 }
 
+/// y (m) = alpha op(A) x + beta y for A (rows x cols, row-major, leading dimension lda), float
+/// and double; op(A) = A (m = rows) or A^T (m = cols) by ta.
+inline void gemv(CBLAS_TRANSPOSE ta, index_t rows, index_t cols, float alpha, const float* A, index_t lda,
+                 const float* x, float beta, float* y) {
+  cblas_sgemv(CblasRowMajor, ta, bi(rows), bi(cols), alpha, A, bi(lda), x, 1, beta, y, 1);
+}
+inline void gemv(CBLAS_TRANSPOSE ta, index_t rows, index_t cols, double alpha, const double* A, index_t lda,
+                 const double* x, double beta, double* y) {
+  cblas_dgemv(CblasRowMajor, ta, bi(rows), bi(cols), alpha, A, bi(lda), x, 1, beta, y, 1);
+}
+
 /// C (d x d, upper triangle) = A^T A + beta C for A (rows x d, leading dimension lda), float64.
 inline void dsyrk_ata(index_t d, index_t rows, const double* A, index_t lda, double beta, double* C) {
   cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, bi(d), bi(rows), 1.0, A, bi(lda), beta, C, bi(d));

@@ -42,7 +42,12 @@ class BestKeys {
 
  private:
   using Item = std::pair<float, index_t>;  // (value, -key): the root is the weakest kept
-  static bool stronger(const Item& a, const Item& b) { return a.first != b.first ? a.first > b.first : a.second > b.second; }
+  struct Stronger {  // a function object, so that the heap operations inline it
+    bool operator()(const Item& a, const Item& b) const {
+      return a.first != b.first ? a.first > b.first : a.second > b.second;
+    }
+  };
+  static constexpr Stronger stronger{};
   index_t k_;
   std::vector<Item> heap_;
 };

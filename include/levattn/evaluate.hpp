@@ -1,0 +1,56 @@
+// levattn/evaluate.hpp: how well each selection fits a user's attention heads, measured against
+// the full attention of those heads (the decision a user makes before touching a model).
+#pragma once
+#include <string>
+#include <vector>
+
+#include "levattn/attention.hpp"
+
+namespace levattn {
+
+struct EvaluateOptions {
+  double heavy_eps = 0.05;  ///< entries >= heavy_eps count as heavy, in (0, 1]
+  double p = 4.0;           ///< the exponent of the |x|^p heavy recall, > 0
+};
+
+/// One selection on one (batch, head) pair.
+struct Evaluation {
+  index_t pair = 0;          ///< b * heads + h
+  std::string selection;     ///< describe(options): "leverage top_k=32 window=4" ...
+  double keys_per_query = 0.0;  ///< mean |S_i| over the queries
+  /// Mean over queries of sum_{j in S_i} softmax(scale q_i.k_j)_j (scale: the options' or 1/sqrt(d)).
+  double softmax_mass = 0.0;
+  /// ||O_S - O_full||_F / ||O_full||_F, O_full the full attention of the options' kernel.
+  double output_error = 0.0;
+  /// Fraction of the entries (q_i.k_j)^2 / sum_l (q_i.k_l)^2 >= heavy_eps whose key S_i holds
+  /// (1 when there are none), and how many there are.
+  double x2_heavy_recall = 1.0;
+  index_t x2_heavy = 0;
+  /// The same for |q_i.k_j|^p / sum_l |q_i.k_l|^p with EvaluateOptions::p.
+  double power_heavy_recall = 1.0;
+  index_t power_heavy = 0;
+  /// The pair's leverage scores all tie (K of full row rank, n <= d): a leverage top-k is then
+  /// an arbitrary tie-break (lowest indices), not a choice.
+  bool scores_tied = false;
+};
+
+/// A selection from its text: "NAME[:VALUE]" then "+FIELD:VALUE" items, e.g. "leverage:32",
+/// "leverage+eps:0.05+window:4", "topk:32", "random:32+sinks:2", "window:16", "cluster:32+probe:8",
+/// "full". NAME is a Select name; VALUE is top_k (leverage, topk, random, cluster) or the window
+/// (window). FIELD: top_k, eps, window, sinks, probe, clusters, seed, p, kernel (softmax | poly).
+/// Throws Error(invalid_argument) naming the spec and what was expected.
+AttentionOptions parse_selection(const std::string& spec);
+
+/// A short name of a selection's options: select, budget, window, sinks, kernel if not softmax.
+std::string describe(const AttentionOptions& options);
+
+/// Every selection on every pair: the selection as attention() makes it, its output, and the
+/// metrics above against the dense computation. Q (batch, heads, m, d), K (batch, heads, n, d),
+/// V (batch, heads, n, dv). Rows are in (pair, selection) order. O(pairs (m n (d + dv) + cost of
+/// each selection)) time, O(block n) memory per thread: an evaluation tool, not a production path.
+/// Throws Error(invalid_argument) for bad inputs or options (the message names the selection).
+std::vector<Evaluation> evaluate(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
+                                 const std::vector<AttentionOptions>& selections,
+                                 const EvaluateOptions& options = {});
+
+}  // namespace levattn

@@ -1,0 +1,219 @@
+// The evaluation tool: per pair, the full rows of softmax, x^2 and |x|^p attention by query
+// blocks, each selection's mask over them, and each selection's output against full attention.
+#include "levattn/evaluate.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "detail/blas.hpp"
+#include "detail/parallel.hpp"
+#include "detail/validate.hpp"
+#include "levattn/leverage_scores.hpp"
+#include "levattn/selected_attention.hpp"
+
+namespace levattn {
+namespace {
+
+constexpr index_t kRows = 32;
+
+// Sums over one block of queries, for one selection.
+struct Partial {
+  double mass = 0.0;
+  index_t x2 = 0, x2_in = 0, pw = 0, pw_in = 0;
+  double keys = 0.0;
+};
+
+// mask[j] = whether query i of pair h attends key j under selection s.
+void mask_of(const Selection& s, index_t h, index_t i, std::vector<char>& mask) {
+  std::fill(mask.begin(), mask.end(), s.all_keys ? 1 : 0);
+  if (s.all_keys) return;
+  if (!s.shared_keys.empty())
+    for (index_t j : s.shared_keys[h]) mask[j] = 1;
+  if (s.window >= 0)
+    for (index_t j = std::max<index_t>(0, i - s.window); j <= std::min(s.n - 1, i + s.window); ++j) mask[j] = 1;
+  for (index_t a = 0; a < s.top_k; ++a) {
+    const index_t j = s.query_keys[(h * s.m + i) * s.top_k + a];
+    if (j >= 0) mask[j] = 1;
+  }
+}
+
+// Relative Frobenius distance of a from b.
+double rel_distance(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    num += d * d;
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+}  // namespace
+
+AttentionOptions parse_selection(const std::string& spec) {
+  const auto bad = [&](const std::string& why) -> AttentionOptions {
+    detail::invalid("selection '" + spec + "': " + why);
+  };
+  std::vector<std::string> items;
+  std::stringstream in(spec);
+  for (std::string item; std::getline(in, item, '+');) items.push_back(item);
+  if (items.empty() || items[0].empty()) return bad("expected NAME[:VALUE][+FIELD:VALUE...]");
+  AttentionOptions o;
+  const auto colon = items[0].find(':');
+  o.select = parse_select(items[0].substr(0, colon));
+  const auto number = [&](const std::string& text, const std::string& what) {
+    std::size_t used = 0;
+    double v = 0.0;
+    try {
+      v = std::stod(text, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != text.size() || !std::isfinite(v)) bad(what + ": expected a number, got '" + text + "'");
+    return v;
+  };
+  const auto integer = [&](const std::string& text, const std::string& what) {
+    const double v = number(text, what);
+    if (v != std::floor(v) || std::fabs(v) > 9e15) bad(what + ": expected an integer, got '" + text + "'");
+    return static_cast<index_t>(v);
+  };
+  if (colon != std::string::npos) {
+    const std::string value = items[0].substr(colon + 1);
+    if (o.select == Select::window) o.window = integer(value, "window");
+    else if (o.select == Select::full) bad("full takes no value");
+    else o.top_k = integer(value, "top_k");
+  }
+  for (std::size_t a = 1; a < items.size(); ++a) {
+    const auto c = items[a].find(':');
+    if (c == std::string::npos) bad("expected FIELD:VALUE, got '" + items[a] + "'");
+    const std::string field = items[a].substr(0, c), value = items[a].substr(c + 1);
+    if (field == "top_k") o.top_k = integer(value, field);
+    else if (field == "eps") o.eps = number(value, field);
+    else if (field == "window") o.window = integer(value, field);
+    else if (field == "sinks") o.sinks = integer(value, field);
+    else if (field == "probe") o.probe = integer(value, field);
+    else if (field == "clusters") o.clusters = integer(value, field);
+    else if (field == "seed") {
+      const index_t seed = integer(value, field);
+      if (seed < 0) bad("seed: expected an integer >= 0");
+      o.seed = static_cast<std::uint64_t>(seed);
+    } else if (field == "p") o.p = number(value, field);
+    else if (field == "kernel") o.kernel = parse_kernel(value);
+    else bad("unknown field '" + field + "' (expected top_k, eps, window, sinks, probe, clusters, seed, p or kernel)");
+  }
+  return o;
+}
+
+std::string describe(const AttentionOptions& o) {
+  std::ostringstream os;
+  os << to_string(o.select);
+  if (o.top_k > 0) os << " top_k=" << o.top_k;
+  if (o.eps > 0.0) os << " eps=" << o.eps;
+  if (o.budget_alpha > 0.0) os << " budget=" << o.budget_alpha << "," << o.budget_exponent;
+  if (o.window >= 0) os << " window=" << o.window;
+  if (o.sinks > 0) os << " sinks=" << o.sinks;
+  if (o.select == Select::cluster && o.probe > 0) os << " probe=" << o.probe;
+  if (o.kernel != Kernel::softmax) os << " " << to_string(o.kernel) << " p=" << o.p;
+  return os.str();
+}
+
+std::vector<Evaluation> evaluate(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
+                                 const std::vector<AttentionOptions>& selections, const EvaluateOptions& eo) {
+  detail::require_eps(eo.heavy_eps, "heavy_eps");
+  if (!(eo.p > 0.0 && std::isfinite(eo.p))) detail::invalid("p: expected a finite exponent > 0");
+  if (selections.empty()) detail::invalid("evaluate: give at least one selection");
+  const index_t pairs = Q.batch * Q.heads, m = Q.rows, n = K.rows, d = Q.cols, dv = V.cols;
+  std::vector<Selection> sel;
+  std::vector<std::vector<float>> approx;
+  for (const AttentionOptions& o : selections) {
+    try {
+      sel.push_back(select_keys(Q, K, o));
+      approx.emplace_back(static_cast<std::size_t>(checked_elements({pairs, m, dv}, "evaluate output")));
+      attention(Q, K, V, approx.back().data(), o);
+    } catch (const Error& e) {
+      throw Error(e.kind(), describe(o) + ": " + e.what());
+    }
+  }
+  std::vector<Evaluation> rows;
+  const index_t blocks = (m + kRows - 1) / kRows, cases = static_cast<index_t>(selections.size());
+  for (index_t h = 0; h < pairs; ++h) {
+    const ConstMatrix Qh = Q.slice(h / Q.heads, h % Q.heads), Kh = K.slice(h / Q.heads, h % Q.heads);
+    std::vector<Partial> part(static_cast<std::size_t>(blocks * cases));
+    struct Workspace {
+      std::vector<float> s;
+      std::vector<double> soft, x2, pw;
+      std::vector<char> mask;
+    };
+    const auto make = [&] {
+      return Workspace{std::vector<float>(static_cast<std::size_t>(kRows * n)), std::vector<double>(n),
+                       std::vector<double>(n), std::vector<double>(n), std::vector<char>(n)};
+    };
+    const double scale0 = 1.0 / std::sqrt(static_cast<double>(d));
+    detail::parallel_tasks(blocks, 2.0 * static_cast<double>(m * n * d), make, [&](index_t b, Workspace& w) {
+      const index_t i0 = b * kRows, r1 = std::min(kRows, m - i0);
+      detail::gemm_abt(r1, n, d, 1.0f, Qh.row(i0), Qh.ld, Kh.data, Kh.ld, 0.0f, w.s.data(), n);
+      for (index_t r = 0; r < r1; ++r) {
+        const float* s = w.s.data() + r * n;
+        double z2 = 0.0, zp = 0.0;  // x^2 and |x|^p rows (free of the scale)
+        for (index_t j = 0; j < n; ++j) {
+          z2 += (w.x2[j] = static_cast<double>(s[j]) * s[j]);
+          zp += (w.pw[j] = std::pow(std::fabs(static_cast<double>(s[j])), eo.p));
+        }
+        for (index_t c = 0; c < cases; ++c) {
+          // Softmax at the selection's own scale (or the default).
+          const double sc = std::isnan(selections[c].scale) ? scale0 : selections[c].scale;
+          double mx = -INFINITY, z = 0.0;
+          for (index_t j = 0; j < n; ++j) mx = std::max(mx, sc * s[j]);
+          for (index_t j = 0; j < n; ++j) z += (w.soft[j] = std::exp(sc * s[j] - mx));
+          mask_of(sel[c], h, i0 + r, w.mask);
+          Partial& p = part[b * cases + c];
+          for (index_t j = 0; j < n; ++j) {
+            const bool in = w.mask[j];
+            p.keys += in;
+            p.mass += in ? w.soft[j] / z : 0.0;
+            if (z2 > 0.0 && w.x2[j] / z2 >= eo.heavy_eps) ++p.x2, p.x2_in += in;
+            if (zp > 0.0 && w.pw[j] / zp >= eo.heavy_eps) ++p.pw, p.pw_in += in;
+          }
+        }
+      }
+    });
+    // Full attention of each selection's kernel, for the output error.
+    std::vector<float> full(static_cast<std::size_t>(m * dv));
+    const Tensor4Ref q1{Qh.data, 1, 1, m, d}, k1{Kh.data, 1, 1, n, d},
+        v1{V.slice(h / Q.heads, h % Q.heads).data, 1, 1, n, dv};
+    const LeverageScores lev = leverage_scores(Kh);
+    const auto [lo, hi] = std::minmax_element(lev.scores.begin(), lev.scores.end());
+    const AttentionOptions* last = nullptr;  // full attention is recomputed only when the kernel changes
+    for (index_t c = 0; c < cases; ++c) {
+      const AttentionOptions& o = selections[c];
+      const auto same = [](double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); };
+      if (!last || last->kernel != o.kernel || !same(last->p, o.p) || !same(last->scale, o.scale)) {
+        AttentionOptions f;
+        f.kernel = o.kernel, f.p = o.p, f.scale = o.scale;
+        attention(q1, k1, v1, full.data(), f);
+        last = &o;
+      }
+      Partial t;
+      for (index_t b = 0; b < blocks; ++b) {
+        const Partial& p = part[b * cases + c];
+        t.mass += p.mass, t.keys += p.keys, t.x2 += p.x2, t.x2_in += p.x2_in, t.pw += p.pw, t.pw_in += p.pw_in;
+      }
+      Evaluation e;
+      e.pair = h;
+      e.selection = describe(selections[c]);
+      e.keys_per_query = t.keys / static_cast<double>(m);
+      e.softmax_mass = t.mass / static_cast<double>(m);
+      const std::vector<float> mine(approx[c].begin() + h * m * dv, approx[c].begin() + (h + 1) * m * dv);
+      e.output_error = rel_distance(mine, full);
+      e.x2_heavy = t.x2, e.power_heavy = t.pw;
+      e.x2_heavy_recall = t.x2 ? static_cast<double>(t.x2_in) / static_cast<double>(t.x2) : 1.0;
+      e.power_heavy_recall = t.pw ? static_cast<double>(t.pw_in) / static_cast<double>(t.pw) : 1.0;
+      e.scores_tied = *hi - *lo <= 1e-6 * std::max(*hi, 1e-300);
+      rows.push_back(e);
+    }
+  }
+  return rows;
+}
+
+}  // namespace levattn
