@@ -474,7 +474,7 @@ Command add_attend(CLI::App& app) {
   sub->add_option("--top-k", a->top_k, "budget of leverage, topk, random and cluster (above n: every key)");
   sub->add_option("--eps", a->eps, "leverage threshold in (0, 1] (cluster: adds U_eps)");
   sub->add_option("--clusters", a->clusters, "cluster: k-means clusters per head (default ceil(sqrt(n)))");
-  sub->add_option("--probe", a->probe, "cluster: clusters each query searches (default 1/8 of them)");
+  sub->add_option("--probe", a->probe, "cluster: clusters each query searches (default: about 2 K candidates, at least max(4, clusters / 32))");
   sub->add_option("--cluster-iterations", a->cluster_iterations, "cluster: most k-means steps (default 8)");
   sub->add_option("--window", a->window, "also keys i-W .. i+W");
   sub->add_option("--sinks", a->sinks, "also the first S keys");

@@ -356,8 +356,7 @@ void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, 
   sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "cluster keys")));
   const index_t c = o.clusters > 0 ? std::min(o.clusters, pl.n)
                                    : static_cast<index_t>(std::ceil(std::sqrt(static_cast<double>(pl.n))));
-  const index_t probe = o.probe > 0 ? std::min(o.probe, c)
-                                    : std::max<index_t>(1, static_cast<index_t>(std::ceil(kDefaultProbe * static_cast<double>(c))));
+  const index_t probe = std::min(c, o.probe > 0 ? o.probe : default_probe(c, pl.n, pl.k_top));
   const double nd = static_cast<double>(pl.heads * pl.n * pl.d);
   std::vector<detail::KeyClusters> kc(static_cast<std::size_t>(pl.heads));
   detail::parallel_tasks(pl.heads, 2.0 * nd * static_cast<double>(c * o.cluster_iterations), [] { return 0; },
@@ -448,6 +447,13 @@ Select parse_select(const std::string& name) {
   for (Select s : {Select::full, Select::leverage, Select::topk, Select::random, Select::window, Select::cluster})
     if (name == to_string(s)) return s;
   detail::invalid("select: expected full, leverage, topk, random, window or cluster, got '" + name + "'");
+}
+
+index_t default_probe(index_t clusters, index_t n, index_t top_k) {
+  const double c = static_cast<double>(clusters);
+  const double enough = std::ceil(2.0 * static_cast<double>(top_k) * c / static_cast<double>(std::max<index_t>(n, 1)));
+  const double p = std::max({static_cast<double>(kMinProbe), std::ceil(c / kProbeDivisor), enough});
+  return std::min(clusters, static_cast<index_t>(p));
 }
 
 index_t adaptive_budget(index_t n, double alpha, double exponent) {

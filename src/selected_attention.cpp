@@ -1,7 +1,8 @@
 // Attention over a fixed selection and its gradients, templated on the scalar. Each query tile
-// meets its keys as blocks (shared keys gathered, the window band masked, or every key); the
-// forward runs an online log-sum-exp over the blocks, the backward recomputes each block's
-// weights from the saved row statistics. dQ is summed per query tile, dK and dV per key block,
+// meets its keys as blocks (shared keys gathered, the window band masked, or every key), then
+// each query its own keys (gathered rows, level-2 BLAS); the forward runs an online log-sum-exp
+// over all of them, the backward recomputes the weights from the saved row statistics. dQ is
+// summed per query tile, dK and dV per key block and then per key over its own-key entries,
 // each in a fixed order.
 #include "levattn/selected_attention.hpp"
 

@@ -81,7 +81,7 @@ TEST(Cluster, RecallOfTheExactTopKGrowsWithTheClustersSearched) {
     last = r;
   }
   EXPECT_EQ(last, 1.0);
-  o.probe = 0;  // the default: 1/8 of the clusters
+  o.probe = 0;  // the default: 2 k c / n = 2 * 32 * 64 / 4000 -> 2, so max(4, 64 / 32) = 4 of 64
   EXPECT_GE(recall(select(b.Q, b.K, o), exact), 0.9);
 }
 
@@ -140,6 +140,14 @@ TEST(Cluster, ReproducibleBySeedAtEveryThreadCount) {
     return levattn::select_keys({q2.data(), 1, 2, 500, 16}, {k2.data(), 1, 2, 3000, 16}, o).query_keys;
   });
   for (const auto& r : runs) EXPECT_EQ(r, runs[0]);
+}
+
+TEST(Cluster, DefaultProbeSearchesAboutTwiceTheBudget) {
+  EXPECT_EQ(levattn::default_probe(128, 16384, 256), 4);   // 4 * 128 keys = 2 * 256
+  EXPECT_EQ(levattn::default_probe(256, 65536, 256), 8);   // c / 32
+  EXPECT_EQ(levattn::default_probe(15, 197, 32), 5);       // ceil(2 * 32 * 15 / 197)
+  EXPECT_EQ(levattn::default_probe(15, 197, 128), 15);     // every cluster
+  EXPECT_EQ(levattn::default_probe(3, 9, 1), 3);           // at most c
 }
 
 TEST(Cluster, RejectsBadOptions) {

@@ -45,7 +45,7 @@ struct AttentionOptions {
   index_t sinks = 0;   ///< >= 0: every query also attends keys 0 .. sinks-1
   std::uint64_t seed = 0;  ///< random selection, cluster initial centroids
   /// Select::cluster: clusters per head (0: ceil(sqrt(n))), clusters each query searches (0:
-  /// kDefaultProbe of them, at least 1) and the most k-means steps. With eps > 0 the shared set U_eps
+  /// default_probe(clusters)) and the most k-means steps. With eps > 0 the shared set U_eps
   /// (leverage scores) is added; window and sinks add as for the other selections.
   index_t clusters = 0;
   index_t probe = 0;
@@ -102,8 +102,13 @@ index_t adaptive_budget(index_t n, double alpha, double exponent);
 /// 1 for power) when that is NaN.
 double logit_scale(const AttentionOptions& options, index_t d);
 
-/// Select::cluster's default probe: this fraction of the clusters (rounded up).
-inline constexpr double kDefaultProbe = 0.125;
+/// Select::cluster's default probe for c clusters of n keys and a budget of top_k keys:
+/// max(kMinProbe, ceil(c / kProbeDivisor), ceil(2 top_k c / n)), at most c: enough clusters for
+/// about twice the budget in candidates (4 of 128 clusters at n = 16384 and 8 of 256 at n = 65536
+/// for top_k = 256: recall 0.99 and 1.0 of the exact top-256 on grouped keys, docs/benchmarks.md).
+inline constexpr index_t kMinProbe = 4;
+inline constexpr double kProbeDivisor = 32.0;
+index_t default_probe(index_t clusters, index_t n, index_t top_k);
 
 /// Names used by the CLI and in messages: "softmax"/"poly", "full"/"leverage"/...
 std::string to_string(Kernel k);

@@ -259,7 +259,7 @@ LeverageOptions(method="exact", ridge=0.0, rank_rtol=1e-5, sketch="countsketch",
   py::class_<ClusterOptions>(m, "ClusterOptions", R"doc(Settings of select="cluster".
 
 ClusterOptions(clusters=0, probe=0, iterations=8): k-means clusters per head (0: ceil(sqrt(n))),
-clusters each query searches (0: 1/8 of them) and the most k-means steps.)doc")
+clusters each query searches (0: levattn default_probe: about 2 top_k candidates, at least max(4, clusters / 32)) and the most k-means steps.)doc")
       .def(py::init([](index_t clusters, index_t probe, index_t iterations) {
              return ClusterOptions{clusters, probe, iterations};
            }),
