@@ -153,17 +153,23 @@ AttentionOptions attention_options(const std::string& select, std::optional<inde
   arg("sinks") = 0, arg("kernel") = "softmax", arg("p") = 2.0, arg("scale") = py::none(), arg("seed") = 0,     \
   arg("budget_alpha") = 0.0, arg("budget_exponent") = 0.0, arg("leverage") = py::none(), arg("cluster") = py::none()
 
-// Attention over a selection in float T (float32 or float64): out (.., m, dv) and stat (.., m).
-template <class T>
-py::tuple forward(py::handle q_, py::handle k_, py::handle v_, const Selection& sel, const AttentionOptions& o) {
-  const auto q = array_of<T>(q_, "q"), k = array_of<T>(k_, "k"), v = array_of<T>(v_, "v");
+// The shape of q (.., m, d), k (.., n, d), v (.., n, dv) with the same leading dimensions.
+AttentionShape attention_shape(const py::array& q, const py::array& k, const py::array& v) {
   const Dims dq = dims(q, "q"), dk = dims(k, "k"), dv = dims(v, "v");
   if (q.ndim() != k.ndim() || q.ndim() != v.ndim()) value_error("q, k, v: expected arrays of the same number of dimensions");
   if (dk.batch != dq.batch || dk.heads != dq.heads || dv.batch != dq.batch || dv.heads != dq.heads ||
       dk.cols != dq.cols || dv.rows != dk.rows)
     value_error("q, k, v: expected shapes (.., m, d), (.., n, d), (.., n, dv) with the same leading dimensions, got " +
                 shape_text(q) + ", " + shape_text(k) + ", " + shape_text(v));
-  const AttentionShape sh{dq.batch, dq.heads, dq.rows, dk.rows, dq.cols, dv.cols};
+  return {dq.batch, dq.heads, dq.rows, dk.rows, dq.cols, dv.cols};
+}
+
+// Attention over a selection in float T (float32 or float64): out (.., m, dv) and stat (.., m).
+template <class T>
+py::tuple forward(py::handle q_, py::handle k_, py::handle v_, const Selection& sel, const AttentionOptions& o) {
+  const auto q = array_of<T>(q_, "q"), k = array_of<T>(k_, "k"), v = array_of<T>(v_, "v");
+  const AttentionShape sh = attention_shape(q, k, v);
+  const Dims dq = dims(q, "q"), dv = dims(v, "v");
   py::array_t<T> out(shape_like(q, dq.rows, dv.cols));
   std::vector<py::ssize_t> stat_shape(q.shape(), q.shape() + q.ndim() - 1);
   py::array_t<T> stat(stat_shape);
@@ -179,8 +185,7 @@ py::tuple backward(py::handle q_, py::handle k_, py::handle v_, py::handle out_,
                    const Selection& sel, const AttentionOptions& o, bool need_dq, bool need_dk, bool need_dv) {
   const auto q = array_of<T>(q_, "q"), k = array_of<T>(k_, "k"), v = array_of<T>(v_, "v");
   const auto out = array_of<T>(out_, "out"), stat = array_of<T>(stat_, "stat"), dout = array_of<T>(dout_, "grad_out");
-  const Dims dq = dims(q, "q"), dk = dims(k, "k"), dv = dims(v, "v");
-  const AttentionShape sh{dq.batch, dq.heads, dq.rows, dk.rows, dq.cols, dv.cols};
+  const AttentionShape sh = attention_shape(q, k, v);
   const auto rows_of = [](const py::array& a) { return a.size(); };
   const py::ssize_t outs = static_cast<py::ssize_t>(sh.batch * sh.heads * sh.m);
   if (rows_of(out) != outs * sh.dv || rows_of(dout) != outs * sh.dv || rows_of(stat) != outs)

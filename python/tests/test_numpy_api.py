@@ -264,3 +264,15 @@ def test_evaluate_matches_a_numpy_oracle():
     with pytest.raises(ValueError, match="wndow"):
         levattn.evaluate(q, k, v, ["topk:3+wndow:2"])
     assert levattn.parse_selection("leverage+eps:0.05+window:4") == "leverage eps=0.05 window=4"
+
+
+def test_attention_backward_checks_the_shapes_of_q_k_v():
+    r = rng(13)
+    q, k, v = (r.standard_normal((2, 20, 4)).astype(np.float32) for _ in range(3))
+    sel = levattn.select_keys(q, k, select="topk", top_k=3)
+    out, stat = levattn.attention_forward(q, k, v, sel)
+    for kk in (k[:, :, :3], k[:1]):  # another d, fewer heads: refused before any read
+        with pytest.raises(ValueError, match="same leading dimensions"):
+            levattn.attention_backward(q, np.ascontiguousarray(kk), v, out, stat, out, sel)
+    with pytest.raises(ValueError, match="do not match"):
+        levattn.attention_backward(q, k, v, out[:, :10], stat, out, sel)
