@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
   app.add_option("--heads", heads, "heads")->check(CLI::PositiveNumber);
   app.add_option("--n", n, "tokens (queries = keys)")->check(CLI::PositiveNumber);
   app.add_option("--d", d, "head dimension")->check(CLI::PositiveNumber);
-  app.add_option("--top-k", top_k, "keys per head of leverage / random / topk")->check(CLI::PositiveNumber);
+  app.add_option("--top-k", top_k, "keys per head of leverage / random, per query of topk / cluster")->check(CLI::PositiveNumber);
   app.add_option("--rounds", rounds, "interleaved timing rounds (median reported)")->check(CLI::PositiveNumber);
   app.add_option("--threads", threads, "OpenMP threads (default: OpenMP's)")->check(CLI::NonNegativeNumber);
   app.add_option("--seed", seed, "seed of the Gaussian inputs");
@@ -72,6 +72,9 @@ int main(int argc, char** argv) {
     auto& topk = runs["topk"];
     topk.select = levattn::Select::topk;
     topk.top_k = top_k;
+    auto& clus = runs["cluster"];
+    clus.select = levattn::Select::cluster;
+    clus.top_k = top_k;
 
     // The leverage selection alone: scores and top-k of every head, one head after another.
     const auto select_all = [&] {

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <sstream>
 
 #include "detail/cluster.hpp"
@@ -345,42 +346,89 @@ BlockStats run_block(const Plan& pl, Workspace& w, const Inputs& in, const HeadS
   return attend_topk(pl, w, keys, Qh, Kh, Vh, i0, rows, dst);
 }
 
-// Select::cluster: per pair its shared keys (U_eps, sinks) and its k-means clusters, then per query
-// block each query's top_k keys among its probed clusters' keys outside the shared set and window.
-void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, Selection& sel) {
+// Select::cluster's per-pair state: the shared keys (U_eps, sinks) and k-means clusters, and the
+// search's probe and queries per task.
+struct ClusterPlan {
+  kernels::KernelParams params;  // the plan's, checking logits only where they can overflow
+  bool shared = false;
+  std::vector<std::vector<index_t>> shared_keys;
+  std::vector<detail::KeyClusters> kc;
+  index_t probe = 0, rows = 0, tasks = 0;  // rows: queries per task; tasks per pair
+  double flops = 0.0;                      // of the search
+};
+
+ClusterPlan plan_clusters(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K) {
   const AttentionOptions& o = pl.o;
-  const bool shared = o.eps > 0.0 || o.sinks > 0;
-  sel.window = pl.window;
-  sel.top_k = pl.k_top;
-  if (shared) sel.shared_keys.resize(static_cast<std::size_t>(pl.heads));
-  sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "cluster keys")));
+  ClusterPlan cp;
+  // Logits scale q.k and centroid scores q.c (|c| <= max |k|): one bound for both.
+  const double max_q = detail::finite_max_abs(flat(Q), "queries"), max_k = detail::finite_max_abs(flat(K), "keys");
+  cp.params = pl.params;
+  cp.params.check_overflow = logits_can_overflow(std::max(1.0, std::fabs(static_cast<double>(pl.params.scale))), pl.d, max_q, max_k);
+  cp.shared = o.eps > 0.0 || o.sinks > 0;
   const index_t c = o.clusters > 0 ? std::min(o.clusters, pl.n)
                                    : static_cast<index_t>(std::ceil(std::sqrt(static_cast<double>(pl.n))));
-  const index_t probe = std::min(c, o.probe > 0 ? o.probe : default_probe(c, pl.n, pl.k_top));
+  cp.probe = std::min(c, o.probe > 0 ? o.probe : default_probe(c, pl.n, pl.k_top));
+  cp.shared_keys.resize(static_cast<std::size_t>(cp.shared ? pl.heads : 0));
+  cp.kc.resize(static_cast<std::size_t>(pl.heads));
+  const auto one = [&](index_t h) {
+    const ConstMatrix Kh = K.slice(h / pl.qheads, h % pl.qheads);
+    if (cp.shared) cp.shared_keys[h] = shared_keys(o, Kh, static_cast<std::uint64_t>(h));
+    const auto stream = static_cast<std::uint64_t>(h);
+    cp.kc[h] = detail::cluster_keys(Kh, c, o.cluster_iterations,
+                                    detail::CounterRng(o.seed, detail::Purpose::cluster_seeds, stream),
+                                    detail::CounterRng(o.seed, detail::Purpose::cluster_sample, stream));
+  };
+  // Many pairs: one thread each; few: one after another, each k-means step using the team.
   const double nd = static_cast<double>(pl.heads * pl.n * pl.d);
-  std::vector<detail::KeyClusters> kc(static_cast<std::size_t>(pl.heads));
-  detail::parallel_tasks(pl.heads, 2.0 * nd * static_cast<double>(c * o.cluster_iterations), [] { return 0; },
-                         [&](index_t h, int&) {
-                           const ConstMatrix Kh = K.slice(h / pl.qheads, h % pl.qheads);
-                           if (shared) sel.shared_keys[h] = shared_keys(o, Kh, static_cast<std::uint64_t>(h));
-                           kc[h] = detail::cluster_keys(Kh, c, o.cluster_iterations,
-                                                        detail::CounterRng(o.seed, detail::Purpose::cluster_seeds,
-                                                                           static_cast<std::uint64_t>(h)));
-                         });
-  const double search = 2.0 * static_cast<double>(pl.heads * pl.m * pl.d) *
-                        (static_cast<double>(c) + static_cast<double>(probe * pl.n) / static_cast<double>(c));
-  detail::parallel_tasks(pl.heads * pl.blocks, search, [] { return std::vector<char>(); },
-                         [&](index_t t, std::vector<char>& excluded) {
-                           const index_t h = t / pl.blocks, i0 = (t % pl.blocks) * kernels::kQueryBlock;
-                           const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
-                           if (shared) {
-                             excluded.assign(static_cast<std::size_t>(pl.n), 0);
-                             for (index_t j : sel.shared_keys[h]) excluded[j] = 1;
-                           }
-                           detail::clustered_top_keys(pl.params, Q.slice(h / pl.qheads, h % pl.qheads), kc[h], probe,
-                                                      pl.k_top, i0, i1, shared ? excluded.data() : nullptr, pl.window,
-                                                      sel.query_keys.data() + (h * pl.m + i0) * pl.k_top);
-                         });
+  if (pl.heads >= omp_get_max_threads())
+    detail::parallel_tasks(pl.heads, 2.0 * nd * static_cast<double>(c * o.cluster_iterations), [] { return 0; },
+                           [&](index_t h, int&) { one(h); });
+  else
+    for (index_t h = 0; h < pl.heads; ++h) one(h);
+  // About one candidate buffer's worth of queries per task, so that each cluster's product has
+  // many queries; a function of the sizes alone, so results do not depend on the thread count.
+  const double per_query = static_cast<double>(cp.probe) * std::ceil(static_cast<double>(pl.n) / static_cast<double>(c));
+  const double fit = std::floor(static_cast<double>(detail::kRunRanks) / per_query / kernels::kQueryBlock) * kernels::kQueryBlock;
+  cp.rows = std::min(pl.m, static_cast<index_t>(std::clamp<double>(fit, kernels::kQueryBlock, 16 * kernels::kQueryBlock)));
+  cp.tasks = (pl.m + cp.rows - 1) / cp.rows;
+  cp.flops = 2.0 * static_cast<double>(pl.heads * pl.m * pl.d) * (static_cast<double>(c) + per_query);
+  return cp;
+}
+
+// Per-thread buffers of the clustered search and attention.
+struct ClusterTask {
+  detail::ClusterWork search;
+  detail::ClusterAttendWork attend;
+  std::vector<char> excluded;
+};
+
+// Calls visit(h, candidates, task) for every run of queries of every pair, in parallel by
+// (pair, query range); each query's own keys leave out its pair's shared keys and its window.
+template <class Visit>
+void search_all(const Plan& pl, const ClusterPlan& cp, const Tensor4Ref& Q, double flops, Visit&& visit) {
+  detail::parallel_tasks(pl.heads * cp.tasks, flops, [] { return ClusterTask(); }, [&](index_t t, ClusterTask& w) {
+    const index_t h = t / cp.tasks, i0 = (t % cp.tasks) * cp.rows, i1 = std::min(pl.m, i0 + cp.rows);
+    if (cp.shared) {
+      w.excluded.assign(static_cast<std::size_t>(pl.n), 0);
+      for (index_t j : cp.shared_keys[h]) w.excluded[j] = 1;
+    }
+    detail::search_clusters(cp.params, Q.slice(h / pl.qheads, h % pl.qheads), cp.kc[h], cp.probe, pl.k_top, i0, i1,
+                            cp.shared ? w.excluded.data() : nullptr, pl.window, w.search,
+                            [&](const detail::ClusterCandidates& cand) { visit(h, cand, w); });
+  });
+}
+
+// Select::cluster: per pair its shared keys and clusters, then each query's top_k keys among its
+// probed clusters' keys outside the shared set and window.
+void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, Selection& sel) {
+  ClusterPlan cp = plan_clusters(pl, Q, K);
+  sel.window = pl.window;
+  sel.top_k = pl.k_top;
+  sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "cluster keys")));
+  search_all(pl, cp, Q, cp.flops, [&](index_t h, const detail::ClusterCandidates& cand, ClusterTask&) {
+    detail::kept_keys(cand, cp.kc[h], pl.k_top, sel.query_keys.data() + (h * pl.m + cand.i0) * pl.k_top);
+  });
+  if (cp.shared) sel.shared_keys = std::move(cp.shared_keys);
 }
 
 // How many keys each query of a selection attends, summed over all queries.
@@ -468,27 +516,74 @@ index_t adaptive_budget(index_t n, double alpha, double exponent) {
 
 namespace {
 
-// Selections that select_keys alone makes (cluster): the selection, then the float32 kernel of
-// selected_attention over it.
-AttentionResult attend_selection(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, float* out,
+// Row statistics and outputs of two disjoint parts of each query's keys, merged: with
+// L = log(e^a + e^b), out = e^(a - L) out_a + e^(b - L) out_b (a row statistic +inf: no keys).
+void merge_parts(index_t rows, index_t dv, float* out, float* stat, const float* out_b, const float* stat_b) {
+  constexpr float none = std::numeric_limits<float>::infinity();
+  for (index_t r = 0; r < rows; ++r) {
+    const double a = stat[r], b = stat_b[r];
+    float* o = out + r * dv;
+    const float* ob = out_b + r * dv;
+    if (b == none) continue;
+    if (a == none) {
+      std::copy_n(ob, dv, o);
+      stat[r] = stat_b[r];
+      continue;
+    }
+    const double top = std::max(a, b), l = top + std::log(std::exp(a - top) + std::exp(b - top));
+    const double wa = std::exp(a - l), wb = std::exp(b - l);
+    for (index_t x = 0; x < dv; ++x) o[x] = static_cast<float>(wa * o[x] + wb * ob[x]);
+    stat[r] = static_cast<float>(l);
+  }
+}
+
+// Select::cluster: the clustered search fused with attention over what it keeps (each
+// cluster's keys and values met by all its queries at once), plus the shared keys and window
+// attended apart (selected_attention_forward) and merged by their row statistics.
+AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, float* out,
                                  const AttentionOptions& options) {
+  const Plan pl = make_plan(Q, K, V, options);
   const auto t0 = Clock::now();
-  Selection sel = select_keys(Q, K, options);
+  ClusterPlan cp = plan_clusters(pl, Q, K);
+  detail::require_finite_matrix(flat(V), "values");
+  std::vector<std::vector<float>> values(static_cast<std::size_t>(pl.heads));
+  for (index_t h = 0; h < pl.heads; ++h) values[h] = detail::in_cluster_order(V.slice(h / pl.qheads, h % pl.qheads), cp.kc[h]);
   AttentionResult res;
   res.seconds_selection = seconds_since(t0);
-  const AttentionShape sh{Q.batch, Q.heads, Q.rows, K.rows, Q.cols, V.cols};
-  std::vector<float> stat(static_cast<std::size_t>(sel.pairs() * sh.m));
-  selected_attention_forward<float>(sh, sel, options, Q.data, K.data, V.data, out, stat.data());
+  res.top_k = pl.k_top;
+  std::vector<float> stat(static_cast<std::size_t>(pl.heads * pl.m));
+  if (options.return_selection) res.query_keys.resize(static_cast<std::size_t>(pl.heads * pl.m * pl.k_top));
+  std::vector<double> own(static_cast<std::size_t>(pl.heads * cp.tasks), 0.0);
+  search_all(pl, cp, Q, 2.0 * cp.flops, [&](index_t h, const detail::ClusterCandidates& cand, ClusterTask& w) {
+    const index_t row = h * pl.m + cand.i0;
+    own[h * cp.tasks + cand.i0 / cp.rows] +=
+        detail::attend_candidates(cp.params, cand, cp.kc[h], values[h].data(), pl.dv, w.attend, out + row * pl.dv,
+                                  stat.data() + row);
+    if (options.return_selection) detail::kept_keys(cand, cp.kc[h], pl.k_top, res.query_keys.data() + row * pl.k_top);
+  });
+  double keys = std::accumulate(own.begin(), own.end(), 0.0);
+  if (cp.shared || pl.window >= 0) {
+    Selection part;
+    part.batch = Q.batch, part.heads = Q.heads, part.m = pl.m, part.n = pl.n, part.window = pl.window;
+    part.shared_keys = cp.shared_keys;
+    const AttentionShape sh{Q.batch, Q.heads, pl.m, pl.n, pl.d, pl.dv};
+    std::vector<float> out_b(static_cast<std::size_t>(pl.heads * pl.m * pl.dv)), stat_b(stat.size());
+    selected_attention_forward<float>(sh, part, options, Q.data, K.data, V.data, out_b.data(), stat_b.data());
+    merge_parts(pl.heads * pl.m, pl.dv, out, stat.data(), out_b.data(), stat_b.data());
+    keys += keys_attended(part);
+  }
+  if (!detail::all_finite(out, pl.heads * pl.m * pl.dv) ||
+      std::any_of(stat.begin(), stat.end(), [](float x) { return std::isnan(x); }))
+    detail::invalid("attention: the scaled logits or the weighted values overflow float32; rescale queries, keys or "
+                    "values (or pass a smaller scale)");
   res.seconds_attention = seconds_since(t0) - res.seconds_selection;
-  res.top_k = sel.top_k;
   res.empty_rows = std::count(stat.begin(), stat.end(), std::numeric_limits<float>::infinity());
-  res.mean_keys_per_query = keys_attended(sel) / static_cast<double>(sel.pairs() * sh.m);
-  res.shared_sizes.assign(static_cast<std::size_t>(sel.pairs()), 0);
-  for (std::size_t h = 0; h < sel.shared_keys.size(); ++h) res.shared_sizes[h] = static_cast<index_t>(sel.shared_keys[h].size());
+  res.mean_keys_per_query = keys / static_cast<double>(pl.heads * pl.m);
+  res.shared_sizes.assign(static_cast<std::size_t>(pl.heads), 0);
+  for (std::size_t h = 0; h < cp.shared_keys.size(); ++h) res.shared_sizes[h] = static_cast<index_t>(cp.shared_keys[h].size());
   if (options.return_selection) {
-    res.shared_keys = std::move(sel.shared_keys);
-    res.shared_keys.resize(static_cast<std::size_t>(sel.pairs()));
-    res.query_keys = std::move(sel.query_keys);
+    res.shared_keys = std::move(cp.shared_keys);
+    res.shared_keys.resize(static_cast<std::size_t>(pl.heads));
   }
   return res;
 }
@@ -499,7 +594,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
                           float* out, const AttentionOptions& options) {
   check_shapes(Q, K, V);
   if (!out) detail::invalid("attention: null output buffer");
-  if (options.select == Select::cluster) return attend_selection(Q, K, V, out, options);
+  if (options.select == Select::cluster) return attend_clustered(Q, K, V, out, options);
   const Plan pl = make_plan(Q, K, V, options);
   const AttentionOptions& o = pl.o;
   const index_t heads = pl.heads, blocks = pl.blocks;

@@ -1,41 +1,51 @@
-// k-means over one head's keys and the clustered per-query top-k search (Select::cluster).
+// k-means over one head's keys, the clustered per-query search and attention over what it keeps
+// (Select::cluster). The search scores each cluster's keys against all the queries that probe
+// it in one product, and attention reuses those ranks: per cluster one product of its queries'
+// weights with its value rows, so no query gathers key or value rows of its own.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "detail/blas.hpp"
 #include "detail/cluster.hpp"
+#include "detail/parallel.hpp"
 #include "detail/selection.hpp"
+#include "detail/validate.hpp"
 
 namespace levattn::detail {
 namespace {
 
-constexpr index_t kAssignRows = 4096;  // keys per assignment GEMM
+constexpr index_t kAssignRows = 4096;                    // keys per assignment GEMM
+constexpr index_t kRouteRows = 256;                      // queries per routing GEMM
+constexpr float kNone = -std::numeric_limits<float>::infinity();
 
 // Each key's cluster: the largest k.c - |c|^2 / 2 (the nearest centroid), ties to the lower one.
 // Returns whether any key changed cluster.
-bool assign(ConstMatrix K, const KeyClusters& kc, std::vector<index_t>& label, std::vector<float>& tile) {
-  const index_t n = K.rows, d = K.cols, c = kc.count;
+bool assign(ConstMatrix K, const KeyClusters& kc, std::vector<index_t>& label) {
+  const index_t n = K.rows, d = K.cols, c = kc.count, blocks = (n + kAssignRows - 1) / kAssignRows;
   std::vector<float> half(static_cast<std::size_t>(c));
   for (index_t j = 0; j < c; ++j) {
     double s = 0.0;
     for (index_t x = 0; x < d; ++x) s += static_cast<double>(kc.centroids[j * d + x]) * kc.centroids[j * d + x];
     half[j] = static_cast<float>(0.5 * s);
   }
-  bool changed = false;
-  tile.resize(static_cast<std::size_t>(std::min(n, kAssignRows) * c));
-  for (index_t r0 = 0; r0 < n; r0 += kAssignRows) {
-    const index_t rows = std::min(kAssignRows, n - r0);
+  std::vector<char> changed(static_cast<std::size_t>(blocks), 0);
+  const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(c * d);
+  parallel_tasks(blocks, flops, [] { return std::vector<float>(); }, [&](index_t b, std::vector<float>& tile) {
+    const index_t r0 = b * kAssignRows, rows = std::min(kAssignRows, n - r0);
+    tile.resize(static_cast<std::size_t>(rows * c));
     gemm_abt(rows, c, d, 1.0f, K.row(r0), K.ld, kc.centroids.data(), d, 0.0f, tile.data(), c);
     for (index_t r = 0; r < rows; ++r) {
       const float* t = tile.data() + r * c;
       index_t best = 0;
+      float top = t[0] - half[0];
       for (index_t j = 1; j < c; ++j)
-        if (t[j] - half[j] > t[best] - half[best]) best = j;
-      changed |= label[r0 + r] != best;
+        if (t[j] - half[j] > top) top = t[j] - half[j], best = j;
+      changed[b] |= label[r0 + r] != best;
       label[r0 + r] = best;
     }
-  }
-  return changed;
+  });
+  return std::count(changed.begin(), changed.end(), 1) > 0;
 }
 
 // Centroids <- the mean of their keys (summed in key order); an empty cluster keeps its centroid.
@@ -52,20 +62,219 @@ void update(ConstMatrix K, const std::vector<index_t>& label, KeyClusters& kc) {
       for (index_t x = 0; x < d; ++x) kc.centroids[j * d + x] = static_cast<float>(sum[j * d + x] / static_cast<double>(count[j]));
 }
 
+// The k-th largest of v[0 .. count) (finite or -inf, at least k finite), with how many are larger
+// and how many equal. For many entries, vectorised counts bracket it first: from the largest
+// value down, a window [lo, hi) that doubles until at least k values are >= lo, then halves
+// while it holds more than a few; those few are selected exactly.
+struct Kth {
+  float value;
+  std::size_t above, equal;
+};
+Kth kth_largest(const kernels::RowOps& ops, const float* v, index_t count, index_t k, float best,
+                std::vector<float>& scratch) {
+  constexpr index_t kFew = 64, kDirect = 128;  // up to kDirect entries a selection over all is cheaper
+  const auto exact = [&](index_t rank, index_t above) {  // over the entries in scratch
+    std::nth_element(scratch.begin(), scratch.begin() + rank, scratch.end(), std::greater<float>());
+    const float x = scratch[static_cast<std::size_t>(rank)];
+    const auto larger = std::count_if(scratch.begin(), scratch.begin() + rank, [x](float y) { return y > x; });
+    return Kth{x, static_cast<std::size_t>(above + larger), static_cast<std::size_t>(std::count(scratch.begin(), scratch.end(), x))};
+  };
+  if (count <= kDirect) {
+    scratch.assign(v, v + count);
+    return exact(k - 1, 0);
+  }
+  const float lowest = std::numeric_limits<float>::lowest();
+  float hi = std::nextafter(best, std::numeric_limits<float>::infinity()), lo = best;
+  index_t at_hi = 0, at_lo = ops.count_at_least(v, count, lo);
+  for (float span = std::max(1.0f, std::fabs(best)) / 16; at_lo < k; span *= 2) {
+    hi = lo, at_hi = at_lo;
+    lo = best - span < lowest || span > std::numeric_limits<float>::max() / 4 ? lowest : best - span;
+    at_lo = ops.count_at_least(v, count, lo);
+  }
+  while (at_lo - at_hi > kFew) {
+    const float mid = 0.5f * lo + 0.5f * hi;
+    if (mid <= lo || mid >= hi) break;  // adjacent floats: the rest are ties
+    const index_t at_mid = ops.count_at_least(v, count, mid);
+    (at_mid >= k ? lo : hi) = mid;
+    (at_mid >= k ? at_lo : at_hi) = at_mid;
+  }
+  scratch.resize(static_cast<std::size_t>(count));
+  scratch.resize(static_cast<std::size_t>(ops.collect_between(v, count, lo, hi, scratch.data())));
+  return exact(k - 1 - at_hi, at_hi);
+}
+
+// Which entries of a row its best k are: v > gt, and (tie_key >= 0) among v == cut the keys up
+// to tie_key.
+struct Keep {
+  float gt, cut;
+  index_t tie_key;  // -1: gt alone
+  bool kept(float v, index_t key) const { return v > gt || (tie_key >= 0 && v == cut && key <= tie_key); }
+};
+
+// The rule that keeps the best k of v[0 .. count) (finite, or -inf for entries never kept; ties
+// to the lower key: key(a) gives entry a's key, called only when ties straddle the k-th place).
+template <class KeyOf>
+Keep best_k(const kernels::RowOps& ops, const float* v, index_t count, index_t k, float best, KeyOf key,
+            std::vector<float>& scratch) {
+  if (ops.count_at_least(v, count, std::numeric_limits<float>::lowest()) <= k) return Keep{kNone, kNone, -1};
+  const Kth cut = kth_largest(ops, v, count, k, best, scratch);
+  const std::size_t quota = static_cast<std::size_t>(k) - cut.above;
+  if (cut.equal <= quota) return Keep{std::nextafter(cut.value, kNone), cut.value, -1};
+  std::vector<index_t> tied;
+  for (index_t a = 0; a < count; ++a)
+    if (v[a] == cut.value) tied.push_back(key(a));
+  std::nth_element(tied.begin(), tied.begin() + static_cast<std::ptrdiff_t>(quota - 1), tied.end());
+  return Keep{cut.value, cut.value, tied[quota - 1]};
+}
+
+[[noreturn]] void overflow() {
+  invalid("cluster: the scaled logits overflow float32; rescale queries or keys (or pass a smaller scale)");
+}
+
+// Each query's p clusters of largest centroid score (power: |score|), ascending: rows x p.
+void route(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters& kc, index_t p, index_t i0,
+           index_t i1, ClusterWork& w, std::vector<index_t>& picked) {
+  const index_t c = kc.count, d = kc.d;
+  picked.resize(static_cast<std::size_t>((i1 - i0) * p));
+  for (index_t r0 = i0; r0 < i1; r0 += kRouteRows) {
+    const index_t rows = std::min(kRouteRows, i1 - r0);
+    w.route.resize(static_cast<std::size_t>(rows * c));
+    gemm_abt(rows, c, d, 1.0f, Q.row(r0), Q.ld, kc.centroids.data(), d, 0.0f, w.route.data(), c);
+    if (params.check_overflow && params.ops->max_abs(w.route.data(), rows * c) < 0) overflow();
+    for (index_t r = 0; r < rows; ++r) {
+      float* s = w.route.data() + r * c;
+      if (params.kernel == Kernel::power)
+        for (index_t j = 0; j < c; ++j) s[j] = std::fabs(s[j]);
+      const Keep keep = best_k(*params.ops, s, c, p, params.ops->row_max(s, c), [](index_t j) { return j; }, w.scratch);
+      index_t* out = picked.data() + (r0 - i0 + r) * p;
+      for (index_t j = 0, taken = 0; j < c; ++j)
+        if (keep.kept(s[j], j)) out[taken++] = j;  // p of them: the scores are finite
+    }
+  }
+}
+
+// The run's per-cluster members and rank blocks (members x cluster size), and the offset of
+// each (query, slot)'s ranks.
+void index_run(const KeyClusters& kc, ClusterWork& w) {
+  ClusterCandidates& cand = w.cand;
+  const index_t p = cand.probe, c = kc.count;
+  cand.member_start.assign(static_cast<std::size_t>(c + 1), 0);
+  for (index_t a = 0; a < cand.rows * p; ++a) ++cand.member_start[cand.picked[a] + 1];
+  for (index_t j = 0; j < c; ++j) cand.member_start[j + 1] += cand.member_start[j];
+  w.block.assign(static_cast<std::size_t>(c + 1), 0);
+  for (index_t j = 0; j < c; ++j)
+    w.block[j + 1] = w.block[j] + static_cast<std::size_t>((cand.member_start[j + 1] - cand.member_start[j]) * kc.size(j));
+  cand.member_row.resize(static_cast<std::size_t>(cand.rows * p));
+  cand.member_slot.resize(cand.member_row.size());
+  w.segment.resize(cand.member_row.size());
+  std::vector<index_t> fill(cand.member_start.begin(), cand.member_start.end() - 1);
+  for (index_t r = 0; r < cand.rows; ++r)
+    for (index_t s = 0; s < p; ++s) {
+      const index_t j = cand.picked[r * p + s], at = fill[j]++;
+      cand.member_row[at] = r, cand.member_slot[at] = s;
+      w.segment[r * p + s] = w.block[j] + static_cast<std::size_t>((at - cand.member_start[j]) * kc.size(j));
+    }
+}
+
+// Ranks of every member query against every key of its probed clusters: per cluster and key
+// tile one product for all the queries that probe it, written in place into the cluster's block.
+void rank_run(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters& kc, const char* excluded,
+              index_t window, ClusterWork& w) {
+  ClusterCandidates& cand = w.cand;
+  const index_t d = kc.d;
+  const bool softmax = params.kernel == Kernel::softmax;
+  w.rank.resize(w.block[kc.count]);
+  for (index_t j = 0; j < kc.count; ++j) {
+    const index_t m0 = cand.member_start[j], cnt = cand.member_start[j + 1] - m0, size = kc.size(j);
+    if (cnt == 0 || size == 0) continue;
+    w.qs.resize(static_cast<std::size_t>(cnt * d));
+    for (index_t a = 0; a < cnt; ++a) std::copy_n(Q.row(cand.i0 + cand.member_row[m0 + a]), d, w.qs.data() + a * d);
+    float* block = w.rank.data() + w.block[j];
+    for (index_t b0 = 0; b0 < size; b0 += kernels::kKeyTile) {
+      const index_t tw = std::min(kernels::kKeyTile, size - b0);
+      gemm_abt(cnt, tw, d, params.scale, w.qs.data(), d, kc.keys.data() + (kc.start[j] + b0) * d, d, 0.0f, block + b0,
+               size);
+    }
+    if (params.check_overflow && params.ops->max_abs(block, cnt * size) < 0) overflow();
+    if (softmax && !excluded && window < 0) continue;
+    const index_t* keys = kc.order.data() + kc.start[j];
+    for (index_t a = 0; a < cnt; ++a) {
+      float* t = block + a * size;
+      const index_t i = cand.i0 + cand.member_row[m0 + a];
+      for (index_t b = 0; b < size; ++b) {
+        const bool out = (excluded && excluded[keys[b]]) || (window >= 0 && std::abs(i - keys[b]) <= window);
+        t[b] = out ? kNone : softmax ? t[b] : std::fabs(t[b]);
+      }
+    }
+  }
+}
+
+// Query r's best k among its candidates into the kept lists, slot by slot.
+void keep_row(const kernels::RowOps& ops, const KeyClusters& kc, index_t k, index_t r, ClusterWork& w) {
+  ClusterCandidates& cand = w.cand;
+  const index_t p = cand.probe;
+  const index_t* picked = cand.picked.data() + r * p;
+  w.row.clear();
+  for (index_t s = 0; s < p; ++s) {  // the query's ranks, contiguous
+    const float* seg = w.rank.data() + w.segment[r * p + s];
+    w.row.insert(w.row.end(), seg, seg + kc.size(picked[s]));
+  }
+  const auto count = static_cast<index_t>(w.row.size());
+  const float* v = w.row.data();
+  cand.best[r] = ops.row_max(v, count);
+  const auto key_of = [&](index_t a) {
+    index_t s = 0;
+    for (; a >= kc.size(picked[s]); ++s) a -= kc.size(picked[s]);
+    return kc.order[kc.start[picked[s]] + a];
+  };
+  const Keep keep = best_k(ops, v, count, k, cand.best[r], key_of, w.scratch);
+  std::size_t in = cand.kept_start[r * p];
+  for (index_t s = 0, a = 0; s < p; ++s) {  // branch-free compaction, slot by slot
+    const index_t j = picked[s], size = kc.size(j);
+    const index_t* keys = kc.order.data() + kc.start[j];
+    if (keep.tie_key < 0) {
+      for (index_t b = 0; b < size; ++b, ++a) {
+        cand.kept_rank[in] = v[a], cand.kept_index[in] = b;
+        in += static_cast<std::size_t>(v[a] > keep.gt);
+      }
+    } else {
+      for (index_t b = 0; b < size; ++b, ++a) {
+        cand.kept_rank[in] = v[a], cand.kept_index[in] = b;
+        in += static_cast<std::size_t>(keep.kept(v[a], keys[b]));
+      }
+    }
+    cand.kept_start[r * p + s + 1] = in;
+  }
+}
+
 }  // namespace
 
-KeyClusters cluster_keys(ConstMatrix K, index_t clusters, index_t iterations, const CounterRng& rng) {
+KeyClusters cluster_keys(ConstMatrix K, index_t clusters, index_t iterations, const CounterRng& starts,
+                         const CounterRng& sample) {
   const index_t n = K.rows, d = K.cols;
   KeyClusters kc;
   kc.count = std::clamp<index_t>(clusters, 1, n), kc.d = d;
-  const std::vector<index_t> first = random_keys(n, kc.count, rng);
+  // The training keys (ascending, so that each mean sums them in key order) and the starts.
+  const index_t train = std::min(n, kTrainPerCluster * kc.count);
+  std::vector<float> rows;
+  ConstMatrix T = K;
+  if (train < n) {
+    const std::vector<index_t> picked = random_keys(n, train, sample);
+    rows.resize(static_cast<std::size_t>(train * d));
+    for (index_t a = 0; a < train; ++a) std::copy_n(K.row(picked[a]), d, rows.data() + a * d);
+    T = ConstMatrix{rows.data(), train, d};
+  }
+  const std::vector<index_t> first = random_keys(train, kc.count, starts);
   kc.centroids.resize(static_cast<std::size_t>(kc.count * d));
-  for (index_t j = 0; j < kc.count; ++j) std::copy_n(K.row(first[j]), d, kc.centroids.data() + j * d);
-  std::vector<index_t> label(static_cast<std::size_t>(n), -1);
-  std::vector<float> tile;
+  for (index_t j = 0; j < kc.count; ++j) std::copy_n(T.row(first[j]), d, kc.centroids.data() + j * d);
+  std::vector<index_t> label(static_cast<std::size_t>(train), -1);
   for (index_t it = 0; it < std::max<index_t>(iterations, 1); ++it) {
-    if (!assign(K, kc, label, tile) && it > 0) break;
-    update(K, label, kc);
+    if (!assign(T, kc, label) && it > 0) break;
+    update(T, label, kc);
+  }
+  if (train < n) {
+    label.assign(static_cast<std::size_t>(n), -1);
+    assign(K, kc, label);
   }
   // Keys cluster by cluster (a counting sort keeps them ascending within a cluster).
   kc.start.assign(static_cast<std::size_t>(kc.count + 1), 0);
@@ -74,67 +283,99 @@ KeyClusters cluster_keys(ConstMatrix K, index_t clusters, index_t iterations, co
   std::vector<index_t> fill(kc.start.begin(), kc.start.end() - 1);
   kc.order.resize(static_cast<std::size_t>(n));
   for (index_t i = 0; i < n; ++i) kc.order[fill[label[i]]++] = i;
-  kc.keys.resize(static_cast<std::size_t>(n * d));
-  for (index_t a = 0; a < n; ++a) std::copy_n(K.row(kc.order[a]), d, kc.keys.data() + a * d);
+  kc.keys = in_cluster_order(K, kc);
   return kc;
 }
 
-void clustered_top_keys(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters& kc,
-                        index_t probe, index_t k, index_t i0, index_t i1, const char* excluded,
-                        index_t window, index_t* out) {
-  const index_t rows = i1 - i0, c = kc.count, d = kc.d, p = std::clamp<index_t>(probe, 1, c);
-  const bool softmax = params.kernel == Kernel::softmax;
-  // Route: each query's p clusters of largest centroid score, then the queries of each cluster.
-  std::vector<float> route(static_cast<std::size_t>(rows * c));
-  gemm_abt(rows, c, d, 1.0f, Q.row(i0), Q.ld, kc.centroids.data(), d, 0.0f, route.data(), c);
-  std::vector<std::vector<index_t>> members(static_cast<std::size_t>(c));
-  std::vector<index_t> picked(static_cast<std::size_t>(p));
-  BestKeys routes(p);
-  for (index_t r = 0; r < rows; ++r) {
-    for (index_t j = 0; j < c; ++j) routes.push(softmax ? route[r * c + j] : std::fabs(route[r * c + j]), j);
-    routes.write(picked.data());
-    for (index_t j : picked) members[j].push_back(r);
+std::vector<float> in_cluster_order(ConstMatrix M, const KeyClusters& kc) {
+  std::vector<float> out(static_cast<std::size_t>(M.rows * M.cols));
+  for (index_t a = 0; a < M.rows; ++a) std::copy_n(M.row(kc.order[a]), M.cols, out.data() + a * M.cols);
+  return out;
+}
+
+void search_clusters(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters& kc, index_t probe,
+                     index_t k, index_t i0, index_t i1, const char* excluded, index_t window, ClusterWork& w,
+                     const std::function<void(const ClusterCandidates&)>& visit, std::size_t run_ranks) {
+  const index_t p = std::clamp<index_t>(probe, 1, kc.count);
+  std::vector<index_t> picked;
+  route(params, Q, kc, p, i0, i1, w, picked);
+  ClusterCandidates& cand = w.cand;
+  cand.probe = p;
+  for (index_t r0 = 0; r0 < i1 - i0;) {
+    // The longest run from r0 whose candidates fit the buffer (at least one query).
+    index_t r1 = r0;
+    for (std::size_t total = 0; r1 < i1 - i0; ++r1) {
+      std::size_t mine = 0;
+      for (index_t s = 0; s < p; ++s) mine += static_cast<std::size_t>(kc.size(picked[r1 * p + s]));
+      if (r1 > r0 && total + mine > run_ranks) break;
+      total += mine;
+    }
+    cand.i0 = i0 + r0, cand.rows = r1 - r0;
+    cand.picked.assign(picked.begin() + r0 * p, picked.begin() + r1 * p);
+    index_run(kc, w);
+    rank_run(params, Q, kc, excluded, window, w);
+    cand.best.resize(static_cast<std::size_t>(cand.rows));
+    cand.kept_start.assign(static_cast<std::size_t>(cand.rows * p + 1), 0);
+    // At most k per query and no more than its candidates; + 1: the compaction's spare write.
+    cand.kept_rank.resize(std::min(static_cast<std::size_t>(cand.rows * k), w.block[kc.count]) + 1);
+    cand.kept_index.resize(cand.kept_rank.size());
+    for (index_t r = 0; r < cand.rows; ++r) keep_row(*params.ops, kc, k, r, w);  // each starts where the last ended
+    visit(cand);
+    r0 = r1;
   }
-  // Search: per cluster, its queries' logits against its keys in one product; each query's
-  // candidates are kept whole and cut to the best k once (cheaper than a heap per push).
+}
+
+void kept_keys(const ClusterCandidates& cand, const KeyClusters& kc, index_t k, index_t* out) {
   using Item = std::pair<float, index_t>;
-  const auto stronger = [](const Item& a, const Item& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
-  std::vector<std::vector<Item>> cand(static_cast<std::size_t>(rows));
-  const auto expected = static_cast<std::size_t>(2 * p * (kc.start[c] / c) + 16);
-  for (auto& list : cand) list.reserve(expected);
-  std::vector<float> qs, tile;
-  for (index_t j = 0; j < c; ++j) {
-    const index_t cnt = static_cast<index_t>(members[j].size()), size = kc.start[j + 1] - kc.start[j];
-    if (cnt == 0 || size == 0) continue;
-    qs.resize(static_cast<std::size_t>(cnt * d));
-    for (index_t a = 0; a < cnt; ++a) std::copy_n(Q.row(i0 + members[j][a]), d, qs.data() + a * d);
-    for (index_t b0 = 0; b0 < size; b0 += kernels::kKeyTile) {
-      const index_t w = std::min(kernels::kKeyTile, size - b0), first = kc.start[j] + b0;
-      tile.resize(static_cast<std::size_t>(cnt * w));
-      gemm_abt(cnt, w, d, params.scale, qs.data(), d, kc.keys.data() + first * d, d, 0.0f, tile.data(), w);
-      const index_t* keys = kc.order.data() + first;
-      for (index_t a = 0; a < cnt; ++a) {
-        const index_t r = members[j][a], i = i0 + r;
-        auto& list = cand[r];
-        const float* t = tile.data() + a * w;
-        if (!excluded && window < 0 && softmax) {
-          for (index_t b = 0; b < w; ++b) list.emplace_back(t[b], keys[b]);
-          continue;
-        }
-        for (index_t b = 0; b < w; ++b) {
-          if ((excluded && excluded[keys[b]]) || (window >= 0 && std::abs(i - keys[b]) <= window)) continue;
-          list.emplace_back(softmax ? t[b] : std::fabs(t[b]), keys[b]);
-        }
-      }
+  std::vector<Item> kept;
+  const index_t p = cand.probe;
+  for (index_t r = 0; r < cand.rows; ++r) {
+    kept.clear();
+    for (index_t s = 0; s < p; ++s) {
+      const index_t first = kc.start[cand.picked[r * p + s]];
+      for (std::size_t e = cand.kept_start[r * p + s]; e < cand.kept_start[r * p + s + 1]; ++e)
+        kept.emplace_back(cand.kept_rank[e], kc.order[first + cand.kept_index[e]]);
+    }
+    std::sort(kept.begin(), kept.end(),
+              [](const Item& a, const Item& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
+    for (index_t a = 0; a < k; ++a) out[r * k + a] = a < static_cast<index_t>(kept.size()) ? kept[a].second : -1;
+  }
+}
+
+double attend_candidates(const kernels::KernelParams& params, const ClusterCandidates& cand, const KeyClusters& kc,
+                          const float* values, index_t dv, ClusterAttendWork& w, float* out, float* stat) {
+  const bool softmax = params.kernel == Kernel::softmax;
+  const kernels::RowOps& ops = *params.ops;
+  w.acc.assign(static_cast<std::size_t>(cand.rows * dv), 0.0f);
+  w.sum.assign(static_cast<std::size_t>(cand.rows), 0.0);
+  double kept = 0.0;
+  for (index_t j = 0; j < kc.count; ++j) {
+    const index_t m0 = cand.member_start[j], cnt = cand.member_start[j + 1] - m0;
+    // Each query of the cluster in turn, while its keys' value rows stay in cache: the weights
+    // of its kept keys, exp(s - best) or (|s| / best)^p, and their weighted value rows.
+    for (index_t a = 0; a < cnt; ++a) {
+      const index_t r = cand.member_row[m0 + a], slot = r * cand.probe + cand.member_slot[m0 + a];
+      const std::size_t e0 = cand.kept_start[slot];
+      const auto in = static_cast<index_t>(cand.kept_start[slot + 1] - e0);
+      const float best = cand.best[r];
+      kept += static_cast<double>(in);
+      if (in == 0 || (!softmax && !(best > 0.0f))) continue;  // no weight
+      w.weights.assign(cand.kept_rank.begin() + static_cast<std::ptrdiff_t>(e0),
+                       cand.kept_rank.begin() + static_cast<std::ptrdiff_t>(e0 + static_cast<std::size_t>(in)));
+      w.sum[r] += static_cast<double>(softmax ? ops.exp_shift_sum(w.weights.data(), in, best)
+                                              : ops.power_rel_sum(w.weights.data(), in, best, params.p));
+      ops.gathered_weighted_sum(w.weights.data(), cand.kept_index.data() + e0, in, values + kc.start[j] * dv, dv, dv,
+                                w.acc.data() + r * dv);
     }
   }
-  for (index_t r = 0; r < rows; ++r) {
-    auto& list = cand[r];
-    const index_t keep = std::min<index_t>(k, static_cast<index_t>(list.size()));
-    std::nth_element(list.begin(), list.begin() + keep, list.end(), stronger);
-    std::sort(list.begin(), list.begin() + keep, stronger);
-    for (index_t a = 0; a < k; ++a) out[r * k + a] = a < keep ? list[a].second : -1;
+  for (index_t r = 0; r < cand.rows; ++r) {
+    const double l = w.sum[r];
+    const bool empty = !(l > 0.0);
+    for (index_t x = 0; x < dv; ++x) out[r * dv + x] = empty ? 0.0f : static_cast<float>(w.acc[r * dv + x] / l);
+    const double top = softmax ? static_cast<double>(cand.best[r]) : params.p * std::log(static_cast<double>(cand.best[r]));
+    stat[r] = empty ? std::numeric_limits<float>::infinity() : static_cast<float>(top + std::log(l));
   }
+  return kept;
 }
 
 }  // namespace levattn::detail

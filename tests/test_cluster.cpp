@@ -67,6 +67,112 @@ TEST(Cluster, SearchingEveryClusterIsTheExactTopK) {
   }
 }
 
+TEST(Cluster, TiesAtTheCutGoToTheLowerKeyAsInTheExactTopK) {
+  // Entries in {-1, 0, 1} in 3 dimensions: many keys share a logit, so the k-th place falls
+  // inside a run of ties (and duplicated keys tie exactly).
+  std::mt19937_64 g(3);
+  oracle::Mat Q(60, 3), K(400, 3);
+  for (float& x : Q.v) x = static_cast<float>(static_cast<int>(g() % 3) - 1);
+  for (float& x : K.v) x = static_cast<float>(static_cast<int>(g() % 3) - 1);
+  for (Kernel kernel : {Kernel::softmax, Kernel::power})
+    for (index_t k : {1, 7, 50, 399}) {
+      AttentionOptions o;
+      o.kernel = kernel, o.top_k = k, o.select = Select::topk;
+      const Selection exact = select(Q, K, o);
+      o.select = Select::cluster, o.clusters = 9, o.probe = 9;
+      EXPECT_EQ(select(Q, K, o).query_keys, exact.query_keys) << "k " << k;
+    }
+}
+
+// attention() attends each cluster's kept keys by the fused search; the same selection through
+// select_keys and selected_attention_forward must give the same rows, and return_selection the
+// same keys.
+TEST(Cluster, FusedAttentionEqualsAttentionOverItsSelection) {
+  const Blobs b = blobs(3000, 4096, 16, 40, 21);
+  const oracle::Mat V = oracle::gaussian(4096, 12, 22);
+  const levattn::Tensor4Ref Qt{b.Q.v.data(), 1, 1, 3000, 16}, Kt{b.K.v.data(), 1, 1, 4096, 16},
+      Vt{V.v.data(), 1, 1, 4096, 12};
+  struct Case {
+    Kernel kernel;
+    index_t top_k, probe, window, sinks;
+    double eps;
+  };
+  // Probing all 64 clusters holds 4096 candidates per query: the 3000 queries take several runs.
+  for (const Case& c : {Case{Kernel::softmax, 32, 0, -1, 0, 0.0}, Case{Kernel::softmax, 20, 64, 3, 2, 0.0},
+                        Case{Kernel::softmax, 16, 2, -1, 0, 0.05}, Case{Kernel::power, 24, 3, 5, 1, 0.0},
+                        Case{Kernel::power, 5000, 1, -1, 0, 0.0}}) {
+    AttentionOptions o;
+    o.select = Select::cluster, o.kernel = c.kernel, o.top_k = c.top_k, o.probe = c.probe, o.clusters = 64;
+    o.window = c.window, o.sinks = c.sinks, o.eps = c.eps, o.return_selection = true;
+    std::vector<float> got(3000 * 12);
+    const levattn::AttentionResult r = levattn::attention(Qt, Kt, Vt, got.data(), o);
+    const Selection s = levattn::select_keys(Qt, Kt, o);
+    EXPECT_EQ(r.query_keys, s.query_keys);
+    if (!s.shared_keys.empty()) {
+      EXPECT_EQ(r.shared_keys, s.shared_keys);
+    }
+    std::vector<float> ref(got.size()), stat(3000);
+    levattn::selected_attention_forward<float>({1, 1, 3000, 4096, 16, 12}, s, o, b.Q.v.data(), b.K.v.data(),
+                                               V.v.data(), ref.data(), stat.data());
+    EXPECT_LT(oracle::max_rel_error(got, std::vector<double>(ref.begin(), ref.end())), 1e-5) << "top_k " << c.top_k << " probe " << c.probe;
+    double keys = 0.0;
+    for (index_t i = 0; i < 3000; ++i) {
+      std::set<index_t> mine;
+      for (index_t a = 0; a < s.top_k; ++a)
+        if (s.query_keys[i * s.top_k + a] >= 0) mine.insert(s.query_keys[i * s.top_k + a]);
+      if (!s.shared_keys.empty()) mine.insert(s.shared_keys[0].begin(), s.shared_keys[0].end());
+      if (s.window >= 0)
+        for (index_t j = std::max<index_t>(0, i - s.window); j <= std::min<index_t>(4095, i + s.window); ++j) mine.insert(j);
+      keys += static_cast<double>(mine.size());
+    }
+    EXPECT_NEAR(r.mean_keys_per_query, keys / 3000.0, 1e-9);
+  }
+}
+
+// The search splits a task's queries into runs that fit its buffer; each query's keys must not
+// depend on where the runs fall.
+TEST(Cluster, KeysDoNotDependOnHowQueriesSplitIntoRuns) {
+  const Blobs b = blobs(700, 2000, 8, 12, 31);
+  using levattn::detail::CounterRng, levattn::detail::Purpose;
+  const levattn::detail::KeyClusters kc =
+      levattn::detail::cluster_keys(b.K.view(), 20, 8, CounterRng(1, Purpose::cluster_seeds, 0),
+                                    CounterRng(1, Purpose::cluster_sample, 0));
+  levattn::kernels::KernelParams params;
+  params.ops = &levattn::kernels::active_row_ops();
+  std::vector<char> excluded(2000, 0);
+  for (index_t j = 0; j < 2000; j += 7) excluded[j] = 1;
+  const auto keys = [&](std::size_t run_ranks, index_t* runs) {
+    std::vector<index_t> out(700 * 10);
+    levattn::detail::ClusterWork work;
+    *runs = 0;
+    levattn::detail::search_clusters(params, b.Q.view(), kc, 4, 10, 0, 700, excluded.data(), 2, work,
+                                     [&](const levattn::detail::ClusterCandidates& cand) {
+                                       ++*runs;
+                                       levattn::detail::kept_keys(cand, kc, 10, out.data() + cand.i0 * 10);
+                                     }, run_ranks);
+    return out;
+  };
+  index_t one = 0, many = 0, each = 0;
+  const std::vector<index_t> whole = keys(std::size_t(1) << 30, &one), split = keys(3000, &many), single = keys(1, &each);
+  EXPECT_EQ(one, 1);
+  EXPECT_GT(many, 50);
+  EXPECT_EQ(each, 700);  // a query whose candidates exceed the buffer runs alone
+  EXPECT_EQ(split, whole);
+  EXPECT_EQ(single, whole);
+}
+
+TEST(Cluster, LogitsThatOverflowAreAnError) {
+  oracle::Mat Q = oracle::gaussian(40, 4, 1), K = oracle::gaussian(300, 4, 2);
+  for (float& x : Q.v) x *= 1e19f;
+  for (float& x : K.v) x *= 1e19f;
+  const oracle::Mat V = oracle::gaussian(300, 2, 3);
+  AttentionOptions o;
+  o.select = Select::cluster, o.top_k = 8;
+  EXPECT_NE(oracle::error_of([&] { select(Q, K, o); }).second.find("overflow"), std::string::npos);
+  EXPECT_NE(oracle::error_of([&] { levattn::attention(Q.view(), K.view(), V.view(), o); }).second.find("overflow"),
+            std::string::npos);
+}
+
 TEST(Cluster, RecallOfTheExactTopKGrowsWithTheClustersSearched) {
   const Blobs b = blobs(300, 4000, 16, 40, 3);
   AttentionOptions o;
@@ -87,8 +193,9 @@ TEST(Cluster, RecallOfTheExactTopKGrowsWithTheClustersSearched) {
 
 TEST(Cluster, KMeansRecoversSeparatedBlobs) {
   const Blobs b = blobs(1, 2000, 8, 6, 5);
+  using levattn::detail::CounterRng, levattn::detail::Purpose;
   const levattn::detail::KeyClusters kc = levattn::detail::cluster_keys(
-      b.K.view(), 6, 20, levattn::detail::CounterRng(9, levattn::detail::Purpose::cluster_seeds, 0));
+      b.K.view(), 6, 20, CounterRng(9, Purpose::cluster_seeds, 0), CounterRng(9, Purpose::cluster_sample, 0));
   ASSERT_EQ(kc.count, 6);
   ASSERT_EQ(kc.start.back(), 2000);
   std::vector<index_t> order = kc.order;
@@ -140,6 +247,14 @@ TEST(Cluster, ReproducibleBySeedAtEveryThreadCount) {
     return levattn::select_keys({q2.data(), 1, 2, 500, 16}, {k2.data(), 1, 2, 3000, 16}, o).query_keys;
   });
   for (const auto& r : runs) EXPECT_EQ(r, runs[0]);
+  // The fused attention too, bit for bit.
+  const std::vector<float> v2 = oracle::gaussian(6000, 8, 5).v;
+  const auto outs = oracle::at_each_thread_count([&] {
+    std::vector<float> out(2 * 500 * 8);
+    levattn::attention({q2.data(), 1, 2, 500, 16}, {k2.data(), 1, 2, 3000, 16}, {v2.data(), 1, 2, 3000, 8}, out.data(), o);
+    return out;
+  });
+  for (const auto& r : outs) EXPECT_EQ(r, outs[0]);
 }
 
 TEST(Cluster, DefaultProbeSearchesAboutTwiceTheBudget) {

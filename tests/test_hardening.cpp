@@ -165,6 +165,56 @@ TEST(KernelPaths, InputScanFindsEveryNonFiniteEntryOnEveryIsa) {
   }
 }
 
+TEST(KernelPaths, ThresholdCountsAndWindowsAreExactOnEveryIsa) {
+  std::mt19937_64 gen(8);
+  std::uniform_int_distribution<int> level(-20, 20);  // many ties with the threshold
+  for (kernels::Isa isa : supported_isas()) {
+    const kernels::RowOps& ops = kernels::row_ops(isa);
+    for (index_t n : {0, 1, 7, 8, 15, 16, 17, 33, 512, 1000}) {
+      std::vector<float> x(static_cast<std::size_t>(n));
+      for (float& e : x) e = 0.25f * static_cast<float>(level(gen));
+      if (n > 3) x[1] = -std::numeric_limits<float>::infinity();
+      for (float t : {-std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::max(), -1.0f, 0.0f,
+                      0.25f, 6.0f}) {
+        index_t ref = 0;
+        for (float e : x) ref += e >= t;
+        EXPECT_EQ(ops.count_at_least(x.data(), n, t), ref) << kernels::to_string(isa) << " n " << n << " t " << t;
+        std::vector<float> between, got(x.size());
+        for (float e : x)
+          if (e >= t && e < 2.0f) between.push_back(e);
+        got.resize(static_cast<std::size_t>(ops.collect_between(x.data(), n, t, 2.0f, got.data())));
+        EXPECT_EQ(got, between) << kernels::to_string(isa) << " n " << n << " t " << t;
+      }
+    }
+  }
+}
+
+TEST(KernelPaths, GatheredWeightedSumMatchesFloat64OnEveryIsa) {
+  std::mt19937_64 gen(9);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const index_t n = 50, ld = 70;
+  std::vector<float> rows(static_cast<std::size_t>(n * ld));
+  for (float& e : rows) e = nd(gen);
+  for (kernels::Isa isa : supported_isas()) {
+    const kernels::RowOps& ops = kernels::row_ops(isa);
+    for (index_t dv : {1, 7, 8, 16, 33, 64, 70})
+      for (index_t m : {0, 1, 5, 40}) {
+        std::vector<float> w(static_cast<std::size_t>(m));
+        std::vector<index_t> idx(static_cast<std::size_t>(m));
+        for (index_t a = 0; a < m; ++a) w[a] = nd(gen), idx[a] = static_cast<index_t>(gen() % n);
+        std::vector<float> acc(static_cast<std::size_t>(dv));
+        for (float& e : acc) e = nd(gen);
+        std::vector<double> ref(acc.begin(), acc.end());
+        for (index_t a = 0; a < m; ++a)
+          for (index_t x = 0; x < dv; ++x) ref[x] += static_cast<double>(w[a]) * rows[idx[a] * ld + x];
+        ops.gathered_weighted_sum(w.data(), idx.data(), m, rows.data(), ld, dv, acc.data());
+        for (index_t x = 0; x < dv; ++x)
+          EXPECT_NEAR(acc[x], ref[x], 1e-5 * (1.0 + std::fabs(ref[x])) * static_cast<double>(m + 1))
+              << kernels::to_string(isa) << " dv " << dv << " m " << m << " x " << x;
+      }
+  }
+}
+
 TEST(KernelPaths, NarrowProductsAndSmallGramMatchFloat64OnEveryIsa) {
   std::mt19937_64 gen(9);
   std::normal_distribution<float> g;

@@ -31,6 +31,7 @@ enum class Purpose : std::uint32_t {
   srht_signs,          ///< the diagonal D of an SRHT
   srht_rows,           ///< the rows P an SRHT keeps
   cluster_seeds,       ///< attention Select::cluster: initial centroids, index = (batch, head) pair
+  cluster_sample,      ///< attention Select::cluster: the keys k-means trains on, index = pair
 };
 
 class CounterRng {

@@ -25,6 +25,14 @@ struct RowOps {
   /// row acc[r] (dv wide) is rescaled by exp(m_old - m_new). Returns whether any row had a key.
   bool (*softmax_update)(float* tile, index_t rows, index_t c, float* m, double* l, float* acc,
                          index_t dv) = nullptr;
+  /// The number of j with x[j] >= t (x without NaN).
+  index_t (*count_at_least)(const float* x, index_t n, float t) = nullptr;
+  /// The x[j] with lo <= x[j] < hi, in order, into out (room for n); returns how many.
+  index_t (*collect_between)(const float* x, index_t n, float lo, float hi, float* out) = nullptr;
+  /// acc[x] += sum_a w[a] rows[idx[a] ld + x] for x < dv: m gathered rows, weighted, each
+  /// output summed over a in order.
+  void (*gathered_weighted_sum)(const float* w, const index_t* idx, index_t m, const float* rows, index_t ld,
+                                index_t dv, float* acc) = nullptr;
   /// max_j |x[j]|, or -1 if an entry is NaN or Inf: the input check of every entry point.
   float (*max_abs)(const float* x, index_t n) = nullptr;
 

@@ -356,6 +356,73 @@ bool softmax_update(float* tile, index_t rows, index_t c, float* m, double* l, f
   return any;
 }
 
+// Lane counts are kept in float, exact below 2^24: chunks of 2^20 entries keep them there.
+constexpr index_t kCountChunk = index_t(1) << 20;
+
+template <class V>
+index_t count_at_least(const float* x, index_t n, float t) {
+  constexpr index_t W = V::width;
+  const auto tv = V::set1(t), zero = V::set1(0.0f), one = V::set1(1.0f);
+  index_t total = 0;
+  for (index_t c0 = 0; c0 < n; c0 += kCountChunk) {
+    const index_t c1 = std::min(n, c0 + kCountChunk);
+    auto a0 = zero, a1 = zero;
+    index_t j = c0;
+    for (; j + 2 * W <= c1; j += 2 * W) {
+      a0 = V::add(a0, V::select_lt(V::load(x + j), tv, zero, one));
+      a1 = V::add(a1, V::select_lt(V::load(x + j + W), tv, zero, one));
+    }
+    for (; j + W <= c1; j += W) a0 = V::add(a0, V::select_lt(V::load(x + j), tv, zero, one));
+    total += static_cast<index_t>(V::hsum(V::add(a0, a1)));
+    for (; j < c1; ++j) total += !(x[j] < t);
+  }
+  return total;
+}
+
+// Vector blocks with no entry in the window are skipped: the window holds few of the entries.
+template <class V>
+index_t collect_between(const float* x, index_t n, float lo, float hi, float* out) {
+  constexpr index_t W = V::width;
+  const auto lv = V::set1(lo), hv = V::set1(hi);
+  index_t m = 0, j = 0;
+  for (; j + W <= n; j += W) {
+    if (!V::any_between(V::load(x + j), lv, hv)) continue;
+    for (index_t a = j; a < j + W; ++a)
+      if (x[a] >= lo && x[a] < hi) out[m++] = x[a];
+  }
+  for (; j < n; ++j)
+    if (x[j] >= lo && x[j] < hi) out[m++] = x[j];
+  return m;
+}
+
+// Columns x0 .. x0 + B W - 1 of the weighted sum, B accumulators (independent chains).
+template <class V, int B>
+void gathered_columns(const float* w, const index_t* idx, index_t m, const float* rows, index_t ld, index_t x0,
+                      float* acc) {
+  constexpr index_t W = V::width;
+  typename V::reg a[B];
+  for (int b = 0; b < B; ++b) a[b] = V::load(acc + x0 + b * W);
+  for (index_t i = 0; i < m; ++i) {
+    const auto wi = V::set1(w[i]);
+    const float* row = rows + idx[i] * ld + x0;
+    for (int b = 0; b < B; ++b) a[b] = V::fmadd(wi, V::load(row + b * W), a[b]);
+  }
+  for (int b = 0; b < B; ++b) V::store(acc + x0 + b * W, a[b]);
+}
+
+template <class V>
+void gathered_weighted_sum(const float* w, const index_t* idx, index_t m, const float* rows, index_t ld, index_t dv,
+                           float* acc) {
+  constexpr index_t W = V::width;
+  index_t x = 0;
+  // Up to 64 columns per pass (8 AVX2 or 4 AVX-512 registers): each row read once.
+  constexpr int B = W >= 16 ? 4 : 8;
+  for (; x + B * W <= dv; x += B * W) gathered_columns<V, B>(w, idx, m, rows, ld, x, acc);
+  for (; x + 4 * W <= dv; x += 4 * W) gathered_columns<V, 4>(w, idx, m, rows, ld, x, acc);
+  for (; x + W <= dv; x += W) gathered_columns<V, 1>(w, idx, m, rows, ld, x, acc);
+  for (; x < dv; ++x) gathered_columns<Scalar, 1>(w, idx, m, rows, ld, x, acc);
+}
+
 template <class V, class D>
 constexpr RowOps make_row_ops(Isa isa) {
   RowOps ops;
@@ -365,6 +432,9 @@ constexpr RowOps make_row_ops(Isa isa) {
   ops.abs_row_max = &abs_row_max<V>;
   ops.power_rel_sum = &power_rel_sum<V>;
   ops.max_abs = &max_abs<V>;
+  ops.count_at_least = &count_at_least<V>;
+  ops.collect_between = &collect_between<V>;
+  ops.gathered_weighted_sum = &gathered_weighted_sum<V>;
   ops.softmax_update = &softmax_update<V>;
   ops.narrow_logits = &narrow_logits<V>;
   ops.narrow_weighted_sum = &narrow_weighted_sum<V>;

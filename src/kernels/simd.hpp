@@ -42,6 +42,8 @@ struct Scalar {
   static reg select_lt(reg a, reg b, reg x, reg y) { return a < b ? x : y; }
   /// a == b ? x : y, lane by lane.
   static reg select_eq(reg a, reg b, reg x, reg y) { return a == b ? x : y; }
+  /// Whether some lane has lo <= x < hi.
+  static bool any_between(reg x, reg lo, reg hi) { return x >= lo && x < hi; }
   static float hsum(reg a) { return a; }
   static float hmax(reg a) { return a; }
 };
@@ -88,6 +90,9 @@ struct Avx2 {
   }
   static reg select_eq(reg a, reg b, reg x, reg y) {
     return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_EQ_OQ));
+  }
+  static bool any_between(reg x, reg lo, reg hi) {
+    return _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ))) != 0;
   }
   static float hsum(reg a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -136,6 +141,9 @@ struct Avx512 {
   }
   static reg select_eq(reg a, reg b, reg x, reg y) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ), y, x);
+  }
+  static bool any_between(reg x, reg lo, reg hi) {
+    return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), x, hi, _CMP_LT_OQ) != 0;
   }
   static float hsum(reg a) { return _mm512_reduce_add_ps(a); }
   static float hmax(reg a) { return _mm512_reduce_max_ps(a); }
