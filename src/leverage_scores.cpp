@@ -21,7 +21,7 @@
 namespace levattn {
 namespace {
 
-constexpr index_t kConvertRows = 1024;  // rows converted to float64 per dsyrk call
+constexpr index_t kConvertRows = detail::kGramRows;  // rows converted to float64 per Gram block
 constexpr index_t kScoreRows = 1024;    // rows per GEMM in the score pass
 // Use the float32 score pass when its proven relative error is at most this.
 constexpr double kFloat32Tolerance = 1e-4;
@@ -178,6 +178,15 @@ void score_rows64(ConstMatrix K, const KeyGram& g, index_t r0, index_t rows, Sco
 
 namespace detail {
 
+KeyGram gram_factor(std::vector<double> gram, index_t d, const LeverageOptions& options) {
+  KeyGram g;
+  g.d = d;
+  g.ridge = options.ridge;
+  g.gram = std::move(gram);
+  factor_gram(g, options.rank_rtol, /*allow_triangular=*/true);
+  return g;
+}
+
 KeyGram key_gram(ConstMatrix K, const LeverageOptions& options, bool allow_triangular) {
   if (K.rows <= 0 || K.cols <= 0) detail::require_finite_matrix(K, "keys");  // names the shape
   check_options(options);
@@ -220,7 +229,7 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options) {
 
 namespace detail {
 
-LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximate) {
+LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, ScorePass pass) {
   const index_t n = K.rows, d = K.cols;
   const index_t kept = d > 0 ? static_cast<index_t>(g.factor.size()) / d : 0;
   LeverageScores out;
@@ -228,7 +237,7 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximat
   out.sum_bound = static_cast<double>(g.rank);
   out.scores.assign(static_cast<std::size_t>(n), 0.0);
   if (kept == 0) return out;  // K == 0: every score is 0
-  if (g.rank == n && g.ridge == 0.0) {
+  if (pass.rows_of_gram && g.rank == n && g.ridge == 0.0) {
     // Full row rank: K K^+ = I, so every score is exactly 1 (rounding would only blur the ties).
     std::fill(out.scores.begin(), out.scores.end(), 1.0);
     return out;
@@ -247,7 +256,7 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, bool approximat
     return 2.0 * delta + delta * delta + factorisation;
   };
   const double bound32 = bound(std::numeric_limits<float>::epsilon() / 2);
-  const bool use_float32 = approximate || bound32 <= kFloat32Tolerance;
+  const bool use_float32 = pass.approximate || bound32 <= kFloat32Tolerance;
   const double bnd = use_float32 ? bound32 : bound(std::numeric_limits<double>::epsilon() / 2);
   // |tau~ - tau| <= b tau gives tau / (1 + g) <= tau~ <= tau (1 + g) with g = b / (1 - b).
   out.rel_error_bound = bnd < 1.0 ? bnd / (1.0 - bnd) : INFINITY;
@@ -275,7 +284,7 @@ LeverageScores leverage_scores(ConstMatrix K, const KeyGram& g) {
     os << "keys: expected " << g.d << " columns (the Gram's dimension), got " << K.cols;
     detail::invalid(os.str());
   }
-  return detail::scores_unchecked(K, g);
+  return detail::scores_unchecked(K, g, {.rows_of_gram = false});
 }
 
 namespace {
@@ -351,7 +360,7 @@ LeverageScores sketched_scores(ConstMatrix K, const LeverageOptions& o) {
     detail::dgemm_ab(d, t, rank, 1.0, g.factor.data(), rank, G.data(), t, 0.0, BG.data(), t);
     g.factor.swap(BG);
   }
-  LeverageScores out = detail::scores_unchecked(K, g, /*approximate=*/true);
+  LeverageScores out = detail::scores_unchecked(K, g, {.approximate = true});
   const index_t t = jl && o.jl_columns < rank ? o.jl_columns : 0;
   const double stated = sketch_gamma(rank, s, n, t, o.delta);
   out.rel_error_bound = (1.0 + stated) * (1.0 + out.rel_error_bound) - 1.0;  // with the rounding

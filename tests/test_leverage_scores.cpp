@@ -113,6 +113,20 @@ TEST(LeverageScores, PermuteWithTheRows) {
   for (index_t i = 0; i < 97; ++i) EXPECT_NEAR(b.scores[i], a.scores[perm[i]], 1e-6);
 }
 
+// Scores of other rows against a given Gram: d of them have full row rank among themselves, which
+// must not be mistaken for the Gram's rows having full rank (their scores are not 1).
+TEST(LeverageScores, OtherRowsAgainstAGivenGram) {
+  const Mat K = oracle::gaussian(200, 8, 12);
+  const KeyGram g = key_gram(K.view());
+  const LeverageScores all = leverage_scores(K.view());
+  for (index_t rows : {1, 8, 50}) {
+    const ConstMatrix first{K.v.data(), rows, 8};
+    const LeverageScores part = leverage_scores(first, g);
+    ASSERT_EQ(part.scores.size(), static_cast<std::size_t>(rows));
+    for (index_t j = 0; j < rows; ++j) EXPECT_NEAR(part.scores[j], all.scores[j], 1e-6) << rows << " " << j;
+  }
+}
+
 TEST(LeverageScores, RidgeMatchesOracle) {
   const Mat K = oracle::gaussian(64, 6, 8);
   for (double ridge : {0.1, 10.0, 1000.0}) {

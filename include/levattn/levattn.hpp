@@ -26,4 +26,5 @@
 #include "levattn/reduce.hpp"
 #include "levattn/selected_attention.hpp"
 #include "levattn/sketch.hpp"
+#include "levattn/streaming.hpp"
 #include "levattn/universal_set.hpp"

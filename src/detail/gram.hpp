@@ -11,10 +11,22 @@
 
 namespace levattn::detail {
 
-/// At most this many partial sums (and at most 256 MiB of them); depends on (blocks, d) only.
-inline index_t gram_partials(index_t blocks, index_t d) {
-  const index_t by_memory = std::max<index_t>(1, (index_t{256} << 20) / (8 * d * d));
-  return std::min({index_t{16}, blocks, by_memory});
+/// Rows per block of the key Gram (key_gram and GramStream): part of what fixes its rounding.
+inline constexpr index_t kGramRows = 1024;
+
+/// The partial sums a Gram uses at most: 16, and at most 256 MiB of them; depends on d only.
+inline index_t gram_partials(index_t d) {
+  return std::min<index_t>(16, std::max<index_t>(1, (index_t{256} << 20) / (8 * d * d)));
+}
+/// The partial sums for `blocks` blocks: block b goes to partial b % gram_partials(d), so the
+/// first min(blocks, gram_partials(d)) are used.
+inline index_t gram_partials(index_t blocks, index_t d) { return std::min(blocks, gram_partials(d)); }
+
+/// C <- Y^T Y (first) or C + Y^T Y: one block's contribution to its partial sum (upper triangle),
+/// by the register-blocked kernel for a small d, else DSYRK.
+inline void gram_block(index_t rows, index_t d, const double* Y, bool first, double* C) {
+  if (d <= kernels::kSmallGram) kernels::active_row_ops().gram_update(rows, d, Y, first ? 0.0 : 1.0, C);
+  else dsyrk_ata(d, rows, Y, d, first ? 0.0 : 1.0, C);
 }
 
 /// sum_p part[p] for `partials` upper-triangular d x d blocks stored one after another, added in
@@ -50,23 +62,57 @@ std::vector<double> fixed_order_gram(index_t blocks, index_t max_rows, index_t d
   // Uninitialised: each partial's first DSYRK runs with beta = 0.
   std::unique_ptr<double[]> part(new double[static_cast<std::size_t>(partials * d * d)]);
   const double flops = static_cast<double>(blocks) * static_cast<double>(max_rows) * static_cast<double>(d * d);
-  // A small d: the register-blocked kernel of the CPU's instruction set (DSYRK's set-up costs more
-  // than its arithmetic there); the same order of summation, so the same bits for any schedule.
-  const kernels::RowOps& ops = kernels::active_row_ops();
-  const bool small = d <= kernels::kSmallGram;
   parallel_tasks(
       partials, flops, [&] { return std::vector<double>(static_cast<std::size_t>(max_rows * d)); },
       [&](index_t p, std::vector<double>& buf) {
         double* C = part.get() + p * d * d;
-        bool first = true;
-        for (index_t b = p; b < blocks; b += partials) {
-          const index_t rows = fill(b, buf.data());
-          if (small) ops.gram_update(rows, d, buf.data(), first ? 0.0 : 1.0, C);
-          else dsyrk_ata(d, rows, buf.data(), d, first ? 0.0 : 1.0, C);
-          first = false;
-        }
+        for (index_t b = p; b < blocks; b += partials) gram_block(fill(b, buf.data()), d, buf.data(), b == p, C);
       });
   return sum_partial_grams(part.get(), partials, d);
 }
+
+/// K^T K of rows that arrive in pieces of any size, with the bits fixed_order_gram gives for all
+/// the rows so far in blocks of kGramRows (what key_gram computes): full blocks go to their
+/// partial sums as they complete; the rows of an incomplete block wait (at most kGramRows x d).
+/// The state is plain data so that it can be saved: `blocks` full blocks added, `part`
+/// gram_partials(d) x d x d partial sums (upper triangles), `pending` the waiting rows.
+/// O(d^2 gram_partials(d) + kGramRows d) memory, O(d^2) time per row.
+struct GramStream {
+  index_t d = 0, blocks = 0;
+  std::vector<double> part;
+  std::vector<float> pending;
+
+  explicit GramStream(index_t dim = 0)
+      : d(dim), part(static_cast<std::size_t>(dim > 0 ? gram_partials(dim) * dim * dim : 0), 0.0) {}
+
+  index_t partials() const { return static_cast<index_t>(part.size()) / std::max<index_t>(1, d * d); }
+
+  /// Appends rows (rows x d, row-major, finite: the caller checks).
+  void add(const float* x, index_t rows) {
+    for (index_t i = 0; i < rows; ++i) {
+      pending.insert(pending.end(), x + i * d, x + (i + 1) * d);
+      if (static_cast<index_t>(pending.size()) == kGramRows * d) {
+        add_block(part, blocks, pending);
+        ++blocks;
+        pending.clear();
+      }
+    }
+  }
+
+  /// M = K^T K over every row added (d x d, symmetric).
+  std::vector<double> gram() const {
+    if (blocks == 0 && pending.empty()) return std::vector<double>(static_cast<std::size_t>(d * d), 0.0);
+    std::vector<double> p = part;
+    if (!pending.empty()) add_block(p, blocks, pending);
+    return sum_partial_grams(p.data(), std::min(blocks + (pending.empty() ? 0 : 1), partials()), d);
+  }
+
+ private:
+  // Block number b (rows `x`) into its partial sum.
+  void add_block(std::vector<double>& p, index_t b, const std::vector<float>& x) const {
+    const std::vector<double> y(x.begin(), x.end());
+    gram_block(static_cast<index_t>(x.size()) / d, d, y.data(), b < partials(), p.data() + (b % partials()) * d * d);
+  }
+};
 
 }  // namespace levattn::detail

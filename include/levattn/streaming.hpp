@@ -1,0 +1,80 @@
+// levattn/streaming.hpp: the x^2 universal set in one pass over the keys (docs/design.md,
+// "Streaming"): keys (and values) arrive in blocks of any size; the state holds the Gram matrix
+// and the keys that can still be eps-heavy, never all the keys.
+#pragma once
+#include <filesystem>
+#include <memory>
+#include <vector>
+
+#include "levattn/attention.hpp"
+#include "levattn/heavy_entries.hpp"
+#include "levattn/leverage_scores.hpp"
+#include "levattn/universal_set.hpp"
+
+namespace levattn {
+
+/// One pass over the keys of one head. Adding keys adds a PSD term to M = K^T K, so every
+/// leverage score only falls as keys arrive: a key whose score drops below eps (less the
+/// scores' proven rounding) can never be eps-heavy later and is dropped for good.
+///
+/// State: M in float64 as partial sums (d^2 min(16, 32M / d^2) numbers), at most 1024 waiting
+/// rows, and the candidates (index, key row, value row), which pruning keeps below about
+/// 2 d / eps + the last block: O(d^2 + (d / eps + block) (d + dv)) memory, whatever the number of
+/// keys. Cost: O(d^2) per key for M, plus a prune (O(d^3 + |C| d^2)) whenever the candidates
+/// double. Not thread-safe for concurrent calls on one object; distinct objects are independent.
+class StreamingUniversalSet {
+ public:
+  /// d >= 1 key columns, dv >= 0 value columns (0: keys only), eps in (0, 1]; options.method must
+  /// be exact (ridge and rank_rtol apply as in leverage_scores). Throws Error(invalid_argument).
+  StreamingUniversalSet(index_t d, index_t dv, double eps, const LeverageOptions& options = {});
+
+  /// Appends keys (rows x d) and, when dv > 0, their values (rows x dv; an empty matrix when
+  /// dv == 0). Any number of rows, including 0. Throws Error(invalid_argument) on wrong widths,
+  /// mismatched row counts or non-finite entries (the state is then unchanged).
+  void push(ConstMatrix keys, ConstMatrix values = {});
+
+  /// The universal set of every key pushed so far: the same indices and scores as the offline
+  /// universal_set(K, eps, options) on those keys (the same M bits, factor and score pass),
+  /// for any split into blocks, as long as the scores' rounding bound stays below 1e-4 (the
+  /// margin pruning leaves; score_rel_error_bound reports it). O(d^3 + |C| d^2).
+  UniversalSet universal_set() const;
+
+  /// The exact eps-heavy entries of x^2 attention of Q (m x d) against every key pushed so far:
+  /// A_ij = (q_i.k_j)^2 / (q_i^T M q_i) >= eps, with j in the universal set (no other key can
+  /// be eps-heavy). Queries with q^T M q = 0 (to rounding) are listed in zero_rows.
+  /// O(m d^2 + m |U| d).
+  HeavyEntries heavy_entries(ConstMatrix Q) const;
+
+  /// Attention of Q (m x d) over the kept keys (the universal set) and their values, with the
+  /// kernel, p and scale of `kernel` (its selection fields are ignored): m x dv, row-major.
+  /// Throws Error(invalid_argument) when dv == 0.
+  std::vector<float> attention(ConstMatrix Q, const AttentionOptions& kernel = {}) const;
+
+  index_t n() const;           ///< keys pushed so far
+  index_t d() const;
+  index_t dv() const;
+  double eps() const;
+  index_t candidates() const;  ///< keys the state still holds (the universal set and more)
+  std::size_t workspace_bytes() const;       ///< bytes the state holds now
+  std::size_t peak_workspace_bytes() const;  ///< the most it has held since construction
+
+  /// Writes the state to `path` atomically: a versioned binary file ending in a CRC-32 of its
+  /// contents. A restored state gives bit-identical results. Throws Error(io).
+  void save(const std::filesystem::path& path) const;
+  /// Reads a state written by save(). A truncated, corrupted (checksum), foreign (magic) or
+  /// other-version file, or one whose sizes disagree with its length, throws Error(io) naming
+  /// the file and the field.
+  static StreamingUniversalSet load(const std::filesystem::path& path);
+
+  ~StreamingUniversalSet();
+  StreamingUniversalSet(StreamingUniversalSet&&) noexcept;
+  StreamingUniversalSet& operator=(StreamingUniversalSet&&) noexcept;
+
+  struct State;  ///< the implementation's (opaque)
+
+ private:
+  void prune();
+  std::unique_ptr<State> s_;
+};
+
+}  // namespace levattn

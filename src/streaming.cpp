@@ -1,0 +1,382 @@
+// The streaming x^2 universal set (docs/design.md, "Streaming"): the key Gram as fixed-order
+// partial sums, candidates pruned by their prefix scores, and a checksummed state file.
+#include "levattn/streaming.hpp"
+
+#include <zlib.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+
+#include "detail/gram.hpp"
+#include "detail/leverage.hpp"
+#include "detail/npy_format.hpp"
+#include "detail/validate.hpp"
+
+namespace levattn {
+
+// Everything the object holds: M's stream and the candidates.
+struct StreamingUniversalSet::State {
+  index_t d = 0, dv = 0, n = 0;
+  double eps = 0.0;
+  LeverageOptions options;
+  detail::GramStream gram;
+  std::vector<index_t> index;  // candidates: global key index, ascending
+  std::vector<float> keys, values;
+  index_t prune_at = 0;        // prune once this many candidates are held
+  std::size_t peak = 0;
+
+  index_t size() const { return static_cast<index_t>(index.size()); }
+  ConstMatrix key_rows() const { return {keys.data(), size(), d}; }
+  std::size_t bytes() const {
+    return gram.part.capacity() * sizeof(double) + gram.pending.capacity() * sizeof(float) +
+           index.capacity() * sizeof(index_t) + (keys.capacity() + values.capacity()) * sizeof(float);
+  }
+};
+
+namespace {
+
+// Room pruning leaves for rounding: the score pass's own bound (kFloat32Tolerance at most, unless
+// the keys are so ill-conditioned that the float64 pass is needed and bounded above it).
+constexpr double kMargin = 1e-4;
+constexpr index_t kMinPrune = 1024;
+
+index_t prune_floor(index_t d, double eps) {
+  return std::max<index_t>(kMinPrune, 2 * static_cast<index_t>(std::ceil(static_cast<double>(d) / eps)));
+}
+
+KeyGram gram_of(const StreamingUniversalSet::State& s) {
+  return detail::gram_factor(s.gram.gram(), s.d, s.options);
+}
+
+// Scores of the candidates against the Gram of every key so far, as the offline pass computes
+// them (full row rank of all the keys: every score exactly 1, as leverage_scores says).
+LeverageScores candidate_scores(const StreamingUniversalSet::State& s, const KeyGram& g) {
+  if (g.rank == s.n && g.ridge == 0.0 && s.n > 0) {
+    LeverageScores out;
+    out.rank = g.rank;
+    out.sum_bound = static_cast<double>(g.rank);
+    out.scores.assign(static_cast<std::size_t>(s.size()), 1.0);
+    return out;
+  }
+  return detail::scores_unchecked(s.key_rows(), g, {.rows_of_gram = false});
+}
+
+// Keeps the candidates for which keep(a) holds, in order.
+template <class Keep>
+void compact(StreamingUniversalSet::State& s, Keep keep) {
+  index_t out = 0;
+  for (index_t a = 0; a < s.size(); ++a) {
+    if (!keep(a)) continue;
+    s.index[out] = s.index[a];
+    std::copy_n(s.keys.data() + a * s.d, s.d, s.keys.data() + out * s.d);
+    std::copy_n(s.values.data() + a * s.dv, s.dv, s.values.data() + out * s.dv);
+    ++out;
+  }
+  s.index.resize(static_cast<std::size_t>(out));
+  s.keys.resize(static_cast<std::size_t>(out * s.d));
+  s.values.resize(static_cast<std::size_t>(out * s.dv));
+}
+
+}  // namespace
+
+StreamingUniversalSet::StreamingUniversalSet(index_t d, index_t dv, double eps, const LeverageOptions& options)
+    : s_(std::make_unique<State>()) {
+  if (d < 1 || dv < 0) {
+    std::ostringstream os;
+    os << "streaming: expected d >= 1 key columns and dv >= 0 value columns, got d = " << d << ", dv = " << dv;
+    detail::invalid(os.str());
+  }
+  detail::require_eps(eps);
+  if (options.method != ScoreMethod::exact)
+    detail::invalid("streaming: method must be exact (a sketch needs every key at once)");
+  if (!(options.ridge >= 0.0 && std::isfinite(options.ridge)) || !(options.rank_rtol >= 0.0 && options.rank_rtol < 1.0))
+    detail::invalid("streaming: expected ridge >= 0 (finite) and rank_rtol in [0, 1)");
+  checked_allocation({d, d, detail::gram_partials(d)}, sizeof(double), "the streamed Gram's partial sums");
+  s_->d = d, s_->dv = dv, s_->eps = eps, s_->options = options;
+  s_->gram = detail::GramStream(d);
+  s_->prune_at = prune_floor(d, eps);
+  s_->peak = s_->bytes();
+}
+
+StreamingUniversalSet::~StreamingUniversalSet() = default;
+StreamingUniversalSet::StreamingUniversalSet(StreamingUniversalSet&&) noexcept = default;
+StreamingUniversalSet& StreamingUniversalSet::operator=(StreamingUniversalSet&&) noexcept = default;
+
+index_t StreamingUniversalSet::n() const { return s_->n; }
+index_t StreamingUniversalSet::d() const { return s_->d; }
+index_t StreamingUniversalSet::dv() const { return s_->dv; }
+double StreamingUniversalSet::eps() const { return s_->eps; }
+index_t StreamingUniversalSet::candidates() const { return s_->size(); }
+std::size_t StreamingUniversalSet::workspace_bytes() const { return s_->bytes(); }
+std::size_t StreamingUniversalSet::peak_workspace_bytes() const { return s_->peak; }
+
+void StreamingUniversalSet::push(ConstMatrix keys, ConstMatrix values) {
+  State& s = *s_;
+  std::ostringstream os;
+  if (keys.rows < 0 || (keys.rows > 0 && keys.cols != s.d)) {
+    os << "keys: expected " << s.d << " columns, got " << keys.cols;
+    detail::invalid(os.str());
+  }
+  if (s.dv > 0 ? (values.rows != keys.rows || (keys.rows > 0 && values.cols != s.dv)) : values.rows != 0) {
+    os << "values: expected " << (s.dv > 0 ? keys.rows : 0) << " rows of " << s.dv << " columns (one per key), got "
+       << values.rows << " of " << values.cols;
+    detail::invalid(os.str());
+  }
+  if (keys.rows == 0) return;
+  detail::require_finite_matrix(keys, "keys");
+  if (s.dv > 0) detail::require_finite_matrix(values, "values");
+  checked_elements({s.size() + keys.rows, s.d + s.dv}, "streaming candidates");
+  for (index_t i = 0; i < keys.rows; ++i) {
+    s.gram.add(keys.row(i), 1);
+    s.index.push_back(s.n + i);
+    s.keys.insert(s.keys.end(), keys.row(i), keys.row(i) + s.d);
+    if (s.dv > 0) s.values.insert(s.values.end(), values.row(i), values.row(i) + s.dv);
+  }
+  s.n += keys.rows;
+  s.peak = std::max(s.peak, s.bytes());
+  if (s.size() > s.prune_at) {
+    prune();
+    s.prune_at = std::max(prune_floor(s.d, s.eps), 2 * s.size());
+  }
+}
+
+void StreamingUniversalSet::prune() {
+  State& s = *s_;
+  const KeyGram g = gram_of(s);
+  const LeverageScores sc = candidate_scores(s, g);
+  // Scores only fall as keys arrive; one below eps by more than any rounding, now or at the end,
+  // can never enter the set again.
+  const double keep_from = s.eps / ((1.0 + sc.rel_error_bound) * (1.0 + kMargin) * (1.0 + kMargin));
+  compact(s, [&](index_t a) { return sc.scores[a] >= keep_from; });
+}
+
+UniversalSet StreamingUniversalSet::universal_set() const {
+  const State& s = *s_;
+  if (s.n == 0) {
+    UniversalSet u;
+    return u;
+  }
+  const KeyGram g = gram_of(s);
+  const LeverageScores sc = candidate_scores(s, g);
+  UniversalSet u = levattn::universal_set(sc, s.eps);
+  for (index_t& j : u.indices) j = s.index[j];
+  // As offline over all n keys: sum_bound is rank there too (0 only when every score is 0).
+  const double gam = 1.0 + sc.rel_error_bound;
+  u.n = s.n;
+  u.size_bound = std::floor(std::min(static_cast<double>(s.n), sc.sum_bound * gam * gam / s.eps));
+  return u;
+}
+
+HeavyEntries StreamingUniversalSet::heavy_entries(ConstMatrix Q) const {
+  const State& s = *s_;
+  if (Q.cols != s.d) {
+    std::ostringstream os;
+    os << "queries: expected " << s.d << " columns (the keys' dimension), got " << Q.cols;
+    detail::invalid(os.str());
+  }
+  detail::require_finite_matrix(Q, "queries");
+  const UniversalSet u = universal_set();
+  const std::vector<double> M = s.gram.gram();
+  const index_t d = s.d;
+  double trace = 0.0;
+  for (index_t x = 0; x < d; ++x) trace += M[x * d + x];
+  // q^T M q carries an error of at most about d u trace(M) |q|^2 (M is PSD).
+  const double zero_tol = 4.0 * static_cast<double>(d) * std::numeric_limits<double>::epsilon() * trace;
+  // Rows of the set's keys among the candidates.
+  std::vector<index_t> at(u.indices.size());
+  for (std::size_t a = 0; a < at.size(); ++a)
+    at[a] = std::lower_bound(s.index.begin(), s.index.end(), u.indices[a]) - s.index.begin();
+  HeavyEntries out;
+  out.universal_size = static_cast<index_t>(u.indices.size());
+  out.rank = u.rank;
+  out.normaliser = "exact (q^T M q, M streamed)";
+  std::vector<double> q(static_cast<std::size_t>(d)), Mq(static_cast<std::size_t>(d));
+  for (index_t i = 0; i < Q.rows; ++i) {
+    double qq = 0.0;
+    for (index_t x = 0; x < d; ++x) q[x] = Q(i, x), qq += q[x] * q[x];
+    detail::dgemm_abt(1, d, d, 1.0, q.data(), d, M.data(), d, 0.0, Mq.data(), d);
+    double z = 0.0;
+    for (index_t x = 0; x < d; ++x) z += q[x] * Mq[x];
+    if (z <= zero_tol * qq) {
+      out.zero_rows.push_back(i);
+      continue;
+    }
+    for (std::size_t a = 0; a < at.size(); ++a) {
+      const float* k = s.keys.data() + at[a] * d;
+      double dot = 0.0;
+      for (index_t x = 0; x < d; ++x) dot += q[x] * k[x];
+      const double v = dot * dot / z;
+      if (v >= s.eps) out.entries.push_back({i, u.indices[a], v});
+    }
+  }
+  return out;
+}
+
+std::vector<float> StreamingUniversalSet::attention(ConstMatrix Q, const AttentionOptions& kernel) const {
+  const State& s = *s_;
+  if (s.dv == 0) detail::invalid("streaming attention: the stream holds no values (dv = 0)");
+  if (s.n == 0) detail::invalid("streaming attention: no keys pushed yet");
+  const UniversalSet u = universal_set();
+  const index_t size = static_cast<index_t>(u.indices.size());
+  if (size == 0) {  // every key is 0: no key has weight
+    if (Q.cols != s.d) detail::invalid("queries: expected " + std::to_string(s.d) + " columns");
+    return std::vector<float>(static_cast<std::size_t>(Q.rows * s.dv), 0.0f);
+  }
+  std::vector<float> k(static_cast<std::size_t>(size * s.d)), v(static_cast<std::size_t>(size * s.dv));
+  for (index_t a = 0; a < size; ++a) {
+    const index_t c = std::lower_bound(s.index.begin(), s.index.end(), u.indices[a]) - s.index.begin();
+    std::copy_n(s.keys.data() + c * s.d, s.d, k.data() + a * s.d);
+    std::copy_n(s.values.data() + c * s.dv, s.dv, v.data() + a * s.dv);
+  }
+  AttentionOptions o;
+  o.kernel = kernel.kernel, o.p = kernel.p, o.scale = kernel.scale;
+  return levattn::attention(Q, ConstMatrix{k.data(), size, s.d}, ConstMatrix{v.data(), size, s.dv}, o);
+}
+
+// ---------------------------------------------------------------------------------------------
+// State file: magic, version, sizes, options, M's stream, the candidates, CRC-32 of all before.
+
+namespace {
+
+constexpr char kMagic[8] = {'L', 'V', 'S', 'T', 'R', 'E', 'A', 'M'};
+constexpr std::uint32_t kVersion = 1;
+constexpr std::size_t kHeaderBytes = 8 + 4 + 4 + 8 * 8 + 3 * 8 + 8;
+
+void append_f64(std::vector<std::uint8_t>& out, double x) {
+  std::uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  detail::append_le64(out, u);
+}
+double load_f64(const std::uint8_t* p) {
+  const std::uint64_t u = detail::load_le64(p);
+  double x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+template <class T>
+void append_all(std::vector<std::uint8_t>& out, const std::vector<T>& v) {
+  for (T x : v) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::uint32_t u;
+      std::memcpy(&u, &x, sizeof u);
+      detail::append_le32(out, u);
+    } else if constexpr (std::is_same_v<T, double>) {
+      append_f64(out, x);
+    } else {
+      detail::append_le64(out, static_cast<std::uint64_t>(x));
+    }
+  }
+}
+template <class T>
+std::vector<T> load_all(const std::uint8_t*& p, std::size_t count) {
+  std::vector<T> v(count);
+  for (T& x : v) {
+    if constexpr (std::is_same_v<T, float>) {
+      const std::uint32_t u = detail::load_le32(p);
+      std::memcpy(&x, &u, sizeof x);
+      p += 4;
+    } else if constexpr (std::is_same_v<T, double>) {
+      x = load_f64(p);
+      p += 8;
+    } else {
+      x = static_cast<T>(detail::load_le64(p));
+      p += 8;
+    }
+  }
+  return v;
+}
+
+std::uint32_t crc_of(const std::uint8_t* data, std::size_t size) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  for (std::size_t at = 0; at < size;) {  // zlib takes 32-bit lengths
+    const auto step = static_cast<uInt>(std::min<std::size_t>(size - at, std::size_t(1) << 30));
+    crc = crc32(crc, data + at, step);
+    at += step;
+  }
+  return static_cast<std::uint32_t>(crc);
+}
+
+[[noreturn]] void bad_state(const std::filesystem::path& path, const std::string& what) {
+  throw Error(ErrorKind::io, path.string() + ": " + what);
+}
+
+}  // namespace
+
+void StreamingUniversalSet::save(const std::filesystem::path& path) const {
+  const State& s = *s_;
+  std::vector<std::uint8_t> out;
+  out.reserve(kHeaderBytes + 4 + s.bytes() + 64);
+  out.insert(out.end(), kMagic, kMagic + 8);
+  detail::append_le32(out, kVersion);
+  detail::append_le32(out, 0);
+  for (index_t x : {s.d, s.dv, s.n, s.gram.blocks, s.gram.partials(),
+                    static_cast<index_t>(s.gram.pending.size()) / s.d, s.size(), s.prune_at})
+    detail::append_le64(out, static_cast<std::uint64_t>(x));
+  append_f64(out, s.eps);
+  append_f64(out, s.options.ridge);
+  append_f64(out, s.options.rank_rtol);
+  detail::append_le64(out, static_cast<std::uint64_t>(s.peak));
+  append_all(out, s.gram.part);
+  append_all(out, s.gram.pending);
+  append_all(out, s.index);
+  append_all(out, s.keys);
+  append_all(out, s.values);
+  detail::append_le32(out, crc_of(out.data(), out.size()));
+  const std::span<const std::uint8_t> pieces[] = {out};
+  detail::write_file_atomically(path, pieces);
+}
+
+StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& path) {
+  const std::vector<std::uint8_t> bytes = detail::read_file(path, path.string());
+  if (bytes.size() < kHeaderBytes + 4)
+    bad_state(path, "truncated: " + std::to_string(bytes.size()) + " bytes, shorter than a state header");
+  const std::uint8_t* p = bytes.data();
+  if (std::memcmp(p, kMagic, 8) != 0) bad_state(path, "not a levattn stream state (magic)");
+  const std::uint32_t version = detail::load_le32(p + 8);
+  if (version != kVersion)
+    bad_state(path, "version: expected " + std::to_string(kVersion) + ", got " + std::to_string(version));
+  p += 16;
+  index_t f[8];
+  for (index_t& x : f) x = static_cast<index_t>(detail::load_le64(p)), p += 8;
+  const auto [d, dv, n, blocks, partials, pending, size, prune_at] = f;
+  const double eps = load_f64(p), ridge = load_f64(p + 8), rtol = load_f64(p + 16);
+  const auto peak = static_cast<std::size_t>(detail::load_le64(p + 24));
+  p += 32;
+  const auto field = [&](bool ok, const std::string& what) {
+    if (!ok) bad_state(path, what);
+  };
+  field(d >= 1 && d <= (index_t{1} << 20) && dv >= 0 && dv <= (index_t{1} << 20), "d / dv: out of range");
+  field(n >= 0 && blocks >= 0 && pending >= 0 && pending < detail::kGramRows && n == blocks * detail::kGramRows + pending,
+        "n: does not match the Gram's blocks and waiting rows");
+  field(partials == detail::gram_partials(d), "partials: expected " + std::to_string(detail::gram_partials(d)));
+  field(size >= 0 && size <= n && prune_at >= 0, "candidates: out of range");
+  field(eps > 0.0 && eps <= 1.0, "eps: expected a number in (0, 1]");
+  // The length the sizes imply, every product checked.
+  const index_t body = checked_elements({partials, d, d}, "state partial sums") * 8 +
+                       checked_elements({pending, d}, "state waiting rows") * 4 + size * 8 +
+                       checked_elements({size, d + dv}, "state candidates") * 4;
+  const auto expected = kHeaderBytes + static_cast<std::size_t>(body) + 4;
+  field(bytes.size() == expected, "truncated or padded: " + std::to_string(bytes.size()) + " bytes, the header implies " +
+                                       std::to_string(expected));
+  field(detail::load_le32(bytes.data() + bytes.size() - 4) == crc_of(bytes.data(), bytes.size() - 4),
+        "checksum: the contents do not match their CRC-32 (corrupted)");
+  LeverageOptions o;
+  o.ridge = ridge, o.rank_rtol = rtol;
+  StreamingUniversalSet out(d, dv, eps, o);
+  State& s = *out.s_;
+  s.n = n, s.prune_at = prune_at, s.peak = peak;
+  s.gram.blocks = blocks;
+  s.gram.part = load_all<double>(p, static_cast<std::size_t>(partials * d * d));
+  s.gram.pending = load_all<float>(p, static_cast<std::size_t>(pending * d));
+  s.index = load_all<index_t>(p, static_cast<std::size_t>(size));
+  s.keys = load_all<float>(p, static_cast<std::size_t>(size * d));
+  s.values = load_all<float>(p, static_cast<std::size_t>(size * dv));
+  for (std::size_t a = 0; a < s.index.size(); ++a)
+    field(s.index[a] >= 0 && s.index[a] < n && (a == 0 || s.index[a] > s.index[a - 1]), "candidates: indices not ascending in [0, n)");
+  return out;
+}
+
+}  // namespace levattn
