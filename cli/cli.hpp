@@ -31,6 +31,7 @@ Command add_reduce(CLI::App& app);
 Command add_planted(CLI::App& app);
 Command add_bench(CLI::App& app);
 Command add_demo(CLI::App& app);
+Command add_stream(CLI::App& app);
 
 // ---------------------------------------------------------------------------------------------
 // Shared options and inputs (inputs.cpp).
@@ -97,6 +98,11 @@ class Progress {
   bool tty_ = false, shown_ = false;
   int last_percent_ = -1;
 };
+
+/// v printed with a printf format.
+std::string format_value(double v, const char* fmt = "%.9g");
+/// Seconds since t0.
+double seconds_since(std::chrono::steady_clock::time_point t0);
 
 /// Whether a path names an .npz archive (by its suffix).
 bool is_npz(const std::string& path);

@@ -8,9 +8,8 @@
 #include "cli/cli.hpp"
 
 namespace levattn::cli {
-namespace {
 
-std::string format_value(double v, const char* fmt = "%.9g") {
+std::string format_value(double v, const char* fmt) {
   char buf[32];
   std::snprintf(buf, sizeof buf, fmt, v);
   return buf;
@@ -19,6 +18,8 @@ std::string format_value(double v, const char* fmt = "%.9g") {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+namespace {
 
 // The arrays of one command: from individual .npy files, or the members of one --inputs .npz.
 struct Sources {

@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string(levattn::version()));
   const std::vector<Command> commands = {add_info(app),    add_universal(app), add_heavy(app),
                                          add_attend(app),  add_evaluate(app),  add_reduce(app),    add_planted(app),
-                                         add_bench(app),   add_demo(app)};
+                                         add_stream(app),  add_bench(app),    add_demo(app)};
   if (argc > 1 && argv[1][0] != '-') {
     std::string names;
     bool known = false;

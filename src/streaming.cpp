@@ -64,6 +64,15 @@ LeverageScores candidate_scores(const StreamingUniversalSet::State& s, const Key
   return detail::scores_unchecked(s.key_rows(), g, {.rows_of_gram = false});
 }
 
+// Room for `more` elements plus `slack`: the candidates shrink at every prune and grow by a
+// block at every push; with room for what a prune can leave (slack) beside a block, pushes of
+// one size stop reallocating after the first (a range insert would otherwise reallocate to the
+// exact size, copying and faulting in the whole array, at every push).
+template <class T>
+void make_room(std::vector<T>& v, std::size_t more, std::size_t slack) {
+  if (v.size() + more > v.capacity()) v.reserve(v.size() + more + slack);
+}
+
 // Keeps the candidates for which keep(a) holds, in order.
 template <class Keep>
 void compact(StreamingUniversalSet::State& s, Keep keep) {
@@ -129,10 +138,21 @@ void StreamingUniversalSet::push(ConstMatrix keys, ConstMatrix values) {
   detail::require_finite_matrix(keys, "keys");
   if (s.dv > 0) detail::require_finite_matrix(values, "values");
   checked_elements({s.size() + keys.rows, s.d + s.dv}, "streaming candidates");
+  const auto rows = static_cast<std::size_t>(keys.rows), slack = static_cast<std::size_t>(prune_floor(s.d, s.eps));
+  make_room(s.index, rows, slack);
+  make_room(s.keys, rows * static_cast<std::size_t>(s.d), slack * static_cast<std::size_t>(s.d));
+  make_room(s.values, rows * static_cast<std::size_t>(s.dv), slack * static_cast<std::size_t>(s.dv));
+  if (keys.ld == s.d) {
+    s.gram.add(keys.data, keys.rows);
+    s.keys.insert(s.keys.end(), keys.data, keys.data + keys.rows * s.d);
+  } else {
+    for (index_t i = 0; i < keys.rows; ++i) {
+      s.gram.add(keys.row(i), 1);
+      s.keys.insert(s.keys.end(), keys.row(i), keys.row(i) + s.d);
+    }
+  }
   for (index_t i = 0; i < keys.rows; ++i) {
-    s.gram.add(keys.row(i), 1);
     s.index.push_back(s.n + i);
-    s.keys.insert(s.keys.end(), keys.row(i), keys.row(i) + s.d);
     if (s.dv > 0) s.values.insert(s.values.end(), values.row(i), values.row(i) + s.dv);
   }
   s.n += keys.rows;

@@ -993,6 +993,71 @@ def test_evaluate():
     bad("evaluate with an unknown field", ("evaluate", "--inputs", "E.npz", "--select", "topk:3+wndow:2"), ("wndow",))
 
 
+def test_stream():
+    """stream: the offline universal set (numpy SVD oracle) for every block size, resume = one run, damaged states."""
+    rng = np.random.default_rng(43)
+    K = (rng.standard_normal((6000, 6)) * 0.05).astype(np.float32)
+    K[rng.integers(0, 6000, 18), np.arange(18) % 6] += 4.0
+    V = rng.standard_normal((6000, 3)).astype(np.float32)
+    np.save(path("SK.npy"), K)
+    np.save(path("SV.npy"), V)
+    np.save(path("SKhalf.npy"), K[:2500])
+    np.save(path("SVhalf.npy"), V[:2500])
+    tau, _ = np_leverage(K)
+    want = [int(j) for j in np.nonzero(tau >= 0.05)[0]]
+    check("stream: the oracle set is small and non-empty", 0 < len(want) < 100, repr(len(want)))
+    runs = {}
+    for block in (1, 999, 6000, 100000):
+        p = ok_run("stream block %d" % block, "stream", "--keys", "SK.npy", "--values", "SV.npy", "--eps", 0.05,
+                   "--block", block, "--json")
+        j = parse_json("stream", p.stdout) if p else None
+        if not j:
+            continue
+        runs[block] = j
+        check("stream block %d: n, size and indices (ascending) as the numpy oracle" % block,
+              j["n"] == 6000 and j["size"] == len(want) and j["indices"] == want, repr((j["n"], j["size"], j["indices"][:8])))
+        check("stream block %d: peak_workspace_bytes reported" % block, j["peak_workspace_bytes"] > 0)
+    if len(runs) == 4:
+        check("stream: the same scores for every block size",
+              all(r["scores"] == runs[1]["scores"] for r in runs.values()))
+    p = ok_run("universal", "universal", "--keys", "SK.npy", "--eps", 0.05, "--json")
+    j = parse_json("universal", p.stdout) if p else None
+    if j and 999 in runs:
+        check("stream = universal (indices and scores)", j["indices"] == runs[999]["indices"] and j["scores"] == runs[999]["scores"])
+    ok_run("stream checkpoint", "stream", "--keys", "SKhalf.npy", "--values", "SVhalf.npy", "--eps", 0.05,
+           "--checkpoint", "S.state")
+    p = ok_run("stream resume", "stream", "--keys", "SK.npy", "--values", "SV.npy", "--eps", 0.05, "--resume", "S.state",
+               "--json")
+    j = parse_json("stream resume", p.stdout) if p else None
+    if j and 999 in runs:
+        check("stream resume: continues at key 2500 and ends with the one-run set",
+              j["resumed_from"] == 2500 and j["indices"] == runs[999]["indices"] and j["scores"] == runs[999]["scores"],
+              repr((j["resumed_from"], j["size"])))
+    state = open(path("S.state"), "rb").read()
+    open(path("S_trunc.state"), "wb").write(state[:len(state) // 2])
+    flipped = bytearray(state)
+    flipped[len(state) // 2] ^= 0x20
+    open(path("S_flip.state"), "wb").write(bytes(flipped))
+    newer = bytearray(state)
+    newer[8] = 9
+    open(path("S_ver.state"), "wb").write(bytes(newer))
+    for name, what in (("S_trunc.state", "truncated"), ("S_flip.state", "checksum"), ("S_ver.state", "version")):
+        bad("stream resume from %s" % name, ("stream", "--keys", "SK.npy", "--values", "SV.npy", "--eps", 0.05,
+                                             "--resume", name), (name, what))
+    bad("stream resume with other eps", ("stream", "--keys", "SK.npy", "--values", "SV.npy", "--eps", 0.1, "--resume",
+                                         "S.state"), ("eps",))
+    bad("stream without values the state holds", ("stream", "--keys", "SK.npy", "--eps", 0.05, "--resume", "S.state"),
+        ("dv",))
+    bad("stream with eps out of range", ("stream", "--keys", "SK.npy", "--eps", 1.5), ("eps",))
+    np.save(path("SK3.npy"), K.reshape(2, 3000, 6))
+    bad("stream of a 3-D key file", ("stream", "--keys", "SK3.npy", "--eps", 0.05), ("SK3.npy", "2 dimensions"))
+    Kn = K.copy()
+    Kn[4321, 2] = np.nan
+    np.save(path("SKnan.npy"), Kn)
+    bad("stream with a NaN key", ("stream", "--keys", "SKnan.npy", "--eps", 0.05, "--block", 1000),
+        ("SKnan.npy", "keys", "4000"))
+
+
 def main():
     global WORK
     if not os.access(BIN, os.X_OK):
@@ -1004,7 +1069,7 @@ def main():
         WORK = d
         for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_power_and_sketch, test_reduce,
                   test_bench, test_demo,
-                  test_bad_input, test_atomic_output, test_hardening, test_evaluate):
+                  test_bad_input, test_atomic_output, test_hardening, test_evaluate, test_stream):
             t0 = time.time()
             group(g)
             print("%-20s %.1f s" % (g.__name__, time.time() - t0), flush=True)

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -59,6 +60,35 @@ std::vector<float> to_float32(const Array& array, const std::string& what);
 /// Writes `text` to `path` atomically (temporary file in the same directory, then rename), for
 /// CSV and JSON outputs. Throws Error(ErrorKind::io) naming the path.
 void write_text_file(const std::filesystem::path& path, std::string_view text);
+
+namespace detail {
+class InputFile;
+}
+
+/// A 2-D float32 or float64 .npy file in C order, read a block of rows at a time and never whole
+/// (for streams over more keys than memory holds). The header is validated as read_npy does when
+/// the file is opened; Fortran order, other dtypes or other ranks throw Error(io) naming the file.
+class NpyRowReader {
+ public:
+  explicit NpyRowReader(const std::filesystem::path& path);
+  ~NpyRowReader();
+  NpyRowReader(const NpyRowReader&) = delete;
+  NpyRowReader& operator=(const NpyRowReader&) = delete;
+
+  index_t rows() const { return rows_; }
+  index_t cols() const { return cols_; }
+  /// Rows r0 .. r0 + count - 1 as float32 into out (count x cols). A float64 value beyond
+  /// float32's range throws Error(invalid_argument) naming the file; a file that shrank since it
+  /// was opened throws Error(io).
+  void read(index_t r0, index_t count, float* out) const;
+
+ private:
+  std::unique_ptr<detail::InputFile> file_;
+  std::string where_;
+  index_t rows_ = 0, cols_ = 0;
+  DType dtype_ = DType::float32;
+  std::uint64_t data_offset_ = 0;
+};
 
 /// The output files of one command, written as one set. Each add_*() writes its file completely
 /// under a temporary name beside the target (throwing Error(io) as the single-file writers, or

@@ -22,6 +22,7 @@ from ._core import (  # noqa: F401
     Reduced,
     Selection,
     SelectionMetrics,
+    StreamingUniversalSet,
     UniversalSet,
     adaptive_budget,
     attention,

@@ -740,6 +740,69 @@ Cost O(m |S| (d + dv)), no n x n buffer.)doc");
 Recomputes the selected logits from q, k and stat by tiles (FlashAttention-2 style); dK and dV
 are summed in a fixed order (independent of the thread count). Cost: 7 tile products against the forward's 2 (2.5-4x its time).)doc");
 
+  py::class_<StreamingUniversalSet>(m, "StreamingUniversalSet", R"doc(The x^2 universal set in one pass over the keys.
+
+StreamingUniversalSet(d, eps, dv=0, ridge=0.0, rank_rtol=1e-5): push keys (rows, d) and, with
+dv > 0, values (rows, dv) in blocks of any size. The state holds M = K^T K (float64) and the keys
+that can still be eps-heavy (scores only fall as keys arrive), O(d^2 + (d / eps + block) (d + dv))
+memory whatever the number of keys. universal_set() is the offline levattn.universal_set(K, eps)
+of the keys so far, indices and scores bit for bit. save(path) / StreamingUniversalSet.load(path):
+a versioned state file with a CRC-32; a damaged one is an OSError naming the file.)doc")
+      .def(py::init([](index_t d, double eps, index_t dv, double ridge, double rank_rtol) {
+             LeverageOptions o;
+             o.ridge = ridge, o.rank_rtol = rank_rtol;
+             return StreamingUniversalSet(d, dv, eps, o);
+           }),
+           arg("d"), arg("eps"), arg("dv") = 0, py::kw_only(), arg("ridge") = 0.0, arg("rank_rtol") = 1e-5)
+      .def("push", [](StreamingUniversalSet& s, py::handle k_, py::handle v_) {
+             const auto K = array_of<float>(k_, "keys");
+             const ConstMatrix k = matrix(K, "keys");
+             CArray<float> V;
+             ConstMatrix v;
+             if (!v_.is_none()) {
+               V = array_of<float>(v_, "values");
+               v = matrix(V, "values");
+             }
+             py::gil_scoped_release release;
+             s.push(k, v);
+           }, arg("keys"), arg("values") = py::none(), "Appends keys (rows, d) and, when dv > 0, their values (rows, dv).")
+      .def("universal_set", [](const StreamingUniversalSet& s) {
+             py::gil_scoped_release release;
+             return s.universal_set();
+           }, "The universal set of every key pushed so far (the offline set exactly). O(d^3 + |C| d^2).")
+      .def("heavy_entries", [](const StreamingUniversalSet& s, py::handle q_) {
+             const auto Q = array_of<float>(q_, "queries");
+             const ConstMatrix q = matrix(Q, "queries");
+             py::gil_scoped_release release;
+             return s.heavy_entries(q);
+           }, arg("q"), "Exact eps-heavy entries of x^2 attention of q (m, d) against every key so far.")
+      .def("attention", [](const StreamingUniversalSet& s, py::handle q_, const std::string& kernel, double p,
+                           std::optional<double> scale) {
+             const auto Q = array_of<float>(q_, "queries");
+             const ConstMatrix q = matrix(Q, "queries");
+             AttentionOptions o;
+             o.kernel = parse_kernel(kernel), o.p = p, o.scale = scale.value_or(kNaN);
+             std::vector<float> out;
+             {
+               py::gil_scoped_release release;
+               out = s.attention(q, o);
+             }
+             py::array_t<float> a({static_cast<py::ssize_t>(q.rows), static_cast<py::ssize_t>(s.dv())});
+             std::copy(out.begin(), out.end(), a.mutable_data());
+             return a;
+           }, arg("q"), py::kw_only(), arg("kernel") = "softmax", arg("p") = 2.0, arg("scale") = py::none(),
+           "Attention of q (m, d) over the kept keys and their values: (m, dv).")
+      .def("save", [](const StreamingUniversalSet& s, const std::filesystem::path& path) { s.save(path); }, arg("path"),
+           "Writes the state atomically (versioned, CRC-32 checked).")
+      .def_static("load", &StreamingUniversalSet::load, arg("path"), "A state written by save(); OSError if damaged.")
+      .def_property_readonly("n", &StreamingUniversalSet::n, "keys pushed so far")
+      .def_property_readonly("d", &StreamingUniversalSet::d)
+      .def_property_readonly("dv", &StreamingUniversalSet::dv)
+      .def_property_readonly("eps", &StreamingUniversalSet::eps)
+      .def_property_readonly("candidates", &StreamingUniversalSet::candidates, "keys the state still holds")
+      .def_property_readonly("workspace_bytes", &StreamingUniversalSet::workspace_bytes)
+      .def_property_readonly("peak_workspace_bytes", &StreamingUniversalSet::peak_workspace_bytes);
+
   m.def("read_npy", [](const std::filesystem::path& path) { return array_to_numpy(read_npy(path)); }, arg("path"),
         "A .npy file (float32, float64 or int64) as a numpy array; OSError naming the file on a bad one.");
   m.def("write_npy", [](const std::filesystem::path& path, py::handle a) { write_npy(path, numpy_to_array(a, "array")); },

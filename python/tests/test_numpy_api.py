@@ -276,3 +276,46 @@ def test_attention_backward_checks_the_shapes_of_q_k_v():
             levattn.attention_backward(q, np.ascontiguousarray(kk), v, out, stat, out, sel)
     with pytest.raises(ValueError, match="do not match"):
         levattn.attention_backward(q, k, v, out[:, :10], stat, out, sel)
+
+
+def spiky_keys(n, d, seed):
+    rng = np.random.default_rng(seed)
+    K = (rng.standard_normal((n, d)) * 0.05).astype(np.float32)
+    K[rng.integers(0, n, 3 * d), np.arange(3 * d) % d] += 4.0
+    return K
+
+
+def test_streaming_universal_set_is_the_offline_set_for_any_blocks(tmp_path):
+    K = spiky_keys(5000, 8, 1)
+    V = np.random.default_rng(2).standard_normal((5000, 3)).astype(np.float32)
+    want = levattn.universal_set(K, eps=0.05)
+    tau, _ = svd_leverage(K)
+    assert list(want.indices) == [j for j in range(5000) if tau[j] >= 0.05]
+    for block in (1, 333, 5000):
+        s = levattn.StreamingUniversalSet(8, 0.05, dv=3)
+        for i in range(0, 5000, block):
+            s.push(K[i:i + block], V[i:i + block])
+        got = s.universal_set()
+        assert s.n == 5000 and s.candidates < 5000
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.scores, want.scores)
+    # Exact heavy entries against brute force, attention over the kept keys, a restored state.
+    Q = np.random.default_rng(3).standard_normal((40, 8)).astype(np.float32)
+    h, truth = s.heavy_entries(Q), levattn.heavy_entries_brute_force(Q, K, 0.05)
+    np.testing.assert_array_equal(h.keys, truth.keys)
+    np.testing.assert_allclose(h.values, truth.values, rtol=1e-6)
+    ku = K[want.indices]
+    logits = Q @ ku.T / np.sqrt(8.0)
+    w = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(s.attention(Q), (w / w.sum(axis=1, keepdims=True)) @ V[want.indices], rtol=1e-4, atol=1e-5)
+    s.save(tmp_path / "state.bin")
+    r = levattn.StreamingUniversalSet.load(tmp_path / "state.bin")
+    np.testing.assert_array_equal(r.universal_set().scores, s.universal_set().scores)
+    data = (tmp_path / "state.bin").read_bytes()
+    (tmp_path / "bad.bin").write_bytes(data[:-3])
+    with pytest.raises(OSError, match="bad.bin"):
+        levattn.StreamingUniversalSet.load(tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match="keys"):
+        s.push(np.zeros((3, 5), np.float32), np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="eps"):
+        levattn.StreamingUniversalSet(8, 0.0)

@@ -89,30 +89,54 @@ struct GramStream {
 
   /// Appends rows (rows x d, row-major, finite: the caller checks).
   void add(const float* x, index_t rows) {
-    for (index_t i = 0; i < rows; ++i) {
-      pending.insert(pending.end(), x + i * d, x + (i + 1) * d);
-      if (static_cast<index_t>(pending.size()) == kGramRows * d) {
-        add_block(part, blocks, pending);
-        ++blocks;
-        pending.clear();
-      }
+    if (!pending.empty()) {  // complete the waiting block first
+      const index_t take = std::min(rows, kGramRows - static_cast<index_t>(pending.size()) / d);
+      pending.insert(pending.end(), x, x + take * d);
+      x += take * d, rows -= take;
+      if (static_cast<index_t>(pending.size()) < kGramRows * d) return;
+      y_.assign(pending.begin(), pending.end());
+      gram_block(kGramRows, d, y_.data(), blocks < partials(), part.data() + (blocks % partials()) * d * d);
+      ++blocks;
+      pending.clear();
     }
+    add_full_blocks(x, rows / kGramRows);
+    x += (rows / kGramRows) * kGramRows * d;
+    pending.assign(x, x + (rows % kGramRows) * d);
   }
 
   /// M = K^T K over every row added (d x d, symmetric).
   std::vector<double> gram() const {
     if (blocks == 0 && pending.empty()) return std::vector<double>(static_cast<std::size_t>(d * d), 0.0);
-    std::vector<double> p = part;
-    if (!pending.empty()) add_block(p, blocks, pending);
+    std::vector<double> p = part, y;
+    if (!pending.empty()) add_block(p, blocks, pending, y);
     return sum_partial_grams(p.data(), std::min(blocks + (pending.empty() ? 0 : 1), partials()), d);
   }
 
  private:
-  // Block number b (rows `x`) into its partial sum.
-  void add_block(std::vector<double>& p, index_t b, const std::vector<float>& x) const {
-    const std::vector<double> y(x.begin(), x.end());
+  // `count` consecutive full blocks at x: consecutive blocks go to distinct partial sums, so
+  // each partial takes its blocks in order on one thread, as in fixed_order_gram.
+  void add_full_blocks(const float* x, index_t count) {
+    if (count == 0) return;
+    const index_t P = partials(), b0 = blocks;
+    const double flops = static_cast<double>(count * kGramRows) * static_cast<double>(d * d);
+    parallel_tasks(std::min(P, count), flops, [] { return std::vector<double>(); }, [&](index_t t, std::vector<double>& y) {
+      for (index_t c = t; c < count; c += P) {
+        const float* rows = x + c * kGramRows * d;
+        y.assign(rows, rows + kGramRows * d);
+        const index_t b = b0 + c;
+        gram_block(kGramRows, d, y.data(), b < P, part.data() + (b % P) * d * d);
+      }
+    });
+    blocks += count;
+  }
+
+  // Block number b (rows `x`) into its partial sum, converted in `y` (add() keeps one across
+  // calls: a fresh one per block would be mapped and faulted in anew each time).
+  void add_block(std::vector<double>& p, index_t b, const std::vector<float>& x, std::vector<double>& y) const {
+    y.assign(x.begin(), x.end());
     gram_block(static_cast<index_t>(x.size()) / d, d, y.data(), b < partials(), p.data() + (b % partials()) * d * d);
   }
+  std::vector<double> y_;
 };
 
 }  // namespace levattn::detail
