@@ -18,10 +18,12 @@ namespace levattn {
 /// scores' proven rounding) can never be eps-heavy later and is dropped for good.
 ///
 /// State: M in float64 as partial sums (d^2 min(16, 32M / d^2) numbers), at most 1024 waiting
-/// rows, and the candidates (index, key row, value row), which pruning keeps below about
-/// 2 d / eps + the last block: O(d^2 + (d / eps + block) (d + dv)) memory, whatever the number of
-/// keys. Cost: O(d^2) per key for M, plus a prune (O(d^3 + |C| d^2)) whenever the candidates
-/// double. Not thread-safe for concurrent calls on one object; distinct objects are independent.
+/// rows, and the candidates (index, key row, value row), pruned once they exceed
+/// max(1024, 2 d / eps) (then twice what the last prune left): O(d^2 + (d / eps + block)(d + dv))
+/// memory, whatever the number of keys. Cost: O(d^2) per key for M, plus a prune
+/// (O(d^3 + |C| d^2)) whenever the candidates double, about the offline score pass over all keys
+/// in total. Not thread-safe for concurrent calls on one object (const ones included: they
+/// share nothing mutable, but push must not run beside them); distinct objects are independent.
 class StreamingUniversalSet {
  public:
   /// d >= 1 key columns, dv >= 0 value columns (0: keys only), eps in (0, 1]; options.method must
