@@ -31,7 +31,7 @@ struct StreamingUniversalSet::State {
   index_t size() const { return static_cast<index_t>(index.size()); }
   ConstMatrix key_rows() const { return {keys.data(), size(), d}; }
   std::size_t bytes() const {
-    return gram.part.capacity() * sizeof(double) + gram.pending.capacity() * sizeof(float) +
+    return gram.part.capacity() * sizeof(double) + gram.pending.capacity() * sizeof(float) + gram.buffer_bytes() +
            index.capacity() * sizeof(index_t) + (keys.capacity() + values.capacity()) * sizeof(float);
   }
 };
@@ -43,12 +43,26 @@ namespace {
 constexpr double kMargin = 1e-4;
 constexpr index_t kMinPrune = 1024;
 
+constexpr index_t kMaxDim = index_t{1} << 20;  // d and dv (a d x d Gram of 8 TB is not a stream)
+
 index_t prune_floor(index_t d, double eps) {
-  return std::max<index_t>(kMinPrune, 2 * static_cast<index_t>(std::ceil(static_cast<double>(d) / eps)));
+  const double floor = std::min(2.0 * std::ceil(static_cast<double>(d) / eps), 0x1p40);  // no overflow for tiny eps
+  return std::max(kMinPrune, static_cast<index_t>(floor));
 }
 
 KeyGram gram_of(const StreamingUniversalSet::State& s) {
   return detail::gram_factor(s.gram.gram(), s.d, s.options);
+}
+
+// The Gram pruning scores against: a direction numerically null now can enter the final rank
+// when later keys add to it, which lifts the scores of the keys already there. Such a key ends
+// in the set only if it carries at least sqrt(eps) of that direction's final singular value, so
+// keeping the directions down to 0.1 sqrt(eps) rank_rtol sigma_max keeps its score honest; exactly
+// null directions (a zero column) still drop, and pruning still works.
+KeyGram pruning_gram(const StreamingUniversalSet::State& s) {
+  LeverageOptions o = s.options;
+  o.rank_rtol = 0.1 * std::sqrt(s.eps) * s.options.rank_rtol;
+  return detail::gram_factor(s.gram.gram(), s.d, o);
 }
 
 // Scores of the candidates against the Gram of every key so far, as the offline pass computes
@@ -93,9 +107,10 @@ void compact(StreamingUniversalSet::State& s, Keep keep) {
 
 StreamingUniversalSet::StreamingUniversalSet(index_t d, index_t dv, double eps, const LeverageOptions& options)
     : s_(std::make_unique<State>()) {
-  if (d < 1 || dv < 0) {
+  if (d < 1 || dv < 0 || d > kMaxDim || dv > kMaxDim) {
     std::ostringstream os;
-    os << "streaming: expected d >= 1 key columns and dv >= 0 value columns, got d = " << d << ", dv = " << dv;
+    os << "streaming: expected 1 <= d <= 2^20 key columns and 0 <= dv <= 2^20 value columns, got d = " << d
+       << ", dv = " << dv;
     detail::invalid(os.str());
   }
   detail::require_eps(eps);
@@ -138,7 +153,8 @@ void StreamingUniversalSet::push(ConstMatrix keys, ConstMatrix values) {
   detail::require_finite_matrix(keys, "keys");
   if (s.dv > 0) detail::require_finite_matrix(values, "values");
   checked_elements({s.size() + keys.rows, s.d + s.dv}, "streaming candidates");
-  const auto rows = static_cast<std::size_t>(keys.rows), slack = static_cast<std::size_t>(prune_floor(s.d, s.eps));
+  const auto rows = static_cast<std::size_t>(keys.rows);
+  const auto slack = std::min(static_cast<std::size_t>(prune_floor(s.d, s.eps)), s.index.size() + rows);
   make_room(s.index, rows, slack);
   make_room(s.keys, rows * static_cast<std::size_t>(s.d), slack * static_cast<std::size_t>(s.d));
   make_room(s.values, rows * static_cast<std::size_t>(s.dv), slack * static_cast<std::size_t>(s.dv));
@@ -165,7 +181,7 @@ void StreamingUniversalSet::push(ConstMatrix keys, ConstMatrix values) {
 
 void StreamingUniversalSet::prune() {
   State& s = *s_;
-  const KeyGram g = gram_of(s);
+  const KeyGram g = pruning_gram(s);
   const LeverageScores sc = candidate_scores(s, g);
   // Scores only fall as keys arrive; one below eps by more than any rounding, now or at the end,
   // can never enter the set again.
@@ -198,6 +214,9 @@ HeavyEntries StreamingUniversalSet::heavy_entries(ConstMatrix Q) const {
     detail::invalid(os.str());
   }
   detail::require_finite_matrix(Q, "queries");
+  if (s.options.ridge != 0.0)
+    detail::invalid("streaming heavy entries: need ridge 0 (ridge scores are below the x^2 sensitivities, so their "
+                    "set can miss heavy entries)");
   const UniversalSet u = universal_set();
   const std::vector<double> M = s.gram.gram();
   const index_t d = s.d;
@@ -350,10 +369,15 @@ void StreamingUniversalSet::save(const std::filesystem::path& path) const {
 }
 
 StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& path) {
-  const std::vector<std::uint8_t> bytes = detail::read_file(path, path.string());
-  if (bytes.size() < kHeaderBytes + 4)
-    bad_state(path, "truncated: " + std::to_string(bytes.size()) + " bytes, shorter than a state header");
-  const std::uint8_t* p = bytes.data();
+  // The header first: nothing is read or allocated in proportion to what it claims until the
+  // sizes agree with the file's length.
+  const detail::InputFile file(path, path.string());
+  const std::uint64_t length = file.size();
+  if (length < kHeaderBytes + 4)
+    bad_state(path, "truncated: " + std::to_string(length) + " bytes, shorter than a state header");
+  std::vector<std::uint8_t> head(kHeaderBytes);
+  file.read_at(0, head);
+  const std::uint8_t* p = head.data();
   if (std::memcmp(p, kMagic, 8) != 0) bad_state(path, "not a levattn stream state (magic)");
   const std::uint32_t version = detail::load_le32(p + 8);
   if (version != kVersion)
@@ -364,23 +388,36 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   const auto [d, dv, n, blocks, partials, pending, size, prune_at] = f;
   const double eps = load_f64(p), ridge = load_f64(p + 8), rtol = load_f64(p + 16);
   const auto peak = static_cast<std::size_t>(detail::load_le64(p + 24));
-  p += 32;
   const auto field = [&](bool ok, const std::string& what) {
     if (!ok) bad_state(path, what);
   };
-  field(d >= 1 && d <= (index_t{1} << 20) && dv >= 0 && dv <= (index_t{1} << 20), "d / dv: out of range");
-  field(n >= 0 && blocks >= 0 && pending >= 0 && pending < detail::kGramRows && n == blocks * detail::kGramRows + pending,
+  field(d >= 1 && d <= kMaxDim && dv >= 0 && dv <= kMaxDim, "d / dv: out of range");
+  field(n >= 0 && blocks >= 0 && blocks <= n / detail::kGramRows && pending >= 0 && pending < detail::kGramRows &&
+            n - blocks * detail::kGramRows == pending,
         "n: does not match the Gram's blocks and waiting rows");
   field(partials == detail::gram_partials(d), "partials: expected " + std::to_string(detail::gram_partials(d)));
-  field(size >= 0 && size <= n && prune_at >= 0, "candidates: out of range");
+  field(size >= 0 && size <= n, "candidates: out of range");
+  field(prune_at >= prune_floor(d, eps) && prune_at <= std::max(prune_floor(d, eps), 2 * size + 2 * detail::kGramRows),
+        "prune_at: out of range");
   field(eps > 0.0 && eps <= 1.0, "eps: expected a number in (0, 1]");
-  // The length the sizes imply, every product checked.
-  const index_t body = checked_elements({partials, d, d}, "state partial sums") * 8 +
-                       checked_elements({pending, d}, "state waiting rows") * 4 + size * 8 +
-                       checked_elements({size, d + dv}, "state candidates") * 4;
-  const auto expected = kHeaderBytes + static_cast<std::size_t>(body) + 4;
-  field(bytes.size() == expected, "truncated or padded: " + std::to_string(bytes.size()) + " bytes, the header implies " +
-                                       std::to_string(expected));
+  field(ridge >= 0.0 && std::isfinite(ridge) && rtol >= 0.0 && rtol < 1.0, "ridge / rank_rtol: out of range");
+  // The length the sizes imply, each part bounded by the file's length before it is added.
+  std::uint64_t expected = kHeaderBytes + 4;
+  const auto part = [&](std::uint64_t count, std::uint64_t width) {
+    field(count <= length / width && expected <= length - count * width,
+          "truncated or lying sizes: the header implies more than the file's " + std::to_string(length) + " bytes");
+    expected += count * width;
+  };
+  const auto D = static_cast<std::uint64_t>(d), DV = static_cast<std::uint64_t>(dv), C = static_cast<std::uint64_t>(size);
+  part(static_cast<std::uint64_t>(partials) * D, 8 * D);
+  part(static_cast<std::uint64_t>(pending), 4 * D);
+  part(C, 8);
+  part(C, 4 * D);
+  part(C * DV, 4);
+  field(length == expected, "truncated or padded: " + std::to_string(length) + " bytes, the header implies " +
+                                std::to_string(expected));
+  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(length));
+  file.read_at(0, bytes);
   field(detail::load_le32(bytes.data() + bytes.size() - 4) == crc_of(bytes.data(), bytes.size() - 4),
         "checksum: the contents do not match their CRC-32 (corrupted)");
   LeverageOptions o;
@@ -389,8 +426,10 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   State& s = *out.s_;
   s.n = n, s.prune_at = prune_at, s.peak = peak;
   s.gram.blocks = blocks;
+  p = bytes.data() + kHeaderBytes;
   s.gram.part = load_all<double>(p, static_cast<std::size_t>(partials * d * d));
   s.gram.pending = load_all<float>(p, static_cast<std::size_t>(pending * d));
+  s.gram.pending.reserve(static_cast<std::size_t>(detail::kGramRows * d));
   s.index = load_all<index_t>(p, static_cast<std::size_t>(size));
   s.keys = load_all<float>(p, static_cast<std::size_t>(size * d));
   s.values = load_all<float>(p, static_cast<std::size_t>(size * dv));

@@ -98,6 +98,22 @@ TEST(Streaming, RankDeficientFewAndRidgeKeys) {
   EXPECT_EQ(t.universal_set().indices.size(), 5u);
 }
 
+// A direction numerically null when pruning runs (singular value ratio 7.8e-6 < rank_rtol
+// 1e-5) enters the final rank when a second key adds to it: the key that was alone in it must
+// still be there.
+TEST(Streaming, ADirectionThatEntersTheRankLaterKeepsItsKeys) {
+  Mat K(1026, 2);
+  K(0, 1) = 2.5e-4f;
+  for (index_t i = 1; i <= 1024; ++i) K(i, 0) = 1.0f;
+  K(1025, 1) = 2.5e-4f;
+  StreamingUniversalSet s(2, 0, 0.4);
+  s.push({K.v.data(), 1025, 2});  // more than 1024 candidates: a prune runs here
+  s.push({K.v.data() + 1025 * 2, 1, 2});
+  const levattn::UniversalSet want = levattn::universal_set(K.view(), 0.4);
+  EXPECT_EQ(want.indices, (std::vector<index_t>{0, 1025}));
+  expect_same_set(s.universal_set(), want, "late direction");
+}
+
 TEST(Streaming, HeavyEntriesEqualBruteForce) {
   const Mat K = spiky_keys(4000, 8, 7);
   Mat Q = oracle::gaussian(300, 8, 8);
@@ -224,6 +240,14 @@ TEST_F(StreamingState, DamagedFilesAreClearErrors) {
   b[16 + 2 * 8] ^= 0x01;  // n, a lying size
   write(b);
   EXPECT_FALSE(message().empty());
+  b = bytes;
+  for (int x = 0; x < 8; ++x) b[16 + 3 * 8 + x] = x == 7 ? 0x01 : 0;  // blocks = 2^56: no overflow, an error
+  write(b);
+  EXPECT_NE(message().find("n:"), std::string::npos);
+  b = bytes;
+  for (int x = 0; x < 8; ++x) b[16 + 6 * 8 + x] = x == 7 ? 0x10 : 0;  // candidates = 2^60
+  write(b);
+  EXPECT_FALSE(message().empty());
   EXPECT_EQ(oracle::error_of([&] { StreamingUniversalSet::load(dir / "missing.bin"); }).first, levattn::ErrorKind::io);
 }
 
@@ -246,6 +270,13 @@ TEST(Streaming, RejectsBadArguments) {
   EXPECT_TRUE(bad([&] { s.attention(K.view()); }));  // no keys yet
   s.push(K.view(), V.view());
   EXPECT_TRUE(bad([&] { s.heavy_entries(wide.view()); }));
+  EXPECT_TRUE(bad([] { StreamingUniversalSet(index_t{1} << 31, 0, 0.5); }));  // no 2^62-entry Gram
+  StreamingUniversalSet tiny(64, 64, 1e-300);  // an enormous prune floor must not be allocated
+  tiny.push(oracle::gaussian(10, 64, 4).view(), oracle::gaussian(10, 64, 5).view());
+  EXPECT_LT(tiny.workspace_bytes(), std::size_t(64) << 20);
+  StreamingUniversalSet ridge(4, 0, 0.1, {.ridge = 1.0});
+  ridge.push(K.view());
+  EXPECT_TRUE(bad([&] { ridge.heavy_entries(K.view()); }));
   StreamingUniversalSet keys_only(4, 0, 0.1);
   keys_only.push(K.view());
   EXPECT_TRUE(bad([&] { keys_only.attention(K.view()); }));

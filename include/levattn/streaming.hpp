@@ -38,18 +38,22 @@ class StreamingUniversalSet {
   /// The universal set of every key pushed so far: the same indices and scores as the offline
   /// universal_set(K, eps, options) on those keys (the same M bits, factor and score pass),
   /// for any split into blocks, as long as the scores' rounding bound stays below 1e-4 (the
-  /// margin pruning leaves; score_rel_error_bound reports it). O(d^3 + |C| d^2).
+  /// margin pruning leaves; score_rel_error_bound reports it). Pruning scores keep the
+  /// directions down to 0.1 sqrt(eps) rank_rtol of the largest singular value, so that a
+  /// direction that later enters the rank cannot have lost its keys. O(d^3 + |C| d^2).
   UniversalSet universal_set() const;
 
   /// The exact eps-heavy entries of x^2 attention of Q (m x d) against every key pushed so far:
   /// A_ij = (q_i.k_j)^2 / (q_i^T M q_i) >= eps, with j in the universal set (no other key can
   /// be eps-heavy). Queries with q^T M q = 0 (to rounding) are listed in zero_rows.
-  /// O(m d^2 + m |U| d).
+  /// O(m d^2 + m |U| d). Throws Error(invalid_argument) with a ridge (ridge scores are below the
+  /// x^2 sensitivities, so their set can miss heavy entries).
   HeavyEntries heavy_entries(ConstMatrix Q) const;
 
   /// Attention of Q (m x d) over the kept keys (the universal set) and their values, with the
-  /// kernel, p and scale of `kernel` (its selection fields are ignored): m x dv, row-major.
-  /// Throws Error(invalid_argument) when dv == 0.
+  /// kernel, p and scale of `kernel` (its selection fields are ignored): m x dv, row-major. An
+  /// empty universal set (no key reaches eps) gives rows of 0, as attention over no keys does.
+  /// Throws Error(invalid_argument) when dv == 0 or no key was pushed.
   std::vector<float> attention(ConstMatrix Q, const AttentionOptions& kernel = {}) const;
 
   index_t n() const;           ///< keys pushed so far

@@ -747,7 +747,8 @@ dv > 0, values (rows, dv) in blocks of any size. The state holds M = K^T K (floa
 that can still be eps-heavy (scores only fall as keys arrive), O(d^2 + (d / eps + block) (d + dv))
 memory whatever the number of keys. universal_set() is the offline levattn.universal_set(K, eps)
 of the keys so far, indices and scores bit for bit. save(path) / StreamingUniversalSet.load(path):
-a versioned state file with a CRC-32; a damaged one is an OSError naming the file.)doc")
+a versioned state file with a CRC-32; a damaged one is an OSError naming the file. Its methods
+hold the GIL: one object is never used by two Python threads at once.)doc")
       .def(py::init([](index_t d, double eps, index_t dv, double ridge, double rank_rtol) {
              LeverageOptions o;
              o.ridge = ridge, o.rank_rtol = rank_rtol;
@@ -763,17 +764,14 @@ a versioned state file with a CRC-32; a damaged one is an OSError naming the fil
                V = array_of<float>(v_, "values");
                v = matrix(V, "values");
              }
-             py::gil_scoped_release release;
              s.push(k, v);
            }, arg("keys"), arg("values") = py::none(), "Appends keys (rows, d) and, when dv > 0, their values (rows, dv).")
       .def("universal_set", [](const StreamingUniversalSet& s) {
-             py::gil_scoped_release release;
              return s.universal_set();
            }, "The universal set of every key pushed so far (the offline set exactly). O(d^3 + |C| d^2).")
       .def("heavy_entries", [](const StreamingUniversalSet& s, py::handle q_) {
              const auto Q = array_of<float>(q_, "queries");
              const ConstMatrix q = matrix(Q, "queries");
-             py::gil_scoped_release release;
              return s.heavy_entries(q);
            }, arg("q"), "Exact eps-heavy entries of x^2 attention of q (m, d) against every key so far.")
       .def("attention", [](const StreamingUniversalSet& s, py::handle q_, const std::string& kernel, double p,
@@ -784,8 +782,7 @@ a versioned state file with a CRC-32; a damaged one is an OSError naming the fil
              o.kernel = parse_kernel(kernel), o.p = p, o.scale = scale.value_or(kNaN);
              std::vector<float> out;
              {
-               py::gil_scoped_release release;
-               out = s.attention(q, o);
+                 out = s.attention(q, o);
              }
              py::array_t<float> a({static_cast<py::ssize_t>(q.rows), static_cast<py::ssize_t>(s.dv())});
              std::copy(out.begin(), out.end(), a.mutable_data());

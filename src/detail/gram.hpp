@@ -82,8 +82,12 @@ struct GramStream {
   std::vector<double> part;
   std::vector<float> pending;
 
+  /// Allocates everything add() uses up front, so that add() cannot fail half way.
   explicit GramStream(index_t dim = 0)
-      : d(dim), part(static_cast<std::size_t>(dim > 0 ? gram_partials(dim) * dim * dim : 0), 0.0) {}
+      : d(dim), part(static_cast<std::size_t>(dim > 0 ? gram_partials(dim) * dim * dim : 0), 0.0) {
+    pending.reserve(static_cast<std::size_t>(kGramRows * d));
+    y_.reserve(pending.capacity());
+  }
 
   index_t partials() const { return static_cast<index_t>(part.size()) / std::max<index_t>(1, d * d); }
 
@@ -119,7 +123,14 @@ struct GramStream {
     if (count == 0) return;
     const index_t P = partials(), b0 = blocks;
     const double flops = static_cast<double>(count * kGramRows) * static_cast<double>(d * d);
-    parallel_tasks(std::min(P, count), flops, [] { return std::vector<double>(); }, [&](index_t t, std::vector<double>& y) {
+    // One conversion buffer per thread, allocated before any partial sum changes (so that a
+    // failed allocation leaves the state as it was) and kept for the next call.
+    const bool team = std::min(P, count) > 1 && worth_parallel(flops);
+    const auto threads = static_cast<std::size_t>(team ? omp_get_max_threads() : 1);
+    if (ys_.size() < threads) ys_.resize(threads);
+    for (std::size_t t = 0; t < threads; ++t) ys_[t].reserve(static_cast<std::size_t>(kGramRows * d));
+    parallel_tasks(std::min(P, count), flops, [] { return 0; }, [&](index_t t, int&) {
+      std::vector<double>& y = ys_[team ? static_cast<std::size_t>(omp_get_thread_num()) : 0];
       for (index_t c = t; c < count; c += P) {
         const float* rows = x + c * kGramRows * d;
         y.assign(rows, rows + kGramRows * d);
@@ -137,6 +148,15 @@ struct GramStream {
     gram_block(static_cast<index_t>(x.size()) / d, d, y.data(), b < partials(), p.data() + (b % partials()) * d * d);
   }
   std::vector<double> y_;
+  std::vector<std::vector<double>> ys_;  // add_full_blocks: one per thread
+
+ public:
+  /// Bytes of the conversion buffers.
+  std::size_t buffer_bytes() const {
+    std::size_t b = y_.capacity();
+    for (const auto& y : ys_) b += y.capacity();
+    return b * sizeof(double);
+  }
 };
 
 }  // namespace levattn::detail
