@@ -16,6 +16,7 @@
 #include "detail/selection.hpp"
 #include "detail/validate.hpp"
 #include "kernels/online_attention.hpp"
+#include "levattn/causal.hpp"
 #include "levattn/lewis_weights.hpp"
 #include "levattn/selected_attention.hpp"
 #include "levattn/universal_set.hpp"
@@ -137,13 +138,22 @@ void check_options(const AttentionOptions& o) {
       }
       break;
   }
+  if (o.causal && o.select == Select::leverage) {
+    if (o.top_k > 0)
+      detail::invalid("causal leverage: give eps (each block's causal universal set); top_k keys by prefix score "
+                      "cannot be kept exactly in one pass");
+    if (o.kernel == Kernel::power && o.p != 2.0)
+      detail::invalid("causal leverage: the causal sets are x^2 leverage scores; with the poly kernel p must be 2");
+    if (o.leverage.method != ScoreMethod::exact) detail::invalid("causal leverage: needs exact scores (method exact)");
+  }
 }
 
-// The keys shared by every query of one head, gathered contiguously.
+// The keys shared by the queries of one head: one set, or (causal leverage) one per block of
+// `segment` queries; each ascending.
 struct HeadSelection {
-  std::vector<index_t> keys;  // ascending
-  std::vector<float> k, v;    // |keys| x d and |keys| x dv
-  std::vector<char> member;   // n flags, only when a window needs de-duplication
+  std::vector<std::vector<index_t>> sets;
+  index_t segment = 0;
+  const std::vector<index_t>& of(index_t i) const { return sets[static_cast<std::size_t>(segment > 0 ? i / segment : 0)]; }
 };
 
 // What every (batch, head) pair of one call shares: the resolved options, sizes and kernel.
@@ -182,6 +192,12 @@ Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, co
   pl.heads = Q.batch * Q.heads;
   pl.qheads = Q.heads;
   pl.m = Q.rows, pl.n = K.rows, pl.d = Q.cols, pl.dv = V.cols;
+  if (o.causal && pl.m != pl.n) {
+    std::ostringstream os;
+    os << "causal: expected as many queries as keys (query i sees keys 0 .. i), got " << pl.m << " queries and "
+       << pl.n << " keys";
+    detail::invalid(os.str());
+  }
   pl.params.kernel = o.kernel;
   pl.params.p = static_cast<float>(o.p);
   pl.params.ops = &kernels::active_row_ops();
@@ -192,6 +208,15 @@ Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, co
   pl.shared = o.select == Select::leverage || o.select == Select::random || o.select == Select::window;
   pl.blocks = (pl.m + kernels::kQueryBlock - 1) / kernels::kQueryBlock;
   return pl;
+}
+
+// keys <- keys (ascending) united with 0 .. sinks - 1.
+void add_sinks(std::vector<index_t>& keys, index_t sinks) {
+  if (sinks <= 0) return;
+  std::vector<index_t> merged, first(static_cast<std::size_t>(sinks));
+  std::iota(first.begin(), first.end(), index_t{0});
+  std::set_union(keys.begin(), keys.end(), first.begin(), first.end(), std::back_inserter(merged));
+  keys.swap(merged);
 }
 
 // The shared key set of head h (leverage scores / Lewis bounds, or random, plus sinks).
@@ -208,30 +233,20 @@ std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::
     keys = detail::random_keys(K.rows, o.top_k,
                                detail::CounterRng(o.seed, detail::Purpose::random_selection, stream));
   }
-  const index_t sinks = std::min(o.sinks, K.rows);
-  if (sinks > 0) {
-    std::vector<index_t> merged;
-    std::vector<index_t> first(static_cast<std::size_t>(sinks));
-    for (index_t j = 0; j < sinks; ++j) first[j] = j;
-    std::set_union(keys.begin(), keys.end(), first.begin(), first.end(), std::back_inserter(merged));
-    keys.swap(merged);
-  }
+  add_sinks(keys, std::min(o.sinks, K.rows));
   return keys;
 }
 
-HeadSelection select_head(const Plan& pl, ConstMatrix Kh, ConstMatrix Vh, index_t h) {
+// The shared sets of head h: shared_keys, or with causal leverage each block's causal set plus
+// the sinks.
+HeadSelection select_head(const AttentionOptions& o, ConstMatrix Kh, index_t h) {
   HeadSelection s;
-  s.keys = shared_keys(pl.o, Kh, static_cast<std::uint64_t>(h));
-  const index_t u = static_cast<index_t>(s.keys.size()), d = pl.d, dv = pl.dv;
-  s.k.resize(static_cast<std::size_t>(u * d));
-  s.v.resize(static_cast<std::size_t>(u * dv));
-  for (index_t a = 0; a < u; ++a) {
-    std::copy_n(Kh.row(s.keys[a]), d, s.k.data() + a * d);
-    std::copy_n(Vh.row(s.keys[a]), dv, s.v.data() + a * dv);
-  }
-  if (pl.window >= 0) {
-    s.member.assign(static_cast<std::size_t>(pl.n), 0);
-    for (index_t j : s.keys) s.member[j] = 1;
+  if (o.causal && o.select == Select::leverage) {
+    s.sets = causal_universal_sets(Kh, o.eps, kCausalBlock, o.leverage).sets;
+    s.segment = kCausalBlock;
+    for (auto& set : s.sets) add_sinks(set, std::min(o.sinks, Kh.rows));
+  } else {
+    s.sets.push_back(shared_keys(o, Kh, static_cast<std::uint64_t>(h)));
   }
   return s;
 }
@@ -239,8 +254,9 @@ HeadSelection select_head(const Plan& pl, ConstMatrix Kh, ConstMatrix Vh, index_
 // Per-thread state of the attention pass.
 struct Workspace {
   kernels::OnlineBlock blk;
-  std::vector<float> gk, gv;  // topk gather buffers
+  std::vector<float> gk, gv;  // gathered key and value rows (shared keys, topk)
   std::vector<float> tile;    // topk search
+  std::vector<char> flags;    // window band: keys of the shared set
   explicit Workspace(const Plan& pl) : blk(pl.params, kernels::kQueryBlock, kernels::kKeyTile, pl.dv) {}
 };
 
@@ -254,44 +270,80 @@ struct BlockStats {
   }
 };
 
+constexpr float kMasked = -std::numeric_limits<float>::infinity();
+
+// Masks the keys after each query in a tile of logits (rows x c) for keys j0 .. j0 + c - 1 and
+// queries i0 ..; returns the entries left.
+double mask_causal(float* tile, index_t rows, index_t c, index_t i0, index_t j0) {
+  double kept = 0.0;
+  for (index_t r = 0; r < rows; ++r) {
+    const index_t seen = std::clamp<index_t>(i0 + r + 1 - j0, 0, c);
+    std::fill(tile + r * c + seen, tile + (r + 1) * c, kMasked);
+    kept += static_cast<double>(seen);
+  }
+  return kept;
+}
+
 BlockStats attend_full(const Plan& pl, Workspace& w, ConstMatrix Qh, ConstMatrix Kh, ConstMatrix Vh,
                        index_t i0, index_t rows, float* dst) {
+  const index_t end = pl.o.causal ? std::min(pl.n, i0 + rows) : pl.n;
+  BlockStats st;
   w.blk.begin(Qh.row(i0), Qh.ld, rows, pl.d);
-  for (index_t c0 = 0; c0 < pl.n; c0 += kernels::kKeyTile) {
-    const index_t c = std::min(kernels::kKeyTile, pl.n - c0);
-    w.blk.logits(Kh.row(c0), Kh.ld, c);
+  for (index_t c0 = 0; c0 < end; c0 += kernels::kKeyTile) {
+    const index_t c = std::min(kernels::kKeyTile, end - c0);
+    float* tile = w.blk.logits(Kh.row(c0), Kh.ld, c);
+    st.keys += pl.o.causal && c0 + c > i0 + 1 ? mask_causal(tile, rows, c, i0, c0) : static_cast<double>(rows * c);
     w.blk.absorb(Vh.row(c0), Vh.ld, c);
   }
-  BlockStats st;
   st.add(w.blk.finish(dst, pl.dv));
-  st.keys = static_cast<double>(rows * pl.n);
   return st;
 }
 
-// The shared keys, then the band of keys any query of the block can see, masked per row to its
-// own window minus the shared keys (already counted).
+// The block's shared set (causal: its keys up to the block's last query, masked per row), then
+// the band of keys any query of the block can see, masked per row to its own window minus the
+// shared keys (already counted).
 BlockStats attend_shared(const Plan& pl, Workspace& w, const HeadSelection& s, ConstMatrix Qh,
                          ConstMatrix Kh, ConstMatrix Vh, index_t i0, index_t rows, float* dst) {
-  const index_t u = static_cast<index_t>(s.keys.size()), window = pl.window;
+  const std::vector<index_t>& keys = s.of(i0);
+  const index_t window = pl.window, d = pl.d, dv = pl.dv, last = i0 + rows - 1;
+  const bool causal = pl.o.causal;
+  const index_t u = causal ? std::upper_bound(keys.begin(), keys.end(), last) - keys.begin()
+                           : static_cast<index_t>(keys.size());
   BlockStats st;
-  w.blk.begin(Qh.row(i0), Qh.ld, rows, pl.d);
+  w.blk.begin(Qh.row(i0), Qh.ld, rows, d);
+  w.gk.resize(static_cast<std::size_t>(kernels::kKeyTile * d));
+  w.gv.resize(static_cast<std::size_t>(kernels::kKeyTile * dv));
   for (index_t c0 = 0; c0 < u; c0 += kernels::kKeyTile) {
     const index_t c = std::min(kernels::kKeyTile, u - c0);
-    w.blk.logits(s.k.data() + c0 * pl.d, pl.d, c);
-    w.blk.absorb(s.v.data() + c0 * pl.dv, pl.dv, c);
+    for (index_t a = 0; a < c; ++a) {
+      std::copy_n(Kh.row(keys[c0 + a]), d, w.gk.data() + a * d);
+      std::copy_n(Vh.row(keys[c0 + a]), dv, w.gv.data() + a * dv);
+    }
+    float* tile = w.blk.logits(w.gk.data(), d, c);
+    if (causal && keys[c0 + c - 1] > i0) {
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t seen = std::upper_bound(keys.begin() + c0, keys.begin() + c0 + c, i0 + r) - (keys.begin() + c0);
+        std::fill(tile + r * c + seen, tile + (r + 1) * c, kMasked);
+        st.keys += static_cast<double>(seen);
+      }
+    } else {
+      st.keys += static_cast<double>(rows * c);
+    }
+    w.blk.absorb(w.gv.data(), dv, c);
   }
-  st.keys = static_cast<double>(rows * u);
   if (window >= 0) {
-    const index_t j0 = std::max<index_t>(0, i0 - window), j1 = std::min(pl.n, i0 + rows + window);
+    const index_t j0 = std::max<index_t>(0, i0 - window), j1 = std::min(pl.n, causal ? last + 1 : last + 1 + window);
+    w.flags.resize(static_cast<std::size_t>(std::max<index_t>(0, j1 - j0)));
+    detail::mark_members(keys, j0, j1 - j0, w.flags.data());
     for (index_t c0 = j0; c0 < j1; c0 += kernels::kKeyTile) {
       const index_t c = std::min(kernels::kKeyTile, j1 - c0);
       float* tile = w.blk.logits(Kh.row(c0), Kh.ld, c);
       for (index_t r = 0; r < rows; ++r) {
-        const index_t i = i0 + r;
+        const index_t i = i0 + r, hi = causal ? i : i + window;
         float* srow = tile + r * c;
         for (index_t a = 0; a < c; ++a) {
           const index_t j = c0 + a;
-          if (j < i - window || j > i + window || s.member[j]) srow[a] = -std::numeric_limits<float>::infinity();
+          if (j < i - window || j > hi || w.flags[j - j0]) srow[a] = kMasked;
           else st.keys += 1.0;
         }
       }
@@ -302,7 +354,8 @@ BlockStats attend_shared(const Plan& pl, Workspace& w, const HeadSelection& s, C
   return st;
 }
 
-// Each query of the block over its own top_k keys (keys: rows x k_top), tile by tile.
+// Each query of the block over its own top_k keys (keys: rows x k_top, -1 for an unused slot),
+// tile by tile.
 BlockStats attend_topk(const Plan& pl, Workspace& w, const index_t* keys, ConstMatrix Qh,
                        ConstMatrix Kh, ConstMatrix Vh, index_t i0, index_t rows, float* dst) {
   const index_t k = pl.k_top, width = std::min(k, kernels::kKeyTile), d = pl.d, dv = pl.dv;
@@ -312,18 +365,21 @@ BlockStats attend_topk(const Plan& pl, Workspace& w, const index_t* keys, ConstM
   for (index_t r = 0; r < rows; ++r) {
     const index_t* mine = keys + r * k;
     w.blk.begin(Qh.row(i0 + r), d, 1, d);
-    for (index_t c0 = 0; c0 < k; c0 += width) {
-      const index_t c = std::min(width, k - c0);
-      for (index_t a = 0; a < c; ++a) {
-        std::copy_n(Kh.row(mine[c0 + a]), d, w.gk.data() + a * d);
-        std::copy_n(Vh.row(mine[c0 + a]), dv, w.gv.data() + a * dv);
+    for (index_t a = 0; a < k;) {
+      index_t c = 0;
+      for (; a < k && c < width; ++a) {
+        if (mine[a] < 0) continue;
+        std::copy_n(Kh.row(mine[a]), d, w.gk.data() + c * d);
+        std::copy_n(Vh.row(mine[a]), dv, w.gv.data() + c * dv);
+        ++c;
       }
+      if (c == 0) break;
       w.blk.logits(w.gk.data(), d, c);
       w.blk.absorb(w.gv.data(), dv, c);
+      st.keys += static_cast<double>(c);
     }
     st.add(w.blk.finish(dst + r * dv, dv));
   }
-  st.keys = static_cast<double>(rows * k);
   return st;
 }
 
@@ -342,7 +398,7 @@ BlockStats run_block(const Plan& pl, Workspace& w, const Inputs& in, const HeadS
   if (pl.o.select == Select::full) return attend_full(pl, w, Qh, Kh, Vh, i0, rows, dst);
   if (pl.shared) return attend_shared(pl, w, *s, Qh, Kh, Vh, i0, rows, dst);
   index_t* keys = top + (h * pl.m + i0) * pl.k_top;
-  detail::top_keys(pl.params, Qh, Kh, pl.k_top, i0, i0 + rows, keys, w.tile);
+  detail::top_keys(pl.params, Qh, Kh, pl.k_top, i0, i0 + rows, keys, w.tile, pl.o.causal);
   return attend_topk(pl, w, keys, Qh, Kh, Vh, i0, rows, dst);
 }
 
@@ -413,7 +469,7 @@ void search_all(const Plan& pl, const ClusterPlan& cp, const Tensor4Ref& Q, doub
       for (index_t j : cp.shared_keys[h]) w.excluded[j] = 1;
     }
     detail::search_clusters(cp.params, Q.slice(h / pl.qheads, h % pl.qheads), cp.kc[h], cp.probe, pl.k_top, i0, i1,
-                            cp.shared ? w.excluded.data() : nullptr, pl.window, w.search,
+                            {cp.shared ? w.excluded.data() : nullptr, pl.window, pl.o.causal}, w.search,
                             [&](const detail::ClusterCandidates& cand) { visit(h, cand, w); });
   });
 }
@@ -435,15 +491,13 @@ void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, 
 double keys_attended(const Selection& s) {
   double total = 0.0;
   for (index_t h = 0; h < s.pairs(); ++h) {
-    const std::vector<index_t>* shared = s.shared_keys.empty() ? nullptr : &s.shared_keys[h];
-    const double u = shared ? static_cast<double>(shared->size()) : 0.0;
     for (index_t i = 0; i < s.m; ++i) {
-      total += u;
+      const std::vector<index_t>& shared = s.shared_of(h, i);
+      const auto below = [&](index_t j) { return std::upper_bound(shared.begin(), shared.end(), j) - shared.begin(); };
+      total += static_cast<double>(s.causal ? below(i) : static_cast<index_t>(shared.size()));
       if (s.window >= 0) {
-        const index_t lo = std::max<index_t>(0, i - s.window), hi = std::min(s.n - 1, i + s.window);
-        index_t in_shared = 0;
-        if (shared)
-          in_shared = std::upper_bound(shared->begin(), shared->end(), hi) - std::lower_bound(shared->begin(), shared->end(), lo);
+        const index_t lo = std::max<index_t>(0, i - s.window), hi = std::min(s.n - 1, s.causal ? i : i + s.window);
+        const index_t in_shared = below(hi) - below(lo - 1);
         total += static_cast<double>(std::max<index_t>(0, hi - lo + 1) - in_shared);
       }
       for (index_t a = 0; a < s.top_k; ++a) total += s.query_keys[(h * s.m + i) * s.top_k + a] >= 0 ? 1.0 : 0.0;
@@ -565,6 +619,7 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
   if (cp.shared || pl.window >= 0) {
     Selection part;
     part.batch = Q.batch, part.heads = Q.heads, part.m = pl.m, part.n = pl.n, part.window = pl.window;
+    part.causal = pl.o.causal;
     part.shared_keys = cp.shared_keys;
     const AttentionShape sh{Q.batch, Q.heads, pl.m, pl.n, pl.d, pl.dv};
     std::vector<float> out_b(static_cast<std::size_t>(pl.heads * pl.m * pl.dv)), stat_b(stat.size());
@@ -635,7 +690,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
         return;
       }
       w.blk.set_check_overflow(overflow);
-      if (pl.shared) sel[h] = select_head(pl, K.slice(bb, hh), V.slice(bb, hh), h);
+      if (pl.shared) sel[h] = select_head(o, K.slice(bb, hh), h);
       for (index_t b = 0; b < blocks; ++b) {
         stats[h * blocks + b] = run_block(pl, w, in, pl.shared ? &sel[h] : nullptr, top.data(), h, b);
         report(++done);
@@ -651,7 +706,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
     const bool overflow = logits_can_overflow(pl.params.scale, pl.d, max_q, max_k);
     if (pl.shared)
       for (index_t h = 0; h < heads; ++h)
-        sel[h] = select_head(pl, K.slice(h / pl.qheads, h % pl.qheads), V.slice(h / pl.qheads, h % pl.qheads), h);
+        sel[h] = select_head(o, K.slice(h / pl.qheads, h % pl.qheads), h);
     t_select = seconds_since(t0);
     detail::parallel_tasks(heads * blocks, total, make, [&](index_t t, Workspace& w) {
       const index_t h = t / blocks;
@@ -673,7 +728,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   res.mean_keys_per_query = keys_total / static_cast<double>(heads * pl.m);
   res.shared_sizes.assign(static_cast<std::size_t>(heads), o.select == Select::full ? pl.n : 0);
   for (index_t h = 0; h < static_cast<index_t>(sel.size()); ++h)
-    res.shared_sizes[h] = static_cast<index_t>(sel[h].keys.size());
+    for (const auto& set : sel[h].sets) res.shared_sizes[h] = std::max(res.shared_sizes[h], static_cast<index_t>(set.size()));
 
   // Finite inputs can still overflow float32: in the logits (|q||k| scale > 3e38) or, for values
   // near the float32 limit, in the weighted sum.
@@ -683,7 +738,9 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
                     "(or pass a smaller scale)");
   }
   if (o.return_selection) {
-    for (auto& s : sel) res.shared_keys.push_back(std::move(s.keys));
+    for (auto& s : sel)
+      for (auto& set : s.sets) res.shared_keys.push_back(std::move(set));
+    if (o.causal && o.select == Select::leverage) res.segment = kCausalBlock;
     res.query_keys = std::move(top);
   }
   return res;
@@ -697,15 +754,19 @@ Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionO
   Selection sel;
   sel.batch = Q.batch, sel.heads = Q.heads, sel.m = pl.m, sel.n = pl.n;
   sel.all_keys = pl.o.select == Select::full;
+  sel.causal = pl.o.causal;
   if (pl.shared) {
     sel.window = pl.window;
-    sel.shared_keys.resize(static_cast<std::size_t>(pl.heads));
+    std::vector<HeadSelection> heads(static_cast<std::size_t>(pl.heads));
     const double flops = pl.o.select == Select::leverage
                              ? 2.0 * static_cast<double>(pl.heads * pl.n * pl.d) * static_cast<double>(pl.d)
                              : 0.0;
     detail::parallel_tasks(pl.heads, flops, [] { return 0; }, [&](index_t h, int&) {
-      sel.shared_keys[h] = shared_keys(pl.o, K.slice(h / pl.qheads, h % pl.qheads), static_cast<std::uint64_t>(h));
+      heads[h] = select_head(pl.o, K.slice(h / pl.qheads, h % pl.qheads), h);
     });
+    sel.segment = heads[0].segment;
+    for (auto& head : heads)
+      for (auto& set : head.sets) sel.shared_keys.push_back(std::move(set));
   } else if (pl.o.select == Select::topk) {
     sel.top_k = pl.k_top;
     sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "top-k keys")));
@@ -716,7 +777,7 @@ Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionO
                              const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
                              detail::top_keys(pl.params, Q.slice(h / pl.qheads, h % pl.qheads),
                                               K.slice(h / pl.qheads, h % pl.qheads), pl.k_top, i0, i1,
-                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile);
+                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile, pl.o.causal);
                            });
   } else if (pl.o.select == Select::cluster) {
     select_clustered(pl, Q, K, sel);

@@ -178,8 +178,8 @@ void index_run(const KeyClusters& kc, ClusterWork& w) {
 
 // Ranks of every member query against every key of its probed clusters: per cluster and key
 // tile one product for all the queries that probe it, written in place into the cluster's block.
-void rank_run(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters& kc, const char* excluded,
-              index_t window, ClusterWork& w) {
+void rank_run(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters& kc, const Excluded& ex,
+              ClusterWork& w) {
   ClusterCandidates& cand = w.cand;
   const index_t d = kc.d;
   const bool softmax = params.kernel == Kernel::softmax;
@@ -196,13 +196,14 @@ void rank_run(const kernels::KernelParams& params, ConstMatrix Q, const KeyClust
                size);
     }
     if (params.check_overflow && params.ops->max_abs(block, cnt * size) < 0) overflow();
-    if (softmax && !excluded && window < 0) continue;
+    if (softmax && !ex.keys && ex.window < 0 && !ex.causal) continue;
     const index_t* keys = kc.order.data() + kc.start[j];
     for (index_t a = 0; a < cnt; ++a) {
       float* t = block + a * size;
       const index_t i = cand.i0 + cand.member_row[m0 + a];
       for (index_t b = 0; b < size; ++b) {
-        const bool out = (excluded && excluded[keys[b]]) || (window >= 0 && std::abs(i - keys[b]) <= window);
+        const bool out = (ex.keys && ex.keys[keys[b]]) || (ex.window >= 0 && std::abs(i - keys[b]) <= ex.window) ||
+                         (ex.causal && keys[b] > i);
         t[b] = out ? kNone : softmax ? t[b] : std::fabs(t[b]);
       }
     }
@@ -294,7 +295,7 @@ std::vector<float> in_cluster_order(ConstMatrix M, const KeyClusters& kc) {
 }
 
 void search_clusters(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters& kc, index_t probe,
-                     index_t k, index_t i0, index_t i1, const char* excluded, index_t window, ClusterWork& w,
+                     index_t k, index_t i0, index_t i1, const Excluded& excluded, ClusterWork& w,
                      const std::function<void(const ClusterCandidates&)>& visit, std::size_t run_ranks) {
   const index_t p = std::clamp<index_t>(probe, 1, kc.count);
   std::vector<index_t> picked;
@@ -313,7 +314,7 @@ void search_clusters(const kernels::KernelParams& params, ConstMatrix Q, const K
     cand.i0 = i0 + r0, cand.rows = r1 - r0;
     cand.picked.assign(picked.begin() + r0 * p, picked.begin() + r1 * p);
     index_run(kc, w);
-    rank_run(params, Q, kc, excluded, window, w);
+    rank_run(params, Q, kc, excluded, w);
     cand.best.resize(static_cast<std::size_t>(cand.rows));
     cand.kept_start.assign(static_cast<std::size_t>(cand.rows * p + 1), 0);
     // At most k per query and no more than its candidates; + 1: the compaction's spare write.

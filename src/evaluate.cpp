@@ -27,15 +27,14 @@ struct Partial {
 // mask[j] = whether query i of pair h attends key j under selection s.
 void mask_of(const Selection& s, index_t h, index_t i, std::vector<char>& mask) {
   std::fill(mask.begin(), mask.end(), s.all_keys ? 1 : 0);
-  if (s.all_keys) return;
-  if (!s.shared_keys.empty())
-    for (index_t j : s.shared_keys[h]) mask[j] = 1;
+  for (index_t j : s.shared_of(h, i)) mask[j] = 1;
   if (s.window >= 0)
     for (index_t j = std::max<index_t>(0, i - s.window); j <= std::min(s.n - 1, i + s.window); ++j) mask[j] = 1;
   for (index_t a = 0; a < s.top_k; ++a) {
     const index_t j = s.query_keys[(h * s.m + i) * s.top_k + a];
     if (j >= 0) mask[j] = 1;
   }
+  if (s.causal) std::fill(mask.begin() + std::min(s.n, i + 1), mask.end(), 0);
 }
 
 // Relative Frobenius distance of a from b.

@@ -83,10 +83,12 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
   }
   const index_t pairs = sel.pairs();
   if (sel.window < -1) detail::invalid("selection: window must be >= -1");
+  if (sel.segment < 0) detail::invalid("selection: segment must be >= 0");
   if (sel.all_keys && (!sel.shared_keys.empty() || sel.window >= 0 || sel.top_k != 0))
     detail::invalid("selection: all keys excludes shared keys, a window and per-query keys");
-  if (!sel.shared_keys.empty() && static_cast<index_t>(sel.shared_keys.size()) != pairs) {
-    os << "selection: expected a shared key set per pair (" << pairs << ") or none, got " << sel.shared_keys.size();
+  if (!sel.shared_keys.empty() && static_cast<index_t>(sel.shared_keys.size()) != pairs * sel.segments()) {
+    os << "selection: expected a shared key set per pair and segment (" << pairs * sel.segments() << ") or none, got "
+       << sel.shared_keys.size();
     detail::invalid(os.str());
   }
   for (const auto& keys : sel.shared_keys)
@@ -99,20 +101,21 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
   }
   if (sel.top_k < 0 || sel.top_k > sel.n || static_cast<index_t>(sel.query_keys.size()) != pairs * sel.m * sel.top_k)
     detail::invalid("selection: per-query keys must be (pairs, m, top_k) with 1 <= top_k <= n");
-  // Each query's own keys: distinct, in range (or -1), and neither shared keys nor in its window.
-  std::vector<index_t> stamp(static_cast<std::size_t>(sel.n), -1);
+  // Each query's own keys: distinct, in range (or -1), causal if the selection is, and neither
+  // in its shared set (marked per set: `shared` holds the set's number) nor in its window.
+  std::vector<index_t> stamp(static_cast<std::size_t>(sel.n), -1), shared(stamp.size(), -1);
   for (index_t h = 0; h < pairs; ++h) {
-    std::vector<char> shared(static_cast<std::size_t>(sel.n), 0);
-    if (!sel.shared_keys.empty())
-      for (index_t j : sel.shared_keys[h]) shared[j] = 1;
     for (index_t i = 0; i < sel.m; ++i) {
-      const index_t row = h * sel.m + i;
+      const index_t row = h * sel.m + i, set = h * sel.segments() + (sel.segment > 0 ? i / sel.segment : 0);
+      if (!sel.shared_keys.empty() && (i == 0 || (sel.segment > 0 && i % sel.segment == 0)))
+        for (index_t j : sel.shared_keys[set]) shared[j] = set;
       for (index_t a = 0; a < sel.top_k; ++a) {
         const index_t j = sel.query_keys[row * sel.top_k + a];
         if (j == -1) continue;
         if (j < 0 || j >= sel.n || stamp[j] == row)
           detail::invalid("selection: each query's keys must be distinct and in [0, n) (-1 for an unused slot)");
-        if (shared[j] || (sel.window >= 0 && std::abs(i - j) <= sel.window))
+        if (sel.causal && j > i) detail::invalid("selection: a causal query's own keys must not follow it");
+        if (shared[j] == set || (sel.window >= 0 && std::abs(i - j) <= sel.window))
           detail::invalid("selection: a query's own keys must not repeat its shared keys or its window");
         stamp[j] = row;
       }
@@ -120,29 +123,37 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
   }
 }
 
-// What both directions share: sizes, kernel, inputs, the gathered shared keys and the
-// membership flags that keep a shared key out of the window band.
+// What both directions share: sizes, kernel, inputs and the selection's segments.
 template <class T>
 struct Ctx {
   AttentionShape sh;
   const Selection& sel;
   Fn<T> fn;
   const T *q, *k, *v;
-  std::vector<std::vector<T>> ks, vs;
-  std::vector<std::vector<char>> member;
 
   const T* Q(index_t h) const { return q + h * sh.m * sh.d; }
   const T* K(index_t h) const { return k + h * sh.n * sh.d; }
   const T* V(index_t h) const { return v + h * sh.n * sh.dv; }
-  bool has_shared() const { return !sel.shared_keys.empty(); }
-  index_t tiles() const { return (sh.m + kRows - 1) / kRows; }
+  index_t seg_len() const { return sel.segment > 0 ? sel.segment : sh.m; }
+  // The shared set of segment s of pair h (queries s seg_len() ..).
+  const std::vector<index_t>& shared(index_t h, index_t s) const { return sel.shared_of(h, s * seg_len()); }
+  // Query tiles never straddle a segment: tiles_per_segment() of them per segment.
+  index_t tiles_per_segment() const { return (seg_len() + kRows - 1) / kRows; }
+  index_t tiles() const { return sel.segments() * tiles_per_segment(); }
+  // Tile t of a pair: its first query and row count (0 rows past the last query).
+  std::pair<index_t, index_t> tile(index_t t) const {
+    const index_t seg = t / tiles_per_segment(), i0 = seg * seg_len() + (t % tiles_per_segment()) * kRows;
+    const index_t end = std::min(sh.m, (seg + 1) * seg_len());
+    return {i0, std::max<index_t>(0, std::min(kRows, end - i0))};
+  }
   // Keys a query attends (for the work estimate).
   double keys_per_query() const {
-    if (sel.all_keys) return static_cast<double>(sh.n);
+    const double half = sel.causal ? 0.5 : 1.0;
+    if (sel.all_keys) return half * static_cast<double>(sh.n);
     double u = 0.0;
     for (const auto& s : sel.shared_keys) u += static_cast<double>(s.size());
-    const double band = sel.window >= 0 ? 2.0 * static_cast<double>(sel.window) + 1.0 : 0.0;
-    return u / static_cast<double>(sel.pairs()) + band + static_cast<double>(sel.top_k);
+    const double band = sel.window >= 0 ? 2.0 * half * static_cast<double>(sel.window) + 1.0 : 0.0;
+    return half * u / static_cast<double>(sel.pairs() * sel.segments()) + band + static_cast<double>(sel.top_k);
   }
   double flops() const {
     return 4.0 * static_cast<double>(sel.pairs()) * static_cast<double>(sh.m) * keys_per_query() *
@@ -160,91 +171,102 @@ Ctx<T> make_ctx(const AttentionShape& sh, const Selection& sel, const AttentionO
   if (!finite(q, pairs * sh.m * sh.d)) detail::invalid("queries: expected finite values (found NaN or Inf)");
   if (!finite(k, pairs * sh.n * sh.d)) detail::invalid("keys: expected finite values (found NaN or Inf)");
   if (!finite(v, pairs * sh.n * sh.dv)) detail::invalid("values: expected finite values (found NaN or Inf)");
-  Ctx<T> c{sh, sel, make_fn<T>(o, sh.d), q, k, v, {}, {}, {}};
-  if (sel.all_keys) return c;
-  c.ks.resize(static_cast<std::size_t>(pairs));
-  c.vs.resize(static_cast<std::size_t>(pairs));
-  if (sel.window >= 0) c.member.resize(static_cast<std::size_t>(pairs));
-  for (index_t h = 0; h < pairs; ++h) {
-    static const std::vector<index_t> none;
-    const auto& keys = c.has_shared() ? sel.shared_keys[h] : none;
-    const index_t u = static_cast<index_t>(keys.size());
-    c.ks[h].resize(static_cast<std::size_t>(u * sh.d));
-    c.vs[h].resize(static_cast<std::size_t>(u * sh.dv));
-    for (index_t a = 0; a < u; ++a) {
-      std::copy_n(c.K(h) + keys[a] * sh.d, sh.d, c.ks[h].data() + a * sh.d);
-      std::copy_n(c.V(h) + keys[a] * sh.dv, sh.dv, c.vs[h].data() + a * sh.dv);
-    }
-    if (sel.window >= 0) {
-      c.member[h].assign(static_cast<std::size_t>(sh.n), 0);
-      for (index_t j : keys) c.member[h][j] = 1;
-    }
-  }
-  return c;
+  return Ctx<T>{sh, sel, make_fn<T>(o, sh.d), q, k, v};
 }
 
-// A block of keys met by a query tile: c keys (rows of kb / vb); band >= 0 is the index of the
-// first key of a window-band block (masked per query), -1 for a block every query sees.
+// A block of keys met by a query tile: c keys, rows of kb / vb. Shared keys are gathered
+// (keys: their indices); other blocks are contiguous from key j0, a window band's (band) masked
+// per query to its window minus its shared set.
 template <class T>
 struct Block {
   const T *kb, *vb;
-  index_t c, band;
+  index_t c;
+  const index_t* keys;  // gathered shared keys, else nullptr
+  index_t j0;
+  bool band;
 };
 
-// Calls f(block) for each block of keys that queries i0 .. i0 + rows - 1 of pair h attend.
-template <class T, class F>
-void for_each_block(const Ctx<T>& c, index_t h, index_t i0, index_t rows, F&& f) {
-  const index_t d = c.sh.d, dv = c.sh.dv;
-  if (c.sel.all_keys) {
-    for (index_t j0 = 0; j0 < c.sh.n; j0 += kCols)
-      f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(kCols, c.sh.n - j0), -1});
-    return;
-  }
-  const index_t u = static_cast<index_t>(c.ks[h].size()) / d;
-  for (index_t a0 = 0; a0 < u; a0 += kCols)
-    f(Block<T>{c.ks[h].data() + a0 * d, c.vs[h].data() + a0 * dv, std::min(kCols, u - a0), -1});
-  const index_t w = c.sel.window;
-  if (w < 0) return;
-  const index_t j1 = std::min(c.sh.n, i0 + rows + w);
-  for (index_t j0 = std::max<index_t>(0, i0 - w); j0 < j1; j0 += kCols)
-    f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(kCols, j1 - j0), j0});
-}
-
-// Per-thread buffers of one tile: logits, weights and their gradients, accumulators, and one
-// query's own keys (their indices, logits and g).
+// Per-thread buffers of one tile: logits, weights and their gradients, accumulators, gathered
+// shared keys (and a band's membership flags), and one query's own keys (indices, logits, g).
 template <class T>
 struct Workspace {
-  std::vector<T> s, p, ds, acc, dkb, dvb;
+  std::vector<T> s, p, ds, acc, dkb, dvb, dkp, dvp, gk, gv;
+  std::vector<char> flags;
   std::vector<double> l;
   std::vector<T> mx;
   std::vector<index_t> own;
   std::vector<T> os, og, op, kg, vg;  // own keys: logits, g, weights or dP, gathered K and V rows
   Workspace(const AttentionShape& sh, index_t top_k)
       : s(kRows * kCols), p(kRows * kCols), ds(kRows * kCols), acc(static_cast<std::size_t>(kRows * sh.dv)),
-        dkb(static_cast<std::size_t>(kCols * sh.d)), dvb(static_cast<std::size_t>(kCols * sh.dv)), l(kRows),
-        mx(kRows), own(static_cast<std::size_t>(top_k)), os(own.size()), og(own.size()), op(own.size()),
+        dkb(static_cast<std::size_t>(kCols * sh.d)), dvb(static_cast<std::size_t>(kCols * sh.dv)), dkp(dkb.size()),
+        dvp(dvb.size()), gk(dkb.size()), gv(dvb.size()), flags(kCols), l(kRows), mx(kRows),
+        own(static_cast<std::size_t>(top_k)), os(own.size()), og(own.size()), op(own.size()),
         kg(static_cast<std::size_t>(top_k * sh.d)), vg(static_cast<std::size_t>(top_k * sh.dv)) {}
 };
 
 constexpr auto kNo = CblasNoTrans;
 constexpr auto kTr = CblasTrans;
 
-// ws.s <- scale Q_tile K_b^T; ws.p <- g(s), with -inf where the band mask excludes a key.
+// Shared keys keys[0 .. c) of pair h gathered into ws.gk / ws.gv, as a block.
+template <class T>
+Block<T> gather(const Ctx<T>& c, Workspace<T>& ws, index_t h, const index_t* keys, index_t count) {
+  const index_t d = c.sh.d, dv = c.sh.dv;
+  for (index_t a = 0; a < count; ++a) {
+    std::copy_n(c.K(h) + keys[a] * d, d, ws.gk.data() + a * d);
+    std::copy_n(c.V(h) + keys[a] * dv, dv, ws.gv.data() + a * dv);
+  }
+  return Block<T>{ws.gk.data(), ws.gv.data(), count, keys, 0, false};
+}
+
+// Calls f(block) for each block of keys that queries i0 .. i0 + rows - 1 of pair h attend (one
+// segment's queries): every key, or the segment's shared set then the window band; causal stops
+// at the tile's last query.
+template <class T, class F>
+void for_each_block(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, F&& f) {
+  const index_t d = c.sh.d, dv = c.sh.dv, last = i0 + rows - 1;
+  if (c.sel.all_keys) {
+    const index_t j1 = c.sel.causal ? std::min(c.sh.n, last + 1) : c.sh.n;
+    for (index_t j0 = 0; j0 < j1; j0 += kCols)
+      f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(kCols, j1 - j0), nullptr, j0, false});
+    return;
+  }
+  const auto& keys = c.sel.shared_of(h, i0);
+  const index_t u = c.sel.causal ? std::upper_bound(keys.begin(), keys.end(), last) - keys.begin()
+                                 : static_cast<index_t>(keys.size());
+  for (index_t a0 = 0; a0 < u; a0 += kCols) f(gather(c, ws, h, keys.data() + a0, std::min(kCols, u - a0)));
+  const index_t w = c.sel.window;
+  if (w < 0) return;
+  const index_t j1 = std::min(c.sh.n, c.sel.causal ? last + 1 : last + 1 + w);
+  for (index_t j0 = std::max<index_t>(0, i0 - w); j0 < j1; j0 += kCols)
+    f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(kCols, j1 - j0), nullptr, j0, true});
+}
+
+// ws.s <- scale Q_tile K_b^T; ws.p <- g(s), -inf where a key is masked: after query i (causal),
+// or, in a window band, outside i's window or in its shared set.
 template <class T>
 void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, const Block<T>& b) {
   detail::gemm(kNo, kTr, rows, b.c, c.sh.d, c.fn.scale, c.Q(h) + i0 * c.sh.d, c.sh.d, b.kb, c.sh.d, T(0),
                ws.s.data(), b.c);
   const index_t w = c.sel.window;
+  const bool causal = c.sel.causal;
+  constexpr T none = -std::numeric_limits<T>::infinity();
+  if (b.band) detail::mark_members(c.sel.shared_of(h, i0), b.j0, b.c, ws.flags.data());
   for (index_t r = 0; r < rows; ++r) {
     const T* s = ws.s.data() + r * b.c;
     T* g = ws.p.data() + r * b.c;
     for (index_t a = 0; a < b.c; ++a) g[a] = c.fn.g(s[a]);
-    if (b.band < 0) continue;
     const index_t i = i0 + r;
-    const char* member = c.member.empty() ? nullptr : c.member[h].data();
-    for (index_t a = 0; a < b.c; ++a) {
-      const index_t j = b.band + a;
-      if (j < i - w || j > i + w || (member && member[j])) g[a] = -std::numeric_limits<T>::infinity();
+    if (b.band) {
+      const index_t hi = causal ? i : i + w;
+      for (index_t a = 0; a < b.c; ++a) {
+        const index_t j = b.j0 + a;
+        if (j < i - w || j > hi || ws.flags[a]) g[a] = none;
+      }
+    } else if (causal && b.keys) {
+      for (index_t a = 0; a < b.c; ++a)
+        if (b.keys[a] > i) g[a] = none;
+    } else if (causal) {
+      for (index_t a = std::max<index_t>(0, i + 1 - b.j0); a < b.c; ++a) g[a] = none;
     }
   }
 }
@@ -278,7 +300,7 @@ void forward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, inde
   std::fill_n(ws.mx.begin(), rows, -std::numeric_limits<T>::infinity());
   std::fill_n(ws.l.begin(), rows, 0.0);
   std::fill_n(ws.acc.begin(), rows * dv, T(0));
-  for_each_block(c, h, i0, rows, [&](const Block<T>& b) {
+  for_each_block(c, ws, h, i0, rows, [&](const Block<T>& b) {
     logits(c, ws, h, i0, rows, b);
     absorb(c, ws, rows, b);
   });
@@ -348,8 +370,8 @@ void selected_attention_forward(const AttentionShape& sh, const Selection& sel, 
   const index_t tiles = c.tiles(), pairs = sel.pairs();
   detail::parallel_tasks(pairs * tiles, c.flops() / 2.0, [&] { return Workspace<T>(sh, sel.top_k); },
                          [&](index_t t, Workspace<T>& ws) {
-                           const index_t h = t / tiles, i0 = (t % tiles) * kRows;
-                           forward_tile(c, ws, h, i0, std::min(kRows, sh.m - i0), out, stat);
+                           const auto [i0, rows] = c.tile(t % tiles);
+                           if (rows > 0) forward_tile(c, ws, t / tiles, i0, rows, out, stat);
                          });
   bool ok = finite(out, pairs * sh.m * sh.dv);
   for (index_t i = 0; i < pairs * sh.m; ++i) ok &= !std::isnan(stat[i]) && stat[i] != -std::numeric_limits<T>::infinity();
@@ -395,7 +417,7 @@ void dq_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r
   const index_t d = c.sh.d;
   T* dst = dq + (h * c.sh.m + i0) * d;
   std::fill_n(dst, rows * d, T(0));
-  for_each_block(c, h, i0, rows, [&](const Block<T>& b) {
+  for_each_block(c, ws, h, i0, rows, [&](const Block<T>& b) {
     block_grads(c, ws, h, i0, rows, b, stat, dout, delta);
     detail::gemm(kNo, kNo, rows, d, b.c, c.fn.scale, ws.ds.data(), b.c, b.kb, d, T(1), dst, d);
   });
@@ -413,56 +435,128 @@ void dq_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r
   }
 }
 
-// A block of keys whose dK and dV one task owns: pair h, keys (shared-set positions a0 .. or key
-// indices j0 .. in K), met by the queries qlo .. qhi - 1.
+// A block of keys whose dK and dV one task owns. Shared: positions first .. first + c - 1 of the
+// union of pair h's shared sets, met by every segment whose set holds them; contiguous: keys
+// first .. first + c - 1 (every key, or a window band), met by the queries qlo .. qhi - 1.
 struct KeyTask {
-  index_t h, first, c;
-  bool gathered;  // shared-set positions (else key indices)
-  index_t qlo, qhi;
+  index_t h, first, c, qlo, qhi;
+};
+
+// The tasks of the backward's dK and dV, in two phases (each phase's tasks own distinct keys; the
+// second adds to the first): shared keys, then contiguous blocks.
+struct KeyPlan {
+  std::vector<std::vector<index_t>> unions;  // per pair, the union of its shared sets
+  std::vector<KeyTask> shared, contiguous;
 };
 
 template <class T>
-std::vector<KeyTask> key_tasks(const Ctx<T>& c) {
-  std::vector<KeyTask> tasks;
+KeyPlan key_plan(const Ctx<T>& c) {
+  KeyPlan kp;
   const index_t n = c.sh.n, m = c.sh.m, w = c.sel.window;
+  const bool causal = c.sel.causal;
+  kp.unions.resize(static_cast<std::size_t>(c.sel.pairs()));
   for (index_t h = 0; h < c.sel.pairs(); ++h) {
     if (c.sel.all_keys) {
-      for (index_t j0 = 0; j0 < n; j0 += kCols) tasks.push_back({h, j0, std::min(kCols, n - j0), false, 0, m});
+      for (index_t j0 = 0; j0 < n; j0 += kCols) kp.contiguous.push_back({h, j0, std::min(kCols, n - j0), causal ? j0 : 0, m});
       continue;
     }
-    const index_t u = c.has_shared() ? static_cast<index_t>(c.sel.shared_keys[h].size()) : 0;
-    for (index_t a0 = 0; a0 < u; a0 += kCols) tasks.push_back({h, a0, std::min(kCols, u - a0), true, 0, m});
+    auto& u = kp.unions[h];
+    for (index_t s = 0; s < (c.sel.shared_keys.empty() ? 0 : c.sel.segments()); ++s)
+      u.insert(u.end(), c.shared(h, s).begin(), c.shared(h, s).end());
+    if (c.sel.segments() > 1) {
+      std::sort(u.begin(), u.end());
+      u.erase(std::unique(u.begin(), u.end()), u.end());
+    }
+    const index_t size = static_cast<index_t>(u.size());
+    for (index_t a0 = 0; a0 < size; a0 += kCols) kp.shared.push_back({h, a0, std::min(kCols, size - a0), 0, m});
     if (w < 0) continue;
     for (index_t j0 = 0; j0 < n; j0 += kCols) {
       const index_t cc = std::min(kCols, n - j0);
-      const index_t lo = std::max<index_t>(0, j0 - w), hi = std::min(m, j0 + cc + w);
-      if (lo < hi) tasks.push_back({h, j0, cc, false, lo, hi});
+      const index_t lo = causal ? j0 : std::max<index_t>(0, j0 - w), hi = std::min(m, j0 + cc + w);
+      if (lo < hi) kp.contiguous.push_back({h, j0, cc, lo, hi});
     }
   }
-  return tasks;
+  return kp;
 }
 
+// Block b's share of dK and dV (into tk, tv: b.c rows, added to) from queries i0 .. i0 + rows - 1.
 template <class T>
-void dkv_block(const Ctx<T>& c, Workspace<T>& ws, const KeyTask& t, const T* stat, const T* dout,
-               const T* delta, T* dk, T* dv) {
-  const index_t d = c.sh.d, dvw = c.sh.dv, h = t.h;
-  const Block<T> b = t.gathered ? Block<T>{c.ks[h].data() + t.first * d, c.vs[h].data() + t.first * dvw, t.c, -1}
-                     : Block<T>{c.K(h) + t.first * d, c.V(h) + t.first * dvw, t.c, c.sel.all_keys ? -1 : t.first};
+void block_dkv(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, const Block<T>& b,
+               const T* stat, const T* dout, const T* delta, T* tk, T* tv) {
+  const index_t d = c.sh.d, dvw = c.sh.dv;
+  block_grads(c, ws, h, i0, rows, b, stat, dout, delta);
+  detail::gemm(kTr, kNo, b.c, dvw, rows, T(1), ws.p.data(), b.c, dout + (h * c.sh.m + i0) * dvw, dvw, T(1), tv, dvw);
+  detail::gemm(kTr, kNo, b.c, d, rows, c.fn.scale, ws.ds.data(), b.c, c.Q(h) + i0 * d, d, T(1), tk, d);
+}
+
+// Adds rows 0 .. count - 1 of src (width x) to the rows of dst named by key index: row a of src
+// belongs to key keys[a], and dst's rows are the keys of `rows_of` (ascending, keys among them).
+template <class T>
+void scatter_add(const index_t* keys, index_t count, const index_t* rows_of, index_t width, const T* src, T* dst) {
+  index_t pos = 0;
+  for (index_t a = 0; a < count; ++a) {
+    while (rows_of[pos] != keys[a]) ++pos;
+    for (index_t x = 0; x < width; ++x) dst[pos * width + x] += src[a * width + x];
+  }
+}
+
+// A shared-key task: each segment's piece of the block (contiguous in its set), gathered, meets
+// that segment's queries (causal: from the piece's first key on).
+template <class T>
+void dkv_shared(const Ctx<T>& c, Workspace<T>& ws, const std::vector<index_t>& uni, const KeyTask& t, const T* stat,
+                const T* dout, const T* delta, T* dk, T* dv) {
+  const index_t d = c.sh.d, dvw = c.sh.dv, h = t.h, len = c.seg_len();
+  const index_t* keys = uni.data() + t.first;
   std::fill_n(ws.dkb.begin(), t.c * d, T(0));
   std::fill_n(ws.dvb.begin(), t.c * dvw, T(0));
-  for (index_t i0 = t.qlo; i0 < t.qhi; i0 += kRows) {
-    const index_t rows = std::min(kRows, t.qhi - i0);
-    block_grads(c, ws, h, i0, rows, b, stat, dout, delta);
-    detail::gemm(kTr, kNo, t.c, dvw, rows, T(1), ws.p.data(), t.c, dout + (h * c.sh.m + i0) * dvw, dvw, T(1),
-                 ws.dvb.data(), dvw);
-    detail::gemm(kTr, kNo, t.c, d, rows, c.fn.scale, ws.ds.data(), t.c, c.Q(h) + i0 * d, d, T(1), ws.dkb.data(), d);
+  for (index_t s = 0; s < c.sel.segments(); ++s) {
+    const index_t qs = s * len, qe = std::min(c.sh.m, qs + len);
+    if (c.sel.causal && qe <= keys[0]) continue;
+    const auto& set = c.shared(h, s);
+    const auto b0 = std::lower_bound(set.begin(), set.end(), keys[0]);
+    const index_t cc = std::upper_bound(b0, set.end(), keys[t.c - 1]) - b0;
+    if (cc == 0) continue;
+    const Block<T> b = gather(c, ws, h, &*b0, cc);
+    const bool whole = cc == t.c;  // the piece is the block itself
+    T* tk = whole ? ws.dkb.data() : ws.dkp.data();
+    T* tv = whole ? ws.dvb.data() : ws.dvp.data();
+    if (!whole) {
+      std::fill_n(tk, cc * d, T(0));
+      std::fill_n(tv, cc * dvw, T(0));
+    }
+    for (index_t i0 = c.sel.causal ? std::max(qs, *b0) : qs; i0 < qe; i0 += kRows)
+      block_dkv(c, ws, h, i0, std::min(kRows, qe - i0), b, stat, dout, delta, tk, tv);
+    if (!whole) {
+      scatter_add(b.keys, cc, keys, d, tk, ws.dkb.data());
+      scatter_add(b.keys, cc, keys, dvw, tv, ws.dvb.data());
+    }
   }
-  // Each key row belongs to one task: a shared key to its set's block, any other to its band block.
   for (index_t a = 0; a < t.c; ++a) {
-    const index_t j = t.gathered ? c.sel.shared_keys[h][t.first + a] : t.first + a;
-    if (!t.gathered && !c.member.empty() && c.member[h][j]) continue;
-    if (dk) std::copy_n(ws.dkb.data() + a * d, d, dk + (h * c.sh.n + j) * d);
-    if (dv) std::copy_n(ws.dvb.data() + a * dvw, dvw, dv + (h * c.sh.n + j) * dvw);
+    if (dk) std::copy_n(ws.dkb.data() + a * d, d, dk + (h * c.sh.n + keys[a]) * d);
+    if (dv) std::copy_n(ws.dvb.data() + a * dvw, dvw, dv + (h * c.sh.n + keys[a]) * dvw);
+  }
+}
+
+// A contiguous task (every key, or a window band): its queries by tiles that stay within a
+// segment (the band's mask depends on the segment's set); added to what the shared keys wrote.
+template <class T>
+void dkv_contiguous(const Ctx<T>& c, Workspace<T>& ws, const KeyTask& t, const T* stat, const T* dout,
+                    const T* delta, T* dk, T* dv) {
+  const index_t d = c.sh.d, dvw = c.sh.dv, h = t.h, len = c.seg_len();
+  const Block<T> b{c.K(h) + t.first * d, c.V(h) + t.first * dvw, t.c, nullptr, t.first, !c.sel.all_keys};
+  std::fill_n(ws.dkb.begin(), t.c * d, T(0));
+  std::fill_n(ws.dvb.begin(), t.c * dvw, T(0));
+  for (index_t i0 = t.qlo; i0 < t.qhi;) {
+    const index_t rows = std::min({kRows, t.qhi - i0, (i0 / len + 1) * len - i0});
+    block_dkv(c, ws, h, i0, rows, b, stat, dout, delta, ws.dkb.data(), ws.dvb.data());
+    i0 += rows;
+  }
+  for (index_t a = 0; a < t.c; ++a) {
+    const index_t j = t.first + a;
+    if (dk)
+      for (index_t x = 0; x < d; ++x) dk[(h * c.sh.n + j) * d + x] += ws.dkb[a * d + x];
+    if (dv)
+      for (index_t x = 0; x < dvw; ++x) dv[(h * c.sh.n + j) * dvw + x] += ws.dvb[a * dvw + x];
   }
 }
 
@@ -545,15 +639,23 @@ void selected_attention_backward(const AttentionShape& sh, const Selection& sel,
   const index_t tiles = c.tiles();
   if (dq)
     detail::parallel_tasks(pairs * tiles, 0.6 * c.flops(), make, [&](index_t t, Workspace<T>& ws) {
-      const index_t h = t / tiles, i0 = (t % tiles) * kRows;
-      dq_tile(c, ws, h, i0, std::min(kRows, sh.m - i0), stat, dout, delta.data(), dq);
+      const auto [i0, count] = c.tile(t % tiles);
+      if (count > 0) dq_tile(c, ws, t / tiles, i0, count, stat, dout, delta.data(), dq);
     });
   if (dk || dv) {
     if (dk) std::fill_n(dk, pairs * sh.n * sh.d, T(0));
     if (dv) std::fill_n(dv, pairs * sh.n * sh.dv, T(0));
-    const std::vector<KeyTask> tasks = key_tasks(c);
-    detail::parallel_tasks(static_cast<index_t>(tasks.size()), 0.8 * c.flops(), make,
-                           [&](index_t t, Workspace<T>& ws) { dkv_block(c, ws, tasks[t], stat, dout, delta.data(), dk, dv); });
+    const KeyPlan kp = key_plan(c);
+    const double share = 0.8 * c.flops() / static_cast<double>(std::max<std::size_t>(1, kp.shared.size() + kp.contiguous.size()));
+    detail::parallel_tasks(static_cast<index_t>(kp.shared.size()), share * static_cast<double>(kp.shared.size()), make,
+                           [&](index_t t, Workspace<T>& ws) {
+                             const KeyTask& task = kp.shared[t];
+                             dkv_shared(c, ws, kp.unions[task.h], task, stat, dout, delta.data(), dk, dv);
+                           });
+    detail::parallel_tasks(static_cast<index_t>(kp.contiguous.size()), share * static_cast<double>(kp.contiguous.size()),
+                           make, [&](index_t t, Workspace<T>& ws) {
+                             dkv_contiguous(c, ws, kp.contiguous[t], stat, dout, delta.data(), dk, dv);
+                           });
     if (sel.top_k > 0) own_keys_dkv(c, stat, dout, delta.data(), dk, dv);
   }
   const bool ok = (!dq || finite(dq, rows * sh.d)) && (!dk || finite(dk, pairs * sh.n * sh.d)) &&

@@ -6,8 +6,36 @@
 #include "detail/blas.hpp"
 #include "detail/rng.hpp"
 #include "detail/selection.hpp"
+#include "levattn/selected_attention.hpp"
+
+namespace levattn {
+
+const std::vector<index_t>& Selection::shared_of(index_t h, index_t i) const {
+  static const std::vector<index_t> none;
+  if (shared_keys.empty()) return none;
+  return shared_keys[static_cast<std::size_t>(h * segments() + (segment > 0 ? i / segment : 0))];
+}
+
+bool Selection::attends(index_t h, index_t i, index_t j) const {
+  if (causal && j > i) return false;
+  if (all_keys) return true;
+  const auto& s = shared_of(h, i);
+  if (std::binary_search(s.begin(), s.end(), j)) return true;
+  if (window >= 0 && j >= i - window && j <= i + window) return true;
+  for (index_t a = 0; a < top_k; ++a)
+    if (query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)] == j) return true;
+  return false;
+}
+
+}  // namespace levattn
 
 namespace levattn::detail {
+
+void mark_members(const std::vector<index_t>& sorted, index_t j0, index_t c, char* flags) {
+  std::fill_n(flags, c, 0);
+  for (auto it = std::lower_bound(sorted.begin(), sorted.end(), j0); it != sorted.end() && *it < j0 + c; ++it)
+    flags[*it - j0] = 1;
+}
 
 std::vector<index_t> random_keys(index_t n, index_t k, const CounterRng& rng) {
   std::vector<index_t> out;
@@ -29,8 +57,8 @@ std::vector<index_t> random_keys(index_t n, index_t k, const CounterRng& rng) {
 }
 
 void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K, index_t k,
-              index_t i0, index_t i1, index_t* out, std::vector<float>& tile) {
-  const index_t rows = i1 - i0, n = K.rows, d = K.cols;
+              index_t i0, index_t i1, index_t* out, std::vector<float>& tile, bool causal) {
+  const index_t rows = i1 - i0, n = causal ? std::min(K.rows, i1) : K.rows, d = K.cols;
   const index_t width = std::min(kernels::kKeyTile, n);
   tile.resize(static_cast<std::size_t>(rows * width));
   std::vector<BestKeys> best(static_cast<std::size_t>(rows), BestKeys(k));
@@ -39,7 +67,8 @@ void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K,
     gemm_abt(rows, c, d, params.scale, Q.row(i0), Q.ld, K.row(c0), K.ld, 0.0f, tile.data(), c);
     for (index_t r = 0; r < rows; ++r) {
       const float* s = tile.data() + r * c;
-      for (index_t j = 0; j < c; ++j) best[r].push(params.kernel == Kernel::softmax ? s[j] : std::fabs(s[j]), c0 + j);
+      const index_t seen = causal ? std::min(c, i0 + r + 1 - c0) : c;  // causal: keys j <= i only
+      for (index_t j = 0; j < seen; ++j) best[r].push(params.kernel == Kernel::softmax ? s[j] : std::fabs(s[j]), c0 + j);
     }
   }
   for (index_t r = 0; r < rows; ++r) best[r].write(out + r * k);

@@ -173,10 +173,7 @@ void StreamingUniversalSet::push(ConstMatrix keys, ConstMatrix values) {
   }
   s.n += keys.rows;
   s.peak = std::max(s.peak, s.bytes());
-  if (s.size() > s.prune_at) {
-    prune();
-    s.prune_at = std::max(prune_floor(s.d, s.eps), 2 * s.size());
-  }
+  if (s.size() > s.prune_at) prune();
 }
 
 void StreamingUniversalSet::prune() {
@@ -187,7 +184,15 @@ void StreamingUniversalSet::prune() {
   // can never enter the set again.
   const double keep_from = s.eps / ((1.0 + sc.rel_error_bound) * (1.0 + kMargin) * (1.0 + kMargin));
   compact(s, [&](index_t a) { return sc.scores[a] >= keep_from; });
+  s.prune_at = std::max(prune_floor(s.d, s.eps), 2 * s.size());
 }
+
+const std::vector<index_t>& StreamingUniversalSet::candidate_indices() const { return s_->index; }
+ConstMatrix StreamingUniversalSet::candidate_keys() const { return s_->key_rows(); }
+ConstMatrix StreamingUniversalSet::candidate_values() const {
+  return {s_->values.data(), s_->dv > 0 ? s_->size() : 0, s_->dv};
+}
+std::vector<double> StreamingUniversalSet::gram() const { return s_->gram.gram(); }
 
 UniversalSet StreamingUniversalSet::universal_set() const {
   const State& s = *s_;

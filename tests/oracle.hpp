@@ -130,6 +130,23 @@ inline std::vector<Entry> heavy_x2(const Mat& Q, const Mat& K, double eps,
   return out;
 }
 
+/// Causal x^2: A_ij = (q_i.k_j)^2 / sum_{l <= i} (q_i.k_l)^2 for every j <= i with A_ij >= eps.
+inline std::vector<Entry> heavy_x2_causal(const Mat& Q, const Mat& K, double eps) {
+  std::vector<Entry> out;
+  for (index_t i = 0; i < Q.rows; ++i) {
+    std::vector<double> s(static_cast<std::size_t>(i + 1));
+    double z = 0;
+    for (index_t j = 0; j <= i; ++j) {
+      const double x = dot(Q, i, K, j);
+      z += (s[j] = x * x);
+    }
+    if (z == 0) continue;
+    for (index_t j = 0; j <= i; ++j)
+      if (s[j] / z >= eps) out.push_back({i, j, s[j] / z});
+  }
+  return out;
+}
+
 /// A_ij = |q_i.k_j|^p / sum_l |q_i.k_l|^p for every (i, j) with A_ij >= eps, sorted.
 inline std::vector<Entry> heavy_power(const Mat& Q, const Mat& K, double eps, double p) {
   std::vector<Entry> out;

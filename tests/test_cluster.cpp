@@ -145,7 +145,7 @@ TEST(Cluster, KeysDoNotDependOnHowQueriesSplitIntoRuns) {
     std::vector<index_t> out(700 * 10);
     levattn::detail::ClusterWork work;
     *runs = 0;
-    levattn::detail::search_clusters(params, b.Q.view(), kc, 4, 10, 0, 700, excluded.data(), 2, work,
+    levattn::detail::search_clusters(params, b.Q.view(), kc, 4, 10, 0, 700, {excluded.data(), 2}, work,
                                      [&](const levattn::detail::ClusterCandidates& cand) {
                                        ++*runs;
                                        levattn::detail::kept_keys(cand, kc, 10, out.data() + cand.i0 * 10);

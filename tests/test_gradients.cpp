@@ -34,13 +34,14 @@ std::vector<T> as(const std::vector<S>& x) {
 // The mask of pair h: entry (i, j) is 1 when query i attends key j.
 std::vector<char> mask_of(const Selection& s, index_t h) {
   std::vector<char> mask(static_cast<std::size_t>(s.m * s.n), 0);
+  const index_t segments = s.segment > 0 ? (s.m + s.segment - 1) / s.segment : 1;
   for (index_t i = 0; i < s.m; ++i)
     for (index_t j = 0; j < s.n; ++j) {
       bool in = s.all_keys || (s.window >= 0 && std::llabs(i - j) <= s.window);
       if (!s.shared_keys.empty())
-        for (index_t key : s.shared_keys[h]) in = in || key == j;
+        for (index_t key : s.shared_keys[h * segments + (s.segment > 0 ? i / s.segment : 0)]) in = in || key == j;
       for (index_t a = 0; a < s.top_k; ++a) in = in || s.query_keys[(h * s.m + i) * s.top_k + a] == j;  // -1 never matches
-      mask[i * s.n + j] = in;
+      mask[i * s.n + j] = in && !(s.causal && j > i);
     }
   return mask;
 }
@@ -114,11 +115,13 @@ struct Case {
   AttentionOptions o;
 };
 
-std::vector<Case> cases() {
+std::vector<Case> cases(bool causal = false) {
   std::vector<Case> c;
   const auto add = [&](const char* name, Select s, Kernel kern, double p, index_t top_k, index_t window, index_t sinks) {
     AttentionOptions o;
     o.select = s, o.kernel = kern, o.p = p, o.top_k = top_k, o.window = window, o.sinks = sinks, o.seed = 5;
+    o.causal = causal;
+    if (causal && s == Select::leverage) o.top_k = 0, o.eps = 0.05, o.p = 2;  // causal leverage takes eps
     c.push_back({name, o});
   };
   add("full softmax", Select::full, Kernel::softmax, 2, 0, -1, 0);
@@ -135,15 +138,18 @@ std::vector<Case> cases() {
 // Shapes that cross the query-tile (128) and key-block (256) boundaries, with m != n.
 constexpr AttentionShape kShape{2, 2, 300, 530, 12, 7};
 
+// Causal attention needs m == n; 530 queries make three causal blocks, the last one partial.
+constexpr AttentionShape kCausalShape{2, 2, 530, 530, 12, 7};
+
 template <class T>
-void check_against_dense(double tol) {
-  const AttentionShape sh = kShape;
+void check_against_dense(double tol, bool causal = false) {
+  const AttentionShape sh = causal ? kCausalShape : kShape;
   const index_t pairs = sh.batch * sh.heads;
   const auto q = normal(pairs * sh.m * sh.d, 1), k = normal(pairs * sh.n * sh.d, 2), v = normal(pairs * sh.n * sh.dv, 3),
              dout = normal(pairs * sh.m * sh.dv, 4);
   const auto qf = as<float>(q), kf = as<float>(k);
   const auto qt = as<T>(q), kt = as<T>(k), vt = as<T>(v), dt = as<T>(dout);
-  for (const Case& c : cases()) {
+  for (const Case& c : cases(causal)) {
     SCOPED_TRACE(c.name);
     const levattn::Tensor4Ref Q{qf.data(), sh.batch, sh.heads, sh.m, sh.d}, K{kf.data(), sh.batch, sh.heads, sh.n, sh.d};
     const Selection sel = levattn::select_keys(Q, K, c.o);
@@ -189,18 +195,16 @@ Selection mixed_selection(const AttentionShape& sh, std::uint64_t seed) {
   return s;
 }
 
-TEST(SelectedAttention, SharedWindowAndOwnKeysTogether) {
-  const AttentionShape sh = kShape;
-  const index_t pairs = sh.batch * sh.heads;
-  const auto q = normal(pairs * sh.m * sh.d, 51), k = normal(pairs * sh.n * sh.d, 52), v = normal(pairs * sh.n * sh.dv, 53),
-             dout = normal(pairs * sh.m * sh.dv, 54);
-  const Selection sel = mixed_selection(sh, 55);
+// Forward and backward in float64 over `sel` equal the dense masked computation (softmax, and
+// the power kernel with exponent p), d = 12.
+void expect_dense_gradients(const AttentionShape& sh, const Selection& sel, double p, const std::vector<double>& q,
+                            const std::vector<double>& k, const std::vector<double>& v, const std::vector<double>& dout) {
   for (const Kernel kern : {Kernel::softmax, Kernel::power}) {
     AttentionOptions o;
-    o.kernel = kern, o.p = 2.5;
+    o.kernel = kern, o.p = p;
     const bool softmax = kern == Kernel::softmax;
     const Dense ref = dense_masked(sh, sel, softmax, o.p, softmax ? 1.0 / std::sqrt(12.0) : 1.0, q, k, v, dout);
-    std::vector<double> out(ref.out.size()), stat(pairs * sh.m), dq(q.size()), dk(k.size()), dv(v.size());
+    std::vector<double> out(ref.out.size()), stat(sel.pairs() * sh.m), dq(q.size()), dk(k.size()), dv(v.size());
     levattn::selected_attention_forward<double>(sh, sel, o, q.data(), k.data(), v.data(), out.data(), stat.data());
     levattn::selected_attention_backward<double>(sh, sel, o, q.data(), k.data(), v.data(), out.data(), stat.data(),
                                                  dout.data(), dq.data(), dk.data(), dv.data());
@@ -209,6 +213,15 @@ TEST(SelectedAttention, SharedWindowAndOwnKeysTogether) {
     EXPECT_LT(rel_error(dk, ref.dk), 1e-11);
     EXPECT_LT(rel_error(dv, ref.dv), 1e-11);
   }
+}
+
+TEST(SelectedAttention, SharedWindowAndOwnKeysTogether) {
+  const AttentionShape sh = kShape;
+  const index_t pairs = sh.batch * sh.heads;
+  const auto q = normal(pairs * sh.m * sh.d, 51), k = normal(pairs * sh.n * sh.d, 52), v = normal(pairs * sh.n * sh.dv, 53),
+             dout = normal(pairs * sh.m * sh.dv, 54);
+  const Selection sel = mixed_selection(sh, 55);
+  expect_dense_gradients(sh, sel, 2.5, q, k, v, dout);
   Selection bad = sel;
   bad.query_keys[0] = 1;  // query 0's window holds key 1
   const std::vector<double> out(pairs * sh.m * sh.dv), stat(pairs * sh.m);
@@ -221,14 +234,65 @@ TEST(SelectedAttention, SharedWindowAndOwnKeysTogether) {
 
 TEST(SelectedAttention, Float64MatchesDenseMaskedComputation) { check_against_dense<double>(1e-11); }
 TEST(SelectedAttention, Float32MatchesDenseMaskedComputation) { check_against_dense<float>(2e-5); }
+TEST(SelectedAttention, CausalFloat64MatchesDenseMaskedComputation) { check_against_dense<double>(1e-11, true); }
+TEST(SelectedAttention, CausalFloat32MatchesDenseMaskedComputation) { check_against_dense<float>(2e-5, true); }
+
+// A causal selection with a shared set per segment of 100 queries (not a multiple of the query
+// tile), a window and own keys, built by hand: every part cut at the query, the band masked by
+// each segment's own set.
+TEST(SelectedAttention, CausalSegmentsWindowAndOwnKeys) {
+  const AttentionShape sh = kCausalShape;
+  const index_t pairs = sh.batch * sh.heads;
+  std::mt19937_64 g(61);
+  Selection s;
+  s.batch = sh.batch, s.heads = sh.heads, s.m = sh.m, s.n = sh.n, s.window = 5, s.top_k = 4, s.causal = true;
+  s.segment = 100;
+  s.query_keys.assign(static_cast<std::size_t>(pairs * sh.m * s.top_k), -1);
+  for (index_t h = 0; h < pairs; ++h) {
+    for (index_t seg = 0; seg < s.segments(); ++seg) {
+      std::vector<index_t> shared;
+      for (index_t j = 0; j < sh.n; ++j)
+        if (g() % 7 == 0) shared.push_back(j);  // keys after the segment too: causal cuts them
+      s.shared_keys.push_back(shared);
+    }
+    for (index_t i = 0; i < sh.m; ++i) {
+      const auto& shared = s.shared_keys[h * s.segments() + i / s.segment];
+      std::vector<index_t> own;
+      for (int tries = 0; tries < 40 && static_cast<index_t>(own.size()) < s.top_k; ++tries) {
+        const auto j = static_cast<index_t>(g() % static_cast<std::uint64_t>(i + 1));
+        if (i - j > s.window && !std::binary_search(shared.begin(), shared.end(), j) &&
+            std::find(own.begin(), own.end(), j) == own.end())
+          own.push_back(j);
+      }
+      std::copy(own.begin(), own.end(), s.query_keys.begin() + (h * sh.m + i) * s.top_k);
+    }
+  }
+  const auto q = normal(pairs * sh.m * sh.d, 62), k = normal(pairs * sh.n * sh.d, 63), v = normal(pairs * sh.n * sh.dv, 64),
+             dout = normal(pairs * sh.m * sh.dv, 65);
+  expect_dense_gradients(sh, s, 3, q, k, v, dout);
+  Selection bad = s;
+  bad.query_keys[(3 * s.top_k)] = 10;  // query 3 cannot attend key 10
+  std::vector<double> o2(pairs * sh.m * sh.dv), s2(pairs * sh.m);
+  EXPECT_NE(oracle::error_of([&] {
+              levattn::selected_attention_forward<double>(sh, bad, {}, q.data(), k.data(), v.data(), o2.data(), s2.data());
+            }).second.find("follow"),
+            std::string::npos);
+  bad = s;
+  bad.shared_keys.pop_back();
+  EXPECT_NE(oracle::error_of([&] {
+              levattn::selected_attention_forward<double>(sh, bad, {}, q.data(), k.data(), v.data(), o2.data(), s2.data());
+            }).second.find("segment"),
+            std::string::npos);
+}
 
 // The loss sum(dout * out) changes by <grad, e> to first order: central differences in float64.
-TEST(SelectedAttention, GradientsMatchFiniteDifferences) {
-  const AttentionShape sh{1, 2, 9, 13, 4, 3};
+// Causal cases with m == n (causal attention is self-attention).
+void check_finite_differences(bool causal) {
+  const AttentionShape sh{1, 2, causal ? 13 : 9, 13, 4, 3};
   const index_t pairs = 2;
   auto q = normal(pairs * sh.m * sh.d, 11), k = normal(pairs * sh.n * sh.d, 12), v = normal(pairs * sh.n * sh.dv, 13);
   const auto dout = normal(pairs * sh.m * sh.dv, 14);
-  for (const Case& c : cases()) {
+  for (const Case& c : cases(causal)) {
     SCOPED_TRACE(c.name);
     const auto qf = as<float>(q), kf = as<float>(k);
     const Selection sel = levattn::select_keys({qf.data(), 1, 2, sh.m, sh.d}, {kf.data(), 1, 2, sh.n, sh.d}, c.o);
@@ -256,6 +320,9 @@ TEST(SelectedAttention, GradientsMatchFiniteDifferences) {
       }
   }
 }
+
+TEST(SelectedAttention, GradientsMatchFiniteDifferences) { check_finite_differences(false); }
+TEST(SelectedAttention, CausalGradientsMatchFiniteDifferences) { check_finite_differences(true); }
 
 // select_keys makes attention()'s selection, and the float32 forward gives attention()'s output.
 TEST(SelectedAttention, SelectKeysIsAttentionsSelection) {

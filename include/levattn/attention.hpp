@@ -43,6 +43,13 @@ struct AttentionOptions {
   double eps = 0.0;    ///< leverage threshold, in (0, 1] when used
   index_t window = -1; ///< >= 0: query i also attends keys i-window .. i+window
   index_t sinks = 0;   ///< >= 0: every query also attends keys 0 .. sinks-1
+  /// Causal (autoregressive) attention: query i attends keys 0 .. i only, in every selection
+  /// (m == n). Select::leverage then takes eps and uses, for the queries of each block of
+  /// kCausalBlock, the causal universal set of the keys before the block plus the block's own
+  /// keys (causal.hpp: every eps-heavy causal x^2 entry is kept); topk ranks keys 0 .. i; random
+  /// and window cut their keys at i; cluster searches keys 0 .. i (its clusters are trained on
+  /// all keys, so a query's choice, not its output's support, depends on later keys).
+  bool causal = false;
   std::uint64_t seed = 0;  ///< random selection, cluster initial centroids
   /// Select::cluster: clusters per head (0: ceil(sqrt(n))), clusters each query searches (0:
   /// default_probe(clusters)) and the most k-means steps. With eps > 0 the shared set U_eps
@@ -59,12 +66,15 @@ struct AttentionOptions {
 /// What attention() did, besides writing the output.
 struct AttentionResult {
   /// Per (batch, head) pair, in b * heads + h order: the keys every query of that head attends
-  /// (leverage or random set plus sinks), ascending. Filled when return_selection is set.
+  /// (leverage or random set plus sinks), ascending. Filled when return_selection is set. With
+  /// segment > 0 (causal leverage), one set per (pair, block of `segment` queries) instead, at
+  /// pair * blocks + block.
   std::vector<std::vector<index_t>> shared_keys;
+  index_t segment = 0;
   /// Select::topk and cluster with return_selection: (batch, heads, m, top_k) key indices, each
   /// query's own keys in descending order of f(s); cluster: -1 in the slots beyond its candidates.
   std::vector<index_t> query_keys;
-  std::vector<index_t> shared_sizes;  ///< |shared set| per (batch, head)
+  std::vector<index_t> shared_sizes;  ///< |shared set| per (batch, head) (causal leverage: the largest)
   index_t top_k = 0;                  ///< the key budget used (an adaptive budget resolved)
   double mean_keys_per_query = 0.0;   ///< average |S_i| over all queries (window included)
   /// Queries whose selection is empty or whose normaliser is zero; their output row is 0.

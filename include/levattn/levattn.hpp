@@ -14,6 +14,7 @@
 #pragma once
 #include "levattn/attention.hpp"
 #include "levattn/build_info.hpp"
+#include "levattn/causal.hpp"
 #include "levattn/error.hpp"
 #include "levattn/evaluate.hpp"
 #include "levattn/heavy_entries.hpp"

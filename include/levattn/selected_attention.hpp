@@ -10,23 +10,36 @@
 namespace levattn {
 
 /// The keys each query of every (batch, head) pair attends: all keys (select full), or the union
-/// of three disjoint parts: a shared set per pair (leverage, random; sinks included), the window
-/// band, and each query's own keys (select topk, cluster).
+/// of three disjoint parts: a shared set per pair (leverage, random; sinks included) or per
+/// segment of queries (causal leverage), the window band, and each query's own keys (select
+/// topk, cluster); with `causal`, each part cut to the keys j <= i.
 struct Selection {
   index_t batch = 0, heads = 0;  ///< pairs are numbered b * heads + h
   index_t m = 0, n = 0;          ///< queries and keys per pair
   bool all_keys = false;         ///< every query attends every key (nothing else is set)
-  /// Per pair, the keys every query attends, ascending and distinct; empty (no pair has any) or
-  /// one entry per pair.
+  /// Query i attends only keys j <= i (autoregressive order): every part is intersected with it.
+  bool causal = false;
+  /// > 0: the queries of each pair fall into segments of `segment` (the last one shorter), each
+  /// with its own shared set: query i uses shared_keys[h * segments() + i / segment]. 0: one
+  /// shared set per pair.
+  index_t segment = 0;
+  /// The keys every query of a pair (or segment) attends, ascending and distinct; empty (no pair
+  /// has any) or pairs() * segments() entries.
   std::vector<std::vector<index_t>> shared_keys;
-  /// >= 0: query i also attends the keys j with |i - j| <= window that are not shared keys.
+  /// >= 0: query i also attends the keys j with |i - j| <= window (causal: i - window <= j <= i)
+  /// that are not in its shared set.
   index_t window = -1;
-  /// > 0: each query's own keys, query_keys (pairs, m, top_k): distinct, none of them a shared key
-  /// or in the query's window, -1 for an unused slot.
+  /// > 0: each query's own keys, query_keys (pairs, m, top_k): distinct, none of them in its
+  /// shared set or window (causal: none after i), -1 for an unused slot.
   index_t top_k = 0;
   std::vector<index_t> query_keys;
 
   index_t pairs() const { return batch * heads; }
+  index_t segments() const { return segment > 0 && m > 0 ? (m + segment - 1) / segment : 1; }
+  /// The shared set query i of pair h attends (an empty one when there are none).
+  const std::vector<index_t>& shared_of(index_t h, index_t i) const;
+  /// Whether query i of pair h attends key j: O(log |shared| + top_k).
+  bool attends(index_t h, index_t i, index_t j) const;
 };
 
 /// The selection attention(Q, K, V, options) makes, without attending: the same keys (same

@@ -61,6 +61,19 @@ class StreamingUniversalSet {
   index_t dv() const;
   double eps() const;
   index_t candidates() const;  ///< keys the state still holds (the universal set and more)
+  /// The keys the state holds: their indices (ascending), key rows (candidates() x d) and value
+  /// rows (candidates() x dv); valid until the next push or prune.
+  const std::vector<index_t>& candidate_indices() const;
+  ConstMatrix candidate_keys() const;
+  ConstMatrix candidate_values() const;
+  /// M = K^T K over every key pushed so far (d x d, row-major, float64): O(d^2 partials).
+  std::vector<double> gram() const;
+
+  /// Drops now every candidate that can no longer be eps-heavy (push does so lazily, when the
+  /// candidates double): after it, the candidates are the keys whose score against the current
+  /// M is >= eps less the proven rounding and margin (a superset of the current universal set),
+  /// at most about d / eps of them. O(d^3 + |C| d^2).
+  void prune();
   std::size_t workspace_bytes() const;       ///< bytes the state holds now
   std::size_t peak_workspace_bytes() const;  ///< the most it has held since construction
 
@@ -79,7 +92,6 @@ class StreamingUniversalSet {
   struct State;  ///< the implementation's (opaque)
 
  private:
-  void prune();
   std::unique_ptr<State> s_;
 };
 

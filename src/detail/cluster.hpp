@@ -68,14 +68,22 @@ struct ClusterWork {
 /// Candidate ranks a run of queries holds at most (16 MB), unless one query has more.
 inline constexpr std::size_t kRunRanks = std::size_t(1) << 22;
 
-/// Searches queries i0 .. i1 - 1 of Q against kc with budget k, leaving out keys with
-/// excluded[j] != 0 (nullable) and keys within `window` of the query (window >= 0), and calls
+/// Keys a query's search leaves out: excluded[j] != 0 (nullable), those within `window` of the
+/// query (window >= 0) and, with causal, those after it.
+struct Excluded {
+  const char* keys = nullptr;
+  index_t window = -1;
+  bool causal = false;
+};
+
+/// Searches queries i0 .. i1 - 1 of Q against kc with budget k, leaving out the keys `excluded`
+/// names, and calls
 /// visit(cand) for consecutive runs of queries whose candidates fit run_ranks (a run holds at
 /// least one query). Results depend on the queries alone, not on the runs or the thread.
 /// Throws Error(invalid_argument) on logits that overflow float (checked if params says so).
 /// O((i1 - i0) (clusters + probe n / clusters) d) time, O(run_ranks + n) memory.
 void search_clusters(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters& kc, index_t probe,
-                     index_t k, index_t i0, index_t i1, const char* excluded, index_t window, ClusterWork& work,
+                     index_t k, index_t i0, index_t i1, const Excluded& excluded, ClusterWork& work,
                      const std::function<void(const ClusterCandidates&)>& visit, std::size_t run_ranks = kRunRanks);
 
 /// The kept keys of each query of `cand`, best first (ties to the lower key), -1 in the slots

@@ -54,8 +54,12 @@ class BestKeys {
 
 /// For queries i0 .. i1-1 of Q, the k keys of K with largest f(scale q.k) (softmax: logit,
 /// power: |logit|), ties to the lower index, each row in descending order, into out
-/// ((i1 - i0) x k). Scans all keys with GEMM tiles: O((i1 - i0) n d) time, O(tile) workspace.
+/// ((i1 - i0) x k). Causal: query i ranks keys 0 .. i only (-1 in the slots beyond i + 1 keys).
+/// Scans all keys with GEMM tiles: O((i1 - i0) n d) time, O(tile) workspace.
 void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K, index_t k,
-              index_t i0, index_t i1, index_t* out, std::vector<float>& tile);
+              index_t i0, index_t i1, index_t* out, std::vector<float>& tile, bool causal = false);
+
+/// flags[a] = 1 if key j0 + a is in `sorted` (ascending), else 0, for a in [0, c): O(c + log).
+void mark_members(const std::vector<index_t>& sorted, index_t j0, index_t c, char* flags);
 
 }  // namespace levattn::detail
