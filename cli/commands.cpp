@@ -224,6 +224,7 @@ struct HeavyArgs {
   Sources src{"", {"", ""}};
   std::string out, normaliser = "exact";
   double eps = 0, p = 2.0, gamma = 0.1;
+  bool causal = false;
   index_t samples = 0;
   std::int64_t seed = 0;
   MethodArgs method;
@@ -280,9 +281,13 @@ int run_heavy(const HeavyArgs& a) {
   ho.samples = a.samples;
   ho.seed = static_cast<std::uint64_t>(a.seed);
   ho.leverage = leverage_options(a.method, a.seed);
+  if (a.causal && (a.p != 2.0 || ho.normaliser != Normaliser::exact))
+    throw Error(ErrorKind::invalid_argument, "causal: heavy --causal lists x^2 entries with exact normalisers (p 2, "
+                                             "normaliser exact)");
   const auto t0 = std::chrono::steady_clock::now();
-  const std::vector<HeavyEntries> per =
-      with_sources({&Q, &K}, {"queries", "keys"}, [&] { return heavy_entries(q, k, a.eps, ho); });
+  const std::vector<HeavyEntries> per = with_sources({&Q, &K}, {"queries", "keys"}, [&] {
+    return a.causal ? causal_heavy_entries(q, k, a.eps, ho.leverage) : heavy_entries(q, k, a.eps, ho);
+  });
   const double secs = seconds_since(t0);
   std::size_t count = 0, zero = 0;
   index_t usize = 0;
@@ -302,6 +307,7 @@ int run_heavy(const HeavyArgs& a) {
     j["d"] = q.cols;
     j["eps"] = a.eps;
     j["p"] = a.p;
+    j["causal"] = a.causal;
     j["normaliser"] = first.normaliser;
     if (first.samples > 0) {
       j["samples"] = first.samples;
@@ -337,6 +343,7 @@ Command add_heavy(CLI::App& app) {
       ->check(CLI::IsMember({"exact", "sampled"}));
   sub->add_option("--gamma", a->gamma, "sampled: target accuracy in (0, 1) (default 0.1)");
   sub->add_option("--samples", a->samples, "sampled: keys to draw (default: from --gamma)");
+  sub->add_flag("--causal", a->causal, "causal x^2 attention: query i over keys 0 .. i (m == n)");
   add_seed_option(sub, a->seed, "the sampled normalisers and of the sketch");
   add_method_options(sub, a->method);
   sub->add_flag("--json", a->json, "print a JSON summary");
@@ -356,7 +363,7 @@ struct AttendArgs {
   std::string budget;  // "alpha,C"
   std::int64_t seed = 0;
   MethodArgs method;
-  bool json = false;
+  bool json = false, causal = false;
 };
 
 AttentionOptions attention_options(const AttendArgs& a) {
@@ -373,6 +380,7 @@ AttentionOptions attention_options(const AttendArgs& a) {
   o.eps = a.eps;
   o.window = a.window;
   o.sinks = a.sinks;
+  o.causal = a.causal;
   o.clusters = a.clusters;
   o.probe = a.probe;
   o.cluster_iterations = a.cluster_iterations;
@@ -414,6 +422,8 @@ std::vector<std::pair<std::string, Array>> selection_arrays(const AttentionResul
   }
   out.emplace_back("window", Array::from_int64({1}, {o.window}));
   out.emplace_back("sinks", Array::from_int64({1}, {o.sinks}));
+  out.emplace_back("causal", Array::from_int64({1}, {o.causal ? 1 : 0}));
+  out.emplace_back("segment", Array::from_int64({1}, {r.segment}));
   return out;
 }
 
@@ -440,6 +450,7 @@ int run_attend(const AttendArgs& a) {
     j["shape"] = shape;
     j["kernel"] = to_string(o.kernel);
     j["select"] = a.select;
+    j["causal"] = a.causal;
     j["n"] = k.rows;
     j["top_k"] = r.top_k;
     j["shared_sizes"] = r.shared_sizes;
@@ -463,8 +474,9 @@ Command add_attend(CLI::App& app) {
   add_qkv_options(sub, a->src);
   sub->add_option("--out", a->out, "output O .npy (float32)")->required();
   sub->add_option("--save-selection", a->save_selection,
-                  "also write S.npz: shared_keys / shared_offsets per (batch, head), query_keys (topk, cluster; "
-                  "-1: unused), window, sinks");
+                  "also write S.npz: shared_keys / shared_offsets per (batch, head) (causal leverage: per (batch, "
+                  "head, block of `segment` queries)), query_keys (topk, cluster; -1: unused), window, sinks, causal, "
+                  "segment");
   sub->add_option("--kernel", a->kernel, "softmax or poly (|x|^p)")->check(CLI::IsMember({"softmax", "poly"}));
   sub->add_option("--p", a->p, "exponent of the poly kernel, > 0");
   sub->add_option("--scale", a->scale,
@@ -479,6 +491,9 @@ Command add_attend(CLI::App& app) {
   sub->add_option("--cluster-iterations", a->cluster_iterations, "cluster: most k-means steps (default 8)");
   sub->add_option("--window", a->window, "also keys i-W .. i+W");
   sub->add_option("--sinks", a->sinks, "also the first S keys");
+  sub->add_flag("--causal", a->causal,
+                "query i sees keys 0 .. i only (m == n); leverage then takes --eps and uses each block's causal "
+                "universal set");
   add_seed_option(sub, a->seed, "random selection, cluster's initial centroids and of the sketch");
   add_method_options(sub, a->method);
   sub->add_option("--budget", a->budget, "adaptive budget alpha,C: top-k = ceil(alpha n^C)");

@@ -332,9 +332,13 @@ BlockStats attend_shared(const Plan& pl, Workspace& w, const HeadSelection& s, C
     w.blk.absorb(w.gv.data(), dv, c);
   }
   if (window >= 0) {
-    const index_t j0 = std::max<index_t>(0, i0 - window), j1 = std::min(pl.n, causal ? last + 1 : last + 1 + window);
+    const index_t base = std::max<index_t>(0, i0 - window);
+    index_t j0 = base, j1 = std::min(pl.n, causal ? last + 1 : last + 1 + window);
     w.flags.resize(static_cast<std::size_t>(std::max<index_t>(0, j1 - j0)));
     detail::mark_members(keys, j0, j1 - j0, w.flags.data());
+    // Shared keys at the band's ends need no logits (a causal set holds its block's own keys).
+    while (j1 > j0 && w.flags[j1 - 1 - base]) --j1;
+    while (j0 < j1 && w.flags[j0 - base]) ++j0;
     for (index_t c0 = j0; c0 < j1; c0 += kernels::kKeyTile) {
       const index_t c = std::min(kernels::kKeyTile, j1 - c0);
       float* tile = w.blk.logits(Kh.row(c0), Kh.ld, c);
@@ -343,7 +347,7 @@ BlockStats attend_shared(const Plan& pl, Workspace& w, const HeadSelection& s, C
         float* srow = tile + r * c;
         for (index_t a = 0; a < c; ++a) {
           const index_t j = c0 + a;
-          if (j < i - window || j > hi || w.flags[j - j0]) srow[a] = kMasked;
+          if (j < i - window || j > hi || w.flags[j - base]) srow[a] = kMasked;
           else st.keys += 1.0;
         }
       }
@@ -487,25 +491,6 @@ void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, 
   if (cp.shared) sel.shared_keys = std::move(cp.shared_keys);
 }
 
-// How many keys each query of a selection attends, summed over all queries.
-double keys_attended(const Selection& s) {
-  double total = 0.0;
-  for (index_t h = 0; h < s.pairs(); ++h) {
-    for (index_t i = 0; i < s.m; ++i) {
-      const std::vector<index_t>& shared = s.shared_of(h, i);
-      const auto below = [&](index_t j) { return std::upper_bound(shared.begin(), shared.end(), j) - shared.begin(); };
-      total += static_cast<double>(s.causal ? below(i) : static_cast<index_t>(shared.size()));
-      if (s.window >= 0) {
-        const index_t lo = std::max<index_t>(0, i - s.window), hi = std::min(s.n - 1, s.causal ? i : i + s.window);
-        const index_t in_shared = below(hi) - below(lo - 1);
-        total += static_cast<double>(std::max<index_t>(0, hi - lo + 1) - in_shared);
-      }
-      for (index_t a = 0; a < s.top_k; ++a) total += s.query_keys[(h * s.m + i) * s.top_k + a] >= 0 ? 1.0 : 0.0;
-    }
-  }
-  return total;
-}
-
 }  // namespace
 
 void detail::check_kernel(const AttentionOptions& o) {
@@ -625,7 +610,7 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
     std::vector<float> out_b(static_cast<std::size_t>(pl.heads * pl.m * pl.dv)), stat_b(stat.size());
     selected_attention_forward<float>(sh, part, options, Q.data, K.data, V.data, out_b.data(), stat_b.data());
     merge_parts(pl.heads * pl.m, pl.dv, out, stat.data(), out_b.data(), stat_b.data());
-    keys += keys_attended(part);
+    for (index_t c : part.keys_per_query()) keys += static_cast<double>(c);
   }
   if (!detail::all_finite(out, pl.heads * pl.m * pl.dv) ||
       std::any_of(stat.begin(), stat.end(), [](float x) { return std::isnan(x); }))

@@ -114,4 +114,21 @@ HeavyEntries causal_heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, cons
   return out;
 }
 
+std::vector<HeavyEntries> causal_heavy_entries(const Tensor4Ref& Q, const Tensor4Ref& K, double eps,
+                                               const LeverageOptions& options) {
+  if (Q.batch != K.batch || Q.heads != K.heads || Q.batch < 1 || Q.heads < 1) {
+    std::ostringstream os;
+    os << "keys: expected the queries' (batch, heads) = (" << Q.batch << ", " << Q.heads << "), got (" << K.batch
+       << ", " << K.heads << ")";
+    detail::invalid(os.str());
+  }
+  const index_t pairs = Q.batch * Q.heads;
+  std::vector<HeavyEntries> out(static_cast<std::size_t>(pairs));
+  const double flops = static_cast<double>(pairs * K.rows) * static_cast<double>(K.cols * K.cols) * 4.0;
+  detail::parallel_tasks(pairs, flops, [] { return 0; }, [&](index_t h, int&) {
+    out[h] = causal_heavy_entries(Q.slice(h / Q.heads, h % Q.heads), K.slice(h / Q.heads, h % Q.heads), eps, options);
+  });
+  return out;
+}
+
 }  // namespace levattn

@@ -27,6 +27,23 @@ bool Selection::attends(index_t h, index_t i, index_t j) const {
   return false;
 }
 
+std::vector<index_t> Selection::keys_per_query() const {
+  std::vector<index_t> out(static_cast<std::size_t>(pairs() * m));
+  for (index_t h = 0; h < pairs(); ++h)
+    for (index_t i = 0; i < m; ++i) {
+      const std::vector<index_t>& s = shared_of(h, i);
+      const auto below = [&](index_t j) { return static_cast<index_t>(std::upper_bound(s.begin(), s.end(), j) - s.begin()); };
+      index_t c = all_keys ? (causal ? std::min(n, i + 1) : n) : causal ? below(i) : static_cast<index_t>(s.size());
+      if (window >= 0) {
+        const index_t lo = std::max<index_t>(0, i - window), hi = std::min(n - 1, causal ? i : i + window);
+        c += std::max<index_t>(0, hi - lo + 1) - (below(hi) - below(lo - 1));
+      }
+      for (index_t a = 0; a < top_k; ++a) c += query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)] >= 0 ? 1 : 0;
+      out[static_cast<std::size_t>(h * m + i)] = c;
+    }
+  return out;
+}
+
 }  // namespace levattn
 
 namespace levattn::detail {

@@ -26,6 +26,7 @@ struct StreamingUniversalSet::State {
   std::vector<index_t> index;  // candidates: global key index, ascending
   std::vector<float> keys, values;
   index_t prune_at = 0;        // prune once this many candidates are held
+  index_t protect_first = 0, protect_last = 0;  // keys pruning keeps whatever their scores
   std::size_t peak = 0;
 
   index_t size() const { return static_cast<index_t>(index.size()); }
@@ -183,8 +184,17 @@ void StreamingUniversalSet::prune() {
   // Scores only fall as keys arrive; one below eps by more than any rounding, now or at the end,
   // can never enter the set again.
   const double keep_from = s.eps / ((1.0 + sc.rel_error_bound) * (1.0 + kMargin) * (1.0 + kMargin));
-  compact(s, [&](index_t a) { return sc.scores[a] >= keep_from; });
+  compact(s, [&](index_t a) {
+    return sc.scores[a] >= keep_from || s.index[a] < s.protect_first || s.index[a] >= s.n - s.protect_last;
+  });
   s.prune_at = std::max(prune_floor(s.d, s.eps), 2 * s.size());
+}
+
+void StreamingUniversalSet::protect(index_t first, index_t last) {
+  if (first < 0 || last < 0)
+    detail::invalid("streaming: protect takes counts >= 0 of first and last keys, got " + std::to_string(first) +
+                    ", " + std::to_string(last));
+  s_->protect_first = first, s_->protect_last = last;
 }
 
 const std::vector<index_t>& StreamingUniversalSet::candidate_indices() const { return s_->index; }
@@ -286,8 +296,8 @@ std::vector<float> StreamingUniversalSet::attention(ConstMatrix Q, const Attenti
 namespace {
 
 constexpr char kMagic[8] = {'L', 'V', 'S', 'T', 'R', 'E', 'A', 'M'};
-constexpr std::uint32_t kVersion = 1;
-constexpr std::size_t kHeaderBytes = 8 + 4 + 4 + 8 * 8 + 3 * 8 + 8;
+constexpr std::uint32_t kVersion = 2;
+constexpr std::size_t kHeaderBytes = 8 + 4 + 4 + 10 * 8 + 3 * 8 + 8;
 
 void append_f64(std::vector<std::uint8_t>& out, double x) {
   std::uint64_t u;
@@ -357,7 +367,8 @@ void StreamingUniversalSet::save(const std::filesystem::path& path) const {
   detail::append_le32(out, kVersion);
   detail::append_le32(out, 0);
   for (index_t x : {s.d, s.dv, s.n, s.gram.blocks, s.gram.partials(),
-                    static_cast<index_t>(s.gram.pending.size()) / s.d, s.size(), s.prune_at})
+                    static_cast<index_t>(s.gram.pending.size()) / s.d, s.size(), s.prune_at, s.protect_first,
+                    s.protect_last})
     detail::append_le64(out, static_cast<std::uint64_t>(x));
   append_f64(out, s.eps);
   append_f64(out, s.options.ridge);
@@ -388,9 +399,9 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   if (version != kVersion)
     bad_state(path, "version: expected " + std::to_string(kVersion) + ", got " + std::to_string(version));
   p += 16;
-  index_t f[8];
+  index_t f[10];
   for (index_t& x : f) x = static_cast<index_t>(detail::load_le64(p)), p += 8;
-  const auto [d, dv, n, blocks, partials, pending, size, prune_at] = f;
+  const auto [d, dv, n, blocks, partials, pending, size, prune_at, protect_first, protect_last] = f;
   const double eps = load_f64(p), ridge = load_f64(p + 8), rtol = load_f64(p + 16);
   const auto peak = static_cast<std::size_t>(detail::load_le64(p + 24));
   const auto field = [&](bool ok, const std::string& what) {
@@ -405,6 +416,7 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   field(prune_at >= prune_floor(d, eps) && prune_at <= std::max(prune_floor(d, eps), 2 * size + 2 * detail::kGramRows),
         "prune_at: out of range");
   field(eps > 0.0 && eps <= 1.0, "eps: expected a number in (0, 1]");
+  field(protect_first >= 0 && protect_last >= 0, "protected keys: expected counts >= 0");
   field(ridge >= 0.0 && std::isfinite(ridge) && rtol >= 0.0 && rtol < 1.0, "ridge / rank_rtol: out of range");
   // The length the sizes imply, each part bounded by the file's length before it is added.
   std::uint64_t expected = kHeaderBytes + 4;
@@ -430,6 +442,7 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   StreamingUniversalSet out(d, dv, eps, o);
   State& s = *out.s_;
   s.n = n, s.prune_at = prune_at, s.peak = peak;
+  s.protect_first = protect_first, s.protect_last = protect_last;
   s.gram.blocks = blocks;
   p = bytes.data() + kHeaderBytes;
   s.gram.part = load_all<double>(p, static_cast<std::size_t>(partials * d * d));

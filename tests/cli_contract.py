@@ -1058,6 +1058,91 @@ def test_stream():
         ("SKnan.npy", "keys", "4000"))
 
 
+def np_heavy_causal(Q, K, eps):
+    """Causal brute force: A_ij over keys j <= i; sure and too-close-to-call entries as np_heavy."""
+    S = np.tril((np.asarray(Q, np.float64) @ np.asarray(K, np.float64).T) ** 2)
+    A = S / S.sum(axis=1, keepdims=True)
+    return A, A >= eps * (1 + 1e-4), np.abs(A - eps) <= 1e-4 * eps
+
+
+def test_causal():
+    """attend --causal (every selection cut at the query; leverage keeps every heavy causal entry) and heavy --causal."""
+    rng = np.random.default_rng(17)
+    n, d, dv, eps = 600, 8, 5, 0.1
+    Q = rng.standard_normal((n, d)).astype(np.float32)
+    K = heavy_tailed_keys(rng, n, d).astype(np.float32)
+    V = rng.standard_normal((n, dv)).astype(np.float32)
+    save("Qc.npy", Q)
+    save("Kc.npy", K)
+    save("Vc.npy", V)
+    I = np.arange(n)[:, None]
+    J = np.arange(n)[None, :]
+    tril = J <= I
+    files = dict(q="Qc.npy", k="Kc.npy", v="Vc.npy")
+    O, p = attend("attend --causal", "Oc_full.npy", "--causal", "--json", **files)
+    if O is not None:
+        good, det = rel_close(O, np_attention(Q, K, V, mask=tril))
+        check("attend --causal full equals numpy over keys j <= i (1e-5)", good, det)
+        j = parse_json("attend --causal", p.stdout)
+        check("attend --causal --json: causal true, (n + 1) / 2 keys per query",
+              j is not None and j["causal"] is True and abs(j["mean_keys_per_query"] - (n + 1) / 2) < 1e-6, repr(j))
+    O, _ = attend("attend --causal window", "Oc_win.npy", "--causal", "--select", "window", "--window", 5, "--sinks", 2,
+                  **files)
+    if O is not None:
+        mask = tril & ((I - J <= 5) | (J < 2))
+        good, det = rel_close(O, np_attention(Q, K, V, mask=mask))
+        check("attend --causal window 5 + sinks 2 equals numpy (1e-5)", good, det)
+    O, _ = attend("attend --causal topk", "Oc_top.npy", "--causal", "--select", "topk", "--top-k", 10, **files)
+    if O is not None:
+        s = np.where(tril, np.asarray(Q, np.float64) @ np.asarray(K, np.float64).T, -np.inf)
+        top = np.argsort(-s, axis=1, kind="stable")[:, :10]
+        mask = np.zeros((n, n), dtype=bool)
+        np.put_along_axis(mask, top, True, axis=1)
+        good, det = rel_close(O, np_attention(Q, K, V, mask=mask & tril))
+        check("attend --causal topk 10 equals numpy's top 10 among keys j <= i (1e-5)", good, det)
+    O, p = attend("attend --causal leverage", "Oc_lev.npy", "--causal", "--select", "leverage", "--eps", eps, "--window", 8,
+                  "--save-selection", "Sc.npz", "--json", **files)
+    if O is not None:
+        z = np.load(path("Sc.npz"))
+        seg = int(z["segment"][0])
+        keys, offs = z["shared_keys"], z["shared_offsets"]
+        check("attend --causal leverage: one set per block of `segment` queries",
+              seg > 0 and len(offs) - 1 == (n + seg - 1) // seg and int(z["causal"][0]) == 1, repr((seg, len(offs))))
+        mask = np.zeros((n, n), dtype=bool)
+        for b in range(len(offs) - 1):
+            mask[b * seg:(b + 1) * seg, keys[offs[b]:offs[b + 1]]] = True
+        mask = (mask | (np.abs(I - J) <= 8)) & tril
+        good, det = rel_close(O, np_attention(Q, K, V, mask=mask))
+        check("attend --causal leverage equals numpy over its saved selection (1e-5)", good, det)
+        A, sure, _ = np_heavy_causal(Q, K, eps)
+        missed = int(np.sum(sure & ~mask))
+        check("attend --causal leverage: every causal x^2 entry >= eps is attended (numpy brute force)",
+              missed == 0 and int(np.sum(sure)) > 50, "%d missed of %d" % (missed, int(np.sum(sure))))
+        j = parse_json("attend --causal leverage", p.stdout)
+        check("attend --causal leverage: fewer keys per query than causal full",
+              j is not None and j["mean_keys_per_query"] < (n + 1) / 2, repr(j and j["mean_keys_per_query"]))
+    if ok_run("heavy --causal", "heavy", "--queries", "Qc.npy", "--keys", "Kc.npy", "--eps", eps, "--causal",
+              "--out", "Hc.csv"):
+        rows = read_csv("Hc.csv", False)
+        body = [(int(r[0]), int(r[1]), float(r[2])) for r in rows[1:]]
+        A, sure, unsure = np_heavy_causal(Q, K, eps)
+        got = {(q, k) for q, k, _ in body}
+        exp = {(int(a), int(b)) for a, b in zip(*np.nonzero(sure))}
+        amb = {(int(a), int(b)) for a, b in zip(*np.nonzero(unsure))}
+        check("heavy --causal: the (query, key) set of numpy's causal brute force", (got - amb) == (exp - amb) and exp,
+              "missing %s extra %s" % (sorted(exp - got - amb)[:5], sorted(got - exp - amb)[:5]))
+        check("heavy --causal: values within 1e-4 relative, keys j <= i",
+              all(abs(v - A[q, k]) <= 1e-4 * A[q, k] and k <= q for q, k, v in body))
+    save("Qc_short.npy", Q[:500])
+    bad("attend --causal with m != n", ("attend", "--queries", "Qc_short.npy", "--keys", "Kc.npy", "--values", "Vc.npy",
+                                        "--out", "Oc_bad.npy", "--causal"), ("as many queries as keys",))
+    bad("attend --causal leverage with --top-k", ("attend", "--queries", "Qc.npy", "--keys", "Kc.npy", "--values",
+                                                  "Vc.npy", "--out", "Oc_bad.npy", "--causal", "--select", "leverage",
+                                                  "--top-k", 10), ("eps",))
+    bad("heavy --causal --p 3", ("heavy", "--queries", "Qc.npy", "--keys", "Kc.npy", "--eps", eps, "--causal", "--p", 3),
+        ("causal",))
+
+
 def main():
     global WORK
     if not os.access(BIN, os.X_OK):
@@ -1069,7 +1154,7 @@ def main():
         WORK = d
         for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_power_and_sketch, test_reduce,
                   test_bench, test_demo,
-                  test_bad_input, test_atomic_output, test_hardening, test_evaluate, test_stream):
+                  test_bad_input, test_atomic_output, test_hardening, test_evaluate, test_stream, test_causal):
             t0 = time.time()
             group(g)
             print("%-20s %.1f s" % (g.__name__, time.time() - t0), flush=True)

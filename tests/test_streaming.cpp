@@ -229,9 +229,13 @@ TEST_F(StreamingState, DamagedFilesAreClearErrors) {
   write(b);
   EXPECT_NE(message().find("checksum"), std::string::npos);
   b = bytes;
-  b[8] = 2;  // version 2
+  b[8] = 3;  // a later version
   write(b);
   EXPECT_NE(message().find("version"), std::string::npos);
+  b = bytes;
+  b[16 + 8 * 8 + 7] = static_cast<char>(0x80);  // protected first keys < 0
+  write(b);
+  EXPECT_NE(message().find("protected"), std::string::npos);
   b = bytes;
   b[0] = 'X';
   write(b);

@@ -5,6 +5,7 @@
 
 #include "levattn/heavy_entries.hpp"
 #include "levattn/leverage_scores.hpp"
+#include "levattn/matrix.hpp"
 
 namespace levattn {
 
@@ -48,5 +49,11 @@ CausalSets causal_universal_sets(ConstMatrix K, double eps, index_t block = kCau
 /// empty input, eps outside (0, 1], or a ridge in options (ridge scores are below the x^2
 /// sensitivities, so their sets can miss heavy entries).
 HeavyEntries causal_heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& options = {});
+
+/// causal_heavy_entries for every (batch, head) pair of Q and K (batch, heads, n, d), in
+/// b * heads + h order, pairs in parallel. Throws as the single-pair version, and
+/// Error(invalid_argument) if (batch, heads) differ.
+std::vector<HeavyEntries> causal_heavy_entries(const Tensor4Ref& Q, const Tensor4Ref& K, double eps,
+                                               const LeverageOptions& options = {});
 
 }  // namespace levattn

@@ -40,6 +40,8 @@ struct Selection {
   const std::vector<index_t>& shared_of(index_t h, index_t i) const;
   /// Whether query i of pair h attends key j: O(log |shared| + top_k).
   bool attends(index_t h, index_t i, index_t j) const;
+  /// |S_i| for every query, (pairs, m) row-major: O(pairs m (log |shared| + top_k)).
+  std::vector<index_t> keys_per_query() const;
 };
 
 /// The selection attention(Q, K, V, options) makes, without attending: the same keys (same

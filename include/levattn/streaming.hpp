@@ -74,6 +74,11 @@ class StreamingUniversalSet {
   /// M is >= eps less the proven rounding and margin (a superset of the current universal set),
   /// at most about d / eps of them. O(d^3 + |C| d^2).
   void prune();
+
+  /// From now on pruning keeps the first `first` and the last `last` keys pushed whatever their
+  /// scores (a KV cache's sinks and window); universal_set() and heavy_entries() are unchanged.
+  /// Saved with the state. Throws Error(invalid_argument) on a negative count.
+  void protect(index_t first, index_t last);
   std::size_t workspace_bytes() const;       ///< bytes the state holds now
   std::size_t peak_workspace_bytes() const;  ///< the most it has held since construction
 

@@ -11,6 +11,7 @@ backward) and the ``LevSelfAttention`` module.
 from . import _core
 from ._core import (  # noqa: F401
     AttentionResult,
+    CausalSets,
     ClusterOptions,
     HeavyAgreement,
     HeavyEntries,
@@ -29,6 +30,7 @@ from ._core import (  # noqa: F401
     attention_backward,
     attention_forward,
     build_info,
+    causal_universal_sets,
     compare_heavy_entries,
     evaluate,
     heavy_entries,

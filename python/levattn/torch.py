@@ -65,7 +65,7 @@ class _LevAttention(torch.autograd.Function):
 
 def lev_attention(q, k, v, *, select="leverage", top_k=None, eps=None, window=None, sinks=0,
                   kernel="softmax", p=2.0, scale=None, seed=0, budget_alpha=0.0, budget_exponent=0.0,
-                  leverage=None, cluster=None, return_selection=False):
+                  leverage=None, cluster=None, causal=False, return_selection=False):
     """Attention of each query over its selected keys, differentiable in q, k and v.
 
     q (.., m, d), k (.., n, d), v (.., n, dv) with .. = (), (heads,) or (batch, heads): CPU
@@ -81,6 +81,10 @@ def lev_attention(q, k, v, *, select="leverage", top_k=None, eps=None, window=No
     keys 0 .. s-1 (leverage, random, window, cluster). kernel: "softmax" (exp(s), scale 1/sqrt(d))
     or "poly" (|s|^p normalised over the selection, scale 1). budget_alpha / budget_exponent: the
     n^C-adaptive budget top_k = ceil(alpha n^C). leverage: a levattn.LeverageOptions.
+    causal=True: query i attends keys 0 .. i only (m == n), in every selection and in the
+    gradients; select="leverage" then takes eps and uses each block's causal universal set, made
+    from keys before the block only, so no output depends on a later key (cluster trains its
+    k-means on all keys: its choice of earlier keys can).
 
     The selection is a discrete choice made in the forward pass from q and k (rounded to float32
     for it); the output and gradients are computed in the inputs' dtype. Cost per (batch, head):
@@ -91,7 +95,7 @@ def lev_attention(q, k, v, *, select="leverage", top_k=None, eps=None, window=No
     options = {
         "select": dict(select=select, top_k=top_k, eps=eps, window=window, sinks=sinks, seed=seed,
                        budget_alpha=budget_alpha, budget_exponent=budget_exponent, leverage=leverage,
-                       cluster=cluster),
+                       cluster=cluster, causal=causal),
         "kernel": kernel, "p": p, "scale": scale,
     }
     holder = [] if return_selection else None
@@ -112,7 +116,7 @@ class LevSelfAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, *, select="leverage", top_k=None, eps=None, window=None,
                  sinks=0, kernel="softmax", p=2.0, scale=None, seed=0, leverage=None, cluster=None,
-                 bias=True, device=None, dtype=None):
+                 causal=False, bias=True, device=None, dtype=None):
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
@@ -126,7 +130,7 @@ class LevSelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.select, self.top_k, self.eps, self.window, self.sinks = select, top_k, eps, window, sinks
         self.kernel, self.p, self.scale, self.seed, self.leverage = kernel, p, scale, seed, leverage
-        self.cluster = cluster
+        self.cluster, self.causal = cluster, causal
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -140,7 +144,7 @@ class LevSelfAttention(nn.Module):
         """The lev_attention keywords this module uses now."""
         return dict(select=self.select, top_k=self.top_k, eps=self.eps, window=self.window, sinks=self.sinks,
                     kernel=self.kernel, p=self.p, scale=self.scale, seed=self.seed, leverage=self.leverage,
-                    cluster=self.cluster)
+                    cluster=self.cluster, causal=self.causal)
 
     def forward(self, x, return_selection=False):
         unbatched = x.dim() == 2

@@ -127,8 +127,9 @@ AttentionOptions attention_options(const std::string& select, std::optional<inde
                                    std::optional<index_t> window, index_t sinks, const std::string& kernel, double p,
                                    std::optional<double> scale, std::int64_t seed, double budget_alpha,
                                    double budget_exponent, const std::optional<LeverageOptions>& leverage,
-                                   const std::optional<ClusterOptions>& cluster) {
+                                   const std::optional<ClusterOptions>& cluster, bool causal) {
   AttentionOptions o;
+  o.causal = causal;
   o.select = parse_select(select);
   o.kernel = parse_kernel(kernel);
   o.top_k = top_k.value_or(0);
@@ -151,7 +152,8 @@ AttentionOptions attention_options(const std::string& select, std::optional<inde
 #define LEVATTN_ATTENTION_ARGS                                                                                 \
   arg("select") = "full", arg("top_k") = py::none(), arg("eps") = py::none(), arg("window") = py::none(),      \
   arg("sinks") = 0, arg("kernel") = "softmax", arg("p") = 2.0, arg("scale") = py::none(), arg("seed") = 0,     \
-  arg("budget_alpha") = 0.0, arg("budget_exponent") = 0.0, arg("leverage") = py::none(), arg("cluster") = py::none()
+  arg("budget_alpha") = 0.0, arg("budget_exponent") = 0.0, arg("leverage") = py::none(), arg("cluster") = py::none(), \
+  arg("causal") = false
 
 // The shape of q (.., m, d), k (.., n, d), v (.., n, dv) with the same leading dimensions.
 AttentionShape attention_shape(const py::array& q, const py::array& k, const py::array& v) {
@@ -391,8 +393,12 @@ clusters each query searches (0: levattn default_probe: about 2 top_k candidates
   py::class_<Selection>(m, "Selection", R"doc(The keys each query of every (batch, head) pair attends.
 
 One of three forms: all_keys (select full); shared_keys per pair plus a window band (leverage,
-random, window; sinks are in the shared keys); or query_keys (pairs, m, top_k) (select topk).)doc")
+random, window; sinks are in the shared keys); or query_keys (pairs, m, top_k) (select topk).
+causal: each query attends keys j <= i only; segment > 0 (causal leverage): shared_keys holds one
+set per (pair, block of `segment` queries), at pair * blocks + block.)doc")
       .def_readonly("batch", &Selection::batch)
+      .def_readonly("causal", &Selection::causal)
+      .def_readonly("segment", &Selection::segment)
       .def_readonly("heads", &Selection::heads)
       .def_readonly("m", &Selection::m)
       .def_readonly("n", &Selection::n)
@@ -409,20 +415,7 @@ random, window; sinks are in the shared keys); or query_keys (pairs, m, top_k) (
       })
       .def("keys_per_query", [](const Selection& s) {
         // |S_i| per query, (pairs, m): for inspection and for counting the work of a selection.
-        py::array_t<std::int64_t> a({s.pairs(), s.m});
-        auto* out = a.mutable_data();
-        for (index_t h = 0; h < s.pairs(); ++h)
-          for (index_t i = 0; i < s.m; ++i) {
-            index_t c = s.all_keys ? s.n : s.top_k;
-            if (!s.all_keys && s.top_k == 0) {
-              c = static_cast<index_t>(s.shared_keys[h].size());
-              if (s.window >= 0)
-                for (index_t j = std::max<index_t>(0, i - s.window); j <= std::min(s.n - 1, i + s.window); ++j)
-                  c += !std::binary_search(s.shared_keys[h].begin(), s.shared_keys[h].end(), j);
-            }
-            out[h * s.m + i] = c;
-          }
-        return a;
+        return to_array(s.keys_per_query()).reshape({s.pairs(), s.m});
       });
 }
 
@@ -501,7 +494,7 @@ entry A_ij >= eps of x^2 (|x|^p) attention, for any query, is in U_eps, and |U_e
 
   m.def("heavy_entries", [](py::handle Q_, py::handle K_, double eps, double p, const std::string& normaliser,
                             index_t samples, double gamma, double delta, std::int64_t seed,
-                            const std::optional<LeverageOptions>& lev) -> py::object {
+                            const std::optional<LeverageOptions>& lev, bool causal) -> py::object {
     const auto Q = array_of<float>(Q_, "Q"), K = array_of<float>(K_, "K");
     HeavyOptions o;
     o.p = p, o.samples = samples, o.gamma = gamma, o.delta = delta, o.seed = seed_of(seed);
@@ -511,20 +504,46 @@ entry A_ij >= eps of x^2 (|x|^p) attention, for any query, is in U_eps, and |U_e
     o.leverage = lev.value_or(LeverageOptions{});
     if (Q.ndim() != K.ndim()) value_error("Q, K: expected arrays of the same number of dimensions");
     const Tensor4Ref q = tensor4(Q, "Q"), k = tensor4(K, "K");
+    if (causal && (p != 2.0 || o.normaliser != Normaliser::exact))
+      value_error("causal: heavy entries of causal attention are x^2 with exact normalisers (p = 2, normaliser exact)");
     std::vector<HeavyEntries> h;
     {
       py::gil_scoped_release release;
-      h = heavy_entries(q, k, eps, o);
+      h = causal ? causal_heavy_entries(q, k, eps, o.leverage) : heavy_entries(q, k, eps, o);
     }
     if (Q.ndim() == 2) return py::cast(std::move(h[0]));
     return py::cast(std::move(h));
   }, arg("Q"), arg("K"), arg("eps"), py::kw_only(), arg("p") = 2.0, arg("normaliser") = "exact",
      arg("samples") = 0, arg("gamma") = 0.1, arg("delta") = 0.01, arg("seed") = 0, arg("leverage") = py::none(),
+     arg("causal") = false,
      R"doc(Every eps-heavy entry A_ij = |q_i.k_j|^p / sum_l |q_i.k_l|^p >= eps, searched over U_eps only.
 
 Q: (m, d), K: (n, d) (or 3-D / 4-D stacks: a list per pair). p = 2 with exact normalisers:
 exact, O(n d^2 + m d^2 + m |U| d), no entry is missed (the universal set guarantee).
-normaliser="sampled": r keys drawn by sensitivity, normalisers within (1 +- gamma) w.p. 1 - delta.)doc");
+normaliser="sampled": r keys drawn by sensitivity, normalisers within (1 +- gamma) w.p. 1 - delta.
+causal=True (p = 2, exact; m == n): the entries of causal attention, A_ij over keys j <= i,
+searched over each block's causal universal set, O(n d^2 + n |C| d).)doc");
+
+  py::class_<CausalSets>(m, "CausalSets", "The keys each block of queries needs under causal attention.")
+      .def_readonly("n", &CausalSets::n)
+      .def_readonly("block", &CausalSets::block)
+      .def_readonly("max_candidates", &CausalSets::max_candidates)
+      .def_property_readonly("sets", [](const CausalSets& c) {
+        py::list l;
+        for (const auto& s : c.sets) l.append(to_array(s));
+        return l;
+      });
+
+  m.def("causal_universal_sets", [](py::handle K_, double eps, index_t block, const std::optional<LeverageOptions>& lev) {
+    const auto K = array_of<float>(K_, "K");
+    const ConstMatrix k = matrix(K, "K");
+    py::gil_scoped_release release;
+    return causal_universal_sets(k, eps, block, lev.value_or(LeverageOptions{}));
+  }, arg("K"), arg("eps"), py::kw_only(), arg("block") = kCausalBlock, arg("leverage") = py::none(),
+     R"doc(The causal universal sets of K (n, d): per block r of `block` queries, the keys before it whose
+prefix leverage score at the block's start is >= eps, then the block's own keys (ascending).
+Guarantee (x^2): every causal entry A_ij >= eps (j <= i) has j in the set of i's block.
+O(n d^2 + (n / block)(d^3 + |C| d^2)), |C| <= about d / eps.)doc");
 
   m.def("heavy_entries_brute_force", [](py::handle Q_, py::handle K_, double eps) {
     const auto Q = array_of<float>(Q_, "Q"), K = array_of<float>(K_, "K");
@@ -611,11 +630,11 @@ column subset. m = 0: the default size for failure probability delta. Returns Re
                         std::optional<double> eps, std::optional<index_t> window, index_t sinks, const std::string& kernel,
                         double p, std::optional<double> scale, std::int64_t seed, double budget_alpha,
                         double budget_exponent, const std::optional<LeverageOptions>& lev,
-                        const std::optional<ClusterOptions>& cl, bool return_result) -> py::object {
+                        const std::optional<ClusterOptions>& cl, bool causal, bool return_result) -> py::object {
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k"), v = array_of<float>(v_, "v");
     if (q.ndim() != k.ndim() || q.ndim() != v.ndim()) value_error("q, k, v: expected arrays of the same number of dimensions");
     AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed, budget_alpha,
-                                           budget_exponent, lev, cl);
+                                           budget_exponent, lev, cl, causal);
     o.return_selection = return_result;
     const Tensor4Ref Q = tensor4(q, "q"), K = tensor4(k, "k"), V = tensor4(v, "v");
     py::array_t<float> out(shape_like(q, q.shape(q.ndim() - 2), v.shape(v.ndim() - 1)));
@@ -634,18 +653,20 @@ q (.., m, d), k (.., n, d), v (.., n, dv) with .. = (), (heads,) or (batch, head
 no n x n buffer), leverage (top_k or eps; + window, sinks), topk (per-query oracle, O(m n d)),
 random (top_k by seed), window (window and/or sinks only), cluster (per query its top_k keys among
 its probed k-means clusters, `cluster=ClusterOptions(...)`; + window, sinks, U_eps by eps). kernel: softmax (scale 1/sqrt(d)) or
-poly (|s|^p, scale 1). window=None: no window; window=w: keys |i - j| <= w. Cost per pair:
-leverage O(n d^2 + m |S| (d + dv)).)doc");
+poly (|s|^p, scale 1). window=None: no window; window=w: keys |i - j| <= w. causal=True: query i
+sees keys 0 .. i only (m == n), in every selection; leverage then takes eps and uses each block's
+causal universal set (every eps-heavy causal x^2 entry kept). Cost per pair: leverage
+O(n d^2 + m |S| (d + dv)).)doc");
 
   m.def("select_keys", [](py::handle q_, py::handle k_, const std::string& select, std::optional<index_t> top_k,
                           std::optional<double> eps, std::optional<index_t> window, index_t sinks,
                           const std::string& kernel, double p, std::optional<double> scale, std::int64_t seed,
                           double budget_alpha, double budget_exponent, const std::optional<LeverageOptions>& lev,
-                          const std::optional<ClusterOptions>& cl) {
+                          const std::optional<ClusterOptions>& cl, bool causal) {
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k");
     if (q.ndim() != k.ndim()) value_error("q, k: expected arrays of the same number of dimensions");
     const AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed,
-                                                 budget_alpha, budget_exponent, lev, cl);
+                                                 budget_alpha, budget_exponent, lev, cl, causal);
     const Tensor4Ref Q = tensor4(q, "q"), K = tensor4(k, "k");
     py::gil_scoped_release release;
     return select_keys(Q, K, o);
@@ -657,11 +678,11 @@ leverage O(n d^2 + m |S| (d + dv)).)doc");
                                 std::optional<double> eps, std::optional<index_t> window, index_t sinks,
                                 const std::string& kernel, double p, std::optional<double> scale, std::int64_t seed,
                                 double budget_alpha, double budget_exponent, const std::optional<LeverageOptions>& lev,
-                          const std::optional<ClusterOptions>& cl) {
+                          const std::optional<ClusterOptions>& cl, bool causal) {
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k"), v = array_of<float>(v_, "v");
     const auto approx = array_of<float>(approx_, "approx");
     const AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed,
-                                                 budget_alpha, budget_exponent, lev, cl);
+                                                 budget_alpha, budget_exponent, lev, cl, causal);
     const ConstMatrix Q = matrix(q, "q"), K = matrix(k, "k"), V = matrix(v, "v");
     if (approx.size() != static_cast<py::ssize_t>(Q.rows * V.cols)) value_error("approx: expected shape (m, dv)");
     py::gil_scoped_release release;

@@ -319,3 +319,36 @@ def test_streaming_universal_set_is_the_offline_set_for_any_blocks(tmp_path):
         s.push(np.zeros((3, 5), np.float32), np.zeros((3, 3), np.float32))
     with pytest.raises(ValueError, match="eps"):
         levattn.StreamingUniversalSet(8, 0.0)
+
+
+def test_causal_attention_heavy_entries_and_sets():
+    g = rng(21)
+    n, d = 600, 6
+    q = g.standard_normal((n, d)).astype(np.float32)
+    k = (g.standard_normal((n, d)) * np.exp(g.standard_normal((n, 1)))).astype(np.float32)
+    v = g.standard_normal((n, 3)).astype(np.float32)
+    tril = np.tri(n, dtype=bool)
+    s = np.where(tril, (q.astype(np.float64) @ k.T.astype(np.float64)) / np.sqrt(d), -np.inf)
+    w = np.exp(s - s.max(1, keepdims=True))
+    np.testing.assert_allclose(levattn.attention(q, k, v, causal=True), (w / w.sum(1, keepdims=True)) @ v,
+                               rtol=2e-5, atol=2e-6)
+    eps = 0.1
+    sel = levattn.select_keys(q, k, select="leverage", eps=eps, causal=True)
+    assert sel.causal and sel.segment == 256 and len(sel.shared_keys) == 3
+    sets = levattn.causal_universal_sets(k, eps)
+    assert [x.tolist() for x in sets.sets] == [x.tolist() for x in sel.shared_keys]
+    assert sets.max_candidates <= d / eps * 1.01
+    # Causal x^2 brute force: every heavy entry is in its block's set, and heavy_entries lists them.
+    S = np.tril((q.astype(np.float64) @ k.T.astype(np.float64)) ** 2)
+    A = S / S.sum(1, keepdims=True)
+    heavy = list(zip(*np.nonzero(A >= eps * (1 + 1e-6))))
+    assert len(heavy) > 100
+    assert all(j in set(sets.sets[i // 256].tolist()) for i, j in heavy)
+    h = levattn.heavy_entries(q, k, eps, causal=True)
+    got = {(int(a), int(b)) for a, b in zip(h.queries, h.keys)}
+    assert {(int(a), int(b)) for a, b in heavy} <= got
+    assert all(A[a, b] >= eps * (1 - 1e-6) for a, b in got)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        levattn.attention(q[:500], k, v, causal=True)
+    with pytest.raises(ValueError, match="causal"):
+        levattn.heavy_entries(q, k, eps, causal=True, p=3.0)

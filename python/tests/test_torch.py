@@ -17,25 +17,36 @@ SELECTIONS = [
     dict(select="cluster", top_k=4, window=1, sinks=1),
 ]
 KERNELS = [dict(kernel="softmax"), dict(kernel="poly", p=2.0), dict(kernel="poly", p=3.5)]
+CAUSAL = [
+    dict(select="full", causal=True),
+    dict(select="leverage", eps=0.05, window=2, sinks=1, causal=True),
+    dict(select="topk", top_k=5, causal=True),
+    dict(select="random", top_k=6, seed=4, causal=True),
+    dict(select="window", window=3, sinks=2, causal=True),
+    dict(select="cluster", top_k=4, window=1, causal=True),
+]
 
 
 def mask_of(sel):
     """The (pairs, m, n) mask of a levattn.Selection: True where query i attends key j."""
     pairs = sel.batch * sel.heads
+    i = torch.arange(sel.m)[:, None]
+    j = torch.arange(sel.n)[None, :]
     if sel.all_keys:
-        return torch.ones(pairs, sel.m, sel.n, dtype=torch.bool)
+        return torch.ones(pairs, sel.m, sel.n, dtype=torch.bool) & ((j <= i)[None] if sel.causal else True)
     mask = torch.zeros(pairs, sel.m, sel.n + 1, dtype=torch.bool)  # column n takes the unused slots (-1)
     if sel.top_k > 0:
         own = torch.from_numpy(sel.query_keys)
         mask.scatter_(2, torch.where(own < 0, sel.n, own), True)
     mask = mask[..., :sel.n].clone()
-    for h, keys in enumerate(sel.shared_keys):
-        mask[h][:, torch.from_numpy(keys)] = True
+    segment = sel.segment if sel.segment > 0 else sel.m
+    blocks = (sel.m + segment - 1) // segment
+    for s, keys in enumerate(sel.shared_keys):
+        h, b = divmod(s, blocks)
+        mask[h][b * segment:(b + 1) * segment, torch.from_numpy(keys)] = True
     if sel.window >= 0:
-        i = torch.arange(sel.m)[:, None]
-        j = torch.arange(sel.n)[None, :]
         mask |= ((i - j).abs() <= sel.window)[None]
-    return mask
+    return mask & (j <= i)[None] if sel.causal else mask
 
 
 def dense_masked(q, k, v, mask, kernel="softmax", p=2.0, scale=None):
@@ -88,6 +99,47 @@ def test_float32_forward_and_gradients_match_dense_masked_autograd(sel, kern):
     assert rel(out, ref) < 1e-4
     for ours, theirs in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert rel(ours, theirs) < 1e-4
+
+
+@pytest.mark.parametrize("sel", CAUSAL, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_causal_gradcheck_float64(sel):
+    q, k, v = inputs((2, 2, 11, 4), 11, 3, torch.float64, seed=1)
+    assert torch.autograd.gradcheck(lambda a, b, c: lev_attention(a, b, c, **sel), (q, k, v))
+
+
+@pytest.mark.parametrize("sel", CAUSAL, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_causal_float32_matches_dense_masked_autograd(sel):
+    # 530 queries: three causal blocks (the leverage sets change at 256 and 512).
+    q, k, v = inputs((1, 2, 530, 8), 530, 4, torch.float32, seed=2)
+    out, selection = lev_attention(q, k, v, return_selection=True, **sel)
+    assert selection.causal and (selection.segment == 256) == (sel["select"] == "leverage")
+    mask = mask_of(selection)
+    assert not mask.triu(1).any()
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(g)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = dense_masked(q64, k64, v64, mask)
+    ref.backward(g.double())
+    for ours, theirs in ((out, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert ((ours.double() - theirs).abs().max() / theirs.abs().max()).item() < 1e-4
+
+
+def test_causal_full_is_masked_softmax_and_no_output_sees_later_tokens():
+    q, k, v = inputs((2, 3, 40, 8), 40, 8, torch.float64, seed=7)
+    s = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), -math.inf)
+    torch.testing.assert_close(lev_attention(q, k, v, select="full", causal=True), torch.softmax(s, -1) @ v)
+    layer = LevSelfAttention(32, 4, select="leverage", eps=0.1, window=4, causal=True, dtype=torch.float64)
+    x = torch.randn(2, 300, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    y = layer(x)
+    x2 = x.clone()
+    x2[:, 200:] += 1.0  # change every token from 200 on
+    y2 = layer(x2)
+    torch.testing.assert_close(y[:, :200], y2[:, :200], rtol=0, atol=0)
+    assert not torch.allclose(y[:, 200:], y2[:, 200:])
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        lev_attention(q[..., :30, :], k, v, select="full", causal=True)
+    with pytest.raises(ValueError, match="give eps"):
+        lev_attention(q, k, v, select="leverage", top_k=4, causal=True)
 
 
 def test_shapes_subsets_of_requires_grad_and_no_grad():

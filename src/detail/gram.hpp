@@ -30,12 +30,16 @@ inline void gram_block(index_t rows, index_t d, const double* Y, bool first, dou
 }
 
 /// sum_p part[p] for `partials` upper-triangular d x d blocks stored one after another, added in
-/// index order, returned as a full symmetric d x d row-major matrix.
-inline std::vector<double> sum_partial_grams(const double* part, index_t partials, index_t d) {
+/// index order, returned as a full symmetric d x d row-major matrix. With `instead`, partial
+/// number `replaced` is read from there.
+inline std::vector<double> sum_partial_grams(const double* part, index_t partials, index_t d, index_t replaced = -1,
+                                             const double* instead = nullptr) {
   std::vector<double> out(static_cast<std::size_t>(d * d), 0.0);
-  for (index_t p = 0; p < partials; ++p)
+  for (index_t p = 0; p < partials; ++p) {
+    const double* src = p == replaced ? instead : part + p * d * d;
     for (index_t i = 0; i < d; ++i)
-      for (index_t j = i; j < d; ++j) out[i * d + j] += part[(p * d + i) * d + j];
+      for (index_t j = i; j < d; ++j) out[i * d + j] += src[i * d + j];
+  }
   for (index_t i = 0; i < d; ++i)
     for (index_t j = 0; j < i; ++j) out[i * d + j] = out[j * d + i];
   return out;
@@ -111,9 +115,12 @@ struct GramStream {
   /// M = K^T K over every row added (d x d, symmetric).
   std::vector<double> gram() const {
     if (blocks == 0 && pending.empty()) return std::vector<double>(static_cast<std::size_t>(d * d), 0.0);
-    std::vector<double> p = part, y;
-    if (!pending.empty()) add_block(p, blocks, pending, y);
-    return sum_partial_grams(p.data(), std::min(blocks + (pending.empty() ? 0 : 1), partials()), d);
+    if (pending.empty()) return sum_partial_grams(part.data(), std::min(blocks, partials()), d);
+    // The waiting rows as the next block, into a copy of its partial sum alone.
+    const index_t P = partials(), target = blocks % P;
+    std::vector<double> one(part.begin() + target * d * d, part.begin() + (target + 1) * d * d), y(pending.begin(), pending.end());
+    gram_block(static_cast<index_t>(pending.size()) / d, d, y.data(), blocks < P, one.data());
+    return sum_partial_grams(part.data(), std::min(blocks + 1, P), d, target, one.data());
   }
 
  private:
@@ -141,12 +148,6 @@ struct GramStream {
     blocks += count;
   }
 
-  // Block number b (rows `x`) into its partial sum, converted in `y` (add() keeps one across
-  // calls: a fresh one per block would be mapped and faulted in anew each time).
-  void add_block(std::vector<double>& p, index_t b, const std::vector<float>& x, std::vector<double>& y) const {
-    y.assign(x.begin(), x.end());
-    gram_block(static_cast<index_t>(x.size()) / d, d, y.data(), b < partials(), p.data() + (b % partials()) * d * d);
-  }
   std::vector<double> y_;
   std::vector<std::vector<double>> ys_;  // add_full_blocks: one per thread
 
