@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "key_kinds.hpp"
 #include "levattn/levattn.hpp"
 
 namespace {
@@ -23,21 +24,6 @@ using levattn::index_t;
 
 double seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// n x d keys: "gaussian" N(0, 1); "spiky": N(0, 0.05^2) with one key in 256 carrying a large
-// entry in one of d directions; "lognormal": Gaussian directions with log-normal norms (sigma 1),
-// whose large keys keep high prefix scores.
-std::vector<float> make_keys(const std::string& kind, index_t n, index_t d, std::uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> k(static_cast<std::size_t>(n * d));
-  for (index_t i = 0; i < n; ++i) {
-    const float norm = kind == "lognormal" ? std::exp(nd(g)) : kind == "spiky" ? 0.05f : 1.0f;
-    for (index_t x = 0; x < d; ++x) k[i * d + x] = norm * nd(g);
-    if (kind == "spiky" && i % 256 == 0) k[i * d + (i / 256) % d] += 8.0f;
-  }
-  return k;
 }
 
 // Best of `repeats` runs of f (seconds).
@@ -81,9 +67,9 @@ int main(int argc, char** argv) {
   report["n"] = n, report["d"] = d, report["window"] = window;
   report["threads"] = omp_get_max_threads();
   report["isa"] = levattn::build_info().isa;
-  const std::vector<float> Q = make_keys("gaussian", n, d, 1), V = make_keys("gaussian", n, d, 3);
+  const std::vector<float> Q = bench::make_keys("gaussian", n, d, 1), V = bench::make_keys("gaussian", n, d, 3);
   for (const std::string& kind : kinds) {
-    const std::vector<float> K = make_keys(kind, n, d, 2);
+    const std::vector<float> K = bench::make_keys(kind, n, d, 2);
     const levattn::Tensor4Ref q{Q.data(), 1, 1, n, d}, k{K.data(), 1, 1, n, d}, v{V.data(), 1, 1, n, d};
     std::vector<float> dense(static_cast<std::size_t>(n * d)), mine(dense.size());
     levattn::AttentionOptions full;

@@ -19,6 +19,7 @@
 #include "levattn/evaluate.hpp"
 #include "levattn/heavy_entries.hpp"
 #include "levattn/io.hpp"
+#include "levattn/kv_cache.hpp"
 #include "levattn/leverage_scores.hpp"
 #include "levattn/lewis_weights.hpp"
 #include "levattn/matrix.hpp"

@@ -15,6 +15,7 @@ from ._core import (  # noqa: F401
     ClusterOptions,
     HeavyAgreement,
     HeavyEntries,
+    KVCache,
     KeyGram,
     LeverageOptions,
     LeverageScores,

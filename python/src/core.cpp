@@ -821,6 +821,51 @@ hold the GIL: one object is never used by two Python threads at once.)doc")
       .def_property_readonly("workspace_bytes", &StreamingUniversalSet::workspace_bytes)
       .def_property_readonly("peak_workspace_bytes", &StreamingUniversalSet::peak_workspace_bytes);
 
+  py::class_<KVCache>(m, "KVCache", R"doc(A KV cache for decoding whose memory does not grow with the context.
+
+KVCache(batch, kv_heads, d, dv, eps=0.01, window=64, sinks=4, prune_every=256, keep_full=False):
+append(k, v) with k (batch, kv_heads, t, d), v (batch, kv_heads, t, dv) (3-D without batch, or
+2-D for one head); attend(q) with q (batch, q_heads, tq, d), q_heads a multiple of kv_heads
+(grouped-query attention), returns (batch, q_heads, tq, dv) attention over each kv head's kept
+keys. A key is evicted only when its leverage score against every key so far is below eps: no
+later query can find it eps-heavy under x^2 attention. The last `window` and first `sinks`
+tokens are always kept. report_mass=True also returns dict(kept, x2_mass, kernel_mass): the
+x^2 mass on the kept keys (exact) and, with keep_full=True (every key kept for evaluation), the
+kernel's mass against the full cache. Its methods hold the GIL.)doc")
+      .def(py::init([](index_t batch, index_t kv_heads, index_t d, index_t dv, double eps, index_t window, index_t sinks,
+                       index_t prune_every, bool keep_full, const std::optional<LeverageOptions>& lev) {
+             KVCacheOptions o;
+             o.eps = eps, o.window = window, o.sinks = sinks, o.prune_every = prune_every, o.keep_full = keep_full;
+             if (lev) o.leverage = *lev;
+             return KVCache(batch, kv_heads, d, dv, o);
+           }),
+           arg("batch"), arg("kv_heads"), arg("d"), arg("dv"), py::kw_only(), arg("eps") = 0.01, arg("window") = 64,
+           arg("sinks") = 4, arg("prune_every") = kCausalBlock, arg("keep_full") = false, arg("leverage") = py::none())
+      .def("append", [](KVCache& c, py::handle k_, py::handle v_) {
+             const auto K = array_of<float>(k_, "keys"), V = array_of<float>(v_, "values");
+             c.append(tensor4(K, "keys"), tensor4(V, "values"));
+           }, arg("k"), arg("v"), "Appends t tokens: k (batch, kv_heads, t, d), v (batch, kv_heads, t, dv).")
+      .def("attend", [](const KVCache& c, py::handle q_, const std::string& kernel, double p, std::optional<double> scale,
+                        bool report_mass) -> py::object {
+             const auto Q = array_of<float>(q_, "queries");
+             const Tensor4Ref q = tensor4(Q, "queries");
+             AttentionOptions o;
+             o.kernel = parse_kernel(kernel), o.p = p, o.scale = scale.value_or(kNaN);
+             py::array_t<float> out(shape_like(Q, q.rows, c.dv()));
+             KVCacheReport r = c.attend(q, out.mutable_data(), o, report_mass);
+             if (!report_mass) return out;
+             py::dict d;
+             d["kept"] = to_array(r.kept);
+             d["x2_mass"] = to_array(r.x2_mass);
+             if (!r.kernel_mass.empty()) d["kernel_mass"] = to_array(r.kernel_mass);
+             return py::make_tuple(out, d);
+           }, arg("q"), py::kw_only(), arg("kernel") = "softmax", arg("p") = 2.0, arg("scale") = py::none(),
+           arg("report_mass") = false, "Attention of q (batch, q_heads, tq, d) over the kept keys of each kv head.")
+      .def("kept", [](const KVCache& c, index_t b, index_t h) { return to_array(c.kept(b, h)); }, arg("b") = 0,
+           arg("h") = 0, "The token indices kv head (b, h) keeps, ascending.")
+      .def_property_readonly("tokens", &KVCache::tokens)
+      .def_property_readonly("bytes", &KVCache::bytes);
+
   m.def("read_npy", [](const std::filesystem::path& path) { return array_to_numpy(read_npy(path)); }, arg("path"),
         "A .npy file (float32, float64 or int64) as a numpy array; OSError naming the file on a bad one.");
   m.def("write_npy", [](const std::filesystem::path& path, py::handle a) { write_npy(path, numpy_to_array(a, "array")); },

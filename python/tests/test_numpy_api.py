@@ -352,3 +352,31 @@ def test_causal_attention_heavy_entries_and_sets():
         levattn.attention(q[:500], k, v, causal=True)
     with pytest.raises(ValueError, match="causal"):
         levattn.heavy_entries(q, k, eps, causal=True, p=3.0)
+
+
+def test_kv_cache_decodes_over_its_kept_keys_with_grouped_queries():
+    g = rng(31)
+    kv, qh, n, d, dv = 2, 4, 800, 6, 3
+    cache = levattn.KVCache(1, kv, d, dv, eps=0.1, window=8, sinks=2, prune_every=64, keep_full=True)
+    k = (g.standard_normal((1, kv, n, d)) * np.exp(g.standard_normal((1, kv, n, 1)))).astype(np.float32)
+    v = g.standard_normal((1, kv, n, dv)).astype(np.float32)
+    for t0 in range(0, n, 100):
+        cache.append(k[:, :, t0:t0 + 100], v[:, :, t0:t0 + 100])
+    assert cache.tokens == n
+    q = g.standard_normal((1, qh, 1, d)).astype(np.float32)
+    out, rep = cache.attend(q, report_mass=True)
+    assert out.shape == (1, qh, 1, dv)
+    for h in range(qh):
+        kept = cache.kept(0, h // 2)
+        assert len(kept) < n and {0, 1} <= set(kept.tolist()) and set(range(n - 8, n)) <= set(kept.tolist())
+        np.testing.assert_allclose(out[0, h], dense_softmax(q[0, h], k[0, h // 2, kept], v[0, h // 2, kept]),
+                                   rtol=1e-5, atol=1e-6)
+        s = (q[0, h].astype(np.float64) @ k[0, h // 2].T.astype(np.float64))[0]
+        np.testing.assert_allclose(rep["x2_mass"][h], np.sum(s[kept] ** 2) / np.sum(s ** 2), rtol=1e-9)
+        w = np.exp(s / np.sqrt(d) - np.max(s / np.sqrt(d)))
+        np.testing.assert_allclose(rep["kernel_mass"][h], np.sum(w[kept]) / np.sum(w), rtol=1e-9)
+    assert list(rep["kept"]) == [len(cache.kept(0, h)) for h in range(kv)]
+    with pytest.raises(ValueError, match="multiple of 2"):
+        cache.attend(g.standard_normal((1, 3, 1, d)).astype(np.float32))
+    with pytest.raises(ValueError, match="values"):
+        cache.append(k[:, :, :5], v[:, :, :4])
