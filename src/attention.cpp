@@ -148,6 +148,9 @@ void check_options(const AttentionOptions& o) {
   }
 }
 
+// Query blocks of the fast path never straddle a causal block, so each uses one set.
+static_assert(kCausalBlock % kernels::kQueryBlock == 0, "causal blocks must be whole query blocks");
+
 // The keys shared by the queries of one head: one set, or (causal leverage) one per block of
 // `segment` queries; each ascending.
 struct HeadSelection {

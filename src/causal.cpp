@@ -25,6 +25,13 @@ void check_keys(ConstMatrix K, index_t block) {
   detail::require_finite_matrix(K, "keys");
 }
 
+// Ridge scores are below the x^2 sensitivities: pruning by them could drop a heavy key.
+void require_no_ridge(const LeverageOptions& options, const char* what) {
+  if (options.ridge != 0.0)
+    detail::invalid(std::string(what) + ": needs ridge 0 (ridge scores are below the x^2 sensitivities, so their sets "
+                    "can miss heavy entries)");
+}
+
 // Calls visit(r0, r1, set, stream) for each block of keys r0 .. r1 - 1: set is the block's causal
 // set, stream holds (and its gram() gives) every key before r0.
 template <class Visit>
@@ -45,6 +52,7 @@ void for_each_causal_block(ConstMatrix K, double eps, index_t block, const Lever
 
 CausalSets causal_universal_sets(ConstMatrix K, double eps, index_t block, const LeverageOptions& options) {
   check_keys(K, block);
+  require_no_ridge(options, "causal sets");
   CausalSets out;
   out.n = K.rows, out.block = block;
   out.sets.reserve(static_cast<std::size_t>((K.rows + block - 1) / block));
@@ -64,9 +72,7 @@ HeavyEntries causal_heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, cons
     detail::invalid(os.str());
   }
   detail::require_finite_matrix(Q, "queries");
-  if (options.ridge != 0.0)
-    detail::invalid("causal heavy entries: need ridge 0 (ridge scores are below the x^2 sensitivities, so their sets "
-                    "can miss heavy entries)");
+  require_no_ridge(options, "causal heavy entries");
   const index_t d = K.cols;
   HeavyEntries out;
   out.normaliser = "exact (q^T M q over the prefix, float64)";

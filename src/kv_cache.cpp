@@ -80,11 +80,13 @@ KVCache::KVCache(index_t batch, index_t kv_heads, index_t d, index_t dv, const K
     os << "kv cache: expected batch, kv_heads, d and dv >= 1, got " << batch << ", " << kv_heads << ", " << d << ", " << dv;
     detail::invalid(os.str());
   }
-  if (o.window < 0 || o.sinks < 0 || o.prune_every < 1) {
-    os << "kv cache: expected window >= 0, sinks >= 0 and prune_every >= 1, got " << o.window << ", " << o.sinks << ", "
-       << o.prune_every;
+  if (o.window < 0 || o.sinks < 0 || o.prune_every < 1 || o.prune_every > kMaxPruneEvery) {
+    os << "kv cache: expected window >= 0, sinks >= 0 and 1 <= prune_every <= " << kMaxPruneEvery << ", got " << o.window
+       << ", " << o.sinks << ", " << o.prune_every;
     detail::invalid(os.str());
   }
+  if (o.leverage.ridge != 0.0)
+    detail::invalid("kv cache: needs ridge 0 (ridge scores are below the x^2 sensitivities, so it could evict a heavy key)");
   Impl& p = *p_;
   p.batch = batch, p.heads = kv_heads, p.d = d, p.dv = dv, p.o = o;
   p.streams.reserve(static_cast<std::size_t>(checked_elements({batch, kv_heads}, "kv cache heads")));

@@ -87,6 +87,8 @@ SelectionMetrics selection_metrics(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
   if (Q.cols != K.cols || V.rows != K.rows)
     detail::invalid("selection_metrics: expected queries and keys of equal d and one value per key");
   if (approx == nullptr) detail::invalid("selection_metrics: null approximate output");
+  if (options.causal)
+    detail::invalid("selection_metrics: compares with non-causal full attention; causal selections are not supported");
   const index_t m = Q.rows, n = K.rows, d = K.cols, dv = V.cols;
   // Per-query keys (topk, cluster; -1 marks an unused slot) besides the shared set and window.
   const bool per_query = options.select == Select::topk || options.select == Select::cluster;

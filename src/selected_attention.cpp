@@ -436,8 +436,9 @@ void dq_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r
 }
 
 // A block of keys whose dK and dV one task owns. Shared: positions first .. first + c - 1 of the
-// union of pair h's shared sets, met by every segment whose set holds them; contiguous: keys
-// first .. first + c - 1 (every key, or a window band), met by the queries qlo .. qhi - 1.
+// union of pair h's shared sets, met by the segments qlo .. qhi - 1 (those whose sets can hold
+// them); contiguous: keys first .. first + c - 1 (every key, or a window band), met by the
+// queries qlo .. qhi - 1.
 struct KeyTask {
   index_t h, first, c, qlo, qhi;
 };
@@ -461,14 +462,31 @@ KeyPlan key_plan(const Ctx<T>& c) {
       continue;
     }
     auto& u = kp.unions[h];
-    for (index_t s = 0; s < (c.sel.shared_keys.empty() ? 0 : c.sel.segments()); ++s)
-      u.insert(u.end(), c.shared(h, s).begin(), c.shared(h, s).end());
-    if (c.sel.segments() > 1) {
+    const index_t segs = c.sel.shared_keys.empty() ? 0 : c.sel.segments();
+    for (index_t s = 0; s < segs; ++s) u.insert(u.end(), c.shared(h, s).begin(), c.shared(h, s).end());
+    // The segments holding each key: from the first to the last (causal sets keep a key for a run
+    // of segments), so that a block's task visits those only.
+    std::vector<index_t> first_seg, last_seg;
+    if (segs > 1) {
       std::sort(u.begin(), u.end());
       u.erase(std::unique(u.begin(), u.end()), u.end());
+      first_seg.assign(u.size(), segs), last_seg.assign(u.size(), -1);
+      for (index_t s = 0; s < segs; ++s)
+        for (index_t j : c.shared(h, s)) {
+          const auto at = static_cast<std::size_t>(std::lower_bound(u.begin(), u.end(), j) - u.begin());
+          first_seg[at] = std::min(first_seg[at], s), last_seg[at] = std::max(last_seg[at], s);
+        }
     }
     const index_t size = static_cast<index_t>(u.size());
-    for (index_t a0 = 0; a0 < size; a0 += kCols) kp.shared.push_back({h, a0, std::min(kCols, size - a0), 0, m});
+    for (index_t a0 = 0; a0 < size; a0 += kCols) {
+      const index_t cc = std::min(kCols, size - a0);
+      index_t lo = 0, hi = segs;
+      if (segs > 1) {
+        lo = *std::min_element(first_seg.begin() + a0, first_seg.begin() + a0 + cc);
+        hi = *std::max_element(last_seg.begin() + a0, last_seg.begin() + a0 + cc) + 1;
+      }
+      kp.shared.push_back({h, a0, cc, lo, hi});
+    }
     if (w < 0) continue;
     for (index_t j0 = 0; j0 < n; j0 += kCols) {
       const index_t cc = std::min(kCols, n - j0);
@@ -509,7 +527,7 @@ void dkv_shared(const Ctx<T>& c, Workspace<T>& ws, const std::vector<index_t>& u
   const index_t* keys = uni.data() + t.first;
   std::fill_n(ws.dkb.begin(), t.c * d, T(0));
   std::fill_n(ws.dvb.begin(), t.c * dvw, T(0));
-  for (index_t s = 0; s < c.sel.segments(); ++s) {
+  for (index_t s = t.qlo; s < t.qhi; ++s) {
     const index_t qs = s * len, qe = std::min(c.sh.m, qs + len);
     if (c.sel.causal && qe <= keys[0]) continue;
     const auto& set = c.shared(h, s);

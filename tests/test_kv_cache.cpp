@@ -110,6 +110,15 @@ TEST(KVCache, AnySplitOfTheTokensGivesTheSameCacheAndMemoryStaysBounded) {
     EXPECT_EQ(kept, kept1) << block;
     EXPECT_EQ(out, out1) << block;
   }
+  {
+    // The longest schedule: the streams never prune on their own between the cache's prunes.
+    o.prune_every = levattn::kMaxPruneEvery;
+    const auto [kept_a, out_a, peak_a] = run(1);
+    const auto [kept_b, out_b, peak_b] = run(5000);
+    EXPECT_EQ(kept_a, kept_b);
+    EXPECT_EQ(out_a, out_b);
+    o.prune_every = 100;
+  }
   // The cache of 5000 tokens holds no more than about d / eps + prune_every + window + sinks rows.
   EXPECT_LE(static_cast<index_t>(kept1.size()), static_cast<index_t>(d / o.eps * 1.01) + o.prune_every + o.window + o.sinks);
   KVCache longer(1, 1, d, dv, o);
@@ -166,6 +175,12 @@ TEST(KVCache, RejectsBadShapesAndArguments) {
   o = {};
   o.eps = 0;
   EXPECT_NE(bad([&] { KVCache(1, 1, 4, 4, o); }).find("eps"), std::string::npos);
+  o = {};
+  o.prune_every = levattn::kMaxPruneEvery + 1;
+  EXPECT_NE(bad([&] { KVCache(1, 1, 4, 4, o); }).find("prune_every"), std::string::npos);
+  o = {};
+  o.leverage.ridge = 1.0;
+  EXPECT_NE(bad([&] { KVCache(1, 1, 4, 4, o); }).find("ridge"), std::string::npos);
   o = {};
   KVCache c(1, 2, 4, 3, o);
   const Mat K = oracle::gaussian(2 * 5, 4, 1), V = oracle::gaussian(2 * 5, 3, 2), Q = oracle::gaussian(3, 4, 3);

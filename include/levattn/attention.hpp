@@ -72,7 +72,8 @@ struct AttentionResult {
   std::vector<std::vector<index_t>> shared_keys;
   index_t segment = 0;
   /// Select::topk and cluster with return_selection: (batch, heads, m, top_k) key indices, each
-  /// query's own keys in descending order of f(s); cluster: -1 in the slots beyond its candidates.
+  /// query's own keys in descending order of f(s); -1 in the slots beyond its candidates (cluster,
+  /// and causal topk for a query i with i + 1 < top_k).
   std::vector<index_t> query_keys;
   std::vector<index_t> shared_sizes;  ///< |shared set| per (batch, head) (causal leverage: the largest)
   index_t top_k = 0;                  ///< the key budget used (an adaptive budget resolved)

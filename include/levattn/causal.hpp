@@ -30,11 +30,14 @@ struct CausalSets {
 /// scores only fall as keys arrive, a key below eps at the block's start stays below for every
 /// query of the block and after; the block's own keys are all kept. So every set is a superset
 /// of the prefix universal set of each of its queries, by at most `block` keys.
+/// Scores treat directions of M below rank_rtol (times 0.1 sqrt(eps) when pruning) of its
+/// largest singular value as null, as leverage_scores does: for keys that ill-conditioned the
+/// guarantee holds for K projected onto its numerical range.
 /// Built with StreamingUniversalSet (pushed a block at a time, pruned at every block start):
 /// O(n d^2 + (n / block)(d^3 + |C| d^2)) time, |C| <= about d / eps; memory O(d^2 + |C| d) plus
 /// the sets themselves (sum of their sizes). Deterministic for any thread count.
-/// Throws Error(invalid_argument) on an empty or non-finite K, eps outside (0, 1], block < 1 or
-/// options that StreamingUniversalSet refuses (a sketch).
+/// Throws Error(invalid_argument) on an empty or non-finite K, eps outside (0, 1], block < 1, a
+/// ridge (ridge scores are below the x^2 sensitivities) or a sketch.
 CausalSets causal_universal_sets(ConstMatrix K, double eps, index_t block = kCausalBlock,
                                  const LeverageOptions& options = {});
 
@@ -44,7 +47,8 @@ CausalSets causal_universal_sets(ConstMatrix K, double eps, index_t block = kCau
 /// Exact: only the keys of i's causal set are examined (which hold every heavy key), and Z_i is
 /// q_i^T M q_i for the Gram M of the keys before i's block (float64) plus the block's own terms
 /// up to i. Queries with Z_i = 0 (to the rounding of q^T M q: 4 d u trace(M_i) |q_i|^2) are
-/// listed in zero_rows. O(n d^2 + n |C| d) time (float64 products by blocks). Throws
+/// listed in zero_rows. universal_size is the largest block set examined; rank is not computed
+/// (0). O(n d^2 + n |C| d) time (float64 products by blocks). Throws
 /// Error(invalid_argument) on shapes (Q and K need n rows and d columns each), non-finite or
 /// empty input, eps outside (0, 1], or a ridge in options (ridge scores are below the x^2
 /// sensitivities, so their sets can miss heavy entries).

@@ -10,15 +10,20 @@
 
 namespace levattn {
 
+/// The most tokens between evictions: with at most this many, a head's stream never prunes on its
+/// own (it does once its candidates exceed 1024 or more), so the cache depends on token counts
+/// alone, not on how the tokens were split into append() calls.
+inline constexpr index_t kMaxPruneEvery = 512;
+
 struct KVCacheOptions {
   double eps = 0.01;     ///< keys whose prefix leverage score falls below eps are evicted, in (0, 1]
   index_t window = 64;   ///< the last `window` tokens are always kept
   index_t sinks = 4;     ///< the first `sinks` tokens are always kept
-  index_t prune_every = kCausalBlock;  ///< tokens between evictions, >= 1
+  index_t prune_every = kCausalBlock;  ///< tokens between evictions, 1 .. kMaxPruneEvery
   /// Evaluation: also keep every key and value, so that attend() can report the kernel's mass
   /// on the kept keys against the full cache (memory then grows with the context).
   bool keep_full = false;
-  LeverageOptions leverage;  ///< exact scores; ridge and rank_rtol as in leverage_scores
+  LeverageOptions leverage;  ///< exact scores, ridge 0; rank_rtol as in leverage_scores
 };
 
 /// What one attend() call reports.
@@ -36,11 +41,13 @@ struct KVCacheReport {
 /// eps (less the scores' rounding), and prefix scores only fall, so no later query can find an
 /// evicted key eps-heavy under x^2 attention (for any query: A_ij <= k_j^T M^+ k_j).
 /// Memory per head O(d^2 + (d / eps + prune_every + window + sinks)(d + dv)), whatever the
-/// number of tokens (keep_full aside). Not thread-safe for concurrent calls on one object.
+/// number of tokens (keep_full aside). As for every score here, directions of M below
+/// rank_rtol of its largest singular value count as null (causal.hpp). Not thread-safe for
+/// concurrent calls on one object.
 class KVCache {
  public:
   /// Throws Error(invalid_argument) on sizes < 1 (dv >= 1), eps outside (0, 1], window or sinks
-  /// < 0, prune_every < 1, or leverage options a stream refuses (a sketch).
+  /// < 0, prune_every outside 1 .. kMaxPruneEvery, a ridge, or a sketch.
   KVCache(index_t batch, index_t kv_heads, index_t d, index_t dv, const KVCacheOptions& options = {});
 
   /// Appends t >= 0 tokens: keys (batch, kv_heads, t, d) and values (batch, kv_heads, t, dv),
@@ -55,7 +62,8 @@ class KVCache {
   /// kernel, p and scale of `kernel` (its selection fields are not read): out (batch, q_heads,
   /// tq, dv), caller-allocated. Every query sees every kept key (decoding: the queries of the
   /// newest tokens). O(q_heads tq |kept| (d + dv)); report_mass adds O(q_heads tq (|kept| d +
-  /// d^2)) and, with keep_full, O(q_heads tq n d). Throws Error(invalid_argument) on shapes,
+  /// d^2)) plus M for each kv head (O(1024 d^2) for its waiting rows) and, with keep_full,
+  /// O(q_heads tq n d). Throws Error(invalid_argument) on shapes,
   /// q_heads not a multiple of kv_heads, non-finite queries, or an empty cache.
   KVCacheReport attend(const Tensor4Ref& queries, float* out, const AttentionOptions& kernel = {},
                        bool report_mass = false) const;

@@ -46,8 +46,8 @@ struct Selection {
 
 /// The selection attention(Q, K, V, options) makes, without attending: the same keys (same
 /// scores, streams and tie-breaks) as its `return_selection`. Shapes: Q (batch, heads, m, d),
-/// K (batch, heads, n, d). Cost: that of the selection alone (leverage O(n d^2) per pair, topk
-/// O(m n d)). Throws Error(invalid_argument) as attention() does for these inputs and options.
+/// K (batch, heads, n, d). Cost: that of the selection alone (leverage O(n d^2) per pair; causal
+/// leverage O(n d^2 + (n / 256)(d^3 + |C| d^2)) and its sets' sizes in memory; topk O(m n d)). Throws Error(invalid_argument) as attention() does for these inputs and options.
 Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options);
 
 /// Shapes of one differentiable call: Q (batch, heads, m, d), K (batch, heads, n, d),
