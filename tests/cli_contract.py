@@ -1133,6 +1133,21 @@ def test_causal():
               "missing %s extra %s" % (sorted(exp - got - amb)[:5], sorted(got - exp - amb)[:5]))
         check("heavy --causal: values within 1e-4 relative, keys j <= i",
               all(abs(v - A[q, k]) <= 1e-4 * A[q, k] and k <= q for q, k, v in body))
+    Q3 = np.stack([Q[:300], Q[300:]])
+    K3 = np.stack([K[:300], K[300:]])
+    save("Qc3.npy", Q3)
+    save("Kc3.npy", K3)
+    if ok_run("heavy --causal 3-D", "heavy", "--queries", "Qc3.npy", "--keys", "Kc3.npy", "--eps", eps, "--causal",
+              "--out", "Hc3.csv"):
+        body = [(int(r[0]), int(r[1]), int(r[2])) for r in read_csv("Hc3.csv", True)[1:]]
+        same = True
+        for h in range(2):
+            A, sure, unsure = np_heavy_causal(Q3[h], K3[h], eps)
+            got = {(q, k) for hh, q, k in body if hh == h}
+            exp = {(int(a), int(b)) for a, b in zip(*np.nonzero(sure))}
+            amb = {(int(a), int(b)) for a, b in zip(*np.nonzero(unsure))}
+            same = same and (got - amb) == (exp - amb) and bool(exp)
+        check("heavy --causal 3-D: each head's entries are numpy's causal brute force", same)
     save("Qc_short.npy", Q[:500])
     bad("attend --causal with m != n", ("attend", "--queries", "Qc_short.npy", "--keys", "Kc.npy", "--values", "Vc.npy",
                                         "--out", "Oc_bad.npy", "--causal"), ("as many queries as keys",))
