@@ -912,22 +912,23 @@ void write_file_atomically(const std::filesystem::path& path,
 // ---------------------------------------------------------------------------------------------
 // Public API.
 
+detail::NpyHeader detail::read_npy_file_header(const InputFile& file, const std::string& where) {
+  const std::uint64_t size = file.size();
+  std::array<std::uint8_t, kNpyPreambleBytes> first{};
+  const auto first_len = static_cast<std::size_t>(std::min<std::uint64_t>(size, kNpyPreambleBytes));
+  file.read_at(0, std::span(first).first(first_len));
+  const NpyPreamble pre = read_npy_preamble(std::span(first).first(first_len), size, where);
+  std::vector<std::uint8_t> head(static_cast<std::size_t>(pre.data_offset));
+  file.read_at(0, head);
+  return parse_npy_header(pre, head, size, where);
+}
+
 Array read_npy(const std::filesystem::path& path) {
   const std::string where = path.string();
   const detail::InputFile file(path, where);
-  const std::uint64_t size = file.size();
-
-  // Read the preamble, then the header it announces (bounded by the file size), then the data
-  // straight into the array, which parse_npy_header has sized against the file.
-  std::array<std::uint8_t, detail::kNpyPreambleBytes> first{};
-  const auto first_len =
-      static_cast<std::size_t>(std::min<std::uint64_t>(size, detail::kNpyPreambleBytes));
-  file.read_at(0, std::span(first).first(first_len));
-  const detail::NpyPreamble pre =
-      detail::read_npy_preamble(std::span(first).first(first_len), size, where);
-  std::vector<std::uint8_t> head(static_cast<std::size_t>(pre.data_offset));
-  file.read_at(0, head);
-  const detail::NpyHeader h = detail::parse_npy_header(pre, head, size, where);
+  // The header, then the data straight into the array, which parse_npy_header has sized
+  // against the file.
+  const detail::NpyHeader h = detail::read_npy_file_header(file, where);
   Array a = detail::allocate_array(h);
   file.read_at(h.data_offset, detail::mutable_value_bytes(a));
   detail::finish_array(a, h);

@@ -1,5 +1,4 @@
 // NpyRowReader: a 2-D .npy file read a block of rows at a time.
-#include <array>
 #include <cfloat>
 #include <cmath>
 #include <span>
@@ -11,14 +10,7 @@ namespace levattn {
 
 NpyRowReader::NpyRowReader(const std::filesystem::path& path)
     : file_(std::make_unique<detail::InputFile>(path, path.string())), where_(path.string()) {
-  const std::uint64_t size = file_->size();
-  std::array<std::uint8_t, detail::kNpyPreambleBytes> first{};
-  const auto first_len = static_cast<std::size_t>(std::min<std::uint64_t>(size, detail::kNpyPreambleBytes));
-  file_->read_at(0, std::span(first).first(first_len));
-  const detail::NpyPreamble pre = detail::read_npy_preamble(std::span(first).first(first_len), size, where_);
-  std::vector<std::uint8_t> head(static_cast<std::size_t>(pre.data_offset));
-  file_->read_at(0, head);
-  const detail::NpyHeader h = detail::parse_npy_header(pre, head, size, where_);
+  const detail::NpyHeader h = detail::read_npy_file_header(*file_, where_);
   if (h.shape.size() != 2)
     throw Error(ErrorKind::io, where_ + ": shape: expected 2 dimensions (rows, columns), got " + detail::shape_string(h.shape));
   if (h.dtype == DType::int64) throw Error(ErrorKind::io, where_ + ": dtype: expected float32 or float64, got int64");

@@ -88,6 +88,14 @@ void make_room(std::vector<T>& v, std::size_t more, std::size_t slack) {
   if (v.size() + more > v.capacity()) v.reserve(v.size() + more + slack);
 }
 
+// The candidate rows of `indices` (keys the state holds, ascending).
+std::vector<index_t> candidate_rows(const StreamingUniversalSet::State& s, const std::vector<index_t>& indices) {
+  std::vector<index_t> at(indices.size());
+  for (std::size_t a = 0; a < at.size(); ++a)
+    at[a] = std::lower_bound(s.index.begin(), s.index.end(), indices[a]) - s.index.begin();
+  return at;
+}
+
 // Keeps the candidates for which keep(a) holds, in order.
 template <class Keep>
 void compact(StreamingUniversalSet::State& s, Keep keep) {
@@ -239,10 +247,7 @@ HeavyEntries StreamingUniversalSet::heavy_entries(ConstMatrix Q) const {
   for (index_t x = 0; x < d; ++x) trace += M[x * d + x];
   // q^T M q carries an error of at most about d u trace(M) |q|^2 (M is PSD).
   const double zero_tol = 4.0 * static_cast<double>(d) * std::numeric_limits<double>::epsilon() * trace;
-  // Rows of the set's keys among the candidates.
-  std::vector<index_t> at(u.indices.size());
-  for (std::size_t a = 0; a < at.size(); ++a)
-    at[a] = std::lower_bound(s.index.begin(), s.index.end(), u.indices[a]) - s.index.begin();
+  const std::vector<index_t> at = candidate_rows(s, u.indices);
   HeavyEntries out;
   out.universal_size = static_cast<index_t>(u.indices.size());
   out.rank = u.rank;
@@ -280,8 +285,9 @@ std::vector<float> StreamingUniversalSet::attention(ConstMatrix Q, const Attenti
     return std::vector<float>(static_cast<std::size_t>(Q.rows * s.dv), 0.0f);
   }
   std::vector<float> k(static_cast<std::size_t>(size * s.d)), v(static_cast<std::size_t>(size * s.dv));
+  const std::vector<index_t> at = candidate_rows(s, u.indices);
   for (index_t a = 0; a < size; ++a) {
-    const index_t c = std::lower_bound(s.index.begin(), s.index.end(), u.indices[a]) - s.index.begin();
+    const index_t c = at[a];
     std::copy_n(s.keys.data() + c * s.d, s.d, k.data() + a * s.d);
     std::copy_n(s.values.data() + c * s.dv, s.dv, v.data() + a * s.dv);
   }

@@ -139,6 +139,10 @@ class InputFile {
   std::string where_;
 };
 
+/// The header of the .npy file `file`: its preamble, then the header it announces (bounded by the
+/// file's size), parsed and checked against the size as parse_npy_header does. Throws Error(io).
+NpyHeader read_npy_file_header(const InputFile& file, const std::string& where);
+
 /// The whole contents of a file. Throws Error(io) as InputFile.
 std::vector<std::uint8_t> read_file(const std::filesystem::path& path, const std::string& where);
 
