@@ -5,7 +5,8 @@ set -euo pipefail
 LEVATTN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LEVATTN_PACKAGES=(g++ cmake make libopenblas-openmp-dev liblapacke-dev libgtest-dev
   libbenchmark-dev libcli11-dev nlohmann-json3-dev librandom123-dev libzip-dev zlib1g-dev
-  python3-numpy python3-dev pybind11-dev python3-torch python3-pytest dataset-fashion-mnist)
+  python3-numpy python3-dev pybind11-dev python3-torch python3-pytest dataset-fashion-mnist
+  openmpi-bin libopenmpi-dev)
 
 levattn_install_packages() {
   local missing=()

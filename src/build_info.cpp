@@ -5,6 +5,12 @@
 
 #include "kernels/isa.hpp"
 
+#if defined(LEVATTN_MPI)
+#define LEVATTN_MPI_TEXT LEVATTN_MPI
+#else
+#define LEVATTN_MPI_TEXT ""
+#endif
+
 namespace levattn {
 
 const char* version() noexcept { return LEVATTN_VERSION; }
@@ -20,6 +26,9 @@ BuildInfo build_info() {
 #if defined(__SANITIZE_ADDRESS__)
   b.sanitizers = true;
 #endif
+#if defined(LEVATTN_MPI)
+  b.mpi = true;
+#endif
   return b;
 }
 
@@ -29,7 +38,7 @@ std::string to_string(const BuildInfo& b) {
          "BLAS core: " + b.blas_core + "\n" +                    //
          "ISA:       " + b.isa + " (CPU: " + b.cpu_isa + "; LEVATTN_ISA=avx512|avx2|baseline forces a path)\n" +
          "threads:   " + std::to_string(b.threads) + "\n" +      //
-         "MPI:       " + (b.mpi ? "yes" : "not built") + "\n";
+         "MPI:       " + (b.mpi ? "levattn::distributed built (" LEVATTN_MPI_TEXT ")" : "not built") + "\n";
 }
 
 }  // namespace levattn

@@ -13,7 +13,7 @@ struct BuildInfo {
   std::string isa;
   std::string cpu_isa;     ///< the best instruction set this CPU offers to the kernels
   int threads = 1;         ///< OpenMP threads a parallel region uses by default
-  bool mpi = false;        ///< built with MPI support
+  bool mpi = false;        ///< levattn::distributed (distributed.hpp) was built with this library
   bool sanitizers = false; ///< built with ASan/UBSan
 };
 
