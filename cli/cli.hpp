@@ -107,6 +107,19 @@ double seconds_since(std::chrono::steady_clock::time_point t0);
 /// Whether a path names an .npz archive (by its suffix).
 bool is_npz(const std::string& path);
 
+// ---------------------------------------------------------------------------------------------
+// Output files (outputs.cpp).
+
+/// One universal set as JSON: rank, size, bound, ties_left_out, indices, scores.
+json set_json(const UniversalSet& u);
+/// Universal sets to `out`: an int64 .npy of the indices (one set), or an .npz with indices,
+/// offsets (one set per (batch, head) pair) and scores. A stack to a .npy is refused.
+void write_sets(const std::string& out, const std::vector<UniversalSet>& sets, bool stacked);
+/// Heavy entries of every (batch, head) pair as CSV (to `out`, or stdout) or .npz members, with
+/// the leading columns the input has ("head", "batch" for 3-D / 4-D inputs, `dims`).
+void write_heavy(const std::string& out, const std::vector<HeavyEntries>& per, index_t heads, std::size_t dims,
+                 bool to_stdout);
+
 /// A note on stderr when a key budget exceeds the keys there are (the library then takes every
 /// key).
 void note_budget(const char* command, index_t top_k, index_t n);

@@ -9,6 +9,16 @@
 
 namespace levattn::cli {
 
+std::string format_value(double v, const char* fmt) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, fmt, v);
+  return buf;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 void add_method_options(CLI::App* sub, MethodArgs& m) {
   sub->add_option("--method", m.method, "leverage scores: exact (default) or sketch")
       ->check(CLI::IsMember({"exact", "sketch"}));

@@ -496,6 +496,8 @@ void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, 
 
 }  // namespace
 
+void detail::check_attention_options(const AttentionOptions& o) { check_options(o); }
+
 void detail::check_kernel(const AttentionOptions& o) {
   std::ostringstream os;
   if (o.kernel == Kernel::power && !(o.p > 0.0 && std::isfinite(o.p))) {

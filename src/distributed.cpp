@@ -1,17 +1,28 @@
-// Distributed x^2 universal sets: the key Gram summed by one Allreduce, exact local scores, the
-// selected keys gathered; errors agreed on by every rank before any other collective.
+// Distributed LevAttention: universal sets (the key Gram summed by one Allreduce, or two
+// composable rounds), heavy entries, attention over the gathered set with a window halo, the
+// dense ring, and the sharded .npy writer. Errors are agreed on by every rank before any other
+// collective, so no rank waits on one that failed.
 #include "levattn/distributed.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <exception>
+#include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "detail/gram.hpp"
+#include "detail/heavy.hpp"
+#include "detail/lapack.hpp"
 #include "detail/leverage.hpp"
+#include "detail/npy_format.hpp"
 #include "detail/validate.hpp"
+#include "levattn/selected_attention.hpp"
 
 namespace levattn {
 namespace {
@@ -20,8 +31,8 @@ struct Comm {
   MPI_Comm comm;
   int rank = 0, size = 1;
   CommVolume* volume;
-  void count(std::uint64_t sent, std::uint64_t received) const {
-    if (volume) volume->sent += sent, volume->received += received;
+  void count(std::uint64_t sent, std::uint64_t received) const {  // one process communicates nothing
+    if (volume && size > 1) volume->sent += sent, volume->received += received;
   }
 };
 
@@ -32,10 +43,46 @@ Comm comm_of(MPI_Comm comm, CommVolume* volume) {
   return c;
 }
 
-// Runs f on this rank, then every rank learns whether any rank failed; if one did, every rank
-// throws the lowest failing rank's error (kind and message).
-template <class F>
-void agree(const Comm& c, F&& f) {
+[[noreturn]] void fail_together(const std::string& message) {
+  throw CollectiveError(ErrorKind::invalid_argument, message);
+}
+
+template <class T>
+MPI_Datatype mpi_type();
+template <>
+MPI_Datatype mpi_type<float>() { return MPI_FLOAT; }
+template <>
+MPI_Datatype mpi_type<double>() { return MPI_DOUBLE; }
+template <>
+MPI_Datatype mpi_type<std::int64_t>() { return MPI_INT64_T; }
+
+// MPI counts are int: a gather of more values than that is refused on every rank alike.
+int mpi_count(std::uint64_t values, const char* what) {
+  if (values > static_cast<std::uint64_t>(INT_MAX))
+    fail_together(std::string(what) + ": " + std::to_string(values) + " values to exchange, more than one MPI call takes");
+  return static_cast<int>(values);
+}
+
+// Every rank's `mine` concatenated in rank order (one Allgather of counts, one Allgatherv).
+template <class T>
+std::vector<T> all_gather(const Comm& c, const std::vector<T>& mine, const char* what) {
+  const std::int64_t count = static_cast<std::int64_t>(mine.size());
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(c.size));
+  MPI_Allgather(&count, 1, MPI_INT64_T, counts.data(), 1, MPI_INT64_T, c.comm);
+  std::vector<int> n(counts.size()), at(counts.size() + 1, 0);
+  std::uint64_t total = 0;
+  for (std::size_t r = 0; r < counts.size(); ++r) total += static_cast<std::uint64_t>(counts[r]);
+  mpi_count(total, what);
+  for (std::size_t r = 0; r < counts.size(); ++r) n[r] = static_cast<int>(counts[r]), at[r + 1] = at[r] + n[r];
+  std::vector<T> out(static_cast<std::size_t>(total));
+  MPI_Allgatherv(mine.data(), static_cast<int>(count), mpi_type<T>(), out.data(), n.data(), at.data(), mpi_type<T>(),
+                 c.comm);
+  // Counted as what this rank passes in once and what it receives of the other ranks' data.
+  c.count(8 + sizeof(T) * mine.size(), 8 * static_cast<std::uint64_t>(c.size - 1) + sizeof(T) * (out.size() - mine.size()));
+  return out;
+}
+
+void agree(const Comm& c, const std::function<void()>& f) {
   ErrorKind kind = ErrorKind::internal;
   std::string message;
   int failed = INT_MAX;
@@ -55,7 +102,42 @@ void agree(const Comm& c, F&& f) {
   message.resize(static_cast<std::size_t>(head[1]));
   MPI_Bcast(message.data(), head[1], MPI_CHAR, first, c.comm);
   c.count(c.rank == first ? 8 + message.size() : 0, c.rank == first ? 0 : 8 + message.size());
-  throw Error(static_cast<ErrorKind>(head[0]), "rank " + std::to_string(first) + ": " + message);
+  throw CollectiveError(static_cast<ErrorKind>(head[0]), "rank " + std::to_string(first) + ": " + message);
+}
+
+// Every rank's shard of one sharded array, checked to tile 0 .. n - 1 in rank order, with the
+// same number of pairs everywhere and the same width on every rank that holds rows.
+struct Layout {
+  index_t n = 0, cols = 0, pairs = 0;
+  std::vector<Shard> shards;
+};
+
+Layout layout_of(const Comm& c, index_t first, index_t rows, index_t cols, index_t pairs, const std::string& what) {
+  const std::int64_t mine[4] = {first, rows, cols, pairs};
+  std::vector<std::int64_t> all(static_cast<std::size_t>(4 * c.size));
+  MPI_Allgather(mine, 4, MPI_INT64_T, all.data(), 4, MPI_INT64_T, c.comm);
+  c.count(32, 32 * static_cast<std::uint64_t>(c.size - 1));
+  Layout l;
+  l.pairs = all[3];
+  for (int r = 0; r < c.size; ++r) {
+    const std::int64_t* s = all.data() + 4 * r;
+    if (s[0] != l.n || s[1] < 0)
+      fail_together(what + ": rank " + std::to_string(r) + " holds rows from " + std::to_string(s[0]) + ", expected " +
+                    std::to_string(l.n) + " (shards contiguous in rank order from row 0)");
+    if (s[3] != l.pairs)
+      fail_together(what + ": ranks hold different numbers of (batch, head) pairs (" + std::to_string(l.pairs) + " and " +
+                    std::to_string(s[3]) + ")");
+    if (s[1] > 0) {
+      if (l.cols != 0 && s[2] != l.cols)
+        fail_together(what + ": ranks hold rows of different widths (" + std::to_string(l.cols) + " and " +
+                      std::to_string(s[2]) + ")");
+      l.cols = s[2];
+    }
+    l.shards.push_back({s[0], s[1]});
+    l.n += s[1];
+  }
+  if (l.n == 0 || l.cols < 1 || l.pairs < 1) fail_together(what + ": expected a non-empty array across the ranks");
+  return l;
 }
 
 // K_r^T K_r of the local rows, by the one Gram accumulator (blocks of kGramRows in float64).
@@ -68,7 +150,101 @@ std::vector<double> local_gram(ConstMatrix K) {
   });
 }
 
+// The rows of `keys` (global, ascending) that this rank holds, each followed by its value row:
+// what every rank contributes to a gather of those rows.
+std::vector<float> own_rows(ConstMatrix K, ConstMatrix V, index_t first, const std::vector<index_t>& keys) {
+  std::vector<float> out;
+  const auto lo = std::lower_bound(keys.begin(), keys.end(), first);
+  const auto hi = std::lower_bound(keys.begin(), keys.end(), first + K.rows);
+  for (auto it = lo; it != hi; ++it) {
+    out.insert(out.end(), K.row(*it - first), K.row(*it - first) + K.cols);
+    if (V.cols > 0) out.insert(out.end(), V.row(*it - first), V.row(*it - first) + V.cols);
+  }
+  return out;
+}
+
+// One pair's exact x^2 set: Allreduce of the local Grams, exact local scores, gathered set.
+struct ExactSet {
+  UniversalSet set;
+  KeyGram gram;
+};
+
+ExactSet exact_set(const Comm& c, ConstMatrix K, index_t first, index_t n, index_t d, double eps,
+                   const LeverageOptions& options) {
+  std::vector<double> M(static_cast<std::size_t>(d * d), 0.0);
+  {
+    const std::vector<double> local = K.rows > 0 ? local_gram(K) : std::vector<double>(M.size(), 0.0);
+    MPI_Allreduce(local.data(), M.data(), static_cast<int>(M.size()), MPI_DOUBLE, MPI_SUM, c.comm);
+    c.count(8 * M.size(), 8 * M.size());
+  }
+  ExactSet out;
+  UniversalSet local;
+  agree(c, [&] {
+    out.gram = detail::gram_factor(std::move(M), d, options);
+    const KeyGram& g = out.gram;
+    LeverageScores s;
+    if (g.rank == n && g.ridge == 0.0) {  // full row rank: every score is exactly 1, as offline
+      s.rank = g.rank, s.sum_bound = static_cast<double>(g.rank);
+      s.scores.assign(static_cast<std::size_t>(K.rows), 1.0);
+    } else {
+      s = detail::scores_unchecked(K, g, {.rows_of_gram = false});
+    }
+    local = universal_set(s, eps);
+  });
+  std::vector<std::int64_t> idx(local.indices.begin(), local.indices.end());
+  for (auto& j : idx) j += first;
+  const std::vector<std::int64_t> all = all_gather(c, idx, "universal set");
+  out.set = local;
+  out.set.scores = all_gather(c, local.scores, "universal set");
+  out.set.indices.assign(all.begin(), all.end());
+  out.set.n = n;
+  const double gam = 1.0 + local.score_rel_error_bound;
+  out.set.size_bound =
+      std::floor(std::min(static_cast<double>(n), static_cast<double>(out.gram.rank) * gam * gam / eps));
+  return out;
+}
+
+// One pair's composable set: U_eps of each rank's keys, the union's rows gathered, U_eps again
+// within the union (math.md 1.7: a superset of the set of all keys).
+UniversalSet two_round_set(const Comm& c, ConstMatrix K, index_t first, index_t n, const UniversalOptions& o) {
+  const auto set_of = [&](ConstMatrix A) {
+    if (A.rows == 0) return UniversalSet{};
+    return universal_sets(Tensor4Ref{A.data, 1, 1, A.rows, A.cols}, o).front();
+  };
+  UniversalSet local;
+  agree(c, [&] { local = set_of(K); });
+  std::vector<index_t> mine(local.indices.begin(), local.indices.end());
+  for (auto& j : mine) j += first;
+  const std::vector<float> rows = all_gather(c, own_rows(K, {nullptr, 0, 0}, first, mine), "first round");
+  std::vector<std::int64_t> idx(mine.begin(), mine.end());
+  const std::vector<std::int64_t> uni = all_gather(c, idx, "first round");
+  const index_t u = static_cast<index_t>(uni.size());
+  UniversalSet second;
+  agree(c, [&] { second = set_of({rows.data(), u, K.cols}); });
+  for (auto& j : second.indices) j = uni[static_cast<std::size_t>(j)];
+  second.n = n;
+  return second;
+}
+
+// Whole-array checks made once, inside agree: finite values.
+void require_finite(const Tensor4Ref& t, const char* what) {
+  if (t.rows > 0) detail::require_finite_matrix({t.data, t.batch * t.heads * t.rows, t.cols}, what);
+}
+
+ConstMatrix pair_of(const Tensor4Ref& t, index_t pair) { return {t.data + pair * t.rows * t.cols, t.rows, t.cols}; }
+
+// A rank without rows may pass any width: give its view the array's, so that every rank sizes
+// its buffers and messages alike.
+Tensor4Ref widened(Tensor4Ref t, const Layout& l) {
+  if (t.rows == 0) t.cols = l.cols;
+  return t;
+}
+
 }  // namespace
+
+void collectively(MPI_Comm comm, const std::function<void()>& f, CommVolume* volume) {
+  agree(comm_of(comm, volume), f);
+}
 
 Shard shard_of(index_t n, int rank, int size) {
   const index_t p = size, r = rank, base = n / p, extra = n % p;
@@ -77,70 +253,509 @@ Shard shard_of(index_t n, int rank, int size) {
 
 UniversalSet distributed_universal_set(MPI_Comm comm, ConstMatrix K_local, index_t first, double eps,
                                        const LeverageOptions& options, CommVolume* volume) {
+  UniversalOptions o;
+  o.eps = eps;
+  o.leverage = options;
+  std::vector<float> packed;  // a strided view as contiguous rows
+  if (K_local.ld != K_local.cols)
+    for (index_t r = 0; r < K_local.rows; ++r) packed.insert(packed.end(), K_local.row(r), K_local.row(r) + K_local.cols);
+  const float* data = K_local.ld != K_local.cols ? packed.data() : K_local.data;
+  return distributed_universal_sets(comm, {data, 1, 1, K_local.rows, K_local.cols}, first, o, DistributedMode::exact,
+                                    volume)
+      .front();
+}
+
+std::vector<UniversalSet> distributed_universal_sets(MPI_Comm comm, const Tensor4Ref& K_local, index_t first,
+                                                     const UniversalOptions& options, DistributedMode mode,
+                                                     CommVolume* volume) {
   const Comm c = comm_of(comm, volume);
-  // Sizes first: every rank's (first, rows, d), checked the same way everywhere.
-  const std::int64_t mine[3] = {first, K_local.rows, K_local.cols};
-  std::vector<std::int64_t> all(static_cast<std::size_t>(3 * c.size));
-  MPI_Allgather(mine, 3, MPI_INT64_T, all.data(), 3, MPI_INT64_T, comm);
-  c.count(24, 24 * static_cast<std::uint64_t>(c.size));
-  index_t n = 0, d = 0;
+  const Layout l = layout_of(c, first, K_local.rows, K_local.cols, K_local.batch * K_local.heads, "keys");
+  const Tensor4Ref K_all = widened(K_local, l);
+  agree(c, [&] {
+    detail::require_eps(options.eps);
+    detail::check_leverage_options(options.leverage);
+    if (options.top_k != 0) detail::invalid("distributed: a universal set by eps (a global top-k is not distributed)");
+    if (mode == DistributedMode::exact && (options.p != 2.0 || options.leverage.method != ScoreMethod::exact))
+      detail::invalid("distributed: the exact mode is for exact leverage scores (p 2, method exact); use the two-round mode (levattn-mpi --rounds 2)");
+    require_finite(K_local, "keys");
+  });
+  std::vector<UniversalSet> out;
+  for (index_t h = 0; h < l.pairs; ++h) {
+    const ConstMatrix K = pair_of(K_all, h);
+    out.push_back(mode == DistributedMode::exact
+                      ? exact_set(c, K, first, l.n, l.cols, options.eps, options.leverage).set
+                      : two_round_set(c, K, first, l.n, options));
+  }
+  return out;
+}
+
+std::vector<HeavyEntries> distributed_heavy_entries(MPI_Comm comm, const Tensor4Ref& Q_local, index_t q_first,
+                                                    const Tensor4Ref& K_local, index_t k_first, double eps,
+                                                    CommVolume* volume) {
+  const Comm c = comm_of(comm, volume);
+  const Layout lq = layout_of(c, q_first, Q_local.rows, Q_local.cols, Q_local.batch * Q_local.heads, "queries");
+  const Layout lk = layout_of(c, k_first, K_local.rows, K_local.cols, K_local.batch * K_local.heads, "keys");
+  if (lq.pairs != lk.pairs || lq.cols != lk.cols)
+    fail_together("queries: expected the keys' (batch, head) pairs and width " + std::to_string(lk.cols) + ", got " +
+                  std::to_string(lq.pairs) + " pairs of width " + std::to_string(lq.cols));
   agree(c, [&] {
     detail::require_eps(eps);
-    if (options.method != ScoreMethod::exact) detail::invalid("distributed: the universal set needs exact scores");
+    require_finite(Q_local, "queries");
+    require_finite(K_local, "keys");
+  });
+  const index_t d = lk.cols;
+  const Tensor4Ref Q_all = widened(Q_local, lq), K_all = widened(K_local, lk);
+  std::vector<HeavyEntries> out(static_cast<std::size_t>(lk.pairs));
+  for (index_t h = 0; h < lk.pairs; ++h) {
+    const ConstMatrix K = pair_of(K_all, h);
+    const ExactSet e = exact_set(c, K, k_first, lk.n, d, eps, {});
+    // Tall-skinny QR across the ranks: R of the stacked R_r, in rank order on every rank.
+    std::vector<double> stack = all_gather(c, detail::key_r_factor(K), "R factors");
+    std::vector<double> R;
+    agree(c, [&] { R = detail::householder_r(stack, static_cast<index_t>(c.size) * d, d); });
+    const std::vector<index_t>& U = e.set.indices;
+    const std::vector<float> rows = all_gather(c, own_rows(K, {nullptr, 0, 0}, k_first, U), "universal set rows");
+    const std::vector<double> KU(rows.begin(), rows.end());
+    double frob2 = 0.0;
+    for (index_t i = 0; i < d; ++i) frob2 += e.gram.gram[i * d + i];
+    HeavyEntries& r = out[static_cast<std::size_t>(h)];
+    r.universal_size = static_cast<index_t>(U.size());
+    r.rank = e.gram.rank;
+    r.normaliser = detail::kX2Normaliser;
+    agree(c, [&] {
+      detail::x2_entries(pair_of(Q_all, h), q_first, R, KU, U, eps, detail::x2_zero_tol(lk.n, d, frob2), r);
+    });
+  }
+  return out;
+}
+
+std::vector<HeavyEntries> gather_heavy_entries(MPI_Comm comm, const std::vector<HeavyEntries>& local, int root,
+                                               CommVolume* volume) {
+  const Comm c = comm_of(comm, volume);
+  std::vector<HeavyEntries> out = local;
+  for (HeavyEntries& h : out) {
+    // (query, key, value bits) triples and the zero rows, as int64: one Gatherv of each.
+    std::vector<std::int64_t> mine;
+    for (const HeavyEntry& e : h.entries) {
+      std::int64_t bits = 0;
+      std::memcpy(&bits, &e.value, sizeof bits);
+      mine.insert(mine.end(), {e.query, e.key, bits});
+    }
+    mine.insert(mine.end(), h.zero_rows.begin(), h.zero_rows.end());
+    const std::int64_t sizes[2] = {static_cast<std::int64_t>(mine.size()), static_cast<std::int64_t>(h.entries.size())};
+    std::vector<std::int64_t> all_sizes(static_cast<std::size_t>(2 * c.size));
+    MPI_Gather(sizes, 2, MPI_INT64_T, all_sizes.data(), 2, MPI_INT64_T, root, comm);
+    std::vector<int> counts(static_cast<std::size_t>(c.size)), at(counts.size() + 1, 0);
+    std::uint64_t total = 0;
+    for (int r = 0; r < c.size; ++r) total += static_cast<std::uint64_t>(all_sizes[2 * r]);
+    int ok = c.rank != root || total <= static_cast<std::uint64_t>(INT_MAX) ? 1 : 0, all_ok = 0;
+    MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, comm);
+    if (!all_ok) fail_together("heavy entries: more than one MPI call gathers; write fewer (a larger eps)");
+    for (int r = 0; r < c.size; ++r) counts[r] = static_cast<int>(all_sizes[2 * r]), at[r + 1] = at[r] + counts[r];
+    std::vector<std::int64_t> all(c.rank == root ? total : 0);
+    MPI_Gatherv(mine.data(), static_cast<int>(mine.size()), MPI_INT64_T, all.data(), counts.data(), at.data(),
+                MPI_INT64_T, root, comm);
+    c.count(c.rank == root ? 0 : 16 + 8 * mine.size(), c.rank == root ? 16 * (c.size - 1) + 8 * (total - mine.size()) : 0);
+    h.entries.clear(), h.zero_rows.clear();
+    if (c.rank != root) continue;
     for (int r = 0; r < c.size; ++r) {
-      const std::int64_t* s = all.data() + 3 * r;
-      if (s[0] != n || s[1] < 0)
-        detail::invalid("shards: rank " + std::to_string(r) + " holds rows from " + std::to_string(s[0]) +
-                        ", expected " + std::to_string(n) + " (shards contiguous in rank order from row 0)");
-      n += s[1];
-      if (s[1] > 0) {
-        if (d != 0 && s[2] != d) detail::invalid("keys: ranks hold rows of different widths (" + std::to_string(d) +
-                                                 " and " + std::to_string(s[2]) + ")");
-        d = s[2];
+      const std::int64_t* p = all.data() + at[r];
+      const std::int64_t entries = all_sizes[2 * r + 1];
+      for (std::int64_t e = 0; e < entries; ++e) {
+        double v = 0.0;
+        std::memcpy(&v, p + 3 * e + 2, sizeof v);
+        h.entries.push_back({p[3 * e], p[3 * e + 1], v});
+      }
+      h.zero_rows.insert(h.zero_rows.end(), p + 3 * entries, static_cast<const std::int64_t*>(all.data()) + at[r + 1]);
+    }
+  }
+  return out;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+void check_attention_options(const AttentionOptions& o, DistributedMode mode) {
+  detail::check_attention_options(o);
+  detail::check_leverage_options(o.leverage);
+  if (o.select != Select::full && o.select != Select::leverage && o.select != Select::window)
+    detail::invalid("select: distributed attention takes full, leverage or window, got " + to_string(o.select));
+  if (o.causal) detail::invalid("causal: distributed attention is not causal");
+  if (o.top_k != 0 || o.budget_alpha != 0.0)
+    detail::invalid("top-k: distributed leverage selects by eps (a global key budget is not distributed)");
+  if (!(o.p > 0.0 && std::isfinite(o.p))) detail::invalid("p: expected a finite number > 0");
+  if (!std::isnan(o.scale) && !std::isfinite(o.scale)) detail::invalid("scale: expected a finite number");
+  if (o.window < -1 || o.sinks < 0) detail::invalid("window, sinks: expected window >= -1 and sinks >= 0");
+  if (o.select == Select::window && o.window < 0 && o.sinks < 1)
+    detail::invalid("window: select window needs a window >= 0 or sinks >= 1");
+  if (o.select == Select::leverage) {
+    detail::require_eps(o.eps);
+    const bool x2 = o.kernel == Kernel::softmax || o.p == 2.0;
+    if (mode == DistributedMode::exact && (!x2 || o.leverage.method != ScoreMethod::exact))
+      detail::invalid("distributed: the exact mode selects by exact leverage scores (softmax or p 2); use the two-round mode (levattn-mpi --rounds 2)");
+  }
+}
+
+// Intervals [lo, hi) of keys one rank needs besides the gathered set: the sinks and the window
+// of its queries; merged, ascending.
+std::vector<std::pair<index_t, index_t>> needed_ranges(const AttentionOptions& o, Shard q, index_t n) {
+  std::vector<std::pair<index_t, index_t>> r;
+  if (q.rows == 0) return r;
+  if (o.sinks > 0) r.emplace_back(0, std::min(o.sinks, n));
+  if (o.window >= 0) {
+    const index_t lo = std::max<index_t>(0, q.first - o.window);
+    const index_t hi = std::min(n, q.first + q.rows + o.window);
+    if (lo < hi) r.emplace_back(lo, hi);
+  }
+  if (r.size() == 2 && r[1].first <= r[0].second) r = {{0, std::max(r[0].second, r[1].second)}};
+  return r;
+}
+
+index_t overlap(std::pair<index_t, index_t> a, Shard s) {
+  return std::max<index_t>(0, std::min(a.second, s.first + s.rows) - std::max(a.first, s.first));
+}
+
+// Rows fetched from other ranks: ascending global indices, each row d + dv wide (key, value).
+struct Fetched {
+  std::vector<index_t> index;
+  std::vector<float> rows;
+};
+
+// The key and value rows of the ranges every rank needs that other ranks hold, from them (one
+// Alltoallv; a rank's own rows stay where they are).
+Fetched fetch_ranges(const Comm& c, ConstMatrix K, ConstMatrix V, const Layout& lk,
+                     const std::vector<std::vector<std::pair<index_t, index_t>>>& need) {
+  const index_t w = K.cols + V.cols;
+  // Every message size follows from the shards and the needs: checked on every rank alike.
+  for (int r = 0; r < c.size; ++r) {
+    std::uint64_t in = 0, out = 0;
+    for (int s = 0; s < c.size; ++s) {
+      if (s == r) continue;
+      for (const auto& range : need[static_cast<std::size_t>(r)]) in += static_cast<std::uint64_t>(overlap(range, lk.shards[s]));
+      for (const auto& range : need[static_cast<std::size_t>(s)]) out += static_cast<std::uint64_t>(overlap(range, lk.shards[r]));
+    }
+    mpi_count(std::max(in, out) * static_cast<std::uint64_t>(w), "window halo");
+  }
+  const Shard mine = lk.shards[static_cast<std::size_t>(c.rank)];
+  std::vector<int> scount(static_cast<std::size_t>(c.size), 0), rcount(scount), sat(scount), rat(scount);
+  std::vector<float> send;
+  for (int r = 0; r < c.size; ++r) {
+    sat[r] = static_cast<int>(send.size());
+    if (r == c.rank) continue;
+    for (const auto& range : need[static_cast<std::size_t>(r)]) {
+      const index_t lo = std::max(range.first, mine.first), hi = std::min(range.second, mine.first + mine.rows);
+      for (index_t j = lo; j < hi; ++j) {
+        send.insert(send.end(), K.row(j - mine.first), K.row(j - mine.first) + K.cols);
+        send.insert(send.end(), V.row(j - mine.first), V.row(j - mine.first) + V.cols);
       }
     }
-    if (n == 0 || d < 1) detail::invalid("keys: expected a non-empty array across the ranks");
-    if (K_local.rows > 0) detail::require_finite_matrix(K_local, "keys");
-  });
-  // One Allreduce of the local Grams (d^2 float64).
-  std::vector<double> M(static_cast<std::size_t>(d * d), 0.0);
-  {
-    const std::vector<double> local = K_local.rows > 0 ? local_gram(K_local) : std::vector<double>(M.size(), 0.0);
-    MPI_Allreduce(local.data(), M.data(), static_cast<int>(M.size()), MPI_DOUBLE, MPI_SUM, comm);
-    c.count(8 * M.size(), 8 * M.size());
+    scount[r] = mpi_count(send.size() - static_cast<std::size_t>(sat[r]), "window halo");
   }
-  UniversalSet local;
-  KeyGram g;
-  agree(c, [&] {
-    g = detail::gram_factor(std::move(M), d, options);
-    LeverageScores s;
-    if (g.rank == n && g.ridge == 0.0) {  // full row rank: every score is exactly 1, as offline
-      s.rank = g.rank, s.sum_bound = static_cast<double>(g.rank);
-      s.scores.assign(static_cast<std::size_t>(K_local.rows), 1.0);
-    } else {
-      s = detail::scores_unchecked(K_local, g, {.rows_of_gram = false});
+  // Ranges ascending and disjoint, shards in rank order: the rows of one sender arrive range by
+  // range, ascending; reading the senders' blocks range by range gives ascending indices.
+  const auto& own_need = need[static_cast<std::size_t>(c.rank)];
+  std::uint64_t total = 0;
+  for (int s = 0; s < c.size; ++s) {
+    index_t rows = 0;
+    if (s != c.rank)
+      for (const auto& range : own_need) rows += overlap(range, lk.shards[s]);
+    rat[s] = static_cast<int>(total);
+    rcount[s] = mpi_count(static_cast<std::uint64_t>(rows * w), "window halo");
+    total += static_cast<std::uint64_t>(rcount[s]);
+  }
+  std::vector<float> recv(static_cast<std::size_t>(mpi_count(total, "window halo")));
+  MPI_Alltoallv(send.data(), scount.data(), sat.data(), MPI_FLOAT, recv.data(), rcount.data(), rat.data(), MPI_FLOAT,
+                c.comm);
+  c.count(4 * send.size(), 4 * recv.size());
+  Fetched f;
+  f.rows.reserve(recv.size());
+  for (std::size_t x = 0; x < own_need.size(); ++x)
+    for (int s = 0; s < c.size; ++s) {
+      if (s == c.rank) continue;
+      const Shard sh = lk.shards[static_cast<std::size_t>(s)];
+      index_t skip = 0;
+      for (std::size_t y = 0; y < x; ++y) skip += overlap(own_need[y], sh);
+      const index_t lo = std::max(own_need[x].first, sh.first), rows = overlap(own_need[x], sh);
+      const float* at = recv.data() + rat[s] + skip * w;
+      f.rows.insert(f.rows.end(), at, at + rows * w);
+      for (index_t j = lo; j < lo + rows; ++j) f.index.push_back(j);
     }
-    local = universal_set(s, eps);
+  return f;
+}
+
+// The local problem of one pair: the rows of every key this rank's queries attend and a
+// Selection over them that reproduces attention()'s. Keys: the window's range [lo, hi) in order,
+// then the shared keys (gathered set and sinks) outside it; queries: `pad` = first - lo zero rows
+// (their outputs are dropped), then this rank's. A query's band then covers exactly its window
+// keys, and where the band reaches past the range it meets shared keys, which it attends anyway.
+struct LocalProblem {
+  index_t pad = 0;
+  std::vector<float> Q, K, V;
+  Selection sel;
+};
+
+// The keys every query attends: the gathered set and the sinks, ascending.
+std::vector<index_t> shared_keys(const std::vector<index_t>& set, index_t sinks, index_t n) {
+  std::vector<index_t> shared = set;
+  for (index_t j = 0; j < std::min(sinks, n); ++j) shared.push_back(j);
+  std::sort(shared.begin(), shared.end());
+  shared.erase(std::unique(shared.begin(), shared.end()), shared.end());
+  return shared;
+}
+
+// Queries per local problem: small enough that its buffers stay in cache-sized pieces and no
+// copy of the whole shard is made, large enough to keep both cores busy.
+// With a window the block grows to 4 w, so that the w padding rows cost at most a quarter.
+constexpr index_t kQueryBlock = 4096;
+
+LocalProblem local_problem(const AttentionOptions& o, Shard q, ConstMatrix Q, ConstMatrix K, ConstMatrix V,
+                           index_t k_first, index_t n, const std::vector<index_t>& shared,
+                           const std::vector<index_t>& set, const std::vector<float>& set_rows,
+                           const Fetched& fetched) {
+  const index_t d = K.cols, dv = V.cols;
+  const index_t w = d + dv;
+  index_t lo = q.first, hi = q.first;  // the window's range (empty without a window)
+  if (o.window >= 0 && q.rows > 0)
+    lo = std::max<index_t>(0, q.first - o.window), hi = std::min(n, q.first + q.rows + o.window);
+  const bool band = lo < hi;  // no key within the window of any of these queries (m > n + w)
+  if (!band) lo = hi = q.first;
+  std::vector<index_t> keys;
+  for (index_t j = lo; j < hi; ++j) keys.push_back(j);
+  for (index_t j : shared)
+    if (j < lo || j >= hi) keys.push_back(j);
+  LocalProblem L;
+  const index_t g = static_cast<index_t>(keys.size());
+  L.pad = q.first - lo;
+  L.K.resize(static_cast<std::size_t>(g * d));
+  L.V.resize(static_cast<std::size_t>(g * dv));
+  for (index_t a = 0; a < g; ++a) {  // each key from this rank's rows, the fetched ones or the gathered set
+    const index_t j = keys[a];
+    const float *k = nullptr, *v = nullptr;
+    if (j >= k_first && j < k_first + K.rows) {
+      k = K.row(j - k_first), v = V.row(j - k_first);
+    } else {
+      const auto it = std::lower_bound(fetched.index.begin(), fetched.index.end(), j);
+      const auto in_set = std::lower_bound(set.begin(), set.end(), j);
+      if (it != fetched.index.end() && *it == j) k = fetched.rows.data() + (it - fetched.index.begin()) * w;
+      else if (in_set != set.end() && *in_set == j) k = set_rows.data() + (in_set - set.begin()) * w;
+      else throw Error(ErrorKind::internal, "distributed attention: key " + std::to_string(j) + " was not fetched");
+      v = k + d;
+    }
+    std::copy_n(k, d, L.K.data() + a * d);
+    std::copy_n(v, dv, L.V.data() + a * dv);
+  }
+  L.Q.assign(static_cast<std::size_t>((L.pad + q.rows) * d), 0.0f);
+  std::copy_n(Q.data, q.rows * d, L.Q.data() + L.pad * d);
+  Selection& s = L.sel;
+  s.batch = s.heads = 1, s.m = L.pad + q.rows, s.n = g, s.window = band ? o.window : -1;
+  s.shared_keys = {{}};
+  for (index_t j : shared) s.shared_keys[0].push_back(j >= lo && j < hi ? j - lo : hi - lo + (std::lower_bound(keys.begin() + (hi - lo), keys.end(), j) - keys.begin() - (hi - lo)));
+  std::sort(s.shared_keys[0].begin(), s.shared_keys[0].end());
+  return L;
+}
+
+// Dense attention of this rank's queries as a ring: K, V blocks pass once around the ranks and
+// each block's softmax over its keys is merged by log-sum-exp (float64 throughout).
+void ring_attention(const Comm& c, ConstMatrix Q, ConstMatrix K, ConstMatrix V, const Layout& lk,
+                    const AttentionOptions& o, float* out, index_t& empty) {
+  const index_t m = Q.rows, d = Q.cols, dv = V.cols;
+  index_t most = 0;
+  for (const Shard& s : lk.shards) most = std::max(most, s.rows);
+  mpi_count(static_cast<std::uint64_t>(most * (d + dv)), "ring");  // the largest block, on every rank alike
+  std::vector<double> q(Q.data, Q.data + m * d), kv(static_cast<std::size_t>(most * (d + dv))), next(kv.size());
+  for (index_t r = 0; r < K.rows; ++r) {
+    std::copy_n(K.row(r), d, kv.data() + r * d);
+    std::copy_n(V.row(r), dv, kv.data() + K.rows * d + r * dv);
+  }
+  std::vector<double> acc(static_cast<std::size_t>(m * dv), 0.0), L(static_cast<std::size_t>(m), -INFINITY);
+  std::vector<double> ob(acc.size()), lb(L.size());
+  for (int t = 0; t < c.size; ++t) {
+    const int src = (c.rank - t + c.size) % c.size;
+    const index_t rows = lk.shards[static_cast<std::size_t>(src)].rows;
+    agree(c, [&] {  // every step, on every rank: a failure here ends the ring everywhere
+      if (rows == 0 || m == 0) return;
+      Selection all;
+      all.batch = all.heads = 1, all.m = m, all.n = rows, all.all_keys = true;
+      selected_attention_forward<double>({1, 1, m, rows, d, dv}, all, o, q.data(), kv.data(), kv.data() + rows * d,
+                                         ob.data(), lb.data());
+      for (index_t i = 0; i < m; ++i) {
+        if (!std::isfinite(lb[i])) continue;  // no key of this block has weight
+        const double top = std::max(L[i], lb[i]), a = std::exp(L[i] - top), b = std::exp(lb[i] - top);
+        for (index_t x = 0; x < dv; ++x) acc[i * dv + x] = (a * acc[i * dv + x] + b * ob[i * dv + x]) / (a + b);
+        L[i] = top + std::log(a + b);
+      }
+    });
+    if (t + 1 == c.size) break;
+    const int to = (c.rank + 1) % c.size, from = (c.rank - 1 + c.size) % c.size;
+    const index_t send_rows = rows, recv_rows = lk.shards[static_cast<std::size_t>((src - 1 + c.size) % c.size)].rows;
+    const int sn = mpi_count(static_cast<std::uint64_t>(send_rows * (d + dv)), "ring");
+    const int rn = mpi_count(static_cast<std::uint64_t>(recv_rows * (d + dv)), "ring");
+    MPI_Sendrecv(kv.data(), sn, MPI_DOUBLE, to, 0, next.data(), rn, MPI_DOUBLE, from, 0, c.comm, MPI_STATUS_IGNORE);
+    c.count(8 * static_cast<std::uint64_t>(sn), 8 * static_cast<std::uint64_t>(rn));
+    kv.swap(next);
+  }
+  agree(c, [&] {
+    for (index_t i = 0; i < m; ++i) {
+      if (!std::isfinite(L[i])) ++empty;
+      for (index_t x = 0; x < dv; ++x) {
+        const double v = std::isfinite(L[i]) ? acc[i * dv + x] : 0.0;
+        if (std::fabs(v) > std::numeric_limits<float>::max())
+          detail::invalid("values: the output of query " + std::to_string(i) + " overflows float32");
+        out[i * dv + x] = static_cast<float>(v);
+      }
+    }
   });
-  // The selected (index, score) pairs, in rank order: ascending indices.
-  const int count = static_cast<int>(local.indices.size());
-  std::vector<int> counts(static_cast<std::size_t>(c.size)), offsets(counts.size() + 1, 0);
-  MPI_Allgather(&count, 1, MPI_INT, counts.data(), 1, MPI_INT, comm);
-  for (int r = 0; r < c.size; ++r) offsets[r + 1] = offsets[r] + counts[r];
-  std::vector<std::int64_t> idx(local.indices.begin(), local.indices.end());
-  for (auto& j : idx) j += first;
-  UniversalSet out = local;
-  std::vector<std::int64_t> gathered(static_cast<std::size_t>(offsets[c.size]));
-  out.scores.resize(gathered.size());
-  MPI_Allgatherv(idx.data(), count, MPI_INT64_T, gathered.data(), counts.data(), offsets.data(), MPI_INT64_T, comm);
-  MPI_Allgatherv(local.scores.data(), count, MPI_DOUBLE, out.scores.data(), counts.data(), offsets.data(), MPI_DOUBLE,
-                 comm);
-  c.count(4 + 16 * static_cast<std::uint64_t>(count), 4 * static_cast<std::uint64_t>(c.size) + 16 * gathered.size());
-  out.indices.assign(gathered.begin(), gathered.end());
-  out.n = n;
-  const double gam = 1.0 + local.score_rel_error_bound;
-  out.size_bound = std::floor(std::min(static_cast<double>(n), static_cast<double>(g.rank) * gam * gam / eps));
-  return out;
+}
+
+}  // namespace
+
+DistributedAttentionResult distributed_attention(MPI_Comm comm, const Tensor4Ref& Q_local, index_t q_first,
+                                                 const Tensor4Ref& K_local, const Tensor4Ref& V_local,
+                                                 index_t k_first, float* out_local, const AttentionOptions& options,
+                                                 DistributedMode mode, CommVolume* volume) {
+  const Comm c = comm_of(comm, volume);
+  const auto t0 = Clock::now();
+  const Layout lq = layout_of(c, q_first, Q_local.rows, Q_local.cols, Q_local.batch * Q_local.heads, "queries");
+  const Layout lk = layout_of(c, k_first, K_local.rows, K_local.cols, K_local.batch * K_local.heads, "keys");
+  const Layout lv = layout_of(c, k_first, V_local.rows, V_local.cols, V_local.batch * V_local.heads, "values");
+  if (lq.pairs != lk.pairs || lq.cols != lk.cols || lv.pairs != lk.pairs || lv.n != lk.n)
+    fail_together("queries, keys, values: expected the same (batch, head) pairs, queries as wide as keys and one value "
+                  "per key");
+  const Tensor4Ref Q_all = widened(Q_local, lq), K_all = widened(K_local, lk), V_all = widened(V_local, lv);
+  agree(c, [&] {
+    check_attention_options(options, mode);
+    require_finite(Q_local, "queries");
+    require_finite(K_local, "keys");
+    require_finite(V_local, "values");
+  });
+  const index_t n = lk.n, d = lk.cols, dv = lv.cols, m_r = Q_local.rows;
+  const Shard q = lq.shards[static_cast<std::size_t>(c.rank)];
+  DistributedAttentionResult res;
+  double keys_here = 0.0;
+  double selection = 0.0;
+  for (index_t h = 0; h < lk.pairs; ++h) {
+    const ConstMatrix Q = pair_of(Q_all, h), K = pair_of(K_all, h), V = pair_of(V_all, h);
+    float* out = out_local + h * m_r * dv;
+    if (options.select == Select::full) {
+      ring_attention(c, Q, K, V, lk, options, out, res.empty_rows);
+      keys_here += static_cast<double>(m_r * n);
+      res.shared_sizes.push_back(0);
+      continue;
+    }
+    const auto ts = Clock::now();
+    std::vector<index_t> set;
+    if (options.select == Select::leverage) {
+      UniversalOptions uo;
+      uo.eps = options.eps;
+      uo.p = options.kernel == Kernel::power ? options.p : 2.0;
+      uo.leverage = options.leverage;
+      set = mode == DistributedMode::exact ? exact_set(c, K, k_first, n, d, options.eps, options.leverage).set.indices
+                                           : two_round_set(c, K, k_first, n, uo).indices;
+    }
+    const std::vector<float> set_rows = all_gather(c, own_rows(K, V, k_first, set), "selected rows");
+    std::vector<std::vector<std::pair<index_t, index_t>>> need;
+    for (const Shard& s : lq.shards) need.push_back(needed_ranges(options, s, n));
+    const Fetched fetched = fetch_ranges(c, K, V, lk, need);
+    selection += since(ts);
+    const std::vector<index_t> shared = shared_keys(set, options.sinks, n);
+    res.shared_sizes.push_back(static_cast<index_t>(shared.size()));
+    // Query blocks of kQueryBlock, each its own small problem (no copy of the whole shard).
+    agree(c, [&] {
+      LocalProblem L;
+      std::vector<float> stat, block_out;
+      const index_t block = std::max(kQueryBlock, 4 * options.window);
+      for (index_t i0 = 0; i0 < m_r; i0 += block) {
+        const Shard b{q.first + i0, std::min(block, m_r - i0)};
+        L = local_problem(options, b, {Q.row(i0), b.rows, d}, K, V, k_first, n, shared, set, set_rows, fetched);
+        const index_t rows = L.sel.m;
+        stat.resize(static_cast<std::size_t>(rows));
+        block_out.resize(static_cast<std::size_t>(rows * dv));
+        selected_attention_forward<float>({1, 1, rows, L.sel.n, d, dv}, L.sel, options, L.Q.data(), L.K.data(),
+                                          L.V.data(), block_out.data(), stat.data());
+        std::copy_n(block_out.data() + L.pad * dv, b.rows * dv, out + i0 * dv);
+        const std::vector<index_t> per = L.sel.keys_per_query();
+        for (index_t i = L.pad; i < rows; ++i) {
+          res.empty_rows += stat[static_cast<std::size_t>(i)] == INFINITY ? 1 : 0;
+          keys_here += static_cast<double>(per[static_cast<std::size_t>(i)]);
+        }
+      }
+    });
+  }
+  double sums[2] = {keys_here, static_cast<double>(res.empty_rows)}, total[2] = {0, 0};
+  MPI_Allreduce(sums, total, 2, MPI_DOUBLE, MPI_SUM, comm);
+  c.count(16, 16);
+  res.mean_keys_per_query = total[0] / static_cast<double>(lq.n * lq.pairs);
+  res.empty_rows = static_cast<index_t>(total[1]);
+  res.seconds_selection = selection;
+  res.seconds_attention = since(t0) - selection;
+  return res;
+}
+
+void write_npy_rows(MPI_Comm comm, const std::filesystem::path& path, const std::vector<index_t>& shape,
+                    index_t first, index_t rows, const float* local, CommVolume* volume) {
+  const Comm c = comm_of(comm, volume);
+  const std::size_t dims = shape.size();
+  if (dims < 2 || dims > 4) fail_together(path.string() + ": expected a 2-D to 4-D shape");
+  index_t pairs = 1;
+  for (std::size_t a = 0; a + 2 < dims; ++a) pairs *= shape[a];
+  const index_t n = shape[dims - 2], cols = shape[dims - 1];
+  const Layout l = layout_of(c, first, rows, cols, pairs, path.string());
+  if (l.n != n) fail_together(path.string() + ": the ranks' rows add up to " + std::to_string(l.n) + ", the shape has " + std::to_string(n));
+  Array header;
+  header.dtype = DType::float32;
+  header.shape = shape;
+  const std::vector<std::uint8_t> head = detail::npy_header_bytes(header);
+  // A temporary name beside the target, chosen by rank 0.
+  char tag[17] = {0};
+  if (c.rank == 0) std::snprintf(tag, sizeof tag, "%016llx", static_cast<unsigned long long>(std::random_device{}()) << 32 ^ static_cast<unsigned long long>(std::random_device{}()));
+  MPI_Bcast(tag, 16, MPI_CHAR, 0, comm);
+  c.count(c.rank == 0 ? 16 : 0, c.rank == 0 ? 0 : 16);
+  const std::string tmp = path.string() + ".tmp." + tag;
+  const auto check = [&](int rc, const char* what) {
+    if (rc == MPI_SUCCESS) return;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    throw Error(ErrorKind::io, path.string() + ": cannot " + what + ": " + std::string(msg, static_cast<std::size_t>(len)));
+  };
+  MPI_File fh = MPI_FILE_NULL;
+  bool written = false;
+  const auto remove_tmp = [&] {
+    if (c.rank == 0) std::remove(tmp.c_str());
+  };
+  try {
+    int rc = MPI_File_open(comm, tmp.c_str(), MPI_MODE_CREATE | MPI_MODE_WRONLY | MPI_MODE_EXCL, MPI_INFO_NULL, &fh);
+    agree(c, [&] { check(rc, "create a temporary file beside it"); });
+    agree(c, [&] {
+      if (c.rank == 0) check(MPI_File_write_at(fh, 0, head.data(), static_cast<int>(head.size()), MPI_BYTE, MPI_STATUS_IGNORE), "write");
+      constexpr index_t kChunk = index_t{1} << 26;  // floats per MPI call, well below INT_MAX
+      for (index_t s = 0; s < pairs; ++s)
+        for (index_t done = 0; done < rows * cols; done += kChunk) {
+          const index_t count = std::min(kChunk, rows * cols - done);
+          const MPI_Offset at = static_cast<MPI_Offset>(head.size()) +
+                                static_cast<MPI_Offset>(4 * ((s * n + first) * cols + done));
+          check(MPI_File_write_at(fh, at, local + s * rows * cols + done, static_cast<int>(count), MPI_FLOAT,
+                                  MPI_STATUS_IGNORE), "write");
+        }
+    });
+    rc = MPI_File_sync(fh);
+    agree(c, [&] { check(rc, "flush"); });
+    rc = MPI_File_close(&fh);
+    fh = MPI_FILE_NULL;  // closed or not, never closed again
+    agree(c, [&] { check(rc, "close"); });
+    agree(c, [&] {
+      if (c.rank == 0 && std::rename(tmp.c_str(), path.c_str()) != 0)
+        throw Error(ErrorKind::io, path.string() + ": cannot move the written file into place");
+    });
+    written = true;
+  } catch (...) {
+    if (fh != MPI_FILE_NULL) MPI_File_close(&fh);
+    if (!written) remove_tmp();
+    throw;
+  }
 }
 
 }  // namespace levattn

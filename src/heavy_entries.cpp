@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "detail/blas.hpp"
+#include "detail/heavy.hpp"
 #include "detail/lapack.hpp"
 #include "detail/leverage.hpp"
 #include "detail/parallel.hpp"
@@ -56,33 +57,19 @@ std::vector<double> universal_keys(ConstMatrix K, const UniversalSet& U) {
   return KU;
 }
 
-// Exact x^2 heavy entries: keys of U_eps only, and Z_i = ||R q_i||^2 with K = Q R (header).
-HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& lo) {
-  check_inputs(Q, K, eps);
-  if (lo.method == ScoreMethod::sketch)
-    detail::invalid("method sketch: exact x^2 normalisers need the exact factor of the keys "
-                    "(O(n d^2)), which costs more than a sketch saves; use method exact, or "
-                    "sampled normalisers");
-  const index_t m = Q.rows, n = K.rows, d = K.cols;
-  LeverageOptions exact = lo;
-  exact.ridge = 0.0;
-  const KeyGram g = key_gram(K, exact);
-  const UniversalSet U = universal_set(detail::scores_unchecked(K, g), eps);
-  const index_t u = static_cast<index_t>(U.indices.size());
-  const std::vector<double> R = detail::key_r_factor(K);
-  double frob2 = 0.0;  // ||K||_F^2 = trace(K^T K)
-  for (index_t i = 0; i < d; ++i) frob2 += g.gram[i * d + i];
+}  // namespace
+
+namespace detail {
+
+double x2_zero_tol(index_t n, index_t d, double frob2) {
   // ||R q|| carries an error of at most n d u ||K||_F ||q|| (Householder QR, Higham Thm 19.4).
   const double res = static_cast<double>(n) * static_cast<double>(d) * std::numeric_limits<double>::epsilon() / 2;
-  const double zero_tol = res * res * frob2;
+  return res * res * frob2;
+}
 
-  HeavyEntries out;
-  out.universal_size = u;
-  out.rank = g.rank;
-  out.normaliser = "exact (||R q||^2, K = QR)";
-
-  const std::vector<double> KU = universal_keys(K, U);
-
+void x2_entries(ConstMatrix Q, index_t query_offset, const std::vector<double>& R, const std::vector<double>& KU,
+                const std::vector<index_t>& keys, double eps, double zero_tol, HeavyEntries& out) {
+  const index_t m = Q.rows, d = Q.cols, u = static_cast<index_t>(keys.size());
   constexpr index_t kRows = 256;
   const index_t blocks = (m + kRows - 1) / kRows;
   std::vector<std::vector<HeavyEntry>> found(static_cast<std::size_t>(blocks));
@@ -108,17 +95,43 @@ HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOp
         qq += w.q[i * d + j] * w.q[i * d + j];
       }
       if (z <= zero_tol * qq) {
-        zeros[b].push_back(r0 + i);
+        zeros[b].push_back(query_offset + r0 + i);
         continue;
       }
       for (index_t a = 0; a < u; ++a) {
         const double x = w.dots[i * u + a];
         const double v = x * x / z;
-        if (v >= eps) found[b].push_back({r0 + i, U.indices[a], v});
+        if (v >= eps) found[b].push_back({query_offset + r0 + i, keys[a], v});
       }
     }
   });
   merge_blocks(found, zeros, out);
+}
+
+}  // namespace detail
+
+namespace {
+
+// Exact x^2 heavy entries: keys of U_eps only, and Z_i = ||R q_i||^2 with K = Q R (header).
+HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& lo) {
+  check_inputs(Q, K, eps);
+  if (lo.method == ScoreMethod::sketch)
+    detail::invalid("method sketch: exact x^2 normalisers need the exact factor of the keys "
+                    "(O(n d^2)), which costs more than a sketch saves; use method exact, or "
+                    "sampled normalisers");
+  const index_t d = K.cols;
+  LeverageOptions exact = lo;
+  exact.ridge = 0.0;
+  const KeyGram g = key_gram(K, exact);
+  const UniversalSet U = universal_set(detail::scores_unchecked(K, g), eps);
+  double frob2 = 0.0;  // ||K||_F^2 = trace(K^T K)
+  for (index_t i = 0; i < d; ++i) frob2 += g.gram[i * d + i];
+  HeavyEntries out;
+  out.universal_size = static_cast<index_t>(U.indices.size());
+  out.rank = g.rank;
+  out.normaliser = detail::kX2Normaliser;
+  detail::x2_entries(Q, 0, detail::key_r_factor(K), universal_keys(K, U), U.indices, eps,
+                     detail::x2_zero_tol(K.rows, d, frob2), out);
   return out;
 }
 

@@ -1,4 +1,4 @@
-// NpyRowReader: a 2-D .npy file read a block of rows at a time.
+// NpyRowReader: a .npy file (one matrix or a stack of them) read a block of rows at a time.
 #include <cfloat>
 #include <cmath>
 #include <span>
@@ -8,15 +8,24 @@
 
 namespace levattn {
 
-NpyRowReader::NpyRowReader(const std::filesystem::path& path)
+NpyRowReader::NpyRowReader(const std::filesystem::path& path, int max_dims)
     : file_(std::make_unique<detail::InputFile>(path, path.string())), where_(path.string()) {
   const detail::NpyHeader h = detail::read_npy_file_header(*file_, where_);
-  if (h.shape.size() != 2)
-    throw Error(ErrorKind::io, where_ + ": shape: expected 2 dimensions (rows, columns), got " + detail::shape_string(h.shape));
+  const auto dims = static_cast<int>(h.shape.size());
+  if (dims < 2 || dims > max_dims)
+    throw Error(ErrorKind::io, where_ + ": shape: expected " +
+                                   (max_dims == 2 ? std::string("2 dimensions (rows, columns)")
+                                                  : "2 to " + std::to_string(max_dims) + " dimensions (..., rows, columns)") +
+                                   ", got " + detail::shape_string(h.shape));
   if (h.dtype == DType::int64) throw Error(ErrorKind::io, where_ + ": dtype: expected float32 or float64, got int64");
-  if (h.fortran_order && h.shape[0] > 1 && h.shape[1] > 1)
+  shape_ = h.shape;
+  rows_ = h.shape[dims - 2], cols_ = h.shape[dims - 1];
+  for (int a = 0; a < dims - 2; ++a) pairs_ *= h.shape[a];
+  index_t long_dims = 0;  // Fortran order is C order when at most one dimension exceeds 1
+  for (index_t e : h.shape) long_dims += e > 1 ? 1 : 0;
+  if (h.fortran_order && long_dims > 1)
     throw Error(ErrorKind::io, where_ + ": fortran_order: rows are read one block at a time, which needs C order");
-  rows_ = h.shape[0], cols_ = h.shape[1], dtype_ = h.dtype, data_offset_ = h.data_offset;
+  dtype_ = h.dtype, data_offset_ = h.data_offset;
 }
 
 NpyRowReader::~NpyRowReader() = default;
@@ -25,8 +34,17 @@ void NpyRowReader::read(index_t r0, index_t count, float* out) const {
   if (r0 < 0 || count < 0 || r0 > rows_ - count)
     throw Error(ErrorKind::invalid_argument, where_ + ": rows " + std::to_string(r0) + " + " + std::to_string(count) +
                                                  " beyond its " + std::to_string(rows_));
-  const std::size_t values = static_cast<std::size_t>(count * cols_), width = detail::dtype_size(dtype_);
-  const std::uint64_t at = data_offset_ + static_cast<std::uint64_t>(r0) * static_cast<std::uint64_t>(cols_) * width;
+  const std::size_t values = static_cast<std::size_t>(count * cols_);
+  const std::uint64_t width = detail::dtype_size(dtype_), row_bytes = static_cast<std::uint64_t>(cols_) * width;
+  for (index_t s = 0; s < pairs_; ++s) {
+    const std::uint64_t at = data_offset_ + (static_cast<std::uint64_t>(s) * static_cast<std::uint64_t>(rows_) +
+                                             static_cast<std::uint64_t>(r0)) * row_bytes;
+    read_slice(at, r0, values, out + static_cast<std::size_t>(s) * values);
+  }
+}
+
+void NpyRowReader::read_slice(std::uint64_t at, index_t r0, std::size_t values, float* out) const {
+  const std::size_t width = detail::dtype_size(dtype_);
   if (dtype_ == DType::float32) {
     file_->read_at(at, std::span(reinterpret_cast<std::uint8_t*>(out), values * width));
     return;

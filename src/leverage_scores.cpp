@@ -176,6 +176,8 @@ void score_rows64(ConstMatrix K, const KeyGram& g, index_t r0, index_t rows, Sco
 
 }  // namespace
 
+void detail::check_leverage_options(const LeverageOptions& o) { check_options(o); }
+
 namespace detail {
 
 KeyGram gram_factor(std::vector<double> gram, index_t d, const LeverageOptions& options) {

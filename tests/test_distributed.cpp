@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 
 #include "levattn/distributed.hpp"
 #include "levattn/levattn.hpp"
@@ -70,6 +71,17 @@ TEST(Distributed, UniversalSetIsTheSingleProcessSet) {
   expect_single_process_set(low, 0.01);
 }
 
+TEST(Distributed, StridedKeysAreReadByRow) {
+  const Mat K = keys(600, 5, 51);
+  const levattn::Shard s = levattn::shard_of(K.rows, rank_of(), size_of());
+  std::vector<float> wide(static_cast<std::size_t>(s.rows * 8), -7.0f);  // rows of 8, the keys in the first 5
+  for (index_t r = 0; r < s.rows; ++r)
+    for (index_t x = 0; x < 5; ++x) wide[r * 8 + x] = K(s.first + r, x);
+  const auto got = levattn::distributed_universal_set(MPI_COMM_WORLD, {wide.data(), s.rows, 5, 8}, s.first, 0.05);
+  const auto ref = levattn::distributed_universal_set(MPI_COMM_WORLD, my_rows(K, s), s.first, 0.05);
+  EXPECT_EQ(got.indices, ref.indices);
+}
+
 TEST(Distributed, CommunicationDoesNotGrowWithN) {
   const index_t d = 8;
   levattn::CommVolume small, large;
@@ -82,6 +94,149 @@ TEST(Distributed, CommunicationDoesNotGrowWithN) {
   }
   EXPECT_EQ(small.sent, large.sent);
   EXPECT_EQ(small.received, large.received);
+}
+
+// A stack of `pairs` matrices (pairs x n x cols) and this rank's rows of each, as one local stack.
+struct Stack {
+  index_t pairs = 1, n = 0, cols = 0;
+  std::vector<float> all, mine;
+  levattn::Tensor4Ref whole() const { return {all.data(), 1, pairs, n, cols}; }
+  levattn::Tensor4Ref local(levattn::Shard s) const { return {mine.data(), 1, pairs, s.rows, cols}; }
+};
+
+Stack stack_of(index_t pairs, index_t n, index_t cols, std::uint64_t seed, levattn::Shard s, bool lognormal) {
+  Stack t{pairs, n, cols, {}, {}};
+  for (index_t h = 0; h < pairs; ++h) {
+    const Mat m = lognormal ? keys(n, cols, seed + 10 * h) : oracle::gaussian(n, cols, seed + 10 * h);
+    t.all.insert(t.all.end(), m.v.begin(), m.v.end());
+    t.mine.insert(t.mine.end(), m.v.begin() + s.first * cols, m.v.begin() + (s.first + s.rows) * cols);
+  }
+  return t;
+}
+
+double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+// Shards of n rows: the balanced split, or (lopsided) rank 0 empty and the rest split among the others.
+levattn::Shard shard(index_t n, bool lopsided) {
+  if (!lopsided || size_of() == 1) return levattn::shard_of(n, rank_of(), size_of());
+  if (rank_of() == 0) return {0, 0};
+  return levattn::shard_of(n, rank_of() - 1, size_of() - 1);
+}
+
+// distributed_attention on this rank's rows against attention() of the whole arrays, on every rank.
+void expect_single_process_attention(const levattn::AttentionOptions& o, index_t m, index_t n, bool lopsided,
+                                     levattn::DistributedMode mode = levattn::DistributedMode::exact) {
+  const index_t d = 8, dv = 5, pairs = 2;
+  const levattn::Shard sq = shard(m, lopsided), sk = shard(n, lopsided);
+  const Stack Q = stack_of(pairs, m, d, 11, sq, false), K = stack_of(pairs, n, d, 12, sk, true),
+              V = stack_of(pairs, n, dv, 13, sk, false);
+  std::vector<float> ref(static_cast<std::size_t>(pairs * m * dv)), out(static_cast<std::size_t>(pairs * sq.rows * dv));
+  levattn::attention(Q.whole(), K.whole(), V.whole(), ref.data(), o);
+  levattn::CommVolume vol;
+  const auto r = levattn::distributed_attention(MPI_COMM_WORLD, Q.local(sq), sq.first, K.local(sk), V.local(sk),
+                                                sk.first, out.data(), o, mode, &vol);
+  std::vector<float> expect;
+  for (index_t h = 0; h < pairs; ++h)
+    expect.insert(expect.end(), ref.begin() + (h * m + sq.first) * dv, ref.begin() + (h * m + sq.first + sq.rows) * dv);
+  EXPECT_LE(rel_error(out, expect), 1e-6) << "select " << levattn::to_string(o.select) << ", m " << m << ", n " << n;
+  EXPECT_EQ(r.shared_sizes.size(), static_cast<std::size_t>(pairs));
+  if (size_of() == 1) {
+    EXPECT_EQ(vol.sent + vol.received, 0u);
+  }
+}
+
+TEST(Distributed, AttentionIsTheSingleProcessAttention) {
+  levattn::AttentionOptions lev;
+  lev.select = levattn::Select::leverage;
+  lev.eps = 0.05;
+  for (bool lopsided : {false, true}) {
+    expect_single_process_attention(lev, 523, 523, lopsided);
+    levattn::AttentionOptions both = lev;
+    both.window = 4, both.sinks = 3;
+    expect_single_process_attention(both, 523, 523, lopsided);
+    levattn::AttentionOptions wide;  // a window wider than a shard: the halo crosses ranks
+    wide.select = levattn::Select::window, wide.window = 200, wide.sinks = 2;
+    expect_single_process_attention(wide, 523, 523, lopsided);
+    levattn::AttentionOptions full;  // the ring
+    expect_single_process_attention(full, 301, 523, lopsided);
+    levattn::AttentionOptions poly = lev;  // power kernel, p 2: the exact mode still applies
+    poly.kernel = levattn::Kernel::power, poly.p = 2.0, poly.window = 1;
+    expect_single_process_attention(poly, 301, 523, lopsided);
+  }
+}
+
+TEST(Distributed, TwoRoundsContainTheSingleProcessSet) {
+  const index_t n = 777, d = 6;
+  const levattn::Shard s = levattn::shard_of(n, rank_of(), size_of());
+  const Stack K = stack_of(1, n, d, 21, s, true);
+  for (double p : {2.0, 4.0, 1.0}) {
+    levattn::UniversalOptions o;
+    o.eps = 0.02, o.p = p;
+    const levattn::UniversalSet ref = levattn::universal_sets(K.whole(), o).front();
+    const levattn::UniversalSet got =
+        levattn::distributed_universal_sets(MPI_COMM_WORLD, K.local(s), s.first, o, levattn::DistributedMode::two_round)
+            .front();
+    EXPECT_TRUE(std::includes(got.indices.begin(), got.indices.end(), ref.indices.begin(), ref.indices.end()))
+        << "p " << p << ": " << got.indices.size() << " keys, the single-process set " << ref.indices.size();
+    EXPECT_EQ(got.n, n);
+  }
+}
+
+TEST(Distributed, HeavyEntriesAreTheSingleProcessEntries) {
+  for (bool lopsided : {false, true}) {
+    const index_t m = 401, n = 613, d = 7;
+    const levattn::Shard sq = shard(m, lopsided), sk = shard(n, lopsided);
+    const Stack Q = stack_of(2, m, d, 31, sq, false), K = stack_of(2, n, d, 32, sk, true);
+    const auto ref = levattn::heavy_entries(Q.whole(), K.whole(), 0.02, levattn::HeavyOptions{});
+    const auto mine =
+        levattn::distributed_heavy_entries(MPI_COMM_WORLD, Q.local(sq), sq.first, K.local(sk), sk.first, 0.02);
+    const auto all = levattn::gather_heavy_entries(MPI_COMM_WORLD, mine, 0);
+    if (rank_of() != 0) continue;
+    ASSERT_EQ(all.size(), ref.size());
+    for (std::size_t h = 0; h < ref.size(); ++h) {
+      ASSERT_EQ(all[h].entries.size(), ref[h].entries.size()) << "pair " << h;
+      for (std::size_t e = 0; e < ref[h].entries.size(); ++e) {
+        EXPECT_EQ(all[h].entries[e].query, ref[h].entries[e].query);
+        EXPECT_EQ(all[h].entries[e].key, ref[h].entries[e].key);
+        EXPECT_NEAR(all[h].entries[e].value, ref[h].entries[e].value, 1e-9);
+      }
+    }
+  }
+}
+
+TEST(Distributed, ShardedNpyWriteIsOneFileWrittenAtomically) {
+  const std::string dir = "/tmp/levattn_test_distributed_" + std::to_string(size_of());
+  if (rank_of() == 0) std::filesystem::create_directories(dir);
+  MPI_Barrier(MPI_COMM_WORLD);
+  const index_t n = 211, cols = 3;
+  const levattn::Shard s = levattn::shard_of(n, rank_of(), size_of());
+  const Stack A = stack_of(2, n, cols, 41, s, false);
+  const std::string path = dir + "/A.npy";
+  levattn::write_npy_rows(MPI_COMM_WORLD, path, {2, n, cols}, s.first, s.rows, A.mine.data());
+  const levattn::Array back = levattn::read_npy(path);
+  EXPECT_EQ(back.shape, (std::vector<index_t>{2, n, cols}));
+  EXPECT_EQ(back.f32, A.all);
+  // A failing write (shards that do not add up to the shape) leaves the old file as it was.
+  const auto [kind, what] = oracle::error_of(
+      [&] { levattn::write_npy_rows(MPI_COMM_WORLD, path, {2, n + 1, cols}, s.first, s.rows, A.mine.data()); });
+  EXPECT_EQ(kind, levattn::ErrorKind::invalid_argument) << what;
+  EXPECT_EQ(levattn::read_npy(path).f32, A.all);
+  const auto [kind2, what2] = oracle::error_of(
+      [&] { levattn::write_npy_rows(MPI_COMM_WORLD, dir + "/no/such/dir/A.npy", {2, n, cols}, s.first, s.rows, A.mine.data()); });
+  EXPECT_EQ(kind2, levattn::ErrorKind::io) << what2;
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (rank_of() == 0) {
+    for (const auto& f : std::filesystem::directory_iterator(dir))
+      EXPECT_EQ(f.path().filename().string().find(".tmp."), std::string::npos) << f.path();
+    std::filesystem::remove_all(dir);
+  }
 }
 
 TEST(Distributed, AnErrorOnOneRankEndsTheCallOnEveryRank) {

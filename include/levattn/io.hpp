@@ -65,27 +65,35 @@ namespace detail {
 class InputFile;
 }
 
-/// A 2-D float32 or float64 .npy file in C order, read a block of rows at a time and never whole
-/// (for streams over more keys than memory holds). The header is validated as read_npy does when
-/// the file is opened; Fortran order, other dtypes or other ranks throw Error(io) naming the file.
+/// A float32 or float64 .npy file in C order, read a block of rows at a time and never whole
+/// (for streams over more keys than memory holds, and for the shard of rows one process of a
+/// distributed run reads). The file is (rows, cols), or with max_dims 3 or 4 a stack (heads, rows,
+/// cols) or (batch, heads, rows, cols) of pairs() matrices. The header is validated as read_npy
+/// does when the file is opened; Fortran order, other dtypes or other numbers of dimensions throw
+/// Error(io) naming the file.
 class NpyRowReader {
  public:
-  explicit NpyRowReader(const std::filesystem::path& path);
+  explicit NpyRowReader(const std::filesystem::path& path, int max_dims = 2);
   ~NpyRowReader();
   NpyRowReader(const NpyRowReader&) = delete;
   NpyRowReader& operator=(const NpyRowReader&) = delete;
 
+  const std::vector<index_t>& shape() const { return shape_; }
+  index_t pairs() const { return pairs_; }  ///< matrices in the stack: the product of the leading dimensions
   index_t rows() const { return rows_; }
   index_t cols() const { return cols_; }
-  /// Rows r0 .. r0 + count - 1 as float32 into out (count x cols). A float64 value beyond
-  /// float32's range throws Error(invalid_argument) naming the file; a file that shrank since it
-  /// was opened throws Error(io).
+  /// Rows r0 .. r0 + count - 1 of every matrix of the stack as float32 into out (pairs() x count
+  /// x cols), pairs() reads of count * cols contiguous values. A float64 value beyond float32's
+  /// range throws Error(invalid_argument) naming the file; a file that shrank since it was opened
+  /// throws Error(io).
   void read(index_t r0, index_t count, float* out) const;
 
  private:
+  void read_slice(std::uint64_t at, index_t r0, std::size_t values, float* out) const;
   std::unique_ptr<detail::InputFile> file_;
   std::string where_;
-  index_t rows_ = 0, cols_ = 0;
+  std::vector<index_t> shape_;
+  index_t pairs_ = 1, rows_ = 0, cols_ = 0;
   DType dtype_ = DType::float32;
   std::uint64_t data_offset_ = 0;
 };

@@ -12,6 +12,11 @@ namespace levattn::kernels {
 struct RowOps;
 }
 
+namespace levattn {
+struct AttentionOptions;
+struct LeverageOptions;
+}  // namespace levattn
+
 namespace levattn::detail {
 
 /// isfinite by the exponent bits, so that loops using it vectorise.
@@ -50,5 +55,10 @@ void require_open_unit(double v, const char* what);
 
 /// Throws unless eps is a number in (0, 1].
 void require_eps(double eps, const char* what = "eps");
+
+/// The option checks of attention() (kernel, window, sinks, eps, budgets per selection) and of
+/// the leverage scores (ridge, rank_rtol), for entry points that reach them another way.
+void check_attention_options(const AttentionOptions& o);
+void check_leverage_options(const LeverageOptions& o);
 
 }  // namespace levattn::detail
