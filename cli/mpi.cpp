@@ -49,8 +49,8 @@ Sharded read_shard(const std::string& path, const std::string& what, const Mpi& 
   return s;
 }
 
-// The named inputs, each rank its rows, with the checks of levattn's commands: the same stack
-// of (batch, head) pairs, `width` pairs of files of equal columns, `rows` of equal rows.
+// The named inputs, each rank its rows, with levattn's check that they are the same stack of
+// (batch, head) pairs (widths and lengths are the library's to check).
 std::vector<Sharded> read_inputs(const Mpi& mpi, const std::vector<std::string>& files, const std::vector<std::string>& names) {
   std::vector<Sharded> in(files.size());
   collectively(mpi.comm, [&] {

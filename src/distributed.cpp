@@ -316,14 +316,12 @@ std::vector<HeavyEntries> distributed_heavy_entries(MPI_Comm comm, const Tensor4
     const std::vector<index_t>& U = e.set.indices;
     const std::vector<float> rows = all_gather(c, own_rows(K, {nullptr, 0, 0}, k_first, U), "universal set rows");
     const std::vector<double> KU(rows.begin(), rows.end());
-    double frob2 = 0.0;
-    for (index_t i = 0; i < d; ++i) frob2 += e.gram.gram[i * d + i];
     HeavyEntries& r = out[static_cast<std::size_t>(h)];
     r.universal_size = static_cast<index_t>(U.size());
     r.rank = e.gram.rank;
     r.normaliser = detail::kX2Normaliser;
     agree(c, [&] {
-      detail::x2_entries(pair_of(Q_all, h), q_first, R, KU, U, eps, detail::x2_zero_tol(lk.n, d, frob2), r);
+      detail::x2_entries(pair_of(Q_all, h), q_first, R, KU, U, eps, detail::x2_zero_tol(lk.n, d, e.gram.gram), r);
     });
   }
   return out;
@@ -386,13 +384,7 @@ void check_attention_options(const AttentionOptions& o, DistributedMode mode) {
   if (o.causal) detail::invalid("causal: distributed attention is not causal");
   if (o.top_k != 0 || o.budget_alpha != 0.0)
     detail::invalid("top-k: distributed leverage selects by eps (a global key budget is not distributed)");
-  if (!(o.p > 0.0 && std::isfinite(o.p))) detail::invalid("p: expected a finite number > 0");
-  if (!std::isnan(o.scale) && !std::isfinite(o.scale)) detail::invalid("scale: expected a finite number");
-  if (o.window < -1 || o.sinks < 0) detail::invalid("window, sinks: expected window >= -1 and sinks >= 0");
-  if (o.select == Select::window && o.window < 0 && o.sinks < 1)
-    detail::invalid("window: select window needs a window >= 0 or sinks >= 1");
   if (o.select == Select::leverage) {
-    detail::require_eps(o.eps);
     const bool x2 = o.kernel == Kernel::softmax || o.p == 2.0;
     if (mode == DistributedMode::exact && (!x2 || o.leverage.method != ScoreMethod::exact))
       detail::invalid("distributed: the exact mode selects by exact leverage scores (softmax or p 2); use the two-round mode (levattn-mpi --rounds 2)");
@@ -552,7 +544,8 @@ LocalProblem local_problem(const AttentionOptions& o, Shard q, ConstMatrix Q, Co
   Selection& s = L.sel;
   s.batch = s.heads = 1, s.m = L.pad + q.rows, s.n = g, s.window = band ? o.window : -1;
   s.shared_keys = {{}};
-  for (index_t j : shared) s.shared_keys[0].push_back(j >= lo && j < hi ? j - lo : hi - lo + (std::lower_bound(keys.begin() + (hi - lo), keys.end(), j) - keys.begin() - (hi - lo)));
+  index_t extra = hi - lo;  // the shared keys outside the range follow it, in the order of `shared`
+  for (index_t j : shared) s.shared_keys[0].push_back(j >= lo && j < hi ? j - lo : extra++);
   std::sort(s.shared_keys[0].begin(), s.shared_keys[0].end());
   return L;
 }
@@ -620,10 +613,18 @@ DistributedAttentionResult distributed_attention(MPI_Comm comm, const Tensor4Ref
   const auto t0 = Clock::now();
   const Layout lq = layout_of(c, q_first, Q_local.rows, Q_local.cols, Q_local.batch * Q_local.heads, "queries");
   const Layout lk = layout_of(c, k_first, K_local.rows, K_local.cols, K_local.batch * K_local.heads, "keys");
+  agree(c, [&] {  // before the values' layout, whose tiling check would name the shard, not the cause
+    if (V_local.rows != K_local.rows)
+      detail::invalid("values: expected one row per key: this rank holds " + std::to_string(K_local.rows) +
+                      " keys and " + std::to_string(V_local.rows) + " values");
+  });
   const Layout lv = layout_of(c, k_first, V_local.rows, V_local.cols, V_local.batch * V_local.heads, "values");
-  if (lq.pairs != lk.pairs || lq.cols != lk.cols || lv.pairs != lk.pairs || lv.n != lk.n)
-    fail_together("queries, keys, values: expected the same (batch, head) pairs, queries as wide as keys and one value "
-                  "per key");
+  if (lq.pairs != lk.pairs || lv.pairs != lk.pairs)
+    fail_together("queries, keys, values: expected the same (batch, head) pairs, got " + std::to_string(lq.pairs) + ", " +
+                  std::to_string(lk.pairs) + " and " + std::to_string(lv.pairs));
+  if (lq.cols != lk.cols)
+    fail_together("queries: expected " + std::to_string(lk.cols) + " columns (the keys' dimension), got " +
+                  std::to_string(lq.cols));
   const Tensor4Ref Q_all = widened(Q_local, lq), K_all = widened(K_local, lk), V_all = widened(V_local, lv);
   agree(c, [&] {
     check_attention_options(options, mode);

@@ -61,7 +61,9 @@ std::vector<double> universal_keys(ConstMatrix K, const UniversalSet& U) {
 
 namespace detail {
 
-double x2_zero_tol(index_t n, index_t d, double frob2) {
+double x2_zero_tol(index_t n, index_t d, const std::vector<double>& gram) {
+  double frob2 = 0.0;  // ||K||_F^2 = trace(K^T K)
+  for (index_t i = 0; i < d; ++i) frob2 += gram[i * d + i];
   // ||R q|| carries an error of at most n d u ||K||_F ||q|| (Householder QR, Higham Thm 19.4).
   const double res = static_cast<double>(n) * static_cast<double>(d) * std::numeric_limits<double>::epsilon() / 2;
   return res * res * frob2;
@@ -124,14 +126,12 @@ HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOp
   exact.ridge = 0.0;
   const KeyGram g = key_gram(K, exact);
   const UniversalSet U = universal_set(detail::scores_unchecked(K, g), eps);
-  double frob2 = 0.0;  // ||K||_F^2 = trace(K^T K)
-  for (index_t i = 0; i < d; ++i) frob2 += g.gram[i * d + i];
   HeavyEntries out;
   out.universal_size = static_cast<index_t>(U.indices.size());
   out.rank = g.rank;
   out.normaliser = detail::kX2Normaliser;
   detail::x2_entries(Q, 0, detail::key_r_factor(K), universal_keys(K, U), U.indices, eps,
-                     detail::x2_zero_tol(K.rows, d, frob2), out);
+                     detail::x2_zero_tol(K.rows, d, g.gram), out);
   return out;
 }
 

@@ -257,6 +257,12 @@ def test_faults():
     fault("truncated key file", 4, ["attend"] + qkv("Ktrunc.npy") + lev, "Ktrunc.npy")
     fault("missing file", 2, ["attend"] + qkv("nothere.npy") + lev, "nothere.npy")
     fault("eps outside (0, 1]", 4, ["attend"] + qkv("K.npy") + ["--select", "leverage", "--eps", "1.5"], "eps")
+    save("Vshort.npy", np.load(path("V.npy"))[:-1])
+    save("Qwide.npy", np.ones((1001, 17)))
+    fault("one value per key", 3, ["attend", "--queries", "Q.npy", "--keys", "K.npy", "--values", "Vshort.npy"] + lev,
+          "values (Vshort.npy): expected one row per key")
+    fault("queries as wide as keys", 2, ["attend", "--queries", "Qwide.npy", "--keys", "K.npy", "--values", "V.npy"] +
+          lev, "queries (Qwide.npy): expected 16 columns")
     fault("full with a window", 2, ["attend"] + qkv("K.npy") + ["--select", "full", "--window", "3"], "window")
     fault("unknown selection", 2, ["attend"] + qkv("K.npy") + ["--select", "topk"], "select")
     fault("mismatched stacks", 3, ["attend", "--queries", "Q3.npy", "--keys", "K.npy", "--values", "V.npy"] + lev,

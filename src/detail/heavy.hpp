@@ -10,9 +10,9 @@ namespace levattn::detail {
 inline constexpr const char* kX2Normaliser = "exact (||R q||^2, K = QR)";
 
 /// The zero threshold of Z_i = ||R q_i||^2 relative to ||q_i||^2 for keys with n rows, d
-/// columns and ||K||_F^2 = frob2: the rounding of the QR (below it a query counts as orthogonal
-/// to every key).
-double x2_zero_tol(index_t n, index_t d, double frob2);
+/// columns and Gram K^T K = gram (d x d; its trace is ||K||_F^2): the rounding of the QR (below
+/// it a query counts as orthogonal to every key).
+double x2_zero_tol(index_t n, index_t d, const std::vector<double>& gram);
 
 /// Appends to out the entries (query_offset + i, keys[a], (q_i.k_a)^2 / Z_i) >= eps of the
 /// queries Q (m x d) against the candidate keys KU (|keys| x d, float64), Z_i = ||R q_i||^2
