@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """levattn-mpi under mpirun -np P: wall time and bytes per rank against n and P.
 
-Usage: /usr/bin/python3 bench/distributed_bench.py [--build build] [--n 65536,1048576] [--ranks 1,2,4]
+Usage: python3 bench/distributed_bench.py [--build build] [--n 65536,1048576] [--ranks 1,2,4]
            [--d 64] [--eps 0.05] [--window 64] [--sinks 4] [--ring-n 16384] [--dir DIR]
 
 For each n: Q, K, V (n x d float32; keys with log-normal norms, so that U_eps is not empty) are

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Plot the output of levattn_budget_sweep (docs/budgets.md): relative output error against n,
 one panel per data set, fixed versus n^C-adaptive budgets, exact top-k versus leverage + window.
 

@@ -1,12 +1,15 @@
-# scripts/setup.sh: sourced by scripts/demo and scripts/test. Installs the Debian packages the
-# build needs (only those missing), then configures and builds one build directory.
+# scripts/setup.sh: sourced by scripts/demo, scripts/test and the experiment scripts. Installs the
+# Debian packages the build needs (only those missing), makes the project's Python environment
+# (.venv: PyTorch and the test tools at the versions of python/requirements-dev.txt), and builds.
 set -euo pipefail
 
 LEVATTN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LEVATTN_PACKAGES=(g++ cmake make libopenblas-openmp-dev liblapacke-dev libgtest-dev
   libbenchmark-dev libcli11-dev nlohmann-json3-dev librandom123-dev libzip-dev zlib1g-dev
-  python3-numpy python3-dev pybind11-dev python3-torch python3-pytest dataset-fashion-mnist
-  openmpi-bin libopenmpi-dev)
+  python3-venv dataset-fashion-mnist openmpi-bin libopenmpi-dev)
+# The project's Python environment; LEVATTN_VENV=DIR puts it elsewhere.
+LEVATTN_VENV="${LEVATTN_VENV:-$LEVATTN_ROOT/.venv}"
+LEVATTN_PYTHON="$LEVATTN_VENV/bin/python"
 
 levattn_install_packages() {
   local missing=()
@@ -24,12 +27,35 @@ levattn_install_packages() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# levattn_build DIR [cmake options...]: configure once, then build incrementally.
+# levattn_python_env: creates LEVATTN_VENV from the first python3 on PATH (3.10 or newer; the
+# pinned PyTorch wheel is for 3.11) and installs python/requirements-dev.txt into it, again only
+# when that file has changed.
+levattn_python_env() {
+  local req="$LEVATTN_ROOT/python/requirements-dev.txt" stamp="$LEVATTN_VENV/.levattn-requirements"
+  if [ ! -x "$LEVATTN_PYTHON" ]; then
+    local base="${LEVATTN_BASE_PYTHON:-python3}"
+    "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
+      { echo "levattn: need Python 3.10 or newer as $base (LEVATTN_BASE_PYTHON=...)" >&2; return 1; }
+    echo "levattn: creating the Python environment $LEVATTN_VENV ($("$base" --version 2>&1))" >&2
+    "$base" -m venv "$LEVATTN_VENV"
+  fi
+  if ! cmp -s "$req" "$stamp"; then
+    echo "levattn: installing python/requirements-dev.txt into $LEVATTN_VENV" >&2
+    "$LEVATTN_PYTHON" -m pip install -q --disable-pip-version-check -r "$req" 2>&1 |
+      grep -v "is ignored: it is neither a file nor a directory" >&2 || true
+    "$LEVATTN_PYTHON" -c 'import torch, numpy, pytest, pybind11, scikit_build_core' ||
+      { echo "levattn: the Python environment $LEVATTN_VENV is incomplete" >&2; return 1; }
+    cp "$req" "$stamp"
+  fi
+}
+
+# levattn_build DIR [cmake options...]: configure once, then build incrementally (a C++-only
+# build: the sanitizer build, benchmarks by hand). The tests run the environment's python.
 levattn_build() {
   local dir="$1"
   shift
   if [ ! -f "$dir/CMakeCache.txt" ]; then
-    cmake -S "$LEVATTN_ROOT" -B "$dir" "$@" >/dev/null
+    cmake -S "$LEVATTN_ROOT" -B "$dir" -DPython_EXECUTABLE="$LEVATTN_PYTHON" "$@" >/dev/null
   fi
   local log="$dir/build.log"
   echo "levattn: building $dir" >&2
@@ -41,16 +67,22 @@ levattn_build() {
   grep -E 'warning:' "$log" | head -n 20 >&2 || true
 }
 
-# levattn_register_python BUILD_DIR: makes `import levattn` (for /usr/bin/python3) find the package
-# built in BUILD_DIR/python, through a .pth file in this user's site-packages.
-levattn_register_python() {
-  local pkg="$1/python"
-  [ -f "$pkg/levattn/__init__.py" ] || return 0
-  local site
-  site="$(/usr/bin/python3 -c 'import site; print(site.getusersitepackages())')"
-  mkdir -p "$site"
-  if [ "$(cat "$site/levattn.pth" 2>/dev/null)" != "$pkg" ]; then
-    echo "$pkg" >"$site/levattn.pth"
-    echo "levattn: /usr/bin/python3 imports levattn from $pkg (via $site/levattn.pth)" >&2
+# levattn_build_package DIR: the Release build of everything (library, commands, extension,
+# tests, benchmarks) in DIR, driven by scikit-build-core exactly as `pip install .` drives it:
+# the wheel DIR/dist/levattn-*.whl, installed into the project environment (so `levattn` and
+# `import levattn` there are the installed package). Incremental: a second run rebuilds nothing.
+levattn_build_package() {
+  local dir="$1" log="$1/build.log"
+  mkdir -p "$dir"
+  echo "levattn: building $dir (Release) and installing levattn into $LEVATTN_VENV" >&2
+  rm -rf "$dir/dist"
+  if ! CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$LEVATTN_PYTHON" -m pip wheel -v --no-deps --no-build-isolation --disable-pip-version-check \
+      -w "$dir/dist" -C build-dir="$dir" -C cmake.define.LEVATTN_BUILD_TESTS=ON \
+      -C cmake.define.LEVATTN_BUILD_BENCHMARKS=ON "$LEVATTN_ROOT" >"$log" 2>&1; then
+    tail -n 60 "$log" >&2
+    echo "levattn: build failed (full log: $log)" >&2
+    return 1
   fi
+  grep -E 'warning:' "$log" | grep -v 'is ignored' | head -n 20 >&2 || true
+  "$LEVATTN_PYTHON" -m pip install -q --no-deps --force-reinstall --disable-pip-version-check "$dir"/dist/levattn-*.whl
 }

@@ -46,10 +46,11 @@ void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V)
     os << "queries: expected batch >= 1 and heads >= 1, got (" << Q.batch << ", " << Q.heads << ")";
     detail::invalid(os.str());
   }
-  if (K.batch != Q.batch || K.heads != Q.heads || V.batch != Q.batch || V.heads != Q.heads) {
-    os << "keys/values: expected the queries' (batch, heads) = (" << Q.batch << ", " << Q.heads
-       << "), got keys (" << K.batch << ", " << K.heads << "), values (" << V.batch << ", "
-       << V.heads << ")";
+  // Grouped-query attention: fewer key/value heads than query heads, dividing them.
+  if (K.batch != Q.batch || V.batch != Q.batch || V.heads != K.heads || K.heads < 1 || Q.heads % K.heads != 0) {
+    os << "keys/values: expected the queries' batch " << Q.batch << " and a number of heads dividing the queries' "
+       << Q.heads << " (the same for both), got keys (" << K.batch << ", " << K.heads << "), values (" << V.batch
+       << ", " << V.heads << ")";
     detail::invalid(os.str());
   }
   if (K.cols != Q.cols) {
@@ -164,6 +165,11 @@ struct Plan {
   AttentionOptions o;
   kernels::KernelParams params;
   index_t heads = 0, qheads = 0, m = 0, n = 0, d = 0, dv = 0;
+  index_t group = 1;  // query heads per key/value head (grouped-query attention)
+
+  // Pair h's slice of the queries, and of the keys or values it reads (its group's).
+  ConstMatrix q_slice(const Tensor4Ref& Q, index_t h) const { return Q.slice(h / qheads, h % qheads); }
+  ConstMatrix kv_slice(const Tensor4Ref& KV, index_t h) const { return KV.slice(h / qheads, h % qheads / group); }
   index_t window = -1;  // clamped: a window wider than both sequences sees everything
   index_t k_top = 0;    // topk budget, at most n
   bool shared = false;  // leverage, random or window: one key set per head
@@ -194,6 +200,7 @@ Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, co
   const AttentionOptions& o = pl.o;
   pl.heads = Q.batch * Q.heads;
   pl.qheads = Q.heads;
+  pl.group = K.heads > 0 ? Q.heads / K.heads : 1;
   pl.m = Q.rows, pl.n = K.rows, pl.d = Q.cols, pl.dv = V.cols;
   if (o.causal && pl.m != pl.n) {
     std::ostringstream os;
@@ -398,8 +405,7 @@ struct Inputs {
 
 BlockStats run_block(const Plan& pl, Workspace& w, const Inputs& in, const HeadSelection* s,
                      index_t* top, index_t h, index_t b) {
-  const index_t bb = h / pl.qheads, hh = h % pl.qheads;
-  const ConstMatrix Qh = in.Q.slice(bb, hh), Kh = in.K.slice(bb, hh), Vh = in.V.slice(bb, hh);
+  const ConstMatrix Qh = pl.q_slice(in.Q, h), Kh = pl.kv_slice(in.K, h), Vh = pl.kv_slice(in.V, h);
   const index_t i0 = b * kernels::kQueryBlock, rows = std::min(kernels::kQueryBlock, pl.m - i0);
   float* dst = in.out + (h * pl.m + i0) * pl.dv;
   if (pl.o.select == Select::full) return attend_full(pl, w, Qh, Kh, Vh, i0, rows, dst);
@@ -434,7 +440,7 @@ ClusterPlan plan_clusters(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref&
   cp.shared_keys.resize(static_cast<std::size_t>(cp.shared ? pl.heads : 0));
   cp.kc.resize(static_cast<std::size_t>(pl.heads));
   const auto one = [&](index_t h) {
-    const ConstMatrix Kh = K.slice(h / pl.qheads, h % pl.qheads);
+    const ConstMatrix Kh = pl.kv_slice(K, h);
     if (cp.shared) cp.shared_keys[h] = shared_keys(o, Kh, static_cast<std::uint64_t>(h));
     const auto stream = static_cast<std::uint64_t>(h);
     cp.kc[h] = detail::cluster_keys(Kh, c, o.cluster_iterations,
@@ -475,7 +481,7 @@ void search_all(const Plan& pl, const ClusterPlan& cp, const Tensor4Ref& Q, doub
       w.excluded.assign(static_cast<std::size_t>(pl.n), 0);
       for (index_t j : cp.shared_keys[h]) w.excluded[j] = 1;
     }
-    detail::search_clusters(cp.params, Q.slice(h / pl.qheads, h % pl.qheads), cp.kc[h], cp.probe, pl.k_top, i0, i1,
+    detail::search_clusters(cp.params, pl.q_slice(Q, h), cp.kc[h], cp.probe, pl.k_top, i0, i1,
                             {cp.shared ? w.excluded.data() : nullptr, pl.window, pl.o.causal}, w.search,
                             [&](const detail::ClusterCandidates& cand) { visit(h, cand, w); });
   });
@@ -485,8 +491,6 @@ void search_all(const Plan& pl, const ClusterPlan& cp, const Tensor4Ref& Q, doub
 // probed clusters' keys outside the shared set and window.
 void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, Selection& sel) {
   ClusterPlan cp = plan_clusters(pl, Q, K);
-  sel.window = pl.window;
-  sel.top_k = pl.k_top;
   sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "cluster keys")));
   search_all(pl, cp, Q, cp.flops, [&](index_t h, const detail::ClusterCandidates& cand, ClusterTask&) {
     detail::kept_keys(cand, cp.kc[h], pl.k_top, sel.query_keys.data() + (h * pl.m + cand.i0) * pl.k_top);
@@ -591,7 +595,7 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
   ClusterPlan cp = plan_clusters(pl, Q, K);
   detail::require_finite_matrix(flat(V), "values");
   std::vector<std::vector<float>> values(static_cast<std::size_t>(pl.heads));
-  for (index_t h = 0; h < pl.heads; ++h) values[h] = detail::in_cluster_order(V.slice(h / pl.qheads, h % pl.qheads), cp.kc[h]);
+  for (index_t h = 0; h < pl.heads; ++h) values[h] = detail::in_cluster_order(pl.kv_slice(V, h), cp.kc[h]);
   AttentionResult res;
   res.seconds_selection = seconds_since(t0);
   res.top_k = pl.k_top;
@@ -611,7 +615,7 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
     part.batch = Q.batch, part.heads = Q.heads, part.m = pl.m, part.n = pl.n, part.window = pl.window;
     part.causal = pl.o.causal;
     part.shared_keys = cp.shared_keys;
-    const AttentionShape sh{Q.batch, Q.heads, pl.m, pl.n, pl.d, pl.dv};
+    const AttentionShape sh{Q.batch, Q.heads, pl.m, pl.n, pl.d, pl.dv, K.heads};
     std::vector<float> out_b(static_cast<std::size_t>(pl.heads * pl.m * pl.dv)), stat_b(stat.size());
     selected_attention_forward<float>(sh, part, options, Q.data, K.data, V.data, out_b.data(), stat_b.data());
     merge_parts(pl.heads * pl.m, pl.dv, out, stat.data(), out_b.data(), stat_b.data());
@@ -673,14 +677,14 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
     // attends, each task on one thread (nested work is serial), in one parallel region.
     std::atomic<bool> finite{true};
     detail::parallel_tasks(heads, total, make, [&](index_t h, Workspace& w) {
-      const index_t bb = h / pl.qheads, hh = h % pl.qheads;
       bool overflow = true;
-      if (!check_pair(*pl.params.ops, pl.params.scale, Q.slice(bb, hh), K.slice(bb, hh), V.slice(bb, hh), overflow)) {
+      if (!check_pair(*pl.params.ops, pl.params.scale, pl.q_slice(Q, h), pl.kv_slice(K, h), pl.kv_slice(V, h),
+                      overflow)) {
         finite = false;
         return;
       }
       w.blk.set_check_overflow(overflow);
-      if (pl.shared) sel[h] = select_head(o, K.slice(bb, hh), h);
+      if (pl.shared) sel[h] = select_head(o, pl.kv_slice(K, h), h);
       for (index_t b = 0; b < blocks; ++b) {
         stats[h * blocks + b] = run_block(pl, w, in, pl.shared ? &sel[h] : nullptr, top.data(), h, b);
         report(++done);
@@ -696,7 +700,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
     const bool overflow = logits_can_overflow(pl.params.scale, pl.d, max_q, max_k);
     if (pl.shared)
       for (index_t h = 0; h < heads; ++h)
-        sel[h] = select_head(o, K.slice(h / pl.qheads, h % pl.qheads), h);
+        sel[h] = select_head(o, pl.kv_slice(K, h), h);
     t_select = seconds_since(t0);
     detail::parallel_tasks(heads * blocks, total, make, [&](index_t t, Workspace& w) {
       const index_t h = t / blocks;
@@ -736,37 +740,62 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   return res;
 }
 
+namespace {
+
+// The data-independent fields of the selection a plan makes (select_keys fills in the rest).
+Selection layout_of(const Plan& pl, index_t batch) {
+  Selection sel;
+  sel.batch = batch, sel.heads = pl.qheads, sel.m = pl.m, sel.n = pl.n;
+  sel.all_keys = pl.o.select == Select::full;
+  sel.causal = pl.o.causal;
+  if (pl.shared || pl.o.select == Select::cluster) sel.window = pl.window;
+  if (pl.o.select == Select::topk || pl.o.select == Select::cluster) sel.top_k = pl.k_top;
+  if (pl.o.causal && pl.o.select == Select::leverage) sel.segment = kCausalBlock;
+  return sel;
+}
+
+}  // namespace
+
+Selection selection_layout(const AttentionShape& sh, const AttentionOptions& options) {
+  if (sh.batch < 1 || sh.heads < 1 || sh.m < 1 || sh.n < 1 || sh.d < 1 || sh.dv < 1) {
+    std::ostringstream os;
+    os << "attention: expected a non-empty shape, got (batch, heads, m, n, d, dv) = (" << sh.batch << ", " << sh.heads
+       << ", " << sh.m << ", " << sh.n << ", " << sh.d << ", " << sh.dv << ")";
+    detail::invalid(os.str());
+  }
+  // The plan reads only the shapes.
+  if (sh.kv_heads < 0 || sh.heads % sh.kv() != 0)
+    detail::invalid("attention: the key/value heads (" + std::to_string(sh.kv_heads) + ") must divide the query heads (" +
+                    std::to_string(sh.heads) + ")");
+  const Tensor4Ref Q{nullptr, sh.batch, sh.heads, sh.m, sh.d}, K{nullptr, sh.batch, sh.kv(), sh.n, sh.d},
+      V{nullptr, sh.batch, sh.kv(), sh.n, sh.dv};
+  return layout_of(make_plan(Q, K, V, options), sh.batch);
+}
+
 Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options) {
   check_shapes(Q, K, K);  // no values: K stands in for V's shape
   const Plan pl = make_plan(Q, K, K, options);
   detail::require_finite_matrix(flat(Q), "queries");
   detail::require_finite_matrix(flat(K), "keys");
-  Selection sel;
-  sel.batch = Q.batch, sel.heads = Q.heads, sel.m = pl.m, sel.n = pl.n;
-  sel.all_keys = pl.o.select == Select::full;
-  sel.causal = pl.o.causal;
+  Selection sel = layout_of(pl, Q.batch);
   if (pl.shared) {
-    sel.window = pl.window;
     std::vector<HeadSelection> heads(static_cast<std::size_t>(pl.heads));
     const double flops = pl.o.select == Select::leverage
                              ? 2.0 * static_cast<double>(pl.heads * pl.n * pl.d) * static_cast<double>(pl.d)
                              : 0.0;
     detail::parallel_tasks(pl.heads, flops, [] { return 0; }, [&](index_t h, int&) {
-      heads[h] = select_head(pl.o, K.slice(h / pl.qheads, h % pl.qheads), h);
+      heads[h] = select_head(pl.o, pl.kv_slice(K, h), h);
     });
-    sel.segment = heads[0].segment;
     for (auto& head : heads)
       for (auto& set : head.sets) sel.shared_keys.push_back(std::move(set));
   } else if (pl.o.select == Select::topk) {
-    sel.top_k = pl.k_top;
     sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "top-k keys")));
     const double flops = 2.0 * static_cast<double>(pl.heads * pl.m) * static_cast<double>(pl.n * pl.d);
     detail::parallel_tasks(pl.heads * pl.blocks, flops, [] { return std::vector<float>(); },
                            [&](index_t t, std::vector<float>& tile) {
                              const index_t h = t / pl.blocks, i0 = (t % pl.blocks) * kernels::kQueryBlock;
                              const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
-                             detail::top_keys(pl.params, Q.slice(h / pl.qheads, h % pl.qheads),
-                                              K.slice(h / pl.qheads, h % pl.qheads), pl.k_top, i0, i1,
+                             detail::top_keys(pl.params, pl.q_slice(Q, h), pl.kv_slice(K, h), pl.k_top, i0, i1,
                                               sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile, pl.o.causal);
                            });
   } else if (pl.o.select == Select::cluster) {

@@ -3,6 +3,9 @@
 #include "levattn/evaluate.hpp"
 
 #include <algorithm>
+#include <charconv>
+#include <string_view>
+#include <type_traits>
 #include <cmath>
 #include <sstream>
 
@@ -11,6 +14,7 @@
 #include "detail/validate.hpp"
 #include "levattn/leverage_scores.hpp"
 #include "levattn/selected_attention.hpp"
+#include "levattn/sketch.hpp"
 
 namespace levattn {
 namespace {
@@ -58,9 +62,18 @@ AttentionOptions parse_selection(const std::string& spec) {
   std::stringstream in(spec);
   for (std::string item; std::getline(in, item, '+');) items.push_back(item);
   if (items.empty() || items[0].empty()) return bad("expected NAME[:VALUE][+FIELD:VALUE...]");
+  // A name the library's own parsers read (select, kernel, sketch kind), their error under the spec's.
+  const auto named = [&](auto parse, const std::string& text) {
+    try {
+      return parse(text);
+    } catch (const Error& e) {
+      bad(e.what());
+      throw;
+    }
+  };
   AttentionOptions o;
   const auto colon = items[0].find(':');
-  o.select = parse_select(items[0].substr(0, colon));
+  o.select = named(parse_select, items[0].substr(0, colon));
   const auto number = [&](const std::string& text, const std::string& what) {
     std::size_t used = 0;
     double v = 0.0;
@@ -77,12 +90,18 @@ AttentionOptions parse_selection(const std::string& spec) {
     if (v != std::floor(v) || std::fabs(v) > 9e15) bad(what + ": expected an integer, got '" + text + "'");
     return static_cast<index_t>(v);
   };
+  const auto seed = [&](const std::string& text, const std::string& what) {
+    const index_t v = integer(text, what);
+    if (v < 0) bad(what + ": expected an integer >= 0");
+    return static_cast<std::uint64_t>(v);
+  };
   if (colon != std::string::npos) {
     const std::string value = items[0].substr(colon + 1);
     if (o.select == Select::window) o.window = integer(value, "window");
     else if (o.select == Select::full) bad("full takes no value");
     else o.top_k = integer(value, "top_k");
   }
+  LeverageOptions& lev = o.leverage;
   for (std::size_t a = 1; a < items.size(); ++a) {
     const auto c = items[a].find(':');
     if (c == std::string::npos) bad("expected FIELD:VALUE, got '" + items[a] + "'");
@@ -93,15 +112,68 @@ AttentionOptions parse_selection(const std::string& spec) {
     else if (field == "sinks") o.sinks = integer(value, field);
     else if (field == "probe") o.probe = integer(value, field);
     else if (field == "clusters") o.clusters = integer(value, field);
-    else if (field == "seed") {
-      const index_t seed = integer(value, field);
-      if (seed < 0) bad("seed: expected an integer >= 0");
-      o.seed = static_cast<std::uint64_t>(seed);
-    } else if (field == "p") o.p = number(value, field);
-    else if (field == "kernel") o.kernel = parse_kernel(value);
-    else bad("unknown field '" + field + "' (expected top_k, eps, window, sinks, probe, clusters, seed, p or kernel)");
+    else if (field == "iterations") o.cluster_iterations = integer(value, field);
+    else if (field == "seed") o.seed = seed(value, field);
+    else if (field == "p") o.p = number(value, field);
+    else if (field == "kernel") o.kernel = named(parse_kernel, value);
+    else if (field == "budget_alpha") o.budget_alpha = number(value, field);
+    else if (field == "budget_exponent") o.budget_exponent = number(value, field);
+    else if (field == "method") {
+      if (value != "exact" && value != "sketch") bad("method: expected exact or sketch, got '" + value + "'");
+      lev.method = value == "exact" ? ScoreMethod::exact : ScoreMethod::sketch;
+    } else if (field == "ridge") lev.ridge = number(value, field);
+    else if (field == "rank_rtol") lev.rank_rtol = number(value, field);
+    else if (field == "sketch") lev.sketch = named(parse_sketch_kind, value);
+    else if (field == "sketch_size") lev.sketch_size = integer(value, field);
+    else if (field == "gamma") lev.gamma = number(value, field);
+    else if (field == "jl_columns") lev.jl_columns = integer(value, field);
+    else if (field == "delta") lev.delta = number(value, field);
+    else if (field == "sketch_seed") lev.seed = seed(value, field);
+    else
+      bad("unknown field '" + field + "' (expected top_k, eps, window, sinks, probe, clusters, iterations, seed, p, "
+          "kernel, budget_alpha, budget_exponent, method, ridge, rank_rtol, sketch, sketch_size, gamma, jl_columns, "
+          "delta or sketch_seed)");
   }
   return o;
+}
+
+std::string selection_spec(const AttentionOptions& o) {
+  const AttentionOptions d;  // the defaults, which the spec leaves out
+  const LeverageOptions& l = o.leverage;
+  std::ostringstream os;
+  os << to_string(o.select);
+  const auto field = [&](bool differs, const char* name, const auto& value) {
+    if (!differs) return;
+    os << '+' << name << ':';
+    if constexpr (std::is_floating_point_v<std::decay_t<decltype(value)>>) {
+      char text[32];  // the shortest text that reads back as the same double
+      os << std::string_view(text, static_cast<std::size_t>(std::to_chars(text, text + sizeof text, value).ptr - text));
+    } else {
+      os << value;
+    }
+  };
+  field(o.top_k != d.top_k, "top_k", o.top_k);
+  field(o.eps != d.eps, "eps", o.eps);
+  field(o.window != d.window, "window", o.window);
+  field(o.sinks != d.sinks, "sinks", o.sinks);
+  field(o.probe != d.probe, "probe", o.probe);
+  field(o.clusters != d.clusters, "clusters", o.clusters);
+  field(o.cluster_iterations != d.cluster_iterations, "iterations", o.cluster_iterations);
+  field(o.seed != d.seed, "seed", o.seed);
+  field(o.kernel != d.kernel, "kernel", to_string(o.kernel));
+  field(o.p != d.p, "p", o.p);
+  field(o.budget_alpha != d.budget_alpha, "budget_alpha", o.budget_alpha);
+  field(o.budget_exponent != d.budget_exponent, "budget_exponent", o.budget_exponent);
+  field(l.method != d.leverage.method, "method", l.method == ScoreMethod::exact ? "exact" : "sketch");
+  field(l.ridge != d.leverage.ridge, "ridge", l.ridge);
+  field(l.rank_rtol != d.leverage.rank_rtol, "rank_rtol", l.rank_rtol);
+  field(l.sketch != d.leverage.sketch, "sketch", to_string(l.sketch));
+  field(l.sketch_size != d.leverage.sketch_size, "sketch_size", l.sketch_size);
+  field(l.gamma != d.leverage.gamma, "gamma", l.gamma);
+  field(l.jl_columns != d.leverage.jl_columns, "jl_columns", l.jl_columns);
+  field(l.delta != d.leverage.delta, "delta", l.delta);
+  field(l.seed != d.leverage.seed, "sketch_seed", l.seed);
+  return os.str();
 }
 
 std::string describe(const AttentionOptions& o) {

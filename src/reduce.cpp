@@ -101,6 +101,10 @@ Whitened whiten_columns(ConstMatrix X) {
   const index_t n = X.rows, d = X.cols;
   const std::vector<double> xd = to_double(X);
   std::vector<double> V(static_cast<std::size_t>(n * n), 0.0);
+  // Serial: OpenBLAS's threaded dsyrk / dgemm can round differently with the thread count on
+  // some cores (Cooperlake's kernels), and BSS's greedy steps would turn that into other
+  // columns. Both products are O(n^2 d) on the few rows of X.
+  const detail::SerialScope serial;
   cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, detail::bi(n), detail::bi(d), 1.0, xd.data(),
               detail::bi(d), 0.0, V.data(), detail::bi(n));
   const std::vector<double> lam = detail::symmetric_eigen(V, n, "reduce_dimension (bss)");

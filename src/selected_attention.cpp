@@ -68,6 +68,10 @@ void check_shape(const AttentionShape& sh) {
        << "), " << sh.m << " queries, " << sh.n << " keys, d = " << sh.d << ", dv = " << sh.dv;
     detail::invalid(os.str());
   }
+  if (sh.kv_heads < 0 || sh.heads % sh.kv() != 0) {
+    os << "attention: the key/value heads (" << sh.kv_heads << ") must divide the query heads (" << sh.heads << ")";
+    detail::invalid(os.str());
+  }
   const index_t pairs = checked_elements({sh.batch, sh.heads}, "attention (batch, heads)");
   checked_elements({pairs, std::max(sh.m, sh.n), std::max(sh.d, sh.dv)}, "attention inputs");
 }
@@ -132,8 +136,8 @@ struct Ctx {
   const T *q, *k, *v;
 
   const T* Q(index_t h) const { return q + h * sh.m * sh.d; }
-  const T* K(index_t h) const { return k + h * sh.n * sh.d; }
-  const T* V(index_t h) const { return v + h * sh.n * sh.dv; }
+  const T* K(index_t h) const { return k + sh.kv_pair(h) * sh.n * sh.d; }
+  const T* V(index_t h) const { return v + sh.kv_pair(h) * sh.n * sh.dv; }
   index_t seg_len() const { return sel.segment > 0 ? sel.segment : sh.m; }
   // The shared set of segment s of pair h (queries s seg_len() ..).
   const std::vector<index_t>& shared(index_t h, index_t s) const { return sel.shared_of(h, s * seg_len()); }
@@ -169,8 +173,9 @@ Ctx<T> make_ctx(const AttentionShape& sh, const Selection& sel, const AttentionO
   if (!q || !k || !v) detail::invalid("attention: null data pointer for queries, keys or values");
   const index_t pairs = sel.pairs();
   if (!finite(q, pairs * sh.m * sh.d)) detail::invalid("queries: expected finite values (found NaN or Inf)");
-  if (!finite(k, pairs * sh.n * sh.d)) detail::invalid("keys: expected finite values (found NaN or Inf)");
-  if (!finite(v, pairs * sh.n * sh.dv)) detail::invalid("values: expected finite values (found NaN or Inf)");
+  const index_t kv_pairs = sh.batch * sh.kv();
+  if (!finite(k, kv_pairs * sh.n * sh.d)) detail::invalid("keys: expected finite values (found NaN or Inf)");
+  if (!finite(v, kv_pairs * sh.n * sh.dv)) detail::invalid("values: expected finite values (found NaN or Inf)");
   return Ctx<T>{sh, sel, make_fn<T>(o, sh.d), q, k, v};
 }
 
@@ -637,6 +642,24 @@ void own_keys_dkv(const Ctx<T>& c, const T* stat, const T* dout, const T* delta,
 
 }  // namespace
 
+namespace {
+
+// out (batch * kv, n, w) <- per kv pair, the sum of its query pairs' rows of src (pairs, n, w), in
+// ascending order of query head (nothing when out is null).
+template <class T>
+void sum_groups(const AttentionShape& sh, const T* src, index_t w, T* out) {
+  if (!out) return;
+  const index_t size = sh.n * w, kv_pairs = sh.batch * sh.kv();
+  std::fill_n(out, kv_pairs * size, T(0));
+  for (index_t h = 0; h < sh.batch * sh.heads; ++h) {
+    T* dst = out + sh.kv_pair(h) * size;
+    const T* s = src + h * size;
+    for (index_t x = 0; x < size; ++x) dst[x] += s[x];
+  }
+}
+
+}  // namespace
+
 template <class T>
 void selected_attention_backward(const AttentionShape& sh, const Selection& sel, const AttentionOptions& o,
                                  const T* q, const T* k, const T* v, const T* out, const T* stat, const T* dout,
@@ -661,6 +684,13 @@ void selected_attention_backward(const AttentionShape& sh, const Selection& sel,
       if (count > 0) dq_tile(c, ws, t / tiles, i0, count, stat, dout, delta.data(), dq);
     });
   if (dk || dv) {
+    // Grouped shapes: each query pair's share of dK and dV first, then summed per kv head.
+    const bool grouped = sh.kv() != sh.heads;
+    std::vector<T> dk_pairs(static_cast<std::size_t>(grouped && dk ? pairs * sh.n * sh.d : 0));
+    std::vector<T> dv_pairs(static_cast<std::size_t>(grouped && dv ? pairs * sh.n * sh.dv : 0));
+    T* const dk_out = dk;
+    T* const dv_out = dv;
+    if (grouped) dk = dk ? dk_pairs.data() : nullptr, dv = dv ? dv_pairs.data() : nullptr;
     if (dk) std::fill_n(dk, pairs * sh.n * sh.d, T(0));
     if (dv) std::fill_n(dv, pairs * sh.n * sh.dv, T(0));
     const KeyPlan kp = key_plan(c);
@@ -675,9 +705,15 @@ void selected_attention_backward(const AttentionShape& sh, const Selection& sel,
                              dkv_contiguous(c, ws, kp.contiguous[t], stat, dout, delta.data(), dk, dv);
                            });
     if (sel.top_k > 0) own_keys_dkv(c, stat, dout, delta.data(), dk, dv);
+    if (grouped) {
+      sum_groups(sh, dk_pairs.data(), sh.d, dk_out);
+      sum_groups(sh, dv_pairs.data(), sh.dv, dv_out);
+      dk = dk_out, dv = dv_out;
+    }
   }
-  const bool ok = (!dq || finite(dq, rows * sh.d)) && (!dk || finite(dk, pairs * sh.n * sh.d)) &&
-                  (!dv || finite(dv, pairs * sh.n * sh.dv));
+  const index_t kv_pairs = sh.batch * sh.kv();
+  const bool ok = (!dq || finite(dq, rows * sh.d)) && (!dk || finite(dk, kv_pairs * sh.n * sh.d)) &&
+                  (!dv || finite(dv, kv_pairs * sh.n * sh.dv));
   if (!ok) overflow("gradients");
 }
 

@@ -6,6 +6,7 @@
 #include "detail/blas.hpp"
 #include "detail/rng.hpp"
 #include "detail/selection.hpp"
+#include "detail/validate.hpp"
 #include "levattn/selected_attention.hpp"
 
 namespace levattn {
@@ -25,6 +26,59 @@ bool Selection::attends(index_t h, index_t i, index_t j) const {
   for (index_t a = 0; a < top_k; ++a)
     if (query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)] == j) return true;
   return false;
+}
+
+namespace {
+
+// The first segment whose queries can attend key j (0 unless causal with segments).
+index_t first_segment(const Selection& s, index_t j) { return s.causal && s.segment > 0 ? j / s.segment : 0; }
+
+}  // namespace
+
+std::vector<index_t> key_segments(const Selection& s) {
+  const index_t pairs = s.pairs(), segs = s.segments();
+  std::vector<index_t> last(static_cast<std::size_t>(checked_elements({pairs, s.n}, "key segments")), -1);
+  if (s.shared_keys.empty()) return last;
+  std::vector<index_t> count(static_cast<std::size_t>(s.n));
+  for (index_t h = 0; h < pairs; ++h) {
+    index_t* lh = last.data() + h * s.n;
+    std::fill(count.begin(), count.end(), 0);
+    for (index_t g = 0; g < segs; ++g)
+      for (index_t j : s.shared_keys[static_cast<std::size_t>(h * segs + g)]) {
+        if (g < first_segment(s, j)) continue;  // a later key: causally invisible to this segment
+        lh[j] = std::max(lh[j], g);
+        ++count[j];
+      }
+    for (index_t j = 0; j < s.n; ++j)
+      if (lh[j] >= 0 && count[j] != lh[j] - first_segment(s, j) + 1)
+        throw Error(ErrorKind::internal, "key_segments: the shared sets of pair " + std::to_string(h) +
+                                             " do not hold key " + std::to_string(j) + " over one run of segments");
+  }
+  return last;
+}
+
+Selection selection_from_arrays(const Selection& layout, const index_t* key_segments, const index_t* query_keys) {
+  Selection s = layout;
+  const index_t pairs = s.pairs(), segs = s.segments();
+  s.shared_keys.assign(static_cast<std::size_t>(checked_elements({pairs, segs}, "shared sets")), {});
+  bool any = false;
+  for (index_t h = 0; h < pairs; ++h)
+    for (index_t j = 0; j < s.n; ++j) {
+      const index_t g1 = key_segments[h * s.n + j];
+      if (g1 < 0) {
+        if (g1 != -1) detail::invalid("key_segments: expected -1 or a segment index, got " + std::to_string(g1));
+        continue;
+      }
+      if (g1 >= segs || g1 < first_segment(s, j))
+        detail::invalid("key_segments: key " + std::to_string(j) + " of pair " + std::to_string(h) +
+                        " names segment " + std::to_string(g1) + "; expected " + std::to_string(first_segment(s, j)) +
+                        " .. " + std::to_string(segs - 1) + " or -1");
+      for (index_t g = first_segment(s, j); g <= g1; ++g) s.shared_keys[static_cast<std::size_t>(h * segs + g)].push_back(j);
+      any = true;
+    }
+  if (!any) s.shared_keys.clear();  // as select_keys leaves a selection without shared keys
+  if (s.top_k > 0) s.query_keys.assign(query_keys, query_keys + pairs * s.m * s.top_k);
+  return s;
 }
 
 std::vector<index_t> Selection::keys_per_query() const {

@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """The command-line contract of levattn, exercised as a user would.
 
-Usage: /usr/bin/python3 tests/cli_contract.py /path/to/levattn
+Usage: python3 tests/cli_contract.py /path/to/levattn
 
 Every number the CLI prints or writes is compared with an independent numpy computation in
 float64 (leverage scores from an SVD, heavy entries by brute force, attention densely with an

@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """The contract of levattn-mpi under mpirun -np 1 to 4, against the single-process levattn.
 
-Usage: /usr/bin/python3 tests/mpi_contract.py MPIEXEC /path/to/levattn-mpi /path/to/levattn
+Usage: python3 tests/mpi_contract.py MPIEXEC /path/to/levattn-mpi /path/to/levattn
 
 For shard sizes that do not divide n (n = 1001 over 2, 3 and 4 ranks; m != n; 3-D stacks), every
 output of `mpirun -np P levattn-mpi CMD` must equal `levattn CMD` on the same files: attention

@@ -37,9 +37,18 @@ struct Evaluation {
 /// A selection from its text: "NAME[:VALUE]" then "+FIELD:VALUE" items, e.g. "leverage:32",
 /// "leverage+eps:0.05+window:4", "topk:32", "random:32+sinks:2", "window:16", "cluster:32+probe:8",
 /// "full". NAME is a Select name; VALUE is top_k (leverage, topk, random, cluster) or the window
-/// (window). FIELD: top_k, eps, window, sinks, probe, clusters, seed, p, kernel (softmax | poly).
+/// (window). FIELD names an AttentionOptions field: top_k, eps, window, sinks, probe, clusters,
+/// iterations (cluster_iterations), seed, p, kernel (softmax | poly), budget_alpha,
+/// budget_exponent; or a LeverageOptions field: method (exact | sketch), ridge, rank_rtol, sketch
+/// (countsketch | srht | gaussian), sketch_size, gamma, jl_columns, delta, sketch_seed (its seed).
+/// Fields left out keep their defaults; values are not range-checked here (attention() does).
 /// Throws Error(invalid_argument) naming the spec and what was expected.
 AttentionOptions parse_selection(const std::string& spec);
+
+/// The inverse of parse_selection: the spec of every field above that differs from its default,
+/// numbers to 17 digits, so that parse_selection(selection_spec(o)) has o's values exactly (the
+/// fields outside the spec, scale, causal, return_selection and progress, are not carried).
+std::string selection_spec(const AttentionOptions& options);
 
 /// A short name of a selection's options: select, budget, window, sinks, kernel if not softmax.
 std::string describe(const AttentionOptions& options);

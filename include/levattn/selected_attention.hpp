@@ -50,11 +50,41 @@ struct Selection {
 /// leverage O(n d^2 + (n / 256)(d^3 + |C| d^2)) and its sets' sizes in memory; topk O(m n d)). Throws Error(invalid_argument) as attention() does for these inputs and options.
 Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options);
 
-/// Shapes of one differentiable call: Q (batch, heads, m, d), K (batch, heads, n, d),
-/// V (batch, heads, n, dv), all contiguous row-major.
+/// Shapes of one differentiable call: Q (batch, heads, m, d), K (batch, kv, n, d),
+/// V (batch, kv, n, dv), all contiguous row-major, with kv = kv_heads (0: heads) dividing heads:
+/// grouped-query attention, query head h reading kv head h / (heads / kv) in place (no copy).
 struct AttentionShape {
   index_t batch = 1, heads = 1, m = 0, n = 0, d = 0, dv = 0;
+  index_t kv_heads = 0;
+
+  index_t kv() const { return kv_heads > 0 ? kv_heads : heads; }
+  /// The (batch, kv head) pair of K and V that query pair b * heads + h reads.
+  index_t kv_pair(index_t pair) const { return pair / heads * kv() + pair % heads / (heads / kv()); }
 };
+
+/// The fields of the Selection that select_keys returns for inputs of this shape and these
+/// options which do not depend on the data: batch, heads, m, n, all_keys, causal, segment,
+/// window and top_k (shared_keys and query_keys are left empty). O(1); throws
+/// Error(invalid_argument) as select_keys does for bad options or shapes.
+Selection selection_layout(const AttentionShape& shape, const AttentionOptions& options);
+
+/// The shared sets of a selection as one array of fixed size, (pairs, n): for key j of pair h,
+/// the last segment whose shared set holds j, or -1 when none does. It is exact because every
+/// producer's sets hold each key over one run of segments: from segment 0, or under causal
+/// attention from j's own segment j / segment on (earlier segments' queries cannot see j, so
+/// memberships there are dropped). Together with query_keys (pairs, m, top_k) and the layout it
+/// gives back an equivalent selection (selection_from_arrays): the form whose size depends only on
+/// the shape and options, which the PyTorch op returns. O(pairs n + sum of the sets' sizes).
+/// Throws Error(internal) for sets that are not of that form.
+std::vector<index_t> key_segments(const Selection& selection);
+
+/// The inverse of key_segments: `layout` (as selection_layout gives it) with its shared sets
+/// rebuilt from key_segments (pairs, n) and query_keys (pairs, m, top_k) copied in (null when
+/// layout.top_k is 0). Attends exactly the keys of the selection the arrays were made from.
+/// O(pairs n + sum of the sets' sizes). Throws Error(invalid_argument) on an entry of
+/// key_segments outside [-1, segments) or before its key's first segment; query_keys are checked
+/// where the selection is used (selected_attention_forward).
+Selection selection_from_arrays(const Selection& layout, const index_t* key_segments, const index_t* query_keys);
 
 /// The kernel of a differentiable call: kernel, p and scale as in AttentionOptions (the
 /// selection fields are not read; the selection is given).
@@ -78,9 +108,10 @@ void selected_attention_forward(const AttentionShape& shape, const Selection& se
 ///   P_ij = exp(g(s_ij) - L_i),  delta_i = dout_i . out_i,
 ///   dS_ij = P_ij g'(s_ij) (dout_i . v_j - delta_i)   (g' = 1, or p / s; 0 at s = 0),
 ///   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i P_ij dout_i.
-/// Buffers: dq (pairs, m, d), dk (pairs, n, d), dv (pairs, n, dv), each nullable (not computed);
-/// written whole (keys no query attends get 0). dK and dV are summed per key block in a fixed
-/// order, so the result does not depend on the thread count. Cost: 7 tile products against the
+/// Buffers: dq (pairs, m, d), dk (batch * kv, n, d), dv (batch * kv, n, dv), each nullable (not
+/// computed); written whole (keys no query attends get 0). dK and dV are summed per key block in
+/// a fixed order (and over a kv head's query heads in ascending order), so the result does not
+/// depend on the thread count; grouped shapes take a workspace of (pairs, n, d + dv) for it. Cost: 7 tile products against the
 /// forward's 2 for dq + dk + dv (measured 2.5-4x the forward's time). Throws as the forward
 /// does, and on non-finite dout.
 template <class T>

@@ -1,10 +1,17 @@
-"""Benchmark of levattn.torch.lev_attention against dense PyTorch attention, in one run.
+"""levattn.torch against what a PyTorch 2 user compares it with, in one run on the CPU.
 
-    PYTHONPATH=build/python /usr/bin/python3 python/bench/torch_bench.py [--repeats R] [--threads T] [--json]
+    .venv/bin/python python/bench/torch_bench.py [--repeats R] [--threads T] [--quick] [--json]
 
-Cases (issue targets in docs/benchmarks.md): (1, 8, 4096, 64) leverage top-256, forward and
-forward + backward; (64, 4, 197, 16) leverage top-32, forward + backward; the Python overhead of
-one call; peak memory of forward + backward at (1, 1, 65536, 64) in a fresh process.
+For each shape (batch, heads, n, d) and float32 inputs, forward (no_grad) and forward + backward:
+- sdpa: torch.nn.functional.scaled_dot_product_attention (PyTorch's fused CPU kernel),
+- flex: FlexAttention compiled (torch.compile), a sliding window + sinks block mask with the same
+  key budget as the leverage selection (forward only: inference),
+- levattn full, leverage top-k, cluster top-k (levattn.torch.lev_attention);
+then bfloat16 inputs against float32 for sdpa and levattn, a compiled model of LevSelfAttention
+layers against the same model on SDPA, the Python overhead of one call, and the peak memory of
+forward + backward at (1, 1, 65536, 64) in a fresh process. Times are the best
+of R after a warm-up; ratios are taken within this run. --quick runs small shapes only (a smoke
+run of the script).
 """
 import argparse
 import json
@@ -15,17 +22,17 @@ import sys
 import time
 
 import torch
+from torch.nn import functional as F
 
 import levattn
-from levattn.torch import lev_attention
+from levattn.torch import LevSelfAttention, lev_attention
 
-
-def dense(q, k, v):
-    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+SHAPES = [((1, 8, 4096, 64), 256), ((1, 8, 16384, 64), 256), ((1, 1, 65536, 64), 256), ((64, 4, 197, 16), 32)]
+QUICK_SHAPES = [((1, 2, 1024, 32), 64), ((8, 4, 197, 16), 32)]
 
 
 def best_time(fn, repeats):
-    fn()  # warm-up
+    fn()  # warm-up (and compilation, for the compiled cases)
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -34,35 +41,96 @@ def best_time(fn, repeats):
     return best
 
 
-def inputs(shape, grad):
+def inputs(shape, grad, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(*shape, generator=g).requires_grad_(grad) for _ in range(3)]
+    return [torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def flex_window(n, budget):
+    """A compiled FlexAttention call over keys |i - j| <= w plus `sinks` first keys, about `budget` keys a query."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    sinks = 8
+    w = max(1, (budget - sinks) // 2)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((q_idx - kv_idx).abs() <= w) | (kv_idx < sinks)
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device="cpu")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def methods(shape, top_k):
+    n = shape[-2]
+    return {
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+        "levattn_full": lambda q, k, v: lev_attention(q, k, v, select="full"),
+        "levattn_leverage": lambda q, k, v: lev_attention(q, k, v, select="leverage", top_k=top_k),
+        "levattn_cluster": lambda q, k, v: lev_attention(q, k, v, select="cluster", top_k=top_k),
+        "flex_window_sinks": flex_window(n, top_k),
+    }
+
+
+def forward_backward(f, q, k, v, grad):
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        f(q, k, v).backward(grad)
+    return run
 
 
 def case(shape, top_k, repeats):
+    row = {"shape": list(shape), "top_k": top_k, "forward_s": {}, "forward_backward_s": {}}
     q, k, v = inputs(shape, False)
-    ours = dict(select="leverage", top_k=top_k)
-    with torch.no_grad():
-        fwd_ours = best_time(lambda: lev_attention(q, k, v, **ours), repeats)
-        fwd_dense = best_time(lambda: dense(q, k, v), repeats)
-        fwd_full = best_time(lambda: lev_attention(q, k, v, select="full"), repeats)
     qg, kg, vg = inputs(shape, True)
     grad = torch.randn(shape)
+    for name, f in methods(shape, top_k).items():
+        with torch.no_grad():
+            row["forward_s"][name] = best_time(lambda: f(q, k, v), repeats)
+        if name != "flex_window_sinks":  # inference only
+            row["forward_backward_s"][name] = best_time(forward_backward(f, qg, kg, vg, grad), repeats)
+    for kind in ("forward_s", "forward_backward_s"):
+        base = row[kind]["sdpa"]
+        row[kind.replace("_s", "_vs_sdpa")] = {name: base / t for name, t in row[kind].items()}
+    # bfloat16 inputs against float32, the same method.
+    qb, kb, vb = inputs(shape, False, torch.bfloat16)
+    with torch.no_grad():
+        row["bf16_forward_s"] = {
+            "sdpa": best_time(lambda: F.scaled_dot_product_attention(qb, kb, vb), repeats),
+            "levattn_leverage": best_time(lambda: lev_attention(qb, kb, vb, select="leverage", top_k=top_k), repeats),
+        }
+    return row
 
-    def step(f):
-        def run():
-            for t in (qg, kg, vg):
-                t.grad = None
-            f(qg, kg, vg).backward(grad)
-        return run
 
-    bwd_ours = best_time(step(lambda a, b, c: lev_attention(a, b, c, **ours)), repeats)
-    bwd_dense = best_time(step(dense), repeats)
-    bwd_full = best_time(step(lambda a, b, c: lev_attention(a, b, c, select="full")), repeats)
-    return {"shape": list(shape), "top_k": top_k, "forward_s": fwd_ours, "dense_forward_s": fwd_dense,
-            "forward_speedup": fwd_dense / fwd_ours, "forward_backward_s": bwd_ours,
-            "dense_forward_backward_s": bwd_dense, "forward_backward_speedup": bwd_dense / bwd_ours,
-            "levattn_full_forward_s": fwd_full, "levattn_full_forward_backward_s": bwd_full}
+def model_case(repeats, quick):
+    """A compiled 4-layer model of LevSelfAttention (leverage top-32) against the same model on SDPA."""
+    b, n, e, heads = (8, 197, 64, 4) if quick else (64, 197, 64, 4)
+
+    class SDPASelfAttention(LevSelfAttention):  # the same parameters, SDPA for the attention
+        def forward(self, x):
+            bb, nn_, ee = x.shape
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(bb, nn_, 3, self.num_heads,
+                                                                               self.head_dim).permute(2, 0, 3, 1, 4)
+            return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(bb, nn_, ee))
+
+    def model(layer):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Sequential(layer(), torch.nn.Linear(e, e)) for _ in range(4)])
+
+    x = torch.randn(b, n, e)
+    out = {"shape": [b, n, e, heads]}
+    for name, layer in (("sdpa", lambda: SDPASelfAttention(e, heads, select="full")),
+                        ("levattn_leverage", lambda: LevSelfAttention(e, heads, select="leverage", top_k=32))):
+        m = torch.compile(model(layer), fullgraph=True)
+        with torch.no_grad():
+            out[f"{name}_forward_s"] = best_time(lambda: m(x), repeats)
+
+        def step():
+            m.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+        out[f"{name}_forward_backward_s"] = best_time(step, repeats)
+    return out
 
 
 def overhead(repeats):
@@ -77,7 +145,7 @@ def overhead(repeats):
 MEMORY_CHILD = """
 import torch
 from levattn.torch import lev_attention
-def status(field):  # VmRSS now, VmHWM the peak of this process image (ru_maxrss survives exec)
+def status(field):  # VmRSS now, VmHWM the peak of this process image
     return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(field + ':'))
 base = status('VmRSS')
 g = torch.Generator().manual_seed(0)
@@ -89,42 +157,49 @@ print(base, inputs, status('VmHWM'))
 
 
 def memory():
+    """Peak memory of forward + backward at (1, 1, 65536, 64), leverage top-256, in a fresh process."""
     out = subprocess.run([sys.executable, "-c", MEMORY_CHILD], check=True, capture_output=True, text=True).stdout
     base, inputs_bytes, peak = map(int, out.split())
     used = peak - base  # everything the inputs, the call and its gradients added to the process
-    limit = 4 * inputs_bytes + 64 * 2**20
-    return {"inputs_MiB": inputs_bytes / 2**20, "peak_over_baseline_MiB": used / 2**20,
-            "limit_MiB": limit / 2**20, "within_limit": used <= limit}
+    return {"inputs_MiB": inputs_bytes / 2**20, "peak_over_baseline_MiB": used / 2**20}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
-                    help="threads for both (torch.set_num_threads also sets OpenMP's, which levattn uses)")
+                    help="threads (torch.set_num_threads also sets levattn's: one OpenMP runtime)")
+    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    r = {"threads": torch.get_num_threads(), "levattn_threads": levattn.build_info()["threads"], "torch": torch.__version__,
-         "large": case((1, 8, 4096, 64), 256, a.repeats), "small": case((64, 4, 197, 16), 32, a.repeats),
+    shapes = QUICK_SHAPES if a.quick else SHAPES
+    r = {"threads": torch.get_num_threads(), "levattn_threads": levattn.build_info()["threads"],
+         "torch": torch.__version__, "isa": levattn.build_info()["isa"],
+         "cases": [case(s, k, a.repeats) for s, k in shapes], "model": model_case(a.repeats, a.quick),
          "overhead": overhead(a.repeats), "memory": memory()}
     if a.json:
         print(json.dumps(r, indent=1))
         return
-    for name in ("large", "small"):
-        c = r[name]
-        print(f"{tuple(c['shape'])} top-{c['top_k']}: forward {c['forward_s'] * 1e3:.2f} ms vs dense "
-              f"{c['dense_forward_s'] * 1e3:.2f} ms ({c['forward_speedup']:.1f}x); forward+backward "
-              f"{c['forward_backward_s'] * 1e3:.2f} ms vs dense {c['dense_forward_backward_s'] * 1e3:.2f} ms "
-              f"({c['forward_backward_speedup']:.1f}x); levattn select=full {c['levattn_full_forward_s'] * 1e3:.2f} / "
-              f"{c['levattn_full_forward_backward_s'] * 1e3:.2f} ms")
-    print(f"threads: torch {r['threads']}, levattn {r['levattn_threads']}")
-    o, m = r["overhead"], r["memory"]
+    print(f"torch {r['torch']}, threads: torch {r['threads']}, levattn {r['levattn_threads']}, ISA {r['isa']}")
+    for c in r["cases"]:
+        print(f"{tuple(c['shape'])} top-{c['top_k']}")
+        for kind in ("forward", "forward_backward"):
+            cells = ", ".join(f"{name} {t * 1e3:.1f} ms ({c[kind + '_vs_sdpa'][name]:.2f}x)"
+                              for name, t in c[kind + "_s"].items())
+            print(f"  {kind} (x = speed-up over sdpa): {cells}")
+        bf = c["bf16_forward_s"]
+        print(f"  bf16 forward: sdpa {bf['sdpa'] * 1e3:.1f} ms (fp32 {c['forward_s']['sdpa'] * 1e3:.1f}), levattn "
+              f"leverage {bf['levattn_leverage'] * 1e3:.1f} ms (fp32 {c['forward_s']['levattn_leverage'] * 1e3:.1f})")
+    m, o = r["model"], r["overhead"]
+    print(f"compiled model {tuple(m['shape'])}: forward sdpa {m['sdpa_forward_s'] * 1e3:.1f} ms, levattn "
+          f"{m['levattn_leverage_forward_s'] * 1e3:.1f} ms; forward+backward sdpa "
+          f"{m['sdpa_forward_backward_s'] * 1e3:.1f} ms, levattn {m['levattn_leverage_forward_backward_s'] * 1e3:.1f} ms")
     print(f"per-call overhead: {o['call_no_grad_s'] * 1e6:.0f} us (no_grad), {o['call_with_autograd_s'] * 1e6:.0f} us "
           f"(autograd)")
-    print(f"memory at (1, 1, 65536, 64): inputs {m['inputs_MiB']:.0f} MiB, peak over baseline "
-          f"{m['peak_over_baseline_MiB']:.0f} MiB (limit {m['limit_MiB']:.0f} MiB): "
-          f"{'within' if m['within_limit'] else 'OVER'}")
+    mem = r["memory"]
+    print(f"memory of forward+backward at (1, 1, 65536, 64) leverage top-256: inputs {mem['inputs_MiB']:.0f} MiB, "
+          f"peak over baseline {mem['peak_over_baseline_MiB']:.0f} MiB")
 
 
 if __name__ == "__main__":

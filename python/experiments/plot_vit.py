@@ -1,6 +1,6 @@
 """The ViT experiment's figure and tables from the JSON that `vit_fashion.py evaluate` writes.
 
-    /usr/bin/python3 python/experiments/plot_vit.py runs/vit.json --png docs/vit.png > tables.md
+    .venv/bin/python python/experiments/plot_vit.py runs/vit.json --png docs/vit.png > tables.md
 
 Prints the markdown tables of docs/vit.md (accuracy, accuracy relative to the softmax model with
 full attention, per layer softmax mass captured and relative output error) and draws test

@@ -4,11 +4,11 @@ Fashion-MNIST (Debian's dataset-fashion-mnist), 28 x 28 images in 2 x 2 patches:
 tokens plus a class token = 197 tokens, as in ViT-S/16. A small ViT whose attention layers are
 levattn.torch.LevSelfAttention, trained with one selection and evaluated with others.
 
-    PYTHONPATH=build/python /usr/bin/python3 python/experiments/vit_fashion.py train \\
+    .venv/bin/python python/experiments/vit_fashion.py train \\
         --attention softmax|leverage|poly --minutes 12 --out runs/softmax.pt
-    PYTHONPATH=build/python /usr/bin/python3 python/experiments/vit_fashion.py evaluate \\
+    .venv/bin/python python/experiments/vit_fashion.py evaluate \\
         runs/softmax.pt runs/leverage.pt runs/poly.pt --out docs/vit.json
-    PYTHONPATH=build/python /usr/bin/python3 python/experiments/vit_fashion.py quick
+    .venv/bin/python python/experiments/vit_fashion.py quick
 
 `quick` trains a small model on 2048 images for one short epoch, checks that the loss falls and
 evaluates end to end (the test suite runs it).

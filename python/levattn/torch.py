@@ -1,106 +1,227 @@
-"""levattn.torch: LevAttention as a differentiable PyTorch op, and a drop-in self-attention module.
+"""levattn.torch: LevAttention as a PyTorch 2 custom op, and a drop-in self-attention module.
 
-``lev_attention`` is a ``torch.autograd.Function`` whose forward and backward run in the C++
-library (``levattn.select_keys``, ``levattn.attention_forward``, ``levattn.attention_backward``):
-the selection of keys is made once in the forward pass and saved; the gradients flow to q, k and
-v through the selected entries, exactly as autograd through the dense masked computation gives
-them, with no n x n buffer (the backward recomputes the selected logits by tiles).
+``lev_attention`` follows ``torch.nn.functional.scaled_dot_product_attention``'s conventions
+(``scale``, ``is_causal``) and calls the op ``torch.ops.levattn.attention``, a
+``torch.library.custom_op`` whose forward and backward run in the C++ library: the selection of
+keys is made once in the forward pass and returned as fixed-size integer tensors (so every shape
+is known before the data is), which the backward reads back. The gradients flow to q, k and v
+through the selected entries, exactly as autograd through the dense masked computation gives
+them, with no n x n buffer. The op has a fake (meta) implementation and its autograd formula
+registered, so ``torch.compile(model, fullgraph=True)`` traces models that use it, forward and
+backward, with no graph break.
 """
+import math
+from typing import NamedTuple, Optional
+
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from . import _core
 
-__all__ = ["lev_attention", "LevSelfAttention"]
+__all__ = ["lev_attention", "LevSelfAttention", "SelectedKeys", "selection_spec"]
+
+_FLOATS = (torch.float32, torch.float64)
+_COMPUTED_IN_FLOAT32 = (torch.bfloat16, torch.float16)
 
 
-def _array(name, t):
-    """A zero-copy numpy view of a CPU tensor (contiguous first if it is not)."""
+# -- the selection spec ---------------------------------------------------------------------------
+
+# Fields of a LeverageOptions / ClusterOptions as the spec names them (levattn.parse_selection).
+_LEVERAGE_FIELDS = {"method": "method", "ridge": "ridge", "rank_rtol": "rank_rtol", "sketch": "sketch",
+                    "sketch_size": "sketch_size", "gamma": "gamma", "jl_columns": "jl_columns", "delta": "delta",
+                    "seed": "sketch_seed"}
+_CLUSTER_FIELDS = {"clusters": "clusters", "probe": "probe", "iterations": "iterations"}
+
+
+def _text(value):
+    # repr of a float is its shortest round-trip form, which the C++ parser reads back exactly.
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def selection_spec(select="leverage", *, top_k=None, eps=None, window=None, sinks=0, kernel="softmax", p=2.0, seed=0,
+                   budget_alpha=0.0, budget_exponent=0.0, leverage=None, cluster=None):
+    """The selection spec of these keywords, as ``levattn.parse_selection`` reads it:
+    ``selection_spec("leverage", top_k=256, window=16) == "leverage+top_k:256+window:16"``.
+
+    This is what the op carries (a traced graph names its selection in text). Plain Python string
+    work, so torch.compile folds it to a constant. leverage / cluster: a levattn.LeverageOptions /
+    levattn.ClusterOptions or a dict of their fields. The options are checked by the op.
+    """
+    fields = [("top_k", top_k), ("eps", eps), ("window", window), ("sinks", sinks or None), ("seed", seed or None),
+              ("kernel", None if kernel == "softmax" else kernel), ("p", None if p == 2.0 else p),
+              ("budget_alpha", budget_alpha or None), ("budget_exponent", budget_exponent or None)]
+    for given, names in ((leverage, _LEVERAGE_FIELDS), (cluster, _CLUSTER_FIELDS)):
+        if given is not None:
+            get = given.get if isinstance(given, dict) else lambda name, g=given: getattr(g, name)
+            fields += [(spec_name, get(name)) for name, spec_name in names.items()]
+    return select + "".join(f"+{name}:{_text(value)}" for name, value in fields if value is not None)
+
+
+# -- the op ---------------------------------------------------------------------------------------
+
+def _numpy(t):
+    """A numpy view of a CPU tensor, made contiguous (and float32 for half types) first."""
+    if t.dtype in _COMPUTED_IN_FLOAT32:
+        t = t.float()
+    return t.detach().contiguous().numpy()
+
+
+def _shape(q, k, v):
+    """(batch, heads, m, n, d, dv, kv_heads) of q (.., m, d), k (.., n, d), v (.., n, dv)."""
+    lead = q.shape[:-2]
+    batch = lead[0] if len(lead) == 2 else 1
+    heads = lead[-1] if len(lead) >= 1 else 1
+    kv_heads = k.shape[-3] if k.dim() >= 3 else 1
+    return (batch, heads, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], kv_heads)
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("levattn::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, scale: Optional[float],
+                  causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, stat, segs, own = _core.op_forward(_numpy(q), _numpy(k), _numpy(v), spec, scale, causal)
+    return (torch.from_numpy(out).to(q.dtype), torch.from_numpy(stat), torch.from_numpy(segs),
+            torch.from_numpy(own))
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, spec, scale, causal):
+    layout = _core.selection_layout(spec, scale, causal, tuple(int(x) for x in _shape(q, k, v)))
+    lead, m, n = q.shape[:-2], q.shape[-2], k.shape[-2]
+    return (q.new_empty((*lead, m, v.shape[-1])), q.new_empty((*lead, m), dtype=_stat_dtype(q.dtype)),
+            q.new_empty((*lead, n), dtype=torch.int64), q.new_empty((*lead, m, layout.top_k), dtype=torch.int64))
+
+
+@torch.library.custom_op("levattn::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, stat: torch.Tensor, key_segments: torch.Tensor,
+                           query_keys: torch.Tensor, spec: str, scale: Optional[float], causal: bool,
+                           need_dq: bool, need_dk: bool,
+                           need_dv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _core.op_backward(_numpy(q), _numpy(k), _numpy(v), _numpy(out), _numpy(stat), _numpy(grad_out),
+                              _numpy(key_segments), _numpy(query_keys), spec, scale, causal, need_dq, need_dk, need_dv)
+    # A gradient not asked for is an empty tensor (the op's outputs cannot be None).
+    return tuple(x.new_empty(0) if g is None else torch.from_numpy(g).to(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, out, stat, key_segments, query_keys, spec, scale, causal,
+                             need_dq, need_dk, need_dv):
+    return tuple(x.new_empty(x.shape) if need else x.new_empty(0) for x, need in ((q, need_dq), (k, need_dk), (v, need_dv)))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, spec, scale, causal = inputs
+    out, stat, segs, own = output
+    ctx.save_for_backward(q, k, v, out, stat, segs, own)
+    ctx.spec, ctx.scale, ctx.causal = spec, scale, causal
+
+
+def _backward(ctx, grad_out, grad_stat, grad_segs, grad_own):
+    q, k, v, out, stat, segs, own = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    grads = torch.ops.levattn.attention_backward(grad_out, q, k, v, out, stat, segs, own, ctx.spec, ctx.scale,
+                                                 ctx.causal, *need)
+    # stat is internal (lev_attention never returns it), so no gradient reaches it.
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the user's functions -------------------------------------------------------------------------
+
+class SelectedKeys(NamedTuple):
+    """The selection of one lev_attention call as fixed-size tensors (shapes known before the data).
+
+    key_segments (.., n) int64: for each key, the last segment of queries whose shared set holds
+    it, -1 when none does (one segment unless causal leverage, whose sets change every 256
+    queries); query_keys (.., m, top_k) int64: each query's own keys (topk, cluster), -1 for an
+    unused slot. The window band and `all keys` (select="full") follow from the options.
+    ``to_selection()`` gives the levattn.Selection (eager code only: it leaves the graph).
+    """
+    key_segments: torch.Tensor
+    query_keys: torch.Tensor
+    spec: str
+    scale: Optional[float]
+    causal: bool
+    shape: tuple
+
+    def to_selection(self):
+        return _core.selection_from_arrays(self.key_segments.numpy(), self.query_keys.numpy(), self.spec, self.scale,
+                                           self.causal, self.shape)
+
+
+def _check(name, t):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
         raise ValueError(f"{name}: levattn has CPU kernels only; got a tensor on {t.device} (move it with .cpu())")
     if t.layout != torch.strided:
         raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name}: expected dtype float32 or float64, got {t.dtype}")
+    if t.dtype not in _FLOATS + _COMPUTED_IN_FLOAT32:
+        raise ValueError(f"{name}: expected dtype float32, float64, bfloat16 or float16, got {t.dtype}")
     if t.dim() not in (2, 3, 4):
         raise ValueError(f"{name}: expected shape (n, d), (heads, n, d) or (batch, heads, n, d), got {tuple(t.shape)}")
-    return t.detach().contiguous().numpy()
 
 
-class _LevAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, options, holder):
-        qn, kn, vn = _array("q", q), _array("k", k), _array("v", v)
-        if not (q.dtype == k.dtype == v.dtype):
-            raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-        select = options["select"]
-        kernel = {key: options[key] for key in ("kernel", "p", "scale")}
-        # The selection is made from float32 q and k (a float64 call rounds them for it only).
-        q32 = qn if qn.dtype.itemsize == 4 else qn.astype("float32")
-        k32 = kn if kn.dtype.itemsize == 4 else kn.astype("float32")
-        selection = _core.select_keys(q32, k32, **select, **kernel)
-        out, stat = _core.attention_forward(qn, kn, vn, selection, **kernel)
-        out, stat = torch.from_numpy(out), torch.from_numpy(stat)
-        # The inputs themselves (autograd then notices in-place changes before the backward).
-        ctx.save_for_backward(q, k, v, out, stat)
-        ctx.selection, ctx.kernel = selection, kernel
-        if holder is not None:
-            holder.append(selection)
-        return out
+def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=None, enable_gqa=False,
+                  select="leverage", top_k=None, eps=None, window=None, sinks=0, kernel="softmax", p=2.0, seed=0,
+                  budget_alpha=0.0, budget_exponent=0.0, leverage=None, cluster=None, return_selection=False):
+    """Attention of each query over its selected keys, differentiable in query, key and value.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, stat = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grads = _core.attention_backward(
-            _array("q", q), _array("k", k), _array("v", v), out.numpy(), stat.numpy(), _array("grad_out", grad_out),
-            ctx.selection, need_dq=need[0], need_dk=need[1], need_dv=need[2], **ctx.kernel)
-        return tuple(None if g is None else torch.from_numpy(g) for g in grads) + (None, None)
+    query (.., m, d), key (.., n, d), value (.., n, dv) with .. = (), (heads,) or (batch, heads):
+    CPU tensors of one dtype. float32 and float64 are computed in their own precision; bfloat16
+    and float16 in float32 (the output and the gradients are rounded to the input dtype once, at
+    the end). Returns out (.., m, dv) in the input dtype, and with return_selection=True
+    (out, SelectedKeys).
 
-
-def lev_attention(q, k, v, *, select="leverage", top_k=None, eps=None, window=None, sinks=0,
-                  kernel="softmax", p=2.0, scale=None, seed=0, budget_alpha=0.0, budget_exponent=0.0,
-                  leverage=None, cluster=None, causal=False, return_selection=False):
-    """Attention of each query over its selected keys, differentiable in q, k and v.
-
-    q (.., m, d), k (.., n, d), v (.., n, dv) with .. = (), (heads,) or (batch, heads): CPU
-    tensors of one dtype, float32 or float64. Returns out (.., m, dv) of that dtype, and with
-    return_selection=True (out, levattn.Selection).
+    As in scaled_dot_product_attention: scale (default 1/sqrt(d) for softmax, 1 for poly),
+    is_causal (query i attends keys 0 .. i only, m == n, in every selection and its gradients) and
+    enable_gqa (key and value with fewer heads than query, dividing them: query head h reads kv
+    head h // (heads / kv_heads) in place, no copy; their gradients are summed over the group).
+    attn_mask is not taken yet: any mask is a ValueError.
 
     select: "leverage" (top_k keys by leverage score, or the universal set U_eps for eps in
-    (0, 1]; with the poly kernel and p != 2 by |x|^p sensitivity bounds), "full" (every key),
-    "topk" (per query its top_k keys by f(s): the exact oracle, O(m n d)), "random" (top_k keys per
-    (batch, head) by seed), "window" (window and sinks only) or "cluster" (per query its top_k keys
-    among the keys of its nearest k-means clusters: query-aware, sub-quadratic; settings in
-    cluster=levattn.ClusterOptions(...), eps adds U_eps). window=w adds keys |i - j| <= w, sinks=s
-    keys 0 .. s-1 (leverage, random, window, cluster). kernel: "softmax" (exp(s), scale 1/sqrt(d))
-    or "poly" (|s|^p normalised over the selection, scale 1). budget_alpha / budget_exponent: the
-    n^C-adaptive budget top_k = ceil(alpha n^C). leverage: a levattn.LeverageOptions.
-    causal=True: query i attends keys 0 .. i only (m == n), in every selection and in the
-    gradients; select="leverage" then takes eps and uses each block's causal universal set, made
-    from keys before the block only, so no output depends on a later key (cluster trains its
-    k-means on all keys: its choice of earlier keys can).
+    (0, 1]; with the poly kernel and p != 2 by |x|^p sensitivity bounds), "full" (every key: exact
+    attention), "topk" (per query its top_k keys by f(s): the exact oracle, O(m n d)), "random"
+    (top_k keys per (batch, head) by seed), "window" (window and sinks only) or "cluster" (per
+    query its top_k keys among the keys of its nearest k-means clusters: query-aware,
+    sub-quadratic; settings in cluster=levattn.ClusterOptions(...) or a dict, eps adds U_eps).
+    window=w adds keys |i - j| <= w, sinks=s keys 0 .. s-1 (leverage, random, window, cluster).
+    kernel: "softmax" (exp(s)) or "poly" (|s|^p normalised over the selection). budget_alpha /
+    budget_exponent: the n^C-adaptive budget top_k = ceil(alpha n^C). leverage: a
+    levattn.LeverageOptions or a dict. With is_causal, select="leverage" takes eps and uses each
+    block's causal universal set, made from keys before the block only, so no output depends on
+    a later key (cluster trains its k-means on all keys: its choice of earlier keys can).
 
-    The selection is a discrete choice made in the forward pass from q and k (rounded to float32
-    for it); the output and gradients are computed in the inputs' dtype. Cost per (batch, head):
-    selection O(n d^2) (leverage), attention O(m |S| (d + dv)), backward 2.5-4x the forward;
-    memory O(m + |S| (d + dv)) beyond the inputs and outputs.
-    Raises ValueError for CUDA tensors, other dtypes, bad shapes, NaN/Inf or bad options.
+    The selection is a discrete choice made in the forward pass from query and key (rounded to
+    float32 for it). Cost per (batch, head): selection O(n d^2) (leverage), attention
+    O(m |S| (d + dv)), backward 2.5-4x the forward; memory O(m + n + |S| (d + dv)) beyond the
+    inputs and outputs. Raises ValueError for CUDA tensors, other dtypes, bad shapes, NaN/Inf or
+    bad options.
     """
-    options = {
-        "select": dict(select=select, top_k=top_k, eps=eps, window=window, sinks=sinks, seed=seed,
-                       budget_alpha=budget_alpha, budget_exponent=budget_exponent, leverage=leverage,
-                       cluster=cluster, causal=causal),
-        "kernel": kernel, "p": p, "scale": scale,
-    }
-    holder = [] if return_selection else None
-    out = _LevAttention.apply(q, k, v, options, holder)
-    return (out, holder[0]) if return_selection else out
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check(name, t)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key, value: expected one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if attn_mask is not None:
+        raise ValueError("attn_mask: levattn.torch takes no attention mask yet; use is_causal for causal masking")
+    if query.dim() >= 3 and key.dim() == query.dim() and key.shape[-3] != query.shape[-3] and not enable_gqa:
+        raise ValueError(f"key: {key.shape[-3]} heads against the query's {query.shape[-3]}; pass enable_gqa=True "
+                         "for grouped-query attention")
+    spec = selection_spec(select, top_k=top_k, eps=eps, window=window, sinks=sinks, kernel=kernel, p=p, seed=seed,
+                          budget_alpha=budget_alpha, budget_exponent=budget_exponent, leverage=leverage,
+                          cluster=cluster)
+    scale = None if scale is None else float(scale)
+    out, _, segs, own = torch.ops.levattn.attention(query, key, value, spec, scale, bool(is_causal))
+    if return_selection:
+        return out, SelectedKeys(segs, own, spec, scale, bool(is_causal), _shape(query, key, value))
+    return out
 
 
 class LevSelfAttention(nn.Module):
@@ -116,7 +237,7 @@ class LevSelfAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, *, select="leverage", top_k=None, eps=None, window=None,
                  sinks=0, kernel="softmax", p=2.0, scale=None, seed=0, leverage=None, cluster=None,
-                 causal=False, bias=True, device=None, dtype=None):
+                 is_causal=False, bias=True, device=None, dtype=None):
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
@@ -130,7 +251,7 @@ class LevSelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.select, self.top_k, self.eps, self.window, self.sinks = select, top_k, eps, window, sinks
         self.kernel, self.p, self.scale, self.seed, self.leverage = kernel, p, scale, seed, leverage
-        self.cluster, self.causal = cluster, causal
+        self.cluster, self.is_causal = cluster, is_causal
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -144,7 +265,7 @@ class LevSelfAttention(nn.Module):
         """The lev_attention keywords this module uses now."""
         return dict(select=self.select, top_k=self.top_k, eps=self.eps, window=self.window, sinks=self.sinks,
                     kernel=self.kernel, p=self.p, scale=self.scale, seed=self.seed, leverage=self.leverage,
-                    cluster=self.cluster, causal=self.causal)
+                    cluster=self.cluster, is_causal=self.is_causal)
 
     def forward(self, x, return_selection=False):
         unbatched = x.dim() == 2

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -155,16 +156,20 @@ AttentionOptions attention_options(const std::string& select, std::optional<inde
   arg("budget_alpha") = 0.0, arg("budget_exponent") = 0.0, arg("leverage") = py::none(), arg("cluster") = py::none(), \
   arg("causal") = false
 
-// The shape of q (.., m, d), k (.., n, d), v (.., n, dv) with the same leading dimensions.
+// The shape of q (.., m, d), k (.., n, d), v (.., n, dv) with the same leading dimensions, but
+// for k and v's heads, which may divide q's (grouped-query attention).
 AttentionShape attention_shape(const py::array& q, const py::array& k, const py::array& v) {
   const Dims dq = dims(q, "q"), dk = dims(k, "k"), dv = dims(v, "v");
   if (q.ndim() != k.ndim() || q.ndim() != v.ndim()) value_error("q, k, v: expected arrays of the same number of dimensions");
-  if (dk.batch != dq.batch || dk.heads != dq.heads || dv.batch != dq.batch || dv.heads != dq.heads ||
-      dk.cols != dq.cols || dv.rows != dk.rows)
-    value_error("q, k, v: expected shapes (.., m, d), (.., n, d), (.., n, dv) with the same leading dimensions, got " +
-                shape_text(q) + ", " + shape_text(k) + ", " + shape_text(v));
-  return {dq.batch, dq.heads, dq.rows, dk.rows, dq.cols, dv.cols};
+  if (dk.batch != dq.batch || dk.heads < 1 || dq.heads % dk.heads != 0 || dv.batch != dq.batch ||
+      dv.heads != dk.heads || dk.cols != dq.cols || dv.rows != dk.rows)
+    value_error("q, k, v: expected shapes (.., m, d), (.., n, d), (.., n, dv) with the same leading dimensions (k and v "
+                "may have fewer heads, dividing q's), got " + shape_text(q) + ", " + shape_text(k) + ", " + shape_text(v));
+  return {dq.batch, dq.heads, dq.rows, dk.rows, dq.cols, dv.cols, dk.heads};
 }
+
+// (batch, heads, m, n, d, dv, kv_heads) as Python passes it.
+AttentionShape shape_of(const std::array<index_t, 7>& s) { return {s[0], s[1], s[2], s[3], s[4], s[5], s[6]}; }
 
 // Attention over a selection in float T (float32 or float64): out (.., m, dv) and stat (.., m).
 template <class T>
@@ -204,6 +209,65 @@ py::tuple backward(py::handle q_, py::handle k_, py::handle v_, py::handle out_,
   }
   const auto opt = [](bool need, py::array_t<T>& a) -> py::object { return need ? py::object(a) : py::none(); };
   return py::make_tuple(opt(need_dq, gq), opt(need_dk, gk), opt(need_dv, gv));
+}
+
+// The options of the PyTorch op: its selection spec, plus the call's scale and causality.
+AttentionOptions op_options(const std::string& spec, std::optional<double> scale, bool causal) {
+  AttentionOptions o = parse_selection(spec);
+  if (scale) {
+    if (!std::isfinite(*scale)) value_error("scale: expected a finite number or None");
+    o.scale = *scale;
+  }
+  o.causal = causal;
+  return o;
+}
+
+// The selection arrays of the op: key_segments (.., n) and query_keys (.., m, top_k) int64.
+py::tuple selection_arrays(const Selection& sel, const py::array& q, const py::array& k) {
+  std::vector<py::ssize_t> lead(q.shape(), q.shape() + q.ndim() - 2);
+  auto with = [&](std::initializer_list<py::ssize_t> tail) {
+    std::vector<py::ssize_t> s = lead;
+    s.insert(s.end(), tail);
+    return s;
+  };
+  const std::vector<index_t> last = key_segments(sel);
+  py::array_t<std::int64_t> segs(with({k.shape(k.ndim() - 2)}));
+  std::copy(last.begin(), last.end(), segs.mutable_data());
+  py::array_t<std::int64_t> own(with({static_cast<py::ssize_t>(sel.m), static_cast<py::ssize_t>(sel.top_k)}));
+  std::copy(sel.query_keys.begin(), sel.query_keys.end(), own.mutable_data());
+  return py::make_tuple(segs, own);
+}
+
+// The selection behind the op's arrays, checked against the layout of these shapes.
+Selection selection_of_arrays(py::handle segs_, py::handle own_, const AttentionShape& sh, const AttentionOptions& o) {
+  const Selection layout = selection_layout(sh, o);
+  const auto segs = array_of<std::int64_t>(segs_, "key_segments"), own = array_of<std::int64_t>(own_, "query_keys");
+  if (segs.size() != static_cast<py::ssize_t>(layout.pairs() * layout.n))
+    value_error("key_segments: expected (.., n) = " + std::to_string(layout.pairs() * layout.n) + " entries, got " +
+                std::to_string(segs.size()));
+  if (own.size() != static_cast<py::ssize_t>(layout.pairs() * layout.m * layout.top_k))
+    value_error("query_keys: expected (.., m, " + std::to_string(layout.top_k) + ") = " +
+                std::to_string(layout.pairs() * layout.m * layout.top_k) + " entries, got " + std::to_string(own.size()));
+  static_assert(sizeof(index_t) == sizeof(std::int64_t));
+  return selection_from_arrays(layout, reinterpret_cast<const index_t*>(segs.data()),
+                               reinterpret_cast<const index_t*>(own.data()));
+}
+
+// The op's forward in float T: the selection (made from float32 q and k, as attention() makes
+// it), attention over it, and the selection as arrays: (out, stat, key_segments, query_keys).
+template <class T>
+py::tuple op_forward(py::handle q_, py::handle k_, py::handle v_, const AttentionOptions& o) {
+  const auto q = array_of<T>(q_, "q"), k = array_of<T>(k_, "k"), v = array_of<T>(v_, "v");
+  const AttentionShape sh = attention_shape(q, k, v);
+  const auto q32 = array_of<float>(q, "q"), k32 = array_of<float>(k, "k");
+  Selection sel;
+  {
+    py::gil_scoped_release release;
+    sel = select_keys(tensor4(q32, "q"), tensor4(k32, "k"), o);
+  }
+  py::tuple out_stat = forward<T>(q, k, v, sel, o);
+  py::tuple arrays = selection_arrays(sel, q, k);
+  return py::make_tuple(out_stat[0], out_stat[1], arrays[0], arrays[1]);
 }
 
 py::object array_to_numpy(const Array& a) {
@@ -744,6 +808,62 @@ scores_tied (all leverage scores equal: a leverage top-k is then a tie-break). O
 float64 q computes in float64 (k, v converted to it), else float32. stat_i = log sum_j exp(g(s_ij))
 with g(s) = s (softmax) or p log|s| (poly); +inf for a query with no key (its out is 0).
 Cost O(m |S| (d + dv)), no n x n buffer.)doc");
+
+  m.def("selection_spec", [](const std::string& select, std::optional<index_t> top_k, std::optional<double> eps,
+                             std::optional<index_t> window, index_t sinks, const std::string& kernel, double p,
+                             std::optional<double> scale, std::int64_t seed, double budget_alpha, double budget_exponent,
+                             const std::optional<LeverageOptions>& lev, const std::optional<ClusterOptions>& cl,
+                             bool causal) {
+    const AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed,
+                                                 budget_alpha, budget_exponent, lev, cl, causal);
+    return selection_spec(o);
+  }, py::kw_only(), LEVATTN_ATTENTION_ARGS,
+     R"doc(The selection spec of these keywords (as parse_selection reads it): every option but scale and causal.
+
+The spec is what levattn.torch's op carries, so that a traced graph names its selection in text;
+the options are checked where they are used (selection_layout, attention).)doc");
+
+  m.def("selection_layout", [](const std::string& spec, std::optional<double> scale, bool causal,
+                               const std::array<index_t, 7>& shape) {
+    return selection_layout(shape_of(shape), op_options(spec, scale, causal));
+  }, arg("spec"), arg("scale"), arg("causal"), arg("shape"),
+     R"doc(The data-independent part of the Selection of a call: shape = (batch, heads, m, n, d, dv, kv_heads).
+
+Its top_k, window, segment, all_keys and causal are those select_keys gives; no keys. O(1).)doc");
+
+  m.def("op_forward", [](py::handle q, py::handle k, py::handle v, const std::string& spec, std::optional<double> scale,
+                         bool causal) {
+    const AttentionOptions o = op_options(spec, scale, causal);
+    const py::array a = py::array::ensure(q);
+    if (a && a.dtype().kind() == 'f' && a.dtype().itemsize() == 8) return op_forward<double>(q, k, v, o);
+    return op_forward<float>(q, k, v, o);
+  }, arg("q"), arg("k"), arg("v"), arg("spec"), arg("scale"), arg("causal"),
+     R"doc(levattn.torch's forward: (out (.., m, dv), stat (.., m), key_segments (.., n), query_keys (.., m, top_k)).
+
+The selection of spec (made from q and k rounded to float32), attention over it in q's float type
+(float64 or float32) and the selection as fixed-size int64 arrays (key_segments: the last query
+segment whose shared set holds each key, -1 for none; query_keys: each query's own keys, -1 for
+an unused slot). Cost: the selection's plus O(m |S| (d + dv)).)doc");
+
+  m.def("op_backward", [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle stat, py::handle dout,
+                          py::handle segs, py::handle own, const std::string& spec, std::optional<double> scale,
+                          bool causal, bool need_dq, bool need_dk, bool need_dv) {
+    const AttentionOptions o = op_options(spec, scale, causal);
+    const auto qa = array_of<float>(q, "q"), ka = array_of<float>(k, "k"), va = array_of<float>(v, "v");
+    const Selection sel = selection_of_arrays(segs, own, attention_shape(qa, ka, va), o);
+    const py::array a = py::array::ensure(q);
+    if (a && a.dtype().kind() == 'f' && a.dtype().itemsize() == 8)
+      return backward<double>(q, k, v, out, stat, dout, sel, o, need_dq, need_dk, need_dv);
+    return backward<float>(q, k, v, out, stat, dout, sel, o, need_dq, need_dk, need_dv);
+  }, arg("q"), arg("k"), arg("v"), arg("out"), arg("stat"), arg("grad_out"), arg("key_segments"), arg("query_keys"),
+     arg("spec"), arg("scale"), arg("causal"), arg("need_dq") = true, arg("need_dk") = true, arg("need_dv") = true,
+     "levattn.torch's backward: (dq, dk, dv) over the selection of op_forward's arrays, None where not needed.");
+
+  m.def("selection_from_arrays", [](py::handle segs, py::handle own, const std::string& spec, std::optional<double> scale,
+                                    bool causal, const std::array<index_t, 7>& shape) {
+    return selection_of_arrays(segs, own, shape_of(shape), op_options(spec, scale, causal));
+  }, arg("key_segments"), arg("query_keys"), arg("spec"), arg("scale"), arg("causal"), arg("shape"),
+     "The Selection behind op_forward's arrays for shape (batch, heads, m, n, d, dv, kv_heads).");
 
   m.def("attention_backward", [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle stat, py::handle dout,
                                  const Selection& sel, const std::string& kernel, double p, std::optional<double> scale,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import levattn
-from levattn.torch import LevSelfAttention, lev_attention
+from levattn.torch import LevSelfAttention, SelectedKeys, lev_attention
 
 SELECTIONS = [
     dict(select="full"),
@@ -18,17 +18,19 @@ SELECTIONS = [
 ]
 KERNELS = [dict(kernel="softmax"), dict(kernel="poly", p=2.0), dict(kernel="poly", p=3.5)]
 CAUSAL = [
-    dict(select="full", causal=True),
-    dict(select="leverage", eps=0.05, window=2, sinks=1, causal=True),
-    dict(select="topk", top_k=5, causal=True),
-    dict(select="random", top_k=6, seed=4, causal=True),
-    dict(select="window", window=3, sinks=2, causal=True),
-    dict(select="cluster", top_k=4, window=1, causal=True),
+    dict(select="full", is_causal=True),
+    dict(select="leverage", eps=0.05, window=2, sinks=1, is_causal=True),
+    dict(select="topk", top_k=5, is_causal=True),
+    dict(select="random", top_k=6, seed=4, is_causal=True),
+    dict(select="window", window=3, sinks=2, is_causal=True),
+    dict(select="cluster", top_k=4, window=1, is_causal=True),
 ]
 
 
 def mask_of(sel):
-    """The (pairs, m, n) mask of a levattn.Selection: True where query i attends key j."""
+    """The (pairs, m, n) mask of a levattn.Selection (or SelectedKeys): True where query i attends key j."""
+    if isinstance(sel, SelectedKeys):
+        sel = sel.to_selection()
     pairs = sel.batch * sel.heads
     i = torch.arange(sel.m)[:, None]
     j = torch.arange(sel.n)[None, :]
@@ -112,6 +114,7 @@ def test_causal_float32_matches_dense_masked_autograd(sel):
     # 530 queries: three causal blocks (the leverage sets change at 256 and 512).
     q, k, v = inputs((1, 2, 530, 8), 530, 4, torch.float32, seed=2)
     out, selection = lev_attention(q, k, v, return_selection=True, **sel)
+    selection = selection.to_selection()
     assert selection.causal and (selection.segment == 256) == (sel["select"] == "leverage")
     mask = mask_of(selection)
     assert not mask.triu(1).any()
@@ -127,8 +130,8 @@ def test_causal_float32_matches_dense_masked_autograd(sel):
 def test_causal_full_is_masked_softmax_and_no_output_sees_later_tokens():
     q, k, v = inputs((2, 3, 40, 8), 40, 8, torch.float64, seed=7)
     s = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), -math.inf)
-    torch.testing.assert_close(lev_attention(q, k, v, select="full", causal=True), torch.softmax(s, -1) @ v)
-    layer = LevSelfAttention(32, 4, select="leverage", eps=0.1, window=4, causal=True, dtype=torch.float64)
+    torch.testing.assert_close(lev_attention(q, k, v, select="full", is_causal=True), torch.softmax(s, -1) @ v)
+    layer = LevSelfAttention(32, 4, select="leverage", eps=0.1, window=4, is_causal=True, dtype=torch.float64)
     x = torch.randn(2, 300, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     y = layer(x)
     x2 = x.clone()
@@ -137,9 +140,9 @@ def test_causal_full_is_masked_softmax_and_no_output_sees_later_tokens():
     torch.testing.assert_close(y[:, :200], y2[:, :200], rtol=0, atol=0)
     assert not torch.allclose(y[:, 200:], y2[:, 200:])
     with pytest.raises(ValueError, match="as many queries as keys"):
-        lev_attention(q[..., :30, :], k, v, select="full", causal=True)
+        lev_attention(q[..., :30, :], k, v, select="full", is_causal=True)
     with pytest.raises(ValueError, match="give eps"):
-        lev_attention(q, k, v, select="leverage", top_k=4, causal=True)
+        lev_attention(q, k, v, select="leverage", top_k=4, is_causal=True)
 
 
 def test_shapes_subsets_of_requires_grad_and_no_grad():
@@ -165,9 +168,10 @@ def test_selection_is_made_once_in_the_forward_and_saved():
     q, k, v = inputs((64, 8), 64, 4, torch.float64, seed=5)
     out, sel = lev_attention(q, k, v, select="random", top_k=9, seed=11, return_selection=True)
     again = lev_attention(q, k, v, select="random", top_k=9, seed=11, return_selection=True)[1]
-    assert [s.tolist() for s in sel.shared_keys] == [s.tolist() for s in again.shared_keys]
+    assert torch.equal(sel.key_segments, again.key_segments)
+    sel = sel.to_selection()
     assert (sel.keys_per_query() == 9).all()
-    other = lev_attention(q, k, v, select="random", top_k=9, seed=12, return_selection=True)[1]
+    other = lev_attention(q, k, v, select="random", top_k=9, seed=12, return_selection=True)[1].to_selection()
     assert sel.shared_keys[0].tolist() != other.shared_keys[0].tolist()
 
 
@@ -178,11 +182,11 @@ def test_full_selection_is_scaled_dot_product_attention():
 
 
 @pytest.mark.parametrize("call, text", [
-    (lambda q, k, v: lev_attention(q.half(), k.half(), v.half(), top_k=2), "float32 or float64"),
+    (lambda q, k, v: lev_attention(q.int(), k.int(), v.int(), top_k=2), "float32, float64, bfloat16 or float16"),
     (lambda q, k, v: lev_attention(q, k.double(), v, top_k=2), "one dtype"),
     (lambda q, k, v: lev_attention(q.to("meta"), k, v, top_k=2), "CPU"),
     (lambda q, k, v: lev_attention(q[0, 0, 0], k, v, top_k=2), "shape"),
-    (lambda q, k, v: lev_attention(q, k[..., :3], v, top_k=2), "columns"),
+    (lambda q, k, v: lev_attention(q, k[..., :3], v, top_k=2), "expected shapes"),
     (lambda q, k, v: lev_attention(q.detach() * math.nan, k, v, top_k=2), "finite"),
     (lambda q, k, v: lev_attention(q, k, v, select="leverage"), "top_k"),
     (lambda q, k, v: lev_attention(q, k, v, top_k=2, kernel="poly", p=-1.0), "p"),

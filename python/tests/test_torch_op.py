@@ -1,0 +1,193 @@
+"""levattn.torch as a PyTorch 2 custom op: opcheck (schema, fake tensors, autograd registration,
+AOT dispatch with dynamic shapes), torch.compile(fullgraph=True) forward and backward against
+eager, static selection shapes, the selection spec, and half-precision inputs against SDPA."""
+import math
+import os
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import levattn
+from levattn.torch import LevSelfAttention, lev_attention, selection_spec
+
+SPECS = [
+    ("full", False),
+    ("full", True),
+    ("leverage+top_k:6+window:2+sinks:1", False),
+    ("leverage+eps:0.05+window:2+sinks:1", True),
+    ("leverage+top_k:5+kernel:poly+p:3.5", False),
+    ("topk+top_k:5", False),
+    ("topk+top_k:5", True),
+    ("random+top_k:6+seed:4", False),
+    ("window+window:3+sinks:2", True),
+    ("cluster+top_k:4+window:1+sinks:1", False),
+    ("cluster+top_k:4+window:1", True),
+    ("leverage+budget_alpha:1.0+budget_exponent:0.5", False),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_compile_cache(tmp_path_factory):
+    """Compiled code is cached on disk by graph; each run compiles its own."""
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    yield
+    if old is None:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
+def qkv(shape, n, dv, dtype=torch.float32, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    *lead, m, d = shape
+    return tuple(torch.randn(*lead, rows, cols, generator=g).to(dtype).requires_grad_(grad)
+                 for rows, cols in ((m, d), (n, d), (n, dv)))
+
+
+@pytest.mark.parametrize("spec, causal", SPECS, ids=[f"{s}{'-causal' if c else ''}" for s, c in SPECS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(spec, causal, dtype):
+    q, k, v = qkv((2, 2, 20, 4), 20, 3, dtype)
+    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, spec, None, causal))
+    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, spec, 0.3, causal))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_opcheck_half_precision(dtype):
+    q, k, v = qkv((2, 20, 4), 20, 3, dtype)
+    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, "leverage+top_k:6+window:2", None, False))
+
+
+def test_selection_outputs_have_static_shapes_padded_with_minus_one():
+    q, k, v = qkv((2, 3, 50, 8), 50, 4, grad=False)
+    _, sel = lev_attention(q, k, v, select="topk", top_k=7, return_selection=True)
+    assert sel.key_segments.shape == (2, 3, 50) and (sel.key_segments == -1).all()
+    assert sel.query_keys.shape == (2, 3, 50, 7) and sel.query_keys.dtype == torch.int64
+    _, sel = lev_attention(q, k, v, select="topk", top_k=7, is_causal=True, return_selection=True)
+    assert (sel.query_keys[:, :, 0, 1:] == -1).all() and (sel.query_keys[:, :, 0, 0] == 0).all()  # query 0 has 1 key
+    _, sel = lev_attention(q, k, v, select="leverage", top_k=9, sinks=2, return_selection=True)
+    count = (sel.key_segments == 0).sum(-1)  # the top 9 and the 2 sinks, which may be among them
+    assert ((count >= 9) & (count <= 11)).all() and (sel.key_segments[..., :2] == 0).all()
+    # The fake implementation gives the same shapes without running anything.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+        out, stat, segs, own = torch.ops.levattn.attention(fq, fk, fv, "cluster+top_k:5", None, False)
+        assert out.shape == (2, 3, 50, 4) and segs.shape == (2, 3, 50) and own.shape == (2, 3, 50, 5)
+        own = torch.ops.levattn.attention(fq, fk, fv, "topk+budget_alpha:2+budget_exponent:0.5", None, False)[3]
+        assert own.shape == (2, 3, 50, math.ceil(2 * math.sqrt(50)))
+
+
+def test_spec_is_the_library_vocabulary():
+    spec = selection_spec("cluster", top_k=8, eps=0.05, window=0, sinks=2, seed=3, kernel="poly", p=3.0,
+                          cluster=levattn.ClusterOptions(clusters=12, probe=3, iterations=5),
+                          leverage={"method": "sketch", "gamma": 0.1, "seed": 9})
+    assert spec.startswith("cluster+top_k:8+eps:0.05+window:0+sinks:2+seed:3+kernel:poly+p:3.0")
+    assert levattn.parse_selection(spec) == "cluster top_k=8 eps=0.05 window=0 sinks=2 probe=3 poly p=3"
+    assert selection_spec("leverage", eps=0.1 + 0.2) == "leverage+eps:0.30000000000000004"
+    q, k, v = qkv((30, 4), 30, 4, grad=False)
+    with pytest.raises(ValueError, match="unknown field"):
+        torch.ops.levattn.attention(q, k, v, "leverage+top_k:3+speed:9", None, False)
+    with pytest.raises(ValueError, match="eps"):
+        lev_attention(q, k, v, select="leverage", eps=1.5)
+
+
+def stack(select="leverage", causal=False, **options):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(LevSelfAttention(32, 4, select=select, is_causal=causal, **options),
+                               torch.nn.Linear(32, 32),
+                               LevSelfAttention(32, 4, select=select, is_causal=causal, **options))
+
+
+@pytest.mark.parametrize("options", [dict(select="leverage", top_k=8, window=2, sinks=1),
+                                     dict(select="topk", top_k=6),
+                                     dict(select="leverage", eps=0.05, window=2, causal=True),
+                                     dict(select="cluster", top_k=6, window=1)],
+                         ids=["leverage", "topk", "causal-leverage", "cluster"])
+def test_compiled_model_with_fullgraph_matches_eager_forward_and_backward(options):
+    model = stack(**options)
+    x = torch.randn(2, 300, 32, generator=torch.Generator().manual_seed(1))
+    ref = model(x)
+    ref.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4)
+    # Another selection needs no rebuild: the options are part of the traced call.
+    model[0].top_k = 4 if options.get("top_k") else None
+    assert compiled(x).shape == (2, 300, 32)
+
+
+def sdpa_reference(q, k, v, causal):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_inputs_against_sdpa(dtype, tol, causal):
+    """bf16/fp16 inputs are computed in float32 and rounded once: the output is within a few
+    units of the input dtype's rounding of SDPA in float64, as is PyTorch's own SDPA in that dtype."""
+    q, k, v = qkv((2, 4, 200, 32), 200, 32, dtype, seed=3)
+    out = lev_attention(q, k, v, select="full", is_causal=causal)
+    assert out.dtype == dtype
+    ref = sdpa_reference(q, k, v, causal)
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    err_sdpa = ((theirs.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < tol and err <= 2 * err_sdpa + 1e-3, (err, err_sdpa)
+    # Gradients come back in the input dtype and match the float64 ones to the same tolerance.
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    out.backward(g)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    F.scaled_dot_product_attention(q64, k64, v64, is_causal=causal).backward(g.double())
+    for ours, theirs in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert ours.dtype == dtype
+        assert ((ours.double() - theirs).abs().max() / theirs.abs().max()).item() < 2 * tol
+
+
+def test_full_selection_equals_sdpa_with_scale_and_causal():
+    q, k, v = qkv((2, 4, 70, 16), 70, 8, torch.float32, seed=5, grad=False)
+    for causal in (False, True):
+        for scale in (None, 0.37):
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+            torch.testing.assert_close(lev_attention(q, k, v, select="full", is_causal=causal, scale=scale), ref,
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(select="full"), dict(select="leverage", top_k=6, window=2, sinks=1),
+                                     dict(select="topk", top_k=5), dict(select="cluster", top_k=4, window=1),
+                                     dict(select="leverage", eps=0.05, window=2, is_causal=True)],
+                         ids=["full", "leverage", "topk", "cluster", "causal-leverage"])
+def test_grouped_query_attention_equals_repeated_keys(options):
+    """enable_gqa: 6 query heads over 2 kv heads read the kv heads in place; output and gradients
+    equal those of the keys and values repeated per query head (their gradients summed back)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 6, 300, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 300, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = lev_attention(q, k, v, enable_gqa=True, **options)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(grad)
+    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    ref = lev_attention(q2, k2.repeat_interleave(3, dim=1), v2.repeat_interleave(3, dim=1), **options)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for ours, theirs in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.levattn.attention.default,
+                          (q.detach().float(), k.detach().float(), v.detach().float(), "leverage+top_k:5", None, False))
+    with pytest.raises(ValueError, match="enable_gqa"):
+        lev_attention(q, k, v, **options)
+    with pytest.raises(ValueError, match="dividing"):
+        lev_attention(q, k[:, :1].expand(2, 4, 300, 8), v[:, :1].expand(2, 4, 300, 8), enable_gqa=True, **options)
+
+
+def test_masks_are_refused_with_a_clear_error():
+    q, k, v = qkv((2, 2, 10, 4), 10, 4, grad=False)
+    with pytest.raises(ValueError, match="attn_mask"):
+        lev_attention(q, k, v, torch.ones(10, 10, dtype=torch.bool), select="full")
