@@ -170,6 +170,8 @@ struct Plan {
   // Pair h's slice of the queries, and of the keys or values it reads (its group's).
   ConstMatrix q_slice(const Tensor4Ref& Q, index_t h) const { return Q.slice(h / qheads, h % qheads); }
   ConstMatrix kv_slice(const Tensor4Ref& KV, index_t h) const { return KV.slice(h / qheads, h % qheads / group); }
+  // Pair h's row of the key mask (n bytes), or null.
+  const std::uint8_t* open_keys(index_t h) const { return o.key_mask ? o.key_mask + h / qheads * n : nullptr; }
   index_t window = -1;  // clamped: a window wider than both sequences sees everything
   index_t k_top = 0;    // topk budget, at most n
   bool shared = false;  // leverage, random or window: one key set per head
@@ -220,43 +222,67 @@ Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, co
   return pl;
 }
 
-// keys <- keys (ascending) united with 0 .. sinks - 1.
-void add_sinks(std::vector<index_t>& keys, index_t sinks) {
+// keys <- keys (ascending) without the masked ones (open: n bytes, nullable), united with the
+// sinks: the first `sinks` unmasked keys (0 .. sinks - 1 without a mask).
+void add_sinks(std::vector<index_t>& keys, index_t sinks, const std::uint8_t* open) {
+  if (open) keys.erase(std::remove_if(keys.begin(), keys.end(), [&](index_t j) { return !open[j]; }), keys.end());
   if (sinks <= 0) return;
-  std::vector<index_t> merged, first(static_cast<std::size_t>(sinks));
-  std::iota(first.begin(), first.end(), index_t{0});
+  std::vector<index_t> merged, first;
+  for (index_t j = 0; static_cast<index_t>(first.size()) < sinks; ++j)
+    if (!open || open[j]) first.push_back(j);
   std::set_union(keys.begin(), keys.end(), first.begin(), first.end(), std::back_inserter(merged));
   keys.swap(merged);
 }
 
-// The shared key set of head h (leverage scores / Lewis bounds, or random, plus sinks).
-std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::uint64_t stream) {
+// K with the masked rows zeroed: a zero key changes no other key's leverage score (nor the
+// Gram) and scores 0 itself, so scores of this matrix are those of the unmasked keys alone.
+DenseMatrix<float> without_masked(ConstMatrix K, const std::uint8_t* open) {
+  DenseMatrix<float> z(K.rows, K.cols);
+  for (index_t j = 0; j < K.rows; ++j)
+    if (open[j]) std::copy_n(K.row(j), K.cols, z.data.data() + j * K.cols);
+  return z;
+}
+
+// The shared key set of head h (leverage scores / Lewis bounds, or random, plus sinks), among
+// the unmasked keys (open: n bytes, nullable).
+std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::uint64_t stream,
+                                 const std::uint8_t* open) {
   std::vector<index_t> keys;
+  const index_t n_open = open ? static_cast<index_t>(std::count_if(open, open + K.rows, [](std::uint8_t x) { return x != 0; }))
+                              : K.rows;
   if (o.select == Select::leverage || (o.select == Select::cluster && o.eps > 0.0)) {
     // |x|^p attention selects by its own sensitivity bounds (Lewis weights); softmax and x^2 by
     // leverage scores: one dispatcher for both (exact or sketched, by o.leverage). Cluster's
     // top_k is its per-query budget; its shared set is U_eps.
     const double p = o.kernel == Kernel::power ? o.p : 2.0;
-    const LeverageScores s = sensitivity_bounds(K, p, o.leverage);
-    keys = (o.select == Select::leverage && o.top_k > 0 ? universal_set_top_k(s, o.top_k) : universal_set(s, o.eps)).indices;
+    const DenseMatrix<float> zeroed = open ? without_masked(K, open) : DenseMatrix<float>();
+    const LeverageScores s = sensitivity_bounds(open ? zeroed.view() : K, p, o.leverage);
+    keys = (o.select == Select::leverage && o.top_k > 0 ? universal_set_top_k(s, std::min(o.top_k, n_open))
+                                                         : universal_set(s, o.eps)).indices;
   } else if (o.select == Select::random) {
-    keys = detail::random_keys(K.rows, o.top_k,
-                               detail::CounterRng(o.seed, detail::Purpose::random_selection, stream));
+    // Drawn among the unmasked keys: the same draws as n_open keys without a mask.
+    keys = detail::random_keys(n_open, o.top_k, detail::CounterRng(o.seed, detail::Purpose::random_selection, stream));
+    if (open) {
+      const std::vector<index_t> ids = detail::open_keys(K.rows, open);
+      for (index_t& j : keys) j = ids[j];
+    }
   }
-  add_sinks(keys, std::min(o.sinks, K.rows));
+  add_sinks(keys, std::min(o.sinks, n_open), open);
   return keys;
 }
 
 // The shared sets of head h: shared_keys, or with causal leverage each block's causal set plus
 // the sinks.
-HeadSelection select_head(const AttentionOptions& o, ConstMatrix Kh, index_t h) {
+HeadSelection select_head(const AttentionOptions& o, ConstMatrix Kh, index_t h, const std::uint8_t* open) {
   HeadSelection s;
   if (o.causal && o.select == Select::leverage) {
-    s.sets = causal_universal_sets(Kh, o.eps, kCausalBlock, o.leverage).sets;
+    const DenseMatrix<float> zeroed = open ? without_masked(Kh, open) : DenseMatrix<float>();
+    s.sets = causal_universal_sets(open ? zeroed.view() : Kh, o.eps, kCausalBlock, o.leverage).sets;
     s.segment = kCausalBlock;
-    for (auto& set : s.sets) add_sinks(set, std::min(o.sinks, Kh.rows));
+    const index_t n_open = static_cast<index_t>(detail::open_keys(Kh.rows, open).size());
+    for (auto& set : s.sets) add_sinks(set, std::min(o.sinks, n_open), open);
   } else {
-    s.sets.push_back(shared_keys(o, Kh, static_cast<std::uint64_t>(h)));
+    s.sets.push_back(shared_keys(o, Kh, static_cast<std::uint64_t>(h), open));
   }
   return s;
 }
@@ -441,7 +467,7 @@ ClusterPlan plan_clusters(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref&
   cp.kc.resize(static_cast<std::size_t>(pl.heads));
   const auto one = [&](index_t h) {
     const ConstMatrix Kh = pl.kv_slice(K, h);
-    if (cp.shared) cp.shared_keys[h] = shared_keys(o, Kh, static_cast<std::uint64_t>(h));
+    if (cp.shared) cp.shared_keys[h] = shared_keys(o, Kh, static_cast<std::uint64_t>(h), pl.open_keys(h));
     const auto stream = static_cast<std::uint64_t>(h);
     cp.kc[h] = detail::cluster_keys(Kh, c, o.cluster_iterations,
                                     detail::CounterRng(o.seed, detail::Purpose::cluster_seeds, stream),
@@ -477,12 +503,17 @@ template <class Visit>
 void search_all(const Plan& pl, const ClusterPlan& cp, const Tensor4Ref& Q, double flops, Visit&& visit) {
   detail::parallel_tasks(pl.heads * cp.tasks, flops, [] { return ClusterTask(); }, [&](index_t t, ClusterTask& w) {
     const index_t h = t / cp.tasks, i0 = (t % cp.tasks) * cp.rows, i1 = std::min(pl.m, i0 + cp.rows);
-    if (cp.shared) {
+    // Left out of the search: the shared keys and the masked ones.
+    const std::uint8_t* open = pl.open_keys(h);
+    if (cp.shared || open) {
       w.excluded.assign(static_cast<std::size_t>(pl.n), 0);
-      for (index_t j : cp.shared_keys[h]) w.excluded[j] = 1;
+      if (cp.shared)
+        for (index_t j : cp.shared_keys[h]) w.excluded[j] = 1;
+      if (open)
+        for (index_t j = 0; j < pl.n; ++j) w.excluded[j] |= open[j] ? 0 : 1;
     }
     detail::search_clusters(cp.params, pl.q_slice(Q, h), cp.kc[h], cp.probe, pl.k_top, i0, i1,
-                            {cp.shared ? w.excluded.data() : nullptr, pl.window, pl.o.causal}, w.search,
+                            {cp.shared || open ? w.excluded.data() : nullptr, pl.window, pl.o.causal}, w.search,
                             [&](const detail::ClusterCandidates& cand) { visit(h, cand, w); });
   });
 }
@@ -643,6 +674,9 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
                           float* out, const AttentionOptions& options) {
   check_shapes(Q, K, V);
   if (!out) detail::invalid("attention: null output buffer");
+  if (options.key_mask)
+    detail::invalid("attention: key_mask is taken by select_keys and selected_attention_forward / _backward, not "
+                    "by attention()");
   if (options.select == Select::cluster) return attend_clustered(Q, K, V, out, options);
   const Plan pl = make_plan(Q, K, V, options);
   const AttentionOptions& o = pl.o;
@@ -684,7 +718,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
         return;
       }
       w.blk.set_check_overflow(overflow);
-      if (pl.shared) sel[h] = select_head(o, pl.kv_slice(K, h), h);
+      if (pl.shared) sel[h] = select_head(o, pl.kv_slice(K, h), h, nullptr);
       for (index_t b = 0; b < blocks; ++b) {
         stats[h * blocks + b] = run_block(pl, w, in, pl.shared ? &sel[h] : nullptr, top.data(), h, b);
         report(++done);
@@ -700,7 +734,7 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
     const bool overflow = logits_can_overflow(pl.params.scale, pl.d, max_q, max_k);
     if (pl.shared)
       for (index_t h = 0; h < heads; ++h)
-        sel[h] = select_head(o, pl.kv_slice(K, h), h);
+        sel[h] = select_head(o, pl.kv_slice(K, h), h, nullptr);
     t_select = seconds_since(t0);
     detail::parallel_tasks(heads * blocks, total, make, [&](index_t t, Workspace& w) {
       const index_t h = t / blocks;
@@ -778,13 +812,14 @@ Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionO
   detail::require_finite_matrix(flat(Q), "queries");
   detail::require_finite_matrix(flat(K), "keys");
   Selection sel = layout_of(pl, Q.batch);
+  if (pl.o.key_mask) sel.key_mask.assign(pl.o.key_mask, pl.o.key_mask + Q.batch * pl.n);
   if (pl.shared) {
     std::vector<HeadSelection> heads(static_cast<std::size_t>(pl.heads));
     const double flops = pl.o.select == Select::leverage
                              ? 2.0 * static_cast<double>(pl.heads * pl.n * pl.d) * static_cast<double>(pl.d)
                              : 0.0;
     detail::parallel_tasks(pl.heads, flops, [] { return 0; }, [&](index_t h, int&) {
-      heads[h] = select_head(pl.o, pl.kv_slice(K, h), h);
+      heads[h] = select_head(pl.o, pl.kv_slice(K, h), h, pl.open_keys(h));
     });
     for (auto& head : heads)
       for (auto& set : head.sets) sel.shared_keys.push_back(std::move(set));
@@ -796,7 +831,8 @@ Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionO
                              const index_t h = t / pl.blocks, i0 = (t % pl.blocks) * kernels::kQueryBlock;
                              const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
                              detail::top_keys(pl.params, pl.q_slice(Q, h), pl.kv_slice(K, h), pl.k_top, i0, i1,
-                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile, pl.o.causal);
+                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile, pl.o.causal,
+                                              pl.open_keys(h));
                            });
   } else if (pl.o.select == Select::cluster) {
     select_clustered(pl, Q, K, sel);

@@ -95,10 +95,17 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
        << sel.shared_keys.size();
     detail::invalid(os.str());
   }
-  for (const auto& keys : sel.shared_keys)
-    for (std::size_t a = 0; a < keys.size(); ++a)
+  if (!sel.key_mask.empty() && static_cast<index_t>(sel.key_mask.size()) != sel.batch * sel.n)
+    detail::invalid("selection: the key mask must be (batch, n) or empty");
+  for (std::size_t set = 0; set < sel.shared_keys.size(); ++set) {
+    const auto& keys = sel.shared_keys[set];
+    const index_t h = static_cast<index_t>(set) / sel.segments();
+    for (std::size_t a = 0; a < keys.size(); ++a) {
       if (keys[a] < 0 || keys[a] >= sel.n || (a > 0 && keys[a] <= keys[a - 1]))
         detail::invalid("selection: shared keys must be ascending, distinct and in [0, n)");
+      if (!sel.key_open(h, keys[a])) detail::invalid("selection: a shared set holds a masked key");
+    }
+  }
   if (sel.top_k == 0) {
     if (!sel.query_keys.empty()) detail::invalid("selection: per-query keys without a top_k");
     return;
@@ -119,6 +126,7 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
         if (j < 0 || j >= sel.n || stamp[j] == row)
           detail::invalid("selection: each query's keys must be distinct and in [0, n) (-1 for an unused slot)");
         if (sel.causal && j > i) detail::invalid("selection: a causal query's own keys must not follow it");
+        if (!sel.key_open(h, j)) detail::invalid("selection: a query's own keys hold a masked key");
         if (shared[j] == set || (sel.window >= 0 && std::abs(i - j) <= sel.window))
           detail::invalid("selection: a query's own keys must not repeat its shared keys or its window");
         stamp[j] = row;
@@ -247,7 +255,8 @@ void for_each_block(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, in
 }
 
 // ws.s <- scale Q_tile K_b^T; ws.p <- g(s), -inf where a key is masked: after query i (causal),
-// or, in a window band, outside i's window or in its shared set.
+// or, in a window band, outside i's window or in its shared set, or (key padding) in a
+// contiguous block, a key the selection's key_mask closes (gathered keys never are).
 template <class T>
 void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, const Block<T>& b) {
   detail::gemm(kNo, kTr, rows, b.c, c.sh.d, c.fn.scale, c.Q(h) + i0 * c.sh.d, c.sh.d, b.kb, c.sh.d, T(0),
@@ -256,10 +265,15 @@ void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t ro
   const bool causal = c.sel.causal;
   constexpr T none = -std::numeric_limits<T>::infinity();
   if (b.band) detail::mark_members(c.sel.shared_of(h, i0), b.j0, b.c, ws.flags.data());
+  const std::uint8_t* open = !b.keys && !c.sel.key_mask.empty() ? c.sel.key_mask.data() + h / c.sh.heads * c.sh.n + b.j0
+                                                                 : nullptr;
   for (index_t r = 0; r < rows; ++r) {
     const T* s = ws.s.data() + r * b.c;
     T* g = ws.p.data() + r * b.c;
     for (index_t a = 0; a < b.c; ++a) g[a] = c.fn.g(s[a]);
+    if (open)
+      for (index_t a = 0; a < b.c; ++a)
+        if (!open[a]) g[a] = none;
     const index_t i = i0 + r;
     if (b.band) {
       const index_t hi = causal ? i : i + w;

@@ -18,7 +18,7 @@ const std::vector<index_t>& Selection::shared_of(index_t h, index_t i) const {
 }
 
 bool Selection::attends(index_t h, index_t i, index_t j) const {
-  if (causal && j > i) return false;
+  if ((causal && j > i) || !key_open(h, j)) return false;
   if (all_keys) return true;
   const auto& s = shared_of(h, i);
   if (std::binary_search(s.begin(), s.end(), j)) return true;
@@ -83,18 +83,21 @@ Selection selection_from_arrays(const Selection& layout, const index_t* key_segm
 
 std::vector<index_t> Selection::keys_per_query() const {
   std::vector<index_t> out(static_cast<std::size_t>(pairs() * m));
-  for (index_t h = 0; h < pairs(); ++h)
+  std::vector<index_t> open(static_cast<std::size_t>(n + 1));  // open[j]: unmasked keys before j
+  for (index_t h = 0; h < pairs(); ++h) {
+    for (index_t j = 0; j < n; ++j) open[j + 1] = open[j] + (key_open(h, j) ? 1 : 0);
     for (index_t i = 0; i < m; ++i) {
-      const std::vector<index_t>& s = shared_of(h, i);
+      const std::vector<index_t>& s = shared_of(h, i);  // holds no masked key
       const auto below = [&](index_t j) { return static_cast<index_t>(std::upper_bound(s.begin(), s.end(), j) - s.begin()); };
-      index_t c = all_keys ? (causal ? std::min(n, i + 1) : n) : causal ? below(i) : static_cast<index_t>(s.size());
+      index_t c = all_keys ? open[causal ? std::min(n, i + 1) : n] : causal ? below(i) : static_cast<index_t>(s.size());
       if (window >= 0) {
         const index_t lo = std::max<index_t>(0, i - window), hi = std::min(n - 1, causal ? i : i + window);
-        c += std::max<index_t>(0, hi - lo + 1) - (below(hi) - below(lo - 1));
+        if (hi >= lo) c += open[hi + 1] - open[lo] - (below(hi) - below(lo - 1));  // lo > hi: a query past every key
       }
       for (index_t a = 0; a < top_k; ++a) c += query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)] >= 0 ? 1 : 0;
       out[static_cast<std::size_t>(h * m + i)] = c;
     }
+  }
   return out;
 }
 
@@ -127,8 +130,16 @@ std::vector<index_t> random_keys(index_t n, index_t k, const CounterRng& rng) {
   return out;
 }
 
+std::vector<index_t> open_keys(index_t n, const std::uint8_t* open) {
+  std::vector<index_t> keys;
+  keys.reserve(static_cast<std::size_t>(n));
+  for (index_t j = 0; j < n; ++j)
+    if (!open || open[j]) keys.push_back(j);
+  return keys;
+}
+
 void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K, index_t k,
-              index_t i0, index_t i1, index_t* out, std::vector<float>& tile, bool causal) {
+              index_t i0, index_t i1, index_t* out, std::vector<float>& tile, bool causal, const std::uint8_t* open) {
   const index_t rows = i1 - i0, n = causal ? std::min(K.rows, i1) : K.rows, d = K.cols;
   const index_t width = std::min(kernels::kKeyTile, n);
   tile.resize(static_cast<std::size_t>(rows * width));
@@ -139,7 +150,8 @@ void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K,
     for (index_t r = 0; r < rows; ++r) {
       const float* s = tile.data() + r * c;
       const index_t seen = causal ? std::min(c, i0 + r + 1 - c0) : c;  // causal: keys j <= i only
-      for (index_t j = 0; j < seen; ++j) best[r].push(params.kernel == Kernel::softmax ? s[j] : std::fabs(s[j]), c0 + j);
+      for (index_t j = 0; j < seen; ++j)
+        if (!open || open[c0 + j]) best[r].push(params.kernel == Kernel::softmax ? s[j] : std::fabs(s[j]), c0 + j);
     }
   }
   for (index_t r = 0; r < rows; ++r) best[r].write(out + r * k);

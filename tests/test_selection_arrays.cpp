@@ -4,6 +4,7 @@
 // predicts from the shape and options alone.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
 #include <string>
 #include <vector>
@@ -155,6 +156,74 @@ TEST(GroupedQueryAttention, EqualsRepeatedKeysForwardAndBackward) {
                                   {v.data(), batch, 4, n / 2, d}, out.data(), {}),
                levattn::Error);
   EXPECT_THROW(levattn::selection_layout({batch, heads, n, n, d, d, 4}, {}), levattn::Error);
+}
+
+// Key padding: every selector, given a key mask, selects no masked key, attends none (window
+// bands and full included), counts them in no query's keys, and its attention equals the dense
+// softmax over exactly the pairs attends() names; attention() refuses a mask.
+TEST(KeyMask, NoSelectorSelectsOrAttendsAMaskedKey) {
+  const index_t batch = 3, heads = 2, n = 300, d = 8, pairs = batch * heads;
+  const std::vector<float> q = normal(static_cast<std::size_t>(pairs * n * d), 7);
+  std::vector<float> k = normal(q.size(), 8);
+  const std::vector<float> v = normal(q.size(), 9);
+  std::vector<std::uint8_t> mask(static_cast<std::size_t>(batch * n), 1);
+  std::mt19937_64 g(10);
+  for (index_t j = 200; j < n; ++j) mask[j] = 0;                      // batch 0: right padding
+  for (index_t j = 0; j < 70; ++j) mask[n + j] = 0;                    // batch 1: left padding
+  for (index_t j = 0; j < n; ++j) mask[2 * n + j] = g() % 2 ? 1 : 0;  // batch 2: holes
+  for (index_t r = 0; r < pairs * n; ++r)                              // masked keys made heavy
+    if (!mask[(r / n / heads) * n + r % n])
+      for (index_t c = 0; c < d; ++c) k[r * d + c] *= 20.0f;
+  for (const auto& [spec, causal] : std::vector<std::pair<const char*, bool>>{
+           {"full", false}, {"full", true}, {"leverage:12+window:2+sinks:3", false}, {"leverage+eps:0.05", false},
+           {"leverage+eps:0.05+window:2+sinks:2", true}, {"topk:5", false}, {"topk:5", true}, {"random:20+sinks:1", false},
+           {"window:3+sinks:2", false}, {"cluster:4+window:1+sinks:1", false}, {"cluster:4", true}}) {
+    AttentionOptions o = levattn::parse_selection(spec);
+    o.causal = causal;
+    o.key_mask = mask.data();
+    const Selection s = levattn::select_keys({q.data(), batch, heads, n, d}, {k.data(), batch, heads, n, d}, o);
+    ASSERT_EQ(s.key_mask, mask) << spec;
+    const AttentionShape sh{batch, heads, n, n, d, d};
+    std::vector<float> out(q.size()), stat(static_cast<std::size_t>(pairs * n));
+    levattn::selected_attention_forward<float>(sh, s, o, q.data(), k.data(), v.data(), out.data(), stat.data());
+    const std::vector<index_t> per_query = s.keys_per_query();
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    double worst = 0.0;
+    for (index_t h = 0; h < pairs; ++h)
+      for (index_t i = 0; i < n; ++i) {
+        std::vector<double> w(static_cast<std::size_t>(n), 0.0);
+        double top = -1e300, sum = 0.0;
+        index_t count = 0;
+        for (index_t j = 0; j < n; ++j) {
+          if (!s.attends(h, i, j)) continue;
+          ASSERT_TRUE(mask[(h / heads) * n + j]) << spec << ": pair " << h << " query " << i << " attends masked key " << j;
+          double dot = 0.0;
+          for (index_t c = 0; c < d; ++c) dot += static_cast<double>(q[(h * n + i) * d + c]) * k[(h * n + j) * d + c];
+          w[j] = dot * scale, top = std::max(top, w[j]), ++count;
+        }
+        ASSERT_EQ(per_query[h * n + i], count) << spec;
+        for (index_t j = 0; j < n; ++j)
+          if (s.attends(h, i, j)) sum += (w[j] = std::exp(w[j] - top));
+        for (index_t c = 0; c < d; ++c) {
+          double o_ref = 0.0;
+          for (index_t j = 0; j < n; ++j)
+            if (s.attends(h, i, j)) o_ref += w[j] / sum * v[(h * n + j) * d + c];
+          worst = std::max(worst, std::abs(o_ref - out[(h * n + i) * d + c]));
+        }
+      }
+    EXPECT_LT(worst, 1e-4) << spec;
+    // The arrays carry no mask: with the same mask given back, the same selection.
+    Selection back = levattn::selection_from_arrays(levattn::selection_layout(sh, o), levattn::key_segments(s).data(),
+                                                    s.query_keys.data());
+    back.key_mask = mask;
+    EXPECT_EQ(back.keys_per_query(), per_query) << spec;
+  }
+  AttentionOptions o;
+  o.key_mask = mask.data();
+  std::vector<float> out(q.size());
+  EXPECT_THROW(levattn::attention({q.data(), batch, heads, n, d}, {k.data(), batch, heads, n, d},
+                                  {v.data(), batch, heads, n, d}, out.data(), o),
+               levattn::Error);
 }
 
 TEST(SelectionSpec, EveryFieldRoundTripsExactly) {

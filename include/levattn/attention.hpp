@@ -58,6 +58,12 @@ struct AttentionOptions {
   index_t probe = 0;
   index_t cluster_iterations = 8;
   LeverageOptions leverage;  ///< options of the leverage scores used by Select::leverage
+  /// Key padding: (batch, n) bytes, 0 for a key no query may attend (nor select), else 1; null:
+  /// every key. Each selection is made as if the masked keys were not there (leverage scores of
+  /// the others, random draws among them, top-k and clusters searching them only, sinks the first
+  /// `sinks` unmasked keys) and no query attends one (nor its window band, nor `full`). Taken by
+  /// select_keys and the differentiable pair (selected_attention.hpp); attention() refuses it.
+  const std::uint8_t* key_mask = nullptr;
   bool return_selection = false;  ///< fill AttentionResult::shared_keys / query_keys
   /// Called now and then from the calling thread with the fraction of work done, in [0, 1].
   std::function<void(double)> progress;

@@ -33,11 +33,19 @@ struct Selection {
   /// shared set or window (causal: none after i), -1 for an unused slot.
   index_t top_k = 0;
   std::vector<index_t> query_keys;
+  /// Key padding, (batch, n): 0 for a key no query of that batch attends, in any part (the
+  /// shared sets and query keys never hold one; the window band and all_keys skip it); empty:
+  /// none.
+  std::vector<std::uint8_t> key_mask;
 
   index_t pairs() const { return batch * heads; }
   index_t segments() const { return segment > 0 && m > 0 ? (m + segment - 1) / segment : 1; }
   /// The shared set query i of pair h attends (an empty one when there are none).
   const std::vector<index_t>& shared_of(index_t h, index_t i) const;
+  /// Whether key j of pair h's batch may be attended (false when key_mask masks it).
+  bool key_open(index_t h, index_t j) const {
+    return key_mask.empty() || key_mask[static_cast<std::size_t>(h / heads * n + j)] != 0;
+  }
   /// Whether query i of pair h attends key j: O(log |shared| + top_k).
   bool attends(index_t h, index_t i, index_t j) const;
   /// |S_i| for every query, (pairs, m) row-major: O(pairs m (log |shared| + top_k)).
@@ -80,7 +88,8 @@ std::vector<index_t> key_segments(const Selection& selection);
 
 /// The inverse of key_segments: `layout` (as selection_layout gives it) with its shared sets
 /// rebuilt from key_segments (pairs, n) and query_keys (pairs, m, top_k) copied in (null when
-/// layout.top_k is 0). Attends exactly the keys of the selection the arrays were made from.
+/// layout.top_k is 0). Attends exactly the keys of the selection the arrays were made from (give
+/// it the same key_mask, which the arrays do not carry).
 /// O(pairs n + sum of the sets' sizes). Throws Error(invalid_argument) on an entry of
 /// key_segments outside [-1, segments) or before its key's first segment; query_keys are checked
 /// where the selection is used (selected_attention_forward).

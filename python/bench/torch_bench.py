@@ -1,6 +1,7 @@
 """levattn.torch against what a PyTorch 2 user compares it with, in one run on the CPU.
 
     .venv/bin/python python/bench/torch_bench.py [--repeats R] [--threads T] [--quick] [--json]
+                                                 [--shape B,H,N,D:K ...]
 
 For each shape (batch, heads, n, d) and float32 inputs, forward (no_grad) and forward + backward:
 - sdpa: torch.nn.functional.scaled_dot_product_attention (PyTorch's fused CPU kernel),
@@ -11,7 +12,7 @@ then bfloat16 inputs against float32 for sdpa and levattn, a compiled model of L
 layers against the same model on SDPA, the Python overhead of one call, and the peak memory of
 forward + backward at (1, 1, 65536, 64) in a fresh process. Times are the best
 of R after a warm-up; ratios are taken within this run. --quick runs small shapes only (a smoke
-run of the script).
+run of the script); --shape replaces the list. LEVATTN_ISA=avx2 measures the AVX2 kernels.
 """
 import argparse
 import json
@@ -46,9 +47,11 @@ def inputs(shape, grad, dtype=torch.float32):
     return [torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad) for _ in range(3)]
 
 
-def flex_window(n, budget):
-    """A compiled FlexAttention call over keys |i - j| <= w plus `sinks` first keys, about `budget` keys a query."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_window(n, budget, block=128):
+    """A compiled FlexAttention call over keys |i - j| <= w plus `sinks` first keys, about `budget`
+    keys a query. The block mask is built from its key blocks (BlockMask.from_kv_blocks): block 0
+    for the sinks and the blocks the band touches, never an n x n mask."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     sinks = 8
     w = max(1, (budget - sinks) // 2)
@@ -56,7 +59,17 @@ def flex_window(n, budget):
     def mask_mod(b, h, q_idx, kv_idx):
         return ((q_idx - kv_idx).abs() <= w) | (kv_idx < sinks)
 
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device="cpu")
+    blocks = (n + block - 1) // block
+    rows = []
+    for r in range(blocks):
+        lo, hi = max(0, r * block - w) // block, min(n - 1, (r + 1) * block - 1 + w) // block
+        rows.append(sorted({0, *range(lo, hi + 1)}))
+    kv_indices = torch.zeros(1, 1, blocks, blocks, dtype=torch.int32)  # blocks x blocks: per block, not per entry
+    kv_num = torch.zeros(1, 1, blocks, dtype=torch.int32)
+    for r, x in enumerate(rows):
+        kv_indices[0, 0, r, :len(x)] = torch.tensor(x, dtype=torch.int32)
+        kv_num[0, 0, r] = len(x)
+    block_mask = BlockMask.from_kv_blocks(kv_num, kv_indices, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n))
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
@@ -80,7 +93,7 @@ def forward_backward(f, q, k, v, grad):
     return run
 
 
-def case(shape, top_k, repeats):
+def case(shape, top_k, repeats, log):
     row = {"shape": list(shape), "top_k": top_k, "forward_s": {}, "forward_backward_s": {}}
     q, k, v = inputs(shape, False)
     qg, kg, vg = inputs(shape, True)
@@ -100,7 +113,21 @@ def case(shape, top_k, repeats):
             "sdpa": best_time(lambda: F.scaled_dot_product_attention(qb, kb, vb), repeats),
             "levattn_leverage": best_time(lambda: lev_attention(qb, kb, vb, select="leverage", top_k=top_k), repeats),
         }
+    print_case(row, log)
     return row
+
+
+def print_case(c, log):
+    if not log:
+        return
+    print(f"{tuple(c['shape'])} top-{c['top_k']}")
+    for kind in ("forward", "forward_backward"):
+        cells = ", ".join(f"{name} {t * 1e3:.1f} ms ({c[kind + '_vs_sdpa'][name]:.2f}x)" for name, t in c[kind + "_s"].items())
+        print(f"  {kind} (x = speed-up over sdpa): {cells}")
+    bf = c["bf16_forward_s"]
+    print(f"  bf16 forward: sdpa {bf['sdpa'] * 1e3:.1f} ms (fp32 {c['forward_s']['sdpa'] * 1e3:.1f}), levattn "
+          f"leverage {bf['levattn_leverage'] * 1e3:.1f} ms (fp32 {c['forward_s']['levattn_leverage'] * 1e3:.1f})",
+          flush=True)
 
 
 def model_case(repeats, quick):
@@ -170,27 +197,24 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="threads (torch.set_num_threads also sets levattn's: one OpenMP runtime)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--shape", action="append", default=[], metavar="B,H,N,D:K",
+                    help="run this shape with budget K instead of the default list (repeatable)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     shapes = QUICK_SHAPES if a.quick else SHAPES
-    r = {"threads": torch.get_num_threads(), "levattn_threads": levattn.build_info()["threads"],
-         "torch": torch.__version__, "isa": levattn.build_info()["isa"],
-         "cases": [case(s, k, a.repeats) for s, k in shapes], "model": model_case(a.repeats, a.quick),
-         "overhead": overhead(a.repeats), "memory": memory()}
+    if a.shape:
+        shapes = [(tuple(int(x) for x in dims.split(",")), int(k)) for dims, k in (t.split(":") for t in a.shape)]
+    info = levattn.build_info()
+    if not a.json:
+        print(f"torch {torch.__version__}, threads: torch {torch.get_num_threads()}, levattn {info['threads']}, "
+              f"ISA {info['isa']}", flush=True)
+    r = {"threads": torch.get_num_threads(), "levattn_threads": info["threads"], "torch": torch.__version__,
+         "isa": info["isa"], "cases": [case(s, k, a.repeats, not a.json) for s, k in shapes],
+         "model": model_case(a.repeats, a.quick), "overhead": overhead(a.repeats), "memory": memory()}
     if a.json:
         print(json.dumps(r, indent=1))
         return
-    print(f"torch {r['torch']}, threads: torch {r['threads']}, levattn {r['levattn_threads']}, ISA {r['isa']}")
-    for c in r["cases"]:
-        print(f"{tuple(c['shape'])} top-{c['top_k']}")
-        for kind in ("forward", "forward_backward"):
-            cells = ", ".join(f"{name} {t * 1e3:.1f} ms ({c[kind + '_vs_sdpa'][name]:.2f}x)"
-                              for name, t in c[kind + "_s"].items())
-            print(f"  {kind} (x = speed-up over sdpa): {cells}")
-        bf = c["bf16_forward_s"]
-        print(f"  bf16 forward: sdpa {bf['sdpa'] * 1e3:.1f} ms (fp32 {c['forward_s']['sdpa'] * 1e3:.1f}), levattn "
-              f"leverage {bf['levattn_leverage'] * 1e3:.1f} ms (fp32 {c['forward_s']['levattn_leverage'] * 1e3:.1f})")
     m, o = r["model"], r["overhead"]
     print(f"compiled model {tuple(m['shape'])}: forward sdpa {m['sdpa_forward_s'] * 1e3:.1f} ms, levattn "
           f"{m['levattn_leverage_forward_s'] * 1e3:.1f} ms; forward+backward sdpa "

@@ -80,16 +80,30 @@ def _stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _open_keys(key_mask):
+    """The op's key mask as numpy (batch, n) bool: True where a key may be attended."""
+    if key_mask is None:
+        return None
+    if key_mask.dtype == torch.bool:
+        return key_mask.contiguous().numpy()
+    keep, closed = key_mask == 0, key_mask == -math.inf
+    if not bool((keep | closed).all()):
+        raise ValueError("attn_mask: an additive (float) mask must hold 0 (attend) or -inf (masked) only; "
+                         "other biases are not supported")
+    return keep.contiguous().numpy()
+
+
 @torch.library.custom_op("levattn::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, scale: Optional[float],
-                  causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, stat, segs, own = _core.op_forward(_numpy(q), _numpy(k), _numpy(v), spec, scale, causal)
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor], spec: str,
+                  scale: Optional[float], causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, stat, segs, own = _core.op_forward(_numpy(q), _numpy(k), _numpy(v), _open_keys(key_mask), spec, scale,
+                                            causal)
     return (torch.from_numpy(out).to(q.dtype), torch.from_numpy(stat), torch.from_numpy(segs),
             torch.from_numpy(own))
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, spec, scale, causal):
+def _attention_fake(q, k, v, key_mask, spec, scale, causal):
     layout = _core.selection_layout(spec, scale, causal, tuple(int(x) for x in _shape(q, k, v)))
     lead, m, n = q.shape[:-2], q.shape[-2], k.shape[-2]
     return (q.new_empty((*lead, m, v.shape[-1])), q.new_empty((*lead, m), dtype=_stat_dtype(q.dtype)),
@@ -99,35 +113,36 @@ def _attention_fake(q, k, v, spec, scale, causal):
 @torch.library.custom_op("levattn::attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, stat: torch.Tensor, key_segments: torch.Tensor,
-                           query_keys: torch.Tensor, spec: str, scale: Optional[float], causal: bool,
-                           need_dq: bool, need_dk: bool,
+                           query_keys: torch.Tensor, key_mask: Optional[torch.Tensor], spec: str,
+                           scale: Optional[float], causal: bool, need_dq: bool, need_dk: bool,
                            need_dv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _core.op_backward(_numpy(q), _numpy(k), _numpy(v), _numpy(out), _numpy(stat), _numpy(grad_out),
-                              _numpy(key_segments), _numpy(query_keys), spec, scale, causal, need_dq, need_dk, need_dv)
+                              _numpy(key_segments), _numpy(query_keys), _open_keys(key_mask), spec, scale, causal,
+                              need_dq, need_dk, need_dv)
     # A gradient not asked for is an empty tensor (the op's outputs cannot be None).
     return tuple(x.new_empty(0) if g is None else torch.from_numpy(g).to(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, stat, key_segments, query_keys, spec, scale, causal,
+def _attention_backward_fake(grad_out, q, k, v, out, stat, key_segments, query_keys, key_mask, spec, scale, causal,
                              need_dq, need_dk, need_dv):
     return tuple(x.new_empty(x.shape) if need else x.new_empty(0) for x, need in ((q, need_dq), (k, need_dk), (v, need_dv)))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, spec, scale, causal = inputs
+    q, k, v, key_mask, spec, scale, causal = inputs
     out, stat, segs, own = output
-    ctx.save_for_backward(q, k, v, out, stat, segs, own)
+    ctx.save_for_backward(q, k, v, out, stat, segs, own, key_mask)
     ctx.spec, ctx.scale, ctx.causal = spec, scale, causal
 
 
 def _backward(ctx, grad_out, grad_stat, grad_segs, grad_own):
-    q, k, v, out, stat, segs, own = ctx.saved_tensors
+    q, k, v, out, stat, segs, own, key_mask = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
-    grads = torch.ops.levattn.attention_backward(grad_out, q, k, v, out, stat, segs, own, ctx.spec, ctx.scale,
-                                                 ctx.causal, *need)
+    grads = torch.ops.levattn.attention_backward(grad_out, q, k, v, out, stat, segs, own, key_mask, ctx.spec,
+                                                 ctx.scale, ctx.causal, *need)
     # stat is internal (lev_attention never returns it), so no gradient reaches it.
-    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None, None)
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -146,14 +161,15 @@ class SelectedKeys(NamedTuple):
     """
     key_segments: torch.Tensor
     query_keys: torch.Tensor
+    key_mask: Optional[torch.Tensor]
     spec: str
     scale: Optional[float]
     causal: bool
     shape: tuple
 
     def to_selection(self):
-        return _core.selection_from_arrays(self.key_segments.numpy(), self.query_keys.numpy(), self.spec, self.scale,
-                                           self.causal, self.shape)
+        return _core.selection_from_arrays(self.key_segments.numpy(), self.query_keys.numpy(),
+                                           _open_keys(self.key_mask), self.spec, self.scale, self.causal, self.shape)
 
 
 def _check(name, t):
@@ -167,6 +183,34 @@ def _check(name, t):
         raise ValueError(f"{name}: expected dtype float32, float64, bfloat16 or float16, got {t.dtype}")
     if t.dim() not in (2, 3, 4):
         raise ValueError(f"{name}: expected shape (n, d), (heads, n, d) or (batch, heads, n, d), got {tuple(t.shape)}")
+
+
+def _key_padding(mask, query, key):
+    """attn_mask as scaled_dot_product_attention takes it, if it is a key-padding mask (size 1
+    along the queries and the heads): as (batch, n), bool (True: attend) or float (0 / -inf)."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"attn_mask: expected a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"attn_mask: expected dtype bool (True: attend) or an additive float mask, got {mask.dtype}")
+    if mask.device.type != "cpu":
+        raise ValueError(f"attn_mask: expected a CPU tensor, got one on {mask.device}")
+    n, dims = key.shape[-2], query.dim()
+    if not 1 <= mask.dim() <= dims:
+        raise ValueError(f"attn_mask: expected at most {dims} dimensions (broadcast against the query's), got shape "
+                         f"{tuple(mask.shape)}")
+    shape = (1,) * (dims - mask.dim()) + tuple(mask.shape)
+    if shape[-1] != n:
+        raise ValueError(f"attn_mask: expected {n} keys in its last dimension, got shape {tuple(mask.shape)}")
+    if shape[-2] != 1:
+        raise ValueError(f"attn_mask: only key-padding masks are taken (size 1 along the queries, one mask row for all "
+                         f"of them), got shape {tuple(mask.shape)}; use is_causal for causal masking")
+    if dims >= 3 and shape[-3] != 1:
+        raise ValueError(f"attn_mask: a mask per head is not taken (size 1 along the heads), got shape "
+                         f"{tuple(mask.shape)}")
+    batch = query.shape[0] if dims == 4 else 1
+    if dims == 4 and shape[0] not in (1, batch):
+        raise ValueError(f"attn_mask: batch {shape[0]} against the query's {batch}")
+    return mask.reshape(shape[0] if dims == 4 else 1, n).expand(batch, n).contiguous()
 
 
 def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=None, enable_gqa=False,
@@ -184,7 +228,11 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
     is_causal (query i attends keys 0 .. i only, m == n, in every selection and its gradients) and
     enable_gqa (key and value with fewer heads than query, dividing them: query head h reads kv
     head h // (heads / kv_heads) in place, no copy; their gradients are summed over the group).
-    attn_mask is not taken yet: any mask is a ValueError.
+    attn_mask: a key-padding mask as SDPA takes it (broadcastable to (batch, heads, m, n) with
+    size 1 along the heads and the queries: (batch, 1, 1, n), (n,), ...), bool (True: the key
+    takes part) or additive float (0 or -inf): a masked key is never selected, by any selection,
+    nor attended (sinks are then the first unmasked keys); a query with no key left gets 0 (SDPA
+    gives NaN). Other masks are a ValueError.
 
     select: "leverage" (top_k keys by leverage score, or the universal set U_eps for eps in
     (0, 1]; with the poly kernel and p != 2 by |x|^p sensitivity bounds), "full" (every key: exact
@@ -209,8 +257,7 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
         _check(name, t)
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(f"query, key, value: expected one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if attn_mask is not None:
-        raise ValueError("attn_mask: levattn.torch takes no attention mask yet; use is_causal for causal masking")
+    key_mask = None if attn_mask is None else _key_padding(attn_mask, query, key)
     if query.dim() >= 3 and key.dim() == query.dim() and key.shape[-3] != query.shape[-3] and not enable_gqa:
         raise ValueError(f"key: {key.shape[-3]} heads against the query's {query.shape[-3]}; pass enable_gqa=True "
                          "for grouped-query attention")
@@ -218,9 +265,9 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
                           budget_alpha=budget_alpha, budget_exponent=budget_exponent, leverage=leverage,
                           cluster=cluster)
     scale = None if scale is None else float(scale)
-    out, _, segs, own = torch.ops.levattn.attention(query, key, value, spec, scale, bool(is_causal))
+    out, _, segs, own = torch.ops.levattn.attention(query, key, value, key_mask, spec, scale, bool(is_causal))
     if return_selection:
-        return out, SelectedKeys(segs, own, spec, scale, bool(is_causal), _shape(query, key, value))
+        return out, SelectedKeys(segs, own, key_mask, spec, scale, bool(is_causal), _shape(query, key, value))
     return out
 
 

@@ -222,6 +222,16 @@ AttentionOptions op_options(const std::string& spec, std::optional<double> scale
   return o;
 }
 
+// The op's key mask: None, or (batch, n) of bool / uint8 (nonzero: the key may be attended).
+std::optional<CArray<std::uint8_t>> key_mask_of(py::handle mask, const AttentionShape& sh) {
+  if (mask.is_none()) return std::nullopt;
+  auto a = array_of<std::uint8_t>(mask, "key_mask");
+  if (a.ndim() != 2 || a.shape(0) != static_cast<py::ssize_t>(sh.batch) || a.shape(1) != static_cast<py::ssize_t>(sh.n))
+    value_error("key_mask: expected shape (batch, n) = (" + std::to_string(sh.batch) + ", " + std::to_string(sh.n) +
+                "), got " + shape_text(a));
+  return a;
+}
+
 // The selection arrays of the op: key_segments (.., n) and query_keys (.., m, top_k) int64.
 py::tuple selection_arrays(const Selection& sel, const py::array& q, const py::array& k) {
   std::vector<py::ssize_t> lead(q.shape(), q.shape() + q.ndim() - 2);
@@ -238,9 +248,11 @@ py::tuple selection_arrays(const Selection& sel, const py::array& q, const py::a
   return py::make_tuple(segs, own);
 }
 
-// The selection behind the op's arrays, checked against the layout of these shapes.
-Selection selection_of_arrays(py::handle segs_, py::handle own_, const AttentionShape& sh, const AttentionOptions& o) {
+// The selection behind the op's arrays, checked against the layout of these shapes, with its key mask.
+Selection selection_of_arrays(py::handle segs_, py::handle own_, py::handle mask, const AttentionShape& sh,
+                              const AttentionOptions& o) {
   const Selection layout = selection_layout(sh, o);
+  const auto key_mask = key_mask_of(mask, sh);
   const auto segs = array_of<std::int64_t>(segs_, "key_segments"), own = array_of<std::int64_t>(own_, "query_keys");
   if (segs.size() != static_cast<py::ssize_t>(layout.pairs() * layout.n))
     value_error("key_segments: expected (.., n) = " + std::to_string(layout.pairs() * layout.n) + " entries, got " +
@@ -249,17 +261,21 @@ Selection selection_of_arrays(py::handle segs_, py::handle own_, const Attention
     value_error("query_keys: expected (.., m, " + std::to_string(layout.top_k) + ") = " +
                 std::to_string(layout.pairs() * layout.m * layout.top_k) + " entries, got " + std::to_string(own.size()));
   static_assert(sizeof(index_t) == sizeof(std::int64_t));
-  return selection_from_arrays(layout, reinterpret_cast<const index_t*>(segs.data()),
-                               reinterpret_cast<const index_t*>(own.data()));
+  Selection sel = selection_from_arrays(layout, reinterpret_cast<const index_t*>(segs.data()),
+                                        reinterpret_cast<const index_t*>(own.data()));
+  if (key_mask) sel.key_mask.assign(key_mask->data(), key_mask->data() + key_mask->size());
+  return sel;
 }
 
 // The op's forward in float T: the selection (made from float32 q and k, as attention() makes
 // it), attention over it, and the selection as arrays: (out, stat, key_segments, query_keys).
 template <class T>
-py::tuple op_forward(py::handle q_, py::handle k_, py::handle v_, const AttentionOptions& o) {
+py::tuple op_forward(py::handle q_, py::handle k_, py::handle v_, py::handle mask, AttentionOptions o) {
   const auto q = array_of<T>(q_, "q"), k = array_of<T>(k_, "k"), v = array_of<T>(v_, "v");
   const AttentionShape sh = attention_shape(q, k, v);
   const auto q32 = array_of<float>(q, "q"), k32 = array_of<float>(k, "k");
+  const auto key_mask = key_mask_of(mask, sh);
+  if (key_mask) o.key_mask = key_mask->data();
   Selection sel;
   {
     py::gil_scoped_release release;
@@ -477,6 +493,12 @@ set per (pair, block of `segment` queries), at pair * blocks + block.)doc")
       .def_property_readonly("query_keys", [](const Selection& s) {
         return to_array(s.query_keys).reshape({s.pairs(), s.m, s.top_k});
       })
+      .def_property_readonly("key_mask", [](const Selection& s) -> py::object {
+        if (s.key_mask.empty()) return py::none();
+        py::array_t<std::uint8_t> a({s.batch, s.n});
+        std::copy(s.key_mask.begin(), s.key_mask.end(), a.mutable_data());
+        return a;
+      }, "(batch, n) uint8, 0 for a key no query attends (padding); None: every key")
       .def("keys_per_query", [](const Selection& s) {
         // |S_i| per query, (pairs, m): for inspection and for counting the work of a selection.
         return to_array(s.keys_per_query()).reshape({s.pairs(), s.m});
@@ -831,38 +853,40 @@ the options are checked where they are used (selection_layout, attention).)doc")
 
 Its top_k, window, segment, all_keys and causal are those select_keys gives; no keys. O(1).)doc");
 
-  m.def("op_forward", [](py::handle q, py::handle k, py::handle v, const std::string& spec, std::optional<double> scale,
-                         bool causal) {
+  m.def("op_forward", [](py::handle q, py::handle k, py::handle v, py::handle key_mask, const std::string& spec,
+                         std::optional<double> scale, bool causal) {
     const AttentionOptions o = op_options(spec, scale, causal);
     const py::array a = py::array::ensure(q);
-    if (a && a.dtype().kind() == 'f' && a.dtype().itemsize() == 8) return op_forward<double>(q, k, v, o);
-    return op_forward<float>(q, k, v, o);
-  }, arg("q"), arg("k"), arg("v"), arg("spec"), arg("scale"), arg("causal"),
+    if (a && a.dtype().kind() == 'f' && a.dtype().itemsize() == 8) return op_forward<double>(q, k, v, key_mask, o);
+    return op_forward<float>(q, k, v, key_mask, o);
+  }, arg("q"), arg("k"), arg("v"), arg("key_mask"), arg("spec"), arg("scale"), arg("causal"),
      R"doc(levattn.torch's forward: (out (.., m, dv), stat (.., m), key_segments (.., n), query_keys (.., m, top_k)).
 
-The selection of spec (made from q and k rounded to float32), attention over it in q's float type
+The selection of spec (made from q and k rounded to float32; key_mask: None or (batch, n), 0 for a
+padding key, never selected nor attended), attention over it in q's float type
 (float64 or float32) and the selection as fixed-size int64 arrays (key_segments: the last query
 segment whose shared set holds each key, -1 for none; query_keys: each query's own keys, -1 for
 an unused slot). Cost: the selection's plus O(m |S| (d + dv)).)doc");
 
   m.def("op_backward", [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle stat, py::handle dout,
-                          py::handle segs, py::handle own, const std::string& spec, std::optional<double> scale,
-                          bool causal, bool need_dq, bool need_dk, bool need_dv) {
+                          py::handle segs, py::handle own, py::handle key_mask, const std::string& spec,
+                          std::optional<double> scale, bool causal, bool need_dq, bool need_dk, bool need_dv) {
     const AttentionOptions o = op_options(spec, scale, causal);
     const auto qa = array_of<float>(q, "q"), ka = array_of<float>(k, "k"), va = array_of<float>(v, "v");
-    const Selection sel = selection_of_arrays(segs, own, attention_shape(qa, ka, va), o);
+    const Selection sel = selection_of_arrays(segs, own, key_mask, attention_shape(qa, ka, va), o);
     const py::array a = py::array::ensure(q);
     if (a && a.dtype().kind() == 'f' && a.dtype().itemsize() == 8)
       return backward<double>(q, k, v, out, stat, dout, sel, o, need_dq, need_dk, need_dv);
     return backward<float>(q, k, v, out, stat, dout, sel, o, need_dq, need_dk, need_dv);
   }, arg("q"), arg("k"), arg("v"), arg("out"), arg("stat"), arg("grad_out"), arg("key_segments"), arg("query_keys"),
-     arg("spec"), arg("scale"), arg("causal"), arg("need_dq") = true, arg("need_dk") = true, arg("need_dv") = true,
+     arg("key_mask"), arg("spec"), arg("scale"), arg("causal"), arg("need_dq") = true, arg("need_dk") = true,
+     arg("need_dv") = true,
      "levattn.torch's backward: (dq, dk, dv) over the selection of op_forward's arrays, None where not needed.");
 
-  m.def("selection_from_arrays", [](py::handle segs, py::handle own, const std::string& spec, std::optional<double> scale,
-                                    bool causal, const std::array<index_t, 7>& shape) {
-    return selection_of_arrays(segs, own, shape_of(shape), op_options(spec, scale, causal));
-  }, arg("key_segments"), arg("query_keys"), arg("spec"), arg("scale"), arg("causal"), arg("shape"),
+  m.def("selection_from_arrays", [](py::handle segs, py::handle own, py::handle key_mask, const std::string& spec,
+                                    std::optional<double> scale, bool causal, const std::array<index_t, 7>& shape) {
+    return selection_of_arrays(segs, own, key_mask, shape_of(shape), op_options(spec, scale, causal));
+  }, arg("key_segments"), arg("query_keys"), arg("key_mask"), arg("spec"), arg("scale"), arg("causal"), arg("shape"),
      "The Selection behind op_forward's arrays for shape (batch, heads, m, n, d, dv, kv_heads).");
 
   m.def("attention_backward", [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle stat, py::handle dout,

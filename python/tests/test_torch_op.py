@@ -50,14 +50,14 @@ def qkv(shape, n, dv, dtype=torch.float32, seed=0, grad=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck(spec, causal, dtype):
     q, k, v = qkv((2, 2, 20, 4), 20, 3, dtype)
-    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, spec, None, causal))
-    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, spec, 0.3, causal))
+    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, None, spec, None, causal))
+    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, None, spec, 0.3, causal))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_opcheck_half_precision(dtype):
     q, k, v = qkv((2, 20, 4), 20, 3, dtype)
-    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, "leverage+top_k:6+window:2", None, False))
+    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, None, "leverage+top_k:6+window:2", None, False))
 
 
 def test_selection_outputs_have_static_shapes_padded_with_minus_one():
@@ -74,9 +74,9 @@ def test_selection_outputs_have_static_shapes_padded_with_minus_one():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
-        out, stat, segs, own = torch.ops.levattn.attention(fq, fk, fv, "cluster+top_k:5", None, False)
+        out, stat, segs, own = torch.ops.levattn.attention(fq, fk, fv, None, "cluster+top_k:5", None, False)
         assert out.shape == (2, 3, 50, 4) and segs.shape == (2, 3, 50) and own.shape == (2, 3, 50, 5)
-        own = torch.ops.levattn.attention(fq, fk, fv, "topk+budget_alpha:2+budget_exponent:0.5", None, False)[3]
+        own = torch.ops.levattn.attention(fq, fk, fv, None, "topk+budget_alpha:2+budget_exponent:0.5", None, False)[3]
         assert own.shape == (2, 3, 50, math.ceil(2 * math.sqrt(50)))
 
 
@@ -89,7 +89,7 @@ def test_spec_is_the_library_vocabulary():
     assert selection_spec("leverage", eps=0.1 + 0.2) == "leverage+eps:0.30000000000000004"
     q, k, v = qkv((30, 4), 30, 4, grad=False)
     with pytest.raises(ValueError, match="unknown field"):
-        torch.ops.levattn.attention(q, k, v, "leverage+top_k:3+speed:9", None, False)
+        torch.ops.levattn.attention(q, k, v, None, "leverage+top_k:3+speed:9", None, False)
     with pytest.raises(ValueError, match="eps"):
         lev_attention(q, k, v, select="leverage", eps=1.5)
 
@@ -180,14 +180,20 @@ def test_grouped_query_attention_equals_repeated_keys(options):
     for ours, theirs in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     torch.library.opcheck(torch.ops.levattn.attention.default,
-                          (q.detach().float(), k.detach().float(), v.detach().float(), "leverage+top_k:5", None, False))
+                          (q.detach().float(), k.detach().float(), v.detach().float(), None, "leverage+top_k:5", None, False))
     with pytest.raises(ValueError, match="enable_gqa"):
         lev_attention(q, k, v, **options)
     with pytest.raises(ValueError, match="dividing"):
         lev_attention(q, k[:, :1].expand(2, 4, 300, 8), v[:, :1].expand(2, 4, 300, 8), enable_gqa=True, **options)
 
 
-def test_masks_are_refused_with_a_clear_error():
-    q, k, v = qkv((2, 2, 10, 4), 10, 4, grad=False)
-    with pytest.raises(ValueError, match="attn_mask"):
-        lev_attention(q, k, v, torch.ones(10, 10, dtype=torch.bool), select="full")
+@pytest.mark.parametrize("spec, causal", [("full", False), ("leverage+eps:0.1+window:1+sinks:1", True),
+                                          ("topk+top_k:4", False), ("cluster+top_k:3", False)])
+def test_opcheck_with_a_key_padding_mask(spec, causal):
+    q, k, v = qkv((2, 2, 20, 4), 20, 3)
+    keep = torch.ones(2, 20, dtype=torch.bool)
+    keep[0, 15:] = False
+    keep[1, :3] = False
+    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, keep, spec, None, causal))
+    additive = torch.zeros(2, 20).masked_fill(~keep, -math.inf)
+    torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, additive, spec, None, causal))

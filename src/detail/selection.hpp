@@ -18,6 +18,9 @@ void check_kernel(const AttentionOptions& o);
 /// of (n, k, rng's stream). k >= n returns every key.
 std::vector<index_t> random_keys(index_t n, index_t k, const CounterRng& rng);
 
+/// The keys j of [0, n) with open[j] != 0, ascending (every key when open is null).
+std::vector<index_t> open_keys(index_t n, const std::uint8_t* open);
+
 /// The k best (value, key) pairs pushed so far: larger values first, ties to the lower key.
 class BestKeys {
  public:
@@ -56,8 +59,10 @@ class BestKeys {
 /// power: |logit|), ties to the lower index, each row in descending order, into out
 /// ((i1 - i0) x k). Causal: query i ranks keys 0 .. i only (-1 in the slots beyond i + 1 keys).
 /// Scans all keys with GEMM tiles: O((i1 - i0) n d) time, O(tile) workspace.
+/// open (n bytes, nullable): only keys with open[j] != 0 are ranked (-1 in the slots beyond them).
 void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K, index_t k,
-              index_t i0, index_t i1, index_t* out, std::vector<float>& tile, bool causal = false);
+              index_t i0, index_t i1, index_t* out, std::vector<float>& tile, bool causal = false,
+              const std::uint8_t* open = nullptr);
 
 /// flags[a] = 1 if key j0 + a is in `sorted` (ascending), else 0, for a in [0, c): O(c + log).
 void mark_members(const std::vector<index_t>& sorted, index_t j0, index_t c, char* flags);
