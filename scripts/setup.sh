@@ -27,13 +27,17 @@ levattn_install_packages() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# levattn_python_env: creates LEVATTN_VENV from the first python3 on PATH (3.10 or newer; the
-# pinned PyTorch wheel is for 3.11) and installs python/requirements-dev.txt into it, again only
-# when that file has changed.
+# levattn_python_env: creates LEVATTN_VENV from LEVATTN_BASE_PYTHON, else python3.11 (the pinned
+# PyTorch CPU wheel in the machines' cache is for 3.11), else python3 (3.10 or newer), and installs
+# python/requirements-dev.txt into it, again only when that file has changed.
 levattn_python_env() {
   local req="$LEVATTN_ROOT/python/requirements-dev.txt" stamp="$LEVATTN_VENV/.levattn-requirements"
   if [ ! -x "$LEVATTN_PYTHON" ]; then
-    local base="${LEVATTN_BASE_PYTHON:-python3}"
+    local base="${LEVATTN_BASE_PYTHON:-}"
+    if [ -z "$base" ]; then
+      base=python3
+      python3.11 -c 'import venv' 2>/dev/null && base=python3.11
+    fi
     "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
       { echo "levattn: need Python 3.10 or newer as $base (LEVATTN_BASE_PYTHON=...)" >&2; return 1; }
     echo "levattn: creating the Python environment $LEVATTN_VENV ($("$base" --version 2>&1))" >&2
