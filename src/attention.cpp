@@ -250,7 +250,9 @@ std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::
   std::vector<index_t> keys;
   const index_t n_open = open ? static_cast<index_t>(std::count_if(open, open + K.rows, [](std::uint8_t x) { return x != 0; }))
                               : K.rows;
-  if (o.select == Select::leverage || (o.select == Select::cluster && o.eps > 0.0)) {
+  if (n_open == 0) {
+    // Every key masked (a padding-only sequence): nothing to select.
+  } else if (o.select == Select::leverage || (o.select == Select::cluster && o.eps > 0.0)) {
     // |x|^p attention selects by its own sensitivity bounds (Lewis weights); softmax and x^2 by
     // leverage scores: one dispatcher for both (exact or sketched, by o.leverage). Cluster's
     // top_k is its per-query budget; its shared set is U_eps.

@@ -100,6 +100,18 @@ def test_leverage_of_a_right_padded_batch_equals_leverage_of_its_prefix():
     assert torch.equal(sel.key_segments[1, :, :150], ref.key_segments[0])
 
 
+@pytest.mark.parametrize("options", SELECTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_a_sequence_of_padding_only_attends_nothing(options):
+    q, k, v = qkv((2, 2, 40, 4), 40, torch.float32, seed=6)
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    keep[1] = False  # batch 1 is all padding: each of its queries has no key and gets 0
+    out = lev_attention(q, k, v, keep[:, None, None, :], **options)
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    torch.testing.assert_close(out[0], lev_attention(q[:1], k[:1], v[:1], **options)[0])
+    out.sum().backward()
+    assert (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
+
+
 def test_gradcheck_with_a_mask():
     q, k, v = qkv((2, 2, 9, 4), 11, torch.float64, seed=5)
     keep = torch.ones(2, 11, dtype=torch.bool)
