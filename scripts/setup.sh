@@ -1,6 +1,7 @@
 # scripts/setup.sh: sourced by scripts/demo, scripts/test and the experiment scripts. Installs the
 # Debian packages the build needs (only those missing), makes the project's Python environment
-# (.venv: PyTorch and the test tools at the versions of python/requirements-dev.txt), and builds.
+# (.venv: PyTorch, transformers and the test tools at the versions of python/requirements-dev.txt;
+# .venv-kvpress for the kvpress test), and builds.
 set -euo pipefail
 
 LEVATTN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,12 +28,12 @@ levattn_install_packages() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# levattn_python_env: creates LEVATTN_VENV from LEVATTN_BASE_PYTHON, else python3.11 (the pinned
-# PyTorch CPU wheel in the machines' cache is for 3.11), else python3 (3.10 or newer), and installs
-# python/requirements-dev.txt into it, again only when that file has changed.
-levattn_python_env() {
-  local req="$LEVATTN_ROOT/python/requirements-dev.txt" stamp="$LEVATTN_VENV/.levattn-requirements"
-  if [ ! -x "$LEVATTN_PYTHON" ]; then
+# levattn_venv VENV REQUIREMENTS: creates VENV from LEVATTN_BASE_PYTHON, else python3.11 (the
+# pinned PyTorch CPU wheel in the machines' cache is for 3.11), else python3 (3.10 or newer), and
+# installs REQUIREMENTS (exact pins) into it, again only when that file has changed.
+levattn_venv() {
+  local venv="$1" req="$2" stamp="$1/.levattn-requirements"
+  if [ ! -x "$venv/bin/python" ]; then
     local base="${LEVATTN_BASE_PYTHON:-}"
     if [ -z "$base" ]; then
       base=python3
@@ -40,17 +41,32 @@ levattn_python_env() {
     fi
     "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
       { echo "levattn: need Python 3.10 or newer as $base (LEVATTN_BASE_PYTHON=...)" >&2; return 1; }
-    echo "levattn: creating the Python environment $LEVATTN_VENV ($("$base" --version 2>&1))" >&2
-    "$base" -m venv "$LEVATTN_VENV"
+    echo "levattn: creating the Python environment $venv ($("$base" --version 2>&1))" >&2
+    "$base" -m venv "$venv"
   fi
   if ! cmp -s "$req" "$stamp"; then
-    echo "levattn: installing python/requirements-dev.txt into $LEVATTN_VENV" >&2
-    "$LEVATTN_PYTHON" -m pip install -q --disable-pip-version-check -r "$req" 2>&1 |
+    echo "levattn: installing ${req#"$LEVATTN_ROOT"/} into $venv" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" 2>&1 |
       grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-    "$LEVATTN_PYTHON" -c 'import torch, numpy, pytest, pybind11, scikit_build_core' ||
-      { echo "levattn: the Python environment $LEVATTN_VENV is incomplete" >&2; return 1; }
+    "$venv/bin/python" -c 'import torch, numpy, pytest' ||
+      { echo "levattn: the Python environment $venv is incomplete" >&2; return 1; }
     cp "$req" "$stamp"
   fi
+}
+
+# levattn_python_env: the project environment LEVATTN_VENV (python/requirements-dev.txt).
+levattn_python_env() {
+  levattn_venv "$LEVATTN_VENV" "$LEVATTN_ROOT/python/requirements-dev.txt"
+  "$LEVATTN_PYTHON" -c 'import pybind11, scikit_build_core, transformers' ||
+    { echo "levattn: the Python environment $LEVATTN_VENV is incomplete" >&2; return 1; }
+}
+
+# levattn_kvpress_env WHEEL: the kvpress test environment LEVATTN_KVPRESS_VENV (kvpress pins
+# transformers < 5.3: python/requirements-kvpress.txt) with the levattn wheel WHEEL installed.
+LEVATTN_KVPRESS_VENV="${LEVATTN_KVPRESS_VENV:-$LEVATTN_ROOT/.venv-kvpress}"
+levattn_kvpress_env() {
+  levattn_venv "$LEVATTN_KVPRESS_VENV" "$LEVATTN_ROOT/python/requirements-kvpress.txt"
+  "$LEVATTN_KVPRESS_VENV/bin/python" -m pip install -q --no-deps --force-reinstall --disable-pip-version-check "$1"
 }
 
 # levattn_build DIR [cmake options...]: configure once, then build incrementally (a C++-only

@@ -239,10 +239,22 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, ScorePass pass)
   out.sum_bound = static_cast<double>(g.rank);
   out.scores.assign(static_cast<std::size_t>(n), 0.0);
   if (kept == 0) return out;  // K == 0: every score is 0
-  if (pass.rows_of_gram && g.rank == n && g.ridge == 0.0) {
-    // Full row rank: K K^+ = I, so every score is exactly 1 (rounding would only blur the ties).
-    std::fill(out.scores.begin(), out.scores.end(), 1.0);
-    return out;
+  if (pass.rows_of_gram && g.ridge == 0.0 && g.rank <= n) {
+    // Full row rank over the nonzero rows (a zero row scores 0 and leaves the others alone, as
+    // masked keys are passed): K K^+ is the identity there, so those scores are exactly 1;
+    // rounding would only blur the ties, and break them differently with and without the zero
+    // rows.
+    std::vector<char> nonzero(static_cast<std::size_t>(n), 0);
+    index_t rows = 0;
+    for (index_t j = 0; j < n; ++j) {
+      const float* k = K.row(j);
+      nonzero[j] = std::any_of(k, k + d, [](float x) { return x != 0.0f; }) ? 1 : 0;
+      rows += nonzero[j];
+    }
+    if (rows == g.rank) {
+      for (index_t j = 0; j < n; ++j) out.scores[j] = nonzero[j] ? 1.0 : 0.0;
+      return out;
+    }
   }
 
   // Rounding bound of y_j = B^T k_j (see header): ||dy|| <= (gamma_d + u) ||k_j|| ||B||_F and

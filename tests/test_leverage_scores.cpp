@@ -72,6 +72,22 @@ TEST(LeverageScores, ClosedFormCases) {
   for (double v : z.scores) EXPECT_EQ(v, 0.0);
 }
 
+TEST(LeverageScores, FullRowRankAmongNonzeroRowsIsExactlyOne) {
+  // 7 independent keys in d = 8 with 3 zero rows between them (masked keys are passed zeroed):
+  // every nonzero key scores exactly 1 and every zero key exactly 0, as without the zero rows,
+  // so top-k ties break by index the same way with and without them.
+  const Mat G = oracle::gaussian(7, 8, 21);
+  Mat K(10, 8);
+  const index_t rows[] = {0, 2, 3, 5, 6, 8, 9};
+  for (index_t r = 0; r < 7; ++r)
+    for (index_t c = 0; c < 8; ++c) K(rows[r], c) = G(r, c);
+  const LeverageScores s = leverage_scores(K.view());
+  EXPECT_EQ(s.rank, 7);
+  for (index_t j = 0; j < 10; ++j) EXPECT_EQ(s.scores[j], (j == 1 || j == 4 || j == 7) ? 0.0 : 1.0) << j;
+  const LeverageScores alone = leverage_scores(G.view());
+  for (double v : alone.scores) EXPECT_EQ(v, 1.0);
+}
+
 TEST(LeverageScores, WorstCaseQueryAttainsTheScore) {
   for (const auto& [name, K] : cases::key_matrices()) {
     const LeverageScores s = leverage_scores(K.view());
