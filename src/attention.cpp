@@ -105,7 +105,7 @@ void check_options(const AttentionOptions& o) {
     case Select::topk:
       if (local)
         detail::invalid("select " + to_string(o.select) +
-                        ": window and sinks combine only with leverage, random or window");
+                        ": window and sinks combine only with leverage, random, window or cluster");
       if (o.select == Select::topk && o.top_k < 1) {
         os << "top_k: select topk needs a budget >= 1, got " << o.top_k;
         detail::invalid(os.str());

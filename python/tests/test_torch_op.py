@@ -197,3 +197,12 @@ def test_opcheck_with_a_key_padding_mask(spec, causal):
     torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, keep, spec, None, causal))
     additive = torch.zeros(2, 20).masked_fill(~keep, -math.inf)
     torch.library.opcheck(torch.ops.levattn.attention.default, (q, k, v, additive, spec, None, causal))
+
+
+@pytest.mark.parametrize("select", ["topk", "full"])
+def test_window_with_a_selection_that_takes_none_names_those_that_do(select):
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="leverage, random, window or cluster"):
+        lev_attention(q, q, q, select=select, top_k=4 if select == "topk" else None, window=2)
+    # and cluster does take one
+    lev_attention(q, q, q, select="cluster", top_k=4, window=2)
