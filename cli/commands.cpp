@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include "cli/cli.hpp"
@@ -327,9 +328,14 @@ std::vector<std::pair<std::string, Array>> selection_arrays(const AttentionResul
                                                             const AttentionOptions& o) {
   if (o.select == Select::full)
     throw Error(ErrorKind::invalid_argument, "save-selection: select full attends every key; there is no selection to save");
+  // One set per (batch, head) (per segment too under causal leverage); empty for the selections
+  // without shared keys (topk, cluster without eps or sinks), whose offsets are then all 0.
+  index_t pairs = 1;
+  for (std::size_t i = 0; i + 2 < Q.shape.size(); ++i) pairs *= Q.shape[i];
+  const std::size_t sets = r.shared_keys.empty() ? static_cast<std::size_t>(pairs) : r.shared_keys.size();
   std::vector<std::int64_t> keys, offsets{0};
-  for (const auto& s : r.shared_keys) {
-    keys.insert(keys.end(), s.begin(), s.end());
+  for (std::size_t i = 0; i < sets; ++i) {
+    if (i < r.shared_keys.size()) keys.insert(keys.end(), r.shared_keys[i].begin(), r.shared_keys[i].end());
     offsets.push_back(static_cast<std::int64_t>(keys.size()));
   }
   std::vector<std::pair<std::string, Array>> out;
@@ -376,6 +382,7 @@ int run_attend(const AttendArgs& a) {
     j["shared_sizes"] = r.shared_sizes;
     j["mean_keys_per_query"] = r.mean_keys_per_query;
     j["empty_rows"] = r.empty_rows;
+    if (o.select == Select::cluster) j["short_queries"] = r.short_queries;
     j["seconds"] = {{"selection", r.seconds_selection},
                     {"attention", r.seconds_attention},
                     {"total", r.seconds_selection + r.seconds_attention}};
@@ -383,6 +390,9 @@ int run_attend(const AttendArgs& a) {
   }
   if (r.empty_rows > 0)
     std::cerr << "levattn attend: " << r.empty_rows << " queries had no selected key or a zero normaliser; their output rows are 0\n";
+  if (r.short_queries > 0)
+    std::cerr << "levattn attend: cluster: " << r.short_queries << " queries found fewer than top_k = " << r.top_k
+              << " keys in the clusters they probed (--probe searches more)\n";
   return 0;
 }
 
@@ -479,6 +489,7 @@ struct EvaluateArgs {
   Sources src{"", {"", "", ""}};
   std::vector<std::string> selections;
   double heavy_eps = 0.05, p = 4.0;
+  std::optional<double> scale;
   bool json = false;
 };
 
@@ -490,6 +501,7 @@ int run_evaluate(const EvaluateArgs& a) {
   for (const std::string& spec : a.selections) sel.push_back(parse_selection(spec));
   EvaluateOptions eo;
   eo.heavy_eps = a.heavy_eps, eo.p = a.p;
+  if (a.scale) eo.scale = *a.scale;
   const std::vector<Evaluation> rows = with_sources({&Q, &K, &V}, {"queries", "keys", "values"},
                                                     [&] { return evaluate(as_tensor(Q), as_tensor(K), as_tensor(V), sel, eo); });
   if (a.json) {
@@ -503,11 +515,11 @@ int run_evaluate(const EvaluateArgs& a) {
     std::cout << json{{"heavy_eps", a.heavy_eps}, {"p", a.p}, {"rows", j}}.dump() << "\n";
     return 0;
   }
-  std::printf("%-5s %-32s %8s %9s %9s %9s %9s\n", "pair", "selection", "keys/q", "softmax", "out.err",
+  std::printf("%-5s %-44s %8s %9s %9s %9s %9s\n", "pair", "selection", "keys/q", "softmax", "out.err",
               "x^2 rec.", "|x|^p rec");
   bool tied = false;
   for (const Evaluation& e : rows) {
-    std::printf("%-5lld %-32s %8.1f %9.4f %9.4f %9.4f %9.4f%s\n", static_cast<long long>(e.pair), e.selection.c_str(),
+    std::printf("%-5lld %-44s %8.1f %9.4f %9.4f %9.4f %9.4f%s\n", static_cast<long long>(e.pair), e.selection.c_str(),
                 e.keys_per_query, e.softmax_mass, e.output_error, e.x2_heavy_recall, e.power_heavy_recall,
                 e.scores_tied ? "  tied" : "");
     tied = tied || e.scores_tied;
@@ -531,6 +543,9 @@ Command add_evaluate(CLI::App& app) {
       ->required();
   sub->add_option("--heavy-eps", a->heavy_eps, "entries >= this count as heavy, in (0, 1]");
   sub->add_option("--p", a->p, "exponent of the |x|^p heavy recall, > 0");
+  sub->add_option("--scale", a->scale,
+                  "logit scale of every selection and of full attention (default: 1/sqrt(d) for softmax; 1 for "
+                  "queries that already carry their scale)");
   sub->add_flag("--json", a->json, "print the rows as JSON");
   return {sub, [a] { return run_evaluate(*a); }};
 }

@@ -98,6 +98,10 @@ void check_options(const AttentionOptions& o) {
   const bool local = o.window >= 0 || o.sinks > 0;
   if (o.eps != 0.0 && o.select != Select::leverage && o.select != Select::cluster)
     detail::invalid("eps: applies to select leverage and cluster only, got select " + to_string(o.select));
+  // Options the chosen selection would not read are an error, not silently dropped.
+  const bool cluster_set = o.clusters != 0 || o.probe != 0 || o.cluster_iterations != AttentionOptions{}.cluster_iterations;
+  if (o.select != Select::cluster && cluster_set)
+    detail::invalid("clusters, probe, iterations: apply to select cluster only, got select " + to_string(o.select));
   if (o.top_k != 0 && (o.select == Select::full || o.select == Select::window))
     detail::invalid("top_k: select " + to_string(o.select) + " takes no key budget");
   switch (o.select) {
@@ -635,8 +639,12 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
   std::vector<float> stat(static_cast<std::size_t>(pl.heads * pl.m));
   if (options.return_selection) res.query_keys.resize(static_cast<std::size_t>(pl.heads * pl.m * pl.k_top));
   std::vector<double> own(static_cast<std::size_t>(pl.heads * cp.tasks), 0.0);
+  std::vector<index_t> short_rows(own.size(), 0);  // per task: queries with fewer than k_top own keys
   search_all(pl, cp, Q, 2.0 * cp.flops, [&](index_t h, const detail::ClusterCandidates& cand, ClusterTask& w) {
     const index_t row = h * pl.m + cand.i0;
+    for (index_t r = 0; r < cand.rows; ++r)
+      short_rows[h * cp.tasks + cand.i0 / cp.rows] +=
+          cand.kept_start[(r + 1) * cand.probe] - cand.kept_start[r * cand.probe] < static_cast<std::size_t>(pl.k_top);
     own[h * cp.tasks + cand.i0 / cp.rows] +=
         detail::attend_candidates(cp.params, cand, cp.kc[h], values[h].data(), pl.dv, w.attend, out + row * pl.dv,
                                   stat.data() + row);
@@ -661,6 +669,7 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
   res.seconds_attention = seconds_since(t0) - res.seconds_selection;
   res.empty_rows = std::count(stat.begin(), stat.end(), std::numeric_limits<float>::infinity());
   res.mean_keys_per_query = keys / static_cast<double>(pl.heads * pl.m);
+  res.short_queries = std::accumulate(short_rows.begin(), short_rows.end(), index_t{0});
   res.shared_sizes.assign(static_cast<std::size_t>(pl.heads), 0);
   for (std::size_t h = 0; h < cp.shared_keys.size(); ++h) res.shared_sizes[h] = static_cast<index_t>(cp.shared_keys[h].size());
   if (options.return_selection) {

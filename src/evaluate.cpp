@@ -189,11 +189,38 @@ std::string describe(const AttentionOptions& o) {
   return os.str();
 }
 
+namespace {
+
+// The row name of a selection on n keys: describe() plus the seed of the randomised selections,
+// the probe cluster actually uses (its default depends on n and the budget) and a given scale.
+std::string row_name(AttentionOptions o, index_t n) {
+  if (o.select == Select::cluster) {
+    const index_t c = o.clusters > 0 ? std::min(o.clusters, n)
+                                     : static_cast<index_t>(std::ceil(std::sqrt(static_cast<double>(n))));
+    o.probe = std::min(c, o.probe > 0 ? o.probe : default_probe(c, n, std::min(o.top_k, n)));
+  }
+  std::ostringstream os;
+  os << describe(o);
+  if (o.select == Select::random || o.select == Select::cluster) os << " seed=" << o.seed;
+  if (!std::isnan(o.scale)) os << " scale=" << o.scale;
+  return os.str();
+}
+
+}  // namespace
+
 std::vector<Evaluation> evaluate(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
-                                 const std::vector<AttentionOptions>& selections, const EvaluateOptions& eo) {
+                                 const std::vector<AttentionOptions>& given, const EvaluateOptions& eo) {
   detail::require_eps(eo.heavy_eps, "heavy_eps");
   if (!(eo.p > 0.0 && std::isfinite(eo.p))) detail::invalid("p: expected a finite exponent > 0");
-  if (selections.empty()) detail::invalid("evaluate: give at least one selection");
+  if (!std::isnan(eo.scale) && !(eo.scale > 0.0 && std::isfinite(eo.scale))) {
+    std::ostringstream os;
+    os << "scale: expected a finite number > 0 (or none for the kernel's default), got " << eo.scale;
+    detail::invalid(os.str());
+  }
+  if (given.empty()) detail::invalid("evaluate: give at least one selection");
+  std::vector<AttentionOptions> selections(given);
+  for (AttentionOptions& o : selections)
+    if (std::isnan(o.scale)) o.scale = eo.scale;
   const index_t pairs = Q.batch * Q.heads, m = Q.rows, n = K.rows, d = Q.cols, dv = V.cols;
   std::vector<Selection> sel;
   std::vector<std::vector<float>> approx;
@@ -203,7 +230,7 @@ std::vector<Evaluation> evaluate(const Tensor4Ref& Q, const Tensor4Ref& K, const
       approx.emplace_back(static_cast<std::size_t>(checked_elements({pairs, m, dv}, "evaluate output")));
       attention(Q, K, V, approx.back().data(), o);
     } catch (const Error& e) {
-      throw Error(e.kind(), describe(o) + ": " + e.what());
+      throw Error(e.kind(), row_name(o, n) + ": " + e.what());
     }
   }
   std::vector<Evaluation> rows;
@@ -272,7 +299,7 @@ std::vector<Evaluation> evaluate(const Tensor4Ref& Q, const Tensor4Ref& K, const
       }
       Evaluation e;
       e.pair = h;
-      e.selection = describe(selections[c]);
+      e.selection = row_name(selections[c], n);
       e.keys_per_query = t.keys / static_cast<double>(m);
       e.softmax_mass = t.mass / static_cast<double>(m);
       const std::vector<float> mine(approx[c].begin() + h * m * dv, approx[c].begin() + (h + 1) * m * dv);

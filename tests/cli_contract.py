@@ -811,6 +811,19 @@ def test_hardening():
         ref = np.argsort(-s0, axis=1, kind="stable")[:, :5]
         check("--save-selection (topk): query_keys of shape (2, 40, 5), the top-5 of each query of head 0",
               qk.shape == (2, 40, 5) and all(set(qk[0, i]) == set(ref[i]) for i in range(40)), repr(qk.shape))
+        check("--save-selection (topk): shared_offsets has one entry per head + 1, every set empty",
+              list(z["shared_offsets"]) == [0, 0, 0] and z["shared_keys"].size == 0, repr(z["shared_offsets"]))
+    # A cluster search that finds fewer than top_k keys says so (stderr, and short_queries in JSON).
+    p = ok_run("attend cluster with too small a probe", "attend", "--inputs", "qkv.npz", "--out", "Oc.npy", "--select",
+               "cluster", "--top-k", 30, "--clusters", 20, "--probe", 1, "--json")
+    if p:
+        j = parse_json("attend cluster", p.stdout)
+        check("cluster: short_queries counted and reported", j is not None and j.get("short_queries", 0) > 0
+              and "fewer than top_k = 30" in p.stderr, repr((j, p.stderr)))
+    bad("--probe with a selection other than cluster", ("attend", "--inputs", "qkv.npz", "--out", "Op.npy", "--select",
+                                                         "leverage", "--top-k", 4, "--probe", 2), ("probe", "cluster"))
+    bad("--clusters with topk", ("attend", "--inputs", "qkv.npz", "--out", "Op.npy", "--select", "topk", "--top-k", 4,
+                                 "--clusters", 3), ("clusters", "cluster only"))
     bad("--save-selection with select full", ("attend", "--inputs", "qkv.npz", "--out", "Of.npy", "--save-selection",
                                               "Sf.npz"), ("select full",))
     check("a refused --save-selection wrote no output", not os.path.exists(path("Of.npy")))
@@ -939,16 +952,17 @@ def test_atomic_output():
     check("atomic: no temporary files left after success", sorted(os.listdir(sub)) == before)
 
 
-def np_evaluate_row(Q, K, V, mask, heavy_eps, p):
+def np_evaluate_row(Q, K, V, mask, heavy_eps, p, scale=None):
     """softmax mass, output error, x^2 and |x|^p heavy recall of one head's selection mask."""
     Q, K, V = (np.asarray(x, np.float64) for x in (Q, K, V))
     s = Q @ K.T
-    soft = np.exp(s / np.sqrt(Q.shape[1]) - (s / np.sqrt(Q.shape[1])).max(axis=1, keepdims=True))
+    sc = 1 / np.sqrt(Q.shape[1]) if scale is None else scale
+    soft = np.exp(s * sc - (s * sc).max(axis=1, keepdims=True))
     soft /= soft.sum(axis=1, keepdims=True)
     x2 = s ** 2 / (s ** 2).sum(axis=1, keepdims=True)
     pw = np.abs(s) ** p / (np.abs(s) ** p).sum(axis=1, keepdims=True)
     full = soft @ V
-    approx = np_attention(Q, K, V, mask=mask)
+    approx = np_attention(Q, K, V, mask=mask, scale=sc)
     recall = lambda w: (mask & (w >= heavy_eps)).sum() / max((w >= heavy_eps).sum(), 1)
     return {"softmax_mass": (soft * mask).sum(axis=1).mean(),
             "output_error": np.linalg.norm(approx - full) / np.linalg.norm(full),
@@ -986,6 +1000,24 @@ def test_evaluate():
         for field, value in ref.items():
             check("evaluate %s head %d: %s" % (r["selection"], h, field), abs(r[field] - value) <= 1e-4 * max(1, abs(value)),
                   "%r vs numpy %r" % (r[field], value))
+    # --scale: the softmax of every selection and of full attention at that scale; rows name it.
+    p = ok_run("evaluate --scale", "evaluate", "--inputs", "E.npz", "--select", "topk:7", "--select", "cluster:6",
+               "--scale", 0.9, "--p", 3, "--json")
+    j = parse_json("evaluate --scale", p.stdout) if p else None
+    if j:
+        names = [r["selection"] for r in j["rows"][:2]]
+        check("evaluate rows name the scale, and cluster's seed and probe as used",
+              names[0] == "topk top_k=7 scale=0.9" and names[1].startswith("cluster top_k=6 probe=")
+              and names[1].endswith(" seed=0 scale=0.9"), repr(names))
+        for r in j["rows"][::2]:
+            h = r["pair"]
+            mask = np.zeros((90, 120), bool)
+            np.put_along_axis(mask, np.argsort(-(Q[h] @ K[h].T), axis=1, kind="stable")[:, :7], True, axis=1)
+            ref = np_evaluate_row(Q[h], K[h], V[h], mask, 0.05, 3.0, scale=0.9)
+            for field, value in ref.items():
+                check("evaluate --scale 0.9 head %d: %s" % (h, field), abs(r[field] - value) <= 1e-4 * max(1, abs(value)),
+                      "%r vs numpy %r" % (r[field], value))
+    bad("evaluate with a bad scale", ("evaluate", "--inputs", "E.npz", "--select", "full", "--scale", -1), ("scale",))
     p = ok_run("evaluate table", "evaluate", "--inputs", "E.npz", "--select", "leverage:10+window:2")
     check("evaluate table has a header and a row per head", p is not None and len(p.stdout.splitlines()) >= 4,
           repr(p.stdout if p else ""))

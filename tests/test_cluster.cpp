@@ -277,3 +277,23 @@ TEST(Cluster, RejectsBadOptions) {
 }
 
 }  // namespace
+
+TEST(Cluster, ShortQueriesCountTheQueriesWithFewerThanTopKOwnKeys) {
+  // 40 clusters of about 12 keys, one probed, top_k 30: most queries fall short; the count is
+  // that of the rows of query_keys holding an unused slot (-1). Probing every cluster: none.
+  const Blobs b = blobs(120, 500, 8, 40, 7);
+  std::vector<float> out(static_cast<std::size_t>(120 * 8));
+  AttentionOptions o;
+  o.select = Select::cluster, o.top_k = 30, o.clusters = 40, o.probe = 1, o.return_selection = true;
+  const levattn::Tensor4Ref q{b.Q.v.data(), 1, 1, 120, 8}, k{b.K.v.data(), 1, 1, 500, 8};
+  const levattn::AttentionResult r = levattn::attention(q, k, k, out.data(), o);
+  index_t rows_with_gaps = 0;
+  for (index_t i = 0; i < 120; ++i)
+    rows_with_gaps += std::count(r.query_keys.begin() + i * 30, r.query_keys.begin() + (i + 1) * 30, -1) > 0;
+  EXPECT_GT(rows_with_gaps, 60);
+  EXPECT_EQ(r.short_queries, rows_with_gaps);
+  o.probe = 40;
+  EXPECT_EQ(levattn::attention(q, k, k, out.data(), o).short_queries, 0);
+  o.select = Select::topk, o.clusters = 0, o.probe = 0;
+  EXPECT_EQ(levattn::attention(q, k, k, out.data(), o).short_queries, 0);
+}

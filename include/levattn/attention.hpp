@@ -86,6 +86,10 @@ struct AttentionResult {
   double mean_keys_per_query = 0.0;   ///< average |S_i| over all queries (window included)
   /// Queries whose selection is empty or whose normaliser is zero; their output row is 0.
   index_t empty_rows = 0;
+  /// Select::cluster: queries whose probed clusters held fewer than top_k keys they may attend,
+  /// so their own keys fall short of top_k (a larger probe finds more; under causal attention
+  /// the first queries have fewer keys to choose from). 0 for the other selections.
+  index_t short_queries = 0;
   /// The shared selections (leverage scores and sets, random sets) when they run as a phase of
   /// their own (few (batch, head) pairs); 0 when each pair's selection runs inside its task
   /// (many pairs) and for topk, whose per-query search is part of each block's attention.

@@ -1,6 +1,7 @@
 // levattn/evaluate.hpp: how well each selection fits a user's attention heads, measured against
 // the full attention of those heads (the decision a user makes before touching a model).
 #pragma once
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -11,12 +12,18 @@ namespace levattn {
 struct EvaluateOptions {
   double heavy_eps = 0.05;  ///< entries >= heavy_eps count as heavy, in (0, 1]
   double p = 4.0;           ///< the exponent of the |x|^p heavy recall, > 0
+  /// The logit scale of every selection whose own scale is unset (NaN), for the selection and for
+  /// the full attention it is measured against: heads whose queries already carry a scale (a
+  /// model's own 1/sqrt(d)) need 1 here. NaN: each kernel's default (1/sqrt(d) for softmax). > 0.
+  double scale = std::numeric_limits<double>::quiet_NaN();
 };
 
 /// One selection on one (batch, head) pair.
 struct Evaluation {
   index_t pair = 0;          ///< b * heads + h
-  std::string selection;     ///< describe(options): "leverage top_k=32 window=4" ...
+  /// describe(options) plus what was used where the options leave it open: the seed of random
+  /// and cluster, cluster's probe, the scale when one was given: "cluster top_k=32 probe=9 seed=0".
+  std::string selection;
   double keys_per_query = 0.0;  ///< mean |S_i| over the queries
   /// Mean over queries of sum_{j in S_i} softmax(scale q_i.k_j)_j (scale: the options' or 1/sqrt(d)).
   double softmax_mass = 0.0;

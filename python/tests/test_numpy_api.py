@@ -226,18 +226,39 @@ def test_cluster_selection_with_every_cluster_searched_is_the_exact_topk():
         levattn.attention(q, k, k, select="cluster", top_k=10, cluster=levattn.ClusterOptions(probe=-1))
 
 
+def test_evaluate_scale_is_the_softmax_scale_of_pre_scaled_heads():
+    # A model's heads often carry their scale in the queries: evaluated at scale 1 they give what
+    # the unscaled queries give at the default 1/sqrt(d); the x^2 recall is free of the scale.
+    r = rng(13)
+    q = r.standard_normal((2, 60, 16)).astype(np.float32)
+    k = r.standard_normal((2, 80, 16)).astype(np.float32)
+    v = r.standard_normal((2, 80, 4)).astype(np.float32)
+    specs = ["topk:6", "leverage:10+window:2", "window:3"]
+    plain = levattn.evaluate(q, k, v, specs)
+    scaled = levattn.evaluate(q / np.float32(4.0), k, v, specs, scale=1.0)
+    assert [x["selection"] for x in scaled[:3]] == [s + " scale=1" for s in
+                                                    ("topk top_k=6", "leverage top_k=10 window=2", "window window=3")]
+    for a, b in zip(plain, scaled):
+        for field in ("softmax_mass", "output_error", "x2_heavy_recall", "keys_per_query"):
+            assert b[field] == pytest.approx(a[field], rel=1e-4, abs=1e-6), field
+    wrong = levattn.evaluate(q / np.float32(4.0), k, v, specs)  # the default scale applied twice
+    assert wrong[0]["softmax_mass"] < plain[0]["softmax_mass"] - 0.01
+    with pytest.raises(ValueError, match="scale"):
+        levattn.evaluate(q, k, v, specs, scale=0.0)
+
+
 def test_evaluate_matches_a_numpy_oracle():
     r = rng(12)
     q = r.standard_normal((3, 70, 6)).astype(np.float32)
     k = r.standard_normal((3, 100, 6)).astype(np.float32)
     v = r.standard_normal((3, 100, 5)).astype(np.float32)
     rows = levattn.evaluate(q, k, v, ["topk:9", "random:12+sinks:2", "full"], heavy_eps=0.04, p=3.0)
-    assert [(x["pair"], x["selection"]) for x in rows][:3] == [(0, "topk top_k=9"), (0, "random top_k=12 sinks=2"),
+    assert [(x["pair"], x["selection"]) for x in rows][:3] == [(0, "topk top_k=9"), (0, "random top_k=12 sinks=2 seed=0"),
                                                               (0, "full")]
     sels = [levattn.select_keys(q, k, select="topk", top_k=9), levattn.select_keys(q, k, select="random", top_k=12, sinks=2),
             None]
     for x in rows:
-        h, c = x["pair"], ["topk top_k=9", "random top_k=12 sinks=2", "full"].index(x["selection"])
+        h, c = x["pair"], ["topk top_k=9", "random top_k=12 sinks=2 seed=0", "full"].index(x["selection"])
         s = q[h].astype(np.float64) @ k[h].T.astype(np.float64)
         mask = np.ones(s.shape, bool) if sels[c] is None else np.zeros(s.shape, bool)
         if c == 0:

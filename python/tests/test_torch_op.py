@@ -206,3 +206,9 @@ def test_window_with_a_selection_that_takes_none_names_those_that_do(select):
         lev_attention(q, q, q, select=select, top_k=4 if select == "topk" else None, window=2)
     # and cluster does take one
     lev_attention(q, q, q, select="cluster", top_k=4, window=2)
+
+
+def test_cluster_settings_with_another_selection_are_an_error():
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="apply to select cluster only"):
+        lev_attention(q, q, q, select="leverage", top_k=4, cluster={"clusters": 0, "probe": 2, "iterations": 8})
