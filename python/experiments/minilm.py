@@ -9,7 +9,8 @@ then L2 normalisation.
 
     python minilm.py quality --texts 2000 --out runs/minilm.json
     python minilm.py timing --out runs/minilm_time.json
-    python minilm.py plot runs/minilm.json --png docs/models.png
+    python minilm.py layers --texts 100 --out runs/minilm_layers.json
+    python minilm.py plot runs/minilm.json --layers runs/minilm_layers.json --png docs/models.png
 """
 import argparse
 import json
@@ -23,15 +24,15 @@ import torch
 
 FORTUNES = pathlib.Path("/usr/share/games/fortunes")
 TARGETS = (64, 128, 256, 512)
-SELECTIONS = {  # name -> lev_attention keywords at budget k (run in this order)
+SELECTIONS = {  # name -> lev_attention keywords at budget k: k keys per query (fewer where they overlap)
     "leverage": lambda k: dict(select="leverage", top_k=k),
-    "window+sinks": lambda k: dict(select="window", window=(k - 2) // 2, sinks=2),
-    "leverage+window+sinks": lambda k: dict(select="leverage", top_k=k - k // 4 - 2, window=k // 8, sinks=2),
+    "window+sinks": lambda k: dict(select="window", window=(k - 2) // 2, sinks=1),
+    "leverage+window+sinks": lambda k: dict(select="leverage", top_k=k - 2 * (k // 8) - 3, window=k // 8, sinks=2),
     "random": lambda k: dict(select="random", top_k=k),
     "topk": lambda k: dict(select="topk", top_k=k),
     "cluster": lambda k: dict(select="cluster", top_k=k),
-    "cluster+window+sinks": lambda k: dict(select="cluster", top_k=k - k // 4 - 2, window=k // 8, sinks=2),
-    "random+window+sinks": lambda k: dict(select="random", top_k=k - k // 4 - 2, window=k // 8, sinks=2),
+    "cluster+window+sinks": lambda k: dict(select="cluster", top_k=k - 2 * (k // 8) - 3, window=k // 8, sinks=2),
+    "random+window+sinks": lambda k: dict(select="random", top_k=k - 2 * (k // 8) - 3, window=k // 8, sinks=2),
 }
 BUDGETS = (8, 16, 32, 64)
 
@@ -59,7 +60,7 @@ def passages(tok, count):
         current, length = [], 0
         for piece in pieces:
             current.append(piece)
-            length += len(tok(piece, add_special_tokens=False)["input_ids"])
+            length += len(tok(piece, add_special_tokens=False, verbose=False)["input_ids"])
             if length + 2 >= TARGETS[turn % len(TARGETS)]:
                 out.append(" ".join(current))
                 current, length, turn = [], 0, turn + 1
@@ -158,6 +159,85 @@ def timing(args):
     write_json(args.out, dict(rows=rows, torch=torch.__version__, threads=torch.get_num_threads()))
 
 
+def layers(args):
+    """Per layer and selection, through levattn.evaluate on the full model's own Q, K, V (one
+    passage at a time, so no padding) at the model's scaling: softmax mass kept and output error."""
+    tok, _, ours, lt = load_model()
+    import levattn
+    texts = passages(tok, args.texts)
+    captured = []
+    forward = lt.attention_forward
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        captured.append((module.layer_idx, query[0].detach().numpy(), key[0].detach().numpy(),
+                         value[0].detach().numpy(), kwargs.get("scaling")))
+        return forward(module, query, key, value, attention_mask, **kwargs)
+
+    lt.AttentionInterface.register("levattn", recording)
+    lt.set_selection(ours, "full")
+    from levattn.torch import selection_spec
+    specs = {(name, k): selection_spec(**make(k)) for name, make in SELECTIONS.items() for k in args.budgets}
+    sums = {}
+    try:
+        for text in texts:
+            captured.clear()
+            with torch.no_grad():
+                ours(**tok([text], truncation=True, max_length=512, return_tensors="pt"))
+            keys = list(specs)
+            for layer, q, k, v, scaling in captured:
+                rows = levattn.evaluate(q, k, v, list(specs.values()), scale=scaling)
+                for i, row in enumerate(rows):  # (head, selection) order
+                    acc = sums.setdefault((layer,) + keys[i % len(keys)], [0.0, 0.0, 0.0, 0])
+                    acc[0] += row["softmax_mass"]
+                    acc[1] += row["output_error"]
+                    acc[2] += row["keys_per_query"]
+                    acc[3] += 1
+    finally:
+        lt.register()
+    out = [dict(layer=layer, selection=name, k=k, softmax_mass=a[0] / a[3], output_error=a[1] / a[3],
+                keys_per_query=a[2] / a[3], heads=a[3]) for (layer, name, k), a in sorted(sums.items())]
+    for r in out:
+        print(f"layer {r['layer']} {r['selection']:24s} k={r['k']:3d} mass {r['softmax_mass']:.3f} "
+              f"error {r['output_error']:.3f}")
+    write_json(args.out, dict(texts=len(texts), rows=out))
+
+
+def table(args):
+    """The markdown tables of docs/models.md from the JSON files."""
+    data = json.loads(pathlib.Path(args.json).read_text())
+    rows = {(r["selection"], r["k"]): r for r in data["rows"]}
+    ks = sorted({k for _, k in rows})
+    print("| selection | " + " | ".join(f"k = {k}" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for name in SELECTIONS:
+        if any((name, k) in rows for k in ks):
+            cells = [f"{rows[name, k]['cos_mean']:.3f} / {rows[name, k]['cos_p5']:.3f} / "
+                     f"{rows[name, k]['knn10_overlap']:.2f}" if (name, k) in rows else "-" for k in ks]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.layers:
+        per = json.loads(pathlib.Path(args.layers).read_text())["rows"]
+        layers = sorted({r["layer"] for r in per})
+        print()
+        print(f"| selection (k = {args.layer_k}) | " + " | ".join(f"layer {i}" for i in layers) + " |")
+        print("|---|" + "---|" * len(layers))
+        for name in SELECTIONS:
+            mine = {r["layer"]: r for r in per if r["selection"] == name and r["k"] == args.layer_k}
+            if mine:
+                print(f"| {name} | " + " | ".join(f"{mine[i]['softmax_mass']:.3f} / {mine[i]['output_error']:.3f}"
+                                                  for i in layers) + " |")
+    if args.timing:
+        t = json.loads(pathlib.Path(args.timing).read_text())["rows"]
+        ns = sorted({r["n"] for r in t})
+        cases = list(dict.fromkeys(r["case"] for r in t))
+        print()
+        print("| case | " + " | ".join(f"n = {n}" for n in ns) + " |")
+        print("|---|" + "---|" * len(ns))
+        for c in cases:
+            cell = {r["n"]: r for r in t if r["case"] == c}
+            print(f"| {c} | " + " | ".join(f"{cell[n]['seconds'] * 1e3:.0f} ms ({cell[n]['vs_sdpa']:.2f}x)"
+                                           for n in ns) + " |")
+
+
 def write_json(path, data):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,22 +251,36 @@ def plot(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     data = json.loads(pathlib.Path(args.json).read_text())
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    per_layer = json.loads(pathlib.Path(args.layers).read_text()) if args.layers else None
+    fig, axes = plt.subplots(1, 3 if per_layer else 2, figsize=(16 if per_layer else 11, 4.6))
+    color = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(SELECTIONS)}  # one colour per selection
     for name in SELECTIONS:
         rows = [r for r in data["rows"] if r["selection"] == name]
         if not rows:
             continue
         ks = [r["k"] for r in rows]
-        axes[0].plot(ks, [r["cos_mean"] for r in rows], marker="o", label=name)
-        axes[1].plot(ks, [r["knn10_overlap"] for r in rows], marker="o", label=name)
-    for ax, title in zip(axes, ("embedding cosine to the full model (mean)", "10-NN overlap with the full model")):
+        axes[0].plot(ks, [r["cos_mean"] for r in rows], marker="o", color=color[name], label=name)
+        axes[1].plot(ks, [r["knn10_overlap"] for r in rows], marker="o", color=color[name])
+    for ax, title in zip(axes[:2], ("embedding cosine to the full model (mean)", "10-NN overlap with the full model")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("keys per query k")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    if per_layer:
+        for name in SELECTIONS:
+            rows = sorted((r for r in per_layer["rows"] if r["selection"] == name and r["k"] == args.layer_k),
+                          key=lambda r: r["layer"])
+            if rows:
+                axes[2].plot([r["layer"] for r in rows], [r["softmax_mass"] for r in rows], marker="o",
+                             color=color[name], label=None if any(r["selection"] == name for r in data["rows"])
+                             else name)
+        axes[2].set_xlabel("layer")
+        axes[2].set_title(f"softmax mass kept per layer, k = {args.layer_k} ({per_layer['texts']} passages)",
+                          fontsize=10)
+        axes[2].grid(alpha=0.3)
+    fig.legend(loc="lower center", ncol=len(SELECTIONS), fontsize=8, frameon=False)
     fig.suptitle(f"all-MiniLM-L6-v2, {data['texts']} passages of {data['tokens_min']}-{data['tokens_max']} tokens")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     tmp = pathlib.Path(args.png + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(args.png)
@@ -203,11 +297,22 @@ def main():
     t = sub.add_parser("timing")
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--out", required=True)
+    y = sub.add_parser("layers")
+    y.add_argument("--texts", type=int, default=200)
+    y.add_argument("--budgets", type=lambda x: [int(k) for k in x.split(",")], default=list(BUDGETS))
+    y.add_argument("--out", required=True)
     g = sub.add_parser("plot")
     g.add_argument("json")
+    g.add_argument("--layers", default="", help="the JSON of `layers`: adds the mass per layer")
+    g.add_argument("--layer-k", type=int, default=16)
     g.add_argument("--png", required=True)
+    b = sub.add_parser("table")
+    b.add_argument("json")
+    b.add_argument("--layers", default="")
+    b.add_argument("--layer-k", type=int, default=16)
+    b.add_argument("--timing", default="")
     args = p.parse_args()
-    {"quality": quality, "timing": timing, "plot": plot}[args.command](args)
+    {"quality": quality, "timing": timing, "layers": layers, "plot": plot, "table": table}[args.command](args)
 
 
 if __name__ == "__main__":

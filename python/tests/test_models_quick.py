@@ -39,3 +39,18 @@ def test_quality_writes_every_field(tmp_path):
     assert data["texts"] == 8 and [r["selection"] for r in data["rows"]] == ["leverage", "window+sinks"]
     for r in data["rows"]:
         assert -1 <= r["cos_p5"] <= r["cos_mean"] <= 1 and 0 <= r["knn10_overlap"] <= 1
+
+
+def test_layers_exact_top_k_keeps_the_most_mass(tmp_path):
+    # Per layer, through levattn.evaluate at the model's scale: no selection of at most k keys per
+    # query keeps more softmax mass than the exact top-k.
+    out = tmp_path / "l.json"
+    minilm.layers(SimpleNamespace(texts=2, budgets=[8], out=str(out)))
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted({r["layer"] for r in rows}) == list(range(6))
+    for layer in range(6):
+        mine = {r["selection"]: r for r in rows if r["layer"] == layer}
+        assert set(mine) == set(minilm.SELECTIONS)
+        for name, r in mine.items():
+            assert r["keys_per_query"] <= 8 + 1e-9, name
+            assert 0 < r["softmax_mass"] <= mine["topk"]["softmax_mass"] + 1e-6, name
