@@ -35,7 +35,6 @@ constexpr index_t kDim = 64;
 constexpr index_t kWindow = 16;
 constexpr index_t kRelevant = 8;
 constexpr std::uint64_t kSeed = 20240601;
-constexpr double kHeavyEps = 0.01;  // selection_metrics needs one; heavy recall is not reported
 // `peaked`: each query is rescaled so that its logits q.k / sqrt(d) over Gaussian keys are
 // exactly N(0, sigma_n^2) with sigma_n = kPeakC sqrt(2 ln n); kPeakC > 1 puts the softmax rows in
 // the regime where a few top logits dominate (docs/budgets.md).
@@ -126,7 +125,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 struct Row {
   index_t k = 0;
-  levattn::SelectionMetrics metrics;
+  levattn::Evaluation metrics;
   double seconds = 0.0;
 };
 
@@ -140,7 +139,7 @@ Row run_topk(const levattn::DenseMatrix<float>& Qs, const Instance& inst, levatt
   Row row;
   row.seconds = seconds_since(t0);
   row.k = res.top_k;
-  row.metrics = levattn::selection_metrics(Qs.view(), inst.K.view(), inst.V.view(), out.data(), o, res, kHeavyEps);
+  row.metrics = levattn::selection_metrics(Qs.view(), inst.K.view(), inst.V.view(), out.data(), o, res.selection);
   return row;
 }
 
@@ -165,9 +164,11 @@ Row run_leverage_window(const levattn::DenseMatrix<float>& Qs, const std::vector
   std::vector<float> approx(static_cast<std::size_t>(m * dv));
   for (index_t r = 0; r < m; ++r)
     std::copy_n(out_all.data() + positions[r] * dv, dv, approx.data() + r * dv);
-  const std::vector<index_t>& shared = res.shared_keys.at(0);
+  const std::vector<index_t>& shared = res.selection.shared_keys.at(0);
   const index_t width = static_cast<index_t>(shared.size()) + 2 * kWindow + 1;
-  levattn::AttentionResult per_query;
+  levattn::Selection per_query;
+  per_query.m = m, per_query.n = n, per_query.top_k = width;
+  per_query.batch = per_query.heads = 1;
   per_query.query_keys.reserve(static_cast<std::size_t>(m * width));
   for (index_t r = 0; r < m; ++r) {
     const index_t p = positions[r];
@@ -178,10 +179,8 @@ Row run_leverage_window(const levattn::DenseMatrix<float>& Qs, const std::vector
     // Pad to a common width with a key already in the set (the metric uses a membership mask).
     per_query.query_keys.resize(begin + static_cast<std::size_t>(width), p);
   }
-  levattn::AttentionOptions mo;  // softmax, default scale, no window: the same full reference
-  mo.select = levattn::Select::topk;
-  row.metrics = levattn::selection_metrics(Qs.view(), inst.K.view(), inst.V.view(), approx.data(), mo,
-                                           per_query, kHeavyEps);
+  row.metrics = levattn::selection_metrics(Qs.view(), inst.K.view(), inst.V.view(), approx.data(),
+                                           levattn::KernelOptions{}, per_query);
   return row;
 }
 
@@ -213,7 +212,7 @@ int main(int argc, char** argv) {
         auto print = [&](const char* method, const char* budget, const Row& row) {
           std::printf("%s,%lld,%s,%s,%lld,%.6e,%.6f,%.4f\n", data.c_str(), static_cast<long long>(n),
                       method, budget, static_cast<long long>(row.k), row.metrics.output_error,
-                      row.metrics.mass_captured, row.seconds);
+                      row.metrics.kernel_mass, row.seconds);
           std::fflush(stdout);
         };
         print("topk", "fixed", run_topk(Qs, inst, fixed));

@@ -56,13 +56,8 @@ Quality quality(const levattn::Selection& s, const std::vector<float>& q, const 
     for (index_t a = 0; a < d; ++a) dot += static_cast<double>(q[i * d + a]) * k[j * d + a];
     logit[j] = dot / std::sqrt(static_cast<double>(d));
   }
-  std::vector<char> chosen(static_cast<std::size_t>(n), s.all_keys ? 1 : 0);
-  if (!s.shared_keys.empty())
-    for (index_t j : s.shared_keys[0]) chosen[j] = 1;
-  if (s.window >= 0)
-    for (index_t j = std::max<index_t>(0, i - s.window); j <= std::min(n - 1, i + s.window); ++j) chosen[j] = 1;
-  for (index_t a = 0; a < s.top_k; ++a)
-    if (s.query_keys[i * s.top_k + a] >= 0) chosen[s.query_keys[i * s.top_k + a]] = 1;
+  std::vector<char> chosen(static_cast<std::size_t>(n));
+  s.mask_row(0, i, chosen.data());
   const double mx = *std::max_element(logit.begin(), logit.end());
   double z = 0.0, in = 0.0;
   for (index_t j = 0; j < n; ++j) {

@@ -168,7 +168,9 @@ int run_demo(const DemoArgs& a) {
   progress(0.5);
   const double t_dense = median_seconds(3, [&] { o_dense = attention(Q, K, V, AttentionOptions{}); });
   progress(0.8);
-  const SelectionMetrics mt = selection_metrics(Q, K, V, o_lev.data(), lev, lev_result, a.eps);
+  EvaluateOptions threshold;
+  threshold.heavy_eps = a.eps;
+  const Evaluation mt = selection_metrics(Q, K, V, o_lev.data(), lev, lev_result.selection, threshold);
   progress(1.0);
 
   json j;
@@ -178,7 +180,7 @@ int run_demo(const DemoArgs& a) {
   j["eps"] = a.eps;
   j["universal"] = {{"size", U.indices.size()}, {"rank", U.rank}, {"bound", std::floor(static_cast<double>(U.rank) / a.eps)}, {"contains_planted", planted_found}, {"seconds", t_universal}};
   j["heavy"] = {{"count", heavy.entries.size()}, {"brute_force_count", brute.entries.size()}, {"recall", recall}, {"precision", precision}, {"max_rel_value_error", max_rel}, {"seconds", t_heavy}, {"brute_force_seconds", t_brute}};
-  j["attention"] = {{"top_k", a.top_k}, {"heavy_recall", mt.heavy_recall}, {"mass_captured", mt.mass_captured}, {"output_error", mt.output_error}, {"levattention_seconds", t_lev}, {"dense_seconds", t_dense}, {"speedup", t_dense / t_lev}};
+  j["attention"] = {{"top_k", a.top_k}, {"heavy_recall", mt.kernel_heavy_recall}, {"mass_captured", mt.kernel_mass}, {"output_error", mt.output_error}, {"levattention_seconds", t_lev}, {"dense_seconds", t_dense}, {"speedup", t_dense / t_lev}};
   if (a.json) {
     std::cout << j.dump() << "\n";
     return 0;
@@ -196,8 +198,8 @@ int run_demo(const DemoArgs& a) {
   std::printf("  recall %.4f, precision %.4f, max relative value difference %.2e\n\n", recall, precision, max_rel);
   std::printf("softmax attention: LevAttention (top %lld keys by leverage score) against dense\n",
               static_cast<long long>(a.top_k));
-  std::printf("  heavy recall (A_ij >= %g)  %.4f\n", a.eps, mt.heavy_recall);
-  std::printf("  attention mass captured    %.4f\n", mt.mass_captured);
+  std::printf("  heavy recall (A_ij >= %g)  %.4f\n", a.eps, mt.kernel_heavy_recall);
+  std::printf("  attention mass captured    %.4f\n", mt.kernel_mass);
   std::printf("  relative output error      %.2e\n", mt.output_error);
   std::printf("  LevAttention %.4f s, dense %.4f s: %.1fx faster (median of 3 runs)\n", t_lev, t_dense,
               t_dense / t_lev);

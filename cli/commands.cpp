@@ -332,10 +332,11 @@ std::vector<std::pair<std::string, Array>> selection_arrays(const AttentionResul
   // without shared keys (topk, cluster without eps or sinks), whose offsets are then all 0.
   index_t pairs = 1;
   for (std::size_t i = 0; i + 2 < Q.shape.size(); ++i) pairs *= Q.shape[i];
-  const std::size_t sets = r.shared_keys.empty() ? static_cast<std::size_t>(pairs) : r.shared_keys.size();
+  const Selection& sel = r.selection;
+  const std::size_t sets = sel.shared_keys.empty() ? static_cast<std::size_t>(pairs) : sel.shared_keys.size();
   std::vector<std::int64_t> keys, offsets{0};
   for (std::size_t i = 0; i < sets; ++i) {
-    if (i < r.shared_keys.size()) keys.insert(keys.end(), r.shared_keys[i].begin(), r.shared_keys[i].end());
+    if (i < sel.shared_keys.size()) keys.insert(keys.end(), sel.shared_keys[i].begin(), sel.shared_keys[i].end());
     offsets.push_back(static_cast<std::int64_t>(keys.size()));
   }
   std::vector<std::pair<std::string, Array>> out;
@@ -343,13 +344,13 @@ std::vector<std::pair<std::string, Array>> selection_arrays(const AttentionResul
   out.emplace_back("shared_offsets", Array::from_int64({static_cast<index_t>(offsets.size())}, offsets));
   if (o.select == Select::topk || o.select == Select::cluster) {
     std::vector<index_t> shape = Q.shape;  // the queries' leading dimensions, m, top_k
-    shape.back() = r.top_k;
-    out.emplace_back("query_keys", Array::from_int64(shape, std::vector<std::int64_t>(r.query_keys.begin(), r.query_keys.end())));
+    shape.back() = sel.top_k;
+    out.emplace_back("query_keys", Array::from_int64(shape, std::vector<std::int64_t>(sel.query_keys.begin(), sel.query_keys.end())));
   }
   out.emplace_back("window", Array::from_int64({1}, {o.window}));
   out.emplace_back("sinks", Array::from_int64({1}, {o.sinks}));
   out.emplace_back("causal", Array::from_int64({1}, {o.causal ? 1 : 0}));
-  out.emplace_back("segment", Array::from_int64({1}, {r.segment}));
+  out.emplace_back("segment", Array::from_int64({1}, {sel.segment}));
   return out;
 }
 
@@ -508,7 +509,9 @@ int run_evaluate(const EvaluateArgs& a) {
     json j = json::array();
     for (const Evaluation& e : rows)
       j.push_back({{"pair", e.pair}, {"selection", e.selection}, {"keys_per_query", e.keys_per_query},
-                   {"softmax_mass", e.softmax_mass}, {"output_error", e.output_error},
+                   {"softmax_mass", e.softmax_mass}, {"kernel_mass", e.kernel_mass},
+                   {"kernel_heavy_recall", e.kernel_heavy_recall}, {"kernel_heavy", e.kernel_heavy},
+                   {"output_error", e.output_error},
                    {"x2_heavy_recall", e.x2_heavy_recall}, {"x2_heavy", e.x2_heavy},
                    {"power_heavy_recall", e.power_heavy_recall}, {"power_heavy", e.power_heavy},
                    {"scores_tied", e.scores_tied}});

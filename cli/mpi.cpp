@@ -126,7 +126,7 @@ int run_attend(const AttendArgs& a, const Mpi& mpi) {
   const Tensor4Ref q = Q.view(), k = K.view(), v = V.view();
   std::vector<float> out(static_cast<std::size_t>(checked_allocation({q.batch, q.heads, q.rows, v.cols}, 4, "output")));
   CommVolume work, written;
-  const DistributedAttentionResult r = naming_sources(in, names, [&] {
+  const AttentionResult r = naming_sources(in, names, [&] {
     return distributed_attention(mpi.comm, q, Q.shard.first, k, v, K.shard.first, out.data(), o, mode_of(a.rounds), &work);
   });
   std::vector<index_t> shape = Q.shape;

@@ -226,6 +226,18 @@ Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, co
   return pl;
 }
 
+// The data-independent fields of the selection a plan makes (select_keys fills in the rest).
+Selection layout_of(const Plan& pl, index_t batch) {
+  Selection sel;
+  sel.batch = batch, sel.heads = pl.qheads, sel.m = pl.m, sel.n = pl.n;
+  sel.all_keys = pl.o.select == Select::full;
+  sel.causal = pl.o.causal;
+  if (pl.shared || pl.o.select == Select::cluster) sel.window = pl.window;
+  if (pl.o.select == Select::topk || pl.o.select == Select::cluster) sel.top_k = pl.k_top;
+  if (pl.o.causal && pl.o.select == Select::leverage) sel.segment = kCausalBlock;
+  return sel;
+}
+
 // keys <- keys (ascending) without the masked ones (open: n bytes, nullable), united with the
 // sinks: the first `sinks` unmasked keys (0 .. sinks - 1 without a mask).
 void add_sinks(std::vector<index_t>& keys, index_t sinks, const std::uint8_t* open) {
@@ -539,66 +551,6 @@ void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, 
 
 void detail::check_attention_options(const AttentionOptions& o) { check_options(o); }
 
-void detail::check_kernel(const AttentionOptions& o) {
-  std::ostringstream os;
-  if (o.kernel == Kernel::power && !(o.p > 0.0 && std::isfinite(o.p))) {
-    os << "p: expected a finite exponent > 0, got " << o.p;
-    invalid(os.str());
-  }
-  if (!std::isnan(o.scale) && !std::isfinite(o.scale)) {
-    os << "scale: expected a finite number, got " << o.scale;
-    invalid(os.str());
-  }
-}
-
-double logit_scale(const AttentionOptions& o, index_t d) {
-  if (!std::isnan(o.scale)) return o.scale;
-  return o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
-}
-
-std::string to_string(Kernel k) { return k == Kernel::softmax ? "softmax" : "poly"; }
-
-std::string to_string(Select s) {
-  switch (s) {
-    case Select::full: return "full";
-    case Select::leverage: return "leverage";
-    case Select::topk: return "topk";
-    case Select::random: return "random";
-    case Select::window: return "window";
-    case Select::cluster: return "cluster";
-  }
-  return "?";
-}
-
-Kernel parse_kernel(const std::string& name) {
-  if (name == "softmax") return Kernel::softmax;
-  if (name == "poly" || name == "power") return Kernel::power;
-  detail::invalid("kernel: expected softmax or poly (power), got '" + name + "'");
-}
-
-Select parse_select(const std::string& name) {
-  for (Select s : {Select::full, Select::leverage, Select::topk, Select::random, Select::window, Select::cluster})
-    if (name == to_string(s)) return s;
-  detail::invalid("select: expected full, leverage, topk, random, window or cluster, got '" + name + "'");
-}
-
-index_t default_probe(index_t clusters, index_t n, index_t top_k) {
-  const double c = static_cast<double>(clusters);
-  const double enough = std::ceil(2.0 * static_cast<double>(top_k) * c / static_cast<double>(std::max<index_t>(n, 1)));
-  const double p = std::max({static_cast<double>(kMinProbe), std::ceil(c / kProbeDivisor), enough});
-  return std::min(clusters, static_cast<index_t>(p));
-}
-
-index_t adaptive_budget(index_t n, double alpha, double exponent) {
-  if (!(alpha > 0.0 && std::isfinite(alpha)) || !(exponent > 0.0 && exponent <= 1.0)) {
-    std::ostringstream os;
-    os << "budget: expected alpha > 0 and C in (0, 1], got alpha = " << alpha << ", C = " << exponent;
-    detail::invalid(os.str());
-  }
-  const double k = std::ceil(alpha * std::pow(static_cast<double>(n), exponent));
-  return static_cast<index_t>(std::clamp(k, 1.0, static_cast<double>(std::max<index_t>(n, 1))));
-}
-
 namespace {
 
 // Row statistics and outputs of two disjoint parts of each query's keys, merged: with
@@ -637,7 +589,10 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
   res.seconds_selection = seconds_since(t0);
   res.top_k = pl.k_top;
   std::vector<float> stat(static_cast<std::size_t>(pl.heads * pl.m));
-  if (options.return_selection) res.query_keys.resize(static_cast<std::size_t>(pl.heads * pl.m * pl.k_top));
+  if (options.return_selection) {
+    res.selection = layout_of(pl, Q.batch);
+    res.selection.query_keys.resize(static_cast<std::size_t>(pl.heads * pl.m * pl.k_top));
+  }
   std::vector<double> own(static_cast<std::size_t>(pl.heads * cp.tasks), 0.0);
   std::vector<index_t> short_rows(own.size(), 0);  // per task: queries with fewer than k_top own keys
   search_all(pl, cp, Q, 2.0 * cp.flops, [&](index_t h, const detail::ClusterCandidates& cand, ClusterTask& w) {
@@ -648,7 +603,7 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
     own[h * cp.tasks + cand.i0 / cp.rows] +=
         detail::attend_candidates(cp.params, cand, cp.kc[h], values[h].data(), pl.dv, w.attend, out + row * pl.dv,
                                   stat.data() + row);
-    if (options.return_selection) detail::kept_keys(cand, cp.kc[h], pl.k_top, res.query_keys.data() + row * pl.k_top);
+    if (options.return_selection) detail::kept_keys(cand, cp.kc[h], pl.k_top, res.selection.query_keys.data() + row * pl.k_top);
   });
   double keys = std::accumulate(own.begin(), own.end(), 0.0);
   if (cp.shared || pl.window >= 0) {
@@ -672,10 +627,7 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
   res.short_queries = std::accumulate(short_rows.begin(), short_rows.end(), index_t{0});
   res.shared_sizes.assign(static_cast<std::size_t>(pl.heads), 0);
   for (std::size_t h = 0; h < cp.shared_keys.size(); ++h) res.shared_sizes[h] = static_cast<index_t>(cp.shared_keys[h].size());
-  if (options.return_selection) {
-    res.shared_keys = std::move(cp.shared_keys);
-    res.shared_keys.resize(static_cast<std::size_t>(pl.heads));
-  }
+  if (options.return_selection && !cp.shared_keys.empty()) res.selection.shared_keys = std::move(cp.shared_keys);
   return res;
 }
 
@@ -777,29 +729,14 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
                     "(or pass a smaller scale)");
   }
   if (o.return_selection) {
+    res.selection = layout_of(pl, Q.batch);
     for (auto& s : sel)
-      for (auto& set : s.sets) res.shared_keys.push_back(std::move(set));
-    if (o.causal && o.select == Select::leverage) res.segment = kCausalBlock;
-    res.query_keys = std::move(top);
+      for (auto& set : s.sets) res.selection.shared_keys.push_back(std::move(set));
+    res.selection.query_keys = std::move(top);
   }
   return res;
 }
 
-namespace {
-
-// The data-independent fields of the selection a plan makes (select_keys fills in the rest).
-Selection layout_of(const Plan& pl, index_t batch) {
-  Selection sel;
-  sel.batch = batch, sel.heads = pl.qheads, sel.m = pl.m, sel.n = pl.n;
-  sel.all_keys = pl.o.select == Select::full;
-  sel.causal = pl.o.causal;
-  if (pl.shared || pl.o.select == Select::cluster) sel.window = pl.window;
-  if (pl.o.select == Select::topk || pl.o.select == Select::cluster) sel.top_k = pl.k_top;
-  if (pl.o.causal && pl.o.select == Select::leverage) sel.segment = kCausalBlock;
-  return sel;
-}
-
-}  // namespace
 
 Selection selection_layout(const AttentionShape& sh, const AttentionOptions& options) {
   if (sh.batch < 1 || sh.heads < 1 || sh.m < 1 || sh.n < 1 || sh.d < 1 || sh.dv < 1) {

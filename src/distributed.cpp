@@ -382,6 +382,9 @@ void check_attention_options(const AttentionOptions& o, DistributedMode mode) {
   if (o.select != Select::full && o.select != Select::leverage && o.select != Select::window)
     detail::invalid("select: distributed attention takes full, leverage or window, got " + to_string(o.select));
   if (o.causal) detail::invalid("causal: distributed attention is not causal");
+  if (o.return_selection)
+    detail::invalid("return_selection: distributed attention does not return its selection (each rank holds part of it)");
+  if (o.key_mask) detail::invalid("key_mask: distributed attention takes no key mask");
   if (o.top_k != 0 || o.budget_alpha != 0.0)
     detail::invalid("top-k: distributed leverage selects by eps (a global key budget is not distributed)");
   if (o.select == Select::leverage) {
@@ -605,7 +608,7 @@ void ring_attention(const Comm& c, ConstMatrix Q, ConstMatrix K, ConstMatrix V, 
 
 }  // namespace
 
-DistributedAttentionResult distributed_attention(MPI_Comm comm, const Tensor4Ref& Q_local, index_t q_first,
+AttentionResult distributed_attention(MPI_Comm comm, const Tensor4Ref& Q_local, index_t q_first,
                                                  const Tensor4Ref& K_local, const Tensor4Ref& V_local,
                                                  index_t k_first, float* out_local, const AttentionOptions& options,
                                                  DistributedMode mode, CommVolume* volume) {
@@ -634,7 +637,7 @@ DistributedAttentionResult distributed_attention(MPI_Comm comm, const Tensor4Ref
   });
   const index_t n = lk.n, d = lk.cols, dv = lv.cols, m_r = Q_local.rows;
   const Shard q = lq.shards[static_cast<std::size_t>(c.rank)];
-  DistributedAttentionResult res;
+  AttentionResult res;
   double keys_here = 0.0;
   double selection = 0.0;
   for (index_t h = 0; h < lk.pairs; ++h) {

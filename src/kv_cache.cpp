@@ -32,13 +32,13 @@ void check_cache_shape(const Tensor4Ref& t, index_t batch, index_t heads, index_
 }
 
 // f(scale q.k) of the call's kernel, in float64 (its normaliser's terms).
-double kernel_weight(const AttentionOptions& o, double s, double shift) {
+double kernel_weight(const KernelOptions& o, double s, double shift) {
   return o.kernel == Kernel::softmax ? std::exp(s - shift) : std::pow(std::fabs(s), o.p);
 }
 
 // The kernel's mass on rows `kept` (ascending indices) of all n keys for query q: sum over kept
 // of f(s_j) / sum over all of f(s_j), s_j = scale q.k_j.
-double kernel_mass(const AttentionOptions& o, double scale, const float* q, const std::vector<float>& K, index_t n,
+double kernel_mass(const KernelOptions& o, double scale, const float* q, const std::vector<float>& K, index_t n,
                    index_t d, const std::vector<index_t>& kept) {
   std::vector<double> s(static_cast<std::size_t>(n));
   double top = -INFINITY;
@@ -155,7 +155,7 @@ void KVCache::append(const Tensor4Ref& keys, const Tensor4Ref& values) {
   }
 }
 
-KVCacheReport KVCache::attend(const Tensor4Ref& queries, float* out, const AttentionOptions& kernel,
+KVCacheReport KVCache::attend(const Tensor4Ref& queries, float* out, const KernelOptions& kernel,
                               bool report_mass) const {
   const Impl& p = *p_;
   std::ostringstream os;
@@ -170,8 +170,8 @@ KVCacheReport KVCache::attend(const Tensor4Ref& queries, float* out, const Atten
   if (p.tokens == 0) detail::invalid("kv cache: attend before any token was appended");
   const index_t group = queries.heads / p.heads, tq = queries.rows, rows = group * tq;
   detail::require_finite_matrix({queries.data, p.batch * queries.heads * tq, p.d}, "queries");
-  AttentionOptions o;
-  o.kernel = kernel.kernel, o.p = kernel.p, o.scale = kernel.scale;
+  AttentionOptions o;  // full attention over the kept keys, with the call's kernel
+  static_cast<KernelOptions&>(o) = kernel;
   const double scale = logit_scale(o, p.d);
   KVCacheReport rep;
   rep.kept.resize(static_cast<std::size_t>(p.pairs()));

@@ -33,7 +33,7 @@ struct Fn {
 };
 
 template <class T>
-Fn<T> make_fn(const AttentionOptions& o, index_t d) {
+Fn<T> make_fn(const KernelOptions& o, index_t d) {
   detail::check_kernel(o);
   Fn<T> f;
   f.power = o.kernel == Kernel::power;
@@ -174,7 +174,7 @@ struct Ctx {
 };
 
 template <class T>
-Ctx<T> make_ctx(const AttentionShape& sh, const Selection& sel, const AttentionOptions& o, const T* q,
+Ctx<T> make_ctx(const AttentionShape& sh, const Selection& sel, const KernelOptions& o, const T* q,
                 const T* k, const T* v) {
   check_shape(sh);
   check_selection(sh, sel);
@@ -382,7 +382,7 @@ void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_
 }  // namespace
 
 template <class T>
-void selected_attention_forward(const AttentionShape& sh, const Selection& sel, const AttentionOptions& o,
+void selected_attention_forward(const AttentionShape& sh, const Selection& sel, const KernelOptions& o,
                                 const T* q, const T* k, const T* v, T* out, T* stat) {
   const Ctx<T> c = make_ctx(sh, sel, o, q, k, v);
   if (!out || !stat) detail::invalid("attention: null output or statistics buffer");
@@ -675,7 +675,7 @@ void sum_groups(const AttentionShape& sh, const T* src, index_t w, T* out) {
 }  // namespace
 
 template <class T>
-void selected_attention_backward(const AttentionShape& sh, const Selection& sel, const AttentionOptions& o,
+void selected_attention_backward(const AttentionShape& sh, const Selection& sel, const KernelOptions& o,
                                  const T* q, const T* k, const T* v, const T* out, const T* stat, const T* dout,
                                  T* dq, T* dk, T* dv) {
   const Ctx<T> c = make_ctx(sh, sel, o, q, k, v);
@@ -731,14 +731,14 @@ void selected_attention_backward(const AttentionShape& sh, const Selection& sel,
   if (!ok) overflow("gradients");
 }
 
-template void selected_attention_forward<float>(const AttentionShape&, const Selection&, const AttentionOptions&,
+template void selected_attention_forward<float>(const AttentionShape&, const Selection&, const KernelOptions&,
                                                 const float*, const float*, const float*, float*, float*);
-template void selected_attention_forward<double>(const AttentionShape&, const Selection&, const AttentionOptions&,
+template void selected_attention_forward<double>(const AttentionShape&, const Selection&, const KernelOptions&,
                                                  const double*, const double*, const double*, double*, double*);
-template void selected_attention_backward<float>(const AttentionShape&, const Selection&, const AttentionOptions&,
+template void selected_attention_backward<float>(const AttentionShape&, const Selection&, const KernelOptions&,
                                                  const float*, const float*, const float*, const float*, const float*,
                                                  const float*, float*, float*, float*);
-template void selected_attention_backward<double>(const AttentionShape&, const Selection&, const AttentionOptions&,
+template void selected_attention_backward<double>(const AttentionShape&, const Selection&, const KernelOptions&,
                                                   const double*, const double*, const double*, const double*,
                                                   const double*, const double*, double*, double*, double*);
 

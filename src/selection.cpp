@@ -7,7 +7,7 @@
 #include "detail/rng.hpp"
 #include "detail/selection.hpp"
 #include "detail/validate.hpp"
-#include "levattn/selected_attention.hpp"
+#include "levattn/selection.hpp"
 
 namespace levattn {
 
@@ -17,15 +17,18 @@ const std::vector<index_t>& Selection::shared_of(index_t h, index_t i) const {
   return shared_keys[static_cast<std::size_t>(h * segments() + (segment > 0 ? i / segment : 0))];
 }
 
-bool Selection::attends(index_t h, index_t i, index_t j) const {
-  if ((causal && j > i) || !key_open(h, j)) return false;
-  if (all_keys) return true;
-  const auto& s = shared_of(h, i);
-  if (std::binary_search(s.begin(), s.end(), j)) return true;
-  if (window >= 0 && j >= i - window && j <= i + window) return true;
-  for (index_t a = 0; a < top_k; ++a)
-    if (query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)] == j) return true;
-  return false;
+void Selection::mask_row(index_t h, index_t i, char* mask) const {
+  std::fill_n(mask, n, all_keys ? 1 : 0);
+  for (index_t j : shared_of(h, i)) mask[j] = 1;
+  if (window >= 0)
+    for (index_t j = std::max<index_t>(0, i - window); j <= std::min(n - 1, i + window); ++j) mask[j] = 1;
+  for (index_t a = 0; a < top_k; ++a) {
+    const index_t j = query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)];
+    if (j >= 0) mask[j] = 1;
+  }
+  if (causal) std::fill(mask + std::min(n, i + 1), mask + n, 0);
+  if (!key_mask.empty())
+    for (index_t j = 0; j < n; ++j) mask[j] = mask[j] && key_open(h, j);
 }
 
 namespace {

@@ -274,7 +274,7 @@ HeavyEntries StreamingUniversalSet::heavy_entries(ConstMatrix Q) const {
   return out;
 }
 
-std::vector<float> StreamingUniversalSet::attention(ConstMatrix Q, const AttentionOptions& kernel) const {
+std::vector<float> StreamingUniversalSet::attention(ConstMatrix Q, const KernelOptions& kernel) const {
   const State& s = *s_;
   if (s.dv == 0) detail::invalid("streaming attention: the stream holds no values (dv = 0)");
   if (s.n == 0) detail::invalid("streaming attention: no keys pushed yet");
@@ -291,8 +291,8 @@ std::vector<float> StreamingUniversalSet::attention(ConstMatrix Q, const Attenti
     std::copy_n(s.keys.data() + c * s.d, s.d, k.data() + a * s.d);
     std::copy_n(s.values.data() + c * s.dv, s.dv, v.data() + a * s.dv);
   }
-  AttentionOptions o;
-  o.kernel = kernel.kernel, o.p = kernel.p, o.scale = kernel.scale;
+  AttentionOptions o;  // full attention over the kept keys, with the call's kernel
+  static_cast<KernelOptions&>(o) = kernel;
   return levattn::attention(Q, ConstMatrix{k.data(), size, s.d}, ConstMatrix{v.data(), size, s.dv}, o);
 }
 

@@ -93,7 +93,7 @@ TEST(AllocationFailure, ReachesTheCallerFromEveryParallelRegion) {
   AttentionResult r;
   const std::vector<float> approx = attention(Qs.view(), Ks.view(), Vs.view(), lev, &r);
   expect_bad_alloc_then_success("selection_metrics",
-                                [&] { (void)selection_metrics(Qs.view(), Ks.view(), Vs.view(), approx.data(), lev, r, 0.1); });
+                                [&] { (void)selection_metrics(Qs.view(), Ks.view(), Vs.view(), approx.data(), lev, r.selection); });
   expect_bad_alloc_then_success("heavy_entries_brute_force",
                                 [&] { (void)heavy_entries_brute_force(Qs.view(), Ks.view(), 0.1); });
 }

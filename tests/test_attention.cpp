@@ -33,16 +33,16 @@ void expect_masked_equal(const Inputs& in, AttentionOptions o, const std::string
   const std::vector<float> got = run(in, o, &r);
   const index_t n = in.K.rows;
   std::set<index_t> shared;
-  if (!r.shared_keys.empty()) shared.insert(r.shared_keys[0].begin(), r.shared_keys[0].end());
+  if (!r.selection.shared_keys.empty()) shared.insert(r.selection.shared_keys[0].begin(), r.selection.shared_keys[0].end());
   // Per-query keys (topk, cluster: -1 marks an unused slot) besides the shared keys and window.
-  const index_t k = r.query_keys.empty() ? 0 : static_cast<index_t>(r.query_keys.size()) / in.Q.rows;
+  const index_t k = r.selection.query_keys.empty() ? 0 : static_cast<index_t>(r.selection.query_keys.size()) / in.Q.rows;
   if (o.select == Select::topk) {
     EXPECT_EQ(k, std::min(o.top_k, n)) << what;
   }
   const auto mask = [&](index_t i, index_t j) {
     if (o.select == Select::full) return true;
     for (index_t c = 0; c < k; ++c)
-      if (r.query_keys[i * k + c] == j) return true;
+      if (r.selection.query_keys[i * k + c] == j) return true;
     if (shared.count(j)) return true;
     return o.window >= 0 && j >= i - o.window && j <= i + o.window;
   };
@@ -125,7 +125,7 @@ TEST(Attention, LeverageSelectionIsTheUniversalSet) {
   for (index_t j = 0; j < 3; ++j) expected.push_back(j);
   std::sort(expected.begin(), expected.end());
   expected.erase(std::unique(expected.begin(), expected.end()), expected.end());
-  EXPECT_EQ(r.shared_keys.at(0), expected);
+  EXPECT_EQ(r.selection.shared_keys.at(0), expected);
   EXPECT_EQ(r.shared_sizes.at(0), static_cast<index_t>(expected.size()));
 }
 
@@ -140,8 +140,8 @@ TEST(Attention, PowerKernelSelectsByItsOwnSensitivityBounds) {
     o.return_selection = true;
     AttentionResult r;
     run(in, o, &r);
-    EXPECT_EQ(r.shared_keys.at(0), universal_set(sensitivity_bounds(in.K.view(), p), 0.03).indices) << p;
-    EXPECT_NE(r.shared_keys.at(0), universal_set(in.K.view(), 0.03).indices) << p;  // not the x^2 set
+    EXPECT_EQ(r.selection.shared_keys.at(0), universal_set(sensitivity_bounds(in.K.view(), p), 0.03).indices) << p;
+    EXPECT_NE(r.selection.shared_keys.at(0), universal_set(in.K.view(), 0.03).indices) << p;  // not the x^2 set
     expect_masked_equal(in, o, "power p=" + std::to_string(p) + " over its universal set");
   }
 }
@@ -158,7 +158,7 @@ TEST(Attention, TopKMatchesExhaustiveRanking) {
     std::vector<std::pair<double, index_t>> s;
     for (index_t j = 0; j < 300; ++j) s.push_back({-oracle::dot(in.Q, i, in.K, j), j});
     std::sort(s.begin(), s.end());
-    for (index_t c = 0; c < 9; ++c) EXPECT_EQ(r.query_keys[i * 9 + c], s[c].second) << "query " << i;
+    for (index_t c = 0; c < 9; ++c) EXPECT_EQ(r.selection.query_keys[i * 9 + c], s[c].second) << "query " << i;
   }
 }
 
@@ -174,23 +174,23 @@ TEST(Attention, RandomSelectionIsReproducibleAndUniform) {
   const auto runs = oracle::at_each_thread_count([&] {
     AttentionResult r;
     auto out = run(in, o, &r);
-    return std::make_pair(out, r.shared_keys);
+    return std::make_pair(out, r.selection.shared_keys);
   });
   for (const auto& r : runs) {
     EXPECT_EQ(r.first, oa);  // bit for bit
-    EXPECT_EQ(r.second, a.shared_keys);
+    EXPECT_EQ(r.second, a.selection.shared_keys);
   }
-  ASSERT_EQ(a.shared_keys[0].size(), 100u);
-  EXPECT_TRUE(std::is_sorted(a.shared_keys[0].begin(), a.shared_keys[0].end()));
+  ASSERT_EQ(a.selection.shared_keys[0].size(), 100u);
+  EXPECT_TRUE(std::is_sorted(a.selection.shared_keys[0].begin(), a.selection.shared_keys[0].end()));
   o.seed = 8;
   run(in, o, &c);
-  EXPECT_NE(a.shared_keys, c.shared_keys);
+  EXPECT_NE(a.selection.shared_keys, c.selection.shared_keys);
   // Uniformity: over many seeds every tenth of the keys gets about a tenth of the draws.
   std::vector<int> bins(10, 0);
   for (std::uint64_t seed = 0; seed < 200; ++seed) {
     o.seed = seed;
     run(in, o, &c);
-    for (index_t j : c.shared_keys[0]) ++bins[j / 100];
+    for (index_t j : c.selection.shared_keys[0]) ++bins[j / 100];
   }
   for (int count : bins) EXPECT_NEAR(count, 2000, 200);
 }
@@ -342,7 +342,7 @@ TEST(Attention, AdaptiveBudgetIsCeilAlphaNToTheC) {
   o.return_selection = true;
   AttentionResult r;
   const auto a = run(in, o, &r);
-  EXPECT_EQ(r.query_keys.size(), 30u * 20u);
+  EXPECT_EQ(r.selection.query_keys.size(), 30u * 20u);
   AttentionOptions fixed;
   fixed.select = Select::topk;
   fixed.top_k = 20;

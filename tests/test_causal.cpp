@@ -276,10 +276,11 @@ TEST(Causal, RejectsWhatHasNoCausalMeaning) {
   o.leverage = ridge;  // ridge scores can be below eps for a key that is heavy: no causal set from them
   EXPECT_NE(run(Qs, o).find("ridge"), std::string::npos);
   o.leverage = {};
+  o.return_selection = true;
   const levattn::AttentionResult r = levattn::attention({Qs.v.data(), 1, 1, 60, 8}, {K.v.data(), 1, 1, 60, 8},
                                                         {V.v.data(), 1, 1, 60, 4}, std::vector<float>(240).data(), o);
   std::vector<float> approx(240);
-  EXPECT_NE(oracle::error_of([&] { levattn::selection_metrics(Qs.view(), K.view(), V.view(), approx.data(), o, r, 0.1); })
+  EXPECT_NE(oracle::error_of([&] { levattn::selection_metrics(Qs.view(), K.view(), V.view(), approx.data(), o, r.selection); })
                 .second.find("causal"),
             std::string::npos);
   EXPECT_NE(oracle::error_of([&] { levattn::causal_universal_sets(K.view(), 0.1, 0); }).second.find("block"),

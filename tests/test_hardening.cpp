@@ -96,13 +96,13 @@ TEST(RandomStreams, RandomSelectionDoesNotReproducePlantedPositions) {
   std::vector<float> out(q.size());
   const AttentionResult r = attention(Q, K, V, out.data(), o);
   const std::set<index_t> rel(p.relevant.begin(), p.relevant.end());
-  ASSERT_EQ(r.shared_keys.size(), 3u);
-  for (const auto& keys : r.shared_keys) {
+  ASSERT_EQ(r.selection.shared_keys.size(), 3u);
+  for (const auto& keys : r.selection.shared_keys) {
     index_t overlap = 0;
     for (index_t j : keys) overlap += rel.count(j) ? 1 : 0;
     EXPECT_LE(overlap, 2);  // expected 8 * 8 / 1024 = 0.06
   }
-  EXPECT_NE(r.shared_keys[0], r.shared_keys[1]);  // each head its own stream
+  EXPECT_NE(r.selection.shared_keys[0], r.selection.shared_keys[1]);  // each head its own stream
 }
 
 // ---------------------------------------------------------------------------------------------

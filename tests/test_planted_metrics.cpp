@@ -42,10 +42,13 @@ TEST(Planted, StructureIsAsDocumented) {
   lev.return_selection = true;
   AttentionResult r;
   const auto approx = attention(p.Q.view(), p.K.view(), p.V.view(), lev, &r);
-  const SelectionMetrics m = selection_metrics(p.Q.view(), p.K.view(), p.V.view(), approx.data(), lev, r, 0.5);
-  EXPECT_GT(m.mass_captured, 0.9);
-  EXPECT_EQ(m.heavy_recall, 1.0);
-  EXPECT_EQ(m.heavy_total, o.n);  // one heavy entry per query, its planted key
+  EvaluateOptions heavy;
+  heavy.heavy_eps = 0.5;
+  const Evaluation m = selection_metrics(p.Q.view(), p.K.view(), p.V.view(), approx.data(), lev, r.selection, heavy);
+  EXPECT_GT(m.kernel_mass, 0.9);
+  EXPECT_NEAR(m.kernel_mass, m.softmax_mass, 1e-6);  // the softmax kernel at its default scale
+  EXPECT_EQ(m.kernel_heavy_recall, 1.0);
+  EXPECT_EQ(m.kernel_heavy, o.n);  // one heavy entry per query, its planted key
 }
 
 TEST(Planted, RejectsBadOptions) {
@@ -72,10 +75,12 @@ TEST(Metrics, AgreeWithDirectComputation) {
   AttentionResult r;
   const auto approx = attention(Q.view(), K.view(), V.view(), o, &r);
   const double eps = 0.05;
-  const SelectionMetrics m = selection_metrics(Q.view(), K.view(), V.view(), approx.data(), o, r, eps);
+  EvaluateOptions eo;
+  eo.heavy_eps = eps;
+  const Evaluation m = selection_metrics(Q.view(), K.view(), V.view(), approx.data(), o, r.selection, eo);
   // Direct: full softmax rows in float64.
   const double scale = 0.5;
-  std::set<index_t> S(r.shared_keys[0].begin(), r.shared_keys[0].end());
+  std::set<index_t> S(r.selection.shared_keys[0].begin(), r.selection.shared_keys[0].end());
   const auto sel = [&](index_t i, index_t j) { return S.count(j) || (j >= i - 2 && j <= i + 2); };
   const auto full = oracle::attention(Q, K, V, true, scale, 2, [](index_t, index_t) { return true; });
   double mass = 0, err2 = 0, ref2 = 0;
@@ -97,15 +102,37 @@ TEST(Metrics, AgreeWithDirectComputation) {
       ref2 += std::pow(full[i * 3 + c], 2);
     }
   }
-  EXPECT_EQ(m.heavy_total, heavy);
-  EXPECT_EQ(m.heavy_selected, heavy_sel);
-  EXPECT_NEAR(m.mass_captured, mass / 60, 1e-5);
+  EXPECT_EQ(m.kernel_heavy, heavy);
+  EXPECT_NEAR(m.kernel_heavy_recall, static_cast<double>(heavy_sel) / static_cast<double>(heavy), 1e-12);
+  EXPECT_NEAR(m.kernel_mass, mass / 60, 1e-5);
   EXPECT_NEAR(m.output_error, std::sqrt(err2 / ref2), 1e-4);
   // The full selection captures everything.
   AttentionOptions f;
-  const auto exact = attention(Q.view(), K.view(), V.view(), f);
-  const SelectionMetrics mf = selection_metrics(Q.view(), K.view(), V.view(), exact.data(), f, {}, eps);
-  EXPECT_NEAR(mf.mass_captured, 1.0, 1e-5);
-  EXPECT_EQ(mf.heavy_recall, 1.0);
+  f.return_selection = true;
+  AttentionResult rf;
+  const auto exact = attention(Q.view(), K.view(), V.view(), f, &rf);
+  const Evaluation mf = selection_metrics(Q.view(), K.view(), V.view(), exact.data(), f, rf.selection, eo);
+  EXPECT_NEAR(mf.kernel_mass, 1.0, 1e-5);
+  EXPECT_EQ(mf.kernel_heavy_recall, 1.0);
   EXPECT_LT(mf.output_error, 1e-5);
+  // The power kernel: mass and heavy entries of |s|^p / sum |s|^p (scale 1), not of softmax.
+  AttentionOptions pw = o;
+  pw.kernel = Kernel::power, pw.p = 3.0;
+  const auto approx_p = attention(Q.view(), K.view(), V.view(), pw, &r);
+  const Evaluation mp = selection_metrics(Q.view(), K.view(), V.view(), approx_p.data(), pw, r.selection, eo);
+  std::set<index_t> Sp(r.selection.shared_keys[0].begin(), r.selection.shared_keys[0].end());
+  double mass_p = 0;
+  index_t heavy_p = 0;
+  for (index_t i = 0; i < 60; ++i) {
+    double z = 0;
+    for (index_t j = 0; j < 200; ++j) z += std::pow(std::fabs(oracle::dot(Q, i, K, j)), 3.0);
+    for (index_t j = 0; j < 200; ++j) {
+      const double a = std::pow(std::fabs(oracle::dot(Q, i, K, j)), 3.0) / z;
+      if (Sp.count(j) || (j >= i - 2 && j <= i + 2)) mass_p += a;
+      heavy_p += a >= eps;
+    }
+  }
+  EXPECT_NEAR(mp.kernel_mass, mass_p / 60, 1e-5);
+  EXPECT_EQ(mp.kernel_heavy, heavy_p);
+  EXPECT_EQ(mp.power_heavy, m.power_heavy);  // |x|^4 entries: free of the kernel
 }

@@ -4,6 +4,7 @@
 // predicts from the shape and options alone.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
@@ -60,12 +61,14 @@ TEST_P(SelectionArrays, RoundTripAttendsTheSamePairsWithThePredictedLayout) {
   ASSERT_EQ(static_cast<index_t>(segs.size()), s.pairs() * s.n);
   const Selection back = levattn::selection_from_arrays(layout, segs.data(), s.query_keys.data());
   index_t attended = 0;
+  std::vector<char> mine(static_cast<std::size_t>(s.n)), theirs(mine.size());
   for (index_t h = 0; h < s.pairs(); ++h)
-    for (index_t i = 0; i < s.m; ++i)
-      for (index_t j = 0; j < s.n; ++j) {
-        ASSERT_EQ(back.attends(h, i, j), s.attends(h, i, j)) << "pair " << h << " query " << i << " key " << j;
-        attended += s.attends(h, i, j);
-      }
+    for (index_t i = 0; i < s.m; ++i) {
+      s.mask_row(h, i, mine.data());
+      back.mask_row(h, i, theirs.data());
+      ASSERT_EQ(theirs, mine) << "pair " << h << " query " << i;
+      attended += std::count(mine.begin(), mine.end(), 1);
+    }
   EXPECT_GT(attended, 0);
   EXPECT_EQ(back.keys_per_query(), s.keys_per_query());
 }
@@ -160,7 +163,7 @@ TEST(GroupedQueryAttention, EqualsRepeatedKeysForwardAndBackward) {
 
 // Key padding: every selector, given a key mask, selects no masked key, attends none (window
 // bands and full included), counts them in no query's keys, and its attention equals the dense
-// softmax over exactly the pairs attends() names; attention() refuses a mask.
+// softmax over exactly the pairs mask_row() names; attention() refuses a mask.
 TEST(KeyMask, NoSelectorSelectsOrAttendsAMaskedKey) {
   const index_t batch = 3, heads = 2, n = 300, d = 8, pairs = batch * heads;
   const std::vector<float> q = normal(static_cast<std::size_t>(pairs * n * d), 7);
@@ -194,8 +197,10 @@ TEST(KeyMask, NoSelectorSelectsOrAttendsAMaskedKey) {
         std::vector<double> w(static_cast<std::size_t>(n), 0.0);
         double top = -1e300, sum = 0.0;
         index_t count = 0;
+        std::vector<char> attends(static_cast<std::size_t>(n));
+        s.mask_row(h, i, attends.data());
         for (index_t j = 0; j < n; ++j) {
-          if (!s.attends(h, i, j)) continue;
+          if (!attends[j]) continue;
           ASSERT_TRUE(mask[(h / heads) * n + j]) << spec << ": pair " << h << " query " << i << " attends masked key " << j;
           double dot = 0.0;
           for (index_t c = 0; c < d; ++c) dot += static_cast<double>(q[(h * n + i) * d + c]) * k[(h * n + j) * d + c];
@@ -203,11 +208,11 @@ TEST(KeyMask, NoSelectorSelectsOrAttendsAMaskedKey) {
         }
         ASSERT_EQ(per_query[h * n + i], count) << spec;
         for (index_t j = 0; j < n; ++j)
-          if (s.attends(h, i, j)) sum += (w[j] = std::exp(w[j] - top));
+          if (attends[j]) sum += (w[j] = std::exp(w[j] - top));
         for (index_t c = 0; c < d; ++c) {
           double o_ref = 0.0;
           for (index_t j = 0; j < n; ++j)
-            if (s.attends(h, i, j)) o_ref += w[j] / sum * v[(h * n + j) * d + c];
+            if (attends[j]) o_ref += w[j] / sum * v[(h * n + j) * d + c];
           worst = std::max(worst, std::abs(o_ref - out[(h * n + i) * d + c]));
         }
       }

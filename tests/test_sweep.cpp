@@ -146,7 +146,7 @@ TEST(Sweep, AttentionFullAndLeverageAgainstDenseFloat64) {
     AttentionResult r;
     const std::vector<float> sel = attention(Q.view(), K.view(), V.view(), lev, &r);
     std::vector<char> in(static_cast<std::size_t>(n), 0);
-    for (index_t j : r.shared_keys.at(0)) in[j] = 1;
+    for (index_t j : r.selection.shared_keys.at(0)) in[j] = 1;
     EXPECT_LT(oracle::max_rel_error(sel, oracle::attention(Q, K, V, true, scale, 2.0,
                                                            [&](index_t, index_t j) { return in[j] != 0; })),
               2e-5) << c.name;

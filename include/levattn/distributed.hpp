@@ -109,15 +109,6 @@ std::vector<HeavyEntries> distributed_heavy_entries(MPI_Comm comm, const Tensor4
 std::vector<HeavyEntries> gather_heavy_entries(MPI_Comm comm, const std::vector<HeavyEntries>& local, int root,
                                                CommVolume* volume = nullptr);
 
-/// What distributed_attention did: the sizes that attention() reports, over all ranks.
-struct DistributedAttentionResult {
-  std::vector<index_t> shared_sizes;  ///< |shared set| per pair (sinks included; 0 for full)
-  double mean_keys_per_query = 0.0;   ///< over every query of every rank
-  index_t empty_rows = 0;             ///< over every rank
-  double seconds_selection = 0.0;     ///< this rank: scores, sets and the gathering of their rows
-  double seconds_attention = 0.0;     ///< this rank: the rest
-};
-
 /// attention(Q, K, V, options) for this rank's queries, with Q (batch, heads, m, d) sharded by
 /// rows (this rank: q_first .. q_first + Q_local.rows - 1) and K, V (batch, heads, n, d / dv)
 /// sharded by rows the same way as each other (this rank: k_first ..). Writes out_local
@@ -137,8 +128,10 @@ struct DistributedAttentionResult {
 /// the errors attention() reports, on every rank. Communication of the leverage and window
 /// modes does not grow with n when queries and keys are sharded alike; see docs/design.md for
 /// the per-rank cost. Local queries run in blocks of max(4096, 4 w), each with its w rows of
-/// padding, so no copy of the shard is made.
-DistributedAttentionResult distributed_attention(MPI_Comm comm, const Tensor4Ref& Q_local, index_t q_first,
+/// padding, so no copy of the shard is made. The AttentionResult holds the sizes attention()
+/// reports, over all ranks (shared_sizes, mean_keys_per_query, empty_rows; the seconds are this
+/// rank's); its selection is not returned (return_selection is refused).
+AttentionResult distributed_attention(MPI_Comm comm, const Tensor4Ref& Q_local, index_t q_first,
                                                  const Tensor4Ref& K_local, const Tensor4Ref& V_local,
                                                  index_t k_first, float* out_local, const AttentionOptions& options,
                                                  DistributedMode mode = DistributedMode::exact,

@@ -27,6 +27,12 @@ struct Evaluation {
   double keys_per_query = 0.0;  ///< mean |S_i| over the queries
   /// Mean over queries of sum_{j in S_i} softmax(scale q_i.k_j)_j (scale: the options' or 1/sqrt(d)).
   double softmax_mass = 0.0;
+  /// The same for the weights A_ij of full attention under the selection's own kernel (equal to
+  /// softmax_mass for softmax), and the fraction of the entries A_ij >= heavy_eps whose key S_i
+  /// holds (1 when there are none), and how many there are.
+  double kernel_mass = 0.0;
+  double kernel_heavy_recall = 1.0;
+  index_t kernel_heavy = 0;
   /// ||O_S - O_full||_F / ||O_full||_F, O_full the full attention of the options' kernel.
   double output_error = 0.0;
   /// Fraction of the entries (q_i.k_j)^2 / sum_l (q_i.k_l)^2 >= heavy_eps whose key S_i holds
@@ -41,32 +47,25 @@ struct Evaluation {
   bool scores_tied = false;
 };
 
-/// A selection from its text: "NAME[:VALUE]" then "+FIELD:VALUE" items, e.g. "leverage:32",
-/// "leverage+eps:0.05+window:4", "topk:32", "random:32+sinks:2", "window:16", "cluster:32+probe:8",
-/// "full". NAME is a Select name; VALUE is top_k (leverage, topk, random, cluster) or the window
-/// (window). FIELD names an AttentionOptions field: top_k, eps, window, sinks, probe, clusters,
-/// iterations (cluster_iterations), seed, p, kernel (softmax | poly), budget_alpha,
-/// budget_exponent; or a LeverageOptions field: method (exact | sketch), ridge, rank_rtol, sketch
-/// (countsketch | srht | gaussian), sketch_size, gamma, jl_columns, delta, sketch_seed (its seed).
-/// Fields left out keep their defaults; values are not range-checked here (attention() does).
-/// Throws Error(invalid_argument) naming the spec and what was expected.
-AttentionOptions parse_selection(const std::string& spec);
-
-/// The inverse of parse_selection: the spec of every field above that differs from its default,
-/// numbers to 17 digits, so that parse_selection(selection_spec(o)) has o's values exactly (the
-/// fields outside the spec, scale, causal, return_selection and progress, are not carried).
-std::string selection_spec(const AttentionOptions& options);
-
-/// A short name of a selection's options: select, budget, window, sinks, kernel if not softmax.
-std::string describe(const AttentionOptions& options);
-
-/// Every selection on every pair: the selection as attention() makes it, its output, and the
-/// metrics above against the dense computation. Q (batch, heads, m, d), K (batch, heads, n, d),
+/// Every selection on every pair: the selection as attention() makes it (return_selection), its
+/// output, and the metrics above against the full attention of the same kernel, formed row block
+/// by row block (no n x n buffer). Q (batch, heads, m, d), K (batch, heads, n, d),
 /// V (batch, heads, n, dv). Rows are in (pair, selection) order. O(pairs (m n (d + dv) + cost of
 /// each selection)) time, O(block n) memory per thread: an evaluation tool, not a production path.
 /// Throws Error(invalid_argument) for bad inputs or options (the message names the selection).
 std::vector<Evaluation> evaluate(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
                                  const std::vector<AttentionOptions>& selections,
                                  const EvaluateOptions& options = {});
+
+/// The metrics above for one head's selection and the output attention() gave with it (the same
+/// evaluator as evaluate()): Q (m, d), K (n, d), V (n, dv), approx (m, dv); `selection` is one
+/// pair's (AttentionResult::selection of that call, or select_keys'), `kernel` its kernel (an
+/// unset scale takes options.scale, then the kernel's default). A selection's key mask counts:
+/// masked keys are outside full attention too. O(m n (d + dv)) time, O(block n) memory per thread.
+/// Throws Error(invalid_argument) for bad inputs, a selection of another shape, or a causal one
+/// (full attention here is not causal).
+Evaluation selection_metrics(ConstMatrix Q, ConstMatrix K, ConstMatrix V, const float* approx,
+                             const KernelOptions& kernel, const Selection& selection,
+                             const EvaluateOptions& options = {});
 
 }  // namespace levattn

@@ -59,13 +59,13 @@ class KVCache {
 
   /// Attention of queries (batch, q_heads, tq, d) over the kept keys and values of their kv head
   /// (query head g reads kv head g / (q_heads / kv_heads): grouped-query attention), with the
-  /// kernel, p and scale of `kernel` (its selection fields are not read): out (batch, q_heads,
+  /// kernel, p and scale of `kernel`: out (batch, q_heads,
   /// tq, dv), caller-allocated. Every query sees every kept key (decoding: the queries of the
   /// newest tokens). O(q_heads tq |kept| (d + dv)); report_mass adds O(q_heads tq (|kept| d +
   /// d^2)) plus M for each kv head (O(1024 d^2) for its waiting rows) and, with keep_full,
   /// O(q_heads tq n d). Throws Error(invalid_argument) on shapes,
   /// q_heads not a multiple of kv_heads, non-finite queries, or an empty cache.
-  KVCacheReport attend(const Tensor4Ref& queries, float* out, const AttentionOptions& kernel = {},
+  KVCacheReport attend(const Tensor4Ref& queries, float* out, const KernelOptions& kernel = {},
                        bool report_mass = false) const;
 
   index_t tokens() const;  ///< tokens appended so far

@@ -4,11 +4,14 @@
 //   lewis_weights.hpp    l_p Lewis weights, |x|^p sensitivity bounds (docs/design.md)
 //   universal_set.hpp    U_eps and top-k sets of keys (docs/design.md)
 //   heavy_entries.hpp    every eps-heavy entry of x^2 attention, exactly (docs/design.md)
+//   options.hpp          kernels, selections and their options; the selection spec text
+//   selection.hpp        the Selection (the keys each query attends) and select_keys
 //   attention.hpp        attention over a selection: full, leverage, window, sinks, topk, random
 //   planted.hpp          the planted test model (docs/design.md)
 //   sketch.hpp           CountSketch, SRHT and Gaussian sketches Y = S A
 //   reduce.hpp           feature-dimension reduction X (n x d) -> Y (n x m) for softmax Gram
-//   metrics.hpp          recall, mass captured, output error; brute-force heavy entries
+//   evaluate.hpp         how a selection fits attention: mass, heavy recall, output error
+//   metrics.hpp          brute-force heavy entries and the agreement of two lists
 //   io.hpp               NumPy .npy / .npz files
 //   build_info.hpp       BLAS, ISA and threads in use
 #pragma once
@@ -24,9 +27,11 @@
 #include "levattn/lewis_weights.hpp"
 #include "levattn/matrix.hpp"
 #include "levattn/metrics.hpp"
+#include "levattn/options.hpp"
 #include "levattn/planted.hpp"
 #include "levattn/reduce.hpp"
 #include "levattn/selected_attention.hpp"
+#include "levattn/selection.hpp"
 #include "levattn/sketch.hpp"
 #include "levattn/streaming.hpp"
 #include "levattn/universal_set.hpp"

@@ -3,100 +3,12 @@
 // Q, K and V, and selected_attention_backward gives the gradients exactly as autograd through
 // the dense masked computation would, without an n x n buffer (docs/design.md, "Gradients").
 #pragma once
-#include <vector>
-
-#include "levattn/attention.hpp"
+#include "levattn/options.hpp"
+#include "levattn/selection.hpp"
 
 namespace levattn {
 
-/// The keys each query of every (batch, head) pair attends: all keys (select full), or the union
-/// of three disjoint parts: a shared set per pair (leverage, random; sinks included) or per
-/// segment of queries (causal leverage), the window band, and each query's own keys (select
-/// topk, cluster); with `causal`, each part cut to the keys j <= i.
-struct Selection {
-  index_t batch = 0, heads = 0;  ///< pairs are numbered b * heads + h
-  index_t m = 0, n = 0;          ///< queries and keys per pair
-  bool all_keys = false;         ///< every query attends every key (nothing else is set)
-  /// Query i attends only keys j <= i (autoregressive order): every part is intersected with it.
-  bool causal = false;
-  /// > 0: the queries of each pair fall into segments of `segment` (the last one shorter), each
-  /// with its own shared set: query i uses shared_keys[h * segments() + i / segment]. 0: one
-  /// shared set per pair.
-  index_t segment = 0;
-  /// The keys every query of a pair (or segment) attends, ascending and distinct; empty (no pair
-  /// has any) or pairs() * segments() entries.
-  std::vector<std::vector<index_t>> shared_keys;
-  /// >= 0: query i also attends the keys j with |i - j| <= window (causal: i - window <= j <= i)
-  /// that are not in its shared set.
-  index_t window = -1;
-  /// > 0: each query's own keys, query_keys (pairs, m, top_k): distinct, none of them in its
-  /// shared set or window (causal: none after i), -1 for an unused slot.
-  index_t top_k = 0;
-  std::vector<index_t> query_keys;
-  /// Key padding, (batch, n): 0 for a key no query of that batch attends, in any part (the
-  /// shared sets and query keys never hold one; the window band and all_keys skip it); empty:
-  /// none.
-  std::vector<std::uint8_t> key_mask;
-
-  index_t pairs() const { return batch * heads; }
-  index_t segments() const { return segment > 0 && m > 0 ? (m + segment - 1) / segment : 1; }
-  /// The shared set query i of pair h attends (an empty one when there are none).
-  const std::vector<index_t>& shared_of(index_t h, index_t i) const;
-  /// Whether key j of pair h's batch may be attended (false when key_mask masks it).
-  bool key_open(index_t h, index_t j) const {
-    return key_mask.empty() || key_mask[static_cast<std::size_t>(h / heads * n + j)] != 0;
-  }
-  /// Whether query i of pair h attends key j: O(log |shared| + top_k).
-  bool attends(index_t h, index_t i, index_t j) const;
-  /// |S_i| for every query, (pairs, m) row-major: O(pairs m (log |shared| + top_k)).
-  std::vector<index_t> keys_per_query() const;
-};
-
-/// The selection attention(Q, K, V, options) makes, without attending: the same keys (same
-/// scores, streams and tie-breaks) as its `return_selection`. Shapes: Q (batch, heads, m, d),
-/// K (batch, heads, n, d). Cost: that of the selection alone (leverage O(n d^2) per pair; causal
-/// leverage O(n d^2 + (n / 256)(d^3 + |C| d^2)) and its sets' sizes in memory; topk O(m n d)). Throws Error(invalid_argument) as attention() does for these inputs and options.
-Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options);
-
-/// Shapes of one differentiable call: Q (batch, heads, m, d), K (batch, kv, n, d),
-/// V (batch, kv, n, dv), all contiguous row-major, with kv = kv_heads (0: heads) dividing heads:
-/// grouped-query attention, query head h reading kv head h / (heads / kv) in place (no copy).
-struct AttentionShape {
-  index_t batch = 1, heads = 1, m = 0, n = 0, d = 0, dv = 0;
-  index_t kv_heads = 0;
-
-  index_t kv() const { return kv_heads > 0 ? kv_heads : heads; }
-  /// The (batch, kv head) pair of K and V that query pair b * heads + h reads.
-  index_t kv_pair(index_t pair) const { return pair / heads * kv() + pair % heads / (heads / kv()); }
-};
-
-/// The fields of the Selection that select_keys returns for inputs of this shape and these
-/// options which do not depend on the data: batch, heads, m, n, all_keys, causal, segment,
-/// window and top_k (shared_keys and query_keys are left empty). O(1); throws
-/// Error(invalid_argument) as select_keys does for bad options or shapes.
-Selection selection_layout(const AttentionShape& shape, const AttentionOptions& options);
-
-/// The shared sets of a selection as one array of fixed size, (pairs, n): for key j of pair h,
-/// the last segment whose shared set holds j, or -1 when none does. It is exact because every
-/// producer's sets hold each key over one run of segments: from segment 0, or under causal
-/// attention from j's own segment j / segment on (earlier segments' queries cannot see j, so
-/// memberships there are dropped). Together with query_keys (pairs, m, top_k) and the layout it
-/// gives back an equivalent selection (selection_from_arrays): the form whose size depends only on
-/// the shape and options, which the PyTorch op returns. O(pairs n + sum of the sets' sizes).
-/// Throws Error(internal) for sets that are not of that form.
-std::vector<index_t> key_segments(const Selection& selection);
-
-/// The inverse of key_segments: `layout` (as selection_layout gives it) with its shared sets
-/// rebuilt from key_segments (pairs, n) and query_keys (pairs, m, top_k) copied in (null when
-/// layout.top_k is 0). Attends exactly the keys of the selection the arrays were made from (give
-/// it the same key_mask, which the arrays do not carry).
-/// O(pairs n + sum of the sets' sizes). Throws Error(invalid_argument) on an entry of
-/// key_segments outside [-1, segments) or before its key's first segment; query_keys are checked
-/// where the selection is used (selected_attention_forward).
-Selection selection_from_arrays(const Selection& layout, const index_t* key_segments, const index_t* query_keys);
-
-/// The kernel of a differentiable call: kernel, p and scale as in AttentionOptions (the
-/// selection fields are not read; the selection is given).
+/// Attention over a given selection with the kernel's kernel, p and scale.
 ///
 /// Writes with g(s) = s (softmax) or g(s) = p log|s| (power, g(0) = -inf), s = scale q_i.k_j:
 ///   out_i  = sum_{j in S_i} exp(g(s_ij) - L_i) v_j              (dv wide)
@@ -108,7 +20,7 @@ Selection selection_from_arrays(const Selection& layout, const index_t* key_segm
 /// selection, non-finite inputs, or logits / outputs that overflow T.
 template <class T>
 void selected_attention_forward(const AttentionShape& shape, const Selection& selection,
-                                const AttentionOptions& kernel, const T* q, const T* k, const T* v,
+                                const KernelOptions& kernel, const T* q, const T* k, const T* v,
                                 T* out, T* stat);
 
 /// Gradients of sum(dout * out) for out = selected_attention_forward(...) with the same
@@ -125,7 +37,7 @@ void selected_attention_forward(const AttentionShape& shape, const Selection& se
 /// does, and on non-finite dout.
 template <class T>
 void selected_attention_backward(const AttentionShape& shape, const Selection& selection,
-                                 const AttentionOptions& kernel, const T* q, const T* k, const T* v,
+                                 const KernelOptions& kernel, const T* q, const T* k, const T* v,
                                  const T* out, const T* stat, const T* dout, T* dq, T* dk, T* dv);
 
 }  // namespace levattn

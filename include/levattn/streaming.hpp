@@ -51,10 +51,10 @@ class StreamingUniversalSet {
   HeavyEntries heavy_entries(ConstMatrix Q) const;
 
   /// Attention of Q (m x d) over the kept keys (the universal set) and their values, with the
-  /// kernel, p and scale of `kernel` (its selection fields are ignored): m x dv, row-major. An
+  /// kernel, p and scale of `kernel`: m x dv, row-major. An
   /// empty universal set (no key reaches eps) gives rows of 0, as attention over no keys does.
   /// Throws Error(invalid_argument) when dv == 0 or no key was pushed.
-  std::vector<float> attention(ConstMatrix Q, const AttentionOptions& kernel = {}) const;
+  std::vector<float> attention(ConstMatrix Q, const KernelOptions& kernel = {}) const;
 
   index_t n() const;           ///< keys pushed so far
   index_t d() const;

@@ -23,7 +23,6 @@ from ._core import (  # noqa: F401
     PlantedInstance,
     Reduced,
     Selection,
-    SelectionMetrics,
     StreamingUniversalSet,
     UniversalSet,
     adaptive_budget,

@@ -325,6 +325,19 @@ Array numpy_to_array(py::handle obj, const char* name) {
   return Array::from_float32(shape, std::vector<float>(c.data(), c.data() + c.size()));
 }
 
+// One row of the evaluator (evaluate, selection_metrics) as a dict.
+py::dict evaluation_dict(const Evaluation& e) {
+  py::dict d;
+  d["pair"] = e.pair, d["selection"] = e.selection, d["keys_per_query"] = e.keys_per_query;
+  d["softmax_mass"] = e.softmax_mass, d["kernel_mass"] = e.kernel_mass;
+  d["kernel_heavy_recall"] = e.kernel_heavy_recall, d["kernel_heavy"] = e.kernel_heavy;
+  d["output_error"] = e.output_error;
+  d["x2_heavy_recall"] = e.x2_heavy_recall, d["x2_heavy"] = e.x2_heavy;
+  d["power_heavy_recall"] = e.power_heavy_recall, d["power_heavy"] = e.power_heavy;
+  d["scores_tied"] = e.scores_tied;
+  return d;
+}
+
 void bind_results(py::module_& m) {
   py::class_<LeverageOptions>(m, "LeverageOptions", R"doc(Options of the leverage scores (exact or sketched).
 
@@ -448,21 +461,9 @@ clusters each query searches (0: levattn default_probe: about 2 top_k candidates
       .def_property_readonly("relevant", [](const PlantedInstance& p) { return to_array(p.relevant); })
       .def_property_readonly("query_target", [](const PlantedInstance& p) { return to_array(p.query_target); });
 
-  py::class_<SelectionMetrics>(m, "SelectionMetrics", "How a selection compares with full attention on one head.")
-      .def_readonly("heavy_total", &SelectionMetrics::heavy_total)
-      .def_readonly("heavy_selected", &SelectionMetrics::heavy_selected)
-      .def_readonly("heavy_recall", &SelectionMetrics::heavy_recall)
-      .def_readonly("mass_captured", &SelectionMetrics::mass_captured)
-      .def_readonly("output_error", &SelectionMetrics::output_error);
-
   py::class_<AttentionResult>(m, "AttentionResult", "What attention() did besides writing the output.")
-      .def_property_readonly("shared_keys", [](const AttentionResult& r) {
-        py::list l;
-        for (const auto& s : r.shared_keys) l.append(to_array(s));
-        return l;
-      }, "per (batch, head) pair (b * heads + h), the keys every query attends, ascending")
-      .def_property_readonly("query_keys", [](const AttentionResult& r) { return to_array(r.query_keys); },
-                             "select topk: (pairs * m * top_k,) key indices, each query's best first")
+      .def_readonly("selection", &AttentionResult::selection,
+                    "the keys every query attended (a Selection, as select_keys gives it)")
       .def_property_readonly("shared_sizes", [](const AttentionResult& r) { return to_array(r.shared_sizes); })
       .def_readonly("top_k", &AttentionResult::top_k)
       .def_readonly("mean_keys_per_query", &AttentionResult::mean_keys_per_query)
@@ -761,25 +762,31 @@ O(n d^2 + m |S| (d + dv)).)doc");
   }, arg("q"), arg("k"), py::kw_only(), LEVATTN_ATTENTION_ARGS,
      "The Selection attention() makes for these options (same keys), without attending. q (.., m, d), k (.., n, d) float32.");
 
-  m.def("selection_metrics", [](py::handle q_, py::handle k_, py::handle v_, py::handle approx_, const AttentionResult& r,
-                                double heavy_eps, const std::string& select, std::optional<index_t> top_k,
-                                std::optional<double> eps, std::optional<index_t> window, index_t sinks,
-                                const std::string& kernel, double p, std::optional<double> scale, std::int64_t seed,
-                                double budget_alpha, double budget_exponent, const std::optional<LeverageOptions>& lev,
-                          const std::optional<ClusterOptions>& cl, bool causal) {
+  m.def("selection_metrics", [](py::handle q_, py::handle k_, py::handle v_, py::handle approx_, const Selection& sel,
+                                const std::string& kernel, double p, std::optional<double> scale, double heavy_eps) {
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k"), v = array_of<float>(v_, "v");
     const auto approx = array_of<float>(approx_, "approx");
-    const AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed,
-                                                 budget_alpha, budget_exponent, lev, cl, causal);
+    KernelOptions ko;
+    ko.kernel = parse_kernel(kernel), ko.p = p, ko.scale = scale.value_or(kNaN);
     const ConstMatrix Q = matrix(q, "q"), K = matrix(k, "k"), V = matrix(v, "v");
     if (approx.size() != static_cast<py::ssize_t>(Q.rows * V.cols)) value_error("approx: expected shape (m, dv)");
-    py::gil_scoped_release release;
-    return selection_metrics(Q, K, V, approx.data(), o, r, heavy_eps);
-  }, arg("q"), arg("k"), arg("v"), arg("approx"), arg("result"), arg("heavy_eps"), py::kw_only(), LEVATTN_ATTENTION_ARGS,
-     R"doc(One head's selection against full attention: heavy-entry recall, softmax mass captured, output error.
+    EvaluateOptions eo;
+    eo.heavy_eps = heavy_eps;
+    Evaluation e;
+    {
+      py::gil_scoped_release release;
+      e = selection_metrics(Q, K, V, approx.data(), ko, sel, eo);
+    }
+    return evaluation_dict(e);
+  }, arg("q"), arg("k"), arg("v"), arg("approx"), arg("selection"), py::kw_only(), arg("kernel") = "softmax",
+     arg("p") = 2.0, arg("scale") = py::none(), arg("heavy_eps") = 0.05,
+     R"doc(One head's selection against full attention of its kernel, by the evaluator of evaluate().
 
-q (m, d), k (n, d), v (n, dv); approx and result from attention(..., return_result=True) with the
-same options. Cost O(m n (d + dv)): the full attention matrix row by row (an evaluation tool).)doc");
+q (m, d), k (n, d), v (n, dv); approx (m, dv) and selection from attention(..., return_result=True)
+(result.selection) with the same kernel, p and scale. Returns the dict of an evaluate() row (no
+selection name) with kernel_mass and kernel_heavy_recall (the selection's share of the kernel's
+full attention weights and of its entries >= heavy_eps) besides the softmax, x^2 and |x|^4
+figures. Cost O(m n (d + dv)): the full attention rows block by block (an evaluation tool).)doc");
 
   m.def("evaluate", [](py::handle q_, py::handle k_, py::handle v_, const std::vector<std::string>& selections,
                        double heavy_eps, double p, std::optional<double> scale) {
@@ -797,15 +804,7 @@ same options. Cost O(m n (d + dv)): the full attention matrix row by row (an eva
       rows = evaluate(Q, K, V, sel, eo);
     }
     py::list out;
-    for (const Evaluation& e : rows) {
-      py::dict d;
-      d["pair"] = e.pair, d["selection"] = e.selection, d["keys_per_query"] = e.keys_per_query;
-      d["softmax_mass"] = e.softmax_mass, d["output_error"] = e.output_error;
-      d["x2_heavy_recall"] = e.x2_heavy_recall, d["x2_heavy"] = e.x2_heavy;
-      d["power_heavy_recall"] = e.power_heavy_recall, d["power_heavy"] = e.power_heavy;
-      d["scores_tied"] = e.scores_tied;
-      out.append(d);
-    }
+    for (const Evaluation& e : rows) out.append(evaluation_dict(e));
     return out;
   }, arg("q"), arg("k"), arg("v"), arg("selections"), py::kw_only(), arg("heavy_eps") = 0.05, arg("p") = 4.0,
      arg("scale") = py::none(),
@@ -814,7 +813,7 @@ same options. Cost O(m n (d + dv)): the full attention matrix row by row (an eva
 q (.., m, d), k (.., n, d), v (.., n, dv); selections: specs as `levattn evaluate --select` takes
 them ("leverage:32", "leverage+eps:0.05+window:4", "topk:32", "cluster:32", "window:16", ...).
 Each row: pair, selection, keys_per_query, softmax_mass (mean softmax mass inside the selection),
-output_error (||O_S - O_full|| / ||O_full||), x2_heavy_recall / power_heavy_recall (share of the
+kernel_mass / kernel_heavy_recall / kernel_heavy (the same under the selection's own kernel), output_error (||O_S - O_full|| / ||O_full||), x2_heavy_recall / power_heavy_recall (share of the
 entries >= heavy_eps of x^2 and |x|^p attention whose key is selected) with their counts, and
 scores_tied (all leverage scores equal: a leverage top-k is then a tie-break). scale: the logit
 scale of every selection without one and of the full attention it is compared with (None: the

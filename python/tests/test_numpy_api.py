@@ -98,11 +98,12 @@ def test_leverage_attention_attends_its_selection():
     r = rng(5)
     q, k, v = (r.standard_normal((120, 8)).astype(np.float32) for _ in range(3))
     out, res = levattn.attention(q, k, v, select="leverage", top_k=10, sinks=2, return_result=True)
-    keys = res.shared_keys[0]
+    keys = res.selection.shared_keys[0]
     assert len(keys) <= 12 and {0, 1} <= set(keys.tolist())
     np.testing.assert_allclose(out, dense_softmax(q, k[keys], v[keys]), rtol=1e-4, atol=1e-5)
     sel = levattn.select_keys(q, k, select="leverage", top_k=10, sinks=2)
     np.testing.assert_array_equal(sel.shared_keys[0], keys)
+    assert res.selection.window == sel.window == -1 and res.selection.top_k == 0
     assert (sel.keys_per_query() == len(keys)).all()
 
 
@@ -111,10 +112,16 @@ def test_selection_metrics_of_a_planted_instance():
     assert inst.Q.shape == (1024, 16) and sorted(inst.relevant.tolist()) == inst.relevant.tolist()
     out, res = levattn.attention(inst.Q, inst.K, inst.V, select="leverage", eps=0.05, kernel="poly",
                                  return_result=True)
-    m = levattn.selection_metrics(inst.Q, inst.K, inst.V, out, res, 0.05, select="leverage", eps=0.05,
-                                  kernel="poly")
-    assert m.heavy_recall == 1.0 and 0.0 < m.mass_captured <= 1.0
-    assert set(inst.relevant.tolist()) <= set(res.shared_keys[0].tolist())
+    m = levattn.selection_metrics(inst.Q, inst.K, inst.V, out, res.selection, kernel="poly", heavy_eps=0.05)
+    assert m["kernel_heavy_recall"] == 1.0 and m["kernel_heavy"] > 0 and 0.0 < m["kernel_mass"] <= 1.0
+    assert m["keys_per_query"] == len(res.selection.shared_keys[0]) and m["output_error"] < 1.0
+    assert set(inst.relevant.tolist()) <= set(res.selection.shared_keys[0].tolist())
+    # The same evaluator as evaluate(): the same figures for the same selection.
+    row = levattn.evaluate(inst.Q, inst.K, inst.V, ["leverage+eps:0.05+kernel:poly"], heavy_eps=0.05)[0]
+    for key in ("kernel_mass", "kernel_heavy_recall", "softmax_mass", "x2_heavy_recall", "output_error"):
+        assert m[key] == pytest.approx(row[key], rel=1e-6, abs=1e-7), key
+    with pytest.raises(ValueError, match="selection"):
+        levattn.selection_metrics(inst.Q[:10], inst.K, inst.V, out[:10], res.selection)
 
 
 def test_lewis_weights_sensitivities_and_reduction():
@@ -221,7 +228,7 @@ def test_cluster_selection_with_every_cluster_searched_is_the_exact_topk():
     every = levattn.select_keys(q, k, select="cluster", top_k=10, cluster=levattn.ClusterOptions(clusters=20, probe=20))
     np.testing.assert_array_equal(every.query_keys, exact.query_keys)
     out, res = levattn.attention(q, k, k, select="cluster", top_k=10, window=2, return_result=True)
-    assert res.query_keys.shape == (100 * 10,) and out.shape == (100, 8)
+    assert res.selection.query_keys.shape == (1, 100, 10) and out.shape == (100, 8)
     with pytest.raises(ValueError, match="probe"):
         levattn.attention(q, k, k, select="cluster", top_k=10, cluster=levattn.ClusterOptions(probe=-1))
 

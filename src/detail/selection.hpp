@@ -11,9 +11,6 @@
 
 namespace levattn::detail {
 
-/// Throws Error(invalid_argument) unless the kernel's p (power) and scale (NaN or finite) are valid.
-void check_kernel(const AttentionOptions& o);
-
 /// k distinct keys of [0, n) uniformly at random (Floyd's algorithm), ascending; a pure function
 /// of (n, k, rng's stream). k >= n returns every key.
 std::vector<index_t> random_keys(index_t n, index_t k, const CounterRng& rng);

@@ -14,6 +14,7 @@ struct RowOps;
 
 namespace levattn {
 struct AttentionOptions;
+struct KernelOptions;
 struct LeverageOptions;
 }  // namespace levattn
 
@@ -59,6 +60,8 @@ void require_eps(double eps, const char* what = "eps");
 /// The option checks of attention() (kernel, window, sinks, eps, budgets per selection) and of
 /// the leverage scores (ridge, rank_rtol), for entry points that reach them another way.
 void check_attention_options(const AttentionOptions& o);
+/// Throws Error(invalid_argument) unless the kernel's p (power) and scale (NaN or finite) are valid.
+void check_kernel(const KernelOptions& o);
 void check_leverage_options(const LeverageOptions& o);
 
 }  // namespace levattn::detail

@@ -1,0 +1,211 @@
+// The vocabulary of attention: kernel and selection names, budgets, the logit scale and the
+// selection spec text (levattn/options.hpp).
+#include "levattn/options.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <sstream>
+#include <string_view>
+#include <type_traits>
+
+#include "detail/validate.hpp"
+
+namespace levattn {
+
+void detail::check_kernel(const KernelOptions& o) {
+  std::ostringstream os;
+  if (o.kernel == Kernel::power && !(o.p > 0.0 && std::isfinite(o.p))) {
+    os << "p: expected a finite exponent > 0, got " << o.p;
+    detail::invalid(os.str());
+  }
+  if (!std::isnan(o.scale) && !std::isfinite(o.scale)) {
+    os << "scale: expected a finite number, got " << o.scale;
+    detail::invalid(os.str());
+  }
+}
+
+double logit_scale(const KernelOptions& o, index_t d) {
+  if (!std::isnan(o.scale)) return o.scale;
+  return o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
+}
+
+std::string to_string(Kernel k) { return k == Kernel::softmax ? "softmax" : "poly"; }
+
+std::string to_string(Select s) {
+  switch (s) {
+    case Select::full: return "full";
+    case Select::leverage: return "leverage";
+    case Select::topk: return "topk";
+    case Select::random: return "random";
+    case Select::window: return "window";
+    case Select::cluster: return "cluster";
+  }
+  return "?";
+}
+
+Kernel parse_kernel(const std::string& name) {
+  if (name == "softmax") return Kernel::softmax;
+  if (name == "poly" || name == "power") return Kernel::power;
+  detail::invalid("kernel: expected softmax or poly (power), got '" + name + "'");
+}
+
+Select parse_select(const std::string& name) {
+  for (Select s : {Select::full, Select::leverage, Select::topk, Select::random, Select::window, Select::cluster})
+    if (name == to_string(s)) return s;
+  detail::invalid("select: expected full, leverage, topk, random, window or cluster, got '" + name + "'");
+}
+
+index_t default_probe(index_t clusters, index_t n, index_t top_k) {
+  const double c = static_cast<double>(clusters);
+  const double enough = std::ceil(2.0 * static_cast<double>(top_k) * c / static_cast<double>(std::max<index_t>(n, 1)));
+  const double p = std::max({static_cast<double>(kMinProbe), std::ceil(c / kProbeDivisor), enough});
+  return std::min(clusters, static_cast<index_t>(p));
+}
+
+index_t adaptive_budget(index_t n, double alpha, double exponent) {
+  if (!(alpha > 0.0 && std::isfinite(alpha)) || !(exponent > 0.0 && exponent <= 1.0)) {
+    std::ostringstream os;
+    os << "budget: expected alpha > 0 and C in (0, 1], got alpha = " << alpha << ", C = " << exponent;
+    detail::invalid(os.str());
+  }
+  const double k = std::ceil(alpha * std::pow(static_cast<double>(n), exponent));
+  return static_cast<index_t>(std::clamp(k, 1.0, static_cast<double>(std::max<index_t>(n, 1))));
+}
+
+AttentionOptions parse_selection(const std::string& spec) {
+  const auto bad = [&](const std::string& why) -> AttentionOptions {
+    detail::invalid("selection '" + spec + "': " + why);
+  };
+  std::vector<std::string> items;
+  std::stringstream in(spec);
+  for (std::string item; std::getline(in, item, '+');) items.push_back(item);
+  if (items.empty() || items[0].empty()) return bad("expected NAME[:VALUE][+FIELD:VALUE...]");
+  // A name the library's own parsers read (select, kernel, sketch kind), their error under the spec's.
+  const auto named = [&](auto parse, const std::string& text) {
+    try {
+      return parse(text);
+    } catch (const Error& e) {
+      bad(e.what());
+      throw;
+    }
+  };
+  AttentionOptions o;
+  const auto colon = items[0].find(':');
+  o.select = named(parse_select, items[0].substr(0, colon));
+  const auto number = [&](const std::string& text, const std::string& what) {
+    std::size_t used = 0;
+    double v = 0.0;
+    try {
+      v = std::stod(text, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != text.size() || !std::isfinite(v)) bad(what + ": expected a number, got '" + text + "'");
+    return v;
+  };
+  const auto integer = [&](const std::string& text, const std::string& what) {
+    const double v = number(text, what);
+    if (v != std::floor(v) || std::fabs(v) > 9e15) bad(what + ": expected an integer, got '" + text + "'");
+    return static_cast<index_t>(v);
+  };
+  const auto seed = [&](const std::string& text, const std::string& what) {
+    const index_t v = integer(text, what);
+    if (v < 0) bad(what + ": expected an integer >= 0");
+    return static_cast<std::uint64_t>(v);
+  };
+  if (colon != std::string::npos) {
+    const std::string value = items[0].substr(colon + 1);
+    if (o.select == Select::window) o.window = integer(value, "window");
+    else if (o.select == Select::full) bad("full takes no value");
+    else o.top_k = integer(value, "top_k");
+  }
+  LeverageOptions& lev = o.leverage;
+  for (std::size_t a = 1; a < items.size(); ++a) {
+    const auto c = items[a].find(':');
+    if (c == std::string::npos) bad("expected FIELD:VALUE, got '" + items[a] + "'");
+    const std::string field = items[a].substr(0, c), value = items[a].substr(c + 1);
+    if (field == "top_k") o.top_k = integer(value, field);
+    else if (field == "eps") o.eps = number(value, field);
+    else if (field == "window") o.window = integer(value, field);
+    else if (field == "sinks") o.sinks = integer(value, field);
+    else if (field == "probe") o.probe = integer(value, field);
+    else if (field == "clusters") o.clusters = integer(value, field);
+    else if (field == "iterations") o.cluster_iterations = integer(value, field);
+    else if (field == "seed") o.seed = seed(value, field);
+    else if (field == "p") o.p = number(value, field);
+    else if (field == "kernel") o.kernel = named(parse_kernel, value);
+    else if (field == "budget_alpha") o.budget_alpha = number(value, field);
+    else if (field == "budget_exponent") o.budget_exponent = number(value, field);
+    else if (field == "method") {
+      if (value != "exact" && value != "sketch") bad("method: expected exact or sketch, got '" + value + "'");
+      lev.method = value == "exact" ? ScoreMethod::exact : ScoreMethod::sketch;
+    } else if (field == "ridge") lev.ridge = number(value, field);
+    else if (field == "rank_rtol") lev.rank_rtol = number(value, field);
+    else if (field == "sketch") lev.sketch = named(parse_sketch_kind, value);
+    else if (field == "sketch_size") lev.sketch_size = integer(value, field);
+    else if (field == "gamma") lev.gamma = number(value, field);
+    else if (field == "jl_columns") lev.jl_columns = integer(value, field);
+    else if (field == "delta") lev.delta = number(value, field);
+    else if (field == "sketch_seed") lev.seed = seed(value, field);
+    else
+      bad("unknown field '" + field + "' (expected top_k, eps, window, sinks, probe, clusters, iterations, seed, p, "
+          "kernel, budget_alpha, budget_exponent, method, ridge, rank_rtol, sketch, sketch_size, gamma, jl_columns, "
+          "delta or sketch_seed)");
+  }
+  return o;
+}
+
+std::string selection_spec(const AttentionOptions& o) {
+  const AttentionOptions d;  // the defaults, which the spec leaves out
+  const LeverageOptions& l = o.leverage;
+  std::ostringstream os;
+  os << to_string(o.select);
+  const auto field = [&](bool differs, const char* name, const auto& value) {
+    if (!differs) return;
+    os << '+' << name << ':';
+    if constexpr (std::is_floating_point_v<std::decay_t<decltype(value)>>) {
+      char text[32];  // the shortest text that reads back as the same double
+      os << std::string_view(text, static_cast<std::size_t>(std::to_chars(text, text + sizeof text, value).ptr - text));
+    } else {
+      os << value;
+    }
+  };
+  field(o.top_k != d.top_k, "top_k", o.top_k);
+  field(o.eps != d.eps, "eps", o.eps);
+  field(o.window != d.window, "window", o.window);
+  field(o.sinks != d.sinks, "sinks", o.sinks);
+  field(o.probe != d.probe, "probe", o.probe);
+  field(o.clusters != d.clusters, "clusters", o.clusters);
+  field(o.cluster_iterations != d.cluster_iterations, "iterations", o.cluster_iterations);
+  field(o.seed != d.seed, "seed", o.seed);
+  field(o.kernel != d.kernel, "kernel", to_string(o.kernel));
+  field(o.p != d.p, "p", o.p);
+  field(o.budget_alpha != d.budget_alpha, "budget_alpha", o.budget_alpha);
+  field(o.budget_exponent != d.budget_exponent, "budget_exponent", o.budget_exponent);
+  field(l.method != d.leverage.method, "method", l.method == ScoreMethod::exact ? "exact" : "sketch");
+  field(l.ridge != d.leverage.ridge, "ridge", l.ridge);
+  field(l.rank_rtol != d.leverage.rank_rtol, "rank_rtol", l.rank_rtol);
+  field(l.sketch != d.leverage.sketch, "sketch", to_string(l.sketch));
+  field(l.sketch_size != d.leverage.sketch_size, "sketch_size", l.sketch_size);
+  field(l.gamma != d.leverage.gamma, "gamma", l.gamma);
+  field(l.jl_columns != d.leverage.jl_columns, "jl_columns", l.jl_columns);
+  field(l.delta != d.leverage.delta, "delta", l.delta);
+  field(l.seed != d.leverage.seed, "sketch_seed", l.seed);
+  return os.str();
+}
+
+std::string describe(const AttentionOptions& o) {
+  std::ostringstream os;
+  os << to_string(o.select);
+  if (o.top_k > 0) os << " top_k=" << o.top_k;
+  if (o.eps > 0.0) os << " eps=" << o.eps;
+  if (o.budget_alpha > 0.0) os << " budget=" << o.budget_alpha << "," << o.budget_exponent;
+  if (o.window >= 0) os << " window=" << o.window;
+  if (o.sinks > 0) os << " sinks=" << o.sinks;
+  if (o.select == Select::cluster && o.probe > 0) os << " probe=" << o.probe;
+  if (o.kernel != Kernel::softmax) os << " " << to_string(o.kernel) << " p=" << o.p;
+  return os.str();
+}
+
+}  // namespace levattn
