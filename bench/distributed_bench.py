@@ -69,7 +69,7 @@ def main():
         np.save(os.path.join(work, "Q.npy"), rng.standard_normal((n, a.d), dtype=np.float32))
         np.save(os.path.join(work, "V.npy"), rng.standard_normal((n, a.d), dtype=np.float32))
         qkv = ["--queries", "Q.npy", "--keys", "K.npy", "--values", "V.npy"]
-        lev = ["--select", "leverage", "--eps", a.eps, "--window", a.window, "--sinks", a.sinks]
+        lev = ["--select", "leverage+eps:%r+window:%d+sinks:%d" % (a.eps, a.window, a.sinks)]
         if n in sizes:
             wall, out = run([single, "attend"] + [str(x) for x in qkv + lev] + ["--out", "ref.npy", "--json"])
             j = json.loads(out)

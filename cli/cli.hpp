@@ -48,6 +48,14 @@ void add_seed_option(CLI::App* sub, std::int64_t& seed, const std::string& what)
 /// LeverageOptions for those flags and a seed.
 LeverageOptions leverage_options(const MethodArgs& m, std::int64_t seed);
 
+/// The help of an attend command's --select: the selection spec of parse_selection (options.hpp).
+extern const char* const kSelectHelp;
+/// Registers on an attend command, hidden, the options that named parts of a selection before
+/// --select took the whole spec (--top-k, --eps, --window, --sinks, --kernel, --p, ...); returns
+/// the check to run after parsing, which throws Error(invalid_argument) naming the one given and
+/// its spelling in the spec.
+std::function<void()> retire_selection_options(CLI::App* sub);
+
 /// A float32 array read from a .npy file or an .npz member, with where it came from.
 struct Input {
   std::string source;  ///< "K.npy", or "qkv.npz: member 'k'"

@@ -277,47 +277,19 @@ namespace {
 
 struct AttendArgs {
   Sources src{"", {"", "", ""}};
-  std::string out, save_selection, kernel = "softmax", select = "full";
-  double p = 2.0, scale = 0, eps = 0;
-  bool has_scale = false;
-  index_t top_k = 0, window = -1, sinks = 0, clusters = 0, probe = 0, cluster_iterations = 8;
-  std::string budget;  // "alpha,C"
-  std::int64_t seed = 0;
-  MethodArgs method;
-  bool json = false, causal = false;
+  std::string out, save_selection, select = "full";
+  double scale = 0;
+  bool has_scale = false, json = false, causal = false;
 };
 
 AttentionOptions attention_options(const AttendArgs& a) {
-  AttentionOptions o;
-  o.kernel = parse_kernel(a.kernel);
-  o.p = a.p;
+  AttentionOptions o = parse_selection(a.select);
   if (a.has_scale) {
     if (!std::isfinite(a.scale))
       throw Error(ErrorKind::invalid_argument, "scale: expected a finite number, got " + format_value(a.scale));
     o.scale = a.scale;
   }
-  o.select = parse_select(a.select);
-  o.top_k = a.top_k;
-  o.eps = a.eps;
-  o.window = a.window;
-  o.sinks = a.sinks;
   o.causal = a.causal;
-  o.clusters = a.clusters;
-  o.probe = a.probe;
-  o.cluster_iterations = a.cluster_iterations;
-  o.seed = static_cast<std::uint64_t>(a.seed);
-  o.leverage = leverage_options(a.method, a.seed);
-  if (!a.budget.empty()) {
-    double alpha = 0, c = 0;
-    char comma = 0, extra = 0;
-    std::istringstream in(a.budget);
-    if (!(in >> alpha >> comma >> c) || comma != ',' || (in >> extra))
-      throw Error(ErrorKind::invalid_argument, "budget: expected alpha,C (for example 2,0.5), got '" + a.budget + "'");
-    o.budget_alpha = alpha;
-    o.budget_exponent = c;
-  }
-  if (a.select == "window" && a.window < 0 && a.sinks < 1)
-    throw Error(ErrorKind::invalid_argument, "window: --select window needs --window W (W >= 0) or --sinks S");
   o.return_selection = !a.save_selection.empty();
   return o;
 }
@@ -367,7 +339,7 @@ int run_attend(const AttendArgs& a) {
   std::vector<float> out(static_cast<std::size_t>(checked_allocation({q.batch, q.heads, q.rows, v.cols}, 4, "output")));
   const AttentionResult r = with_sources({&Q, &K, &V}, {"queries", "keys", "values"},
                                          [&] { return attention(q, k, v, out.data(), o); });
-  note_budget("attend", a.top_k, k.rows);
+  note_budget("attend", o.top_k, k.rows);
   OutputSet files;
   files.add_npy(a.out, Array::from_float32(shape, std::move(out)));
   if (!a.save_selection.empty()) files.add_npz(a.save_selection, selection_arrays(r, Q, o));
@@ -376,7 +348,8 @@ int run_attend(const AttendArgs& a) {
     json j;
     j["shape"] = shape;
     j["kernel"] = to_string(o.kernel);
-    j["select"] = a.select;
+    j["select"] = to_string(o.select);
+    j["selection"] = selection_spec(o);
     j["causal"] = a.causal;
     j["n"] = k.rows;
     j["top_k"] = r.top_k;
@@ -408,29 +381,18 @@ Command add_attend(CLI::App& app) {
                   "also write S.npz: shared_keys / shared_offsets per (batch, head) (causal leverage: per (batch, "
                   "head, block of `segment` queries)), query_keys (topk, cluster; -1: unused), window, sinks, causal, "
                   "segment");
-  sub->add_option("--kernel", a->kernel, "softmax or poly (|x|^p)")->check(CLI::IsMember({"softmax", "poly"}));
-  sub->add_option("--p", a->p, "exponent of the poly kernel, > 0");
+  sub->add_option("--select", a->select, kSelectHelp);
   sub->add_option("--scale", a->scale,
                   "logit scale, any finite number (default 1/sqrt(d) softmax, 1 poly); 0 weighs every "
                   "selected key equally, a negative scale reverses the order of the logits");
-  sub->add_option("--select", a->select, "full, leverage, topk, window, random or cluster")
-      ->check(CLI::IsMember({"full", "leverage", "topk", "window", "random", "cluster"}));
-  sub->add_option("--top-k", a->top_k, "budget of leverage, topk, random and cluster (above n: every key)");
-  sub->add_option("--eps", a->eps, "leverage threshold in (0, 1] (cluster: adds U_eps)");
-  sub->add_option("--clusters", a->clusters, "cluster: k-means clusters per head (default ceil(sqrt(n)))");
-  sub->add_option("--probe", a->probe, "cluster: clusters each query searches (default: about 2 K candidates, at least max(4, clusters / 32))");
-  sub->add_option("--cluster-iterations", a->cluster_iterations, "cluster: most k-means steps (default 8)");
-  sub->add_option("--window", a->window, "also keys i-W .. i+W");
-  sub->add_option("--sinks", a->sinks, "also the first S keys");
   sub->add_flag("--causal", a->causal,
-                "query i sees keys 0 .. i only (m == n); leverage then takes --eps and uses each block's causal "
+                "query i sees keys 0 .. i only (m == n); leverage then takes eps and uses each block's causal "
                 "universal set");
-  add_seed_option(sub, a->seed, "random selection, cluster's initial centroids and of the sketch");
-  add_method_options(sub, a->method);
-  sub->add_option("--budget", a->budget, "adaptive budget alpha,C: top-k = ceil(alpha n^C)");
+  const auto retired = retire_selection_options(sub);
   sub->add_flag("--json", a->json, "print selection sizes and timings as JSON");
   auto* scale = sub->get_option("--scale");
-  return {sub, [a, scale] {
+  return {sub, [a, scale, retired] {
+            retired();
             a->has_scale = scale->count() > 0;
             return run_attend(*a);
           }};

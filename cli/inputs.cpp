@@ -33,6 +33,40 @@ void add_seed_option(CLI::App* sub, std::int64_t& seed, const std::string& what)
       ->check(CLI::NonNegativeNumber);
 }
 
+const char* const kSelectHelp =
+    "the selection, one spec NAME[:K][+FIELD:VALUE...] (default full): full, leverage:K or leverage+eps:E, topk:K, "
+    "random:K, window:W, cluster:K; fields top_k, eps, window, sinks, probe, clusters, iterations, seed, kernel "
+    "(softmax | poly), p, budget_alpha, budget_exponent, method (exact | sketch), ridge, rank_rtol, sketch, "
+    "sketch_size, gamma, jl_columns, delta, sketch_seed; e.g. leverage:32+window:4+sinks:2, cluster:32+probe:8, "
+    "leverage+eps:0.05+kernel:poly+p:4";
+
+std::function<void()> retire_selection_options(CLI::App* sub) {
+  static const std::pair<const char*, const char*> kRetired[] = {
+      {"--top-k", "NAME:K (leverage:32, topk:8, random:32, cluster:32)"},
+      {"--eps", "leverage+eps:E"},
+      {"--window", "window:W, or NAME:K+window:W"},
+      {"--sinks", "+sinks:S"},
+      {"--clusters", "cluster:K+clusters:C"},
+      {"--probe", "cluster:K+probe:P"},
+      {"--cluster-iterations", "cluster:K+iterations:I"},
+      {"--kernel", "+kernel:poly"},
+      {"--p", "+kernel:poly+p:P"},
+      {"--seed", "+seed:S (random, cluster) or +sketch_seed:S (a sketch)"},
+      {"--budget", "+budget_alpha:A+budget_exponent:C"},
+      {"--method", "+method:sketch"},
+      {"--sketch", "+sketch:KIND"},
+      {"--sketch-size", "+sketch_size:S"},
+  };
+  std::vector<std::pair<CLI::Option*, std::pair<const char*, const char*>>> given;
+  for (const auto& r : kRetired) given.emplace_back(sub->add_option(r.first)->group(""), r);
+  return [given] {
+    for (const auto& [opt, r] : given)
+      if (opt->count() > 0)
+        throw Error(ErrorKind::invalid_argument, std::string(r.first) + ": the selection is one spec, --select " +
+                                                     r.second + "; for example --select leverage:32+window:4+sinks:2");
+  };
+}
+
 LeverageOptions leverage_options(const MethodArgs& m, std::int64_t seed) {
   LeverageOptions o;
   o.method = m.method == "sketch" ? ScoreMethod::sketch : ScoreMethod::exact;

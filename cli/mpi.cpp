@@ -81,6 +81,19 @@ auto naming_sources(const std::vector<Sharded>& in, const std::vector<std::strin
   }
 }
 
+// Runs f, a check of the arguments (the same on every rank): its Error becomes the
+// CollectiveError every rank throws, so that each exits and rank 0 reports it once.
+template <class F>
+auto same_on_every_rank(F&& f) {
+  try {
+    return f();
+  } catch (const CollectiveError&) {
+    throw;
+  } catch (const Error& e) {
+    throw CollectiveError(e.kind(), e.what());
+  }
+}
+
 DistributedMode mode_of(int rounds) { return rounds == 2 ? DistributedMode::two_round : DistributedMode::exact; }
 
 // Per-rank bytes and seconds, gathered on rank 0 as a JSON array (not counted in the volumes).
@@ -105,10 +118,9 @@ json per_rank(const Mpi& mpi, const CommVolume& work, const CommVolume& output, 
 // ---------------------------------------------------------------------------------------------
 
 struct AttendArgs {
-  std::string queries, keys, values, out, kernel = "softmax", select = "full";
-  double p = 2.0, scale = 0, eps = 0;
+  std::string queries, keys, values, out, select = "full";
+  double scale = 0;
   bool has_scale = false, json = false;
-  index_t window = -1, sinks = 0;
   int rounds = 1;
 };
 
@@ -117,12 +129,8 @@ int run_attend(const AttendArgs& a, const Mpi& mpi) {
   const std::vector<std::string> names = {"queries", "keys", "values"};
   const std::vector<Sharded> in = read_inputs(mpi, {a.queries, a.keys, a.values}, names);
   const Sharded &Q = in[0], &K = in[1], &V = in[2];
-  AttentionOptions o;
-  o.kernel = parse_kernel(a.kernel);
-  o.p = a.p;
+  AttentionOptions o = same_on_every_rank([&] { return parse_selection(a.select); });
   if (a.has_scale) o.scale = a.scale;
-  o.select = parse_select(a.select);
-  o.eps = a.eps, o.window = a.window, o.sinks = a.sinks;
   const Tensor4Ref q = Q.view(), k = K.view(), v = V.view();
   std::vector<float> out(static_cast<std::size_t>(checked_allocation({q.batch, q.heads, q.rows, v.cols}, 4, "output")));
   CommVolume work, written;
@@ -138,7 +146,8 @@ int run_attend(const AttendArgs& a, const Mpi& mpi) {
     j["ranks"] = mpi.size;
     j["shape"] = shape;
     j["kernel"] = to_string(o.kernel);
-    j["select"] = a.select;
+    j["select"] = to_string(o.select);
+    j["selection"] = selection_spec(o);
     j["mode"] = a.rounds == 2 ? "two_round" : "exact";
     j["n"] = K.rows();
     j["shared_sizes"] = r.shared_sizes;
@@ -160,21 +169,19 @@ Command add_attend(CLI::App& app, const Mpi& mpi) {
   sub->add_option("--keys", a->keys, "K .npy, same layout, n keys");
   sub->add_option("--values", a->values, "V .npy, same layout, n values of width dv");
   sub->add_option("--out", a->out, "output O .npy (float32), written once")->required();
-  sub->add_option("--kernel", a->kernel, "softmax or poly (|x|^p)")->check(CLI::IsMember({"softmax", "poly"}));
-  sub->add_option("--p", a->p, "exponent of the poly kernel, > 0");
+  sub->add_option("--select", a->select,
+                  std::string("full (a ring: the exact baseline), leverage+eps:E or window:W (a halo from the "
+                              "neighbouring ranks), with +window:W, +sinks:S, +kernel:poly+p:P; ") + kSelectHelp);
   sub->add_option("--scale", a->scale, "logit scale, any finite number (default 1/sqrt(d) softmax, 1 poly)");
-  sub->add_option("--select", a->select, "full (a ring: the exact baseline), leverage or window")
-      ->check(CLI::IsMember({"full", "leverage", "window"}));
-  sub->add_option("--eps", a->eps, "leverage threshold in (0, 1]");
-  sub->add_option("--window", a->window, "also keys i-W .. i+W (a halo from the neighbouring ranks)");
-  sub->add_option("--sinks", a->sinks, "also the first S keys");
+  const auto retired = retire_selection_options(sub);
   sub->add_option("--rounds", a->rounds,
                   "leverage: 1 = exact x^2 (one Allreduce of K^T K; softmax or p 2), 2 = composable (any p; a superset "
                   "of the single-process set)")
       ->check(CLI::IsMember({1, 2}));
   sub->add_flag("--json", a->json, "print sizes, timings and per-rank bytes as JSON (rank 0)");
   auto* scale = sub->get_option("--scale");
-  return {sub, [a, scale, &mpi] {
+  return {sub, [a, scale, retired, &mpi] {
+            same_on_every_rank(retired);
             a->has_scale = scale->count() > 0;
             return run_attend(*a, mpi);
           }};

@@ -366,11 +366,11 @@ def test_attend():
     if O is not None:
         good, det = rel_close(O, np_attention(Q, K, V, scale=0.3))
         check("attend softmax --scale 0.3 equals numpy (1e-5)", good, det)
-    O, _ = attend("attend poly p=2", "O_poly.npy", "--kernel", "poly", "--p", 2)
+    O, _ = attend("attend poly p=2", "O_poly.npy", "--select", "full+kernel:poly+p:2")
     if O is not None:
         good, det = rel_close(O, np_attention(Q, K, V, kernel="poly", p=2.0))
         check("attend poly p=2 equals numpy |s|^2 normalised (1e-5)", good, det)
-    O, _ = attend("attend poly p=3 scale 0.5", "O_poly3.npy", "--kernel", "poly", "--p", 3, "--scale", 0.5)
+    O, _ = attend("attend poly p=3 scale 0.5", "O_poly3.npy", "--select", "full+kernel:poly+p:3", "--scale", 0.5)
     if O is not None:
         good, det = rel_close(O, np_attention(Q, K, V, kernel="poly", p=3.0, scale=0.5))
         check("attend poly p=3 --scale 0.5 equals numpy (1e-5)", good, det)
@@ -383,8 +383,7 @@ def test_attend():
     top = np.zeros(n, dtype=bool)
     top[order[:16]] = True
     mask = top[None, :] | (np.abs(I - J) <= 2) | (J < 1)
-    O, p = attend("attend leverage", "O_lev.npy", "--select", "leverage", "--top-k", 16, "--window", 2,
-                  "--sinks", 1, "--json")
+    O, p = attend("attend leverage", "O_lev.npy", "--select", "leverage:16+window:2+sinks:1", "--json")
     if O is not None:
         good, det = rel_close(O, np_attention(Q, K, V, mask=mask))
         check("attend leverage top-16 + window 2 + sinks 1 equals masked numpy (1e-5)", good, det)
@@ -405,7 +404,7 @@ def test_attend():
     # leverage by threshold: U_eps
     eps = float(np.sort(tau)[-10] - 1e-3)
     if np.min(np.abs(tau - eps)) > 1e-4:
-        O, _ = attend("attend leverage --eps", "O_leveps.npy", "--select", "leverage", "--eps", eps)
+        O, _ = attend("attend leverage --eps", "O_leveps.npy", "--select", "leverage+eps:%r" % eps)
         if O is not None:
             good, det = rel_close(O, np_attention(Q, K, V, mask=np.broadcast_to(tau >= eps, (m, n))))
             check("attend leverage --eps equals numpy over {tau_j >= eps} (1e-5)", good, det)
@@ -415,25 +414,25 @@ def test_attend():
     srt = np.sort(s, axis=1)[:, ::-1]
     clear_rows = (srt[:, 7] - srt[:, 8]) > 1e-4 * np.abs(srt[:, 7]).clip(min=1)
     kth = srt[:, 7:8]
-    O, _ = attend("attend topk", "O_topk.npy", "--select", "topk", "--top-k", 8)
+    O, _ = attend("attend topk", "O_topk.npy", "--select", "topk:8")
     if O is not None:
         ref = np_attention(Q, K, V, mask=s >= kth)
         good, det = rel_close(O[clear_rows], ref[clear_rows])
         check("attend topk 8 equals numpy per-row top-8 masked softmax (1e-5)",
               good and clear_rows.sum() > m * 0.9, det + ", %d clear rows" % clear_rows.sum())
 
-    O, _ = attend("attend window", "O_win.npy", "--select", "window", "--window", 3)
+    O, _ = attend("attend window", "O_win.npy", "--select", "window:3")
     if O is not None:
         good, det = rel_close(O, np_attention(Q, K, V, mask=np.abs(I - J) <= 3))
         check("attend window 3 equals banded numpy (1e-5)", good, det)
-    O, _ = attend("attend window + sinks", "O_winsink.npy", "--select", "window", "--window", 1, "--sinks", 4)
+    O, _ = attend("attend window + sinks", "O_winsink.npy", "--select", "window:1+sinks:4")
     if O is not None:
         good, det = rel_close(O, np_attention(Q, K, V, mask=(np.abs(I - J) <= 1) | (J < 4)))
         check("attend window 1 + sinks 4 equals numpy (1e-5)", good, det)
 
-    O1, p1 = attend("attend random seed 5", "O_r1.npy", "--select", "random", "--top-k", 32, "--seed", 5, "--json")
-    O2, _ = attend("attend random seed 5 (again)", "O_r2.npy", "--select", "random", "--top-k", 32, "--seed", 5)
-    O3, _ = attend("attend random seed 6", "O_r3.npy", "--select", "random", "--top-k", 32, "--seed", 6)
+    O1, p1 = attend("attend random seed 5", "O_r1.npy", "--select", "random:32+seed:5", "--json")
+    O2, _ = attend("attend random seed 5 (again)", "O_r2.npy", "--select", "random:32+seed:5")
+    O3, _ = attend("attend random seed 6", "O_r3.npy", "--select", "random:32+seed:6")
     if O1 is not None and O2 is not None and O3 is not None:
         check("attend random: same seed gives identical output",
               open(path("O_r1.npy"), "rb").read() == open(path("O_r2.npy"), "rb").read())
@@ -453,7 +452,7 @@ def test_attend():
         save("Q%s.npy" % tag, Qh)
         save("K%s.npy" % tag, Kh)
         save("V%s.npy" % tag, Vh)
-        opts = ("--select", "leverage", "--top-k", 8, "--window", 1)
+        opts = ("--select", "leverage:8+window:1")
         O, _ = attend("attend " + tag, "O%s.npy" % tag, *opts,
                       q="Q%s.npy" % tag, k="K%s.npy" % tag, v="V%s.npy" % tag)
         if O is None:
@@ -524,7 +523,7 @@ def test_power_and_sketch():
               j.get("normaliser") == "sampled" and 0 < j.get("samples", 0) < 20004 and 0 < j.get("gamma", 9) <= 0.3, str(j))
     # attend --kernel poly --p 3 --select leverage --eps: over the p-universal set.
     r = ok_run("attend poly p=3 leverage eps", "attend", "--queries", "Qp.npy", "--keys", "Kp.npy", "--values", "Vp.npy",
-               "--out", "Op.npy", "--kernel", "poly", "--p", p, "--select", "leverage", "--eps", 0.05, "--json")
+               "--out", "Op.npy", "--select", "leverage+eps:0.05+kernel:poly+p:%r" % p, "--json")
     if r:
         sel = (t >= 0.05 / (1 + 0.0))
         ref = np_attention(Q, K, V, kernel="poly", p=p, mask=np.broadcast_to(sel, (120, 400)))
@@ -550,7 +549,7 @@ def test_power_and_sketch():
         check("sketch %s: scores within the stated gamma" % kind,
               np.all(ratio <= 1 + j["gamma"]) and np.all(ratio >= 1 / (1 + j["gamma"])), "ratio range %s..%s" % (ratio.min(), ratio.max()))
     r = ok_run("attend --method sketch", "attend", "--queries", "Qp.npy", "--keys", "Kp.npy", "--values", "Vp.npy",
-               "--out", "Osk.npy", "--select", "leverage", "--top-k", 16, "--method", "sketch", "--json")
+               "--out", "Osk.npy", "--select", "leverage:16+method:sketch", "--json")
     check("attend --method sketch: runs (n below the sketch size falls back to exact scores)", r is not None)
     bad("universal --method sketch --p 3", ("universal", "--keys", "Kp.npy", "--eps", 0.1, "--p", 3, "--method", "sketch"),
         ("sketch", "p"))
@@ -559,9 +558,9 @@ def test_power_and_sketch():
     bad("universal --p 0", ("universal", "--keys", "Kp.npy", "--eps", 0.1, "--p", 0), ("p",))
     bad("heavy --p -1", ("heavy", "--queries", "Qp.npy", "--keys", "Kp.npy", "--eps", 0.1, "--p", -1), ("p",))
     bad("attend --budget 2,1.5", ("attend", "--queries", "Qp.npy", "--keys", "Kp.npy", "--values", "Vp.npy",
-                                  "--out", "Ob.npy", "--select", "topk", "--budget", "2,1.5"), ("budget",))
+                                  "--out", "Ob.npy", "--select", "topk+budget_alpha:2+budget_exponent:1.5"), ("budget",))
     r = ok_run("attend --budget", "attend", "--queries", "Qp.npy", "--keys", "Kp.npy", "--values", "Vp.npy",
-               "--out", "Obud.npy", "--select", "topk", "--budget", "1,0.5", "--json")
+               "--out", "Obud.npy", "--select", "topk+budget_alpha:1+budget_exponent:0.5", "--json")
     if r:
         check("attend --budget 1,0.5: k = ceil(sqrt(400)) = 20", parse_json("budget", r.stdout).get("top_k") == 20)
 
@@ -684,7 +683,7 @@ def test_hardening():
             a = np.load(path("PS/%s.npy" % name))
             np.save(path("PS/%s3.npy" % name), np.stack([a, a, a]))
         if ok_run("attend random on the planted stack", "attend", "--queries", "PS/Q3.npy", "--keys", "PS/K3.npy",
-                  "--values", "PS/V3.npy", "--out", "PS/O3.npy", "--select", "random", "--top-k", 8, "--seed", 3,
+                  "--values", "PS/V3.npy", "--out", "PS/O3.npy", "--select", "random:8+seed:3",
                   "--save-selection", "PS/S3.npz"):
             z = np.load(path("PS/S3.npz"))
             off, keys = z["shared_offsets"], z["shared_keys"]
@@ -719,10 +718,10 @@ def test_hardening():
         ("heavy", "--queries", "Kt.npy", "--keys", "Kt.npy", "--eps", 0.1, "--method", "sketch"), ("sketch",))
     # Flags outside their ranges.
     att = ("attend", "--queries", "Kt.npy", "--keys", "Kt.npy", "--values", "Kt.npy", "--out", "Ot.npy")
-    bad("--seed -1", att + ("--select", "random", "--top-k", 3, "--seed", -1), ("--seed",))
+    bad("seed -1", att + ("--select", "random:3+seed:-1"), ("seed",))
     bad("--scale nan", att + ("--scale", "nan"), ("scale",))
     bad("--scale inf", att + ("--scale", "inf"), ("scale",))
-    p = ok_run("attend --top-k above n", *att, "--select", "random", "--top-k", 500, "--json")
+    p = ok_run("attend random:500 (above n)", *att, "--select", "random:500", "--json")
     if p:
         j = parse_json("attend --top-k 500", p.stdout)
         check("attend --top-k above n: every key, and a note on stderr",
@@ -773,7 +772,7 @@ def test_hardening():
     for n_, a in (("Qi", Q), ("Ki", K), ("Vi", V)):
         save(n_ + ".npy", a)
     np.savez(path("qkv.npz"), q=Q, k=K, v=V)
-    sel = ("--select", "leverage", "--top-k", 6, "--window", 1)
+    sel = ("--select", "leverage:6+window:1")
     if ok_run("attend --inputs", "attend", "--inputs", "qkv.npz", "--out", "Oi1.npy", *sel) and \
             ok_run("attend separate files", "attend", "--queries", "Qi.npy", "--keys", "Ki.npy", "--values", "Vi.npy",
                    "--out", "Oi2.npy", *sel):
@@ -804,7 +803,7 @@ def test_hardening():
             ok = ok and good
         check("--save-selection (leverage): shared keys are the top-6 and reproduce the output", ok)
     if ok_run("attend --save-selection topk", "attend", "--inputs", "qkv.npz", "--out", "Ot2.npy",
-              "--save-selection", "St.npz", "--select", "topk", "--top-k", 5):
+              "--save-selection", "St.npz", "--select", "topk:5"):
         z = np.load(path("St.npz"))
         qk = z["query_keys"]
         s0 = Q[0].astype(np.float64) @ K[0].astype(np.float64).T
@@ -815,15 +814,15 @@ def test_hardening():
               list(z["shared_offsets"]) == [0, 0, 0] and z["shared_keys"].size == 0, repr(z["shared_offsets"]))
     # A cluster search that finds fewer than top_k keys says so (stderr, and short_queries in JSON).
     p = ok_run("attend cluster with too small a probe", "attend", "--inputs", "qkv.npz", "--out", "Oc.npy", "--select",
-               "cluster", "--top-k", 30, "--clusters", 20, "--probe", 1, "--json")
+               "cluster:30+clusters:20+probe:1", "--json")
     if p:
         j = parse_json("attend cluster", p.stdout)
         check("cluster: short_queries counted and reported", j is not None and j.get("short_queries", 0) > 0
               and "fewer than top_k = 30" in p.stderr, repr((j, p.stderr)))
     bad("--probe with a selection other than cluster", ("attend", "--inputs", "qkv.npz", "--out", "Op.npy", "--select",
-                                                         "leverage", "--top-k", 4, "--probe", 2), ("probe", "cluster"))
-    bad("--clusters with topk", ("attend", "--inputs", "qkv.npz", "--out", "Op.npy", "--select", "topk", "--top-k", 4,
-                                 "--clusters", 3), ("clusters", "cluster only"))
+                                                         "leverage:4+probe:2"), ("probe", "cluster"))
+    bad("--clusters with topk", ("attend", "--inputs", "qkv.npz", "--out", "Op.npy", "--select", "topk:4+clusters:3"),
+        ("clusters", "cluster only"))
     bad("--save-selection with select full", ("attend", "--inputs", "qkv.npz", "--out", "Of.npy", "--save-selection",
                                               "Sf.npz"), ("select full",))
     check("a refused --save-selection wrote no output", not os.path.exists(path("Of.npy")))
@@ -902,10 +901,13 @@ def test_bad_input():
         ("keys", "Kempty.npy", "empty"))
     bad("empty queries (attend)", ("attend", "--queries", "Kempty.npy", "--keys", "Kb.npy", "--values", "Vb.npy",
                                    "--out", "Ob.npy"), ("queries", "Kempty.npy", "empty"))
-    bad("attend --select full --top-k 5", att + ("--top-k", 5), ("top_k",))
-    bad("attend --kernel poly --p 0", att + ("--kernel", "poly", "--p", 0), ("p",))
-    bad("attend --select leverage without --top-k or --eps", att + ("--select", "leverage"), ("top", "eps"))
-    bad("attend --kernel unknown", att + ("--kernel", "cosine"), ("kernel", "cosine"))
+    bad("attend --select full:5", att + ("--select", "full+top_k:5"), ("top_k",))
+    bad("attend full+kernel:poly+p:0", att + ("--select", "full+kernel:poly+p:0"), ("p",))
+    bad("attend --select leverage without top_k or eps", att + ("--select", "leverage"), ("top", "eps"))
+    bad("attend kernel unknown", att + ("--select", "full+kernel:cosine"), ("kernel", "cosine"))
+    for old, spec in (("--top-k", "leverage:32"), ("--window", "window:"), ("--kernel", "kernel:poly"),
+                      ("--probe", "probe:"), ("--seed", "seed:"), ("--budget", "budget_alpha")):
+        bad("attend %s (the selection is one spec)" % old, att + ("--select", "leverage", old, 3), (old, spec))
     bad("unknown option", ("universal", "--keys", "Kb.npy", "--eps", 0.1, "--bogus"), ("--bogus",))
     bad("unknown subcommand", ("frobnicate",), ("frobnicate",))
     bad("no subcommand", (), ("subcommand",))
@@ -1118,13 +1120,13 @@ def test_causal():
         j = parse_json("attend --causal", p.stdout)
         check("attend --causal --json: causal true, (n + 1) / 2 keys per query",
               j is not None and j["causal"] is True and abs(j["mean_keys_per_query"] - (n + 1) / 2) < 1e-6, repr(j))
-    O, _ = attend("attend --causal window", "Oc_win.npy", "--causal", "--select", "window", "--window", 5, "--sinks", 2,
+    O, _ = attend("attend --causal window", "Oc_win.npy", "--causal", "--select", "window:5+sinks:2",
                   **files)
     if O is not None:
         mask = tril & ((I - J <= 5) | (J < 2))
         good, det = rel_close(O, np_attention(Q, K, V, mask=mask))
         check("attend --causal window 5 + sinks 2 equals numpy (1e-5)", good, det)
-    O, _ = attend("attend --causal topk", "Oc_top.npy", "--causal", "--select", "topk", "--top-k", 10, **files)
+    O, _ = attend("attend --causal topk", "Oc_top.npy", "--causal", "--select", "topk:10", **files)
     if O is not None:
         s = np.where(tril, np.asarray(Q, np.float64) @ np.asarray(K, np.float64).T, -np.inf)
         top = np.argsort(-s, axis=1, kind="stable")[:, :10]
@@ -1132,7 +1134,7 @@ def test_causal():
         np.put_along_axis(mask, top, True, axis=1)
         good, det = rel_close(O, np_attention(Q, K, V, mask=mask & tril))
         check("attend --causal topk 10 equals numpy's top 10 among keys j <= i (1e-5)", good, det)
-    O, p = attend("attend --causal leverage", "Oc_lev.npy", "--causal", "--select", "leverage", "--eps", eps, "--window", 8,
+    O, p = attend("attend --causal leverage", "Oc_lev.npy", "--causal", "--select", "leverage+eps:%r+window:8" % eps,
                   "--save-selection", "Sc.npz", "--json", **files)
     if O is not None:
         z = np.load(path("Sc.npz"))
@@ -1184,8 +1186,8 @@ def test_causal():
     bad("attend --causal with m != n", ("attend", "--queries", "Qc_short.npy", "--keys", "Kc.npy", "--values", "Vc.npy",
                                         "--out", "Oc_bad.npy", "--causal"), ("as many queries as keys",))
     bad("attend --causal leverage with --top-k", ("attend", "--queries", "Qc.npy", "--keys", "Kc.npy", "--values",
-                                                  "Vc.npy", "--out", "Oc_bad.npy", "--causal", "--select", "leverage",
-                                                  "--top-k", 10), ("eps",))
+                                                  "Vc.npy", "--out", "Oc_bad.npy", "--causal", "--select", "leverage:10"),
+        ("eps",))
     bad("heavy --causal --p 3", ("heavy", "--queries", "Qc.npy", "--keys", "Kc.npy", "--eps", eps, "--causal", "--p", 3),
         ("causal",))
 

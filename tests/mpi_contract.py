@@ -120,23 +120,23 @@ def same_attention(label, single_args, mpi_args, ranks=(1, 2, 3, 4)):
 
 def test_attention():
     qkv = ["--queries", "Q.npy", "--keys", "K.npy", "--values", "V.npy"]
-    lev = ["--select", "leverage", "--eps", "0.02"]
+    lev = ["--select", "leverage+eps:0.02"]
     same_attention("leverage", qkv + lev, qkv + lev)
-    same_attention("leverage+window+sinks", qkv + lev + ["--window", "3", "--sinks", "2"],
-                   qkv + lev + ["--window", "3", "--sinks", "2"])
+    lev_local = ["--select", "leverage+eps:0.02+window:3+sinks:2"]
+    same_attention("leverage+window+sinks", qkv + lev_local, qkv + lev_local)
     # A window wider than a shard: the halo spans several ranks.
-    wide = ["--select", "window", "--window", "300", "--sinks", "5"]
+    wide = ["--select", "window:300+sinks:5"]
     same_attention("window 300 (halo over ranks)", qkv + wide, qkv + wide, ranks=(3, 4))
     stack = ["--queries", "Q3.npy", "--keys", "K3.npy", "--values", "V3.npy"]
     same_attention("full ring, 3-D", stack + ["--select", "full"], stack + ["--select", "full"])
-    same_attention("leverage, 3-D, poly p 2", stack + lev + ["--kernel", "poly", "--p", "2"],
-                   stack + lev + ["--kernel", "poly", "--p", "2"], ranks=(1, 4))
+    poly = ["--select", "leverage+eps:0.02+kernel:poly+p:2"]
+    same_attention("leverage, 3-D, poly p 2", stack + poly, stack + poly, ranks=(1, 4))
     cross = ["--queries", "Qc.npy", "--keys", "K.npy", "--values", "V.npy"]
     same_attention("cross attention m != n, leverage", cross + lev, cross + lev, ranks=(2, 3))
     same_attention("cross attention m != n, full", cross + ["--select", "full"], cross + ["--select", "full"],
                    ranks=(3,))
-    longer = ["--queries", "Ql.npy", "--keys", "K.npy", "--values", "V.npy", "--window", "3", "--sinks", "1"]
-    same_attention("m > n + w, leverage and window", longer + lev, longer + lev, ranks=(1, 3))
+    longer = ["--queries", "Ql.npy", "--keys", "K.npy", "--values", "V.npy", "--select", "leverage+eps:0.02+window:3+sinks:1"]
+    same_attention("m > n + w, leverage and window", longer, longer, ranks=(1, 3))
 
 
 def test_two_round():
@@ -156,7 +156,7 @@ def test_two_round():
             check("two-round np%d pair %d: contains the single-process set" % (P, h), a <= set(b.tolist()),
                   "%d of %d missing" % (len(a - set(b.tolist())), len(a)))
         p = run_mpi(P, "attend", "--queries", "Q3.npy", "--keys", "K3.npy", "--values", "V3.npy", "--select",
-                    "leverage", "--eps", "0.01", "--kernel", "poly", "--p", "4", "--rounds", "2", "--out", "o.npy")
+                    "leverage+eps:0.01+kernel:poly+p:4", "--rounds", "2", "--out", "o.npy")
         if not ok("two-round attend np%d" % P, p):
             continue
         Q, K, V = (np.load(path(f)).astype(np.float64) for f in ("Q3.npy", "K3.npy", "V3.npy"))
@@ -210,12 +210,12 @@ def test_bytes_do_not_grow_with_n():
         save("Kb.npy", rng.standard_normal((n, d)))  # Gaussian keys: |U| about d / eps at most
         save("Qb.npy", rng.standard_normal((n, d)))
         save("Vb.npy", rng.standard_normal((n, dv)))
-        for sel in (["--select", "leverage", "--eps", "0.05", "--window", "4", "--sinks", "4"], ["--select", "full"]):
+        for sel in (["--select", "leverage+eps:0.05+window:4+sinks:4"], ["--select", "full"]):
             p = run_mpi(4, "attend", "--queries", "Qb.npy", "--keys", "Kb.npy", "--values", "Vb.npy", *sel,
                         "--out", "ob.npy", "--json", timeout=120)
             if ok("bytes n %d %s" % (n, sel[1]), p):
                 j = json.loads(p.stdout)
-                rows[(n, sel[1])] = (max(r["bytes_sent"] + r["bytes_received"] for r in j["per_rank"]),
+                rows[(n, j["select"])] = (max(r["bytes_sent"] + r["bytes_received"] for r in j["per_rank"]),
                                      j["shared_sizes"][0])
     if len(rows) != 4:
         return
@@ -251,20 +251,22 @@ def test_faults():
     with open(path("Ktrunc.npy"), "wb") as f:
         f.write(data[:len(data) // 2])
     qkv = lambda k: ["--queries", "Q.npy", "--keys", k, "--values", "V.npy"]
-    lev = ["--select", "leverage", "--eps", "0.02"]
+    lev = ["--select", "leverage+eps:0.02"]
     fault("NaN on the last rank", 4, ["attend"] + qkv("Knan.npy") + lev, "rank 3: keys (Knan.npy)")
     fault("NaN on the last rank (ring)", 3, ["attend"] + qkv("Knan.npy") + ["--select", "full"], "rank 2: keys (Knan.npy)")
     fault("truncated key file", 4, ["attend"] + qkv("Ktrunc.npy") + lev, "Ktrunc.npy")
     fault("missing file", 2, ["attend"] + qkv("nothere.npy") + lev, "nothere.npy")
-    fault("eps outside (0, 1]", 4, ["attend"] + qkv("K.npy") + ["--select", "leverage", "--eps", "1.5"], "eps")
+    fault("eps outside (0, 1]", 4, ["attend"] + qkv("K.npy") + ["--select", "leverage+eps:1.5"], "eps")
     save("Vshort.npy", np.load(path("V.npy"))[:-1])
     save("Qwide.npy", np.ones((1001, 17)))
     fault("one value per key", 3, ["attend", "--queries", "Q.npy", "--keys", "K.npy", "--values", "Vshort.npy"] + lev,
           "values (Vshort.npy): expected one row per key")
     fault("queries as wide as keys", 2, ["attend", "--queries", "Qwide.npy", "--keys", "K.npy", "--values", "V.npy"] +
           lev, "queries (Qwide.npy): expected 16 columns")
-    fault("full with a window", 2, ["attend"] + qkv("K.npy") + ["--select", "full", "--window", "3"], "window")
-    fault("unknown selection", 2, ["attend"] + qkv("K.npy") + ["--select", "topk"], "select")
+    fault("full with a window", 2, ["attend"] + qkv("K.npy") + ["--select", "full+window:3"], "window")
+    fault("the old spelling of a selection", 2, ["attend"] + qkv("K.npy") + ["--select", "leverage", "--eps", "0.1"],
+          "--select leverage+eps")
+    fault("unknown selection", 2, ["attend"] + qkv("K.npy") + ["--select", "topk:5"], "select")
     fault("mismatched stacks", 3, ["attend", "--queries", "Q3.npy", "--keys", "K.npy", "--values", "V.npy"] + lev,
           "leading (batch, heads)")
     fault("universal NaN on the last rank", 4, ["universal", "--keys", "Knan.npy", "--eps", "0.1"], "rank 3: keys")
