@@ -295,7 +295,7 @@ HeadSelection select_head(const AttentionOptions& o, ConstMatrix Kh, index_t h, 
   HeadSelection s;
   if (o.causal && o.select == Select::leverage) {
     const DenseMatrix<float> zeroed = open ? without_masked(Kh, open) : DenseMatrix<float>();
-    s.sets = causal_universal_sets(open ? zeroed.view() : Kh, o.eps, kCausalBlock, o.leverage).sets;
+    s.sets = causal_universal_sets(open ? zeroed.view() : Kh, o.eps, kCausalBlock, o.leverage).shared_keys;
     s.segment = kCausalBlock;
     const index_t n_open = static_cast<index_t>(detail::open_keys(Kh.rows, open).size());
     for (auto& set : s.sets) add_sinks(set, std::min(o.sinks, n_open), open);

@@ -50,15 +50,17 @@ void for_each_causal_block(ConstMatrix K, double eps, index_t block, const Lever
 
 }  // namespace
 
-CausalSets causal_universal_sets(ConstMatrix K, double eps, index_t block, const LeverageOptions& options) {
+Selection causal_universal_sets(ConstMatrix K, double eps, index_t block, const LeverageOptions& options) {
   check_keys(K, block);
   require_no_ridge(options, "causal sets");
-  CausalSets out;
-  out.n = K.rows, out.block = block;
-  out.sets.reserve(static_cast<std::size_t>((K.rows + block - 1) / block));
-  for_each_causal_block(K, eps, block, options, [&](index_t r0, index_t r1, const std::vector<index_t>& set, const auto&) {
-    out.max_candidates = std::max(out.max_candidates, static_cast<index_t>(set.size()) - (r1 - r0));
-    out.sets.push_back(set);
+  Selection out;
+  out.batch = out.heads = 1;
+  out.m = out.n = K.rows;
+  out.causal = true;
+  out.segment = block;
+  out.shared_keys.reserve(static_cast<std::size_t>((K.rows + block - 1) / block));
+  for_each_causal_block(K, eps, block, options, [&](index_t, index_t, const std::vector<index_t>& set, const auto&) {
+    out.shared_keys.push_back(set);
   });
   return out;
 }

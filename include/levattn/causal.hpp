@@ -6,24 +6,18 @@
 #include "levattn/heavy_entries.hpp"
 #include "levattn/leverage_scores.hpp"
 #include "levattn/matrix.hpp"
+#include "levattn/selection.hpp"
 
 namespace levattn {
 
 /// Queries per block of the causal sets: the candidates are refreshed once per block.
 inline constexpr index_t kCausalBlock = 256;
 
-/// The keys each block of queries needs under causal attention, for a threshold eps.
-struct CausalSets {
-  index_t n = 0;      ///< keys (and queries)
-  index_t block = 0;  ///< queries per block: block r holds queries r block .. (r + 1) block - 1
-  /// Per block r, ascending: the keys j < r block whose prefix leverage score against
-  /// M = sum_{l < r block} k_l k_l^T is >= eps (less the proven rounding and a 1e-4 margin),
-  /// then every key of the block itself.
-  std::vector<std::vector<index_t>> sets;
-  index_t max_candidates = 0;  ///< the most keys before a block that any set keeps
-};
-
-/// The causal universal sets of K (n x d) at threshold eps in (0, 1].
+/// The causal universal sets of K (n x d) at threshold eps in (0, 1], as the Selection of one
+/// (batch, head) pair with m = n queries, causal, segment = block: shared_keys[r] (ascending) holds
+/// for the queries r block .. (r + 1) block - 1 the keys j < r block whose prefix leverage score
+/// against M = sum_{l < r block} k_l k_l^T is >= eps (less the proven rounding and a 1e-4
+/// margin), then every key of the block itself.
 ///
 /// Guarantee (x^2): for every query i >= j, A_ij = (q_i.k_j)^2 / sum_{l <= i} (q_i.k_l)^2 >= eps
 /// implies that key j is in the set of i's block. Because k_j^T M_i^+ k_j >= A_ij and prefix
@@ -38,8 +32,8 @@ struct CausalSets {
 /// the sets themselves (sum of their sizes). Deterministic for any thread count.
 /// Throws Error(invalid_argument) on an empty or non-finite K, eps outside (0, 1], block < 1, a
 /// ridge (ridge scores are below the x^2 sensitivities) or a sketch.
-CausalSets causal_universal_sets(ConstMatrix K, double eps, index_t block = kCausalBlock,
-                                 const LeverageOptions& options = {});
+Selection causal_universal_sets(ConstMatrix K, double eps, index_t block = kCausalBlock,
+                                const LeverageOptions& options = {});
 
 /// Every eps-heavy entry of causal x^2 attention: all (i, j, A_ij) with j <= i and
 /// A_ij = (q_i.k_j)^2 / Z_i >= eps, Z_i = sum_{l <= i} (q_i.k_l)^2, for Q and K of n rows each.

@@ -613,16 +613,6 @@ normaliser="sampled": r keys drawn by sensitivity, normalisers within (1 +- gamm
 causal=True (p = 2, exact; m == n): the entries of causal attention, A_ij over keys j <= i,
 searched over each block's causal universal set, O(n d^2 + n |C| d).)doc");
 
-  py::class_<CausalSets>(m, "CausalSets", "The keys each block of queries needs under causal attention.")
-      .def_readonly("n", &CausalSets::n)
-      .def_readonly("block", &CausalSets::block)
-      .def_readonly("max_candidates", &CausalSets::max_candidates)
-      .def_property_readonly("sets", [](const CausalSets& c) {
-        py::list l;
-        for (const auto& s : c.sets) l.append(to_array(s));
-        return l;
-      });
-
   m.def("causal_universal_sets", [](py::handle K_, double eps, index_t block, const std::optional<LeverageOptions>& lev) {
     const auto K = array_of<float>(K_, "K");
     const ConstMatrix k = matrix(K, "K");
@@ -631,6 +621,7 @@ searched over each block's causal universal set, O(n d^2 + n |C| d).)doc");
   }, arg("K"), arg("eps"), py::kw_only(), arg("block") = kCausalBlock, arg("leverage") = py::none(),
      R"doc(The causal universal sets of K (n, d): per block r of `block` queries, the keys before it whose
 prefix leverage score at the block's start is >= eps, then the block's own keys (ascending).
+Returned as the Selection of one pair (causal, segment = block, shared_keys[r] the set of block r).
 Guarantee (x^2): every causal entry A_ij >= eps (j <= i) has j in the set of i's block.
 O(n d^2 + (n / block)(d^3 + |C| d^2)), |C| <= about d / eps.)doc");
 

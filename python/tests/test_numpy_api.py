@@ -364,14 +364,16 @@ def test_causal_attention_heavy_entries_and_sets():
     sel = levattn.select_keys(q, k, select="leverage", eps=eps, causal=True)
     assert sel.causal and sel.segment == 256 and len(sel.shared_keys) == 3
     sets = levattn.causal_universal_sets(k, eps)
-    assert [x.tolist() for x in sets.sets] == [x.tolist() for x in sel.shared_keys]
-    assert sets.max_candidates <= d / eps * 1.01
+    assert sets.causal and sets.segment == 256 and sets.m == sets.n == n
+    assert [x.tolist() for x in sets.shared_keys] == [x.tolist() for x in sel.shared_keys]
+    # Before each block of 256 queries, at most about d / eps keys are kept (the block's own follow).
+    assert max(len(x) - min(256, n - 256 * r) for r, x in enumerate(sets.shared_keys)) <= d / eps * 1.01
     # Causal x^2 brute force: every heavy entry is in its block's set, and heavy_entries lists them.
     S = np.tril((q.astype(np.float64) @ k.T.astype(np.float64)) ** 2)
     A = S / S.sum(1, keepdims=True)
     heavy = list(zip(*np.nonzero(A >= eps * (1 + 1e-6))))
     assert len(heavy) > 100
-    assert all(j in set(sets.sets[i // 256].tolist()) for i, j in heavy)
+    assert all(j in set(sets.shared_keys[i // 256].tolist()) for i, j in heavy)
     h = levattn.heavy_entries(q, k, eps, causal=True)
     got = {(int(a), int(b)) for a, b in zip(h.queries, h.keys)}
     assert {(int(a), int(b)) for a, b in heavy} <= got
