@@ -114,7 +114,7 @@ int run_universal(const UniversalArgs& a) {
     if (a.use_top_k) j["top_k"] = a.top_k; else j["eps"] = a.eps;
     j["ridge"] = a.ridge;
     j["p"] = a.p;
-    j["method"] = u0.method == ScoreMethod::sketch ? "sketch" : "exact";
+    j["method"] = to_string(u0.method);
     if (u0.method == ScoreMethod::sketch) {
       j["sketch"] = a.method.sketch;
       j["sketch_size"] = u0.sketch_size;
@@ -197,7 +197,7 @@ int run_heavy(const HeavyArgs& a) {
   const Tensor4Ref q = as_tensor(Q), k = as_tensor(K);
   HeavyOptions ho;
   ho.p = a.p;
-  ho.normaliser = a.normaliser == "sampled" ? Normaliser::sampled : Normaliser::exact;
+  ho.normaliser = parse_normaliser(a.normaliser);
   ho.gamma = a.gamma;
   ho.samples = a.samples;
   ho.seed = static_cast<std::uint64_t>(a.seed);

@@ -69,7 +69,7 @@ std::function<void()> retire_selection_options(CLI::App* sub) {
 
 LeverageOptions leverage_options(const MethodArgs& m, std::int64_t seed) {
   LeverageOptions o;
-  o.method = m.method == "sketch" ? ScoreMethod::sketch : ScoreMethod::exact;
+  o.method = parse_score_method(m.method);
   o.sketch = parse_sketch_kind(m.sketch);
   o.sketch_size = m.sketch_size;
   o.seed = static_cast<std::uint64_t>(seed);

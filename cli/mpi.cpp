@@ -148,7 +148,7 @@ int run_attend(const AttendArgs& a, const Mpi& mpi) {
     j["kernel"] = to_string(o.kernel);
     j["select"] = to_string(o.select);
     j["selection"] = selection_spec(o);
-    j["mode"] = a.rounds == 2 ? "two_round" : "exact";
+    j["mode"] = to_string(mode_of(a.rounds));
     j["n"] = K.rows();
     j["shared_sizes"] = r.shared_sizes;
     j["mean_keys_per_query"] = r.mean_keys_per_query;
@@ -218,7 +218,7 @@ int run_universal(const UniversalArgs& a, const Mpi& mpi) {
     j["d"] = K.cols();
     j["eps"] = a.eps;
     j["p"] = a.p;
-    j["mode"] = a.rounds == 2 ? "two_round" : "exact";
+    j["mode"] = to_string(mode_of(a.rounds));
     j["seconds"] = seconds_since(t0);
     j["sets"] = json::array();
     for (const UniversalSet& u : sets) j["sets"].push_back(set_json(u));

@@ -19,12 +19,23 @@
 #include "detail/gram.hpp"
 #include "detail/heavy.hpp"
 #include "detail/lapack.hpp"
+#include "detail/names.hpp"
 #include "detail/leverage.hpp"
 #include "detail/npy_format.hpp"
 #include "detail/validate.hpp"
 #include "levattn/selected_attention.hpp"
 
 namespace levattn {
+
+namespace {
+
+constexpr std::pair<DistributedMode, const char*> kModeNames[] = {{DistributedMode::exact, "exact"},
+                                                                  {DistributedMode::two_round, "two_round"}};
+
+}  // namespace
+
+std::string to_string(DistributedMode mode) { return detail::name_of(kModeNames, mode); }
+DistributedMode parse_distributed_mode(const std::string& name) { return detail::parse_name(kModeNames, name, "mode"); }
 namespace {
 
 struct Comm {

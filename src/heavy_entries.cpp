@@ -9,6 +9,7 @@
 #include "detail/blas.hpp"
 #include "detail/heavy.hpp"
 #include "detail/lapack.hpp"
+#include "detail/names.hpp"
 #include "detail/leverage.hpp"
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
@@ -17,6 +18,16 @@
 #include "levattn/universal_set.hpp"
 
 namespace levattn {
+
+namespace {
+
+constexpr std::pair<Normaliser, const char*> kNormaliserNames[] = {{Normaliser::exact, "exact"},
+                                                                   {Normaliser::sampled, "sampled"}};
+
+}  // namespace
+
+std::string to_string(Normaliser normaliser) { return detail::name_of(kNormaliserNames, normaliser); }
+Normaliser parse_normaliser(const std::string& name) { return detail::parse_name(kNormaliserNames, name, "normaliser"); }
 
 namespace {
 

@@ -12,6 +12,7 @@
 #include "detail/blas.hpp"
 #include "detail/gram.hpp"
 #include "detail/lapack.hpp"
+#include "detail/names.hpp"
 #include "detail/leverage.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
@@ -19,6 +20,16 @@
 #include "kernels/elementwise.hpp"
 
 namespace levattn {
+
+namespace {
+
+constexpr std::pair<ScoreMethod, const char*> kMethodNames[] = {{ScoreMethod::exact, "exact"},
+                                                                {ScoreMethod::sketch, "sketch"}};
+
+}  // namespace
+
+std::string to_string(ScoreMethod method) { return detail::name_of(kMethodNames, method); }
+ScoreMethod parse_score_method(const std::string& name) { return detail::parse_name(kMethodNames, name, "method"); }
 namespace {
 
 constexpr index_t kConvertRows = detail::kGramRows;  // rows converted to float64 per Gram block

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "detail/names.hpp"
 #include "detail/validate.hpp"
 
 namespace levattn {
@@ -30,31 +31,23 @@ double logit_scale(const KernelOptions& o, index_t d) {
   return o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
 }
 
-std::string to_string(Kernel k) { return k == Kernel::softmax ? "softmax" : "poly"; }
+namespace {
 
-std::string to_string(Select s) {
-  switch (s) {
-    case Select::full: return "full";
-    case Select::leverage: return "leverage";
-    case Select::topk: return "topk";
-    case Select::random: return "random";
-    case Select::window: return "window";
-    case Select::cluster: return "cluster";
-  }
-  return "?";
-}
+constexpr std::pair<Kernel, const char*> kKernelNames[] = {{Kernel::softmax, "softmax"}, {Kernel::power, "poly"}};
+constexpr std::pair<Select, const char*> kSelectNames[] = {
+    {Select::full, "full"},     {Select::leverage, "leverage"}, {Select::topk, "topk"},
+    {Select::random, "random"}, {Select::window, "window"},     {Select::cluster, "cluster"}};
+
+}  // namespace
+
+std::string to_string(Kernel k) { return detail::name_of(kKernelNames, k); }
+std::string to_string(Select s) { return detail::name_of(kSelectNames, s); }
 
 Kernel parse_kernel(const std::string& name) {
-  if (name == "softmax") return Kernel::softmax;
-  if (name == "poly" || name == "power") return Kernel::power;
-  detail::invalid("kernel: expected softmax or poly (power), got '" + name + "'");
+  return detail::parse_name(kKernelNames, name == "power" ? "poly" : name, "kernel");  // "power": the enum's name
 }
 
-Select parse_select(const std::string& name) {
-  for (Select s : {Select::full, Select::leverage, Select::topk, Select::random, Select::window, Select::cluster})
-    if (name == to_string(s)) return s;
-  detail::invalid("select: expected full, leverage, topk, random, window or cluster, got '" + name + "'");
-}
+Select parse_select(const std::string& name) { return detail::parse_name(kSelectNames, name, "select"); }
 
 index_t default_probe(index_t clusters, index_t n, index_t top_k) {
   const double c = static_cast<double>(clusters);
@@ -137,10 +130,8 @@ AttentionOptions parse_selection(const std::string& spec) {
     else if (field == "kernel") o.kernel = named(parse_kernel, value);
     else if (field == "budget_alpha") o.budget_alpha = number(value, field);
     else if (field == "budget_exponent") o.budget_exponent = number(value, field);
-    else if (field == "method") {
-      if (value != "exact" && value != "sketch") bad("method: expected exact or sketch, got '" + value + "'");
-      lev.method = value == "exact" ? ScoreMethod::exact : ScoreMethod::sketch;
-    } else if (field == "ridge") lev.ridge = number(value, field);
+    else if (field == "method") lev.method = named(parse_score_method, value);
+    else if (field == "ridge") lev.ridge = number(value, field);
     else if (field == "rank_rtol") lev.rank_rtol = number(value, field);
     else if (field == "sketch") lev.sketch = named(parse_sketch_kind, value);
     else if (field == "sketch_size") lev.sketch_size = integer(value, field);
@@ -183,7 +174,7 @@ std::string selection_spec(const AttentionOptions& o) {
   field(o.p != d.p, "p", o.p);
   field(o.budget_alpha != d.budget_alpha, "budget_alpha", o.budget_alpha);
   field(o.budget_exponent != d.budget_exponent, "budget_exponent", o.budget_exponent);
-  field(l.method != d.leverage.method, "method", l.method == ScoreMethod::exact ? "exact" : "sketch");
+  field(l.method != d.leverage.method, "method", to_string(l.method));
   field(l.ridge != d.leverage.ridge, "ridge", l.ridge);
   field(l.rank_rtol != d.leverage.rank_rtol, "rank_rtol", l.rank_rtol);
   field(l.sketch != d.leverage.sketch, "sketch", to_string(l.sketch));

@@ -10,6 +10,7 @@
 
 #include "detail/blas.hpp"
 #include "detail/lapack.hpp"
+#include "detail/names.hpp"
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
 #include "levattn/sketch.hpp"
@@ -301,24 +302,16 @@ void softmax_rows(double* G, index_t rows, index_t n) {
 
 }  // namespace
 
-std::string to_string(ReduceMethod method) {
-  switch (method) {
-    case ReduceMethod::gaussian: return "gaussian";
-    case ReduceMethod::srht: return "srht";
-    case ReduceMethod::countsketch: return "countsketch";
-    case ReduceMethod::svd: return "svd";
-    case ReduceMethod::bss: return "bss";
-  }
-  return "unknown";
-}
+namespace {
 
-ReduceMethod parse_reduce_method(const std::string& name) {
-  for (ReduceMethod m : {ReduceMethod::gaussian, ReduceMethod::srht, ReduceMethod::countsketch,
-                         ReduceMethod::svd, ReduceMethod::bss})
-    if (name == to_string(m)) return m;
-  throw Error(ErrorKind::invalid_argument,
-              "method: expected gaussian, srht, countsketch, svd or bss, got '" + name + "'");
-}
+constexpr std::pair<ReduceMethod, const char*> kReduceNames[] = {
+    {ReduceMethod::gaussian, "gaussian"}, {ReduceMethod::srht, "srht"}, {ReduceMethod::countsketch, "countsketch"},
+    {ReduceMethod::svd, "svd"},           {ReduceMethod::bss, "bss"}};
+
+}  // namespace
+
+std::string to_string(ReduceMethod method) { return detail::name_of(kReduceNames, method); }
+ReduceMethod parse_reduce_method(const std::string& name) { return detail::parse_name(kReduceNames, name, "method"); }
 
 Reduced reduce_dimension(ConstMatrix X, const ReduceOptions& options) {
   detail::require_finite_matrix(X, "x");

@@ -13,6 +13,7 @@
 
 #include "detail/blas.hpp"
 #include "detail/gram.hpp"
+#include "detail/names.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "detail/selection.hpp"
@@ -271,22 +272,15 @@ DenseMatrix<double> dispatch(const Rows<T>& A, index_t s, SketchKind kind, std::
 
 }  // namespace
 
-std::string to_string(SketchKind kind) {
-  switch (kind) {
-    case SketchKind::countsketch: return "countsketch";
-    case SketchKind::srht: return "srht";
-    case SketchKind::gaussian: return "gaussian";
-  }
-  return "unknown";
-}
+namespace {
 
-SketchKind parse_sketch_kind(const std::string& name) {
-  if (name == "countsketch") return SketchKind::countsketch;
-  if (name == "srht") return SketchKind::srht;
-  if (name == "gaussian") return SketchKind::gaussian;
-  throw Error(ErrorKind::invalid_argument,
-              "sketch: expected countsketch, srht or gaussian, got '" + name + "'");
-}
+constexpr std::pair<SketchKind, const char*> kSketchNames[] = {
+    {SketchKind::countsketch, "countsketch"}, {SketchKind::srht, "srht"}, {SketchKind::gaussian, "gaussian"}};
+
+}  // namespace
+
+std::string to_string(SketchKind kind) { return detail::name_of(kSketchNames, kind); }
+SketchKind parse_sketch_kind(const std::string& name) { return detail::parse_name(kSketchNames, name, "sketch"); }
 
 DenseMatrix<double> sketch_rows(ConstMatrix A, index_t s, SketchKind kind, std::uint64_t seed) {
   detail::require_finite_matrix(A, "matrix");

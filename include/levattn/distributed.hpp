@@ -67,6 +67,10 @@ enum class DistributedMode {
   two_round,
 };
 
+/// "exact" / "two_round", and the inverse (Error(invalid_argument) naming the choices otherwise).
+std::string to_string(DistributedMode mode);
+DistributedMode parse_distributed_mode(const std::string& name);
+
 /// The exact x^2 universal set of K (n x d) whose rows are sharded across comm in rank order:
 /// this rank holds K_local, rows first .. first + K_local.rows - 1 (shards contiguous, together
 /// 0 .. n - 1; a rank may hold none). One Allreduce of K_r^T K_r (d^2 float64), the exact scores

@@ -33,6 +33,10 @@ enum class Normaliser {
   sampled,  ///< r keys drawn with probability proportional to their sensitivity bounds
 };
 
+/// "exact" / "sampled", and the inverse (Error(invalid_argument) naming the choices otherwise).
+std::string to_string(Normaliser normaliser);
+Normaliser parse_normaliser(const std::string& name);
+
 struct HeavyOptions {
   double p = 2.0;  ///< exponent, > 0
   Normaliser normaliser = Normaliser::exact;

@@ -1,5 +1,6 @@
 // levattn/leverage_scores.hpp: exact leverage scores of a key matrix (docs/design.md).
 #pragma once
+#include <string>
 #include <vector>
 
 #include "levattn/matrix.hpp"
@@ -12,6 +13,10 @@ enum class ScoreMethod {
   exact,   ///< float64 Gram matrix and a rank-revealing eigendecomposition (docs/design.md)
   sketch,  ///< sketch-and-precondition (docs/design.md): the Gram matrix of S K replaces K^T K
 };
+
+/// "exact" / "sketch", and the inverse (Error(invalid_argument) naming the choices otherwise).
+std::string to_string(ScoreMethod method);
+ScoreMethod parse_score_method(const std::string& name);
 
 struct LeverageOptions {
   /// Ridge lambda >= 0: scores k_j^T (K^T K + lambda I)^+ k_j. With lambda > 0 they sum to

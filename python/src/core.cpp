@@ -101,12 +101,6 @@ std::uint64_t seed_of(std::int64_t seed) {
   return static_cast<std::uint64_t>(seed);
 }
 
-ScoreMethod parse_score_method(const std::string& name) {
-  if (name == "exact") return ScoreMethod::exact;
-  if (name == "sketch") return ScoreMethod::sketch;
-  value_error("method: expected exact or sketch, got '" + name + "'");
-}
-
 LeverageOptions leverage_options(const std::string& method, double ridge, double rank_rtol, const std::string& sketch,
                                  index_t sketch_size, double gamma, index_t jl_columns, double delta, std::int64_t seed) {
   LeverageOptions o;
@@ -115,8 +109,6 @@ LeverageOptions leverage_options(const std::string& method, double ridge, double
   o.gamma = gamma, o.jl_columns = jl_columns, o.delta = delta, o.seed = seed_of(seed);
   return o;
 }
-
-std::string method_name(ScoreMethod m) { return m == ScoreMethod::exact ? "exact" : "sketch"; }
 
 // Select::cluster's settings, as one keyword.
 struct ClusterOptions {
@@ -346,7 +338,7 @@ LeverageOptions(method="exact", ridge=0.0, rank_rtol=1e-5, sketch="countsketch",
       .def(py::init(&leverage_options), arg("method") = "exact", arg("ridge") = 0.0, arg("rank_rtol") = 1e-5,
            arg("sketch") = "countsketch", arg("sketch_size") = 0, arg("gamma") = 0.2, arg("jl_columns") = 0,
            arg("delta") = 0.01, arg("seed") = 0)
-      .def_property_readonly("method", [](const LeverageOptions& o) { return method_name(o.method); })
+      .def_property_readonly("method", [](const LeverageOptions& o) { return to_string(o.method); })
       .def_readonly("ridge", &LeverageOptions::ridge)
       .def_readonly("rank_rtol", &LeverageOptions::rank_rtol)
       .def_property_readonly("sketch", [](const LeverageOptions& o) { return to_string(o.sketch); })
@@ -374,12 +366,12 @@ clusters each query searches (0: levattn default_probe: about 2 top_k candidates
       .def_readonly("rank", &LeverageScores::rank, "numerical rank of K; sum(scores) == rank up to rel_error_bound")
       .def_readonly("rel_error_bound", &LeverageScores::rel_error_bound)
       .def_readonly("sum_bound", &LeverageScores::sum_bound)
-      .def_property_readonly("method", [](const LeverageScores& s) { return method_name(s.method); })
+      .def_property_readonly("method", [](const LeverageScores& s) { return to_string(s.method); })
       .def_readonly("sketch_size", &LeverageScores::sketch_size)
       .def_readonly("failure_probability", &LeverageScores::failure_probability)
       .def("__repr__", [](const LeverageScores& s) {
         return "LeverageScores(n=" + std::to_string(s.scores.size()) + ", rank=" + std::to_string(s.rank) +
-               ", method=" + method_name(s.method) + ")";
+               ", method=" + to_string(s.method) + ")";
       });
 
   py::class_<KeyGram>(m, "KeyGram", "The float64 Gram matrix M = K^T K of the keys and its pseudo-inverse factor.")
@@ -399,7 +391,7 @@ clusters each query searches (0: levattn default_probe: about 2 top_k candidates
                              "float64, the score of each selected key")
       .def_readonly("size_bound", &UniversalSet::size_bound)
       .def_readonly("score_rel_error_bound", &UniversalSet::score_rel_error_bound)
-      .def_property_readonly("method", [](const UniversalSet& u) { return method_name(u.method); })
+      .def_property_readonly("method", [](const UniversalSet& u) { return to_string(u.method); })
       .def_readonly("sketch_size", &UniversalSet::sketch_size)
       .def_readonly("failure_probability", &UniversalSet::failure_probability)
       .def_readonly("ties_left_out", &UniversalSet::ties_left_out)
@@ -587,9 +579,7 @@ entry A_ij >= eps of x^2 (|x|^p) attention, for any query, is in U_eps, and |U_e
     const auto Q = array_of<float>(Q_, "Q"), K = array_of<float>(K_, "K");
     HeavyOptions o;
     o.p = p, o.samples = samples, o.gamma = gamma, o.delta = delta, o.seed = seed_of(seed);
-    if (normaliser == "exact") o.normaliser = Normaliser::exact;
-    else if (normaliser == "sampled") o.normaliser = Normaliser::sampled;
-    else value_error("normaliser: expected exact or sampled, got '" + normaliser + "'");
+    o.normaliser = parse_normaliser(normaliser);
     o.leverage = lev.value_or(LeverageOptions{});
     if (Q.ndim() != K.ndim()) value_error("Q, K: expected arrays of the same number of dimensions");
     const Tensor4Ref q = tensor4(Q, "Q"), k = tensor4(K, "K");
