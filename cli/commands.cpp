@@ -202,13 +202,10 @@ int run_heavy(const HeavyArgs& a) {
   ho.samples = a.samples;
   ho.seed = static_cast<std::uint64_t>(a.seed);
   ho.leverage = leverage_options(a.method, a.seed);
-  if (a.causal && (a.p != 2.0 || ho.normaliser != Normaliser::exact))
-    throw Error(ErrorKind::invalid_argument, "causal: heavy --causal lists x^2 entries with exact normalisers (p 2, "
-                                             "normaliser exact)");
+  ho.causal = a.causal;
   const auto t0 = std::chrono::steady_clock::now();
-  const std::vector<HeavyEntries> per = with_sources({&Q, &K}, {"queries", "keys"}, [&] {
-    return a.causal ? causal_heavy_entries(q, k, a.eps, ho.leverage) : heavy_entries(q, k, a.eps, ho);
-  });
+  const std::vector<HeavyEntries> per = with_sources({&Q, &K}, {"queries", "keys"},
+                                                     [&] { return heavy_entries(q, k, a.eps, ho); });
   const double secs = seconds_since(t0);
   std::size_t count = 0, zero = 0;
   index_t usize = 0;

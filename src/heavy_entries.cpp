@@ -14,6 +14,7 @@
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
 #include "detail/rng.hpp"
+#include "levattn/causal.hpp"
 #include "levattn/lewis_weights.hpp"
 #include "levattn/universal_set.hpp"
 
@@ -133,9 +134,7 @@ HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOp
                     "(O(n d^2)), which costs more than a sketch saves; use method exact, or "
                     "sampled normalisers");
   const index_t d = K.cols;
-  LeverageOptions exact = lo;
-  exact.ridge = 0.0;
-  const KeyGram g = key_gram(K, exact);
+  const KeyGram g = key_gram(K, lo);  // check_options refused a ridge
   const UniversalSet U = universal_set(detail::scores_unchecked(K, g), eps);
   HeavyEntries out;
   out.universal_size = static_cast<index_t>(U.indices.size());
@@ -216,11 +215,9 @@ HeavyEntries heavy_power(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOp
                          std::uint64_t stream) {
   check_inputs(Q, K, eps);
   const index_t m = Q.rows, d = K.cols;
-  // Upper bounds on the sensitivities: no ridge (ridge scores are smaller), and inflated by the
+  // Upper bounds on the sensitivities (no ridge: check_options refused one), inflated by the
   // scores' own accuracy so that |q.k_l|^p <= t_l Z holds for sketched or rounded scores too.
-  LeverageOptions lo = o.leverage;
-  lo.ridge = 0.0;
-  LeverageScores t = sensitivity_bounds(K, o.p, lo);
+  LeverageScores t = sensitivity_bounds(K, o.p, o.leverage);
   for (double& x : t.scores) x = std::min(1.0, x * (1.0 + t.rel_error_bound));
   t.rel_error_bound = 0.0;
   const UniversalSet U = universal_set(t, eps);
@@ -294,10 +291,16 @@ void check_options(const HeavyOptions& o) {
     detail::require_open_unit(o.gamma, "gamma");
     detail::require_open_unit(o.delta, "delta");
   }
+  if (o.causal && (o.p != 2.0 || o.normaliser != Normaliser::exact))
+    detail::invalid("causal: heavy entries of causal attention are x^2 with exact normalisers (p 2, normaliser exact)");
+  if (o.leverage.ridge != 0.0)
+    detail::invalid("ridge: heavy entries need ridge 0 (ridge scores are below the x^2 sensitivities, so their sets "
+                    "can miss heavy entries)");
 }
 
 HeavyEntries heavy_head(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& o,
                         std::uint64_t stream) {
+  if (o.causal) return causal_heavy_entries(Q, K, eps, o.leverage);
   if (o.p == 2.0 && o.normaliser == Normaliser::exact) return heavy_x2(Q, K, eps, o.leverage);
   return heavy_power(Q, K, eps, o, stream);
 }

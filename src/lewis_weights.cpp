@@ -176,6 +176,8 @@ LeverageScores sensitivity_bounds(ConstMatrix K, double p, const LeverageOptions
   if (p == 2.0) return leverage_scores(K, options);
   if (options.method == ScoreMethod::sketch)
     detail::invalid("method sketch: supported for p = 2 (leverage scores) only");
+  if (options.ridge != 0.0)
+    detail::invalid("ridge: applies to leverage scores (p = 2) only; the |x|^p sensitivity bounds take none");
   LewisOptions lo;
   lo.p = p;
   lo.rank_rtol = options.rank_rtol;

@@ -197,6 +197,16 @@ TEST(Causal, LeverageSetsKeepEveryHeavyCausalEntry) {
         EXPECT_NEAR(mine.entries[it - found.begin()].value, e.a, 1e-6 * e.a);
       }
       EXPECT_GE(static_cast<std::size_t>(checked) + 2 * mine.zero_rows.size() + 8, mine.entries.size());
+      // heavy_entries with causal options is the same call.
+      levattn::HeavyOptions ho;
+      ho.causal = true;
+      const levattn::HeavyEntries via = levattn::heavy_entries(Q.view(), K.view(), eps, ho);
+      ASSERT_EQ(via.entries.size(), mine.entries.size());
+      for (std::size_t a = 0; a < via.entries.size(); ++a) {
+        EXPECT_EQ(via.entries[a].query, mine.entries[a].query);
+        EXPECT_EQ(via.entries[a].key, mine.entries[a].key);
+        EXPECT_EQ(via.entries[a].value, mine.entries[a].value);
+      }
     }
   }
 }
@@ -271,6 +281,23 @@ TEST(Causal, RejectsWhatHasNoCausalMeaning) {
   levattn::LeverageOptions ridge;
   ridge.ridge = 1.0;
   EXPECT_NE(oracle::error_of([&] { levattn::causal_heavy_entries(Qs.view(), K.view(), 0.1, ridge); }).second.find("ridge"),
+            std::string::npos);
+  // The library decides these rules for every front end: causal heavy entries are x^2 with exact
+  // normalisers, and no heavy-entry search nor |x|^p bound takes a ridge.
+  levattn::HeavyOptions ho;
+  ho.causal = true, ho.p = 3;
+  EXPECT_NE(oracle::error_of([&] { levattn::heavy_entries(Qs.view(), K.view(), 0.1, ho); }).second.find("causal"),
+            std::string::npos);
+  ho.p = 2, ho.normaliser = levattn::Normaliser::sampled;
+  EXPECT_NE(oracle::error_of([&] { levattn::heavy_entries(Qs.view(), K.view(), 0.1, ho); }).second.find("exact"),
+            std::string::npos);
+  ho = {}, ho.leverage = ridge;
+  EXPECT_NE(oracle::error_of([&] { levattn::heavy_entries(Qs.view(), K.view(), 0.1, ho); }).second.find("ridge"),
+            std::string::npos);
+  ho.p = 3;
+  EXPECT_NE(oracle::error_of([&] { levattn::heavy_entries(Qs.view(), K.view(), 0.1, ho); }).second.find("ridge"),
+            std::string::npos);
+  EXPECT_NE(oracle::error_of([&] { levattn::sensitivity_bounds(K.view(), 3.0, ridge); }).second.find("ridge"),
             std::string::npos);
   EXPECT_NE(oracle::error_of([&] { levattn::causal_universal_sets(K.view(), 0.0); }).second.find("eps"), std::string::npos);
   o.leverage = ridge;  // ridge scores can be below eps for a key that is heavy: no causal set from them

@@ -39,6 +39,9 @@ Normaliser parse_normaliser(const std::string& name);
 
 struct HeavyOptions {
   double p = 2.0;  ///< exponent, > 0
+  /// Causal x^2 attention (query i over keys 0 .. i, m == n): the entries of
+  /// causal_heavy_entries (causal.hpp). Needs p = 2 and exact normalisers.
+  bool causal = false;
   Normaliser normaliser = Normaliser::exact;
   /// sampled: number of keys drawn; 0 means r = ceil(3 T ln(2m / delta) / gamma^2), T the total
   /// sensitivity bound. With r >= n the exact normaliser is used instead (it is then cheaper).

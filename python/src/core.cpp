@@ -581,14 +581,13 @@ entry A_ij >= eps of x^2 (|x|^p) attention, for any query, is in U_eps, and |U_e
     o.p = p, o.samples = samples, o.gamma = gamma, o.delta = delta, o.seed = seed_of(seed);
     o.normaliser = parse_normaliser(normaliser);
     o.leverage = lev.value_or(LeverageOptions{});
+    o.causal = causal;
     if (Q.ndim() != K.ndim()) value_error("Q, K: expected arrays of the same number of dimensions");
     const Tensor4Ref q = tensor4(Q, "Q"), k = tensor4(K, "K");
-    if (causal && (p != 2.0 || o.normaliser != Normaliser::exact))
-      value_error("causal: heavy entries of causal attention are x^2 with exact normalisers (p = 2, normaliser exact)");
     std::vector<HeavyEntries> h;
     {
       py::gil_scoped_release release;
-      h = causal ? causal_heavy_entries(q, k, eps, o.leverage) : heavy_entries(q, k, eps, o);
+      h = heavy_entries(q, k, eps, o);
     }
     if (Q.ndim() == 2) return py::cast(std::move(h[0]));
     return py::cast(std::move(h));

@@ -410,3 +410,19 @@ def test_kv_cache_decodes_over_its_kept_keys_with_grouped_queries():
         cache.attend(g.standard_normal((1, 3, 1, d)).astype(np.float32))
     with pytest.raises(ValueError, match="values"):
         cache.append(k[:, :, :5], v[:, :, :4])
+
+
+def test_the_library_refuses_a_ridge_where_it_does_not_apply():
+    # Ridge scores are leverage scores (p = 2); neither the |x|^p bounds nor a heavy-entry search
+    # (whose sets would miss heavy entries) take one, and the error says so instead of dropping it.
+    r = rng(23)
+    q = r.standard_normal((40, 6)).astype(np.float32)
+    k = r.standard_normal((80, 6)).astype(np.float32)
+    ridge = levattn.LeverageOptions(ridge=1.0)
+    assert len(levattn.universal_set(k, 0.1, leverage=ridge).indices) > 0  # p = 2: ridge scores
+    with pytest.raises(ValueError, match="ridge"):
+        levattn.universal_set(k, 0.1, p=3.0, leverage=ridge)
+    with pytest.raises(ValueError, match="ridge"):
+        levattn.heavy_entries(q, k, 0.1, leverage=ridge)
+    with pytest.raises(ValueError, match="causal"):
+        levattn.heavy_entries(k, k, 0.1, p=3.0, causal=True)
