@@ -7,7 +7,7 @@
 
 #include "detail/rng.hpp"
 #include "kernels/online_attention.hpp"
-#include "levattn/attention.hpp"
+#include "levattn/options.hpp"
 
 namespace levattn::detail {
 

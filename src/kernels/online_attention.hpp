@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "kernels/elementwise.hpp"
-#include "levattn/attention.hpp"
+#include "levattn/options.hpp"
 
 namespace levattn::kernels {
 
