@@ -196,7 +196,9 @@ def evaluate(paths, out_path, test_images=10000, probe_images=256, only=None):
             t0 = time.time()
             acc = accuracy(model, x, y)
             row = {"model": info["attention"], "selection": label, "accuracy": acc, "seconds": time.time() - t0,
-                   "test_images": len(x), "layers": []}
+                   "test_images": len(x), "seed": info["seed"], "train_steps": info["steps"],
+                   "train_epochs": info["epochs"], "train_seconds": info["seconds"], "torch": torch.__version__,
+                   "layers": []}
             for q, k, v in layer_inputs(model, x[:probe_images]):
                 ev = levattn.evaluate(q, k, v, [spec])
                 sets = levattn.select_keys(q.reshape(-1, 197, q.shape[-1]), k.reshape(-1, 197, k.shape[-1]),
@@ -206,7 +208,7 @@ def evaluate(paths, out_path, test_images=10000, probe_images=256, only=None):
                                       "output_error": float(np.mean([e["output_error"] for e in ev])),
                                       "keys_per_query": float(np.mean([e["keys_per_query"] for e in ev])),
                                       "shared_size": None if size is None else float(size)})
-            print(f"{info['attention']:9s} {label:22s} accuracy {acc:.4f} "
+            print(f"{info['attention']:9s} seed {info['seed']} {label:22s} accuracy {acc:.4f} "
                   + " ".join(f"L{i}: mass {l['softmax_mass']:.3f} err {l['output_error']:.3f}"
                              for i, l in enumerate(row["layers"])), flush=True)
             results.append(row)
