@@ -5,9 +5,9 @@ tokens plus a class token = 197 tokens, as in ViT-S/16. A small ViT whose attent
 levattn.torch.LevSelfAttention, trained with one selection and evaluated with others.
 
     .venv/bin/python python/experiments/vit_fashion.py train \\
-        --attention softmax|leverage|poly --minutes 12 --out runs/softmax.pt
+        --attention softmax|leverage|poly --seed 0 --epochs 3 --minutes 600 --out runs/vit/softmax-seed0.pt
     .venv/bin/python python/experiments/vit_fashion.py evaluate \\
-        runs/softmax.pt runs/leverage.pt runs/poly.pt --out docs/vit.json
+        runs/vit/softmax-seed0.pt --out docs/vit/softmax-seed0.json
     .venv/bin/python python/experiments/vit_fashion.py quick
 
 `quick` trains a small model on 2048 images for one short epoch, checks that the loss falls and
