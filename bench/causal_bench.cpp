@@ -17,14 +17,15 @@
 
 #include "key_kinds.hpp"
 #include "levattn/levattn.hpp"
+#include "timing.hpp"
 
 namespace {
 
+using levattn::bench::median;
+using levattn::bench::seconds;
+
 using levattn::index_t;
 
-double seconds(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // Best of `repeats` runs of f (seconds).
 template <class F>

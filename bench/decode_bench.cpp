@@ -15,13 +15,16 @@
 
 #include "key_kinds.hpp"
 #include "levattn/levattn.hpp"
+#include "timing.hpp"
 
 namespace {
+
+using levattn::bench::median;
+using levattn::bench::seconds;
 
 using levattn::index_t;
 using Clock = std::chrono::steady_clock;
 
-double seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 // (kv_heads, rows, d) keys of one distribution, head h drawn with seed + h.
 std::vector<float> stack(const std::string& kind, index_t heads, index_t rows, index_t d, std::uint64_t seed) {

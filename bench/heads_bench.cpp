@@ -16,19 +16,16 @@
 #include <vector>
 
 #include "levattn/levattn.hpp"
+#include "timing.hpp"
 
 namespace {
 
+using levattn::bench::median;
+using levattn::bench::seconds;
+
 using levattn::index_t;
 
-double seconds(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 }  // namespace
 

@@ -16,16 +16,17 @@
 #include <vector>
 
 #include "levattn/levattn.hpp"
+#include "timing.hpp"
 
 namespace {
+
+using levattn::bench::median;
+using levattn::bench::seconds;
 
 using levattn::AttentionOptions;
 using levattn::index_t;
 using levattn::Select;
 
-double seconds(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // Gaussian keys and queries, or a mixture: points around 64 random centres (sd 1/2 of theirs),
 // the shape of keys that fall into groups, which clustered selection is built for.

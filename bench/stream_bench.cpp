@@ -13,14 +13,15 @@
 #include <vector>
 
 #include "levattn/levattn.hpp"
+#include "timing.hpp"
 
 namespace {
 
+using levattn::bench::median;
+using levattn::bench::seconds;
+
 using levattn::index_t;
 
-double seconds(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // Keys i0 .. i0 + rows - 1 of a fixed stream: small Gaussian noise, and one key in 4096 with a
 // large entry (the keys a universal set keeps). A pure function of (seed, i0, rows).

@@ -467,7 +467,7 @@ int run_evaluate(const EvaluateArgs& a) {
   if (a.json) {
     json j = json::array();
     for (const Evaluation& e : rows)
-      j.push_back({{"pair", e.pair}, {"selection", e.selection}, {"keys_per_query", e.keys_per_query},
+      j.push_back({{"pair", e.pair}, {"selection", e.selection}, {"scale", e.scale}, {"keys_per_query", e.keys_per_query},
                    {"softmax_mass", e.softmax_mass}, {"kernel_mass", e.kernel_mass},
                    {"kernel_heavy_recall", e.kernel_heavy_recall}, {"kernel_heavy", e.kernel_heavy},
                    {"output_error", e.output_error},

@@ -1,9 +1,8 @@
-// Attention driver: validates, builds each head's selection, then runs the online kernel over
-// (head, query block) tasks in parallel.
+// The attention driver: validates, makes the selection (select_keys), then attends it with the
+// one engine (engine::forward); Select::cluster fuses its search with attention over its keys.
 #include "levattn/attention.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -15,10 +14,10 @@
 #include "detail/rng.hpp"
 #include "detail/selection.hpp"
 #include "detail/validate.hpp"
+#include "engine.hpp"
 #include "kernels/online_attention.hpp"
 #include "levattn/causal.hpp"
 #include "levattn/lewis_weights.hpp"
-#include "levattn/selected_attention.hpp"
 #include "levattn/universal_set.hpp"
 
 namespace levattn {
@@ -61,14 +60,6 @@ void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V)
     os << "values: expected " << K.rows << " rows (one per key), got " << V.rows;
     detail::invalid(os.str());
   }
-}
-
-// Names the first non-finite entry of the inputs (queries, then keys, then values) and throws.
-[[noreturn]] void report_non_finite(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V) {
-  detail::require_finite_matrix(flat(Q), "queries");
-  detail::require_finite_matrix(flat(K), "keys");
-  detail::require_finite_matrix(flat(V), "values");
-  throw Error(ErrorKind::internal, "attention: a non-finite input was not found again");
 }
 
 // Replaces an adaptive budget by the top_k it gives for n keys.
@@ -153,17 +144,6 @@ void check_options(const AttentionOptions& o) {
   }
 }
 
-// Query blocks of the fast path never straddle a causal block, so each uses one set.
-static_assert(kCausalBlock % kernels::kQueryBlock == 0, "causal blocks must be whole query blocks");
-
-// The keys shared by the queries of one head: one set, or (causal leverage) one per block of
-// `segment` queries; each ascending.
-struct HeadSelection {
-  std::vector<std::vector<index_t>> sets;
-  index_t segment = 0;
-  const std::vector<index_t>& of(index_t i) const { return sets[static_cast<std::size_t>(segment > 0 ? i / segment : 0)]; }
-};
-
 // What every (batch, head) pair of one call shares: the resolved options, sizes and kernel.
 struct Plan {
   AttentionOptions o;
@@ -181,23 +161,6 @@ struct Plan {
   bool shared = false;  // leverage, random or window: one key set per head
   index_t blocks = 0;   // query blocks per head
 };
-
-// Whether logits can overflow float32: they are bounded by |scale| d max|q_ij| max|k_ij|.
-bool logits_can_overflow(double scale, index_t d, double max_q, double max_k) {
-  const double bound = std::fabs(scale) * static_cast<double>(d) * max_q * max_k;
-  return !(bound < 0.5 * static_cast<double>(std::numeric_limits<float>::max()));
-}
-
-// One pass over a (batch, head) pair's inputs, while they are about to be used: false if any
-// entry is not finite; else sets `overflow` (whether its logit tiles need checking).
-bool check_pair(const kernels::RowOps& ops, double scale, ConstMatrix Qh, ConstMatrix Kh, ConstMatrix Vh,
-                bool& overflow) {
-  const double q = detail::max_abs_or_non_finite(ops, Qh.data, Qh.rows * Qh.cols);
-  const double k = detail::max_abs_or_non_finite(ops, Kh.data, Kh.rows * Kh.cols);
-  if (q < 0 || k < 0 || detail::max_abs_or_non_finite(ops, Vh.data, Vh.rows * Vh.cols) < 0) return false;
-  overflow = logits_can_overflow(scale, Qh.cols, q, k);
-  return true;
-}
 
 Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, const AttentionOptions& options) {
   Plan pl;
@@ -289,174 +252,27 @@ std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::
   return keys;
 }
 
-// The shared sets of head h: shared_keys, or with causal leverage each block's causal set plus
-// the sinks.
-HeadSelection select_head(const AttentionOptions& o, ConstMatrix Kh, index_t h, const std::uint8_t* open) {
-  HeadSelection s;
-  if (o.causal && o.select == Select::leverage) {
-    const DenseMatrix<float> zeroed = open ? without_masked(Kh, open) : DenseMatrix<float>();
-    s.sets = causal_universal_sets(open ? zeroed.view() : Kh, o.eps, kCausalBlock, o.leverage).shared_keys;
-    s.segment = kCausalBlock;
-    const index_t n_open = static_cast<index_t>(detail::open_keys(Kh.rows, open).size());
-    for (auto& set : s.sets) add_sinks(set, std::min(o.sinks, n_open), open);
-  } else {
-    s.sets.push_back(shared_keys(o, Kh, static_cast<std::uint64_t>(h), open));
-  }
-  return s;
+// The shared sets of head h: its shared_keys, or with causal leverage one per block of
+// kCausalBlock queries (the block's causal set plus the sinks).
+std::vector<std::vector<index_t>> shared_sets(const AttentionOptions& o, ConstMatrix Kh, index_t h,
+                                              const std::uint8_t* open) {
+  if (!(o.causal && o.select == Select::leverage)) return {shared_keys(o, Kh, static_cast<std::uint64_t>(h), open)};
+  const DenseMatrix<float> zeroed = open ? without_masked(Kh, open) : DenseMatrix<float>();
+  std::vector<std::vector<index_t>> sets =
+      causal_universal_sets(open ? zeroed.view() : Kh, o.eps, kCausalBlock, o.leverage).shared_keys;
+  const index_t n_open = static_cast<index_t>(detail::open_keys(Kh.rows, open).size());
+  for (auto& set : sets) add_sinks(set, std::min(o.sinks, n_open), open);
+  return sets;
 }
 
-// Per-thread state of the attention pass.
-struct Workspace {
-  kernels::OnlineBlock blk;
-  std::vector<float> gk, gv;  // gathered key and value rows (shared keys, topk)
-  std::vector<float> tile;    // topk search
-  std::vector<char> flags;    // window band: keys of the shared set
-  explicit Workspace(const Plan& pl) : blk(pl.params, kernels::kQueryBlock, kernels::kKeyTile, pl.dv) {}
-};
-
-// Empty rows and keys attended, summed over the blocks of a task.
-struct BlockStats {
-  index_t empty = 0, non_finite = 0;
-  double keys = 0.0;
-  void add(const kernels::OnlineBlock::Rows& r) {
-    empty += r.empty;
-    non_finite += r.non_finite;
-  }
-};
-
-constexpr float kMasked = -std::numeric_limits<float>::infinity();
-
-// Masks the keys after each query in a tile of logits (rows x c) for keys j0 .. j0 + c - 1 and
-// queries i0 ..; returns the entries left.
-double mask_causal(float* tile, index_t rows, index_t c, index_t i0, index_t j0) {
-  double kept = 0.0;
-  for (index_t r = 0; r < rows; ++r) {
-    const index_t seen = std::clamp<index_t>(i0 + r + 1 - j0, 0, c);
-    std::fill(tile + r * c + seen, tile + (r + 1) * c, kMasked);
-    kept += static_cast<double>(seen);
-  }
-  return kept;
-}
-
-BlockStats attend_full(const Plan& pl, Workspace& w, ConstMatrix Qh, ConstMatrix Kh, ConstMatrix Vh,
-                       index_t i0, index_t rows, float* dst) {
-  const index_t end = pl.o.causal ? std::min(pl.n, i0 + rows) : pl.n;
-  BlockStats st;
-  w.blk.begin(Qh.row(i0), Qh.ld, rows, pl.d);
-  for (index_t c0 = 0; c0 < end; c0 += kernels::kKeyTile) {
-    const index_t c = std::min(kernels::kKeyTile, end - c0);
-    float* tile = w.blk.logits(Kh.row(c0), Kh.ld, c);
-    st.keys += pl.o.causal && c0 + c > i0 + 1 ? mask_causal(tile, rows, c, i0, c0) : static_cast<double>(rows * c);
-    w.blk.absorb(Vh.row(c0), Vh.ld, c);
-  }
-  st.add(w.blk.finish(dst, pl.dv));
-  return st;
-}
-
-// The block's shared set (causal: its keys up to the block's last query, masked per row), then
-// the band of keys any query of the block can see, masked per row to its own window minus the
-// shared keys (already counted).
-BlockStats attend_shared(const Plan& pl, Workspace& w, const HeadSelection& s, ConstMatrix Qh,
-                         ConstMatrix Kh, ConstMatrix Vh, index_t i0, index_t rows, float* dst) {
-  const std::vector<index_t>& keys = s.of(i0);
-  const index_t window = pl.window, d = pl.d, dv = pl.dv, last = i0 + rows - 1;
-  const bool causal = pl.o.causal;
-  const index_t u = causal ? std::upper_bound(keys.begin(), keys.end(), last) - keys.begin()
-                           : static_cast<index_t>(keys.size());
-  BlockStats st;
-  w.blk.begin(Qh.row(i0), Qh.ld, rows, d);
-  w.gk.resize(static_cast<std::size_t>(kernels::kKeyTile * d));
-  w.gv.resize(static_cast<std::size_t>(kernels::kKeyTile * dv));
-  for (index_t c0 = 0; c0 < u; c0 += kernels::kKeyTile) {
-    const index_t c = std::min(kernels::kKeyTile, u - c0);
-    for (index_t a = 0; a < c; ++a) {
-      std::copy_n(Kh.row(keys[c0 + a]), d, w.gk.data() + a * d);
-      std::copy_n(Vh.row(keys[c0 + a]), dv, w.gv.data() + a * dv);
-    }
-    float* tile = w.blk.logits(w.gk.data(), d, c);
-    if (causal && keys[c0 + c - 1] > i0) {
-      for (index_t r = 0; r < rows; ++r) {
-        const index_t seen = std::upper_bound(keys.begin() + c0, keys.begin() + c0 + c, i0 + r) - (keys.begin() + c0);
-        std::fill(tile + r * c + seen, tile + (r + 1) * c, kMasked);
-        st.keys += static_cast<double>(seen);
-      }
-    } else {
-      st.keys += static_cast<double>(rows * c);
-    }
-    w.blk.absorb(w.gv.data(), dv, c);
-  }
-  if (window >= 0) {
-    const index_t base = std::max<index_t>(0, i0 - window);
-    index_t j0 = base, j1 = std::min(pl.n, causal ? last + 1 : last + 1 + window);
-    w.flags.resize(static_cast<std::size_t>(std::max<index_t>(0, j1 - j0)));
-    detail::mark_members(keys, j0, j1 - j0, w.flags.data());
-    // Shared keys at the band's ends need no logits (a causal set holds its block's own keys).
-    while (j1 > j0 && w.flags[j1 - 1 - base]) --j1;
-    while (j0 < j1 && w.flags[j0 - base]) ++j0;
-    for (index_t c0 = j0; c0 < j1; c0 += kernels::kKeyTile) {
-      const index_t c = std::min(kernels::kKeyTile, j1 - c0);
-      float* tile = w.blk.logits(Kh.row(c0), Kh.ld, c);
-      for (index_t r = 0; r < rows; ++r) {
-        const index_t i = i0 + r, hi = causal ? i : i + window;
-        float* srow = tile + r * c;
-        for (index_t a = 0; a < c; ++a) {
-          const index_t j = c0 + a;
-          if (j < i - window || j > hi || w.flags[j - base]) srow[a] = kMasked;
-          else st.keys += 1.0;
-        }
-      }
-      w.blk.absorb(Vh.row(c0), Vh.ld, c);
-    }
-  }
-  st.add(w.blk.finish(dst, pl.dv));
-  return st;
-}
-
-// Each query of the block over its own top_k keys (keys: rows x k_top, -1 for an unused slot),
-// tile by tile.
-BlockStats attend_topk(const Plan& pl, Workspace& w, const index_t* keys, ConstMatrix Qh,
-                       ConstMatrix Kh, ConstMatrix Vh, index_t i0, index_t rows, float* dst) {
-  const index_t k = pl.k_top, width = std::min(k, kernels::kKeyTile), d = pl.d, dv = pl.dv;
-  w.gk.resize(static_cast<std::size_t>(width * d));
-  w.gv.resize(static_cast<std::size_t>(width * dv));
-  BlockStats st;
-  for (index_t r = 0; r < rows; ++r) {
-    const index_t* mine = keys + r * k;
-    w.blk.begin(Qh.row(i0 + r), d, 1, d);
-    for (index_t a = 0; a < k;) {
-      index_t c = 0;
-      for (; a < k && c < width; ++a) {
-        if (mine[a] < 0) continue;
-        std::copy_n(Kh.row(mine[a]), d, w.gk.data() + c * d);
-        std::copy_n(Vh.row(mine[a]), dv, w.gv.data() + c * dv);
-        ++c;
-      }
-      if (c == 0) break;
-      w.blk.logits(w.gk.data(), d, c);
-      w.blk.absorb(w.gv.data(), dv, c);
-      st.keys += static_cast<double>(c);
-    }
-    st.add(w.blk.finish(dst + r * dv, dv));
-  }
-  return st;
-}
-
-// Everything attention() computes for query block b of head h (its selection made already).
-struct Inputs {
-  const Tensor4Ref &Q, &K, &V;
-  float* out;
-};
-
-BlockStats run_block(const Plan& pl, Workspace& w, const Inputs& in, const HeadSelection* s,
-                     index_t* top, index_t h, index_t b) {
-  const ConstMatrix Qh = pl.q_slice(in.Q, h), Kh = pl.kv_slice(in.K, h), Vh = pl.kv_slice(in.V, h);
-  const index_t i0 = b * kernels::kQueryBlock, rows = std::min(kernels::kQueryBlock, pl.m - i0);
-  float* dst = in.out + (h * pl.m + i0) * pl.dv;
-  if (pl.o.select == Select::full) return attend_full(pl, w, Qh, Kh, Vh, i0, rows, dst);
-  if (pl.shared) return attend_shared(pl, w, *s, Qh, Kh, Vh, i0, rows, dst);
-  index_t* keys = top + (h * pl.m + i0) * pl.k_top;
-  detail::top_keys(pl.params, Qh, Kh, pl.k_top, i0, i0 + rows, keys, w.tile, pl.o.causal);
-  return attend_topk(pl, w, keys, Qh, Kh, Vh, i0, rows, dst);
+// Pairs one after another, each using the team (few pairs: the work inside, BLAS and
+// parallel_tasks, runs threaded), or one thread each (as many pairs as threads).
+template <class F>
+void for_each_pair(index_t pairs, double flops, F&& f) {
+  if (pairs >= omp_get_max_threads())
+    detail::parallel_tasks(pairs, flops, [] { return 0; }, [&](index_t h, int&) { f(h); });
+  else
+    for (index_t h = 0; h < pairs; ++h) f(h);
 }
 
 // Select::cluster's per-pair state: the shared keys (U_eps, sinks) and k-means clusters, and the
@@ -476,7 +292,7 @@ ClusterPlan plan_clusters(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref&
   // Logits scale q.k and centroid scores q.c (|c| <= max |k|): one bound for both.
   const double max_q = detail::finite_max_abs(flat(Q), "queries"), max_k = detail::finite_max_abs(flat(K), "keys");
   cp.params = pl.params;
-  cp.params.check_overflow = logits_can_overflow(std::max(1.0, std::fabs(static_cast<double>(pl.params.scale))), pl.d, max_q, max_k);
+  cp.params.check_overflow = engine::logits_can_overflow(std::max(1.0, std::fabs(static_cast<double>(pl.params.scale))), pl.d, max_q, max_k);
   cp.shared = o.eps > 0.0 || o.sinks > 0;
   const index_t c = o.clusters > 0 ? std::min(o.clusters, pl.n)
                                    : static_cast<index_t>(std::ceil(std::sqrt(static_cast<double>(pl.n))));
@@ -491,13 +307,8 @@ ClusterPlan plan_clusters(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref&
                                     detail::CounterRng(o.seed, detail::Purpose::cluster_seeds, stream),
                                     detail::CounterRng(o.seed, detail::Purpose::cluster_sample, stream));
   };
-  // Many pairs: one thread each; few: one after another, each k-means step using the team.
   const double nd = static_cast<double>(pl.heads * pl.n * pl.d);
-  if (pl.heads >= omp_get_max_threads())
-    detail::parallel_tasks(pl.heads, 2.0 * nd * static_cast<double>(c * o.cluster_iterations), [] { return 0; },
-                           [&](index_t h, int&) { one(h); });
-  else
-    for (index_t h = 0; h < pl.heads; ++h) one(h);
+  for_each_pair(pl.heads, 2.0 * nd * static_cast<double>(c * o.cluster_iterations), one);
   // About one candidate buffer's worth of queries per task, so that each cluster's product has
   // many queries; a function of the sizes alone, so results do not depend on the thread count.
   const double per_query = static_cast<double>(cp.probe) * std::ceil(static_cast<double>(pl.n) / static_cast<double>(c));
@@ -547,36 +358,66 @@ void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, 
   if (cp.shared) sel.shared_keys = std::move(cp.shared_keys);
 }
 
+// One pass over Q and K: finite (else the error names the entry), and their largest entries,
+// which decide whether logit tiles need an overflow check (set in the plan's kernel).
+engine::CheckedInputs scan_inputs(Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K) {
+  const engine::CheckedInputs c{detail::finite_max_abs(flat(Q), "queries"), detail::finite_max_abs(flat(K), "keys")};
+  pl.params.check_overflow = engine::logits_can_overflow(pl.params.scale, pl.d, c.max_q, c.max_k);
+  return c;
+}
+
+// The selection of a plan on scanned inputs (scan_inputs): shared sets, per-query top-k keys or
+// clusters, per (batch, head) pair.
+Selection make_selection(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K) {
+  Selection sel = layout_of(pl, Q.batch);
+  if (pl.o.key_mask) sel.key_mask.assign(pl.o.key_mask, pl.o.key_mask + Q.batch * pl.n);
+  if (pl.shared) {
+    std::vector<std::vector<std::vector<index_t>>> heads(static_cast<std::size_t>(pl.heads));
+    const double flops = pl.o.select == Select::leverage
+                             ? 2.0 * static_cast<double>(pl.heads * pl.n * pl.d) * static_cast<double>(pl.d)
+                             : 0.0;
+    for_each_pair(pl.heads, flops, [&](index_t h) { heads[h] = shared_sets(pl.o, pl.kv_slice(K, h), h, pl.open_keys(h)); });
+    for (auto& head : heads)
+      for (auto& set : head) sel.shared_keys.push_back(std::move(set));
+  } else if (pl.o.select == Select::topk) {
+    sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "top-k keys")));
+    const double flops = 2.0 * static_cast<double>(pl.heads * pl.m) * static_cast<double>(pl.n * pl.d);
+    detail::parallel_tasks(pl.heads * pl.blocks, flops, [] { return std::vector<float>(); },
+                           [&](index_t t, std::vector<float>& tile) {
+                             const index_t h = t / pl.blocks, i0 = (t % pl.blocks) * kernels::kQueryBlock;
+                             const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
+                             detail::top_keys(pl.params, pl.q_slice(Q, h), pl.kv_slice(K, h), pl.k_top, i0, i1,
+                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile, pl.o.causal,
+                                              pl.open_keys(h));
+                           });
+  } else if (pl.o.select == Select::cluster) {
+    select_clustered(pl, Q, K, sel);
+  }
+  return sel;
+}
+
+// Mean |S_i| over the queries: closed form for shared sets alone, else Selection::keys_per_query.
+double mean_keys_per_query(const Selection& sel) {
+  const double rows = static_cast<double>(sel.pairs() * sel.m);
+  if (!sel.causal && sel.window < 0 && sel.top_k == 0 && sel.key_mask.empty() && sel.segment == 0) {
+    if (sel.all_keys) return static_cast<double>(sel.n);
+    double sum = 0.0;
+    for (const auto& set : sel.shared_keys) sum += static_cast<double>(set.size());
+    return sum * static_cast<double>(sel.m) / rows;
+  }
+  const std::vector<index_t> keys = sel.keys_per_query();
+  return static_cast<double>(std::accumulate(keys.begin(), keys.end(), index_t{0})) / rows;
+}
+
 }  // namespace
 
 void detail::check_attention_options(const AttentionOptions& o) { check_options(o); }
 
 namespace {
 
-// Row statistics and outputs of two disjoint parts of each query's keys, merged: with
-// L = log(e^a + e^b), out = e^(a - L) out_a + e^(b - L) out_b (a row statistic +inf: no keys).
-void merge_parts(index_t rows, index_t dv, float* out, float* stat, const float* out_b, const float* stat_b) {
-  constexpr float none = std::numeric_limits<float>::infinity();
-  for (index_t r = 0; r < rows; ++r) {
-    const double a = stat[r], b = stat_b[r];
-    float* o = out + r * dv;
-    const float* ob = out_b + r * dv;
-    if (b == none) continue;
-    if (a == none) {
-      std::copy_n(ob, dv, o);
-      stat[r] = stat_b[r];
-      continue;
-    }
-    const double top = std::max(a, b), l = top + std::log(std::exp(a - top) + std::exp(b - top));
-    const double wa = std::exp(a - l), wb = std::exp(b - l);
-    for (index_t x = 0; x < dv; ++x) o[x] = static_cast<float>(wa * o[x] + wb * ob[x]);
-    stat[r] = static_cast<float>(l);
-  }
-}
-
 // Select::cluster: the clustered search fused with attention over what it keeps (each
 // cluster's keys and values met by all its queries at once), plus the shared keys and window
-// attended apart (selected_attention_forward) and merged by their row statistics.
+// attended apart (engine::forward) and merged by their row statistics (engine::merge).
 AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, float* out,
                                  const AttentionOptions& options) {
   const Plan pl = make_plan(Q, K, V, options);
@@ -591,6 +432,7 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
   std::vector<float> stat(static_cast<std::size_t>(pl.heads * pl.m));
   if (options.return_selection) {
     res.selection = layout_of(pl, Q.batch);
+    if (options.key_mask) res.selection.key_mask.assign(options.key_mask, options.key_mask + Q.batch * pl.n);
     res.selection.query_keys.resize(static_cast<std::size_t>(pl.heads * pl.m * pl.k_top));
   }
   std::vector<double> own(static_cast<std::size_t>(pl.heads * cp.tasks), 0.0);
@@ -611,10 +453,11 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
     part.batch = Q.batch, part.heads = Q.heads, part.m = pl.m, part.n = pl.n, part.window = pl.window;
     part.causal = pl.o.causal;
     part.shared_keys = cp.shared_keys;
+    if (options.key_mask) part.key_mask.assign(options.key_mask, options.key_mask + Q.batch * pl.n);
     const AttentionShape sh{Q.batch, Q.heads, pl.m, pl.n, pl.d, pl.dv, K.heads};
     std::vector<float> out_b(static_cast<std::size_t>(pl.heads * pl.m * pl.dv)), stat_b(stat.size());
-    selected_attention_forward<float>(sh, part, options, Q.data, K.data, V.data, out_b.data(), stat_b.data());
-    merge_parts(pl.heads * pl.m, pl.dv, out, stat.data(), out_b.data(), stat_b.data());
+    engine::forward(sh, part, options, Q.data, K.data, V.data, out_b.data(), stat_b.data(), nullptr);
+    engine::merge(pl.heads * pl.m, pl.dv, out, stat.data(), out_b.data(), stat_b.data());
     for (index_t c : part.keys_per_query()) keys += static_cast<double>(c);
   }
   if (!detail::all_finite(out, pl.heads * pl.m * pl.dv) ||
@@ -637,106 +480,27 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
                           float* out, const AttentionOptions& options) {
   check_shapes(Q, K, V);
   if (!out) detail::invalid("attention: null output buffer");
-  if (options.key_mask)
-    detail::invalid("attention: key_mask is taken by select_keys and selected_attention_forward / _backward, not "
-                    "by attention()");
   if (options.select == Select::cluster) return attend_clustered(Q, K, V, out, options);
-  const Plan pl = make_plan(Q, K, V, options);
-  const AttentionOptions& o = pl.o;
-  const index_t heads = pl.heads, blocks = pl.blocks;
-  const Inputs in{Q, K, V, out};
-  AttentionResult res;
-  res.top_k = pl.k_top;
-  std::vector<HeadSelection> sel(static_cast<std::size_t>(pl.shared ? heads : 0));
-  std::vector<index_t> top(static_cast<std::size_t>(o.select == Select::topk ? heads * pl.m * pl.k_top : 0));
-  std::vector<BlockStats> stats(static_cast<std::size_t>(heads * blocks));
-
-  // Work per head: the selection (scores O(n d^2)) and the attention over it.
-  const double nd = static_cast<double>(pl.n) * static_cast<double>(pl.d);
-  const double select_flops = o.select == Select::leverage ? 2.0 * nd * static_cast<double>(pl.d)
-                              : o.select == Select::topk   ? 2.0 * nd * static_cast<double>(pl.m)
-                                                           : 0.0;
-  const double keys_per_query = o.select == Select::full ? static_cast<double>(pl.n)
-                                : o.select == Select::topk ? static_cast<double>(pl.k_top)
-                                : static_cast<double>(pl.k_top + o.sinks + 2 * std::max<index_t>(pl.window, 0));
-  const double attend_flops = 2.0 * static_cast<double>(pl.m) * keys_per_query * static_cast<double>(pl.d + pl.dv);
-  const double total = static_cast<double>(heads) * (select_flops + attend_flops);
-  std::atomic<index_t> done{0};
-  const auto report = [&](index_t finished) {
-    if (o.progress && omp_get_thread_num() == 0)
-      o.progress(static_cast<double>(finished) / static_cast<double>(heads * blocks));
-  };
-  const auto make = [&] { return Workspace(pl); };
-  double t_select = 0.0;
   const auto t0 = Clock::now();
-  if (heads >= 2 * omp_get_max_threads() || (blocks == 1 && heads > 1)) {
-    // Many (batch, head) pairs: one task per pair checks its inputs, makes its selection and
-    // attends, each task on one thread (nested work is serial), in one parallel region.
-    std::atomic<bool> finite{true};
-    detail::parallel_tasks(heads, total, make, [&](index_t h, Workspace& w) {
-      bool overflow = true;
-      if (!check_pair(*pl.params.ops, pl.params.scale, pl.q_slice(Q, h), pl.kv_slice(K, h), pl.kv_slice(V, h),
-                      overflow)) {
-        finite = false;
-        return;
-      }
-      w.blk.set_check_overflow(overflow);
-      if (pl.shared) sel[h] = select_head(o, pl.kv_slice(K, h), h, nullptr);
-      for (index_t b = 0; b < blocks; ++b) {
-        stats[h * blocks + b] = run_block(pl, w, in, pl.shared ? &sel[h] : nullptr, top.data(), h, b);
-        report(++done);
-      }
-    });
-    if (!finite) report_non_finite(Q, K, V);
-  } else {
-    // Few pairs, many queries each: the inputs are checked and the selections made first (each
-    // using the team itself), then one task per (pair, query block) shares the team.
-    const double max_q = detail::finite_max_abs(flat(Q), "queries");
-    const double max_k = detail::finite_max_abs(flat(K), "keys");
-    detail::require_finite_matrix(flat(V), "values");
-    const bool overflow = logits_can_overflow(pl.params.scale, pl.d, max_q, max_k);
-    if (pl.shared)
-      for (index_t h = 0; h < heads; ++h)
-        sel[h] = select_head(o, pl.kv_slice(K, h), h, nullptr);
-    t_select = seconds_since(t0);
-    detail::parallel_tasks(heads * blocks, total, make, [&](index_t t, Workspace& w) {
-      const index_t h = t / blocks;
-      w.blk.set_check_overflow(overflow);
-      stats[t] = run_block(pl, w, in, pl.shared ? &sel[h] : nullptr, top.data(), h, t % blocks);
-      report(++done);
-    });
+  Plan pl = make_plan(Q, K, V, options);
+  const engine::CheckedInputs checked = scan_inputs(pl, Q, K);
+  detail::require_finite_matrix(flat(V), "values");
+  Selection sel = make_selection(pl, Q, K);
+  AttentionResult res;
+  res.seconds_selection = seconds_since(t0);
+  const AttentionShape sh{Q.batch, Q.heads, Q.rows, K.rows, Q.cols, V.cols, K.heads};
+  res.empty_rows = engine::forward(sh, sel, options, Q.data, K.data, V.data, out, nullptr, options.progress, &checked);
+  res.seconds_attention = seconds_since(t0) - res.seconds_selection;
+  res.top_k = pl.k_top;
+  res.mean_keys_per_query = mean_keys_per_query(sel);
+  res.shared_sizes.assign(static_cast<std::size_t>(sel.pairs()), sel.all_keys ? sh.n : 0);
+  for (std::size_t set = 0; set < sel.shared_keys.size(); ++set) {
+    index_t& size = res.shared_sizes[set / static_cast<std::size_t>(sel.segments())];
+    size = std::max(size, static_cast<index_t>(sel.shared_keys[set].size()));
   }
-  const double t_all = seconds_since(t0);
-  res.seconds_selection = t_select;
-  res.seconds_attention = t_all - t_select;
-  double keys_total = 0.0;
-  index_t non_finite = 0;
-  for (const BlockStats& st : stats) {
-    res.empty_rows += st.empty;
-    non_finite += st.non_finite;
-    keys_total += st.keys;
-  }
-  res.mean_keys_per_query = keys_total / static_cast<double>(heads * pl.m);
-  res.shared_sizes.assign(static_cast<std::size_t>(heads), o.select == Select::full ? pl.n : 0);
-  for (index_t h = 0; h < static_cast<index_t>(sel.size()); ++h)
-    for (const auto& set : sel[h].sets) res.shared_sizes[h] = std::max(res.shared_sizes[h], static_cast<index_t>(set.size()));
-
-  // Finite inputs can still overflow float32: in the logits (|q||k| scale > 3e38) or, for values
-  // near the float32 limit, in the weighted sum.
-  if (non_finite > 0) {
-    detail::invalid("attention: the scaled logits or the weighted values overflow float32 in " +
-                    std::to_string(non_finite) + " output rows; rescale queries, keys or values "
-                    "(or pass a smaller scale)");
-  }
-  if (o.return_selection) {
-    res.selection = layout_of(pl, Q.batch);
-    for (auto& s : sel)
-      for (auto& set : s.sets) res.selection.shared_keys.push_back(std::move(set));
-    res.selection.query_keys = std::move(top);
-  }
+  if (options.return_selection) res.selection = std::move(sel);
   return res;
 }
-
 
 Selection selection_layout(const AttentionShape& sh, const AttentionOptions& options) {
   if (sh.batch < 1 || sh.heads < 1 || sh.m < 1 || sh.n < 1 || sh.d < 1 || sh.dv < 1) {
@@ -756,36 +520,9 @@ Selection selection_layout(const AttentionShape& sh, const AttentionOptions& opt
 
 Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options) {
   check_shapes(Q, K, K);  // no values: K stands in for V's shape
-  const Plan pl = make_plan(Q, K, K, options);
-  detail::require_finite_matrix(flat(Q), "queries");
-  detail::require_finite_matrix(flat(K), "keys");
-  Selection sel = layout_of(pl, Q.batch);
-  if (pl.o.key_mask) sel.key_mask.assign(pl.o.key_mask, pl.o.key_mask + Q.batch * pl.n);
-  if (pl.shared) {
-    std::vector<HeadSelection> heads(static_cast<std::size_t>(pl.heads));
-    const double flops = pl.o.select == Select::leverage
-                             ? 2.0 * static_cast<double>(pl.heads * pl.n * pl.d) * static_cast<double>(pl.d)
-                             : 0.0;
-    detail::parallel_tasks(pl.heads, flops, [] { return 0; }, [&](index_t h, int&) {
-      heads[h] = select_head(pl.o, pl.kv_slice(K, h), h, pl.open_keys(h));
-    });
-    for (auto& head : heads)
-      for (auto& set : head.sets) sel.shared_keys.push_back(std::move(set));
-  } else if (pl.o.select == Select::topk) {
-    sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "top-k keys")));
-    const double flops = 2.0 * static_cast<double>(pl.heads * pl.m) * static_cast<double>(pl.n * pl.d);
-    detail::parallel_tasks(pl.heads * pl.blocks, flops, [] { return std::vector<float>(); },
-                           [&](index_t t, std::vector<float>& tile) {
-                             const index_t h = t / pl.blocks, i0 = (t % pl.blocks) * kernels::kQueryBlock;
-                             const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
-                             detail::top_keys(pl.params, pl.q_slice(Q, h), pl.kv_slice(K, h), pl.k_top, i0, i1,
-                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile, pl.o.causal,
-                                              pl.open_keys(h));
-                           });
-  } else if (pl.o.select == Select::cluster) {
-    select_clustered(pl, Q, K, sel);
-  }
-  return sel;
+  Plan pl = make_plan(Q, K, K, options);
+  scan_inputs(pl, Q, K);
+  return make_selection(pl, Q, K);
 }
 
 std::vector<float> attention(ConstMatrix Q, ConstMatrix K, ConstMatrix V,

@@ -23,6 +23,7 @@
 #include "detail/leverage.hpp"
 #include "detail/npy_format.hpp"
 #include "detail/validate.hpp"
+#include "engine.hpp"
 #include "levattn/selected_attention.hpp"
 
 namespace levattn {
@@ -577,7 +578,8 @@ void ring_attention(const Comm& c, ConstMatrix Q, ConstMatrix K, ConstMatrix V, 
     std::copy_n(K.row(r), d, kv.data() + r * d);
     std::copy_n(V.row(r), dv, kv.data() + K.rows * d + r * dv);
   }
-  std::vector<double> acc(static_cast<std::size_t>(m * dv), 0.0), L(static_cast<std::size_t>(m), -INFINITY);
+  // The rows so far: out and L as the engine writes them (L = +inf: no key with weight yet).
+  std::vector<double> acc(static_cast<std::size_t>(m * dv), 0.0), L(static_cast<std::size_t>(m), INFINITY);
   std::vector<double> ob(acc.size()), lb(L.size());
   for (int t = 0; t < c.size; ++t) {
     const int src = (c.rank - t + c.size) % c.size;
@@ -588,12 +590,7 @@ void ring_attention(const Comm& c, ConstMatrix Q, ConstMatrix K, ConstMatrix V, 
       all.batch = all.heads = 1, all.m = m, all.n = rows, all.all_keys = true;
       selected_attention_forward<double>({1, 1, m, rows, d, dv}, all, o, q.data(), kv.data(), kv.data() + rows * d,
                                          ob.data(), lb.data());
-      for (index_t i = 0; i < m; ++i) {
-        if (!std::isfinite(lb[i])) continue;  // no key of this block has weight
-        const double top = std::max(L[i], lb[i]), a = std::exp(L[i] - top), b = std::exp(lb[i] - top);
-        for (index_t x = 0; x < dv; ++x) acc[i * dv + x] = (a * acc[i * dv + x] + b * ob[i * dv + x]) / (a + b);
-        L[i] = top + std::log(a + b);
-      }
+      engine::merge(m, dv, acc.data(), L.data(), ob.data(), lb.data());
     });
     if (t + 1 == c.size) break;
     const int to = (c.rank + 1) % c.size, from = (c.rank - 1 + c.size) % c.size;

@@ -164,19 +164,15 @@ void check_evaluate_options(const EvaluateOptions& eo) {
   }
 }
 
-// The row name of a selection on n keys: describe() plus the seed of the randomised selections,
-// the probe cluster actually uses (its default depends on n and the budget) and a given scale.
+// The row name of a selection on n keys: its spec with the probe cluster actually uses (the
+// default depends on n and the budget).
 std::string row_name(AttentionOptions o, index_t n) {
   if (o.select == Select::cluster) {
     const index_t c = o.clusters > 0 ? std::min(o.clusters, n)
                                      : static_cast<index_t>(std::ceil(std::sqrt(static_cast<double>(n))));
     o.probe = std::min(c, o.probe > 0 ? o.probe : default_probe(c, n, std::min(o.top_k, n)));
   }
-  std::ostringstream os;
-  os << describe(o);
-  if (o.select == Select::random || o.select == Select::cluster) os << " seed=" << o.seed;
-  if (!std::isnan(o.scale)) os << " scale=" << o.scale;
-  return os.str();
+  return selection_spec(o);
 }
 
 }  // namespace
@@ -208,6 +204,7 @@ std::vector<Evaluation> evaluate(const Tensor4Ref& Q, const Tensor4Ref& K, const
     std::vector<Evaluation> got = measure_pair(Q.slice(b, qh), K.slice(b, kh), V.slice(b, kh), cases, eo);
     for (std::size_t c = 0; c < got.size(); ++c) {
       got[c].selection = row_name(selections[c], n);
+      got[c].scale = logit_scale(selections[c], Q.cols);
       rows.push_back(std::move(got[c]));
     }
   }
@@ -242,7 +239,9 @@ Evaluation selection_metrics(ConstMatrix Q, ConstMatrix K, ConstMatrix V, const 
     if (j < -1 || j >= K.rows) detail::invalid("selection: a query's key index is out of range");
   KernelOptions k = kernel;
   if (std::isnan(k.scale)) k.scale = eo.scale;
-  return measure_pair(Q, K, V, {{&selection, 0, approx, k}}, eo).front();
+  Evaluation e = measure_pair(Q, K, V, {{&selection, 0, approx, k}}, eo).front();
+  e.scale = logit_scale(k, Q.cols);
+  return e;
 }
 
 }  // namespace levattn

@@ -152,6 +152,10 @@ std::string selection_spec(const AttentionOptions& o) {
   const LeverageOptions& l = o.leverage;
   std::ostringstream os;
   os << to_string(o.select);
+  // The budget (top_k; the window of Select::window) as the name's value, as users write it.
+  const bool takes_budget = o.select != Select::full && o.select != Select::window;
+  const bool budget_named = takes_budget ? o.top_k != d.top_k : o.select == Select::window && o.window != d.window;
+  if (budget_named) os << ':' << (takes_budget ? o.top_k : o.window);
   const auto field = [&](bool differs, const char* name, const auto& value) {
     if (!differs) return;
     os << '+' << name << ':';
@@ -162,9 +166,9 @@ std::string selection_spec(const AttentionOptions& o) {
       os << value;
     }
   };
-  field(o.top_k != d.top_k, "top_k", o.top_k);
+  field(o.top_k != d.top_k && !(budget_named && takes_budget), "top_k", o.top_k);
   field(o.eps != d.eps, "eps", o.eps);
-  field(o.window != d.window, "window", o.window);
+  field(o.window != d.window && !(budget_named && !takes_budget), "window", o.window);
   field(o.sinks != d.sinks, "sinks", o.sinks);
   field(o.probe != d.probe, "probe", o.probe);
   field(o.clusters != d.clusters, "clusters", o.clusters);
@@ -183,19 +187,6 @@ std::string selection_spec(const AttentionOptions& o) {
   field(l.jl_columns != d.leverage.jl_columns, "jl_columns", l.jl_columns);
   field(l.delta != d.leverage.delta, "delta", l.delta);
   field(l.seed != d.leverage.seed, "sketch_seed", l.seed);
-  return os.str();
-}
-
-std::string describe(const AttentionOptions& o) {
-  std::ostringstream os;
-  os << to_string(o.select);
-  if (o.top_k > 0) os << " top_k=" << o.top_k;
-  if (o.eps > 0.0) os << " eps=" << o.eps;
-  if (o.budget_alpha > 0.0) os << " budget=" << o.budget_alpha << "," << o.budget_exponent;
-  if (o.window >= 0) os << " window=" << o.window;
-  if (o.sinks > 0) os << " sinks=" << o.sinks;
-  if (o.select == Select::cluster && o.probe > 0) os << " probe=" << o.probe;
-  if (o.kernel != Kernel::softmax) os << " " << to_string(o.kernel) << " p=" << o.p;
   return os.str();
 }
 

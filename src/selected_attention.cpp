@@ -1,12 +1,14 @@
-// Attention over a fixed selection and its gradients, templated on the scalar. Each query tile
+// The attention engine: attention over a fixed selection and its gradients. Each query tile
 // meets its keys as blocks (shared keys gathered, the window band masked, or every key), then
-// each query its own keys (gathered rows, level-2 BLAS); the forward runs an online log-sum-exp
-// over all of them, the backward recomputes the weights from the saved row statistics. dQ is
-// summed per query tile, dK and dV per key block and then per key over its own-key entries,
-// each in a fixed order.
+// each query its own keys; the forward runs an online log-sum-exp over all of them, the backward
+// recomputes the weights from the saved row statistics. The float32 forward runs on the ISA row
+// kernels (kernels::OnlineBlock); the float64 forward and both backwards on BLAS products, the
+// float64 forward serving as the reference. dQ is summed per query tile, dK and dV per key block
+// and then per key over its own-key entries, each in a fixed order.
 #include "levattn/selected_attention.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -15,13 +17,17 @@
 #include "detail/parallel.hpp"
 #include "detail/selection.hpp"
 #include "detail/validate.hpp"
+#include "engine.hpp"
 #include "kernels/elementwise.hpp"
+#include "kernels/online_attention.hpp"
 
 namespace levattn {
 namespace {
 
-constexpr index_t kRows = 128;  // queries per tile
-constexpr index_t kCols = 256;  // keys per block
+constexpr index_t kRows = 128;  // queries per tile (BLAS paths)
+constexpr index_t kCols = 256;  // keys per block (BLAS paths)
+// The float32 engine's tiles are kernels::kQueryBlock x kernels::kKeyTile. Tiles never straddle
+// a segment of the selection (Ctx::tile), whatever its length.
 
 // g(s) and g'(s) of the kernel: the weight of a key is exp(g(s) - L).
 template <class T>
@@ -142,6 +148,7 @@ struct Ctx {
   const Selection& sel;
   Fn<T> fn;
   const T *q, *k, *v;
+  index_t tile_rows = kRows;  // queries per tile
 
   const T* Q(index_t h) const { return q + h * sh.m * sh.d; }
   const T* K(index_t h) const { return k + sh.kv_pair(h) * sh.n * sh.d; }
@@ -150,13 +157,13 @@ struct Ctx {
   // The shared set of segment s of pair h (queries s seg_len() ..).
   const std::vector<index_t>& shared(index_t h, index_t s) const { return sel.shared_of(h, s * seg_len()); }
   // Query tiles never straddle a segment: tiles_per_segment() of them per segment.
-  index_t tiles_per_segment() const { return (seg_len() + kRows - 1) / kRows; }
+  index_t tiles_per_segment() const { return (seg_len() + tile_rows - 1) / tile_rows; }
   index_t tiles() const { return sel.segments() * tiles_per_segment(); }
   // Tile t of a pair: its first query and row count (0 rows past the last query).
   std::pair<index_t, index_t> tile(index_t t) const {
-    const index_t seg = t / tiles_per_segment(), i0 = seg * seg_len() + (t % tiles_per_segment()) * kRows;
+    const index_t seg = t / tiles_per_segment(), i0 = seg * seg_len() + (t % tiles_per_segment()) * tile_rows;
     const index_t end = std::min(sh.m, (seg + 1) * seg_len());
-    return {i0, std::max<index_t>(0, std::min(kRows, end - i0))};
+    return {i0, std::max<index_t>(0, std::min(tile_rows, end - i0))};
   }
   // Keys a query attends (for the work estimate).
   double keys_per_query() const {
@@ -173,18 +180,26 @@ struct Ctx {
   }
 };
 
+// The context of one call, its shape, selection and inputs checked (finite inputs: by the caller).
 template <class T>
-Ctx<T> make_ctx(const AttentionShape& sh, const Selection& sel, const KernelOptions& o, const T* q,
-                const T* k, const T* v) {
+Ctx<T> checked_ctx(const AttentionShape& sh, const Selection& sel, const KernelOptions& o, const T* q,
+                   const T* k, const T* v) {
   check_shape(sh);
   check_selection(sh, sel);
   if (!q || !k || !v) detail::invalid("attention: null data pointer for queries, keys or values");
+  return Ctx<T>{sh, sel, make_fn<T>(o, sh.d), q, k, v};
+}
+
+template <class T>
+Ctx<T> make_ctx(const AttentionShape& sh, const Selection& sel, const KernelOptions& o, const T* q,
+                const T* k, const T* v) {
+  const Ctx<T> c = checked_ctx(sh, sel, o, q, k, v);
   const index_t pairs = sel.pairs();
   if (!finite(q, pairs * sh.m * sh.d)) detail::invalid("queries: expected finite values (found NaN or Inf)");
   const index_t kv_pairs = sh.batch * sh.kv();
   if (!finite(k, kv_pairs * sh.n * sh.d)) detail::invalid("keys: expected finite values (found NaN or Inf)");
   if (!finite(v, kv_pairs * sh.n * sh.dv)) detail::invalid("values: expected finite values (found NaN or Inf)");
-  return Ctx<T>{sh, sel, make_fn<T>(o, sh.d), q, k, v};
+  return c;
 }
 
 // A block of keys met by a query tile: c keys, rows of kb / vb. Shared keys are gathered
@@ -220,57 +235,67 @@ struct Workspace {
 constexpr auto kNo = CblasNoTrans;
 constexpr auto kTr = CblasTrans;
 
-// Shared keys keys[0 .. c) of pair h gathered into ws.gk / ws.gv, as a block.
+// Keys keys[0 .. count) of pair h gathered into gk / gv (count rows of d and dv), as a block.
 template <class T>
-Block<T> gather(const Ctx<T>& c, Workspace<T>& ws, index_t h, const index_t* keys, index_t count) {
+Block<T> gather(const Ctx<T>& c, T* gk, T* gv, index_t h, const index_t* keys, index_t count) {
   const index_t d = c.sh.d, dv = c.sh.dv;
   for (index_t a = 0; a < count; ++a) {
-    std::copy_n(c.K(h) + keys[a] * d, d, ws.gk.data() + a * d);
-    std::copy_n(c.V(h) + keys[a] * dv, dv, ws.gv.data() + a * dv);
+    std::copy_n(c.K(h) + keys[a] * d, d, gk + a * d);
+    std::copy_n(c.V(h) + keys[a] * dv, dv, gv + a * dv);
   }
-  return Block<T>{ws.gk.data(), ws.gv.data(), count, keys, 0, false};
+  return Block<T>{gk, gv, count, keys, 0, false};
+}
+template <class T>
+Block<T> gather(const Ctx<T>& c, Workspace<T>& ws, index_t h, const index_t* keys, index_t count) {
+  return gather(c, ws.gk.data(), ws.gv.data(), h, keys, count);
 }
 
-// Calls f(block) for each block of keys that queries i0 .. i0 + rows - 1 of pair h attend (one
-// segment's queries): every key, or the segment's shared set then the window band; causal stops
-// at the tile's last query.
+// Calls f(block) for each block of at most `width` keys that queries i0 .. i0 + rows - 1 of pair
+// h attend (one segment's queries): every key, or the segment's shared set (gathered into gk, gv)
+// then the window band; causal stops at the tile's last query.
 template <class T, class F>
-void for_each_block(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, F&& f) {
+void for_each_block(const Ctx<T>& c, T* gk, T* gv, index_t width, index_t h, index_t i0, index_t rows, F&& f) {
   const index_t d = c.sh.d, dv = c.sh.dv, last = i0 + rows - 1;
   if (c.sel.all_keys) {
     const index_t j1 = c.sel.causal ? std::min(c.sh.n, last + 1) : c.sh.n;
-    for (index_t j0 = 0; j0 < j1; j0 += kCols)
-      f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(kCols, j1 - j0), nullptr, j0, false});
+    for (index_t j0 = 0; j0 < j1; j0 += width)
+      f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(width, j1 - j0), nullptr, j0, false});
     return;
   }
   const auto& keys = c.sel.shared_of(h, i0);
   const index_t u = c.sel.causal ? std::upper_bound(keys.begin(), keys.end(), last) - keys.begin()
                                  : static_cast<index_t>(keys.size());
-  for (index_t a0 = 0; a0 < u; a0 += kCols) f(gather(c, ws, h, keys.data() + a0, std::min(kCols, u - a0)));
+  for (index_t a0 = 0; a0 < u; a0 += width) f(gather(c, gk, gv, h, keys.data() + a0, std::min(width, u - a0)));
   const index_t w = c.sel.window;
   if (w < 0) return;
-  const index_t j1 = std::min(c.sh.n, c.sel.causal ? last + 1 : last + 1 + w);
-  for (index_t j0 = std::max<index_t>(0, i0 - w); j0 < j1; j0 += kCols)
-    f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(kCols, j1 - j0), nullptr, j0, true});
+  index_t lo = std::max<index_t>(0, i0 - w), hi = std::min(c.sh.n, c.sel.causal ? last + 1 : last + 1 + w);
+  // Shared keys at the band's ends need no logits (a causal set holds its segment's own keys).
+  const auto shared = [&](index_t j) { return std::binary_search(keys.begin(), keys.end(), j); };
+  while (hi > lo && shared(hi - 1)) --hi;
+  while (lo < hi && shared(lo)) ++lo;
+  for (index_t j0 = lo; j0 < hi; j0 += width)
+    f(Block<T>{c.K(h) + j0 * d, c.V(h) + j0 * dv, std::min(width, hi - j0), nullptr, j0, true});
+}
+template <class T, class F>
+void for_each_block(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, F&& f) {
+  for_each_block(c, ws.gk.data(), ws.gv.data(), kCols, h, i0, rows, std::forward<F>(f));
 }
 
-// ws.s <- scale Q_tile K_b^T; ws.p <- g(s), -inf where a key is masked: after query i (causal),
-// or, in a window band, outside i's window or in its shared set, or (key padding) in a
-// contiguous block, a key the selection's key_mask closes (gathered keys never are).
+// g (rows x b.c, leading dimension b.c) <- -inf where the selection masks a key of block b for
+// queries i0 .. of pair h: after query i (causal), or, in a window band, outside i's window or in
+// its shared set (flags: b.c bytes of scratch), or (key padding) in a contiguous block, a key the
+// selection's key_mask closes (gathered keys never are).
 template <class T>
-void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, const Block<T>& b) {
-  detail::gemm(kNo, kTr, rows, b.c, c.sh.d, c.fn.scale, c.Q(h) + i0 * c.sh.d, c.sh.d, b.kb, c.sh.d, T(0),
-               ws.s.data(), b.c);
+void mask_block(const Ctx<T>& c, char* flags, index_t h, index_t i0, index_t rows, const Block<T>& b, T* g_tile) {
   const index_t w = c.sel.window;
   const bool causal = c.sel.causal;
   constexpr T none = -std::numeric_limits<T>::infinity();
-  if (b.band) detail::mark_members(c.sel.shared_of(h, i0), b.j0, b.c, ws.flags.data());
+  if (b.band) detail::mark_members(c.sel.shared_of(h, i0), b.j0, b.c, flags);
   const std::uint8_t* open = !b.keys && !c.sel.key_mask.empty() ? c.sel.key_mask.data() + h / c.sh.heads * c.sh.n + b.j0
                                                                  : nullptr;
+  if (!b.band && !open && !causal) return;
   for (index_t r = 0; r < rows; ++r) {
-    const T* s = ws.s.data() + r * b.c;
-    T* g = ws.p.data() + r * b.c;
-    for (index_t a = 0; a < b.c; ++a) g[a] = c.fn.g(s[a]);
+    T* g = g_tile + r * b.c;
     if (open)
       for (index_t a = 0; a < b.c; ++a)
         if (!open[a]) g[a] = none;
@@ -279,7 +304,7 @@ void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t ro
       const index_t hi = causal ? i : i + w;
       for (index_t a = 0; a < b.c; ++a) {
         const index_t j = b.j0 + a;
-        if (j < i - w || j > hi || ws.flags[a]) g[a] = none;
+        if (j < i - w || j > hi || flags[a]) g[a] = none;
       }
     } else if (causal && b.keys) {
       for (index_t a = 0; a < b.c; ++a)
@@ -288,6 +313,15 @@ void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t ro
       for (index_t a = std::max<index_t>(0, i + 1 - b.j0); a < b.c; ++a) g[a] = none;
     }
   }
+}
+
+// ws.s <- scale Q_tile K_b^T; ws.p <- g(s), -inf where the selection masks a key (mask_block).
+template <class T>
+void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, const Block<T>& b) {
+  detail::gemm(kNo, kTr, rows, b.c, c.sh.d, c.fn.scale, c.Q(h) + i0 * c.sh.d, c.sh.d, b.kb, c.sh.d, T(0),
+               ws.s.data(), b.c);
+  for (index_t e = 0; e < rows * b.c; ++e) ws.p[e] = c.fn.g(ws.s[e]);
+  mask_block(c, ws.flags.data(), h, i0, rows, b, ws.p.data());
 }
 
 // Online log-sum-exp of one block into the tile's running maximum, sum and accumulator.
@@ -374,16 +408,52 @@ void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_
   detail::gemv(kTr, count, dv, T(1), ws.vg.data(), dv, ws.op.data(), T(1), acc);
 }
 
+// The float32 engine's per-thread state: the online block (kernels::kQueryBlock rows, tiles of
+// kernels::kKeyTile keys), gathered shared key and value rows, a window band's membership flags
+// and one query's own keys.
+struct EngineWorkspace {
+  kernels::OnlineBlock blk;
+  std::vector<float> gk, gv;
+  std::vector<char> flags;
+  std::vector<index_t> own;  // one query's own keys, unused slots left out
+  EngineWorkspace(const kernels::KernelParams& params, index_t d, index_t dv, index_t top_k)
+      : blk(params, kernels::kQueryBlock, kernels::kKeyTile, dv),
+        gk(static_cast<std::size_t>(kernels::kKeyTile * d)),
+        gv(static_cast<std::size_t>(kernels::kKeyTile * dv)),
+        flags(static_cast<std::size_t>(kernels::kKeyTile)),
+        own(static_cast<std::size_t>(top_k)) {}
+};
+
+// Queries i0 .. i0 + rows - 1 of pair h in float32: their blocks of keys through the online
+// block (logits, the selection's masks written into the logit tile, the online update), then
+// each query's own keys; out and (unless null) stat rows written.
+kernels::OnlineBlock::Rows engine_tile(const Ctx<float>& c, EngineWorkspace& ws, index_t h, index_t i0, index_t rows,
+                                       float* out, float* stat) {
+  const index_t d = c.sh.d, dv = c.sh.dv, kk = c.sel.top_k;
+  ws.blk.begin(c.Q(h) + i0 * d, d, rows, d);
+  for_each_block(c, ws.gk.data(), ws.gv.data(), kernels::kKeyTile, h, i0, rows, [&](const Block<float>& b) {
+    float* tile = ws.blk.logits(b.kb, d, b.c);
+    mask_block(c, ws.flags.data(), h, i0, rows, b, tile);
+    ws.blk.absorb(b.vb, dv, b.c);
+  });
+  for (index_t r = 0; r < rows && kk > 0; ++r) {
+    const index_t* slots = c.sel.query_keys.data() + (h * c.sh.m + i0 + r) * kk;
+    const index_t count = std::copy_if(slots, slots + kk, ws.own.begin(), [](index_t j) { return j >= 0; }) - ws.own.begin();
+    if (count > 0) ws.blk.absorb_row(r, c.K(h), d, c.V(h), dv, ws.own.data(), count);
+  }
+  const index_t row = h * c.sh.m + i0;
+  return ws.blk.finish(out + row * dv, dv, stat ? stat + row : nullptr);
+}
+
 [[noreturn]] void overflow(const char* what) {
   detail::invalid(std::string("attention: the ") + what +
                   " overflow the floating-point type; rescale queries, keys or values (or pass a smaller scale)");
 }
 
-}  // namespace
-
+// The float64 reference: BLAS products by tiles, the log-sum-exp in double.
 template <class T>
-void selected_attention_forward(const AttentionShape& sh, const Selection& sel, const KernelOptions& o,
-                                const T* q, const T* k, const T* v, T* out, T* stat) {
+void reference_forward(const AttentionShape& sh, const Selection& sel, const KernelOptions& o, const T* q,
+                       const T* k, const T* v, T* out, T* stat) {
   const Ctx<T> c = make_ctx(sh, sel, o, q, k, v);
   if (!out || !stat) detail::invalid("attention: null output or statistics buffer");
   const index_t tiles = c.tiles(), pairs = sel.pairs();
@@ -395,6 +465,91 @@ void selected_attention_forward(const AttentionShape& sh, const Selection& sel, 
   bool ok = finite(out, pairs * sh.m * sh.dv);
   for (index_t i = 0; i < pairs * sh.m; ++i) ok &= !std::isnan(stat[i]) && stat[i] != -std::numeric_limits<T>::infinity();
   if (!ok) overflow("scaled logits or the weighted values");
+}
+
+}  // namespace
+
+bool engine::logits_can_overflow(double scale, index_t d, double max_q, double max_k) {
+  const double bound = std::fabs(scale) * static_cast<double>(d) * max_q * max_k;
+  return !(bound < 0.5 * static_cast<double>(std::numeric_limits<float>::max()));
+}
+
+index_t engine::forward(const AttentionShape& sh, const Selection& sel, const KernelOptions& o, const float* q,
+                     const float* k, const float* v, float* out, float* stat,
+                     const std::function<void(double)>& progress, const CheckedInputs* checked) {
+  if (checked && (!q || !k || !v)) detail::invalid("attention: null data pointer for queries, keys or values");
+  Ctx<float> c = checked ? Ctx<float>{sh, sel, make_fn<float>(o, sh.d), q, k, v} : checked_ctx(sh, sel, o, q, k, v);
+  // A window band spans a tile's rows plus twice the window: shorter tiles waste fewer masked
+  // logits on it (a 128-row tile with w = 128 computes 67% of its band's logits, a 256-row one
+  // 50%). Not where one tile holds every query and a shared set too: two tiles would meet the
+  // set twice, in twice the (small, set-up bound) products.
+  const bool band_alone = std::all_of(sel.shared_keys.begin(), sel.shared_keys.end(),
+                                      [](const std::vector<index_t>& set) { return set.empty(); });
+  c.tile_rows = sel.window > 0 && (sh.m > kernels::kQueryBlock || band_alone) ? kRows : kernels::kQueryBlock;
+  if (!out) detail::invalid("attention: null output buffer");
+  const index_t pairs = sel.pairs(), kv_pairs = sh.batch * sh.kv();
+  // One pass over each input: finite (else the error names the entry), and the bound
+  // |scale q.k| <= |scale| d max|q| max|k| that spares the logit tiles their overflow check.
+  CheckedInputs scanned;
+  if (checked) {
+    scanned = *checked;
+  } else {
+    scanned.max_q = detail::finite_max_abs({q, pairs * sh.m, sh.d}, "queries");
+    scanned.max_k = detail::finite_max_abs({k, kv_pairs * sh.n, sh.d}, "keys");
+    detail::require_finite_matrix({v, kv_pairs * sh.n, sh.dv}, "values");
+  }
+  const double max_q = scanned.max_q, max_k = scanned.max_k;
+  kernels::KernelParams params;
+  params.kernel = o.kernel;
+  params.p = static_cast<float>(o.p);
+  params.scale = static_cast<float>(c.fn.scale);
+  params.ops = &kernels::active_row_ops();
+  params.check_overflow = logits_can_overflow(c.fn.scale, sh.d, max_q, max_k);
+  const index_t tiles = c.tiles(), tasks = pairs * tiles;
+  std::atomic<index_t> done{0}, non_finite{0}, empty{0};
+  detail::parallel_tasks(tasks, c.flops() / 2.0, [&] { return EngineWorkspace(params, sh.d, sh.dv, sel.top_k); },
+                         [&](index_t t, EngineWorkspace& ws) {
+                           const auto [i0, rows] = c.tile(t % tiles);
+                           if (rows > 0) {
+                             const kernels::OnlineBlock::Rows r = engine_tile(c, ws, t / tiles, i0, rows, out, stat);
+                             non_finite += r.non_finite, empty += r.empty;
+                           }
+                           const index_t finished = ++done;
+                           if (progress && omp_get_thread_num() == 0)
+                             progress(static_cast<double>(finished) / static_cast<double>(tasks));
+                         });
+  if (non_finite > 0) overflow("scaled logits or the weighted values");
+  return empty;
+}
+
+template <class T>
+void engine::merge(index_t rows, index_t dv, T* out, T* stat, const T* out_b, const T* stat_b) {
+  constexpr T none = std::numeric_limits<T>::infinity();
+  for (index_t r = 0; r < rows; ++r) {
+    const double a = stat[r], b = stat_b[r];
+    T* o = out + r * dv;
+    const T* ob = out_b + r * dv;
+    if (stat_b[r] == none) continue;
+    if (stat[r] == none) {
+      std::copy_n(ob, dv, o);
+      stat[r] = stat_b[r];
+      continue;
+    }
+    const double top = std::max(a, b), l = top + std::log(std::exp(a - top) + std::exp(b - top));
+    const double wa = std::exp(a - l), wb = std::exp(b - l);
+    for (index_t x = 0; x < dv; ++x) o[x] = static_cast<T>(wa * o[x] + wb * ob[x]);
+    stat[r] = static_cast<T>(l);
+  }
+}
+template void engine::merge<float>(index_t, index_t, float*, float*, const float*, const float*);
+template void engine::merge<double>(index_t, index_t, double*, double*, const double*, const double*);
+
+template <class T>
+void selected_attention_forward(const AttentionShape& sh, const Selection& sel, const KernelOptions& o,
+                                const T* q, const T* k, const T* v, T* out, T* stat) {
+  if (!stat) detail::invalid("attention: null statistics buffer");
+  if constexpr (std::is_same_v<T, float>) engine::forward(sh, sel, o, q, k, v, out, stat, {});
+  else reference_forward(sh, sel, o, q, k, v, out, stat);
 }
 
 namespace {

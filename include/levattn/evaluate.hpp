@@ -21,9 +21,10 @@ struct EvaluateOptions {
 /// One selection on one (batch, head) pair.
 struct Evaluation {
   index_t pair = 0;          ///< b * heads + h
-  /// describe(options) plus what was used where the options leave it open: the seed of random
-  /// and cluster, cluster's probe, the scale when one was given: "cluster top_k=32 probe=9 seed=0".
+  /// The selection's spec (selection_spec) with what was used where the options leave it open,
+  /// cluster's probe: "cluster:32+probe:9"; empty from selection_metrics (it gets no options).
   std::string selection;
+  double scale = 0.0;  ///< the logit scale used (the options', EvaluateOptions', or the kernel's default)
   double keys_per_query = 0.0;  ///< mean |S_i| over the queries
   /// Mean over queries of sum_{j in S_i} softmax(scale q_i.k_j)_j (scale: the options' or 1/sqrt(d)).
   double softmax_mass = 0.0;

@@ -70,7 +70,7 @@ struct AttentionOptions : KernelOptions {
   /// every key. Each selection is made as if the masked keys were not there (leverage scores of
   /// the others, random draws among them, top-k and clusters searching them only, sinks the first
   /// `sinks` unmasked keys) and no query attends one (nor its window band, nor `full`). Taken by
-  /// select_keys and the differentiable pair (selected_attention.hpp); attention() refuses it.
+  /// attention(), select_keys and the differentiable pair (selected_attention.hpp).
   const std::uint8_t* key_mask = nullptr;
   bool return_selection = false;  ///< fill AttentionResult::selection
   /// Called now and then from the calling thread with the fraction of work done, in [0, 1].
@@ -113,12 +113,12 @@ Select parse_select(const std::string& name);
 /// Throws Error(invalid_argument) naming the spec and what was expected.
 AttentionOptions parse_selection(const std::string& spec);
 
-/// The inverse of parse_selection: the spec of every field above that differs from its default,
-/// numbers to 17 digits, so that parse_selection(selection_spec(o)) has o's values exactly (the
-/// fields outside the spec, scale, causal, return_selection and progress, are not carried).
+/// The inverse of parse_selection, and the one name of a selection (the CLI's JSON, evaluate's
+/// rows, the PyTorch op): NAME[:VALUE] with the budget as VALUE ("leverage:32", "window:16"), then
+/// +FIELD:VALUE for every other field above that differs from its default, in a fixed order,
+/// numbers in their shortest round-trip form, so that parse_selection(selection_spec(o)) has o's
+/// values exactly and equal options have equal specs (the fields outside the spec, scale,
+/// causal, key_mask, return_selection and progress, are not carried).
 std::string selection_spec(const AttentionOptions& options);
-
-/// A short name of a selection's options: select, budget, window, sinks, kernel if not softmax.
-std::string describe(const AttentionOptions& options);
 
 }  // namespace levattn

@@ -79,8 +79,8 @@ def methods(shape, top_k):
     return {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
         "levattn_full": lambda q, k, v: lev_attention(q, k, v, select="full"),
-        "levattn_leverage": lambda q, k, v: lev_attention(q, k, v, select="leverage", top_k=top_k),
-        "levattn_cluster": lambda q, k, v: lev_attention(q, k, v, select="cluster", top_k=top_k),
+        "levattn_leverage": lambda q, k, v: lev_attention(q, k, v, select=f"leverage:{top_k}"),
+        "levattn_cluster": lambda q, k, v: lev_attention(q, k, v, select=f"cluster:{top_k}"),
         "flex_window_sinks": flex_window(n, top_k),
     }
 
@@ -111,7 +111,7 @@ def case(shape, top_k, repeats, log):
     with torch.no_grad():
         row["bf16_forward_s"] = {
             "sdpa": best_time(lambda: F.scaled_dot_product_attention(qb, kb, vb), repeats),
-            "levattn_leverage": best_time(lambda: lev_attention(qb, kb, vb, select="leverage", top_k=top_k), repeats),
+            "levattn_leverage": best_time(lambda: lev_attention(qb, kb, vb, select=f"leverage:{top_k}"), repeats),
         }
     print_case(row, log)
     return row
@@ -148,7 +148,7 @@ def model_case(repeats, quick):
     x = torch.randn(b, n, e)
     out = {"shape": [b, n, e, heads]}
     for name, layer in (("sdpa", lambda: SDPASelfAttention(e, heads, select="full")),
-                        ("levattn_leverage", lambda: LevSelfAttention(e, heads, select="leverage", top_k=32))):
+                        ("levattn_leverage", lambda: LevSelfAttention(e, heads, select="leverage:32"))):
         m = torch.compile(model(layer), fullgraph=True)
         with torch.no_grad():
             out[f"{name}_forward_s"] = best_time(lambda: m(x), repeats)
@@ -164,8 +164,8 @@ def overhead(repeats):
     # A call whose C++ work is a few microseconds: what remains is the Python layer's cost.
     q, k, v = inputs((1, 1, 4, 4), True)
     with torch.no_grad():
-        t_no_grad = best_time(lambda: [lev_attention(q, k, v, top_k=2) for _ in range(100)], repeats) / 100
-    t_grad = best_time(lambda: [lev_attention(q, k, v, top_k=2) for _ in range(100)], repeats) / 100
+        t_no_grad = best_time(lambda: [lev_attention(q, k, v, select="leverage:2") for _ in range(100)], repeats) / 100
+    t_grad = best_time(lambda: [lev_attention(q, k, v, select="leverage:2") for _ in range(100)], repeats) / 100
     return {"call_no_grad_s": t_no_grad, "call_with_autograd_s": t_grad}
 
 
@@ -178,7 +178,7 @@ base = status('VmRSS')
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 1, 65536, 64, generator=g).requires_grad_() for _ in range(3))
 inputs = 3 * q.numel() * 4
-lev_attention(q, k, v, select="leverage", top_k=256).backward(torch.ones(1, 1, 65536, 64))
+lev_attention(q, k, v, select="leverage:256").backward(torch.ones(1, 1, 65536, 64))
 print(base, inputs, status('VmHWM'))
 """
 

@@ -24,15 +24,15 @@ import torch
 
 FORTUNES = pathlib.Path("/usr/share/games/fortunes")
 TARGETS = (64, 128, 256, 512)
-SELECTIONS = {  # name -> lev_attention keywords at budget k: k keys per query (fewer where they overlap)
-    "leverage": lambda k: dict(select="leverage", top_k=k),
-    "window+sinks": lambda k: dict(select="window", window=(k - 2) // 2, sinks=1),
-    "leverage+window+sinks": lambda k: dict(select="leverage", top_k=k - 2 * (k // 8) - 3, window=k // 8, sinks=2),
-    "random": lambda k: dict(select="random", top_k=k),
-    "topk": lambda k: dict(select="topk", top_k=k),
-    "cluster": lambda k: dict(select="cluster", top_k=k),
-    "cluster+window+sinks": lambda k: dict(select="cluster", top_k=k - 2 * (k // 8) - 3, window=k // 8, sinks=2),
-    "random+window+sinks": lambda k: dict(select="random", top_k=k - 2 * (k // 8) - 3, window=k // 8, sinks=2),
+SELECTIONS = {  # name -> the selection spec at budget k: k keys per query (fewer where they overlap)
+    "leverage": lambda k: f"leverage:{k}",
+    "window+sinks": lambda k: f"window:{(k - 2) // 2}+sinks:1",
+    "leverage+window+sinks": lambda k: f"leverage:{k - 2 * (k // 8) - 3}+window:{k // 8}+sinks:2",
+    "random": lambda k: f"random:{k}",
+    "topk": lambda k: f"topk:{k}",
+    "cluster": lambda k: f"cluster:{k}",
+    "cluster+window+sinks": lambda k: f"cluster:{k - 2 * (k // 8) - 3}+window:{k // 8}+sinks:2",
+    "random+window+sinks": lambda k: f"random:{k - 2 * (k // 8) - 3}+window:{k // 8}+sinks:2",
 }
 BUDGETS = (8, 16, 32, 64)
 
@@ -112,14 +112,14 @@ def quality(args):
     for name in chosen:
         make = SELECTIONS[name]
         for k in args.budgets:
-            lt.set_selection(ours, **make(k))
+            lt.set_selection(ours, make(k))
             t0 = time.perf_counter()
             e = embed(ours, tok, texts)
             seconds = time.perf_counter() - t0
             cos = (e * full).sum(-1).numpy()
             nn = neighbours(e)
             overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / len(a) for a, b in zip(nn, full_nn)])
-            rows.append(dict(selection=name, k=k, options=make(k), cos_mean=float(cos.mean()),
+            rows.append(dict(selection=name, k=k, spec=make(k), cos_mean=float(cos.mean()),
                              cos_p5=float(np.percentile(cos, 5)), knn10_overlap=float(overlap), seconds=seconds))
             print(f"{name:24s} k={k:3d} cos mean {cos.mean():.4f} p5 {np.percentile(cos, 5):.4f} "
                   f"10-NN overlap {overlap:.3f} ({seconds:.0f} s)", flush=True)
@@ -142,13 +142,13 @@ def timing(args):
             run(model)  # warm-up
         cases = [("sdpa", None)] + [(f"{name} k={k}", make(k)) for name, make in SELECTIONS.items()
                                     for k in (16, 64) if name in ("leverage", "topk", "cluster", "window+sinks")]
-        cases.append(("levattn full", dict(select="full")))
+        cases.append(("levattn full", "full"))
         best = {}
         for _ in range(args.repeats):  # interleaved, so that machine noise spreads over all cases
-            for label, options in cases:
-                model = ref if options is None else ours
-                if options is not None:
-                    lt.set_selection(ours, **options)
+            for label, spec in cases:
+                model = ref if spec is None else ours
+                if spec is not None:
+                    lt.set_selection(ours, spec)
                 t0 = time.perf_counter()
                 run(model)
                 best[label] = min(best.get(label, 1e9), time.perf_counter() - t0)
@@ -175,8 +175,7 @@ def layers(args):
 
     lt.AttentionInterface.register("levattn", recording)
     lt.set_selection(ours, "full")
-    from levattn.torch import selection_spec
-    specs = {(name, k): selection_spec(**make(k)) for name, make in SELECTIONS.items() for k in args.budgets}
+    specs = {(name, k): make(k) for name, make in SELECTIONS.items() for k in args.budgets}
     sums = {}
     try:
         for text in texts:

@@ -29,11 +29,7 @@ import levattn
 from levattn.torch import LevSelfAttention
 
 DATA = "/usr/share/datasets/fashion-mnist"
-ATTENTION = {  # the selection each model is trained with
-    "softmax": dict(select="full"),
-    "leverage": dict(select="leverage", top_k=32),
-    "poly": dict(select="full", kernel="poly", p=4.0),
-}
+ATTENTION = {"softmax": "full", "leverage": "leverage:32", "poly": "full+kernel:poly+p:4"}  # trained with
 
 
 def load(split):
@@ -49,10 +45,10 @@ def load(split):
 
 
 class Block(nn.Module):
-    def __init__(self, width, heads, attention):
+    def __init__(self, width, heads, select):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = LevSelfAttention(width, heads, **attention)
+        self.attn = LevSelfAttention(width, heads, select=select)
         self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
 
     def forward(self, x):
@@ -63,12 +59,12 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """Patch embedding, class token, learned positions, pre-norm blocks, linear head."""
 
-    def __init__(self, width=64, depth=4, heads=4, attention=None):
+    def __init__(self, width=64, depth=4, heads=4, select="full"):
         super().__init__()
         self.embed = nn.Linear(4, width)
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.pos = nn.Parameter(torch.randn(1, 197, width) * 0.02)
-        self.blocks = nn.ModuleList(Block(width, heads, attention or ATTENTION["softmax"]) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, select) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 10)
 
@@ -78,13 +74,10 @@ class ViT(nn.Module):
             x = block(x)
         return self.head(self.norm(x[:, 0]))
 
-    def set_selection(self, **options):
-        """Every attention layer's selection options (evaluation with another selection)."""
-        chosen = dict(select="full", top_k=None, eps=None, window=None, sinks=0, kernel="softmax", p=2.0, seed=0)
-        chosen.update(options)
+    def set_selection(self, select):
+        """Every attention layer's selection spec (evaluation with another selection)."""
         for block in self.blocks:
-            for key, value in chosen.items():
-                setattr(block.attn, key, value)
+            block.attn.select = select
 
 
 def train(args):
@@ -155,27 +148,21 @@ def layer_inputs(model, x):
 
 
 def selections_for(kind):
-    """(label, lev_attention options, evaluate spec) of every selection a model is evaluated with."""
-    out = [("full", dict(select="full"), "full")]
+    """(label, selection spec) of every selection a model is evaluated with."""
+    out = [("full", "full")]
     budgets = (8, 16, 32, 64, 128)
     if kind == "poly":
-        out = [("full", dict(select="full", kernel="poly", p=4.0), "full+kernel:poly+p:4")]
-        for eps in (0.01, 0.05, 0.1):
-            out.append((f"U_eps eps={eps}", dict(select="leverage", eps=eps, kernel="poly", p=4.0),
-                        f"leverage+eps:{eps}+kernel:poly+p:4"))
-        for k in (16, 32, 64):
-            out.append((f"leverage top-{k}", dict(select="leverage", top_k=k, kernel="poly", p=4.0),
-                        f"leverage:{k}+kernel:poly+p:4"))
+        out = [("full", "full+kernel:poly+p:4")]
+        out += [(f"U_eps eps={eps}", f"leverage+eps:{eps}+kernel:poly+p:4") for eps in (0.01, 0.05, 0.1)]
+        out += [(f"leverage top-{k}", f"leverage:{k}+kernel:poly+p:4") for k in (16, 32, 64)]
         return out
     if kind == "leverage":
         budgets = (32,)
     for k in budgets:
-        out.append((f"leverage top-{k}", dict(select="leverage", top_k=k), f"leverage:{k}"))
+        out.append((f"leverage top-{k}", f"leverage:{k}"))
         if kind == "softmax":
-            out.append((f"window {k}", dict(select="window", window=k // 2), f"window:{k // 2}"))
-            out.append((f"random {k}", dict(select="random", top_k=k), f"random:{k}"))
-            out.append((f"exact top-{k}", dict(select="topk", top_k=k), f"topk:{k}"))
-            out.append((f"cluster top-{k}", dict(select="cluster", top_k=k), f"cluster:{k}"))
+            out += [(f"window {k}", f"window:{k // 2}"), (f"random {k}", f"random:{k}"),
+                    (f"exact top-{k}", f"topk:{k}"), (f"cluster top-{k}", f"cluster:{k}")]
     return out
 
 
@@ -186,13 +173,15 @@ def evaluate(paths, out_path, test_images=10000, probe_images=256, only=None):
     for path in paths:
         saved = torch.load(path)
         info = saved["info"]
-        model = ViT(info["width"], info["depth"], info["heads"], info["options"])
+        # A checkpoint names its training selection by spec (older ones by keywords: the same selection).
+        trained = info["options"] if isinstance(info["options"], str) else ATTENTION[info["attention"]]
+        model = ViT(info["width"], info["depth"], info["heads"], trained)
         model.load_state_dict(saved["state"])
         model.eval()
-        for label, options, spec in selections_for(info["attention"]):
+        for label, spec in selections_for(info["attention"]):
             if only and label not in only:
                 continue
-            model.set_selection(**options)
+            model.set_selection(spec)
             t0 = time.time()
             acc = accuracy(model, x, y)
             row = {"model": info["attention"], "selection": label, "accuracy": acc, "seconds": time.time() - t0,
@@ -201,8 +190,7 @@ def evaluate(paths, out_path, test_images=10000, probe_images=256, only=None):
                    "layers": []}
             for q, k, v in layer_inputs(model, x[:probe_images]):
                 ev = levattn.evaluate(q, k, v, [spec])
-                sets = levattn.select_keys(q.reshape(-1, 197, q.shape[-1]), k.reshape(-1, 197, k.shape[-1]),
-                                           **{kk: vv for kk, vv in options.items()})
+                sets = levattn.select_keys(q.reshape(-1, 197, q.shape[-1]), k.reshape(-1, 197, k.shape[-1]), spec)
                 size = np.mean([len(s) for s in sets.shared_keys]) if sets.shared_keys else None
                 row["layers"].append({"softmax_mass": float(np.mean([e["softmax_mass"] for e in ev])),
                                       "output_error": float(np.mean([e["output_error"] for e in ev])),
@@ -225,7 +213,7 @@ def quick():
     model, info = train(args)
     assert info["last_loss"] < info["first_loss"], info
     x, y = load("test")
-    model.set_selection(select="leverage", top_k=16)
+    model.set_selection("leverage:16")
     acc = accuracy(model, x[:512], y[:512])
     layers = layer_inputs(model, x[:8])
     ev = levattn.evaluate(*layers[0], ["leverage:16", "topk:16"])

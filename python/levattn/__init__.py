@@ -11,7 +11,6 @@ backward) and the ``LevSelfAttention`` module.
 from . import _core
 from ._core import (  # noqa: F401
     AttentionResult,
-    ClusterOptions,
     HeavyAgreement,
     HeavyEntries,
     KVCache,

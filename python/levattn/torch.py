@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from . import _core
 
-__all__ = ["lev_attention", "LevSelfAttention", "SelectedKeys", "selection_spec"]
+__all__ = ["lev_attention", "LevSelfAttention", "SelectedKeys"]
 
 _FLOATS = (torch.float32, torch.float64)
 _COMPUTED_IN_FLOAT32 = (torch.bfloat16, torch.float16)
@@ -27,35 +27,15 @@ _COMPUTED_IN_FLOAT32 = (torch.bfloat16, torch.float16)
 
 # -- the selection spec ---------------------------------------------------------------------------
 
-# Fields of a LeverageOptions / ClusterOptions as the spec names them (levattn.parse_selection).
-_LEVERAGE_FIELDS = {"method": "method", "ridge": "ridge", "rank_rtol": "rank_rtol", "sketch": "sketch",
-                    "sketch_size": "sketch_size", "gamma": "gamma", "jl_columns": "jl_columns", "delta": "delta",
-                    "seed": "sketch_seed"}
-_CLUSTER_FIELDS = {"clusters": "clusters", "probe": "probe", "iterations": "iterations"}
-
-
-def _text(value):
-    # repr of a float is its shortest round-trip form, which the C++ parser reads back exactly.
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def selection_spec(select="leverage", *, top_k=None, eps=None, window=None, sinks=0, kernel="softmax", p=2.0, seed=0,
-                   budget_alpha=0.0, budget_exponent=0.0, leverage=None, cluster=None):
-    """The selection spec of these keywords, as ``levattn.parse_selection`` reads it:
-    ``selection_spec("leverage", top_k=256, window=16) == "leverage+top_k:256+window:16"``.
-
-    This is what the op carries (a traced graph names its selection in text). Plain Python string
-    work, so torch.compile folds it to a constant. leverage / cluster: a levattn.LeverageOptions /
-    levattn.ClusterOptions or a dict of their fields. The options are checked by the op.
-    """
-    fields = [("top_k", top_k), ("eps", eps), ("window", window), ("sinks", sinks or None), ("seed", seed or None),
-              ("kernel", None if kernel == "softmax" else kernel), ("p", None if p == 2.0 else p),
-              ("budget_alpha", budget_alpha or None), ("budget_exponent", budget_exponent or None)]
-    for given, names in ((leverage, _LEVERAGE_FIELDS), (cluster, _CLUSTER_FIELDS)):
-        if given is not None:
-            get = given.get if isinstance(given, dict) else lambda name, g=given: getattr(g, name)
-            fields += [(spec_name, get(name)) for name, spec_name in names.items()]
-    return select + "".join(f"+{name}:{_text(value)}" for name, value in fields if value is not None)
+def _spec(select, function, retired):
+    """The selection spec a call names: `select`, a string (checked by the op, so that this stays
+    plain Python that torch.compile folds); the keywords of old are a TypeError with their spec."""
+    if retired:
+        _core.refuse_selection_keywords(function, select if isinstance(select, str) else "full", retired)
+    if not isinstance(select, str):
+        raise ValueError(f"select: expected a selection spec string such as 'leverage:32+window:4', got "
+                         f"{type(select).__name__}")
+    return select
 
 
 # -- the op ---------------------------------------------------------------------------------------
@@ -214,8 +194,7 @@ def _key_padding(mask, query, key):
 
 
 def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=None, enable_gqa=False,
-                  select="leverage", top_k=None, eps=None, window=None, sinks=0, kernel="softmax", p=2.0, seed=0,
-                  budget_alpha=0.0, budget_exponent=0.0, leverage=None, cluster=None, return_selection=False):
+                  select="leverage", return_selection=False, **retired):
     """Attention of each query over its selected keys, differentiable in query, key and value.
 
     query (.., m, d), key (.., n, d), value (.., n, dv) with .. = (), (heads,) or (batch, heads):
@@ -234,18 +213,19 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
     nor attended (sinks are then the first unmasked keys); a query with no key left gets 0 (SDPA
     gives NaN). Other masks are a ValueError.
 
-    select: "leverage" (top_k keys by leverage score, or the universal set U_eps for eps in
-    (0, 1]; with the poly kernel and p != 2 by |x|^p sensitivity bounds), "full" (every key: exact
-    attention), "topk" (per query its top_k keys by f(s): the exact oracle, O(m n d)), "random"
-    (top_k keys per (batch, head) by seed), "window" (window and sinks only) or "cluster" (per
-    query its top_k keys among the keys of its nearest k-means clusters: query-aware,
-    sub-quadratic; settings in cluster=levattn.ClusterOptions(...) or a dict, eps adds U_eps).
-    window=w adds keys |i - j| <= w, sinks=s keys 0 .. s-1 (leverage, random, window, cluster).
-    kernel: "softmax" (exp(s)) or "poly" (|s|^p normalised over the selection). budget_alpha /
-    budget_exponent: the n^C-adaptive budget top_k = ceil(alpha n^C). leverage: a
-    levattn.LeverageOptions or a dict. With is_causal, select="leverage" takes eps and uses each
-    block's causal universal set, made from keys before the block only, so no output depends on
-    a later key (cluster trains its k-means on all keys: its choice of earlier keys can).
+    select: the selection spec, as ``levattn.attention`` and ``levattn attend --select`` take it:
+    "leverage:32" (the 32 keys of largest leverage score; "leverage+eps:0.05" the universal set
+    U_eps; with +kernel:poly+p:P and P != 2 by |x|^p sensitivity bounds), "full" (every key:
+    exact attention), "topk:32" (per query its top keys by f(s): the exact oracle, O(m n d)),
+    "random:32" (+seed:S), "window:16" (keys |i - j| <= 16) or "cluster:32" (per query its top keys
+    among its nearest k-means clusters: query-aware, sub-quadratic; +probe, +clusters,
+    +iterations; +eps adds U_eps), each with +window:W and +sinks:S (keys 0 .. S-1) added;
+    +kernel:poly+p:P for |s|^p normalised over the selection; +budget_alpha:A+budget_exponent:C for
+    the n^C-adaptive budget ceil(A n^C); the leverage score fields (+method:sketch+sketch_size:N,
+    ...). ``levattn.parse_selection`` gives a spec's canonical form. With is_causal,
+    "leverage+eps:E" uses each block's causal universal set, made from keys before the block only,
+    so no output depends on a later key (cluster trains its k-means on all keys: its choice of
+    earlier keys can). The keywords of old (top_k=, window=, ...) are a TypeError giving their spec.
 
     The selection is a discrete choice made in the forward pass from query and key (rounded to
     float32 for it). Cost per (batch, head): selection O(n d^2) (leverage), attention
@@ -261,9 +241,7 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
     if query.dim() >= 3 and key.dim() == query.dim() and key.shape[-3] != query.shape[-3] and not enable_gqa:
         raise ValueError(f"key: {key.shape[-3]} heads against the query's {query.shape[-3]}; pass enable_gqa=True "
                          "for grouped-query attention")
-    spec = selection_spec(select, top_k=top_k, eps=eps, window=window, sinks=sinks, kernel=kernel, p=p, seed=seed,
-                          budget_alpha=budget_alpha, budget_exponent=budget_exponent, leverage=leverage,
-                          cluster=cluster)
+    spec = _spec(select, "lev_attention", retired)
     scale = None if scale is None else float(scale)
     out, _, segs, own = torch.ops.levattn.attention(query, key, value, key_mask, spec, scale, bool(is_causal))
     if return_selection:
@@ -277,15 +255,15 @@ class LevSelfAttention(nn.Module):
 
     Input x (batch, n, embed_dim) (or (n, embed_dim)); output of the same shape. The parameters
     have MultiheadAttention's names and shapes (in_proj_weight, in_proj_bias, out_proj), so its
-    state_dict loads as it is; select="full" then reproduces it. The selection options are
-    attributes (``module.select = "topk"``...) so that a trained model can be evaluated with
-    another selection. Each head attends with ``lev_attention``; see it for the options.
+    state_dict loads as it is; select="full" then reproduces it. The selection spec, the scale and
+    is_causal are attributes (``module.select = "topk:32"``) so that a trained model can be
+    evaluated with another selection. Each head attends with ``lev_attention``; see it for the spec.
     """
 
-    def __init__(self, embed_dim, num_heads, *, select="leverage", top_k=None, eps=None, window=None,
-                 sinks=0, kernel="softmax", p=2.0, scale=None, seed=0, leverage=None, cluster=None,
-                 is_causal=False, bias=True, device=None, dtype=None):
+    def __init__(self, embed_dim, num_heads, *, select="leverage", scale=None, is_causal=False, bias=True,
+                 device=None, dtype=None, **retired):
         super().__init__()
+        select = _spec(select, "LevSelfAttention", retired)
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         factory = {"device": device, "dtype": dtype}
@@ -296,9 +274,7 @@ class LevSelfAttention(nn.Module):
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.select, self.top_k, self.eps, self.window, self.sinks = select, top_k, eps, window, sinks
-        self.kernel, self.p, self.scale, self.seed, self.leverage = kernel, p, scale, seed, leverage
-        self.cluster, self.is_causal = cluster, is_causal
+        self.select, self.scale, self.is_causal = select, scale, is_causal
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -310,9 +286,7 @@ class LevSelfAttention(nn.Module):
 
     def options(self):
         """The lev_attention keywords this module uses now."""
-        return dict(select=self.select, top_k=self.top_k, eps=self.eps, window=self.window, sinks=self.sinks,
-                    kernel=self.kernel, p=self.p, scale=self.scale, seed=self.seed, leverage=self.leverage,
-                    cluster=self.cluster, is_causal=self.is_causal)
+        return dict(select=self.select, scale=self.scale, is_causal=self.is_causal)
 
     def forward(self, x, return_selection=False):
         unbatched = x.dim() == 2
@@ -330,5 +304,5 @@ class LevSelfAttention(nn.Module):
         return (y, selection) if return_selection else y
 
     def extra_repr(self):
-        o = {k: v for k, v in self.options().items() if v is not None and k not in ("leverage", "cluster")}
+        o = {k: v for k, v in self.options().items() if v is not None}
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, " + ", ".join(f"{k}={v!r}" for k, v in o.items())

@@ -110,43 +110,61 @@ LeverageOptions leverage_options(const std::string& method, double ridge, double
   return o;
 }
 
-// Select::cluster's settings, as one keyword.
-struct ClusterOptions {
-  index_t clusters = 0, probe = 0, iterations = 8;
-};
-
-// The options of attention() and select_keys() from the Python keywords.
-AttentionOptions attention_options(const std::string& select, std::optional<index_t> top_k, std::optional<double> eps,
-                                   std::optional<index_t> window, index_t sinks, const std::string& kernel, double p,
-                                   std::optional<double> scale, std::int64_t seed, double budget_alpha,
-                                   double budget_exponent, const std::optional<LeverageOptions>& leverage,
-                                   const std::optional<ClusterOptions>& cluster, bool causal) {
-  AttentionOptions o;
-  o.causal = causal;
-  o.select = parse_select(select);
-  o.kernel = parse_kernel(kernel);
-  o.top_k = top_k.value_or(0);
-  o.eps = eps.value_or(0.0);
-  o.window = window.value_or(-1);
-  if (window && *window < 0) value_error("window: expected an integer >= 0 or None, got " + std::to_string(*window));
-  o.sinks = sinks;
-  o.p = p;
+// The options of a call: its selection spec (parse_selection), plus the call's scale and causality.
+AttentionOptions options_of(const std::string& select, std::optional<double> scale, bool causal) {
+  AttentionOptions o = parse_selection(select);
   if (scale) {
     if (!std::isfinite(*scale)) value_error("scale: expected a finite number or None");
     o.scale = *scale;
   }
-  o.seed = seed_of(seed);
-  o.budget_alpha = budget_alpha, o.budget_exponent = budget_exponent;
-  if (leverage) o.leverage = *leverage;
-  if (cluster) o.clusters = cluster->clusters, o.probe = cluster->probe, o.cluster_iterations = cluster->iterations;
+  o.causal = causal;
   return o;
 }
 
-#define LEVATTN_ATTENTION_ARGS                                                                                 \
-  arg("select") = "full", arg("top_k") = py::none(), arg("eps") = py::none(), arg("window") = py::none(),      \
-  arg("sinks") = 0, arg("kernel") = "softmax", arg("p") = 2.0, arg("scale") = py::none(), arg("seed") = 0,     \
-  arg("budget_alpha") = 0.0, arg("budget_exponent") = 0.0, arg("leverage") = py::none(), arg("cluster") = py::none(), \
-  arg("causal") = false
+// The keywords a selection was given as before it became one spec string (select="leverage",
+// top_k=32, window=4): refused with the spec that says the same ("leverage:32+window:4") when
+// they make one, so that old code fails at once with its new spelling.
+[[noreturn]] void refuse_selection_keywords(const std::string& function, const std::string& select,
+                                            const py::dict& given) {
+  std::string names, spec;
+  try {
+    AttentionOptions o = parse_selection(select);
+    for (auto [key, value] : given) {
+      const std::string name = py::str(key);
+      names += (names.empty() ? "" : ", ") + name;
+      if (value.is_none()) continue;
+      if (name == "top_k") o.top_k = value.cast<index_t>();
+      else if (name == "eps") o.eps = value.cast<double>();
+      else if (name == "window") o.window = value.cast<index_t>();
+      else if (name == "sinks") o.sinks = value.cast<index_t>();
+      else if (name == "kernel") o.kernel = parse_kernel(value.cast<std::string>());
+      else if (name == "p") o.p = value.cast<double>();
+      else if (name == "seed") o.seed = value.cast<std::uint64_t>();
+      else if (name == "budget_alpha") o.budget_alpha = value.cast<double>();
+      else if (name == "budget_exponent") o.budget_exponent = value.cast<double>();
+      else if (name == "leverage") o.leverage = value.cast<LeverageOptions>();
+      else if (name == "cluster") {  // the settings object of old: clusters, probe, iterations
+        const auto field = [&](const char* f, index_t fallback) {
+          if (py::isinstance<py::dict>(value)) return value.cast<py::dict>().contains(f) ? value[f].cast<index_t>() : fallback;
+          return py::hasattr(value, f) ? value.attr(f).cast<index_t>() : fallback;
+        };
+        o.clusters = field("clusters", o.clusters), o.probe = field("probe", o.probe);
+        o.cluster_iterations = field("iterations", o.cluster_iterations);
+      } else {
+        throw py::type_error(function + "() got an unexpected keyword argument '" + name + "'");
+      }
+    }
+    spec = selection_spec(o);
+  } catch (const py::type_error&) {
+    throw;
+  } catch (const std::exception&) {
+    spec.clear();  // the old keywords do not make a valid spec: name the form only
+  }
+  throw py::type_error(function + "(): " + names + " are not keywords any more: a selection is one spec string, " +
+                       (spec.empty() ? std::string("select=\"NAME[:BUDGET][+FIELD:VALUE...]\"")
+                                     : "select=\"" + spec + "\"") +
+                       " (levattn.parse_selection's spelling, as `levattn attend --select` takes it)");
+}
 
 // The shape of q (.., m, d), k (.., n, d), v (.., n, dv) with the same leading dimensions, but
 // for k and v's heads, which may divide q's (grouped-query attention).
@@ -201,17 +219,6 @@ py::tuple backward(py::handle q_, py::handle k_, py::handle v_, py::handle out_,
   }
   const auto opt = [](bool need, py::array_t<T>& a) -> py::object { return need ? py::object(a) : py::none(); };
   return py::make_tuple(opt(need_dq, gq), opt(need_dk, gk), opt(need_dv, gv));
-}
-
-// The options of the PyTorch op: its selection spec, plus the call's scale and causality.
-AttentionOptions op_options(const std::string& spec, std::optional<double> scale, bool causal) {
-  AttentionOptions o = parse_selection(spec);
-  if (scale) {
-    if (!std::isfinite(*scale)) value_error("scale: expected a finite number or None");
-    o.scale = *scale;
-  }
-  o.causal = causal;
-  return o;
 }
 
 // The op's key mask: None, or (batch, n) of bool / uint8 (nonzero: the key may be attended).
@@ -320,7 +327,7 @@ Array numpy_to_array(py::handle obj, const char* name) {
 // One row of the evaluator (evaluate, selection_metrics) as a dict.
 py::dict evaluation_dict(const Evaluation& e) {
   py::dict d;
-  d["pair"] = e.pair, d["selection"] = e.selection, d["keys_per_query"] = e.keys_per_query;
+  d["pair"] = e.pair, d["selection"] = e.selection, d["scale"] = e.scale, d["keys_per_query"] = e.keys_per_query;
   d["softmax_mass"] = e.softmax_mass, d["kernel_mass"] = e.kernel_mass;
   d["kernel_heavy_recall"] = e.kernel_heavy_recall, d["kernel_heavy"] = e.kernel_heavy;
   d["output_error"] = e.output_error;
@@ -347,18 +354,6 @@ LeverageOptions(method="exact", ridge=0.0, rank_rtol=1e-5, sketch="countsketch",
       .def_readonly("jl_columns", &LeverageOptions::jl_columns)
       .def_readonly("delta", &LeverageOptions::delta)
       .def_readonly("seed", &LeverageOptions::seed);
-
-  py::class_<ClusterOptions>(m, "ClusterOptions", R"doc(Settings of select="cluster".
-
-ClusterOptions(clusters=0, probe=0, iterations=8): k-means clusters per head (0: ceil(sqrt(n))),
-clusters each query searches (0: levattn default_probe: about 2 top_k candidates, at least max(4, clusters / 32)) and the most k-means steps.)doc")
-      .def(py::init([](index_t clusters, index_t probe, index_t iterations) {
-             return ClusterOptions{clusters, probe, iterations};
-           }),
-           arg("clusters") = 0, arg("probe") = 0, arg("iterations") = 8)
-      .def_readonly("clusters", &ClusterOptions::clusters)
-      .def_readonly("probe", &ClusterOptions::probe)
-      .def_readonly("iterations", &ClusterOptions::iterations);
 
   py::class_<LeverageScores>(m, "LeverageScores", "Leverage scores (or |x|^p sensitivity bounds) of the keys.")
       .def_property_readonly("scores", [](const LeverageScores& s) { return to_array(s.scores); },
@@ -695,15 +690,12 @@ column subset. m = 0: the default size for failure probability delta. Returns Re
   m.def("adaptive_budget", &adaptive_budget, arg("n"), arg("alpha"), arg("exponent"),
         "ceil(alpha * n^exponent), clamped to [1, n]: the n^C-sparse key budget.");
 
-  m.def("attention", [](py::handle q_, py::handle k_, py::handle v_, const std::string& select, std::optional<index_t> top_k,
-                        std::optional<double> eps, std::optional<index_t> window, index_t sinks, const std::string& kernel,
-                        double p, std::optional<double> scale, std::int64_t seed, double budget_alpha,
-                        double budget_exponent, const std::optional<LeverageOptions>& lev,
-                        const std::optional<ClusterOptions>& cl, bool causal, bool return_result) -> py::object {
+  m.def("attention", [](py::handle q_, py::handle k_, py::handle v_, const std::string& select,
+                        std::optional<double> scale, bool causal, bool return_result, const py::kwargs& retired) -> py::object {
+    if (!retired.empty()) refuse_selection_keywords("attention", select, retired);
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k"), v = array_of<float>(v_, "v");
     if (q.ndim() != k.ndim() || q.ndim() != v.ndim()) value_error("q, k, v: expected arrays of the same number of dimensions");
-    AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed, budget_alpha,
-                                           budget_exponent, lev, cl, causal);
+    AttentionOptions o = options_of(select, scale, causal);
     o.return_selection = return_result;
     const Tensor4Ref Q = tensor4(q, "q"), K = tensor4(k, "k"), V = tensor4(v, "v");
     py::array_t<float> out(shape_like(q, q.shape(q.ndim() - 2), v.shape(v.ndim() - 1)));
@@ -714,33 +706,36 @@ column subset. m = 0: the default size for failure probability delta. Returns Re
     }
     if (!return_result) return out;
     return py::make_tuple(out, std::move(r));
-  }, arg("q"), arg("k"), arg("v"), py::kw_only(), LEVATTN_ATTENTION_ARGS, arg("return_result") = false,
+  }, arg("q"), arg("k"), arg("v"), arg("select") = "full", py::kw_only(), arg("scale") = py::none(),
+     arg("causal") = false, arg("return_result") = false,
      R"doc(Attention of each query over its selection of keys: O = D^-1 f(scale Q K_S^T) V_S (float32).
 
 q (.., m, d), k (.., n, d), v (.., n, dv) with .. = (), (heads,) or (batch, heads); returns out
-(.., m, dv), and with return_result=True (out, AttentionResult). select: full (dense reference,
-no n x n buffer), leverage (top_k or eps; + window, sinks), topk (per-query oracle, O(m n d)),
-random (top_k by seed), window (window and/or sinks only), cluster (per query its top_k keys among
-its probed k-means clusters, `cluster=ClusterOptions(...)`; + window, sinks, U_eps by eps). kernel: softmax (scale 1/sqrt(d)) or
-poly (|s|^p, scale 1). window=None: no window; window=w: keys |i - j| <= w. causal=True: query i
-sees keys 0 .. i only (m == n), in every selection; leverage then takes eps and uses each block's
-causal universal set (every eps-heavy causal x^2 entry kept). Cost per pair: leverage
-O(n d^2 + m |S| (d + dv)).)doc");
+(.., m, dv), and with return_result=True (out, AttentionResult).
 
-  m.def("select_keys", [](py::handle q_, py::handle k_, const std::string& select, std::optional<index_t> top_k,
-                          std::optional<double> eps, std::optional<index_t> window, index_t sinks,
-                          const std::string& kernel, double p, std::optional<double> scale, std::int64_t seed,
-                          double budget_alpha, double budget_exponent, const std::optional<LeverageOptions>& lev,
-                          const std::optional<ClusterOptions>& cl, bool causal) {
+select: the selection spec, NAME[:BUDGET][+FIELD:VALUE...] (levattn.parse_selection; the same text
+as `levattn attend --select`): "full" (dense reference, no n x n buffer), "leverage:32" (top 32 keys
+by leverage score; "leverage+eps:0.05" the universal set U_eps), "topk:32" (per query its top keys:
+the oracle, O(m n d)), "random:32" (+seed:S), "window:16" (keys |i - j| <= 16), "cluster:32" (per
+query its top keys among its probed k-means clusters; +probe, +clusters, +iterations), each with
++window:W and +sinks:S added, +kernel:poly+p:4 for |s|^p attention, +budget_alpha/+budget_exponent
+for the n^C budget and the leverage score fields (+method:sketch, +sketch_size, ...).
+scale: the logit scale (None: 1/sqrt(d) for softmax, 1 for poly). causal=True: query i sees keys
+0 .. i only (m == n), in every selection; leverage then takes eps and uses each block's causal
+universal set (every eps-heavy causal x^2 entry kept). Cost per pair: leverage
+O(n d^2 + m |S| (d + dv)). The keywords of old (top_k=, window=, ...) are a TypeError giving their spec.)doc");
+
+  m.def("select_keys", [](py::handle q_, py::handle k_, const std::string& select, std::optional<double> scale,
+                          bool causal, const py::kwargs& retired) {
+    if (!retired.empty()) refuse_selection_keywords("select_keys", select, retired);
     const auto q = array_of<float>(q_, "q"), k = array_of<float>(k_, "k");
     if (q.ndim() != k.ndim()) value_error("q, k: expected arrays of the same number of dimensions");
-    const AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed,
-                                                 budget_alpha, budget_exponent, lev, cl, causal);
+    const AttentionOptions o = options_of(select, scale, causal);
     const Tensor4Ref Q = tensor4(q, "q"), K = tensor4(k, "k");
     py::gil_scoped_release release;
     return select_keys(Q, K, o);
-  }, arg("q"), arg("k"), py::kw_only(), LEVATTN_ATTENTION_ARGS,
-     "The Selection attention() makes for these options (same keys), without attending. q (.., m, d), k (.., n, d) float32.");
+  }, arg("q"), arg("k"), arg("select"), py::kw_only(), arg("scale") = py::none(), arg("causal") = false,
+     "The Selection attention() makes for the spec `select` (same keys), without attending. q (.., m, d), k (.., n, d) float32.");
 
   m.def("selection_metrics", [](py::handle q_, py::handle k_, py::handle v_, py::handle approx_, const Selection& sel,
                                 const std::string& kernel, double p, std::optional<double> scale, double heavy_eps) {
@@ -800,8 +795,11 @@ scale of every selection without one and of the full attention it is compared wi
 kernel's default, 1/sqrt(d) for softmax; 1 for queries that already carry their scale). Rows
 name the seed of random and cluster, cluster's probe as used, and the scale. O(m n d) per pair.)doc");
 
-  m.def("parse_selection", [](const std::string& spec) { return describe(parse_selection(spec)); }, arg("spec"),
-        "The canonical name of a selection spec (ValueError when it does not parse).");
+  m.def("parse_selection", [](const std::string& spec) { return selection_spec(parse_selection(spec)); }, arg("spec"),
+        R"doc(The canonical form of a selection spec (ValueError naming the spec when it does not parse).
+
+"leverage+window:4+top_k:32" -> "leverage:32+window:4": the budget as the name's value, the other
+fields that differ from their defaults in a fixed order. Equal selections have equal canonical specs.)doc");
 
   m.def("attention_forward", [](py::handle q, py::handle k, py::handle v, const Selection& sel, const std::string& kernel,
                                 double p, std::optional<double> scale) {
@@ -817,31 +815,22 @@ float64 q computes in float64 (k, v converted to it), else float32. stat_i = log
 with g(s) = s (softmax) or p log|s| (poly); +inf for a query with no key (its out is 0).
 Cost O(m |S| (d + dv)), no n x n buffer.)doc");
 
-  m.def("selection_spec", [](const std::string& select, std::optional<index_t> top_k, std::optional<double> eps,
-                             std::optional<index_t> window, index_t sinks, const std::string& kernel, double p,
-                             std::optional<double> scale, std::int64_t seed, double budget_alpha, double budget_exponent,
-                             const std::optional<LeverageOptions>& lev, const std::optional<ClusterOptions>& cl,
-                             bool causal) {
-    const AttentionOptions o = attention_options(select, top_k, eps, window, sinks, kernel, p, scale, seed,
-                                                 budget_alpha, budget_exponent, lev, cl, causal);
-    return selection_spec(o);
-  }, py::kw_only(), LEVATTN_ATTENTION_ARGS,
-     R"doc(The selection spec of these keywords (as parse_selection reads it): every option but scale and causal.
-
-The spec is what levattn.torch's op carries, so that a traced graph names its selection in text;
-the options are checked where they are used (selection_layout, attention).)doc");
-
   m.def("selection_layout", [](const std::string& spec, std::optional<double> scale, bool causal,
                                const std::array<index_t, 7>& shape) {
-    return selection_layout(shape_of(shape), op_options(spec, scale, causal));
+    return selection_layout(shape_of(shape), options_of(spec, scale, causal));
   }, arg("spec"), arg("scale"), arg("causal"), arg("shape"),
      R"doc(The data-independent part of the Selection of a call: shape = (batch, heads, m, n, d, dv, kv_heads).
 
 Its top_k, window, segment, all_keys and causal are those select_keys gives; no keys. O(1).)doc");
 
+  m.def("refuse_selection_keywords", [](const std::string& function, const std::string& select, const py::dict& given) {
+    refuse_selection_keywords(function, select, given);
+  }, arg("function"), arg("select"), arg("given"),
+     "Raises the TypeError that gives the spec of a selection given as keywords of old (for levattn.torch).");
+
   m.def("op_forward", [](py::handle q, py::handle k, py::handle v, py::handle key_mask, const std::string& spec,
                          std::optional<double> scale, bool causal) {
-    const AttentionOptions o = op_options(spec, scale, causal);
+    const AttentionOptions o = options_of(spec, scale, causal);
     const py::array a = py::array::ensure(q);
     if (a && a.dtype().kind() == 'f' && a.dtype().itemsize() == 8) return op_forward<double>(q, k, v, key_mask, o);
     return op_forward<float>(q, k, v, key_mask, o);
@@ -857,7 +846,7 @@ an unused slot). Cost: the selection's plus O(m |S| (d + dv)).)doc");
   m.def("op_backward", [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle stat, py::handle dout,
                           py::handle segs, py::handle own, py::handle key_mask, const std::string& spec,
                           std::optional<double> scale, bool causal, bool need_dq, bool need_dk, bool need_dv) {
-    const AttentionOptions o = op_options(spec, scale, causal);
+    const AttentionOptions o = options_of(spec, scale, causal);
     const auto qa = array_of<float>(q, "q"), ka = array_of<float>(k, "k"), va = array_of<float>(v, "v");
     const Selection sel = selection_of_arrays(segs, own, key_mask, attention_shape(qa, ka, va), o);
     const py::array a = py::array::ensure(q);
@@ -871,7 +860,7 @@ an unused slot). Cost: the selection's plus O(m |S| (d + dv)).)doc");
 
   m.def("selection_from_arrays", [](py::handle segs, py::handle own, py::handle key_mask, const std::string& spec,
                                     std::optional<double> scale, bool causal, const std::array<index_t, 7>& shape) {
-    return selection_of_arrays(segs, own, key_mask, shape_of(shape), op_options(spec, scale, causal));
+    return selection_of_arrays(segs, own, key_mask, shape_of(shape), options_of(spec, scale, causal));
   }, arg("key_segments"), arg("query_keys"), arg("key_mask"), arg("spec"), arg("scale"), arg("causal"), arg("shape"),
      "The Selection behind op_forward's arrays for shape (batch, heads, m, n, d, dv, kv_heads).");
 

@@ -6,11 +6,11 @@ from torch.nn.attention.flex_attention import flex_attention
 from levattn.integrations.flex import block_mask
 from levattn.torch import lev_attention
 
-CASES = [dict(select="window", window=10, sinks=4), dict(select="leverage", top_k=20),
-         dict(select="leverage", top_k=20, window=3, sinks=2), dict(select="topk", top_k=8), dict(select="full"),
-         dict(select="leverage", eps=0.05, is_causal=True), dict(select="cluster", top_k=16, window=2),
-         dict(select="random", top_k=30, seed=3), dict(select="topk", top_k=8, is_causal=True),
-         dict(select="window", window=5, is_causal=True)]
+CASES = [dict(select="window:10+sinks:4"), dict(select="leverage:20"),
+         dict(select="leverage:20+window:3+sinks:2"), dict(select="topk:8"), dict(select="full"),
+         dict(select="leverage+eps:0.05", is_causal=True), dict(select="cluster:16+window:2"),
+         dict(select="random:30+seed:3"), dict(select="topk:8", is_causal=True),
+         dict(select="window:5", is_causal=True)]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_flex_with_the_block_mask_equals_lev_attention(inputs, options, padded):
 def test_block_aligned_window_lists_only_its_blocks(inputs):
     q, k, v, _ = inputs
     # keys |i - j| <= 63 plus sink 0: with blocks of 64, query block r reads blocks r-1 .. r+1 and 0.
-    out, sel = lev_attention(q, k, v, select="window", window=63, sinks=1, return_selection=True)
+    out, sel = lev_attention(q, k, v, select="window:63+sinks:1", return_selection=True)
     bm = block_mask(sel, block_size=64)
     counts = bm.kv_num_blocks[0, 0].tolist()
     blocks = (600 + 63) // 64
@@ -46,19 +46,19 @@ def test_block_aligned_window_lists_only_its_blocks(inputs):
 def test_grouped_query_attention(inputs):
     q, k, v, _ = inputs
     q4 = torch.cat([q, q.flip(-1)], dim=1)
-    out, sel = lev_attention(q4, k, v, enable_gqa=True, select="leverage", top_k=24, return_selection=True)
+    out, sel = lev_attention(q4, k, v, enable_gqa=True, select="leverage:24", return_selection=True)
     got = flex_attention(q4, k, v, block_mask=block_mask(sel), enable_gqa=True)
     torch.testing.assert_close(got, out, atol=2e-6, rtol=1e-5)
 
 
 def test_bad_arguments(inputs):
     q, k, v, _ = inputs
-    _, sel = lev_attention(q, k, v, select="leverage", top_k=8, kernel="poly", return_selection=True)
+    _, sel = lev_attention(q, k, v, select="leverage:8+kernel:poly", return_selection=True)
     with pytest.raises(ValueError, match="softmax"):
         block_mask(sel)
-    _, sel = lev_attention(q, k, v, select="leverage", top_k=8, return_selection=True)
+    _, sel = lev_attention(q, k, v, select="leverage:8", return_selection=True)
     with pytest.raises(ValueError, match="block_size"):
         block_mask(sel, block_size=0)
-    _, sel = lev_attention(q[0, 0], k[0, 0], v[0, 0], select="leverage", top_k=8, return_selection=True)
+    _, sel = lev_attention(q[0, 0], k[0, 0], v[0, 0], select="leverage:8", return_selection=True)
     with pytest.raises(ValueError, match="batch, heads"):
         block_mask(sel)

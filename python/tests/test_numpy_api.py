@@ -1,4 +1,5 @@
 """The numpy API against numpy oracles: scores, sets, heavy entries, attention, errors, files."""
+import re
 import subprocess
 import sys
 import threading
@@ -97,11 +98,11 @@ def test_full_attention_is_dense_softmax_for_every_layout():
 def test_leverage_attention_attends_its_selection():
     r = rng(5)
     q, k, v = (r.standard_normal((120, 8)).astype(np.float32) for _ in range(3))
-    out, res = levattn.attention(q, k, v, select="leverage", top_k=10, sinks=2, return_result=True)
+    out, res = levattn.attention(q, k, v, "leverage:10+sinks:2", return_result=True)
     keys = res.selection.shared_keys[0]
     assert len(keys) <= 12 and {0, 1} <= set(keys.tolist())
     np.testing.assert_allclose(out, dense_softmax(q, k[keys], v[keys]), rtol=1e-4, atol=1e-5)
-    sel = levattn.select_keys(q, k, select="leverage", top_k=10, sinks=2)
+    sel = levattn.select_keys(q, k, "leverage:10+sinks:2")
     np.testing.assert_array_equal(sel.shared_keys[0], keys)
     assert res.selection.window == sel.window == -1 and res.selection.top_k == 0
     assert (sel.keys_per_query() == len(keys)).all()
@@ -110,8 +111,7 @@ def test_leverage_attention_attends_its_selection():
 def test_selection_metrics_of_a_planted_instance():
     inst = levattn.planted(1024, 16, relevant=4, seed=2)
     assert inst.Q.shape == (1024, 16) and sorted(inst.relevant.tolist()) == inst.relevant.tolist()
-    out, res = levattn.attention(inst.Q, inst.K, inst.V, select="leverage", eps=0.05, kernel="poly",
-                                 return_result=True)
+    out, res = levattn.attention(inst.Q, inst.K, inst.V, "leverage+eps:0.05+kernel:poly", return_result=True)
     m = levattn.selection_metrics(inst.Q, inst.K, inst.V, out, res.selection, kernel="poly", heavy_eps=0.05)
     assert m["kernel_heavy_recall"] == 1.0 and m["kernel_heavy"] > 0 and 0.0 < m["kernel_mass"] <= 1.0
     assert m["keys_per_query"] == len(res.selection.shared_keys[0]) and m["output_error"] < 1.0
@@ -160,11 +160,11 @@ def test_inputs_are_converted_when_they_must_be():
     (lambda: levattn.universal_set(np.ones((2, 2, 2, 5, 2)), 0.5), "4-D"),
     (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 5)), np.ones((3, 2))), "columns"),
     (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), select="nope"), "select"),
-    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), select="leverage"), "top_k"),
+    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), "leverage"), "top_k"),
     (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), scale=float("inf")), "scale"),
-    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), select="random", top_k=2, seed=-1),
+    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), "random:2+seed:-1"),
      "seed"),
-    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), window=-2), "window"),
+    (lambda: levattn.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 2)), "window:-2"), "window"),
     (lambda: levattn.heavy_entries(np.ones((3, 4)), np.ones((3, 4)), 0.1, normaliser="other"), "normaliser"),
     (lambda: levattn.reduce_dimension(np.ones((3, 4)), 2, method="pca"), "method"),
 ])
@@ -194,12 +194,12 @@ def test_concurrent_calls_from_python_threads_agree():
     # give what each gives alone (no shared state).
     r = rng(10)
     inputs = [tuple(r.standard_normal((2, 300, 16)).astype(np.float32) for _ in range(3)) for _ in range(4)]
-    alone = [levattn.attention(*x, select="leverage", top_k=32, window=4) for x in inputs]
+    alone = [levattn.attention(*x, "leverage:32+window:4") for x in inputs]
     results = [None] * 4
 
     def work(i):
         for _ in range(5):
-            results[i] = levattn.attention(*inputs[i], select="leverage", top_k=32, window=4)
+            results[i] = levattn.attention(*inputs[i], "leverage:32+window:4")
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
@@ -224,13 +224,13 @@ def test_cluster_selection_with_every_cluster_searched_is_the_exact_topk():
     r = rng(11)
     q = r.standard_normal((100, 8)).astype(np.float32)
     k = r.standard_normal((400, 8)).astype(np.float32)
-    exact = levattn.select_keys(q, k, select="topk", top_k=10)
-    every = levattn.select_keys(q, k, select="cluster", top_k=10, cluster=levattn.ClusterOptions(clusters=20, probe=20))
+    exact = levattn.select_keys(q, k, "topk:10")
+    every = levattn.select_keys(q, k, "cluster:10+clusters:20+probe:20")
     np.testing.assert_array_equal(every.query_keys, exact.query_keys)
-    out, res = levattn.attention(q, k, k, select="cluster", top_k=10, window=2, return_result=True)
+    out, res = levattn.attention(q, k, k, "cluster:10+window:2", return_result=True)
     assert res.selection.query_keys.shape == (1, 100, 10) and out.shape == (100, 8)
     with pytest.raises(ValueError, match="probe"):
-        levattn.attention(q, k, k, select="cluster", top_k=10, cluster=levattn.ClusterOptions(probe=-1))
+        levattn.attention(q, k, k, "cluster:10+probe:-1")
 
 
 def test_evaluate_scale_is_the_softmax_scale_of_pre_scaled_heads():
@@ -243,8 +243,8 @@ def test_evaluate_scale_is_the_softmax_scale_of_pre_scaled_heads():
     specs = ["topk:6", "leverage:10+window:2", "window:3"]
     plain = levattn.evaluate(q, k, v, specs)
     scaled = levattn.evaluate(q / np.float32(4.0), k, v, specs, scale=1.0)
-    assert [x["selection"] for x in scaled[:3]] == [s + " scale=1" for s in
-                                                    ("topk top_k=6", "leverage top_k=10 window=2", "window window=3")]
+    assert [x["selection"] for x in scaled[:3]] == specs and [x["scale"] for x in scaled[:3]] == [1.0] * 3
+    assert [x["scale"] for x in plain[:3]] == [0.25] * 3
     for a, b in zip(plain, scaled):
         for field in ("softmax_mass", "output_error", "x2_heavy_recall", "keys_per_query"):
             assert b[field] == pytest.approx(a[field], rel=1e-4, abs=1e-6), field
@@ -260,12 +260,12 @@ def test_evaluate_matches_a_numpy_oracle():
     k = r.standard_normal((3, 100, 6)).astype(np.float32)
     v = r.standard_normal((3, 100, 5)).astype(np.float32)
     rows = levattn.evaluate(q, k, v, ["topk:9", "random:12+sinks:2", "full"], heavy_eps=0.04, p=3.0)
-    assert [(x["pair"], x["selection"]) for x in rows][:3] == [(0, "topk top_k=9"), (0, "random top_k=12 sinks=2 seed=0"),
+    assert [(x["pair"], x["selection"]) for x in rows][:3] == [(0, "topk:9"), (0, "random:12+sinks:2"),
                                                               (0, "full")]
-    sels = [levattn.select_keys(q, k, select="topk", top_k=9), levattn.select_keys(q, k, select="random", top_k=12, sinks=2),
+    sels = [levattn.select_keys(q, k, "topk:9"), levattn.select_keys(q, k, "random:12+sinks:2"),
             None]
     for x in rows:
-        h, c = x["pair"], ["topk top_k=9", "random top_k=12 sinks=2 seed=0", "full"].index(x["selection"])
+        h, c = x["pair"], ["topk:9", "random:12+sinks:2", "full"].index(x["selection"])
         s = q[h].astype(np.float64) @ k[h].T.astype(np.float64)
         mask = np.ones(s.shape, bool) if sels[c] is None else np.zeros(s.shape, bool)
         if c == 0:
@@ -291,13 +291,14 @@ def test_evaluate_matches_a_numpy_oracle():
     assert tied["scores_tied"] is True  # 5 keys in dimension 6: every leverage score is 1
     with pytest.raises(ValueError, match="wndow"):
         levattn.evaluate(q, k, v, ["topk:3+wndow:2"])
-    assert levattn.parse_selection("leverage+eps:0.05+window:4") == "leverage eps=0.05 window=4"
+    assert levattn.parse_selection("leverage+window:4+eps:0.05") == "leverage+eps:0.05+window:4"
+    assert levattn.parse_selection("leverage+top_k:32+window:4") == "leverage:32+window:4"
 
 
 def test_attention_backward_checks_the_shapes_of_q_k_v():
     r = rng(13)
     q, k, v = (r.standard_normal((2, 20, 4)).astype(np.float32) for _ in range(3))
-    sel = levattn.select_keys(q, k, select="topk", top_k=3)
+    sel = levattn.select_keys(q, k, "topk:3")
     out, stat = levattn.attention_forward(q, k, v, sel)
     for kk in (k[:, :, :3], k[:1]):  # another d, fewer heads: refused before any read
         with pytest.raises(ValueError, match="same leading dimensions"):
@@ -361,7 +362,7 @@ def test_causal_attention_heavy_entries_and_sets():
     np.testing.assert_allclose(levattn.attention(q, k, v, causal=True), (w / w.sum(1, keepdims=True)) @ v,
                                rtol=2e-5, atol=2e-6)
     eps = 0.1
-    sel = levattn.select_keys(q, k, select="leverage", eps=eps, causal=True)
+    sel = levattn.select_keys(q, k, f"leverage+eps:{eps}", causal=True)
     assert sel.causal and sel.segment == 256 and len(sel.shared_keys) == 3
     sets = levattn.causal_universal_sets(k, eps)
     assert sets.causal and sets.segment == 256 and sets.m == sets.n == n
@@ -426,3 +427,17 @@ def test_the_library_refuses_a_ridge_where_it_does_not_apply():
         levattn.heavy_entries(q, k, 0.1, leverage=ridge)
     with pytest.raises(ValueError, match="causal"):
         levattn.heavy_entries(k, k, 0.1, p=3.0, causal=True)
+
+
+def test_selection_keywords_of_old_are_refused_with_their_spec():
+    q = np.ones((6, 4), np.float32)
+    with pytest.raises(TypeError, match=re.escape('select="leverage:32+window:4+sinks:2"')):
+        levattn.attention(q, q, q, select="leverage", top_k=32, window=4, sinks=2)
+    with pytest.raises(TypeError, match=re.escape('select="cluster:8+probe:3"')):
+        levattn.select_keys(q, q, "cluster", top_k=8, cluster={"probe": 3})
+    with pytest.raises(TypeError, match=re.escape('select="leverage:4+method:sketch+sketch_size:64"')):
+        levattn.attention(q, q, q, "leverage", top_k=4, leverage=levattn.LeverageOptions(method="sketch", sketch_size=64))
+    with pytest.raises(TypeError, match=re.escape('select="NAME[:BUDGET][+FIELD:VALUE...]"')):
+        levattn.attention(q, q, q, "leverage", kernel="gaussian")  # no spec to give: the form instead
+    with pytest.raises(TypeError, match="unexpected keyword argument 'topk'"):
+        levattn.attention(q, q, q, topk=3)

@@ -7,24 +7,16 @@ import torch
 import levattn
 from levattn.torch import LevSelfAttention, SelectedKeys, lev_attention
 
-SELECTIONS = [
-    dict(select="full"),
-    dict(select="leverage", top_k=6, window=2, sinks=1),
-    dict(select="leverage", eps=0.035),
-    dict(select="topk", top_k=5),
-    dict(select="random", top_k=6, seed=4),
-    dict(select="window", window=3, sinks=2),
-    dict(select="cluster", top_k=4, window=1, sinks=1),
-]
+SELECTIONS = ["full", "leverage:6+window:2+sinks:1", "leverage+eps:0.035", "topk:5", "random:6+seed:4",
+              "window:3+sinks:2", "cluster:4+window:1+sinks:1"]
 KERNELS = [dict(kernel="softmax"), dict(kernel="poly", p=2.0), dict(kernel="poly", p=3.5)]
-CAUSAL = [
-    dict(select="full", is_causal=True),
-    dict(select="leverage", eps=0.05, window=2, sinks=1, is_causal=True),
-    dict(select="topk", top_k=5, is_causal=True),
-    dict(select="random", top_k=6, seed=4, is_causal=True),
-    dict(select="window", window=3, sinks=2, is_causal=True),
-    dict(select="cluster", top_k=4, window=1, is_causal=True),
-]
+CAUSAL = ["full", "leverage+eps:0.05+window:2+sinks:1", "topk:5", "random:6+seed:4", "window:3+sinks:2",
+          "cluster:4+window:1"]
+
+
+def with_kernel(spec, kern):
+    """The spec of a selection under a kernel (dense_masked's keywords)."""
+    return spec if kern["kernel"] == "softmax" else f"{spec}+kernel:poly+p:{kern['p']}"
 
 
 def mask_of(sel):
@@ -75,19 +67,19 @@ def inputs(shape, n, dv, dtype, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("sel", SELECTIONS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("sel", SELECTIONS)
 @pytest.mark.parametrize("kern", KERNELS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_gradcheck_float64(sel, kern):
     q, k, v = inputs((2, 2, 9, 4), 11, 3, torch.float64, seed=1)
-    assert torch.autograd.gradcheck(lambda a, b, c: lev_attention(a, b, c, **sel, **kern), (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: lev_attention(a, b, c, select=with_kernel(sel, kern)), (q, k, v))
 
 
-@pytest.mark.parametrize("sel", SELECTIONS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("sel", SELECTIONS)
 @pytest.mark.parametrize("kern", KERNELS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_float32_forward_and_gradients_match_dense_masked_autograd(sel, kern):
     # Sizes that cross the kernels' query tiles (128) and key blocks (256).
     q, k, v = inputs((2, 2, 300, 16), 520, 8, torch.float32, seed=2)
-    out, selection = lev_attention(q, k, v, return_selection=True, **sel, **kern)
+    out, selection = lev_attention(q, k, v, select=with_kernel(sel, kern), return_selection=True)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     out.backward(g)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -103,19 +95,19 @@ def test_float32_forward_and_gradients_match_dense_masked_autograd(sel, kern):
         assert rel(ours, theirs) < 1e-4
 
 
-@pytest.mark.parametrize("sel", CAUSAL, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("sel", CAUSAL)
 def test_causal_gradcheck_float64(sel):
     q, k, v = inputs((2, 2, 11, 4), 11, 3, torch.float64, seed=1)
-    assert torch.autograd.gradcheck(lambda a, b, c: lev_attention(a, b, c, **sel), (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: lev_attention(a, b, c, select=sel, is_causal=True), (q, k, v))
 
 
-@pytest.mark.parametrize("sel", CAUSAL, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("sel", CAUSAL)
 def test_causal_float32_matches_dense_masked_autograd(sel):
     # 530 queries: three causal blocks (the leverage sets change at 256 and 512).
     q, k, v = inputs((1, 2, 530, 8), 530, 4, torch.float32, seed=2)
-    out, selection = lev_attention(q, k, v, return_selection=True, **sel)
+    out, selection = lev_attention(q, k, v, select=sel, is_causal=True, return_selection=True)
     selection = selection.to_selection()
-    assert selection.causal and (selection.segment == 256) == (sel["select"] == "leverage")
+    assert selection.causal and (selection.segment == 256) == sel.startswith("leverage")
     mask = mask_of(selection)
     assert not mask.triu(1).any()
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
@@ -131,7 +123,7 @@ def test_causal_full_is_masked_softmax_and_no_output_sees_later_tokens():
     q, k, v = inputs((2, 3, 40, 8), 40, 8, torch.float64, seed=7)
     s = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), -math.inf)
     torch.testing.assert_close(lev_attention(q, k, v, select="full", is_causal=True), torch.softmax(s, -1) @ v)
-    layer = LevSelfAttention(32, 4, select="leverage", eps=0.1, window=4, is_causal=True, dtype=torch.float64)
+    layer = LevSelfAttention(32, 4, select="leverage+eps:0.1+window:4", is_causal=True, dtype=torch.float64)
     x = torch.randn(2, 300, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     y = layer(x)
     x2 = x.clone()
@@ -142,36 +134,36 @@ def test_causal_full_is_masked_softmax_and_no_output_sees_later_tokens():
     with pytest.raises(ValueError, match="as many queries as keys"):
         lev_attention(q[..., :30, :], k, v, select="full", is_causal=True)
     with pytest.raises(ValueError, match="give eps"):
-        lev_attention(q, k, v, select="leverage", top_k=4, is_causal=True)
+        lev_attention(q, k, v, select="leverage:4", is_causal=True)
 
 
 def test_shapes_subsets_of_requires_grad_and_no_grad():
     for shape in ((30, 8), (3, 30, 8), (2, 3, 30, 8)):
         q, k, v = inputs(shape, 30, 5, torch.float32)
-        out = lev_attention(q, k, v, top_k=6)
+        out = lev_attention(q, k, v, select="leverage:6")
         assert out.shape == (*shape[:-1], 5)
     q, k, v = inputs((2, 40, 8), 40, 4, torch.float64)
     q.requires_grad_(False)
     k.requires_grad_(False)
-    lev_attention(q, k, v, select="topk", top_k=5).sum().backward()
+    lev_attention(q, k, v, select="topk:5").sum().backward()
     assert q.grad is None and k.grad is None and v.grad is not None
     ref_v = v.detach().clone().requires_grad_()
-    sel = lev_attention(q, k, v, select="topk", top_k=5, return_selection=True)[1]
+    sel = lev_attention(q, k, v, select="topk:5", return_selection=True)[1]
     dense_masked(q, k, ref_v, mask_of(sel)).sum().backward()
     torch.testing.assert_close(v.grad, ref_v.grad)
     with torch.no_grad():
-        out = lev_attention(q, k, v, top_k=4)
+        out = lev_attention(q, k, v, select="leverage:4")
     assert not out.requires_grad
 
 
 def test_selection_is_made_once_in_the_forward_and_saved():
     q, k, v = inputs((64, 8), 64, 4, torch.float64, seed=5)
-    out, sel = lev_attention(q, k, v, select="random", top_k=9, seed=11, return_selection=True)
-    again = lev_attention(q, k, v, select="random", top_k=9, seed=11, return_selection=True)[1]
+    out, sel = lev_attention(q, k, v, select="random:9+seed:11", return_selection=True)
+    again = lev_attention(q, k, v, select="random:9+seed:11", return_selection=True)[1]
     assert torch.equal(sel.key_segments, again.key_segments)
     sel = sel.to_selection()
     assert (sel.keys_per_query() == 9).all()
-    other = lev_attention(q, k, v, select="random", top_k=9, seed=12, return_selection=True)[1].to_selection()
+    other = lev_attention(q, k, v, select="random:9+seed:12", return_selection=True)[1].to_selection()
     assert sel.shared_keys[0].tolist() != other.shared_keys[0].tolist()
 
 
@@ -182,15 +174,15 @@ def test_full_selection_is_scaled_dot_product_attention():
 
 
 @pytest.mark.parametrize("call, text", [
-    (lambda q, k, v: lev_attention(q.int(), k.int(), v.int(), top_k=2), "float32, float64, bfloat16 or float16"),
-    (lambda q, k, v: lev_attention(q, k.double(), v, top_k=2), "one dtype"),
-    (lambda q, k, v: lev_attention(q.to("meta"), k, v, top_k=2), "CPU"),
-    (lambda q, k, v: lev_attention(q[0, 0, 0], k, v, top_k=2), "shape"),
-    (lambda q, k, v: lev_attention(q, k[..., :3], v, top_k=2), "expected shapes"),
-    (lambda q, k, v: lev_attention(q.detach() * math.nan, k, v, top_k=2), "finite"),
+    (lambda q, k, v: lev_attention(q.int(), k.int(), v.int(), select="leverage:2"), "float32, float64, bfloat16 or float16"),
+    (lambda q, k, v: lev_attention(q, k.double(), v, select="leverage:2"), "one dtype"),
+    (lambda q, k, v: lev_attention(q.to("meta"), k, v, select="leverage:2"), "CPU"),
+    (lambda q, k, v: lev_attention(q[0, 0, 0], k, v, select="leverage:2"), "shape"),
+    (lambda q, k, v: lev_attention(q, k[..., :3], v, select="leverage:2"), "expected shapes"),
+    (lambda q, k, v: lev_attention(q.detach() * math.nan, k, v, select="leverage:2"), "finite"),
     (lambda q, k, v: lev_attention(q, k, v, select="leverage"), "top_k"),
-    (lambda q, k, v: lev_attention(q, k, v, top_k=2, kernel="poly", p=-1.0), "p"),
-    (lambda q, k, v: lev_attention(q.tolist(), k, v, top_k=2), "torch.Tensor"),
+    (lambda q, k, v: lev_attention(q, k, v, select="leverage:2+kernel:poly+p:-1"), "p"),
+    (lambda q, k, v: lev_attention(q.tolist(), k, v, select="leverage:2"), "torch.Tensor"),
 ])
 def test_bad_inputs_are_value_errors(call, text):
     q, k, v = inputs((1, 2, 10, 4), 10, 4, torch.float32)
@@ -200,7 +192,7 @@ def test_bad_inputs_are_value_errors(call, text):
 
 def test_nan_gradient_is_a_value_error():
     q, k, v = inputs((10, 4), 10, 4, torch.float32)
-    out = lev_attention(q, k, v, top_k=3)
+    out = lev_attention(q, k, v, select="leverage:3")
     with pytest.raises(ValueError, match="output gradient"):
         out.backward(torch.full_like(out, math.nan))
 
@@ -225,7 +217,7 @@ def test_self_attention_module_with_full_selection_is_multihead_attention():
 
 def test_self_attention_module_trains_with_the_leverage_selection():
     torch.manual_seed(1)
-    model = torch.nn.Sequential(LevSelfAttention(16, 2, select="leverage", top_k=8, window=1), torch.nn.Linear(16, 1))
+    model = torch.nn.Sequential(LevSelfAttention(16, 2, select="leverage:8+window:1"), torch.nn.Linear(16, 1))
     x = torch.randn(16, 40, 16)
     y = x[:, :, :1].cumsum(1) / 10  # a target that needs mixing across tokens
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -237,7 +229,7 @@ def test_self_attention_module_trains_with_the_leverage_selection():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    model[0].select, model[0].top_k, model[0].window = "topk", 4, None  # evaluated with another selection
+    model[0].select = "topk:4"  # evaluated with another selection
     assert model(x).shape == (16, 40, 1)
     with pytest.raises(ValueError, match="multiple"):
         LevSelfAttention(10, 3)

@@ -11,14 +11,14 @@ from levattn.torch import lev_attention
 
 SELECTIONS = [
     dict(select="full"),
-    dict(select="leverage", top_k=6, window=2, sinks=2),
-    dict(select="leverage", eps=0.05),
-    dict(select="topk", top_k=5),
-    dict(select="random", top_k=6, seed=4, sinks=1),
-    dict(select="window", window=3, sinks=2),
-    dict(select="cluster", top_k=4, window=1, sinks=1),
-    dict(select="leverage", eps=0.05, window=2, sinks=1, is_causal=True),
-    dict(select="topk", top_k=5, is_causal=True),
+    dict(select="leverage:6+window:2+sinks:2"),
+    dict(select="leverage+eps:0.05"),
+    dict(select="topk:5"),
+    dict(select="random:6+sinks:1+seed:4"),
+    dict(select="window:3+sinks:2"),
+    dict(select="cluster:4+window:1+sinks:1"),
+    dict(select="leverage+eps:0.05+window:2+sinks:1", is_causal=True),
+    dict(select="topk:5", is_causal=True),
     dict(select="full", is_causal=True),
 ]
 
@@ -60,7 +60,7 @@ def test_masked_keys_are_never_selected_or_attended(options):
     k2 = k.detach().clone()
     k2[~keep[:, None, :].expand(3, 2, 300)] *= 50.0  # masked keys made heavy: still never chosen
     out2 = lev_attention(q.detach(), k2, v2, mask, **options)
-    if options["select"] in ("full", "window", "topk"):
+    if options["select"].split("+")[0].split(":")[0] in ("full", "window", "topk"):
         torch.testing.assert_close(out2, out.detach())  # their choice does not read masked keys at all
     assert out2.abs().max() < 1e3
     assert (attended >= 0).all()
@@ -94,8 +94,8 @@ def test_leverage_of_a_right_padded_batch_equals_leverage_of_its_prefix():
     q, k, v = qkv((2, 2, 200, 8), 200, torch.float32, seed=4)
     keep = torch.ones(2, 200, dtype=torch.bool)
     keep[1, 150:] = False
-    _, sel = lev_attention(q, k, v, keep[:, None, None, :], select="leverage", top_k=12, return_selection=True)
-    _, ref = lev_attention(q[1:, :, :150], k[1:, :, :150], v[1:, :, :150], select="leverage", top_k=12,
+    _, sel = lev_attention(q, k, v, keep[:, None, None, :], select="leverage:12", return_selection=True)
+    _, ref = lev_attention(q[1:, :, :150], k[1:, :, :150], v[1:, :, :150], select="leverage:12",
                            return_selection=True)
     assert torch.equal(sel.key_segments[1, :, :150], ref.key_segments[0])
 
@@ -117,7 +117,7 @@ def test_gradcheck_with_a_mask():
     keep = torch.ones(2, 11, dtype=torch.bool)
     keep[0, 8:] = False
     keep[1, :2] = False
-    for options in (dict(select="full"), dict(select="leverage", top_k=4, window=1), dict(select="topk", top_k=3)):
+    for options in (dict(select="full"), dict(select="leverage:4+window:1"), dict(select="topk:3")):
         assert torch.autograd.gradcheck(lambda a, b, c: lev_attention(a, b, c, keep[:, None, None, :], **options),
                                         (q, k, v))
 

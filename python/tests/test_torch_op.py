@@ -3,13 +3,14 @@ AOT dispatch with dynamic shapes), torch.compile(fullgraph=True) forward and bac
 eager, static selection shapes, the selection spec, and half-precision inputs against SDPA."""
 import math
 import os
+import re
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 import levattn
-from levattn.torch import LevSelfAttention, lev_attention, selection_spec
+from levattn.torch import LevSelfAttention, lev_attention
 
 SPECS = [
     ("full", False),
@@ -62,12 +63,12 @@ def test_opcheck_half_precision(dtype):
 
 def test_selection_outputs_have_static_shapes_padded_with_minus_one():
     q, k, v = qkv((2, 3, 50, 8), 50, 4, grad=False)
-    _, sel = lev_attention(q, k, v, select="topk", top_k=7, return_selection=True)
+    _, sel = lev_attention(q, k, v, select="topk:7", return_selection=True)
     assert sel.key_segments.shape == (2, 3, 50) and (sel.key_segments == -1).all()
     assert sel.query_keys.shape == (2, 3, 50, 7) and sel.query_keys.dtype == torch.int64
-    _, sel = lev_attention(q, k, v, select="topk", top_k=7, is_causal=True, return_selection=True)
+    _, sel = lev_attention(q, k, v, select="topk:7", is_causal=True, return_selection=True)
     assert (sel.query_keys[:, :, 0, 1:] == -1).all() and (sel.query_keys[:, :, 0, 0] == 0).all()  # query 0 has 1 key
-    _, sel = lev_attention(q, k, v, select="leverage", top_k=9, sinks=2, return_selection=True)
+    _, sel = lev_attention(q, k, v, select="leverage:9+sinks:2", return_selection=True)
     count = (sel.key_segments == 0).sum(-1)  # the top 9 and the 2 sinks, which may be among them
     assert ((count >= 9) & (count <= 11)).all() and (sel.key_segments[..., :2] == 0).all()
     # The fake implementation gives the same shapes without running anything.
@@ -81,30 +82,33 @@ def test_selection_outputs_have_static_shapes_padded_with_minus_one():
 
 
 def test_spec_is_the_library_vocabulary():
-    spec = selection_spec("cluster", top_k=8, eps=0.05, window=0, sinks=2, seed=3, kernel="poly", p=3.0,
-                          cluster=levattn.ClusterOptions(clusters=12, probe=3, iterations=5),
-                          leverage={"method": "sketch", "gamma": 0.1, "seed": 9})
-    assert spec.startswith("cluster+top_k:8+eps:0.05+window:0+sinks:2+seed:3+kernel:poly+p:3.0")
-    assert levattn.parse_selection(spec) == "cluster top_k=8 eps=0.05 window=0 sinks=2 probe=3 poly p=3"
-    assert selection_spec("leverage", eps=0.1 + 0.2) == "leverage+eps:0.30000000000000004"
+    spec = "cluster:8+p:3.0+kernel:poly+eps:0.05+sketch_seed:9+window:0+sinks:2+seed:3+clusters:12+probe:3" \
+           "+iterations:5+method:sketch+gamma:0.1"
+    assert levattn.parse_selection(spec) == "cluster:8+eps:0.05+window:0+sinks:2+probe:3+clusters:12+iterations:5+seed:3" \
+                                            "+kernel:poly+p:3+method:sketch+gamma:0.1+sketch_seed:9"
+    assert levattn.parse_selection(f"leverage+eps:{0.1 + 0.2!r}") == "leverage+eps:0.30000000000000004"
     q, k, v = qkv((30, 4), 30, 4, grad=False)
+    # The op runs a spec as given and as canonical, with the same bits.
+    given = "leverage+sinks:1+window:2+top_k:6"
+    assert levattn.parse_selection(given) == "leverage:6+window:2+sinks:1"
+    a, b = (torch.ops.levattn.attention(q, k, v, None, x, None, False)[0]
+            for x in (given, levattn.parse_selection(given)))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown field"):
         torch.ops.levattn.attention(q, k, v, None, "leverage+top_k:3+speed:9", None, False)
     with pytest.raises(ValueError, match="eps"):
-        lev_attention(q, k, v, select="leverage", eps=1.5)
+        lev_attention(q, k, v, select="leverage+eps:1.5")
 
 
-def stack(select="leverage", causal=False, **options):
+def stack(select, causal=False):
     torch.manual_seed(0)
-    return torch.nn.Sequential(LevSelfAttention(32, 4, select=select, is_causal=causal, **options),
-                               torch.nn.Linear(32, 32),
-                               LevSelfAttention(32, 4, select=select, is_causal=causal, **options))
+    return torch.nn.Sequential(LevSelfAttention(32, 4, select=select, is_causal=causal), torch.nn.Linear(32, 32),
+                               LevSelfAttention(32, 4, select=select, is_causal=causal))
 
 
-@pytest.mark.parametrize("options", [dict(select="leverage", top_k=8, window=2, sinks=1),
-                                     dict(select="topk", top_k=6),
-                                     dict(select="leverage", eps=0.05, window=2, causal=True),
-                                     dict(select="cluster", top_k=6, window=1)],
+@pytest.mark.parametrize("options", [dict(select="leverage:8+window:2+sinks:1"), dict(select="topk:6"),
+                                     dict(select="leverage+eps:0.05+window:2", causal=True),
+                                     dict(select="cluster:6+window:1")],
                          ids=["leverage", "topk", "causal-leverage", "cluster"])
 def test_compiled_model_with_fullgraph_matches_eager_forward_and_backward(options):
     model = stack(**options)
@@ -119,9 +123,9 @@ def test_compiled_model_with_fullgraph_matches_eager_forward_and_backward(option
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4)
-    # Another selection needs no rebuild: the options are part of the traced call.
-    model[0].top_k = 4 if options.get("top_k") else None
-    assert compiled(x).shape == (2, 300, 32)
+    # Another selection needs no rebuild: the spec is part of the traced call.
+    model[0].select = "random:4" if not options.get("causal") else "window:3"
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def sdpa_reference(q, k, v, causal):
@@ -160,9 +164,9 @@ def test_full_selection_equals_sdpa_with_scale_and_causal():
                                        rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("options", [dict(select="full"), dict(select="leverage", top_k=6, window=2, sinks=1),
-                                     dict(select="topk", top_k=5), dict(select="cluster", top_k=4, window=1),
-                                     dict(select="leverage", eps=0.05, window=2, is_causal=True)],
+@pytest.mark.parametrize("options", [dict(select="full"), dict(select="leverage:6+window:2+sinks:1"),
+                                     dict(select="topk:5"), dict(select="cluster:4+window:1"),
+                                     dict(select="leverage+eps:0.05+window:2", is_causal=True)],
                          ids=["full", "leverage", "topk", "cluster", "causal-leverage"])
 def test_grouped_query_attention_equals_repeated_keys(options):
     """enable_gqa: 6 query heads over 2 kv heads read the kv heads in place; output and gradients
@@ -203,12 +207,22 @@ def test_opcheck_with_a_key_padding_mask(spec, causal):
 def test_window_with_a_selection_that_takes_none_names_those_that_do(select):
     q = torch.randn(1, 2, 16, 8)
     with pytest.raises(ValueError, match="leverage, random, window or cluster"):
-        lev_attention(q, q, q, select=select, top_k=4 if select == "topk" else None, window=2)
+        lev_attention(q, q, q, select=("topk:4" if select == "topk" else select) + "+window:2")
     # and cluster does take one
-    lev_attention(q, q, q, select="cluster", top_k=4, window=2)
+    lev_attention(q, q, q, select="cluster:4+window:2")
 
 
 def test_cluster_settings_with_another_selection_are_an_error():
     q = torch.randn(1, 2, 16, 8)
     with pytest.raises(ValueError, match="apply to select cluster only"):
-        lev_attention(q, q, q, select="leverage", top_k=4, cluster={"clusters": 0, "probe": 2, "iterations": 8})
+        lev_attention(q, q, q, select="leverage:4+probe:2")
+
+
+def test_selection_keywords_of_old_are_a_type_error_giving_the_spec():
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(TypeError, match=re.escape('select="leverage:8+window:2"')):
+        lev_attention(q, q, q, select="leverage", top_k=8, window=2)
+    with pytest.raises(TypeError, match=re.escape('select="topk:4"')):
+        LevSelfAttention(8, 2, select="topk", top_k=4)
+    with pytest.raises(ValueError, match="select: expected a selection spec string"):
+        lev_attention(q, q, q, select=32)

@@ -38,7 +38,7 @@ def test_same_bits_for_any_thread_count(restore_threads):
         torch.set_num_threads(threads)
         for t in (q, k, v):
             t.grad = None
-        out = lev_attention(q, k, v, select="leverage", top_k=64, window=8, sinks=2)
+        out = lev_attention(q, k, v, select="leverage:64+window:8+sinks:2")
         out.square().sum().backward()
         results.append([out.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()])
     for other in results[1:]:
@@ -50,7 +50,7 @@ def test_same_bits_for_any_thread_count(restore_threads):
 def test_python_threads_and_torch_kernels_at_once():
     g = torch.Generator().manual_seed(1)
     cases = [tuple(torch.randn(2, 3, n, 16, generator=g) for _ in range(3)) for n in (64, 200, 300)]
-    expected = [lev_attention(q, k, v, select="leverage", top_k=16, window=2) for q, k, v in cases]
+    expected = [lev_attention(q, k, v, select="leverage:16+window:2") for q, k, v in cases]
     a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
     product = a @ b
     failures = []
@@ -59,7 +59,7 @@ def test_python_threads_and_torch_kernels_at_once():
         for step in range(400):
             idx = (seed + step) % len(cases)
             q, k, v = cases[idx]
-            out = lev_attention(q, k, v, select="leverage", top_k=16, window=2)
+            out = lev_attention(q, k, v, select="leverage:16+window:2")
             if not torch.equal(out, expected[idx]):
                 failures.append(f"thread {seed} call {step}: a different output")
                 return

@@ -1,5 +1,7 @@
 """levattn as a transformers attention backend: the pretrained MiniLM encoder and random-weight
 Llama / Qwen2 decoders, against transformers' own SDPA backend and against each sequence alone."""
+import re
+
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -13,9 +15,9 @@ TEXTS = ["A short one.",
          "A much longer sentence, with quite a few more tokens than the first one has, so that the batch is padded "
          "and the longest row is longer than the heads' dimension of thirty-two: leverage scores then differ.",
          "Attention over a few keys chosen by their leverage scores, in time linear in the context length."]
-SELECTIONS = [dict(select="leverage", top_k=6), dict(select="leverage", top_k=4, window=2, sinks=1),
-              dict(select="topk", top_k=5), dict(select="window", window=3, sinks=2),
-              dict(select="random", top_k=6, seed=1)]
+SELECTIONS = [dict(select="leverage:6"), dict(select="leverage:4+window:2+sinks:1"),
+              dict(select="topk:5"), dict(select="window:3+sinks:2"),
+              dict(select="random:6+seed:1")]
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +48,17 @@ def test_encoder_full_equals_sdpa_on_a_padded_batch(minilm):
     torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("options", SELECTIONS, ids=lambda o: o["select"] + str(len(o)))
+@pytest.mark.parametrize("options", SELECTIONS, ids=lambda o: o["select"])
 def test_encoder_padded_keys_are_never_used(minilm, options):
     # Each row of the padded batch equals the row run alone: a padded key is neither selected nor
     # attended, and every selection works as if it were absent. (random draws per (batch, head):
     # only row 0 draws what it draws alone.)
     tok, _, ours = minilm
-    lt.set_selection(ours, **options)
+    lt.set_selection(ours, options["select"])
     batch = tok(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         together = ours(**batch).last_hidden_state
-        for i, text in enumerate(TEXTS[:1] if options["select"] == "random" else TEXTS):
+        for i, text in enumerate(TEXTS[:1] if options["select"].startswith("random") else TEXTS):
             alone = ours(**tok([text], return_tensors="pt")).last_hidden_state[0]
             valid = batch["attention_mask"][i].bool()
             torch.testing.assert_close(together[i][valid], alone, atol=2e-5, rtol=1e-5)
@@ -69,7 +71,7 @@ def test_cluster_never_selects_a_padded_key():
     q, k, v = (torch.randn(3, 2, 50, 8) for _ in range(3))
     pad = torch.ones(3, 50, dtype=torch.bool)
     pad[1, 20:] = pad[2, :35] = False
-    _, sel = lev_attention(q, k, v, attn_mask=pad[:, None, None, :], select="cluster", top_k=6, return_selection=True)
+    _, sel = lev_attention(q, k, v, attn_mask=pad[:, None, None, :], select="cluster:6", return_selection=True)
     keys = sel.query_keys
     assert bool((keys >= 0).any())
     for b in range(3):
@@ -79,8 +81,8 @@ def test_cluster_never_selects_a_padded_key():
 
 def test_each_layer_is_lev_attention_on_its_tensors(minilm, monkeypatch):
     tok, _, ours = minilm
-    options = dict(select="leverage", top_k=5, window=1, sinks=1)
-    lt.set_selection(ours, **options)
+    options = dict(select="leverage:5+window:1+sinks:1")
+    lt.set_selection(ours, options["select"])
     calls = []
     forward = lt.attention_forward
 
@@ -110,9 +112,9 @@ def test_selection_per_layer_changes_without_reload(minilm):
         want = ref(**batch).last_hidden_state
         lt.set_selection(ours, "full")
         torch.testing.assert_close(ours(**batch).last_hidden_state, want, atol=1e-5, rtol=1e-5)
-        lt.set_selection(ours, "window", window=1, layers=[0])
-        assert lt.selection_of(ours.encoder.layer[0].attention.self)["select"] == "window"
-        assert lt.selection_of(ours.encoder.layer[1].attention.self)["select"] == "full"
+        lt.set_selection(ours, "window:1", layers=[0])
+        assert lt.selection_of(ours.encoder.layer[0].attention.self) == "window:1"
+        assert lt.selection_of(ours.encoder.layer[1].attention.self) == "full"
         assert (ours(**batch).last_hidden_state - want).abs().max() > 1e-2
         lt.set_selection(ours, "full", layers=[0])
         torch.testing.assert_close(ours(**batch).last_hidden_state, want, atol=1e-5, rtol=1e-5)
@@ -120,8 +122,12 @@ def test_selection_per_layer_changes_without_reload(minilm):
 
 def test_bad_selections_are_value_errors(minilm):
     _, _, ours = minilm
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'topk'"):
         lt.set_selection(ours, "leverage", topk=3)
+    with pytest.raises(TypeError, match=re.escape('select="leverage:3"')):
+        lt.set_selection(ours, "leverage", top_k=3)
+    with pytest.raises(ValueError, match="unknown field 'topk'"):
+        lt.set_selection(ours, "leverage+topk:3")
     with pytest.raises(ValueError, match="top_k"):
         lt.set_selection(ours, "leverage")
     with pytest.raises(ValueError, match="layers \\[9\\]"):
@@ -146,7 +152,7 @@ def test_fine_tuning_step_matches_sdpa_gradients(minilm):
         (model(**batch).last_hidden_state * batch["attention_mask"][..., None]).pow(2).mean().backward()
         grads.append(model.encoder.layer[2].attention.self.query.weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
-    lt.set_selection(ours, "leverage", top_k=6, window=2)
+    lt.set_selection(ours, "leverage:6+window:2")
     ours.zero_grad()
     params = [p for p in ours.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
@@ -200,7 +206,7 @@ def test_decoder_full_equals_sdpa_prefill_and_generate(decoder):
 
 def test_decoder_causal_selections_match_lev_attention(decoder, monkeypatch):
     _, ours = decoder
-    lt.set_selection(ours, "leverage", eps=0.05, sinks=1)
+    lt.set_selection(ours, "leverage+eps:0.05+sinks:1")
     calls = []
     forward = lt.attention_forward
 
@@ -218,11 +224,10 @@ def test_decoder_causal_selections_match_lev_attention(decoder, monkeypatch):
     for module, q, k, v, layout, scaling, out in calls:
         assert layout.causal
         if layout.window is None:
-            want = lev_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True, select="leverage", eps=0.05,
-                                 sinks=1)
+            want = lev_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True,
+                                 select="leverage+eps:0.05+sinks:1")
         else:  # sliding-window layers attend their window exactly
-            want = lev_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True, select="window",
-                                 window=layout.window - 1)
+            want = lev_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True, select=f"window:{layout.window - 1}")
         torch.testing.assert_close(out, want.transpose(1, 2), atol=0, rtol=0)
 
 

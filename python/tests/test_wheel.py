@@ -23,7 +23,7 @@ s = q @ np.swapaxes(k, -1, -2) / np.sqrt(8)
 p = np.exp(s - s.max(-1, keepdims=True))
 dense = (p / p.sum(-1, keepdims=True)) @ v
 assert np.allclose(levattn.attention(q, k, v, select="full"), dense, atol=1e-5)
-out = levattn.attention(q, k, v, select="leverage", top_k=8, window=2)
+out = levattn.attention(q, k, v, select="leverage:8+window:2")
 assert out.shape == (2, 3, 40, 8) and np.isfinite(out).all()
 print(levattn.__version__, bool(levattn.build_info()["mpi"]))
 """

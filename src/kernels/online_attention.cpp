@@ -59,6 +59,24 @@ float* OnlineBlock::logits(const float* k, index_t ldk, index_t count) {
   return tile_.get();
 }
 
+bool OnlineBlock::power_update(index_t r, float* s, index_t c) {
+  float& m = max_[r];
+  float* o = acc_.get() + r * dv_;
+  const float tmax = params_.ops->abs_row_max(s, c);
+  if (tmax <= 0.0f) {  // masked or all logits zero: no weight
+    std::fill_n(s, c, 0.0f);
+    return false;
+  }
+  const float mnew = std::max(m, tmax);
+  const float corr = m <= 0.0f ? 0.0f : std::pow(m / mnew, params_.p);
+  const float tsum = params_.ops->power_rel_sum(s, c, mnew, params_.p);
+  sum_[r] = sum_[r] * corr + tsum;
+  if (corr != 1.0f)
+    for (index_t j = 0; j < dv_; ++j) o[j] *= corr;
+  m = mnew;
+  return true;
+}
+
 void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
   const index_t c = count;
   bool any = false;
@@ -66,47 +84,64 @@ void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
     // All rows in one call of the ISA kernel (per-row calls cost more than a narrow tile's work).
     any = params_.ops->softmax_update(tile_.get(), rows_, c, max_.get(), sum_.get(), acc_.get(), dv_);
   } else {
-    for (index_t r = 0; r < rows_; ++r) {
-      float* s = tile_.get() + r * c;
-      float& m = max_[r];
-      float* o = acc_.get() + r * dv_;
-      const float tmax = params_.ops->abs_row_max(s, c);
-      if (tmax <= 0.0f) {  // masked or all logits zero: no weight
-        std::fill_n(s, c, 0.0f);
-        continue;
-      }
-      const float mnew = std::max(m, tmax);
-      const float corr = m <= 0.0f ? 0.0f : std::pow(m / mnew, params_.p);
-      const float tsum = params_.ops->power_rel_sum(s, c, mnew, params_.p);
-      sum_[r] = sum_[r] * corr + tsum;
-      if (corr != 1.0f)
-        for (index_t j = 0; j < dv_; ++j) o[j] *= corr;
-      m = mnew;
-      any = true;
-    }
+    for (index_t r = 0; r < rows_; ++r) any |= power_update(r, tile_.get() + r * c, c);
   }
   if (!any) return;
   if (c <= kNarrowTile) params_.ops->narrow_weighted_sum(rows_, c, dv_, tile_.get(), c, v, ldv, acc_.get(), dv_);
   else detail::gemm_ab(rows_, dv_, c, 1.0f, tile_.get(), c, v, ldv, 1.0f, acc_.get(), dv_);
 }
 
-OnlineBlock::Rows OnlineBlock::finish(float* out, index_t ldo) {
+void OnlineBlock::absorb_row(index_t r, const float* k, index_t ldk, const float* v, index_t ldv, const index_t* keys,
+                             index_t count) {
+  if (r < 0 || r >= rows_) throw Error(ErrorKind::internal, "OnlineBlock: row outside the block");
+  float* s = tile_.get();  // the tile buffer as one row's scratch (the block's tile is spent)
+  float* acc = acc_.get() + r * dv_;
+  const float* q = q_ + r * ldq_;
+  for (index_t j0 = 0; j0 < count; j0 += max_tile_) {
+    const index_t c = std::min(max_tile_, count - j0);
+    const index_t* idx = keys + j0;
+    keys_t_.resize(static_cast<std::size_t>(d_ * c));
+    if (c <= kNarrowTile) {  // a few keys: transposed as gathered, the ISA's register-blocked product
+      for (index_t j = 0; j < c; ++j)
+        for (index_t t = 0; t < d_; ++t) keys_t_[t * c + j] = k[idx[j] * ldk + t];
+      params_.ops->narrow_logits(1, c, d_, params_.scale, q, ldq_, keys_t_.data(), s, c);
+    } else {
+      for (index_t j = 0; j < c; ++j) std::copy_n(k + idx[j] * ldk, d_, keys_t_.data() + j * d_);
+      detail::gemv(CblasNoTrans, c, d_, params_.scale, keys_t_.data(), d_, q, 0.0f, s);
+    }
+    if (params_.check_overflow && !detail::all_finite(s, c)) overflow_ = true;
+    const bool any = params_.kernel == Kernel::softmax
+                         ? params_.ops->softmax_update(s, 1, c, max_.get() + r, sum_.get() + r, acc, dv_)
+                         : power_update(r, s, c);
+    if (any) params_.ops->gathered_weighted_sum(s, idx, c, v, ldv, dv_, acc);
+  }
+}
+
+OnlineBlock::Rows OnlineBlock::finish(float* out, index_t ldo, float* stat) {
   Rows rows;
   for (index_t r = 0; r < rows_; ++r) {
     float* dst = out + r * ldo;
     if (overflow_ || !std::isfinite(sum_[r])) {  // overflowing logits: the caller reports it
       std::fill_n(dst, dv_, std::numeric_limits<float>::quiet_NaN());
+      if (stat) stat[r] = std::numeric_limits<float>::quiet_NaN();
       ++rows.non_finite;
       continue;
     }
     if (!(sum_[r] > 0.0)) {
       std::fill_n(dst, dv_, 0.0f);
+      if (stat) stat[r] = std::numeric_limits<float>::infinity();
       ++rows.empty;
       continue;
     }
     const float* o = acc_.get() + r * dv_;
     const float inv = static_cast<float>(1.0 / sum_[r]);
     for (index_t j = 0; j < dv_; ++j) dst[j] = o[j] * inv;
+    // sum_ is relative to the running maximum: exp(m) (softmax) or m^p (power) times it.
+    if (stat) {
+      const double top = params_.kernel == Kernel::softmax ? static_cast<double>(max_[r])
+                                                           : params_.p * std::log(static_cast<double>(max_[r]));
+      stat[r] = static_cast<float>(top + std::log(sum_[r]));
+    }
     rows.non_finite += detail::all_finite(dst, dv_) ? 0 : 1;  // huge values can overflow the sum
   }
   return rows;

@@ -1,6 +1,7 @@
 // kernels/online_attention.hpp: attention of a block of query rows over a sequence of key tiles,
 // with the row normaliser kept online (running maximum, rescaled partial sums), so no buffer
-// larger than one block x tile is ever held. The dense reference and every selection use it.
+// larger than one block x tile is ever held. The float32 attention engine (every selection, the
+// dense reference included) runs on it.
 #pragma once
 #include <memory>
 #include <vector>
@@ -37,6 +38,12 @@ class OnlineBlock {
   /// Folds the tile last returned by logits() into the running sums, with values v (count x dv).
   void absorb(const float* v, index_t ldv, index_t count);
 
+  /// Folds keys keys[0 .. count) (rows of k and v, leading dimensions ldk and ldv; none masked)
+  /// into row r alone: a query's own keys (topk, cluster), which no other row of the block
+  /// attends. Reads the rows in place (no gathered copy); any count (tiles of max_tile).
+  void absorb_row(index_t r, const float* k, index_t ldk, const float* v, index_t ldv, const index_t* keys,
+                  index_t count);
+
   /// Rows of a finished block: with no key or a zero normaliser (written as 0), and not finite
   /// (a logit or the weighted sum of values overflowed float32; written as NaN, for the caller
   /// to report).
@@ -44,8 +51,10 @@ class OnlineBlock {
     index_t empty = 0, non_finite = 0;
   };
 
-  /// Writes O_r = acc_r / l_r to out (rows x dv, leading dimension ldo) and counts its rows.
-  Rows finish(float* out, index_t ldo);
+  /// Writes O_r = acc_r / l_r to out (rows x dv, leading dimension ldo) and counts its rows;
+  /// with stat (rows entries), also the row statistic L_r = log sum_j exp(g(s_rj)) of
+  /// selected_attention_forward (+inf for an empty row, NaN for a non-finite one).
+  Rows finish(float* out, index_t ldo, float* stat = nullptr);
 
   /// Whether logits() checks its tiles for overflow (see KernelParams::check_overflow).
   void set_check_overflow(bool check) { params_.check_overflow = check; }
@@ -61,6 +70,10 @@ class OnlineBlock {
   std::unique_ptr<float[]> tile_, acc_, max_;
   std::unique_ptr<double[]> sum_;
   std::vector<float> keys_t_;  // a narrow tile's keys, transposed (d x count)
+
+  // The power kernel's update of row r by its tile row s (c logits): running max |s| and the
+  // rescaled sum; returns whether the row had a key.
+  bool power_update(index_t r, float* s, index_t c);
 };
 
 /// Tile width used over keys.

@@ -90,7 +90,7 @@ def block_mask(selection, block_size: int = 128) -> BlockMask:
         raise ValueError(f"selection: expected a selection of inputs (batch, heads, n, d), got key_segments of shape "
                          f"{tuple(segs.shape)}")
     layout = _core.selection_layout(selection.spec, selection.scale, selection.causal, tuple(selection.shape))
-    if "kernel:poly" in selection.spec:
+    if "+kernel:poly" in _core.parse_selection(selection.spec):
         raise ValueError(f"selection: flex_attention computes softmax attention; this selection's kernel is poly "
                          f"({selection.spec})")
     qb, kb = _blocks(m, block_size), _blocks(n, block_size)

@@ -4,7 +4,7 @@ Two lines switch a model::
 
     from levattn.integrations import transformers as lt
     model = AutoModel.from_pretrained(path, attn_implementation=lt.register())
-    lt.set_selection(model, "leverage", top_k=32, window=4, sinks=2)
+    lt.set_selection(model, "leverage:32+window:4+sinks:2")
 
 ``register()`` puts levattn in both of transformers' registries: ``AttentionInterface`` (the
 attention function) and ``AttentionMaskInterface`` (the mask function). The mask function is
@@ -32,16 +32,14 @@ from transformers.masking_utils import (AttentionMaskInterface, bidirectional_ma
                                         prepare_padding_mask)
 
 from .. import _core
-from ..torch import lev_attention, selection_spec
+from ..torch import _spec, lev_attention
 
 __all__ = ["NAME", "register", "set_selection", "selection_of", "attention_forward", "mask_interface", "KeyLayout",
            "LevAttentionCache"]
 
 NAME = "levattn"
 _ATTRIBUTE = "levattn_selection"
-_DEFAULT = {"select": "full"}
-_OPTIONS = ("top_k", "eps", "window", "sinks", "kernel", "p", "seed", "budget_alpha", "budget_exponent", "leverage",
-            "cluster")
+_DEFAULT = "full"
 
 
 # -- registration and the selection ---------------------------------------------------------------
@@ -64,17 +62,14 @@ def _attention_modules(model: torch.nn.Module):
             yield module
 
 
-def set_selection(model: torch.nn.Module, select: str = "leverage", *, layers=None, **options) -> None:
-    """Sets the selection of `model`'s attention layers (all, or the layer indices in `layers`):
-    the keywords of ``levattn.torch.lev_attention`` (top_k, eps, window, sinks, kernel, p, seed,
-    budget_alpha, budget_exponent, leverage, cluster). Takes effect at the next forward call; no
-    reload. Layers never given a selection use select="full" (exact attention). ValueError on an
-    unknown keyword, options the library rejects, a layer index the model lacks, or a model
-    without attention layers."""
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"set_selection: unknown option(s) {unknown}; expected some of {list(_OPTIONS)}")
-    spec = selection_spec(select, **options)
+def set_selection(model: torch.nn.Module, select: str, *, layers=None, **retired) -> None:
+    """Sets the selection of `model`'s attention layers (all, or the layer indices in `layers`) to
+    the spec `select`, as ``levattn.torch.lev_attention`` takes it ("leverage:32+window:4+sinks:2").
+    Takes effect at the next forward call; no reload. Layers never given a selection use "full"
+    (exact attention). ValueError on a spec the library rejects, a layer index the model lacks, or
+    a model without attention layers; the keywords of old (top_k=, ...) are a TypeError giving
+    their spec."""
+    spec = _spec(select, "set_selection", retired)
     _core.selection_layout(spec, None, False, (1,) * 7)  # the library's own checks, now, not at the first call
     modules = list(_attention_modules(model))
     if not modules:
@@ -86,12 +81,12 @@ def set_selection(model: torch.nn.Module, select: str = "leverage", *, layers=No
         raise ValueError(f"set_selection: layers {missing} are not in the model (its layers: 0 .. {max(indices)})")
     for module in modules:
         if module.layer_idx in chosen:
-            setattr(module, _ATTRIBUTE, {"select": select, **options})
+            setattr(module, _ATTRIBUTE, spec)
 
 
-def selection_of(module: torch.nn.Module) -> dict:
-    """The lev_attention keywords an attention module runs with (select="full" when none was set)."""
-    return dict(getattr(module, _ATTRIBUTE, _DEFAULT))
+def selection_of(module: torch.nn.Module) -> str:
+    """The selection spec an attention module runs with ("full" when none was set)."""
+    return getattr(module, _ATTRIBUTE, _DEFAULT)
 
 
 # -- the mask function ----------------------------------------------------------------------------
@@ -207,7 +202,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     heads, dv), None) as transformers' SDPA function does, computed by lev_attention with the
     module's selection (``selection_of(module)``), the model's scaling, its causality and key
     padding (a padded key is never selected nor attended). Sliding-window layers attend their
-    window exactly (``select="window"``), whatever the selection: the window already bounds the
+    window exactly (``select="window:W"``), whatever the selection: the window already bounds the
     keys. One query (decoding) attends the keys the cache returns, under the same selection.
     Attention dropout is not applied (a warning says so once); attention weights are not returned.
     """
@@ -218,7 +213,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     layout = attention_mask if isinstance(attention_mask, KeyLayout) else _layout_of(attention_mask, module, query,
                                                                                      key, is_causal)
     m, n = query.shape[-2], key.shape[-2]
-    options = selection_of(module)
+    select = selection_of(module)
     padding = layout.key_padding
     head_valid = _HEAD_VALID.pop(id(key), None)
     if head_valid is not None and layout.padded:
@@ -236,10 +231,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if layout.window is not None:
         if m == 1:
             key, value, padding = _keys_of_window(layout, key, value, padding)
-            options = {"select": "full"}
+            select = "full"
         else:
-            options = {"select": "window", "window": layout.window - 1}
-    common = dict(is_causal=causal, scale=scaling, **options)
+            select = f"window:{layout.window - 1}"
+    common = dict(is_causal=causal, scale=scaling, select=select)
     if head_valid is not None:
         out = _grouped(query, key, value, head_valid, **common)
     else:
