@@ -217,7 +217,7 @@ Command add_bench(CLI::App& app) {
   sub->add_option("--top-k", a->top_k, "keys per head (default 256)");
   sub->add_option("--repeats", a->repeats, "timed runs, the median is reported (default 5)");
   add_seed_option(sub, a->seed, "the random inputs");
-  sub->add_flag("--json", a->json, "print one JSON object");
+  add_json_flag(sub, a->json, "the results");
   return {sub, [a] { return run_bench(*a); }};
 }
 
@@ -229,7 +229,7 @@ Command add_demo(CLI::App& app) {
   sub->add_option("--top-k", a->top_k, "LevAttention keys (default 256)");
   sub->add_option("--eps", a->eps, "heavy-entry threshold (default 0.1)");
   add_seed_option(sub, a->seed, "the planted instance");
-  sub->add_flag("--json", a->json, "print one JSON object");
+  add_json_flag(sub, a->json, "the results");
   return {sub, [a] { return run_demo(*a); }};
 }
 

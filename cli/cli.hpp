@@ -48,8 +48,25 @@ void add_seed_option(CLI::App* sub, std::int64_t& seed, const std::string& what)
 /// LeverageOptions for those flags and a seed.
 LeverageOptions leverage_options(const MethodArgs& m, std::int64_t seed);
 
-/// The help of an attend command's --select: the selection spec of parse_selection (options.hpp).
-extern const char* const kSelectHelp;
+/// The options levattn and levattn-mpi share, each declared here once (name, help, check):
+/// --queries, --keys, --values (the files of Q, K, V; null: the command takes none), --select
+/// (the selection spec; `which`: what this program runs of it, put before the spec's help),
+/// --eps of universal and heavy, --json (`what` it prints).
+void add_qkv_file_options(CLI::App* sub, std::string* queries, std::string* keys, std::string* values);
+CLI::Option* add_select_option(CLI::App* sub, std::string& spec, const std::string& which = "");
+CLI::Option* add_universal_eps_option(CLI::App* sub, double& eps);
+CLI::Option* add_heavy_eps_option(CLI::App* sub, double& eps);
+CLI::Option* add_json_flag(CLI::App* sub, bool& as_json, const std::string& what);
+
+/// --scale of an attend command: registered by add(), checked (finite) and put into the options
+/// by apply() when it was given.
+struct ScaleOption {
+  double value = 0.0;
+  CLI::Option* option = nullptr;
+  void add(CLI::App* sub);
+  /// options.scale <- the given --scale; Error(invalid_argument) naming it unless finite.
+  void apply(AttentionOptions& options) const;
+};
 /// Registers on an attend command, hidden, the options that named parts of a selection before
 /// --select took the whole spec (--top-k, --eps, --window, --sinks, --kernel, --p, ...); returns
 /// the check to run after parsing, which throws Error(invalid_argument) naming the one given and

@@ -41,9 +41,7 @@ void add_inputs_option(CLI::App* sub, Sources& s, const std::string& members) {
 
 // --queries, --keys, --values or --inputs with members q, k, v: the inputs of attend and evaluate.
 void add_qkv_options(CLI::App* sub, Sources& s) {
-  sub->add_option("--queries", s.files[0], "Q .npy: (m, d), (h, m, d) or (b, h, m, d)");
-  sub->add_option("--keys", s.files[1], "K .npy, same layout, n keys");
-  sub->add_option("--values", s.files[2], "V .npy, same layout, n values of width dv");
+  add_qkv_file_options(sub, &s.files[0], &s.files[1], &s.files[2]);
   add_inputs_option(sub, s, "members 'q', 'k' and 'v'");
 }
 
@@ -156,16 +154,16 @@ int run_universal(const UniversalArgs& a) {
 Command add_universal(CLI::App& app) {
   auto a = std::make_shared<UniversalArgs>();
   auto* sub = app.add_subcommand("universal", "universal set of keys by leverage score (or |x|^p sensitivity bound)");
-  sub->add_option("--keys", a->src.files[0], "keys K .npy: (n, d), (h, n, d) or (b, h, n, d)");
+  add_qkv_file_options(sub, nullptr, &a->src.files[0], nullptr);
   add_inputs_option(sub, a->src, "the keys as member 'k'");
-  auto* eps = sub->add_option("--eps", a->eps, "threshold: every key j with score >= eps, eps in (0, 1]");
+  auto* eps = add_universal_eps_option(sub, a->eps);
   auto* top = sub->add_option("--top-k", a->top_k, "the N keys of largest score (N above n: every key)");
   eps->excludes(top);
   sub->add_option("--ridge", a->ridge, "ridge lambda >= 0 (p = 2)");
   sub->add_option("--p", a->p, "f(x) = |x|^p: scores are sensitivity bounds from Lewis weights (default 2: leverage)");
   add_seed_option(sub, a->seed, "the sketch");
   add_method_options(sub, a->method);
-  sub->add_flag("--json", a->json, "print one JSON object");
+  add_json_flag(sub, a->json, "the set, its bound and timing");
   sub->add_option("--out", a->out, "write the indices: int64 .npy (one key matrix), or .npz with indices, offsets, scores");
   return {sub, [a, eps, top] {
             if (eps->count() == 0 && top->count() == 0)
@@ -251,10 +249,9 @@ int run_heavy(const HeavyArgs& a) {
 Command add_heavy(CLI::App& app) {
   auto a = std::make_shared<HeavyArgs>();
   auto* sub = app.add_subcommand("heavy", "every eps-heavy entry of x^2 (or |x|^p) attention, exactly");
-  sub->add_option("--queries", a->src.files[0], "queries Q .npy: (m, d), (h, m, d) or (b, h, m, d)");
-  sub->add_option("--keys", a->src.files[1], "keys K .npy, the same layout, n keys");
+  add_qkv_file_options(sub, &a->src.files[0], &a->src.files[1], nullptr);
   add_inputs_option(sub, a->src, "members 'q' and 'k'");
-  sub->add_option("--eps", a->eps, "report A_ij >= eps, eps in (0, 1]")->required();
+  add_heavy_eps_option(sub, a->eps);
   sub->add_option("--out", a->out, "H.csv or H.npz (default: CSV on stdout)");
   sub->add_option("--p", a->p, "f(x) = |x|^p (default 2)");
   sub->add_option("--normaliser", a->normaliser, "exact (default) or sampled row normalisers")
@@ -264,7 +261,7 @@ Command add_heavy(CLI::App& app) {
   sub->add_flag("--causal", a->causal, "causal x^2 attention: query i over keys 0 .. i (m == n)");
   add_seed_option(sub, a->seed, "the sampled normalisers and of the sketch");
   add_method_options(sub, a->method);
-  sub->add_flag("--json", a->json, "print a JSON summary");
+  add_json_flag(sub, a->json, "a summary");
   return {sub, [a] { return run_heavy(*a); }};
 }
 
@@ -275,17 +272,13 @@ namespace {
 struct AttendArgs {
   Sources src{"", {"", "", ""}};
   std::string out, save_selection, select = "full";
-  double scale = 0;
-  bool has_scale = false, json = false, causal = false;
+  ScaleOption scale;
+  bool json = false, causal = false;
 };
 
 AttentionOptions attention_options(const AttendArgs& a) {
   AttentionOptions o = parse_selection(a.select);
-  if (a.has_scale) {
-    if (!std::isfinite(a.scale))
-      throw Error(ErrorKind::invalid_argument, "scale: expected a finite number, got " + format_value(a.scale));
-    o.scale = a.scale;
-  }
+  a.scale.apply(o);
   o.causal = a.causal;
   o.return_selection = !a.save_selection.empty();
   return o;
@@ -378,19 +371,15 @@ Command add_attend(CLI::App& app) {
                   "also write S.npz: shared_keys / shared_offsets per (batch, head) (causal leverage: per (batch, "
                   "head, block of `segment` queries)), query_keys (topk, cluster; -1: unused), window, sinks, causal, "
                   "segment");
-  sub->add_option("--select", a->select, kSelectHelp);
-  sub->add_option("--scale", a->scale,
-                  "logit scale, any finite number (default 1/sqrt(d) softmax, 1 poly); 0 weighs every "
-                  "selected key equally, a negative scale reverses the order of the logits");
+  add_select_option(sub, a->select);
+  a->scale.add(sub);
   sub->add_flag("--causal", a->causal,
                 "query i sees keys 0 .. i only (m == n); leverage then takes eps and uses each block's causal "
                 "universal set");
   const auto retired = retire_selection_options(sub);
-  sub->add_flag("--json", a->json, "print selection sizes and timings as JSON");
-  auto* scale = sub->get_option("--scale");
-  return {sub, [a, scale, retired] {
+  add_json_flag(sub, a->json, "the selection's sizes and timings");
+  return {sub, [a, retired] {
             retired();
-            a->has_scale = scale->count() > 0;
             return run_attend(*a);
           }};
 }
@@ -437,7 +426,7 @@ int run_planted(const PlantedArgs& a) {
 Command add_info(CLI::App& app) {
   auto as_json = std::make_shared<bool>(false);
   auto* sub = app.add_subcommand("info", "print the version, BLAS, ISA and threads in use");
-  sub->add_flag("--json", *as_json, "print one JSON object");
+  add_json_flag(sub, *as_json, "the build");
   return {sub, [as_json] { return run_info(*as_json); }};
 }
 
@@ -508,7 +497,7 @@ Command add_evaluate(CLI::App& app) {
   sub->add_option("--scale", a->scale,
                   "logit scale of every selection and of full attention (default: 1/sqrt(d) for softmax; 1 for "
                   "queries that already carry their scale)");
-  sub->add_flag("--json", a->json, "print the rows as JSON");
+  add_json_flag(sub, a->json, "the rows");
   return {sub, [a] { return run_evaluate(*a); }};
 }
 

@@ -1,6 +1,7 @@
 // Shared pieces of the commands: options, input files, progress.
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
@@ -33,12 +34,51 @@ void add_seed_option(CLI::App* sub, std::int64_t& seed, const std::string& what)
       ->check(CLI::NonNegativeNumber);
 }
 
+
+namespace {
+// The help of --select: the selection spec of parse_selection (options.hpp).
 const char* const kSelectHelp =
     "the selection, one spec NAME[:K][+FIELD:VALUE...] (default full): full, leverage:K or leverage+eps:E, topk:K, "
     "random:K, window:W, cluster:K; fields top_k, eps, window, sinks, probe, clusters, iterations, seed, kernel "
     "(softmax | poly), p, budget_alpha, budget_exponent, method (exact | sketch), ridge, rank_rtol, sketch, "
     "sketch_size, gamma, jl_columns, delta, sketch_seed; e.g. leverage:32+window:4+sinks:2, cluster:32+probe:8, "
     "leverage+eps:0.05+kernel:poly+p:4";
+}  // namespace
+
+void add_qkv_file_options(CLI::App* sub, std::string* queries, std::string* keys, std::string* values) {
+  if (queries) sub->add_option("--queries", *queries, "queries Q .npy: (m, d), (h, m, d) or (b, h, m, d)");
+  if (keys) sub->add_option("--keys", *keys, "keys K .npy: (n, d), (h, n, d) or (b, h, n, d)");
+  if (values) sub->add_option("--values", *values, "values V .npy: (n, dv), (h, n, dv) or (b, h, n, dv), one row per key");
+}
+
+CLI::Option* add_select_option(CLI::App* sub, std::string& spec, const std::string& which) {
+  return sub->add_option("--select", spec, which.empty() ? std::string(kSelectHelp) : which + "; " + kSelectHelp);
+}
+
+CLI::Option* add_universal_eps_option(CLI::App* sub, double& eps) {
+  return sub->add_option("--eps", eps, "threshold: every key j with score >= eps, eps in (0, 1]");
+}
+
+CLI::Option* add_heavy_eps_option(CLI::App* sub, double& eps) {
+  return sub->add_option("--eps", eps, "report every entry A_ij >= eps, eps in (0, 1]")->required();
+}
+
+CLI::Option* add_json_flag(CLI::App* sub, bool& as_json, const std::string& what) {
+  return sub->add_flag("--json", as_json, "print " + what + " as JSON");
+}
+
+void ScaleOption::add(CLI::App* sub) {
+  option = sub->add_option("--scale", value,
+                           "logit scale, any finite number (default 1/sqrt(d) softmax, 1 poly); 0 weighs every "
+                           "selected key equally, a negative scale reverses the order of the logits");
+}
+
+void ScaleOption::apply(AttentionOptions& options) const {
+  if (!option || option->count() == 0) return;
+  if (!std::isfinite(value))
+    throw Error(ErrorKind::invalid_argument, "scale: expected a finite number, got " + format_value(value));
+  options.scale = value;
+}
 
 std::function<void()> retire_selection_options(CLI::App* sub) {
   static const std::pair<const char*, const char*> kRetired[] = {

@@ -119,8 +119,8 @@ json per_rank(const Mpi& mpi, const CommVolume& work, const CommVolume& output, 
 
 struct AttendArgs {
   std::string queries, keys, values, out, select = "full";
-  double scale = 0;
-  bool has_scale = false, json = false;
+  ScaleOption scale;
+  bool json = false;
   int rounds = 1;
 };
 
@@ -129,8 +129,11 @@ int run_attend(const AttendArgs& a, const Mpi& mpi) {
   const std::vector<std::string> names = {"queries", "keys", "values"};
   const std::vector<Sharded> in = read_inputs(mpi, {a.queries, a.keys, a.values}, names);
   const Sharded &Q = in[0], &K = in[1], &V = in[2];
-  AttentionOptions o = same_on_every_rank([&] { return parse_selection(a.select); });
-  if (a.has_scale) o.scale = a.scale;
+  AttentionOptions o = same_on_every_rank([&] {
+    AttentionOptions given = parse_selection(a.select);
+    a.scale.apply(given);
+    return given;
+  });
   const Tensor4Ref q = Q.view(), k = K.view(), v = V.view();
   std::vector<float> out(static_cast<std::size_t>(checked_allocation({q.batch, q.heads, q.rows, v.cols}, 4, "output")));
   CommVolume work, written;
@@ -165,24 +168,20 @@ int run_attend(const AttendArgs& a, const Mpi& mpi) {
 Command add_attend(CLI::App& app, const Mpi& mpi) {
   auto a = std::make_shared<AttendArgs>();
   auto* sub = app.add_subcommand("attend", "attention over a selection of keys, rows sharded across the ranks");
-  sub->add_option("--queries", a->queries, "Q .npy: (m, d), (h, m, d) or (b, h, m, d)");
-  sub->add_option("--keys", a->keys, "K .npy, same layout, n keys");
-  sub->add_option("--values", a->values, "V .npy, same layout, n values of width dv");
+  add_qkv_file_options(sub, &a->queries, &a->keys, &a->values);
   sub->add_option("--out", a->out, "output O .npy (float32), written once")->required();
-  sub->add_option("--select", a->select,
-                  std::string("full (a ring: the exact baseline), leverage+eps:E or window:W (a halo from the "
-                              "neighbouring ranks), with +window:W, +sinks:S, +kernel:poly+p:P; ") + kSelectHelp);
-  sub->add_option("--scale", a->scale, "logit scale, any finite number (default 1/sqrt(d) softmax, 1 poly)");
+  add_select_option(sub, a->select,
+                    "full (a ring: the exact baseline), leverage+eps:E or window:W (a halo from the neighbouring "
+                    "ranks), with +window:W, +sinks:S, +kernel:poly+p:P");
+  a->scale.add(sub);
   const auto retired = retire_selection_options(sub);
   sub->add_option("--rounds", a->rounds,
                   "leverage: 1 = exact x^2 (one Allreduce of K^T K; softmax or p 2), 2 = composable (any p; a superset "
                   "of the single-process set)")
       ->check(CLI::IsMember({1, 2}));
-  sub->add_flag("--json", a->json, "print sizes, timings and per-rank bytes as JSON (rank 0)");
-  auto* scale = sub->get_option("--scale");
-  return {sub, [a, scale, retired, &mpi] {
+  add_json_flag(sub, a->json, "sizes, timings and per-rank bytes (rank 0)");
+  return {sub, [a, retired, &mpi] {
             same_on_every_rank(retired);
-            a->has_scale = scale->count() > 0;
             return run_attend(*a, mpi);
           }};
 }
@@ -235,12 +234,12 @@ int run_universal(const UniversalArgs& a, const Mpi& mpi) {
 Command add_universal(CLI::App& app, const Mpi& mpi) {
   auto a = std::make_shared<UniversalArgs>();
   auto* sub = app.add_subcommand("universal", "universal set of keys, rows sharded across the ranks");
-  sub->add_option("--keys", a->keys, "keys K .npy: (n, d), (h, n, d) or (b, h, n, d)");
-  sub->add_option("--eps", a->eps, "threshold: every key j with score >= eps, eps in (0, 1]")->required();
+  add_qkv_file_options(sub, nullptr, &a->keys, nullptr);
+  add_universal_eps_option(sub, a->eps)->required();
   sub->add_option("--p", a->p, "f(x) = |x|^p sensitivity bounds (default 2: leverage; p != 2 needs --rounds 2)");
   sub->add_option("--rounds", a->rounds, "1 = exact (p 2), 2 = composable (any p)")->check(CLI::IsMember({1, 2}));
   sub->add_option("--out", a->out, "write the indices: int64 .npy (one key matrix), or .npz with indices, offsets, scores");
-  sub->add_flag("--json", a->json, "print one JSON object (rank 0)");
+  add_json_flag(sub, a->json, "the set, its bound and per-rank bytes (rank 0)");
   return {sub, [a, &mpi] { return run_universal(*a, mpi); }};
 }
 
@@ -287,11 +286,10 @@ int run_heavy(const HeavyArgs& a, const Mpi& mpi) {
 Command add_heavy(CLI::App& app, const Mpi& mpi) {
   auto a = std::make_shared<HeavyArgs>();
   auto* sub = app.add_subcommand("heavy", "every eps-heavy entry of x^2 attention, rows sharded across the ranks");
-  sub->add_option("--queries", a->queries, "queries Q .npy: (m, d), (h, m, d) or (b, h, m, d)");
-  sub->add_option("--keys", a->keys, "keys K .npy, the same layout, n keys");
-  sub->add_option("--eps", a->eps, "report A_ij >= eps, eps in (0, 1]")->required();
+  add_qkv_file_options(sub, &a->queries, &a->keys, nullptr);
+  add_heavy_eps_option(sub, a->eps);
   sub->add_option("--out", a->out, "H.csv or H.npz (default: CSV on stdout)");
-  sub->add_flag("--json", a->json, "print a JSON summary (rank 0)");
+  add_json_flag(sub, a->json, "a summary and per-rank bytes (rank 0)");
   return {sub, [a, &mpi] { return run_heavy(*a, mpi); }};
 }
 

@@ -70,7 +70,7 @@ Command add_reduce(CLI::App& app) {
                   "rank(X) for svd, 4 n for bss; at most d)")
       ->check(CLI::PositiveNumber);
   add_seed_option(cmd, args.seed, "the random sketches");
-  cmd->add_flag("--json", args.json, "print one JSON object");
+  add_json_flag(cmd, args.json, "the sizes and the error");
   return {cmd, [a] { return run_reduce(*a); }};
 }
 

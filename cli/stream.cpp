@@ -104,7 +104,7 @@ Command add_stream(CLI::App& app) {
   sub->add_option("--block", a->block, "keys read and pushed at a time (default 65536)");
   sub->add_option("--checkpoint", a->checkpoint, "write the state here every 16 blocks and at the end (atomically)");
   sub->add_option("--resume", a->resume, "start from this state and read the keys after those it holds");
-  sub->add_flag("--json", a->json, "one JSON object: n, size, indices (ascending), scores, peak_workspace_bytes, ...");
+  add_json_flag(sub, a->json, "n, size, indices (ascending), scores, peak_workspace_bytes, ...");
   return {sub, [a] { return run_stream(*a); }};
 }
 

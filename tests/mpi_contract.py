@@ -267,6 +267,7 @@ def test_faults():
     fault("the old spelling of a selection", 2, ["attend"] + qkv("K.npy") + ["--select", "leverage", "--eps", "0.1"],
           "--select leverage+eps")
     fault("unknown selection", 2, ["attend"] + qkv("K.npy") + ["--select", "topk:5"], "select")
+    fault("a scale that is not finite", 2, ["attend"] + qkv("K.npy") + lev + ["--scale", "inf"], "scale: expected a finite")
     fault("mismatched stacks", 3, ["attend", "--queries", "Q3.npy", "--keys", "K.npy", "--values", "V.npy"] + lev,
           "leading (batch, heads)")
     fault("universal NaN on the last rank", 4, ["universal", "--keys", "Knan.npy", "--eps", "0.1"], "rank 3: keys")
