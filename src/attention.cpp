@@ -9,10 +9,10 @@
 #include <numeric>
 #include <sstream>
 
-#include "detail/cluster.hpp"
+#include "cluster.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
-#include "detail/selection.hpp"
+#include "selectors.hpp"
 #include "detail/validate.hpp"
 #include "engine.hpp"
 #include "kernels/online_attention.hpp"

@@ -7,9 +7,9 @@
 #include <limits>
 
 #include "detail/blas.hpp"
-#include "detail/cluster.hpp"
+#include "cluster.hpp"
 #include "detail/parallel.hpp"
-#include "detail/selection.hpp"
+#include "selectors.hpp"
 #include "detail/validate.hpp"
 
 namespace levattn::detail {

@@ -17,11 +17,11 @@
 #include <vector>
 
 #include "detail/gram.hpp"
-#include "detail/heavy.hpp"
+#include "heavy_search.hpp"
 #include "detail/lapack.hpp"
 #include "detail/names.hpp"
-#include "detail/leverage.hpp"
-#include "detail/npy_format.hpp"
+#include "leverage.hpp"
+#include "npy_format.hpp"
 #include "detail/validate.hpp"
 #include "engine.hpp"
 #include "levattn/selected_attention.hpp"

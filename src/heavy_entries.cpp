@@ -7,10 +7,10 @@
 #include <sstream>
 
 #include "detail/blas.hpp"
-#include "detail/heavy.hpp"
+#include "heavy_search.hpp"
 #include "detail/lapack.hpp"
 #include "detail/names.hpp"
-#include "detail/leverage.hpp"
+#include "leverage.hpp"
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
 #include "detail/rng.hpp"

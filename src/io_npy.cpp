@@ -1,5 +1,5 @@
 // io_npy.cpp: the Array type, .npy reading and writing, to_float32, and the internals shared with
-// io_npz.cpp (declared in detail/npy_format.hpp).
+// io_npz.cpp (declared in npy_format.hpp).
 //
 // Files are untrusted input: every length and offset is checked against the size of the file
 // before it is used, and nothing is allocated in proportion to a declared shape before the shape
@@ -25,7 +25,7 @@
 #include <thread>
 #include <utility>
 
-#include "detail/npy_format.hpp"
+#include "npy_format.hpp"
 
 // The values are copied between files and vectors without byte swapping.
 static_assert(std::endian::native == std::endian::little,

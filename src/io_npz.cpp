@@ -18,7 +18,7 @@
 #include <string_view>
 #include <utility>
 
-#include "detail/npy_format.hpp"
+#include "npy_format.hpp"
 
 namespace levattn {
 namespace {

@@ -3,7 +3,7 @@
 #include <cmath>
 #include <span>
 
-#include "detail/npy_format.hpp"
+#include "npy_format.hpp"
 #include "levattn/io.hpp"
 
 namespace levattn {

@@ -1,7 +1,7 @@
 #include <cstdint>
 #include <span>
 
-#include "detail/npy_format.hpp"
+#include "npy_format.hpp"
 #include "levattn/io.hpp"
 
 namespace levattn {

@@ -13,7 +13,7 @@
 #include "detail/gram.hpp"
 #include "detail/lapack.hpp"
 #include "detail/names.hpp"
-#include "detail/leverage.hpp"
+#include "leverage.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "detail/validate.hpp"

@@ -10,7 +10,7 @@
 #include "detail/blas.hpp"
 #include "detail/gram.hpp"
 #include "detail/lapack.hpp"
-#include "detail/leverage.hpp"
+#include "leverage.hpp"
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
 

@@ -4,7 +4,7 @@
 #include <sstream>
 
 #include "detail/rng.hpp"
-#include "detail/selection.hpp"
+#include "selectors.hpp"
 #include "detail/validate.hpp"
 
 namespace levattn {

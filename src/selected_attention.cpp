@@ -15,7 +15,7 @@
 
 #include "detail/blas.hpp"
 #include "detail/parallel.hpp"
-#include "detail/selection.hpp"
+#include "selectors.hpp"
 #include "detail/validate.hpp"
 #include "engine.hpp"
 #include "kernels/elementwise.hpp"

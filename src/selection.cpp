@@ -5,7 +5,7 @@
 
 #include "detail/blas.hpp"
 #include "detail/rng.hpp"
-#include "detail/selection.hpp"
+#include "selectors.hpp"
 #include "detail/validate.hpp"
 #include "levattn/selection.hpp"
 

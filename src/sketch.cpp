@@ -16,7 +16,7 @@
 #include "detail/names.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
-#include "detail/selection.hpp"
+#include "selectors.hpp"
 #include "detail/validate.hpp"
 
 namespace levattn {

@@ -11,8 +11,8 @@
 #include <sstream>
 
 #include "detail/gram.hpp"
-#include "detail/leverage.hpp"
-#include "detail/npy_format.hpp"
+#include "leverage.hpp"
+#include "npy_format.hpp"
 #include "detail/validate.hpp"
 
 namespace levattn {

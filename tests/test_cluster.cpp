@@ -6,7 +6,7 @@
 #include <random>
 #include <set>
 
-#include "detail/cluster.hpp"
+#include "cluster.hpp"
 #include "levattn/levattn.hpp"
 #include "oracle.hpp"
 

@@ -1,4 +1,4 @@
-// detail/npy_format.hpp: internals shared by io_npy.cpp and io_npz.cpp: the .npy format (parse a
+// npy_format.hpp: internals shared by io_npy.cpp and io_npz.cpp: the .npy format (parse a
 // header, decode an in-memory .npy image, serialise an Array), little-endian byte helpers, file
 // reading with errno messages, and the atomic file write. Not installed; not part of the API.
 //

@@ -1,4 +1,4 @@
-// detail/selection.hpp: the per-head key selections that are not leverage scores.
+// selectors.hpp: the per-head key selections that are not leverage scores.
 #pragma once
 #include <algorithm>
 #include <cstdint>

@@ -1,4 +1,4 @@
-// detail/leverage.hpp: score pass without re-validating K, for callers that already checked it.
+// leverage.hpp: score pass without re-validating K, for callers that already checked it.
 #pragma once
 #include "levattn/leverage_scores.hpp"
 

@@ -1,4 +1,4 @@
-// detail/heavy.hpp: the exact x^2 heavy-entry pass against a given key factor, shared by
+// heavy_search.hpp: the exact x^2 heavy-entry pass against a given key factor, shared by
 // heavy_entries and distributed_heavy_entries. Not installed.
 #pragma once
 #include <vector>

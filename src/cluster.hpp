@@ -1,4 +1,4 @@
-// detail/cluster.hpp: keys grouped by k-means, the per-query search over the clusters a query's
+// cluster.hpp: keys grouped by k-means, the per-query search over the clusters a query's
 // centroid scores pick, and attention over what the search keeps (Select::cluster).
 #pragma once
 #include <cstddef>
