@@ -26,7 +26,7 @@ double seconds(std::chrono::steady_clock::time_point t0) {
 }
 
 void require_positive(index_t v, const char* name) {
-  if (v < 1) throw Error(ErrorKind::invalid_argument, std::string(name) + ": expected an integer >= 1, got " + std::to_string(v));
+  if (v < 1) throw Error(ErrorKind::invalid_argument, name, "expected an integer >= 1, got " + std::to_string(v));
 }
 
 struct BenchArgs {
@@ -48,7 +48,7 @@ int run_bench(const BenchArgs& a) {
   require_positive(a.d, "d");
   require_positive(a.heads, "heads");
   require_positive(a.top_k, "top-k");
-  if (a.repeats < 1) throw Error(ErrorKind::invalid_argument, "repeats: expected an integer >= 1");
+  if (a.repeats < 1) throw Error(ErrorKind::invalid_argument, "repeats", "expected an integer >= 1");
   // Q, K, V and the output: four (heads, n, d) float32 arrays, checked before any is formed.
   const index_t total = checked_allocation({4, a.heads, a.n, a.d}, sizeof(float), "bench: Q, K, V and the output") / 4;
   const index_t n = a.n, d = a.d, h = a.heads;

@@ -102,10 +102,9 @@ auto with_sources(const std::vector<const Input*>& inputs, const std::vector<std
   try {
     return f();
   } catch (const Error& e) {
-    const std::string msg = e.what();
+    const std::string field = e.field();
     for (std::size_t i = 0; i < inputs.size(); ++i)
-      if (msg.rfind(names[i] + ":", 0) == 0)
-        throw Error(e.kind(), names[i] + " (" + inputs[i]->source + ")" + msg.substr(names[i].size()));
+      if (field == names[i]) throw Error(e.kind(), names[i] + " (" + inputs[i]->source + ")", e.detail());
     throw;
   }
 }

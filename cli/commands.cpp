@@ -23,13 +23,13 @@ std::vector<Input> load_all(const Sources& s, const std::vector<std::string>& me
   if (!s.inputs.empty()) {
     for (const std::string& f : s.files)
       if (!f.empty())
-        throw Error(ErrorKind::invalid_argument, "inputs: give either --inputs or the separate files, not both");
+        throw Error(ErrorKind::invalid_argument, "inputs", "give either --inputs or the separate files, not both");
     return load_members(s.inputs, members, names, max_dims);
   }
   std::vector<Input> out;
   for (std::size_t i = 0; i < names.size(); ++i) {
     if (s.files[i].empty())
-      throw Error(ErrorKind::invalid_argument, names[i] + ": give --" + names[i] + " FILE.npy or --inputs FILE.npz");
+      throw Error(ErrorKind::invalid_argument, names[i], "give --" + names[i] + " FILE.npy or --inputs FILE.npz");
     out.push_back(load_input(s.files[i], names[i], max_dims));
   }
   return out;
@@ -93,9 +93,9 @@ int run_universal(const UniversalArgs& a) {
   if (a.use_top_k) o.top_k = a.top_k;
   else o.eps = a.eps;
   if (a.p != 2.0 && a.ridge != 0.0)
-    throw Error(ErrorKind::invalid_argument, "ridge: applies to p = 2 (leverage scores) only");
+    throw Error(ErrorKind::invalid_argument, "ridge", "applies to p = 2 (leverage scores) only");
   if (a.use_top_k && a.top_k < 1)
-    throw Error(ErrorKind::invalid_argument, "top-k: expected an integer >= 1, got " + std::to_string(a.top_k));
+    throw Error(ErrorKind::invalid_argument, "top-k", "expected an integer >= 1, got " + std::to_string(a.top_k));
   const Tensor4Ref k = as_tensor(K);
   const auto t0 = std::chrono::steady_clock::now();
   const std::vector<UniversalSet> sets = with_sources({&K}, {"keys"}, [&] { return universal_sets(k, o); });
@@ -167,7 +167,7 @@ Command add_universal(CLI::App& app) {
   sub->add_option("--out", a->out, "write the indices: int64 .npy (one key matrix), or .npz with indices, offsets, scores");
   return {sub, [a, eps, top] {
             if (eps->count() == 0 && top->count() == 0)
-              throw Error(ErrorKind::invalid_argument, "universal: give --eps or --top-k");
+              throw Error(ErrorKind::invalid_argument, "universal", "give --eps or --top-k");
             a->use_top_k = top->count() > 0;
             return run_universal(*a);
           }};
@@ -289,7 +289,7 @@ AttentionOptions attention_options(const AttendArgs& a) {
 std::vector<std::pair<std::string, Array>> selection_arrays(const AttentionResult& r, const Input& Q,
                                                             const AttentionOptions& o) {
   if (o.select == Select::full)
-    throw Error(ErrorKind::invalid_argument, "save-selection: select full attends every key; there is no selection to save");
+    throw Error(ErrorKind::invalid_argument, "save-selection", "select full attends every key; there is no selection to save");
   // One set per (batch, head) (per segment too under causal leverage); empty for the selections
   // without shared keys (topk, cluster without eps or sinks), whose offsets are then all 0.
   index_t pairs = 1;
@@ -404,7 +404,7 @@ int run_planted(const PlantedArgs& a) {
   const std::filesystem::path dir(a.out_dir);
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
-  if (ec) throw Error(ErrorKind::io, a.out_dir + ": cannot create directory: " + ec.message());
+  if (ec) throw Error(ErrorKind::io, a.out_dir, "cannot create directory: " + ec.message());
   OutputSet files;  // the four files as one instance: all new or all as before
   const auto add = [&](const char* name, const DenseMatrix<float>& m) {
     files.add_npy(dir / name, Array::from_float32({m.rows, m.cols}, m.data));

@@ -76,7 +76,7 @@ void ScaleOption::add(CLI::App* sub) {
 void ScaleOption::apply(AttentionOptions& options) const {
   if (!option || option->count() == 0) return;
   if (!std::isfinite(value))
-    throw Error(ErrorKind::invalid_argument, "scale: expected a finite number, got " + format_value(value));
+    throw Error(ErrorKind::invalid_argument, "scale", "expected a finite number, got " + format_value(value));
   options.scale = value;
 }
 
@@ -102,8 +102,9 @@ std::function<void()> retire_selection_options(CLI::App* sub) {
   return [given] {
     for (const auto& [opt, r] : given)
       if (opt->count() > 0)
-        throw Error(ErrorKind::invalid_argument, std::string(r.first) + ": the selection is one spec, --select " +
-                                                     r.second + "; for example --select leverage:32+window:4+sinks:2");
+        throw Error(ErrorKind::invalid_argument, r.first,
+                    std::string("the selection is one spec, --select ") + r.second +
+                        "; for example --select leverage:32+window:4+sinks:2");
   };
 }
 
@@ -121,23 +122,20 @@ namespace {
 Input make_input(Array a, const std::string& source, const std::string& what, int max_dims) {
   const auto dims = static_cast<int>(a.shape.size());
   if (dims < 2 || dims > max_dims) {
-    std::ostringstream os;
-    os << source << ": " << what << ": expected a 2-D";
-    if (max_dims >= 3) os << (max_dims == 3 ? " or 3-D" : ", 3-D or 4-D");
-    os << " array, got " << dims << "-D";
-    throw Error(ErrorKind::invalid_argument, os.str());
+    const char* allowed = max_dims >= 4 ? "2-D, 3-D or 4-D" : max_dims == 3 ? "2-D or 3-D" : "2-D";
+    throw Error(ErrorKind::invalid_argument, source,
+                what + ": expected a " + allowed + " array, got " + std::to_string(dims) + "-D");
   }
   for (index_t extent : a.shape)
     if (extent < 1)
-      throw Error(ErrorKind::invalid_argument,
-                  source + ": " + what + ": expected a non-empty array, got a dimension of 0");
+      throw Error(ErrorKind::invalid_argument, source, what + ": expected a non-empty array, got a dimension of 0");
   Input in;
   in.source = source;
   in.shape = a.shape;
   try {
     in.values = to_float32(a, what);
   } catch (const Error& e) {
-    throw Error(e.kind(), source + ": " + e.what());
+    throw Error(e.kind(), source, e.what());
   }
   return in;
 }
@@ -157,8 +155,8 @@ std::vector<Input> load_members(const std::filesystem::path& npz, const std::vec
     if (it == arrays.end()) {
       std::string have;
       for (const auto& a : arrays) have += (have.empty() ? "'" : ", '") + a.first + "'";
-      throw Error(ErrorKind::invalid_argument, npz.string() + ": expected a member '" + names[i] + "' (" +
-                                                   what[i] + "), found " + (have.empty() ? "none" : have));
+      throw Error(ErrorKind::invalid_argument, npz.string(),
+                  "expected a member '" + names[i] + "' (" + what[i] + "), found " + (have.empty() ? "none" : have));
     }
     out.push_back(make_input(std::move(it->second), npz.string() + ": member '" + names[i] + "'", what[i], max_dims));
   }
@@ -183,13 +181,9 @@ void require_same_stack(const std::vector<const Input*>& inputs, const std::vect
     const Input& in = *inputs[i];
     const bool same = in.shape.size() == first.shape.size() &&
                       std::equal(first.shape.begin(), first.shape.end() - 2, in.shape.begin());
-    if (!same) {
-      std::ostringstream os;
-      os << names[0] << " (" << first.source << "), " << names[i] << " (" << in.source
-         << "): expected the same number of dimensions and the same leading (batch, heads) "
-            "dimensions";
-      throw Error(ErrorKind::invalid_argument, os.str());
-    }
+    if (!same)
+      throw Error(ErrorKind::invalid_argument, names[0] + " (" + first.source + "), " + names[i] + " (" + in.source + ")",
+                  "expected the same number of dimensions and the same leading (batch, heads) dimensions");
   }
 }
 

@@ -72,11 +72,9 @@ auto naming_sources(const std::vector<Sharded>& in, const std::vector<std::strin
   try {
     return f();
   } catch (const CollectiveError& e) {
-    std::string msg = e.what();
-    const std::size_t at = msg.rfind("rank ", 0) == 0 ? msg.find(": ") + 2 : 0;
+    const std::string field = e.field();
     for (std::size_t i = 0; i < in.size(); ++i)
-      if (msg.compare(at, names[i].size() + 1, names[i] + ":") == 0)
-        throw CollectiveError(e.kind(), msg.insert(at + names[i].size(), " (" + in[i].source + ")"));
+      if (field == names[i]) throw CollectiveError(e.kind(), e.rank(), names[i] + " (" + in[i].source + ")", e.detail());
     throw;
   }
 }
@@ -90,7 +88,7 @@ auto same_on_every_rank(F&& f) {
   } catch (const CollectiveError&) {
     throw;
   } catch (const Error& e) {
-    throw CollectiveError(e.kind(), e.what());
+    throw CollectiveError(e.kind(), e.field(), e.detail());
   }
 }
 

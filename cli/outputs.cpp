@@ -19,7 +19,7 @@ json set_json(const UniversalSet& u) {
 void write_sets(const std::string& out, const std::vector<UniversalSet>& sets, bool stacked) {
   if (!is_npz(out)) {
     if (stacked)
-      throw Error(ErrorKind::invalid_argument, "out: a stack of key matrices gives one set per (batch, head); write an .npz");
+      throw Error(ErrorKind::invalid_argument, "out", "a stack of key matrices gives one set per (batch, head); write an .npz");
     write_npy(out, Array::from_int64({static_cast<index_t>(sets[0].indices.size())},
                                      std::vector<std::int64_t>(sets[0].indices.begin(), sets[0].indices.end())));
     return;

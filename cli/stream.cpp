@@ -21,7 +21,7 @@ StreamingUniversalSet start(const StreamArgs& a, index_t d, index_t dv) {
   if (a.resume.empty()) return StreamingUniversalSet(d, dv, a.eps);
   StreamingUniversalSet s = StreamingUniversalSet::load(a.resume);
   const auto mismatch = [&](const std::string& what) {
-    throw Error(ErrorKind::invalid_argument, "resume (" + a.resume + "): " + what);
+    throw Error(ErrorKind::invalid_argument, "resume (" + a.resume + ")", what);
   };
   if (s.d() != d) mismatch("the state has d = " + std::to_string(s.d()) + ", the keys " + std::to_string(d) + " columns");
   if (s.dv() != dv) mismatch("the state has dv = " + std::to_string(s.dv()) + ", the values " + std::to_string(dv) + " columns");
@@ -30,21 +30,21 @@ StreamingUniversalSet start(const StreamArgs& a, index_t d, index_t dv) {
 }
 
 int run_stream(const StreamArgs& a) {
-  if (a.block < 1) throw Error(ErrorKind::invalid_argument, "block: expected an integer >= 1, got " + std::to_string(a.block));
+  if (a.block < 1) throw Error(ErrorKind::invalid_argument, "block", "expected an integer >= 1, got " + std::to_string(a.block));
   const NpyRowReader K(a.keys);
   std::unique_ptr<NpyRowReader> V;
   if (!a.values.empty()) {
     V = std::make_unique<NpyRowReader>(a.values);
     if (V->rows() != K.rows())
-      throw Error(ErrorKind::invalid_argument, "values (" + a.values + "): expected " + std::to_string(K.rows()) +
-                                                   " rows (one per key), got " + std::to_string(V->rows()));
+      throw Error(ErrorKind::invalid_argument, "values (" + a.values + ")",
+                  "expected " + std::to_string(K.rows()) + " rows (one per key), got " + std::to_string(V->rows()));
   }
   const index_t n = K.rows(), d = K.cols(), dv = V ? V->cols() : 0;
   StreamingUniversalSet s = start(a, d, dv);
   const index_t first = s.n();
   if (first > n)
-    throw Error(ErrorKind::invalid_argument, "resume (" + a.resume + "): the state holds " + std::to_string(first) +
-                                                 " keys, the key file only " + std::to_string(n));
+    throw Error(ErrorKind::invalid_argument, "resume (" + a.resume + ")",
+                "the state holds " + std::to_string(first) + " keys, the key file only " + std::to_string(n));
   const auto t0 = std::chrono::steady_clock::now();
   Progress progress("levattn stream");
   std::vector<float> kb, vb;
@@ -58,9 +58,9 @@ int run_stream(const StreamArgs& a) {
     try {
       s.push({kb.data(), rows, d}, {vb.data(), dv > 0 ? rows : 0, dv});
     } catch (const Error& e) {  // name the file and the block (row numbers in the message are the block's)
-      const bool values = std::string(e.what()).rfind("values", 0) == 0;
-      throw Error(e.kind(), std::string(e.what()) + " (" + (values ? a.values : a.keys) + ", the block of rows " +
-                                std::to_string(r0) + " to " + std::to_string(r0 + rows - 1) + ")");
+      const bool values = e.field() == "values";
+      throw Error(e.kind(), e.field(), e.detail() + " (" + (values ? a.values : a.keys) + ", the block of rows " +
+                                           std::to_string(r0) + " to " + std::to_string(r0 + rows - 1) + ")");
     }
     if (!a.checkpoint.empty() && ++blocks % kCheckpointBlocks == 0) s.save(a.checkpoint);
     progress(static_cast<double>(r0 + rows - first) / static_cast<double>(std::max<index_t>(1, n - first)));

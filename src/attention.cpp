@@ -7,7 +7,6 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
-#include <sstream>
 
 #include "cluster.hpp"
 #include "detail/parallel.hpp"
@@ -31,116 +30,83 @@ double seconds_since(Clock::time_point t0) {
 ConstMatrix flat(const Tensor4Ref& t) { return {t.data, t.batch * t.heads * t.rows, t.cols}; }
 
 void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V) {
-  std::ostringstream os;
   const std::pair<const Tensor4Ref*, const char*> args[] = {{&Q, "queries"}, {&K, "keys"}, {&V, "values"}};
-  for (const auto& [t, name] : args) {
-    if (t->rows < 1 || t->cols < 1) {
-      os << name << ": expected a non-empty array, got " << t->rows << " rows of " << t->cols
-         << " columns";
-      detail::invalid(os.str());
-    }
-  }
-  if (!Q.data || !K.data || !V.data) detail::invalid("attention: null data pointer for queries, keys or values");
-  if (Q.batch < 1 || Q.heads < 1) {
-    os << "queries: expected batch >= 1 and heads >= 1, got (" << Q.batch << ", " << Q.heads << ")";
-    detail::invalid(os.str());
-  }
+  for (const auto& [t, name] : args)
+    LEVATTN_REQUIRE(t->rows >= 1 && t->cols >= 1, name, "expected a non-empty array, got ", t->rows, " rows of ",
+                    t->cols, " columns");
+  LEVATTN_REQUIRE(Q.data && K.data && V.data, "attention", "null data pointer for queries, keys or values");
+  LEVATTN_REQUIRE(Q.batch >= 1 && Q.heads >= 1, "queries", "expected batch >= 1 and heads >= 1, got (", Q.batch, ", ",
+                  Q.heads, ")");
   // Grouped-query attention: fewer key/value heads than query heads, dividing them.
-  if (K.batch != Q.batch || V.batch != Q.batch || V.heads != K.heads || K.heads < 1 || Q.heads % K.heads != 0) {
-    os << "keys/values: expected the queries' batch " << Q.batch << " and a number of heads dividing the queries' "
-       << Q.heads << " (the same for both), got keys (" << K.batch << ", " << K.heads << "), values (" << V.batch
-       << ", " << V.heads << ")";
-    detail::invalid(os.str());
-  }
-  if (K.cols != Q.cols) {
-    os << "keys: expected " << Q.cols << " columns (the queries' dimension d), got " << K.cols;
-    detail::invalid(os.str());
-  }
-  if (V.rows != K.rows) {
-    os << "values: expected " << K.rows << " rows (one per key), got " << V.rows;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(K.batch == Q.batch && V.batch == Q.batch && V.heads == K.heads && K.heads >= 1 && Q.heads % K.heads == 0,
+                  "keys/values", "expected the queries' batch ", Q.batch, " and a number of heads dividing the queries' ",
+                  Q.heads, " (the same for both), got keys (", K.batch, ", ", K.heads, "), values (", V.batch, ", ",
+                  V.heads, ")");
+  LEVATTN_REQUIRE(K.cols == Q.cols, "keys", "expected ", Q.cols, " columns (the queries' dimension d), got ", K.cols);
+  LEVATTN_REQUIRE(V.rows == K.rows, "values", "expected ", K.rows, " rows (one per key), got ", V.rows);
 }
 
 // Replaces an adaptive budget by the top_k it gives for n keys.
 AttentionOptions resolve_budget(const AttentionOptions& options, index_t n) {
   AttentionOptions o = options;
   if (o.budget_alpha == 0.0 && o.budget_exponent == 0.0) return o;
-  if (o.top_k != 0) detail::invalid("budget: give either top_k or an adaptive budget, not both");
-  if (o.select != Select::topk && o.select != Select::leverage && o.select != Select::random &&
-      o.select != Select::cluster)
-    detail::invalid("budget: applies to select topk, leverage, random and cluster only");
+  LEVATTN_REQUIRE(o.top_k == 0, "budget", "give either top_k or an adaptive budget, not both");
+  LEVATTN_REQUIRE(o.select == Select::topk || o.select == Select::leverage || o.select == Select::random ||
+                      o.select == Select::cluster,
+                  "budget", "applies to select topk, leverage, random and cluster only");
   o.top_k = adaptive_budget(n, o.budget_alpha, o.budget_exponent);
   o.budget_alpha = o.budget_exponent = 0.0;
   return o;
 }
 
 void check_options(const AttentionOptions& o) {
-  std::ostringstream os;
   detail::check_kernel(o);
-  if (o.window < -1) {
-    os << "window: expected an integer >= 0 (or -1 for none), got " << o.window;
-    detail::invalid(os.str());
-  }
-  if (o.sinks < 0) {
-    os << "sinks: expected an integer >= 0, got " << o.sinks;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(o.window >= -1, "window", "expected an integer >= 0 (or -1 for none), got ", o.window);
+  LEVATTN_REQUIRE(o.sinks >= 0, "sinks", "expected an integer >= 0, got ", o.sinks);
   const bool local = o.window >= 0 || o.sinks > 0;
-  if (o.eps != 0.0 && o.select != Select::leverage && o.select != Select::cluster)
-    detail::invalid("eps: applies to select leverage and cluster only, got select " + to_string(o.select));
+  const std::string select = to_string(o.select);
+  LEVATTN_REQUIRE(o.eps == 0.0 || o.select == Select::leverage || o.select == Select::cluster, "eps",
+                  "applies to select leverage and cluster only, got select ", select);
   // Options the chosen selection would not read are an error, not silently dropped.
   const bool cluster_set = o.clusters != 0 || o.probe != 0 || o.cluster_iterations != AttentionOptions{}.cluster_iterations;
-  if (o.select != Select::cluster && cluster_set)
-    detail::invalid("clusters, probe, iterations: apply to select cluster only, got select " + to_string(o.select));
-  if (o.top_k != 0 && (o.select == Select::full || o.select == Select::window))
-    detail::invalid("top_k: select " + to_string(o.select) + " takes no key budget");
+  LEVATTN_REQUIRE(o.select == Select::cluster || !cluster_set, "clusters, probe, iterations",
+                  "apply to select cluster only, got select ", select);
+  LEVATTN_REQUIRE(o.top_k == 0 || (o.select != Select::full && o.select != Select::window), "top_k", "select ", select,
+                  " takes no key budget");
   switch (o.select) {
     case Select::full:
     case Select::topk:
-      if (local)
-        detail::invalid("select " + to_string(o.select) +
-                        ": window and sinks combine only with leverage, random, window or cluster");
-      if (o.select == Select::topk && o.top_k < 1) {
-        os << "top_k: select topk needs a budget >= 1, got " << o.top_k;
-        detail::invalid(os.str());
-      }
+      LEVATTN_REQUIRE(!local, "select " + select, "window and sinks combine only with leverage, random, window or cluster");
+      LEVATTN_REQUIRE(o.select != Select::topk || o.top_k >= 1, "top_k", "select topk needs a budget >= 1, got ",
+                      o.top_k);
       break;
     case Select::leverage:
-      if ((o.top_k > 0) == (o.eps > 0.0))
-        detail::invalid("select leverage: give exactly one of top_k >= 1 or eps in (0, 1]");
+      LEVATTN_REQUIRE((o.top_k > 0) != (o.eps > 0.0), "select leverage",
+                      "give exactly one of top_k >= 1 or eps in (0, 1]");
       if (o.eps != 0.0 || o.top_k <= 0) detail::require_eps(o.eps);
-      if (o.top_k < 0) detail::invalid("top_k: expected an integer >= 1");
+      LEVATTN_REQUIRE(o.top_k >= 0, "top_k", "expected an integer >= 1");
       break;
     case Select::random:
-      if (o.top_k < 1) {
-        os << "top_k: select random needs a budget >= 1, got " << o.top_k;
-        detail::invalid(os.str());
-      }
+      LEVATTN_REQUIRE(o.top_k >= 1, "top_k", "select random needs a budget >= 1, got ", o.top_k);
       break;
     case Select::window:
-      if (!local) detail::invalid("select window: give a window >= 0 or sinks >= 1");
+      LEVATTN_REQUIRE(local, "select window", "give a window >= 0 or sinks >= 1");
       break;
     case Select::cluster:
-      if (o.top_k < 1) {
-        os << "top_k: select cluster needs a per-query budget >= 1, got " << o.top_k;
-        detail::invalid(os.str());
-      }
+      LEVATTN_REQUIRE(o.top_k >= 1, "top_k", "select cluster needs a per-query budget >= 1, got ", o.top_k);
       if (o.eps != 0.0) detail::require_eps(o.eps);
-      if (o.clusters < 0 || o.probe < 0 || o.cluster_iterations < 1) {
-        os << "cluster: expected clusters >= 0, probe >= 0 (0: defaults) and iterations >= 1, got " << o.clusters
-           << ", " << o.probe << ", " << o.cluster_iterations;
-        detail::invalid(os.str());
-      }
+      LEVATTN_REQUIRE(o.clusters >= 0 && o.probe >= 0 && o.cluster_iterations >= 1, "cluster",
+                      "expected clusters >= 0, probe >= 0 (0: defaults) and iterations >= 1, got ", o.clusters, ", ",
+                      o.probe, ", ", o.cluster_iterations);
       break;
   }
   if (o.causal && o.select == Select::leverage) {
-    if (o.top_k > 0)
-      detail::invalid("causal leverage: give eps (each block's causal universal set); top_k keys by prefix score "
-                      "cannot be kept exactly in one pass");
-    if (o.kernel == Kernel::power && o.p != 2.0)
-      detail::invalid("causal leverage: the causal sets are x^2 leverage scores; with the poly kernel p must be 2");
-    if (o.leverage.method != ScoreMethod::exact) detail::invalid("causal leverage: needs exact scores (method exact)");
+    LEVATTN_REQUIRE(o.top_k <= 0, "causal leverage",
+                    "give eps (each block's causal universal set); top_k keys by prefix score cannot be kept exactly "
+                    "in one pass");
+    LEVATTN_REQUIRE(o.kernel != Kernel::power || o.p == 2.0, "causal leverage",
+                    "the causal sets are x^2 leverage scores; with the poly kernel p must be 2");
+    LEVATTN_REQUIRE(o.leverage.method == ScoreMethod::exact, "causal leverage", "needs exact scores (method exact)");
   }
 }
 
@@ -171,12 +137,8 @@ Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, co
   pl.qheads = Q.heads;
   pl.group = K.heads > 0 ? Q.heads / K.heads : 1;
   pl.m = Q.rows, pl.n = K.rows, pl.d = Q.cols, pl.dv = V.cols;
-  if (o.causal && pl.m != pl.n) {
-    std::ostringstream os;
-    os << "causal: expected as many queries as keys (query i sees keys 0 .. i), got " << pl.m << " queries and "
-       << pl.n << " keys";
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(!o.causal || pl.m == pl.n, "causal", "expected as many queries as keys (query i sees keys 0 .. i), got ",
+                  pl.m, " queries and ", pl.n, " keys");
   pl.params.kernel = o.kernel;
   pl.params.p = static_cast<float>(o.p);
   pl.params.ops = &kernels::active_row_ops();
@@ -460,10 +422,10 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
     engine::merge(pl.heads * pl.m, pl.dv, out, stat.data(), out_b.data(), stat_b.data());
     for (index_t c : part.keys_per_query()) keys += static_cast<double>(c);
   }
-  if (!detail::all_finite(out, pl.heads * pl.m * pl.dv) ||
-      std::any_of(stat.begin(), stat.end(), [](float x) { return std::isnan(x); }))
-    detail::invalid("attention: the scaled logits or the weighted values overflow float32; rescale queries, keys or "
-                    "values (or pass a smaller scale)");
+  LEVATTN_REQUIRE(detail::all_finite(out, pl.heads * pl.m * pl.dv) &&
+                      std::none_of(stat.begin(), stat.end(), [](float x) { return std::isnan(x); }),
+                  "attention", "the scaled logits or the weighted values overflow float32; rescale queries, keys or "
+                  "values (or pass a smaller scale)");
   res.seconds_attention = seconds_since(t0) - res.seconds_selection;
   res.empty_rows = std::count(stat.begin(), stat.end(), std::numeric_limits<float>::infinity());
   res.mean_keys_per_query = keys / static_cast<double>(pl.heads * pl.m);
@@ -479,7 +441,7 @@ AttentionResult attend_clustered(const Tensor4Ref& Q, const Tensor4Ref& K, const
 AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
                           float* out, const AttentionOptions& options) {
   check_shapes(Q, K, V);
-  if (!out) detail::invalid("attention: null output buffer");
+  LEVATTN_REQUIRE(out, "attention", "null output buffer");
   if (options.select == Select::cluster) return attend_clustered(Q, K, V, out, options);
   const auto t0 = Clock::now();
   Plan pl = make_plan(Q, K, V, options);
@@ -503,16 +465,12 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
 }
 
 Selection selection_layout(const AttentionShape& sh, const AttentionOptions& options) {
-  if (sh.batch < 1 || sh.heads < 1 || sh.m < 1 || sh.n < 1 || sh.d < 1 || sh.dv < 1) {
-    std::ostringstream os;
-    os << "attention: expected a non-empty shape, got (batch, heads, m, n, d, dv) = (" << sh.batch << ", " << sh.heads
-       << ", " << sh.m << ", " << sh.n << ", " << sh.d << ", " << sh.dv << ")";
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(sh.batch >= 1 && sh.heads >= 1 && sh.m >= 1 && sh.n >= 1 && sh.d >= 1 && sh.dv >= 1, "attention",
+                  "expected a non-empty shape, got (batch, heads, m, n, d, dv) = (", sh.batch, ", ", sh.heads, ", ",
+                  sh.m, ", ", sh.n, ", ", sh.d, ", ", sh.dv, ")");
   // The plan reads only the shapes.
-  if (sh.kv_heads < 0 || sh.heads % sh.kv() != 0)
-    detail::invalid("attention: the key/value heads (" + std::to_string(sh.kv_heads) + ") must divide the query heads (" +
-                    std::to_string(sh.heads) + ")");
+  LEVATTN_REQUIRE(sh.kv_heads >= 0 && sh.heads % sh.kv() == 0, "attention", "the key/value heads (", sh.kv_heads,
+                  ") must divide the query heads (", sh.heads, ")");
   const Tensor4Ref Q{nullptr, sh.batch, sh.heads, sh.m, sh.d}, K{nullptr, sh.batch, sh.kv(), sh.n, sh.d},
       V{nullptr, sh.batch, sh.kv(), sh.n, sh.dv};
   return layout_of(make_plan(Q, K, V, options), sh.batch);
@@ -527,9 +485,8 @@ Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionO
 
 std::vector<float> attention(ConstMatrix Q, ConstMatrix K, ConstMatrix V,
                              const AttentionOptions& options, AttentionResult* result) {
-  if (Q.ld != Q.cols || K.ld != K.cols || V.ld != V.cols) {
-    detail::invalid("attention: queries, keys and values must have contiguous rows (ld == cols)");
-  }
+  LEVATTN_REQUIRE(Q.ld == Q.cols && K.ld == K.cols && V.ld == V.cols, "attention",
+                  "queries, keys and values must have contiguous rows (ld == cols)");
   std::vector<float> out(static_cast<std::size_t>(std::max<index_t>(Q.rows, 0) *
                                                   std::max<index_t>(V.cols, 0)));
   const Tensor4Ref q{Q.data, 1, 1, Q.rows, Q.cols}, k{K.data, 1, 1, K.rows, K.cols},

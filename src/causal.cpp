@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <sstream>
 
 #include "detail/blas.hpp"
 #include "detail/parallel.hpp"
@@ -16,20 +15,16 @@ namespace levattn {
 namespace {
 
 void check_keys(ConstMatrix K, index_t block) {
-  if (K.rows < 1 || K.cols < 1) {
-    std::ostringstream os;
-    os << "keys: expected a non-empty array, got " << K.rows << " rows of " << K.cols << " columns";
-    detail::invalid(os.str());
-  }
-  if (block < 1) detail::invalid("causal: block must be >= 1, got " + std::to_string(block));
+  LEVATTN_REQUIRE(K.rows >= 1 && K.cols >= 1, "keys", "expected a non-empty array, got ", K.rows, " rows of ", K.cols,
+                  " columns");
+  LEVATTN_REQUIRE(block >= 1, "causal", "block must be >= 1, got ", block);
   detail::require_finite_matrix(K, "keys");
 }
 
 // Ridge scores are below the x^2 sensitivities: pruning by them could drop a heavy key.
 void require_no_ridge(const LeverageOptions& options, const char* what) {
-  if (options.ridge != 0.0)
-    detail::invalid(std::string(what) + ": needs ridge 0 (ridge scores are below the x^2 sensitivities, so their sets "
-                    "can miss heavy entries)");
+  LEVATTN_REQUIRE(options.ridge == 0.0, what,
+                  "needs ridge 0 (ridge scores are below the x^2 sensitivities, so their sets can miss heavy entries)");
 }
 
 // Calls visit(r0, r1, set, stream) for each block of keys r0 .. r1 - 1: set is the block's causal
@@ -67,12 +62,8 @@ Selection causal_universal_sets(ConstMatrix K, double eps, index_t block, const 
 
 HeavyEntries causal_heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& options) {
   check_keys(K, kCausalBlock);
-  std::ostringstream os;
-  if (Q.rows != K.rows || Q.cols != K.cols) {
-    os << "queries: expected " << K.rows << " rows of " << K.cols << " columns (one per key, causal), got " << Q.rows
-       << " of " << Q.cols;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(Q.rows == K.rows && Q.cols == K.cols, "queries", "expected ", K.rows, " rows of ", K.cols,
+                  " columns (one per key, causal), got ", Q.rows, " of ", Q.cols);
   detail::require_finite_matrix(Q, "queries");
   require_no_ridge(options, "causal heavy entries");
   const index_t d = K.cols;
@@ -124,12 +115,9 @@ HeavyEntries causal_heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, cons
 
 std::vector<HeavyEntries> causal_heavy_entries(const Tensor4Ref& Q, const Tensor4Ref& K, double eps,
                                                const LeverageOptions& options) {
-  if (Q.batch != K.batch || Q.heads != K.heads || Q.batch < 1 || Q.heads < 1) {
-    std::ostringstream os;
-    os << "keys: expected the queries' (batch, heads) = (" << Q.batch << ", " << Q.heads << "), got (" << K.batch
-       << ", " << K.heads << ")";
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(Q.batch == K.batch && Q.heads == K.heads && Q.batch >= 1 && Q.heads >= 1, "keys",
+                  "expected the queries' (batch, heads) = (", Q.batch, ", ", Q.heads, "), got (", K.batch, ", ",
+                  K.heads, ")");
   const index_t pairs = Q.batch * Q.heads;
   std::vector<HeavyEntries> out(static_cast<std::size_t>(pairs));
   const double flops = static_cast<double>(pairs * K.rows) * static_cast<double>(K.cols * K.cols) * 4.0;

@@ -128,7 +128,8 @@ Keep best_k(const kernels::RowOps& ops, const float* v, index_t count, index_t k
 }
 
 [[noreturn]] void overflow() {
-  invalid("cluster: the scaled logits overflow float32; rescale queries or keys (or pass a smaller scale)");
+  fail(ErrorKind::invalid_argument, "cluster",
+       "the scaled logits overflow float32; rescale queries or keys (or pass a smaller scale)");
 }
 
 // Each query's p clusters of largest centroid score (power: |score|), ascending: rows x p.

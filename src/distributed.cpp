@@ -55,8 +55,8 @@ Comm comm_of(MPI_Comm comm, CommVolume* volume) {
   return c;
 }
 
-[[noreturn]] void fail_together(const std::string& message) {
-  throw CollectiveError(ErrorKind::invalid_argument, message);
+[[noreturn]] void fail_together(const std::string& field, const std::string& detail) {
+  throw CollectiveError(ErrorKind::invalid_argument, field, detail);
 }
 
 template <class T>
@@ -71,7 +71,7 @@ MPI_Datatype mpi_type<std::int64_t>() { return MPI_INT64_T; }
 // MPI counts are int: a gather of more values than that is refused on every rank alike.
 int mpi_count(std::uint64_t values, const char* what) {
   if (values > static_cast<std::uint64_t>(INT_MAX))
-    fail_together(std::string(what) + ": " + std::to_string(values) + " values to exchange, more than one MPI call takes");
+    fail_together(what, std::to_string(values) + " values to exchange, more than one MPI call takes");
   return static_cast<int>(values);
 }
 
@@ -96,25 +96,28 @@ std::vector<T> all_gather(const Comm& c, const std::vector<T>& mine, const char*
 
 void agree(const Comm& c, const std::function<void()>& f) {
   ErrorKind kind = ErrorKind::internal;
-  std::string message;
+  std::string field, detail;
   int failed = INT_MAX;
   try {
     f();
   } catch (const Error& e) {
-    kind = e.kind(), message = e.what(), failed = c.rank;
+    kind = e.kind(), field = e.field(), detail = e.detail(), failed = c.rank;
   } catch (const std::exception& e) {
-    message = e.what(), failed = c.rank;
+    detail = e.what(), failed = c.rank;
   }
   int first = INT_MAX;
   MPI_Allreduce(&failed, &first, 1, MPI_INT, MPI_MIN, c.comm);
   c.count(sizeof(int), sizeof(int));
   if (first == INT_MAX) return;
-  int head[2] = {static_cast<int>(kind), static_cast<int>(message.size())};
-  MPI_Bcast(head, 2, MPI_INT, first, c.comm);
-  message.resize(static_cast<std::size_t>(head[1]));
-  MPI_Bcast(message.data(), head[1], MPI_CHAR, first, c.comm);
-  c.count(c.rank == first ? 8 + message.size() : 0, c.rank == first ? 0 : 8 + message.size());
-  throw CollectiveError(static_cast<ErrorKind>(head[0]), "rank " + std::to_string(first) + ": " + message);
+  // The failing rank's kind, field and detail, so that callers can still name the field's source.
+  std::string text = field + detail;
+  int head[3] = {static_cast<int>(kind), static_cast<int>(field.size()), static_cast<int>(text.size())};
+  MPI_Bcast(head, 3, MPI_INT, first, c.comm);
+  text.resize(static_cast<std::size_t>(head[2]));
+  MPI_Bcast(text.data(), head[2], MPI_CHAR, first, c.comm);
+  c.count(c.rank == first ? 12 + text.size() : 0, c.rank == first ? 0 : 12 + text.size());
+  const auto split = static_cast<std::size_t>(head[1]);
+  throw CollectiveError(static_cast<ErrorKind>(head[0]), first, text.substr(0, split), text.substr(split));
 }
 
 // Every rank's shard of one sharded array, checked to tile 0 .. n - 1 in rank order, with the
@@ -134,21 +137,21 @@ Layout layout_of(const Comm& c, index_t first, index_t rows, index_t cols, index
   for (int r = 0; r < c.size; ++r) {
     const std::int64_t* s = all.data() + 4 * r;
     if (s[0] != l.n || s[1] < 0)
-      fail_together(what + ": rank " + std::to_string(r) + " holds rows from " + std::to_string(s[0]) + ", expected " +
-                    std::to_string(l.n) + " (shards contiguous in rank order from row 0)");
+      fail_together(what, "rank " + std::to_string(r) + " holds rows from " + std::to_string(s[0]) + ", expected " +
+                              std::to_string(l.n) + " (shards contiguous in rank order from row 0)");
     if (s[3] != l.pairs)
-      fail_together(what + ": ranks hold different numbers of (batch, head) pairs (" + std::to_string(l.pairs) + " and " +
-                    std::to_string(s[3]) + ")");
+      fail_together(what, "ranks hold different numbers of (batch, head) pairs (" + std::to_string(l.pairs) + " and " +
+                              std::to_string(s[3]) + ")");
     if (s[1] > 0) {
       if (l.cols != 0 && s[2] != l.cols)
-        fail_together(what + ": ranks hold rows of different widths (" + std::to_string(l.cols) + " and " +
-                      std::to_string(s[2]) + ")");
+        fail_together(what, "ranks hold rows of different widths (" + std::to_string(l.cols) + " and " +
+                                std::to_string(s[2]) + ")");
       l.cols = s[2];
     }
     l.shards.push_back({s[0], s[1]});
     l.n += s[1];
   }
-  if (l.n == 0 || l.cols < 1 || l.pairs < 1) fail_together(what + ": expected a non-empty array across the ranks");
+  if (l.n == 0 || l.cols < 1 || l.pairs < 1) fail_together(what, "expected a non-empty array across the ranks");
   return l;
 }
 
@@ -286,9 +289,11 @@ std::vector<UniversalSet> distributed_universal_sets(MPI_Comm comm, const Tensor
   agree(c, [&] {
     detail::require_eps(options.eps);
     detail::check_leverage_options(options.leverage);
-    if (options.top_k != 0) detail::invalid("distributed: a universal set by eps (a global top-k is not distributed)");
-    if (mode == DistributedMode::exact && (options.p != 2.0 || options.leverage.method != ScoreMethod::exact))
-      detail::invalid("distributed: the exact mode is for exact leverage scores (p 2, method exact); use the two-round mode (levattn-mpi --rounds 2)");
+    LEVATTN_REQUIRE(options.top_k == 0, "distributed", "a universal set by eps (a global top-k is not distributed)");
+    LEVATTN_REQUIRE(mode != DistributedMode::exact ||
+                        (options.p == 2.0 && options.leverage.method == ScoreMethod::exact),
+                    "distributed", "the exact mode is for exact leverage scores (p 2, method exact); use the two-round "
+                    "mode (levattn-mpi --rounds 2)");
     require_finite(K_local, "keys");
   });
   std::vector<UniversalSet> out;
@@ -308,8 +313,8 @@ std::vector<HeavyEntries> distributed_heavy_entries(MPI_Comm comm, const Tensor4
   const Layout lq = layout_of(c, q_first, Q_local.rows, Q_local.cols, Q_local.batch * Q_local.heads, "queries");
   const Layout lk = layout_of(c, k_first, K_local.rows, K_local.cols, K_local.batch * K_local.heads, "keys");
   if (lq.pairs != lk.pairs || lq.cols != lk.cols)
-    fail_together("queries: expected the keys' (batch, head) pairs and width " + std::to_string(lk.cols) + ", got " +
-                  std::to_string(lq.pairs) + " pairs of width " + std::to_string(lq.cols));
+    fail_together("queries", "expected the keys' (batch, head) pairs and width " + std::to_string(lk.cols) + ", got " +
+                                 std::to_string(lq.pairs) + " pairs of width " + std::to_string(lq.cols));
   agree(c, [&] {
     detail::require_eps(eps);
     require_finite(Q_local, "queries");
@@ -360,7 +365,7 @@ std::vector<HeavyEntries> gather_heavy_entries(MPI_Comm comm, const std::vector<
     for (int r = 0; r < c.size; ++r) total += static_cast<std::uint64_t>(all_sizes[2 * r]);
     int ok = c.rank != root || total <= static_cast<std::uint64_t>(INT_MAX) ? 1 : 0, all_ok = 0;
     MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, comm);
-    if (!all_ok) fail_together("heavy entries: more than one MPI call gathers; write fewer (a larger eps)");
+    if (!all_ok) fail_together("heavy entries", "more than one MPI call gathers; write fewer (a larger eps)");
     for (int r = 0; r < c.size; ++r) counts[r] = static_cast<int>(all_sizes[2 * r]), at[r + 1] = at[r] + counts[r];
     std::vector<std::int64_t> all(c.rank == root ? total : 0);
     MPI_Gatherv(mine.data(), static_cast<int>(mine.size()), MPI_INT64_T, all.data(), counts.data(), at.data(),
@@ -391,18 +396,19 @@ double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock:
 void check_attention_options(const AttentionOptions& o, DistributedMode mode) {
   detail::check_attention_options(o);
   detail::check_leverage_options(o.leverage);
-  if (o.select != Select::full && o.select != Select::leverage && o.select != Select::window)
-    detail::invalid("select: distributed attention takes full, leverage or window, got " + to_string(o.select));
-  if (o.causal) detail::invalid("causal: distributed attention is not causal");
-  if (o.return_selection)
-    detail::invalid("return_selection: distributed attention does not return its selection (each rank holds part of it)");
-  if (o.key_mask) detail::invalid("key_mask: distributed attention takes no key mask");
-  if (o.top_k != 0 || o.budget_alpha != 0.0)
-    detail::invalid("top-k: distributed leverage selects by eps (a global key budget is not distributed)");
+  LEVATTN_REQUIRE(o.select == Select::full || o.select == Select::leverage || o.select == Select::window, "select",
+                  "distributed attention takes full, leverage or window, got ", to_string(o.select));
+  LEVATTN_REQUIRE(!o.causal, "causal", "distributed attention is not causal");
+  LEVATTN_REQUIRE(!o.return_selection, "return_selection",
+                  "distributed attention does not return its selection (each rank holds part of it)");
+  LEVATTN_REQUIRE(!o.key_mask, "key_mask", "distributed attention takes no key mask");
+  LEVATTN_REQUIRE(o.top_k == 0 && o.budget_alpha == 0.0, "top-k",
+                  "distributed leverage selects by eps (a global key budget is not distributed)");
   if (o.select == Select::leverage) {
     const bool x2 = o.kernel == Kernel::softmax || o.p == 2.0;
-    if (mode == DistributedMode::exact && (!x2 || o.leverage.method != ScoreMethod::exact))
-      detail::invalid("distributed: the exact mode selects by exact leverage scores (softmax or p 2); use the two-round mode (levattn-mpi --rounds 2)");
+    LEVATTN_REQUIRE(mode != DistributedMode::exact || (x2 && o.leverage.method == ScoreMethod::exact), "distributed",
+                    "the exact mode selects by exact leverage scores (softmax or p 2); use the two-round mode "
+                    "(levattn-mpi --rounds 2)");
   }
 }
 
@@ -548,7 +554,7 @@ LocalProblem local_problem(const AttentionOptions& o, Shard q, ConstMatrix Q, Co
       const auto in_set = std::lower_bound(set.begin(), set.end(), j);
       if (it != fetched.index.end() && *it == j) k = fetched.rows.data() + (it - fetched.index.begin()) * w;
       else if (in_set != set.end() && *in_set == j) k = set_rows.data() + (in_set - set.begin()) * w;
-      else throw Error(ErrorKind::internal, "distributed attention: key " + std::to_string(j) + " was not fetched");
+      else detail::fail(ErrorKind::internal, "distributed attention", "key ", j, " was not fetched");
       v = k + d;
     }
     std::copy_n(k, d, L.K.data() + a * d);
@@ -606,8 +612,8 @@ void ring_attention(const Comm& c, ConstMatrix Q, ConstMatrix K, ConstMatrix V, 
       if (!std::isfinite(L[i])) ++empty;
       for (index_t x = 0; x < dv; ++x) {
         const double v = std::isfinite(L[i]) ? acc[i * dv + x] : 0.0;
-        if (std::fabs(v) > std::numeric_limits<float>::max())
-          detail::invalid("values: the output of query " + std::to_string(i) + " overflows float32");
+        LEVATTN_REQUIRE(!(std::fabs(v) > std::numeric_limits<float>::max()), "values", "the output of query ", i,
+                        " overflows float32");
         out[i * dv + x] = static_cast<float>(v);
       }
     }
@@ -625,17 +631,16 @@ AttentionResult distributed_attention(MPI_Comm comm, const Tensor4Ref& Q_local, 
   const Layout lq = layout_of(c, q_first, Q_local.rows, Q_local.cols, Q_local.batch * Q_local.heads, "queries");
   const Layout lk = layout_of(c, k_first, K_local.rows, K_local.cols, K_local.batch * K_local.heads, "keys");
   agree(c, [&] {  // before the values' layout, whose tiling check would name the shard, not the cause
-    if (V_local.rows != K_local.rows)
-      detail::invalid("values: expected one row per key: this rank holds " + std::to_string(K_local.rows) +
-                      " keys and " + std::to_string(V_local.rows) + " values");
+    LEVATTN_REQUIRE(V_local.rows == K_local.rows, "values", "expected one row per key: this rank holds ", K_local.rows,
+                    " keys and ", V_local.rows, " values");
   });
   const Layout lv = layout_of(c, k_first, V_local.rows, V_local.cols, V_local.batch * V_local.heads, "values");
   if (lq.pairs != lk.pairs || lv.pairs != lk.pairs)
-    fail_together("queries, keys, values: expected the same (batch, head) pairs, got " + std::to_string(lq.pairs) + ", " +
-                  std::to_string(lk.pairs) + " and " + std::to_string(lv.pairs));
+    fail_together("queries, keys, values", "expected the same (batch, head) pairs, got " + std::to_string(lq.pairs) +
+                                               ", " + std::to_string(lk.pairs) + " and " + std::to_string(lv.pairs));
   if (lq.cols != lk.cols)
-    fail_together("queries: expected " + std::to_string(lk.cols) + " columns (the keys' dimension), got " +
-                  std::to_string(lq.cols));
+    fail_together("queries", "expected " + std::to_string(lk.cols) + " columns (the keys' dimension), got " +
+                                 std::to_string(lq.cols));
   const Tensor4Ref Q_all = widened(Q_local, lq), K_all = widened(K_local, lk), V_all = widened(V_local, lv);
   agree(c, [&] {
     check_attention_options(options, mode);
@@ -710,12 +715,14 @@ void write_npy_rows(MPI_Comm comm, const std::filesystem::path& path, const std:
                     index_t first, index_t rows, const float* local, CommVolume* volume) {
   const Comm c = comm_of(comm, volume);
   const std::size_t dims = shape.size();
-  if (dims < 2 || dims > 4) fail_together(path.string() + ": expected a 2-D to 4-D shape");
+  if (dims < 2 || dims > 4) fail_together(path.string(), "expected a 2-D to 4-D shape");
   index_t pairs = 1;
   for (std::size_t a = 0; a + 2 < dims; ++a) pairs *= shape[a];
   const index_t n = shape[dims - 2], cols = shape[dims - 1];
   const Layout l = layout_of(c, first, rows, cols, pairs, path.string());
-  if (l.n != n) fail_together(path.string() + ": the ranks' rows add up to " + std::to_string(l.n) + ", the shape has " + std::to_string(n));
+  if (l.n != n)
+    fail_together(path.string(),
+                  "the ranks' rows add up to " + std::to_string(l.n) + ", the shape has " + std::to_string(n));
   Array header;
   header.dtype = DType::float32;
   header.shape = shape;
@@ -731,7 +738,7 @@ void write_npy_rows(MPI_Comm comm, const std::filesystem::path& path, const std:
     char msg[MPI_MAX_ERROR_STRING];
     int len = 0;
     MPI_Error_string(rc, msg, &len);
-    throw Error(ErrorKind::io, path.string() + ": cannot " + what + ": " + std::string(msg, static_cast<std::size_t>(len)));
+    detail::fail(ErrorKind::io, path.string(), "cannot ", what, ": ", std::string(msg, static_cast<std::size_t>(len)));
   };
   MPI_File fh = MPI_FILE_NULL;
   bool written = false;
@@ -760,7 +767,7 @@ void write_npy_rows(MPI_Comm comm, const std::filesystem::path& path, const std:
     agree(c, [&] { check(rc, "close"); });
     agree(c, [&] {
       if (c.rank == 0 && std::rename(tmp.c_str(), path.c_str()) != 0)
-        throw Error(ErrorKind::io, path.string() + ": cannot move the written file into place");
+        detail::fail(ErrorKind::io, path.string(), "cannot move the written file into place");
     });
     written = true;
   } catch (...) {

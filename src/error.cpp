@@ -48,20 +48,14 @@ Scan scan_matrix(ConstMatrix A) {
 [[noreturn]] void non_finite(ConstMatrix A, const char* what) {
   for (index_t i = 0; i < A.rows; ++i)
     for (index_t j = 0; j < A.cols; ++j)
-      if (!std::isfinite(A(i, j))) {
-        std::ostringstream os;
-        os << what << ": expected finite values, found " << A(i, j) << " at row " << i << ", column " << j;
-        invalid(os.str());
-      }
-  throw Error(ErrorKind::internal, std::string(what) + ": non-finite entry not found again");
+      LEVATTN_REQUIRE(std::isfinite(A(i, j)), what, "expected finite values, found ", A(i, j), " at row ", i,
+                      ", column ", j);
+  fail(ErrorKind::internal, what, "non-finite entry not found again");
 }
 
 void require_non_empty(ConstMatrix A, const char* what) {
-  if (A.rows <= 0 || A.cols <= 0) {
-    std::ostringstream os;
-    os << what << ": expected a non-empty matrix, got shape (" << A.rows << ", " << A.cols << ")";
-    invalid(os.str());
-  }
+  LEVATTN_REQUIRE(A.rows > 0 && A.cols > 0, what, "expected a non-empty matrix, got shape (", A.rows, ", ", A.cols,
+                  ")");
 }
 
 }  // namespace
@@ -89,19 +83,11 @@ index_t to_index(double x) {
 }
 
 void require_open_unit(double v, const char* what) {
-  if (!(v > 0.0 && v < 1.0)) {
-    std::ostringstream os;
-    os << what << ": expected a number in (0, 1), got " << v;
-    invalid(os.str());
-  }
+  LEVATTN_REQUIRE(v > 0.0 && v < 1.0, what, "expected a number in (0, 1), got ", v);
 }
 
 void require_eps(double eps, const char* what) {
-  if (!(eps > 0.0 && eps <= 1.0)) {
-    std::ostringstream os;
-    os << what << ": expected a number in (0, 1], got " << eps;
-    invalid(os.str());
-  }
+  LEVATTN_REQUIRE(eps > 0.0 && eps <= 1.0, what, "expected a number in (0, 1], got ", eps);
 }
 
 }  // namespace levattn::detail
@@ -121,8 +107,8 @@ index_t checked_elements(std::initializer_list<index_t> dims, const std::string&
   if (negative || over) {
     std::ostringstream shape;
     for (index_t v : dims) shape << (shape.tellp() > 0 ? " x " : "") << v;
-    detail::invalid(what + (negative ? ": expected non-negative dimensions, got " + shape.str()
-                                     : ": " + shape.str() + " elements exceed 2^62"));
+    detail::fail(ErrorKind::invalid_argument, what,
+                 negative ? "expected non-negative dimensions, got " + shape.str() : shape.str() + " elements exceed 2^62");
   }
   return product;
 }
@@ -142,9 +128,9 @@ double physical_memory() {
 [[noreturn]] void too_large(double bytes, const std::string& what, const std::string& shape) {
   std::ostringstream os;
   os.precision(3);
-  os << what << ": needs " << bytes << " bytes" << (shape.empty() ? "" : " (" + shape + ")")
-     << ", more than the " << physical_memory() / 1073741824.0 << " GiB of memory this machine has";
-  detail::invalid(os.str());
+  os << "needs " << bytes << " bytes" << (shape.empty() ? "" : " (" + shape + ")") << ", more than the "
+     << physical_memory() / 1073741824.0 << " GiB of memory this machine has";
+  detail::fail(ErrorKind::invalid_argument, what, os.str());
 }
 
 }  // namespace

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 #include "detail/blas.hpp"
 #include "detail/parallel.hpp"
@@ -82,7 +81,7 @@ std::vector<Evaluation> measure_pair(ConstMatrix Qh, ConstMatrix Kh, ConstMatrix
   const Selection& first = *cases.front().selection;
   for (const Case& cs : cases)
     if (cs.selection->key_mask != first.key_mask)
-      throw Error(ErrorKind::internal, "evaluate: the selections of one pair have different key masks");
+      detail::fail(ErrorKind::internal, "evaluate", "the selections of one pair have different key masks");
   std::vector<char> open(static_cast<std::size_t>(n));
   for (index_t j = 0; j < n; ++j) open[j] = first.key_open(cases.front().pair, j);
   const index_t blocks = (m + kRows - 1) / kRows;
@@ -156,12 +155,9 @@ std::vector<Evaluation> measure_pair(ConstMatrix Qh, ConstMatrix Kh, ConstMatrix
 
 void check_evaluate_options(const EvaluateOptions& eo) {
   detail::require_eps(eo.heavy_eps, "heavy_eps");
-  if (!(eo.p > 0.0 && std::isfinite(eo.p))) detail::invalid("p: expected a finite exponent > 0");
-  if (!std::isnan(eo.scale) && !(eo.scale > 0.0 && std::isfinite(eo.scale))) {
-    std::ostringstream os;
-    os << "scale: expected a finite number > 0 (or none for the kernel's default), got " << eo.scale;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(eo.p > 0.0 && std::isfinite(eo.p), "p", "expected a finite exponent > 0");
+  LEVATTN_REQUIRE(std::isnan(eo.scale) || (eo.scale > 0.0 && std::isfinite(eo.scale)), "scale",
+                  "expected a finite number > 0 (or none for the kernel's default), got ", eo.scale);
 }
 
 // The row name of a selection on n keys: its spec with the probe cluster actually uses (the
@@ -180,7 +176,7 @@ std::string row_name(AttentionOptions o, index_t n) {
 std::vector<Evaluation> evaluate(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V,
                                  const std::vector<AttentionOptions>& given, const EvaluateOptions& eo) {
   check_evaluate_options(eo);
-  if (given.empty()) detail::invalid("evaluate: give at least one selection");
+  LEVATTN_REQUIRE(!given.empty(), "evaluate", "give at least one selection");
   std::vector<AttentionOptions> selections(given);
   const index_t pairs = Q.batch * Q.heads, m = Q.rows, n = K.rows, dv = V.cols;
   std::vector<Selection> sel;
@@ -192,7 +188,7 @@ std::vector<Evaluation> evaluate(const Tensor4Ref& Q, const Tensor4Ref& K, const
       approx.emplace_back(static_cast<std::size_t>(checked_elements({pairs, m, dv}, "evaluate output")));
       sel.push_back(attention(Q, K, V, approx.back().data(), o).selection);
     } catch (const Error& e) {
-      throw Error(e.kind(), row_name(o, n) + ": " + e.what());
+      detail::fail(e.kind(), row_name(o, n), e.what());
     }
   }
   std::vector<Evaluation> rows;
@@ -218,25 +214,22 @@ Evaluation selection_metrics(ConstMatrix Q, ConstMatrix K, ConstMatrix V, const 
   detail::require_finite_matrix(K, "keys");
   detail::require_finite_matrix(V, "values");
   detail::check_kernel(kernel);
-  if (Q.cols != K.cols || V.rows != K.rows)
-    detail::invalid("selection_metrics: expected queries and keys of equal d and one value per key");
-  if (approx == nullptr) detail::invalid("selection_metrics: null approximate output");
-  if (selection.pairs() != 1 || selection.m != Q.rows || selection.n != K.rows) {
-    std::ostringstream os;
-    os << "selection: expected the selection of one (batch, head) pair with " << Q.rows << " queries and " << K.rows
-       << " keys (attention(..., return_selection) on these arrays), got " << selection.pairs() << " pairs, "
-       << selection.m << " queries and " << selection.n << " keys";
-    detail::invalid(os.str());
-  }
-  if (selection.causal)
-    detail::invalid("selection_metrics: compares with non-causal full attention; causal selections are not supported");
+  LEVATTN_REQUIRE(Q.cols == K.cols && V.rows == K.rows, "selection_metrics",
+                  "expected queries and keys of equal d and one value per key");
+  LEVATTN_REQUIRE(approx != nullptr, "selection_metrics", "null approximate output");
+  LEVATTN_REQUIRE(selection.pairs() == 1 && selection.m == Q.rows && selection.n == K.rows, "selection",
+                  "expected the selection of one (batch, head) pair with ", Q.rows, " queries and ", K.rows,
+                  " keys (attention(..., return_selection) on these arrays), got ", selection.pairs(), " pairs, ",
+                  selection.m, " queries and ", selection.n, " keys");
+  LEVATTN_REQUIRE(!selection.causal, "selection_metrics",
+                  "compares with non-causal full attention; causal selections are not supported");
   for (const auto& set : selection.shared_keys)
     for (index_t j : set)
-      if (j < 0 || j >= K.rows) detail::invalid("selection: a shared key index is out of range");
-  if (static_cast<index_t>(selection.query_keys.size()) != selection.m * selection.top_k)
-    detail::invalid("selection: expected query_keys of m * top_k entries");
+      LEVATTN_REQUIRE(j >= 0 && j < K.rows, "selection", "a shared key index is out of range");
+  LEVATTN_REQUIRE(static_cast<index_t>(selection.query_keys.size()) == selection.m * selection.top_k, "selection",
+                  "expected query_keys of m * top_k entries");
   for (index_t j : selection.query_keys)
-    if (j < -1 || j >= K.rows) detail::invalid("selection: a query's key index is out of range");
+    LEVATTN_REQUIRE(j >= -1 && j < K.rows, "selection", "a query's key index is out of range");
   KernelOptions k = kernel;
   if (std::isnan(k.scale)) k.scale = eo.scale;
   Evaluation e = measure_pair(Q, K, V, {{&selection, 0, approx, k}}, eo).front();

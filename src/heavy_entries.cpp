@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <sstream>
 
 #include "detail/blas.hpp"
 #include "heavy_search.hpp"
@@ -36,11 +35,7 @@ void check_inputs(ConstMatrix Q, ConstMatrix K, double eps) {
   detail::require_eps(eps);
   detail::require_finite_matrix(Q, "queries");
   detail::require_finite_matrix(K, "keys");
-  if (Q.cols != K.cols) {
-    std::ostringstream os;
-    os << "queries: expected " << K.cols << " columns (the keys' dimension), got " << Q.cols;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(Q.cols == K.cols, "queries", "expected ", K.cols, " columns (the keys' dimension), got ", Q.cols);
 }
 
 // Concatenates the per-block results in block order: entries sorted by query, then key.
@@ -129,10 +124,10 @@ namespace {
 // Exact x^2 heavy entries: keys of U_eps only, and Z_i = ||R q_i||^2 with K = Q R (header).
 HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& lo) {
   check_inputs(Q, K, eps);
-  if (lo.method == ScoreMethod::sketch)
-    detail::invalid("method sketch: exact x^2 normalisers need the exact factor of the keys "
-                    "(O(n d^2)), which costs more than a sketch saves; use method exact, or "
-                    "sampled normalisers");
+  LEVATTN_REQUIRE(lo.method != ScoreMethod::sketch, "method sketch",
+                  "exact x^2 normalisers need the exact factor of the keys "
+                  "(O(n d^2)), which costs more than a sketch saves; use method exact, or "
+                  "sampled normalisers");
   const index_t d = K.cols;
   const KeyGram g = key_gram(K, lo);  // check_options refused a ridge
   const UniversalSet U = universal_set(detail::scores_unchecked(K, g), eps);
@@ -178,13 +173,9 @@ NormaliserKeys normaliser_keys(ConstMatrix K, const LeverageScores& t, const Hea
     if (r < n) {  // else the exact normaliser is cheaper
       nk.r = r;
       nk.gamma = std::sqrt(3.0 * total * logterm / static_cast<double>(r));
-      if (nk.gamma >= 1.0) {
-        std::ostringstream os;
-        os << "samples: " << r << " keys give no (1 +- gamma) guarantee (gamma = " << nk.gamma
-           << " >= 1); draw at least " << detail::to_index(std::ceil(3.0 * total * logterm))
-           << " or leave samples at 0";
-        detail::invalid(os.str());
-      }
+      LEVATTN_REQUIRE(!(nk.gamma >= 1.0), "samples", r, " keys give no (1 +- gamma) guarantee (gamma = ", nk.gamma,
+                      " >= 1); draw at least ", detail::to_index(std::ceil(3.0 * total * logterm)),
+                      " or leave samples at 0");
     }
   }
   if (nk.r == 0) {
@@ -281,21 +272,17 @@ HeavyEntries heavy_power(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOp
 }
 
 void check_options(const HeavyOptions& o) {
-  std::ostringstream os;
-  if (!(o.p > 0.0 && std::isfinite(o.p))) {
-    os << "p: expected a finite exponent > 0, got " << o.p;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(o.p > 0.0 && std::isfinite(o.p), "p", "expected a finite exponent > 0, got ", o.p);
   if (o.normaliser == Normaliser::sampled) {
-    if (o.samples < 0) detail::invalid("samples: expected an integer >= 0 (0: from gamma)");
+    LEVATTN_REQUIRE(o.samples >= 0, "samples", "expected an integer >= 0 (0: from gamma)");
     detail::require_open_unit(o.gamma, "gamma");
     detail::require_open_unit(o.delta, "delta");
   }
-  if (o.causal && (o.p != 2.0 || o.normaliser != Normaliser::exact))
-    detail::invalid("causal: heavy entries of causal attention are x^2 with exact normalisers (p 2, normaliser exact)");
-  if (o.leverage.ridge != 0.0)
-    detail::invalid("ridge: heavy entries need ridge 0 (ridge scores are below the x^2 sensitivities, so their sets "
-                    "can miss heavy entries)");
+  LEVATTN_REQUIRE(!o.causal || (o.p == 2.0 && o.normaliser == Normaliser::exact), "causal",
+                  "heavy entries of causal attention are x^2 with exact normalisers (p 2, normaliser exact)");
+  LEVATTN_REQUIRE(o.leverage.ridge == 0.0, "ridge",
+                  "heavy entries need ridge 0 (ridge scores are below the x^2 sensitivities, so their sets "
+                  "can miss heavy entries)");
 }
 
 HeavyEntries heavy_head(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& o,
@@ -317,12 +304,9 @@ HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const Heavy
 std::vector<HeavyEntries> heavy_entries(const Tensor4Ref& Q, const Tensor4Ref& K, double eps,
                                         const HeavyOptions& o) {
   check_options(o);
-  if (Q.batch != K.batch || Q.heads != K.heads || Q.batch < 1 || Q.heads < 1) {
-    std::ostringstream os;
-    os << "keys: expected the queries' (batch, heads) = (" << Q.batch << ", " << Q.heads
-       << "), got (" << K.batch << ", " << K.heads << ")";
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(Q.batch == K.batch && Q.heads == K.heads && Q.batch >= 1 && Q.heads >= 1, "keys",
+                  "expected the queries' (batch, heads) = (", Q.batch, ", ", Q.heads, "), got (", K.batch, ", ",
+                  K.heads, ")");
   const index_t pairs = Q.batch * Q.heads;
   std::vector<HeavyEntries> out(static_cast<std::size_t>(pairs));
   const double flops = static_cast<double>(pairs) * static_cast<double>(K.rows + Q.rows) *

@@ -25,6 +25,7 @@
 #include <thread>
 #include <utility>
 
+#include "detail/require.hpp"
 #include "npy_format.hpp"
 
 // The values are copied between files and vectors without byte swapping.
@@ -38,10 +39,6 @@ namespace levattn {
 namespace {
 
 constexpr std::size_t kMaxDims = 4;
-
-[[noreturn]] void fail(ErrorKind kind, const std::string& where, const std::string& what) {
-  throw Error(kind, where + ": " + what);
-}
 
 std::string errno_message(int err) {
   return std::error_code(err, std::generic_category()).message();
@@ -163,10 +160,9 @@ class HeaderParser {
   static constexpr int kMaxDepth = 8;
 
   [[noreturn]] void fail(const std::string& what) const {
-    std::string msg = where_ + ": malformed header";
-    if (!field_.empty()) msg += " field '" + excerpt(field_, 40) + "'";
-    msg += ": " + what + " at offset " + std::to_string(pos_) + " of " + excerpt(text_);
-    throw Error(ErrorKind::io, msg);
+    detail::fail(ErrorKind::io, where_, "malformed header",
+                 field_.empty() ? std::string() : " field '" + excerpt(field_, 40) + "'", ": ", what,
+                 " at offset ", pos_, " of ", excerpt(text_));
   }
 
   bool at_end() const { return pos_ >= text_.size(); }
@@ -346,50 +342,34 @@ class HeaderParser {
 constexpr std::string_view kAccepted = "accepted: '<f4' (float32), '<f8' (float64), '<i8' (int64)";
 
 DType interpret_descr(const PyValue& v, const std::string& where) {
-  const std::string field = where + ": header field 'descr'";
-  if (v.kind == PyValue::Kind::list) {
-    throw Error(ErrorKind::io, field + ": structured dtype " + excerpt(v.source) +
-                                   " is not supported; " + std::string(kAccepted));
-  }
-  if (v.kind != PyValue::Kind::string) {
-    throw Error(ErrorKind::io,
-                field + ": expected a dtype string such as '<f4', got " + excerpt(v.source));
-  }
+  LEVATTN_REQUIRE_FILE(v.kind != PyValue::Kind::list, where, "header field 'descr': structured dtype ",
+                       excerpt(v.source), " is not supported; ", kAccepted);
+  LEVATTN_REQUIRE_FILE(v.kind == PyValue::Kind::string, where,
+                       "header field 'descr': expected a dtype string such as '<f4', got ", excerpt(v.source));
   const std::string& s = v.str;
   if (s == "<f4") return DType::float32;
   if (s == "<f8") return DType::float64;
   if (s == "<i8") return DType::int64;
-  const std::string found = "'" + excerpt(s, 40) + "'";
-  if (s == ">f4" || s == ">f8" || s == ">i8") {
-    throw Error(ErrorKind::io, field + ": dtype " + found +
-                                   " is big-endian; only little-endian data is supported (" +
-                                   std::string(kAccepted) + "; convert with astype('<" +
-                                   s.substr(1) + "'))");
-  }
-  std::string what = "unsupported dtype " + found;
-  if (s.find('O') != std::string::npos) what += " (object arrays cannot be read)";
-  throw Error(ErrorKind::io, field + ": " + what + "; " + std::string(kAccepted));
+  const std::string found = excerpt(s, 40);
+  LEVATTN_REQUIRE_FILE(!(s == ">f4" || s == ">f8" || s == ">i8"), where, "header field 'descr': dtype '", found,
+                       "' is big-endian; only little-endian data is supported (", kAccepted,
+                       "; convert with astype('<", s.substr(1), "'))");
+  detail::fail(ErrorKind::io, where, "header field 'descr': unsupported dtype '", found, "'",
+               s.find('O') != std::string::npos ? " (object arrays cannot be read)" : "", "; ", kAccepted);
 }
 
 std::vector<index_t> interpret_shape(const PyValue& v, const std::string& where) {
-  const std::string field = where + ": header field 'shape'";
   bool ok = v.kind == PyValue::Kind::tuple;
   for (std::size_t i = 0; ok && i < v.items.size(); ++i) {
     const PyValue& d = v.items[i];
     ok = d.kind == PyValue::Kind::integer && d.integer_fits && d.integer >= 0;
   }
-  if (!ok) {
-    throw Error(ErrorKind::io,
-                field + ": expected a tuple of non-negative integers, got " + excerpt(v.source));
-  }
-  if (v.items.empty()) {
-    throw Error(ErrorKind::io,
-                field + ": () is 0-D (a scalar); expected an array of 1 to 4 dimensions");
-  }
-  if (v.items.size() > kMaxDims) {
-    throw Error(ErrorKind::io, field + ": " + excerpt(v.source) + " has " +
-                                   std::to_string(v.items.size()) + " dimensions; expected 1 to 4");
-  }
+  LEVATTN_REQUIRE_FILE(ok, where, "header field 'shape': expected a tuple of non-negative integers, got ",
+                       excerpt(v.source));
+  LEVATTN_REQUIRE_FILE(!v.items.empty(), where,
+                       "header field 'shape': () is 0-D (a scalar); expected an array of 1 to 4 dimensions");
+  LEVATTN_REQUIRE_FILE(v.items.size() <= kMaxDims, where, "header field 'shape': ", excerpt(v.source), " has ",
+                       v.items.size(), " dimensions; expected 1 to 4");
   std::vector<index_t> shape;
   for (const PyValue& d : v.items) shape.push_back(d.integer);
   return shape;
@@ -429,17 +409,10 @@ template <class T>
 Array make_array(DType dtype, std::vector<index_t> shape, std::vector<T> values,
                  const char* factory) {
   std::uint64_t n = 0;
-  if (!shape_product(shape, n)) {
-    throw Error(ErrorKind::invalid_argument, std::string("Array::") + factory + ": shape " +
-                                                 detail::shape_string(shape) +
-                                                 " has a negative dimension or too many elements");
-  }
-  if (n != values.size()) {
-    throw Error(ErrorKind::invalid_argument,
-                std::string("Array::") + factory + ": shape " + detail::shape_string(shape) +
-                    " has " + std::to_string(n) + " elements but " + std::to_string(values.size()) +
-                    " values were given");
-  }
+  LEVATTN_REQUIRE(shape_product(shape, n), std::string("Array::") + factory, "shape ", detail::shape_string(shape),
+                  " has a negative dimension or too many elements");
+  LEVATTN_REQUIRE(n == values.size(), std::string("Array::") + factory, "shape ", detail::shape_string(shape),
+                  " has ", n, " elements but ", values.size(), " values were given");
   Array a;
   a.dtype = dtype;
   a.shape = std::move(shape);
@@ -511,10 +484,8 @@ std::string hex64(std::uint64_t v) {
 
 index_t Array::size() const {
   std::uint64_t n = 0;
-  if (!shape_product(shape, n)) {
-    throw Error(ErrorKind::invalid_argument, "Array::size: shape " + detail::shape_string(shape) +
-                                                 " has a negative dimension or too many elements");
-  }
+  LEVATTN_REQUIRE(shape_product(shape, n), "Array::size", "shape ", detail::shape_string(shape),
+                  " has a negative dimension or too many elements");
   return static_cast<index_t>(n);
 }
 
@@ -571,32 +542,18 @@ std::string shape_string(const std::vector<index_t>& shape) {
 
 void check_writable(const Array& array, const std::string& where) {
   const std::string shape = shape_string(array.shape);
-  if (array.shape.empty()) {
-    fail(ErrorKind::invalid_argument, where,
-         "cannot write a 0-D array (shape ()); expected 1 to 4 dimensions");
-  }
-  if (array.shape.size() > kMaxDims) {
-    fail(ErrorKind::invalid_argument, where,
-         "shape " + shape + " has " + std::to_string(array.shape.size()) +
-             " dimensions; expected 1 to 4");
-  }
+  LEVATTN_REQUIRE(!array.shape.empty(), where, "cannot write a 0-D array (shape ()); expected 1 to 4 dimensions");
+  LEVATTN_REQUIRE(array.shape.size() <= kMaxDims, where, "shape ", shape, " has ", array.shape.size(),
+                  " dimensions; expected 1 to 4");
   std::uint64_t n = 0;
-  if (!shape_product(array.shape, n)) {
-    fail(ErrorKind::invalid_argument, where,
-         "shape " + shape + " has a negative dimension or too many elements");
-  }
+  LEVATTN_REQUIRE(shape_product(array.shape, n), where, "shape ", shape,
+                  " has a negative dimension or too many elements");
   const std::size_t have = active_count(array);
-  if (have != n) {
-    fail(ErrorKind::invalid_argument, where,
-         "shape " + shape + " needs " + std::to_string(n) + " " + dtype_name(array.dtype) +
-             " values, the array holds " + std::to_string(have));
-  }
+  LEVATTN_REQUIRE(have == n, where, "shape ", shape, " needs ", n, " ", dtype_name(array.dtype),
+                  " values, the array holds ", have);
   const std::size_t total = array.f32.size() + array.f64.size() + array.i64.size();
-  if (total != have) {
-    fail(ErrorKind::invalid_argument, where,
-         "a " + dtype_name(array.dtype) +
-             " array must hold values only in the vector of its dtype (the others must be empty)");
-  }
+  LEVATTN_REQUIRE(total == have, where, "a ", dtype_name(array.dtype),
+                  " array must hold values only in the vector of its dtype (the others must be empty)");
 }
 
 std::span<std::uint8_t> mutable_value_bytes(Array& array) {
@@ -631,47 +588,33 @@ NpyPreamble read_npy_preamble(std::span<const std::uint8_t> first_bytes, std::ui
   static constexpr std::uint8_t kMagic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
   const std::size_t have = static_cast<std::size_t>(
       std::min<std::uint64_t>(total_size, std::min(first_bytes.size(), kNpyPreambleBytes)));
-  if (have >= 6 && !std::equal(kMagic, kMagic + 6, first_bytes.data())) {
-    fail(ErrorKind::io, where, "not a .npy file (bad magic string; expected \\x93NUMPY)");
-  }
-  if (have < 10) {
-    fail(ErrorKind::io, where,
-         "file is too short to be a .npy file (" + std::to_string(total_size) + " bytes)");
-  }
+  LEVATTN_REQUIRE_FILE(have < 6 || std::equal(kMagic, kMagic + 6, first_bytes.data()), where,
+                       "not a .npy file (bad magic string; expected \\x93NUMPY)");
+  LEVATTN_REQUIRE_FILE(have >= 10, where, "file is too short to be a .npy file (", total_size, " bytes)");
   NpyPreamble p;
   p.major = first_bytes[6];
   const int minor = first_bytes[7];
-  if (p.major < 1 || p.major > 3 || minor != 0) {
-    fail(ErrorKind::io, where,
-         "unsupported .npy format version " + std::to_string(p.major) + "." +
-             std::to_string(minor) + " (supported: 1.0, 2.0, 3.0)");
-  }
+  LEVATTN_REQUIRE_FILE(p.major >= 1 && p.major <= 3 && minor == 0, where, "unsupported .npy format version ",
+                       p.major, ".", minor, " (supported: 1.0, 2.0, 3.0)");
   std::uint64_t header_len = 0;
   if (p.major == 1) {
     p.dict_offset = 10;
     header_len = load_le16(first_bytes.data() + 8);
   } else {
-    if (have < 12) {
-      fail(ErrorKind::io, where,
-           "file is too short to be a .npy file (" + std::to_string(total_size) + " bytes)");
-    }
+    LEVATTN_REQUIRE_FILE(have >= 12, where, "file is too short to be a .npy file (", total_size, " bytes)");
     p.dict_offset = 12;
     header_len = load_le32(first_bytes.data() + 8);
   }
   p.data_offset = p.dict_offset + header_len;
-  if (p.data_offset > total_size) {
-    fail(ErrorKind::io, where,
-         "header is truncated: the header length field says " + std::to_string(header_len) +
-             " bytes, only " + std::to_string(total_size - p.dict_offset) + " follow");
-  }
+  LEVATTN_REQUIRE_FILE(p.data_offset <= total_size, where, "header is truncated: the header length field says ",
+                       header_len, " bytes, only ", total_size - p.dict_offset, " follow");
   return p;
 }
 
 NpyHeader parse_npy_header(const NpyPreamble& preamble, std::span<const std::uint8_t> head,
                            std::uint64_t total_size, const std::string& where) {
-  if (head.size() != preamble.data_offset || preamble.data_offset > total_size) {
-    throw Error(ErrorKind::internal, where + ": parse_npy_header called with an inconsistent head");
-  }
+  if (head.size() != preamble.data_offset || preamble.data_offset > total_size)
+    fail(ErrorKind::internal, where, "parse_npy_header called with an inconsistent head");
   const std::string_view text(reinterpret_cast<const char*>(head.data()) + preamble.dict_offset,
                               head.size() - preamble.dict_offset);
   const auto entries = HeaderParser(text, where).parse_dict();
@@ -684,50 +627,35 @@ NpyHeader parse_npy_header(const NpyPreamble& preamble, std::span<const std::uin
                            : key == "fortran_order" ? &fortran
                            : key == "shape"         ? &shape
                                                     : nullptr;
-    if (slot == nullptr) {
-      fail(ErrorKind::io, where,
-           "header: unexpected key '" + excerpt(key, 40) +
-               "' (a .npy header has exactly 'descr', 'fortran_order' and 'shape')");
-    }
-    if (*slot != nullptr)
-      fail(ErrorKind::io, where, "header: duplicate key '" + excerpt(key, 40) + "'");
+    LEVATTN_REQUIRE_FILE(slot != nullptr, where, "header: unexpected key '", excerpt(key, 40),
+                         "' (a .npy header has exactly 'descr', 'fortran_order' and 'shape')");
+    LEVATTN_REQUIRE_FILE(*slot == nullptr, where, "header: duplicate key '", excerpt(key, 40), "'");
     *slot = &value;
   }
   for (const auto& [name, value] : {std::pair{"descr", descr}, std::pair{"fortran_order", fortran},
-                                    std::pair{"shape", shape}}) {
-    if (value == nullptr) {
-      fail(ErrorKind::io, where, std::string("header: missing key '") + name + "'");
-    }
-  }
+                                    std::pair{"shape", shape}})
+    LEVATTN_REQUIRE_FILE(value != nullptr, where, "header: missing key '", name, "'");
 
   NpyHeader h;
   h.dtype = interpret_descr(*descr, where);
-  if (fortran->kind != PyValue::Kind::boolean) {
-    fail(ErrorKind::io, where,
-         "header field 'fortran_order': expected True or False, got " + excerpt(fortran->source));
-  }
+  LEVATTN_REQUIRE_FILE(fortran->kind == PyValue::Kind::boolean, where,
+                       "header field 'fortran_order': expected True or False, got ", excerpt(fortran->source));
   h.fortran_order = fortran->boolean;
   h.shape = interpret_shape(*shape, where);
   h.data_offset = preamble.data_offset;
 
   const std::string shape_str = shape_string(h.shape);
   std::uint64_t count = 0;
-  if (!shape_product(h.shape, count) || !checked_mul(count, dtype_size(h.dtype), h.data_bytes)) {
-    fail(ErrorKind::io, where,
-         "header field 'shape': " + shape_str + " has too many elements (the size overflows)");
-  }
+  LEVATTN_REQUIRE_FILE(shape_product(h.shape, count) && checked_mul(count, dtype_size(h.dtype), h.data_bytes), where,
+                       "header field 'shape': ", shape_str, " has too many elements (the size overflows)");
   const std::uint64_t have = total_size - h.data_offset;
   const std::string need = "header shape " + shape_str + " of " + dtype_descr(h.dtype) + " needs " +
                            std::to_string(h.data_bytes) + " bytes, file has " +
                            std::to_string(have);
-  if (h.data_bytes > have) fail(ErrorKind::io, where, "data is truncated: " + need);
-  if (h.data_bytes < have) {
-    fail(ErrorKind::io, where,
-         "data has " + std::to_string(have - h.data_bytes) + " trailing bytes: " + need);
-  }
-  if (h.data_bytes > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max())) {
-    fail(ErrorKind::io, where, "array of " + need + " does not fit in this machine's memory");
-  }
+  LEVATTN_REQUIRE_FILE(h.data_bytes <= have, where, "data is truncated: ", need);
+  LEVATTN_REQUIRE_FILE(h.data_bytes >= have, where, "data has ", have - h.data_bytes, " trailing bytes: ", need);
+  LEVATTN_REQUIRE_FILE(h.data_bytes <= static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()), where,
+                       "array of ", need, " does not fit in this machine's memory");
   return h;
 }
 
@@ -801,12 +729,12 @@ std::vector<std::uint8_t> npy_header_bytes(const Array& array) {
 InputFile::InputFile(const std::filesystem::path& path, std::string where)
     : where_(std::move(where)) {
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd_ < 0) fail(ErrorKind::io, where_, "cannot open: " + errno_message(errno));
+  if (fd_ < 0) fail(ErrorKind::io, where_, "cannot open: ", errno_message(errno));
   struct stat st {};
   if (::fstat(fd_, &st) != 0) {
     const int err = errno;
     ::close(fd_);
-    fail(ErrorKind::io, where_, "cannot open: " + errno_message(err));
+    fail(ErrorKind::io, where_, "cannot open: ", errno_message(err));
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd_);
@@ -827,18 +755,17 @@ void InputFile::read_at(std::uint64_t offset, std::span<std::uint8_t> out) const
     const ssize_t r = ::pread(fd_, out.data() + done, chunk, static_cast<off_t>(offset + done));
     if (r < 0) {
       if (errno == EINTR) continue;
-      fail(ErrorKind::io, where_, "read failed: " + errno_message(errno));
+      fail(ErrorKind::io, where_, "read failed: ", errno_message(errno));
     }
-    if (r == 0) fail(ErrorKind::io, where_, "file became shorter while it was being read");
+    LEVATTN_REQUIRE_FILE(r != 0, where_, "file became shorter while it was being read");
     done += static_cast<std::size_t>(r);
   }
 }
 
 std::vector<std::uint8_t> read_file(const std::filesystem::path& path, const std::string& where) {
   const InputFile file(path, where);
-  if (file.size() > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max())) {
-    fail(ErrorKind::io, where, "file is too large for this machine's memory");
-  }
+  LEVATTN_REQUIRE_FILE(file.size() <= static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()), where,
+                       "file is too large for this machine's memory");
   std::vector<std::uint8_t> bytes(static_cast<std::size_t>(file.size()));
   file.read_at(0, bytes);
   return bytes;
@@ -865,8 +792,7 @@ void write_file_atomically(const std::filesystem::path& path,
       temp.fd = fd;
       temp.name = std::move(name);
     } else if (errno != EEXIST) {
-      fail(ErrorKind::io, where,
-           "cannot create temporary file '" + name + "': " + errno_message(errno));
+      fail(ErrorKind::io, where, "cannot create temporary file '", name, "': ", errno_message(errno));
     }
   }
   if (temp.fd < 0) fail(ErrorKind::io, where, "cannot create a temporary file (names all taken)");
@@ -878,24 +804,23 @@ void write_file_atomically(const std::filesystem::path& path,
       const ssize_t w = ::write(temp.fd, piece.data() + done, chunk);
       if (w < 0) {
         if (errno == EINTR) continue;
-        fail(ErrorKind::io, where, "cannot write '" + temp.name + "': " + errno_message(errno));
+        fail(ErrorKind::io, where, "cannot write '", temp.name, "': ", errno_message(errno));
       }
-      if (w == 0) fail(ErrorKind::io, where, "cannot write '" + temp.name + "': no progress");
+      if (w == 0) fail(ErrorKind::io, where, "cannot write '", temp.name, "': no progress");
       done += static_cast<std::size_t>(w);
     }
   }
   // The data must be on disk before the rename makes it visible under `path`, or a crash could
   // leave an empty or partial file in place of the old one.
   if (::fsync(temp.fd) != 0) {
-    fail(ErrorKind::io, where, "cannot flush '" + temp.name + "': " + errno_message(errno));
+    fail(ErrorKind::io, where, "cannot flush '", temp.name, "': ", errno_message(errno));
   }
   const int fd = std::exchange(temp.fd, -1);
   if (::close(fd) != 0) {
-    fail(ErrorKind::io, where, "cannot close '" + temp.name + "': " + errno_message(errno));
+    fail(ErrorKind::io, where, "cannot close '", temp.name, "': ", errno_message(errno));
   }
   if (::rename(temp.name.c_str(), where.c_str()) != 0) {
-    fail(ErrorKind::io, where,
-         "cannot rename '" + temp.name + "' over it: " + errno_message(errno));
+    fail(ErrorKind::io, where, "cannot rename '", temp.name, "' over it: ", errno_message(errno));
   }
   temp.committed = true;
 
@@ -944,25 +869,17 @@ void write_npy(const std::filesystem::path& path, const Array& array) {
 }
 
 std::vector<float> to_float32(const Array& array, const std::string& what) {
-  if (array.dtype == DType::int64) {
-    throw Error(ErrorKind::invalid_argument,
-                what + ": expected a float32 or float64 array, got int64");
-  }
+  LEVATTN_REQUIRE(array.dtype != DType::int64, what, "expected a float32 or float64 array, got int64");
   std::uint64_t n = 0;
-  if (!shape_product(array.shape, n) || n != active_count(array)) {
-    throw Error(ErrorKind::invalid_argument,
-                what + ": shape " + detail::shape_string(array.shape) + " does not match the " +
-                    std::to_string(active_count(array)) + " values the array holds");
-  }
+  LEVATTN_REQUIRE(shape_product(array.shape, n) && n == active_count(array), what, "shape ",
+                  detail::shape_string(array.shape), " does not match the ", active_count(array),
+                  " values the array holds");
   if (array.dtype == DType::float32) return array.f32;
   std::vector<float> out(array.f64.size());
   for (std::size_t i = 0; i < out.size(); ++i) {
     const double x = array.f64[i];
-    if (std::isfinite(x) && std::fabs(x) > static_cast<double>(FLT_MAX)) {
-      throw Error(ErrorKind::invalid_argument, what + ": value " + format_double(x) +
-                                                   " at flat index " + std::to_string(i) +
-                                                   " is outside the float32 range");
-    }
+    LEVATTN_REQUIRE(!(std::isfinite(x) && std::fabs(x) > static_cast<double>(FLT_MAX)), what, "value ",
+                    format_double(x), " at flat index ", i, " is outside the float32 range");
     out[i] = static_cast<float>(x);  // NaN and Inf pass through
   }
   return out;

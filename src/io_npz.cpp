@@ -18,6 +18,7 @@
 #include <string_view>
 #include <utility>
 
+#include "detail/require.hpp"
 #include "npy_format.hpp"
 
 namespace levattn {
@@ -29,10 +30,6 @@ constexpr std::uint64_t kCentralSize = 46;
 constexpr std::uint64_t kEocdSize = 22;
 constexpr std::uint16_t kMax16 = 0xFFFF;
 constexpr std::uint16_t kDosDate1980 = (0 << 9) | (1 << 5) | 1;  // 1980-01-01, as numpy writes
-
-[[noreturn]] void fail(const std::string& where, const std::string& what) {
-  throw Error(ErrorKind::io, where + ": " + what);
-}
 
 /// A member name for messages: ".npy" removed, non-printable bytes escaped, length capped.
 std::string display_name(std::string_view name) {
@@ -184,15 +181,12 @@ struct Member {
 Member stat_member(zip_t* za, zip_uint64_t index, const std::string& where) {
   zip_stat_t st;
   zip_stat_init(&st);
-  if (zip_stat_index(za, index, ZIP_FL_ENC_RAW, &st) != 0) {
-    fail(where, "central directory entry " + std::to_string(index) + ": " +
-                    libzip_message(zip_get_error(za)));
-  }
+  if (zip_stat_index(za, index, ZIP_FL_ENC_RAW, &st) != 0)
+    detail::fail(ErrorKind::io, where, "central directory entry ", index, ": ", libzip_message(zip_get_error(za)));
   constexpr zip_uint64_t kNeeded =
       ZIP_STAT_NAME | ZIP_STAT_SIZE | ZIP_STAT_COMP_SIZE | ZIP_STAT_COMP_METHOD;
-  if ((st.valid & kNeeded) != kNeeded) {
-    fail(where, "central directory entry " + std::to_string(index) + " lacks its name or sizes");
-  }
+  LEVATTN_REQUIRE_FILE((st.valid & kNeeded) == kNeeded, where, "central directory entry ", index,
+                       " lacks its name or sizes");
   Member m;
   m.name = st.name;
   m.index = index;
@@ -200,17 +194,12 @@ Member stat_member(zip_t* za, zip_uint64_t index, const std::string& where) {
   m.compressed = st.comp_size;
   m.size = st.size;
   const std::string mwhere = where + ": member '" + display_name(m.name) + "'";
-  if ((st.valid & ZIP_STAT_ENCRYPTION_METHOD) && st.encryption_method != ZIP_EM_NONE) {
-    fail(mwhere, "is encrypted; encrypted archives are not supported");
-  }
-  if (m.method != ZIP_CM_STORE && m.method != ZIP_CM_DEFLATE) {
-    fail(mwhere, "compression method " + std::to_string(m.method) + method_name(m.method) +
-                     " is not supported (only 0, stored, and 8, deflate)");
-  }
-  if (m.method == ZIP_CM_STORE && m.compressed != m.size) {
-    fail(mwhere, "stored (uncompressed) member has compressed size " +
-                     std::to_string(m.compressed) + " but size " + std::to_string(m.size));
-  }
+  LEVATTN_REQUIRE_FILE(!((st.valid & ZIP_STAT_ENCRYPTION_METHOD) && st.encryption_method != ZIP_EM_NONE), mwhere,
+                       "is encrypted; encrypted archives are not supported");
+  LEVATTN_REQUIRE_FILE(m.method == ZIP_CM_STORE || m.method == ZIP_CM_DEFLATE, mwhere, "compression method ",
+                       m.method, method_name(m.method), " is not supported (only 0, stored, and 8, deflate)");
+  LEVATTN_REQUIRE_FILE(m.method != ZIP_CM_STORE || m.compressed == m.size, mwhere,
+                       "stored (uncompressed) member has compressed size ", m.compressed, " but size ", m.size);
   return m;
 }
 
@@ -227,12 +216,9 @@ void check_no_overlap(const std::vector<Member>& members, std::uint64_t file_siz
     const std::uint64_t headers = kLocalSize + kCentralSize + 2 * std::uint64_t{m.name.size()};
     need = (m.compressed > kMax - need - headers) ? kMax : need + headers + m.compressed;
   }
-  if (need > file_size) {
-    fail(where, "the members' headers and data need at least " +
-                    (need == kMax ? std::string("2^64") : std::to_string(need)) +
-                    " bytes but the file has " + std::to_string(file_size) +
-                    ": members overlap (the archive is corrupted)");
-  }
+  LEVATTN_REQUIRE_FILE(need <= file_size, where, "the members' headers and data need at least ",
+                       need == kMax ? std::string("2^64") : std::to_string(need), " bytes but the file has ",
+                       file_size, ": members overlap (the archive is corrupted)");
 }
 
 /// What an error of reading a member says, for "<file>: member '<name>': <this>". `produced` is
@@ -271,11 +257,10 @@ std::string member_error(zip_error_t* error, const Member& m, std::uint64_t prod
 /// size in the directory cannot make it allocate more than that (plus one probe byte).
 std::vector<std::uint8_t> read_member(zip_t* za, const Member& m, const std::string& mwhere) {
   const File zf(zip_fopen_index(za, m.index, 0));
-  if (!zf) fail(mwhere, member_error(zip_get_error(za), m, 0));
+  if (!zf) detail::fail(ErrorKind::io, mwhere, member_error(zip_get_error(za), m, 0));
 
-  if (m.size >= static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max())) {
-    fail(mwhere, "size " + std::to_string(m.size) + " is too large for this machine's memory");
-  }
+  LEVATTN_REQUIRE_FILE(m.size < static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()), mwhere,
+                       "size ", m.size, " is too large for this machine's memory");
   // One byte more than expected, so that data that decodes to more is caught.
   const std::uint64_t limit = m.size + 1;
   std::vector<std::uint8_t> out(static_cast<std::size_t>(std::min<std::uint64_t>(
@@ -288,20 +273,14 @@ std::vector<std::uint8_t> read_member(zip_t* za, const Member& m, const std::str
           static_cast<std::size_t>(std::min<std::uint64_t>(limit, 2 * std::uint64_t{out.size()})));
     }
     const zip_int64_t r = zip_fread(zf.get(), out.data() + produced, out.size() - produced);
-    if (r < 0) fail(mwhere, member_error(zip_file_get_error(zf.get()), m, produced));
+    if (r < 0) detail::fail(ErrorKind::io, mwhere, member_error(zip_file_get_error(zf.get()), m, produced));
     if (r == 0) break;  // the end: libzip has verified the CRC-32 and the size
     produced += static_cast<std::size_t>(r);
   }
-  if (produced > m.size) {
-    fail(mwhere, std::string(m.method == ZIP_CM_DEFLATE ? "deflate data" : "data") +
-                     " decodes to more than the " + std::to_string(m.size) +
-                     " bytes the archive says");
-  }
-  if (produced < m.size) {
-    fail(mwhere, std::string(m.method == ZIP_CM_DEFLATE ? "deflate data" : "data") +
-                     " decodes to " + std::to_string(produced) + " bytes, the archive says " +
-                     std::to_string(m.size));
-  }
+  LEVATTN_REQUIRE_FILE(produced <= m.size, mwhere, m.method == ZIP_CM_DEFLATE ? "deflate data" : "data",
+                       " decodes to more than the ", m.size, " bytes the archive says");
+  LEVATTN_REQUIRE_FILE(produced >= m.size, mwhere, m.method == ZIP_CM_DEFLATE ? "deflate data" : "data",
+                       " decodes to ", produced, " bytes, the archive says ", m.size);
   out.resize(produced);
   return out;
 }
@@ -322,12 +301,10 @@ std::vector<std::uint8_t> empty_archive() {
 std::vector<std::uint8_t> source_bytes(zip_source_t* src, const std::string& where) {
   zip_stat_t st;
   zip_stat_init(&st);
-  if (zip_source_stat(src, &st) != 0 || !(st.valid & ZIP_STAT_SIZE)) {
-    fail(where, "cannot build the ZIP archive: " + libzip_message(zip_source_error(src)));
-  }
-  if (zip_source_open(src) != 0) {
-    fail(where, "cannot build the ZIP archive: " + libzip_message(zip_source_error(src)));
-  }
+  if (zip_source_stat(src, &st) != 0 || !(st.valid & ZIP_STAT_SIZE))
+    detail::fail(ErrorKind::io, where, "cannot build the ZIP archive: ", libzip_message(zip_source_error(src)));
+  if (zip_source_open(src) != 0)
+    detail::fail(ErrorKind::io, where, "cannot build the ZIP archive: ", libzip_message(zip_source_error(src)));
   struct Closer {
     zip_source_t* src;
     ~Closer() { zip_source_close(src); }
@@ -336,9 +313,8 @@ std::vector<std::uint8_t> source_bytes(zip_source_t* src, const std::string& whe
   std::size_t done = 0;
   while (done < out.size()) {
     const zip_int64_t r = zip_source_read(src, out.data() + done, out.size() - done);
-    if (r <= 0) {
-      fail(where, "cannot build the ZIP archive: " + libzip_message(zip_source_error(src)));
-    }
+    if (r <= 0)
+      detail::fail(ErrorKind::io, where, "cannot build the ZIP archive: ", libzip_message(zip_source_error(src)));
     done += static_cast<std::size_t>(r);
   }
   return out;
@@ -348,7 +324,7 @@ std::vector<std::uint8_t> source_bytes(zip_source_t* src, const std::string& whe
 std::vector<std::uint8_t> build_archive(const std::vector<std::pair<std::string, Array>>& arrays,
                                         const std::string& where) {
   const auto build_error = [&](zip_error_t* e) {
-    fail(where, "cannot build the ZIP archive: " + libzip_message(e));
+    detail::fail(ErrorKind::io, where, "cannot build the ZIP archive: ", libzip_message(e));
   };
   ZipError err;
   const Source out(zip_source_buffer_create(nullptr, 0, 0, &err.error));
@@ -373,8 +349,8 @@ std::vector<std::uint8_t> build_archive(const std::vector<std::pair<std::string,
     const std::string member_name = name + ".npy";
     const zip_int64_t index = zip_file_add(za.get(), member_name.c_str(), member.get(), 0);
     if (index < 0) {
-      fail(where, "array '" + display_name(name) + "': cannot add it to the ZIP archive: " +
-                      libzip_message(zip_get_error(za.get())));
+      detail::fail(ErrorKind::io, where, "array '", display_name(name), "': cannot add it to the ZIP archive: ",
+                   libzip_message(zip_get_error(za.get())));
     }
     (void)member.release();  // the archive owns it now
     const auto idx = static_cast<zip_uint64_t>(index);
@@ -395,35 +371,31 @@ std::vector<std::pair<std::string, Array>> read_npz(const std::filesystem::path&
   const std::string where = path.string();
   const std::vector<std::uint8_t> file = detail::read_file(path, where);
   // libzip opens an empty file as an empty archive; numpy (and every ZIP reader) refuses it.
-  if (file.empty()) fail(where, "not a ZIP archive: the file is empty");
+  LEVATTN_REQUIRE_FILE(!file.empty(), where, "not a ZIP archive: the file is empty");
 
   // The directory first, to check every member by name before anything else.
   ZipError err;
   const Archive directory = open_archive(file, ZIP_RDONLY, err);
-  if (!directory) fail(where, directory_error(err));
+  LEVATTN_REQUIRE_FILE(directory, where, directory_error(err));
   const zip_int64_t count = zip_get_num_entries(directory.get(), 0);
-  if (count < 0) {
-    fail(where, "cannot read the ZIP archive: " + libzip_message(zip_get_error(directory.get())));
-  }
+  LEVATTN_REQUIRE_FILE(count >= 0, where, "cannot read the ZIP archive: ",
+                       libzip_message(zip_get_error(directory.get())));
 
   // Check names, methods and sizes of every member before decoding any.
   std::vector<Member> members;
   std::set<std::string> names;
   for (zip_uint64_t i = 0; i < static_cast<zip_uint64_t>(count); ++i) {
     Member m = stat_member(directory.get(), i, where);
-    if (m.name.size() < 4 || m.name.compare(m.name.size() - 4, 4, ".npy") != 0) {
-      fail(where, "member '" + display_name(m.name) +
-                      "' is not a .npy file (an .npz archive holds only NAME.npy members)");
-    }
-    if (!names.insert(m.name).second) {
-      fail(where + ": member '" + display_name(m.name) + "'", "appears twice in the archive");
-    }
+    LEVATTN_REQUIRE_FILE(m.name.size() >= 4 && m.name.compare(m.name.size() - 4, 4, ".npy") == 0, where, "member '",
+                         display_name(m.name), "' is not a .npy file (an .npz archive holds only NAME.npy members)");
+    LEVATTN_REQUIRE_FILE(names.insert(m.name).second, where + ": member '" + display_name(m.name) + "'",
+                         "appears twice in the archive");
     members.push_back(std::move(m));
   }
   // Then the local headers, and the data from the archive that has passed those checks too.
   ZipError cons_err;
   const Archive za = open_archive(file, ZIP_RDONLY | ZIP_CHECKCONS, cons_err);
-  if (!za) fail(where, consistency_error(cons_err));
+  LEVATTN_REQUIRE_FILE(za, where, consistency_error(cons_err));
   // libzip chooses between candidate end records by their consistency, so the second opening could
   // in principle pick another directory: it must describe the same members.
   bool same = zip_get_num_entries(za.get(), 0) == count;
@@ -432,7 +404,7 @@ std::vector<std::pair<std::string, Array>> read_npz(const std::filesystem::path&
     same = m.name == members[i].name && m.method == members[i].method &&
            m.compressed == members[i].compressed && m.size == members[i].size;
   }
-  if (!same) fail(where, "the archive holds two different central directories (it is corrupted)");
+  LEVATTN_REQUIRE_FILE(same, where, "the archive holds two different central directories (it is corrupted)");
   check_no_overlap(members, file.size(), where);
 
   std::vector<std::pair<std::string, Array>> result;
@@ -451,18 +423,10 @@ void write_npz(const std::filesystem::path& path,
   const std::string where = path.string();
   std::set<std::string_view> seen;
   for (const auto& [name, array] : arrays) {
-    if (name.empty()) {
-      throw Error(ErrorKind::invalid_argument, where + ": an array name is empty");
-    }
-    if (name.find('\0') != std::string::npos || name.size() > kMax16 - 4) {
-      throw Error(ErrorKind::invalid_argument,
-                  where + ": array name '" + display_name(name) +
-                      "' contains a NUL byte or is longer than 65531 bytes");
-    }
-    if (!seen.insert(name).second) {
-      throw Error(ErrorKind::invalid_argument,
-                  where + ": array name '" + display_name(name) + "' appears twice");
-    }
+    LEVATTN_REQUIRE(!name.empty(), where, "an array name is empty");
+    LEVATTN_REQUIRE(name.find('\0') == std::string::npos && name.size() <= kMax16 - 4, where, "array name '",
+                    display_name(name), "' contains a NUL byte or is longer than 65531 bytes");
+    LEVATTN_REQUIRE(seen.insert(name).second, where, "array name '", display_name(name), "' appears twice");
     detail::check_writable(array, where + ": array '" + display_name(name) + "'");
   }
 

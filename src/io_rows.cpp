@@ -3,6 +3,7 @@
 #include <cmath>
 #include <span>
 
+#include "detail/require.hpp"
 #include "npy_format.hpp"
 #include "levattn/io.hpp"
 
@@ -12,28 +13,26 @@ NpyRowReader::NpyRowReader(const std::filesystem::path& path, int max_dims)
     : file_(std::make_unique<detail::InputFile>(path, path.string())), where_(path.string()) {
   const detail::NpyHeader h = detail::read_npy_file_header(*file_, where_);
   const auto dims = static_cast<int>(h.shape.size());
-  if (dims < 2 || dims > max_dims)
-    throw Error(ErrorKind::io, where_ + ": shape: expected " +
-                                   (max_dims == 2 ? std::string("2 dimensions (rows, columns)")
-                                                  : "2 to " + std::to_string(max_dims) + " dimensions (..., rows, columns)") +
-                                   ", got " + detail::shape_string(h.shape));
-  if (h.dtype == DType::int64) throw Error(ErrorKind::io, where_ + ": dtype: expected float32 or float64, got int64");
+  LEVATTN_REQUIRE_FILE(dims >= 2 && dims <= max_dims, where_, "shape: expected ",
+                       max_dims == 2 ? std::string("2 dimensions (rows, columns)")
+                                     : "2 to " + std::to_string(max_dims) + " dimensions (..., rows, columns)",
+                       ", got ", detail::shape_string(h.shape));
+  LEVATTN_REQUIRE_FILE(h.dtype != DType::int64, where_, "dtype: expected float32 or float64, got int64");
   shape_ = h.shape;
   rows_ = h.shape[dims - 2], cols_ = h.shape[dims - 1];
   for (int a = 0; a < dims - 2; ++a) pairs_ *= h.shape[a];
   index_t long_dims = 0;  // Fortran order is C order when at most one dimension exceeds 1
   for (index_t e : h.shape) long_dims += e > 1 ? 1 : 0;
-  if (h.fortran_order && long_dims > 1)
-    throw Error(ErrorKind::io, where_ + ": fortran_order: rows are read one block at a time, which needs C order");
+  LEVATTN_REQUIRE_FILE(!(h.fortran_order && long_dims > 1), where_,
+                       "fortran_order: rows are read one block at a time, which needs C order");
   dtype_ = h.dtype, data_offset_ = h.data_offset;
 }
 
 NpyRowReader::~NpyRowReader() = default;
 
 void NpyRowReader::read(index_t r0, index_t count, float* out) const {
-  if (r0 < 0 || count < 0 || r0 > rows_ - count)
-    throw Error(ErrorKind::invalid_argument, where_ + ": rows " + std::to_string(r0) + " + " + std::to_string(count) +
-                                                 " beyond its " + std::to_string(rows_));
+  LEVATTN_REQUIRE(!(r0 < 0 || count < 0 || r0 > rows_ - count), where_, "rows ", r0, " + ", count, " beyond its ",
+                  rows_);
   const std::size_t values = static_cast<std::size_t>(count * cols_);
   const std::uint64_t width = detail::dtype_size(dtype_), row_bytes = static_cast<std::uint64_t>(cols_) * width;
   for (index_t s = 0; s < pairs_; ++s) {
@@ -52,9 +51,8 @@ void NpyRowReader::read_slice(std::uint64_t at, index_t r0, std::size_t values, 
   std::vector<double> buf(values);
   file_->read_at(at, std::span(reinterpret_cast<std::uint8_t*>(buf.data()), values * width));
   for (std::size_t a = 0; a < values; ++a) {
-    if (std::isfinite(buf[a]) && std::fabs(buf[a]) > static_cast<double>(FLT_MAX))
-      throw Error(ErrorKind::invalid_argument, where_ + ": a float64 value beyond float32's range at row " +
-                                                   std::to_string(r0 + static_cast<index_t>(a) / cols_));
+    LEVATTN_REQUIRE(!(std::isfinite(buf[a]) && std::fabs(buf[a]) > static_cast<double>(FLT_MAX)), where_,
+                    "a float64 value beyond float32's range at row ", r0 + static_cast<index_t>(a) / cols_);
     out[a] = static_cast<float>(buf[a]);
   }
 }

@@ -5,6 +5,7 @@
 #include <random>
 #include <set>
 
+#include "detail/require.hpp"
 #include "levattn/error.hpp"
 #include "levattn/io.hpp"
 
@@ -12,10 +13,6 @@ namespace levattn {
 namespace {
 
 namespace fs = std::filesystem;
-
-[[noreturn]] void fail(const fs::path& p, const std::string& what) {
-  throw Error(ErrorKind::io, p.string() + ": " + what);
-}
 
 // A name next to `target` that nothing uses yet: target + tag + 16 hex digits.
 fs::path sibling(const fs::path& target, const char* tag) {
@@ -28,7 +25,7 @@ fs::path sibling(const fs::path& target, const char* tag) {
     std::error_code ec;
     if (!fs::exists(fs::symlink_status(p, ec))) return p;
   }
-  fail(target, "cannot find a free temporary name");
+  detail::fail(ErrorKind::io, target.string(), "cannot find a free temporary name");
 }
 
 bool rename_ok(const fs::path& from, const fs::path& to) {
@@ -43,9 +40,10 @@ OutputSet::~OutputSet() {
 
 void OutputSet::stage(const fs::path& target, const std::function<void(const fs::path&)>& write) {
   std::error_code ec;
-  if (fs::is_directory(target, ec)) fail(target, "is a directory, not a file that can be replaced");
+  if (fs::is_directory(target, ec))
+    detail::fail(ErrorKind::io, target.string(), "is a directory, not a file that can be replaced");
   for (const Entry& e : entries_)
-    if (e.target == target) fail(target, "named twice among one command's outputs");
+    LEVATTN_REQUIRE_FILE(!(e.target == target), target.string(), "named twice among one command's outputs");
   Entry e;
   e.target = target;
   e.staged = sibling(target, ".new.");
@@ -68,7 +66,7 @@ void OutputSet::add_text(const fs::path& path, std::string_view text) {
 void OutputSet::commit() {
   // 1. Move every existing target aside; 2. move every staged file into place. On a failure, undo
   // in reverse: remove what was moved in, put back what was moved aside.
-  std::string error;
+  std::string failed, error;  // the target that could not be moved, and why
   std::size_t aside = 0, placed = 0;
   for (; aside < entries_.size() && error.empty(); ++aside) {
     Entry& e = entries_[aside];
@@ -76,7 +74,8 @@ void OutputSet::commit() {
     if (!fs::exists(fs::symlink_status(e.target, ec))) continue;
     e.backup = sibling(e.target, ".old.");
     if (!rename_ok(e.target, e.backup)) {
-      error = e.target.string() + ": cannot move the existing file aside: " + std::strerror(errno);
+      error = std::string("cannot move the existing file aside: ") + std::strerror(errno);
+      failed = e.target.string();
       e.backup.clear();
       break;
     }
@@ -85,7 +84,8 @@ void OutputSet::commit() {
     for (; placed < entries_.size(); ++placed) {
       Entry& e = entries_[placed];
       if (!rename_ok(e.staged, e.target)) {
-        error = e.target.string() + ": cannot move the new file into place: " + std::strerror(errno);
+        error = std::string("cannot move the new file into place: ") + std::strerror(errno);
+        failed = e.target.string();
         break;
       }
       e.staged.clear();
@@ -94,7 +94,7 @@ void OutputSet::commit() {
     for (std::size_t i = 0; i < placed; ++i) std::remove(entries_[i].target.c_str());
     for (Entry& e : entries_)
       if (!e.backup.empty()) rename_ok(e.backup, e.target);
-    throw Error(ErrorKind::io, error + " (no output was changed)");
+    detail::fail(ErrorKind::io, failed, error, " (no output was changed)");
   }
   for (Entry& e : entries_)
     if (!e.backup.empty()) std::remove(e.backup.c_str());

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
@@ -23,12 +22,9 @@ struct KVCache::Impl {
 namespace {
 
 void check_cache_shape(const Tensor4Ref& t, index_t batch, index_t heads, index_t cols, const char* name) {
-  if (t.batch != batch || t.heads != heads || t.cols != cols || t.rows < 0 || (t.rows > 0 && !t.data)) {
-    std::ostringstream os;
-    os << name << ": expected (batch, kv_heads, t, " << cols << ") = (" << batch << ", " << heads << ", t, " << cols
-       << "), got (" << t.batch << ", " << t.heads << ", " << t.rows << ", " << t.cols << ")";
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(!(t.batch != batch || t.heads != heads || t.cols != cols || t.rows < 0 || (t.rows > 0 && !t.data)),
+                  name, "expected (batch, kv_heads, t, ", cols, ") = (", batch, ", ", heads, ", t, ", cols, "), got (",
+                  t.batch, ", ", t.heads, ", ", t.rows, ", ", t.cols, ")");
 }
 
 // f(scale q.k) of the call's kernel, in float64 (its normaliser's terms).
@@ -75,18 +71,13 @@ double x2_mass(const float* q, ConstMatrix kept, const std::vector<double>& M) {
 
 KVCache::KVCache(index_t batch, index_t kv_heads, index_t d, index_t dv, const KVCacheOptions& o)
     : p_(std::make_unique<Impl>()) {
-  std::ostringstream os;
-  if (batch < 1 || kv_heads < 1 || d < 1 || dv < 1) {
-    os << "kv cache: expected batch, kv_heads, d and dv >= 1, got " << batch << ", " << kv_heads << ", " << d << ", " << dv;
-    detail::invalid(os.str());
-  }
-  if (o.window < 0 || o.sinks < 0 || o.prune_every < 1 || o.prune_every > kMaxPruneEvery) {
-    os << "kv cache: expected window >= 0, sinks >= 0 and 1 <= prune_every <= " << kMaxPruneEvery << ", got " << o.window
-       << ", " << o.sinks << ", " << o.prune_every;
-    detail::invalid(os.str());
-  }
-  if (o.leverage.ridge != 0.0)
-    detail::invalid("kv cache: needs ridge 0 (ridge scores are below the x^2 sensitivities, so it could evict a heavy key)");
+  LEVATTN_REQUIRE(batch >= 1 && kv_heads >= 1 && d >= 1 && dv >= 1, "kv cache",
+                  "expected batch, kv_heads, d and dv >= 1, got ", batch, ", ", kv_heads, ", ", d, ", ", dv);
+  LEVATTN_REQUIRE(o.window >= 0 && o.sinks >= 0 && o.prune_every >= 1 && o.prune_every <= kMaxPruneEvery, "kv cache",
+                  "expected window >= 0, sinks >= 0 and 1 <= prune_every <= ", kMaxPruneEvery, ", got ", o.window, ", ",
+                  o.sinks, ", ", o.prune_every);
+  LEVATTN_REQUIRE(o.leverage.ridge == 0.0, "kv cache",
+                  "needs ridge 0 (ridge scores are below the x^2 sensitivities, so it could evict a heavy key)");
   Impl& p = *p_;
   p.batch = batch, p.heads = kv_heads, p.d = d, p.dv = dv, p.o = o;
   p.streams.reserve(static_cast<std::size_t>(checked_elements({batch, kv_heads}, "kv cache heads")));
@@ -108,8 +99,8 @@ index_t KVCache::d() const { return p_->d; }
 index_t KVCache::dv() const { return p_->dv; }
 
 const std::vector<index_t>& KVCache::kept(index_t b, index_t h) const {
-  if (b < 0 || b >= p_->batch || h < 0 || h >= p_->heads)
-    detail::invalid("kv cache: (batch, head) (" + std::to_string(b) + ", " + std::to_string(h) + ") out of range");
+  LEVATTN_REQUIRE(b >= 0 && b < p_->batch && h >= 0 && h < p_->heads, "kv cache", "(batch, head) (", b, ", ", h,
+                  ") out of range");
   return p_->streams[static_cast<std::size_t>(b * p_->heads + h)].candidate_indices();
 }
 
@@ -125,11 +116,8 @@ void KVCache::append(const Tensor4Ref& keys, const Tensor4Ref& values) {
   Impl& p = *p_;
   check_cache_shape(keys, p.batch, p.heads, p.d, "keys");
   check_cache_shape(values, p.batch, p.heads, p.dv, "values");
-  if (values.rows != keys.rows) {
-    std::ostringstream os;
-    os << "values: expected " << keys.rows << " tokens (one per key), got " << values.rows;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(values.rows == keys.rows, "values", "expected ", keys.rows, " tokens (one per key), got ",
+                  values.rows);
   const index_t t = keys.rows;
   if (t == 0) return;
   // Checked whole first, so that no head takes a block another head refuses.
@@ -158,16 +146,13 @@ void KVCache::append(const Tensor4Ref& keys, const Tensor4Ref& values) {
 KVCacheReport KVCache::attend(const Tensor4Ref& queries, float* out, const KernelOptions& kernel,
                               bool report_mass) const {
   const Impl& p = *p_;
-  std::ostringstream os;
-  if (queries.batch != p.batch || queries.heads < 1 || queries.heads % p.heads != 0 || queries.cols != p.d ||
-      queries.rows < 1 || !queries.data) {
-    os << "queries: expected (batch, q_heads, tq, d) = (" << p.batch << ", a multiple of " << p.heads << ", tq >= 1, "
-       << p.d << "), got (" << queries.batch << ", " << queries.heads << ", " << queries.rows << ", " << queries.cols
-       << ")";
-    detail::invalid(os.str());
-  }
-  if (!out) detail::invalid("kv cache: null output buffer");
-  if (p.tokens == 0) detail::invalid("kv cache: attend before any token was appended");
+  LEVATTN_REQUIRE(!(queries.batch != p.batch || queries.heads < 1 || queries.heads % p.heads != 0 ||
+                    queries.cols != p.d || queries.rows < 1 || !queries.data),
+                  "queries", "expected (batch, q_heads, tq, d) = (", p.batch, ", a multiple of ", p.heads,
+                  ", tq >= 1, ", p.d, "), got (", queries.batch, ", ", queries.heads, ", ", queries.rows, ", ",
+                  queries.cols, ")");
+  LEVATTN_REQUIRE(out, "kv cache", "null output buffer");
+  LEVATTN_REQUIRE(p.tokens != 0, "kv cache", "attend before any token was appended");
   const index_t group = queries.heads / p.heads, tq = queries.rows, rows = group * tq;
   detail::require_finite_matrix({queries.data, p.batch * queries.heads * tq, p.d}, "queries");
   AttentionOptions o;  // full attention over the kept keys, with the call's kernel

@@ -6,6 +6,7 @@
 #include "detail/blas.hpp"
 #include "detail/gram.hpp"
 #include "detail/parallel.hpp"
+#include "detail/require.hpp"
 #include "levattn/error.hpp"
 
 namespace levattn::detail {
@@ -14,8 +15,7 @@ std::vector<double> symmetric_eigen(std::vector<double>& a, index_t r, const cha
   std::vector<double> w(static_cast<std::size_t>(r));
   const SerialScope serial;
   const lapack_int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', li(r), a.data(), li(r), w.data());
-  if (info != 0)
-    throw Error(ErrorKind::internal, std::string(who) + ": LAPACKE_dsyevd failed with info " + std::to_string(info));
+  if (info != 0) fail(ErrorKind::internal, who, "LAPACKE_dsyevd failed with info ", info);
   return w;
 }
 
@@ -36,7 +36,7 @@ std::vector<double> householder_r(std::vector<double>& a, index_t rows, index_t 
   {
     const SerialScope serial;
     const lapack_int info = LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, li(rows), li(d), a.data(), li(d), tau.data());
-    if (info != 0) throw Error(ErrorKind::internal, "LAPACKE_dgeqrf failed with info " + std::to_string(info));
+    LEVATTN_ASSERT(info == 0, "LAPACKE_dgeqrf failed with info ", info);
   }
   for (index_t i = 0; i < std::min(rows, d); ++i)
     for (index_t j = i; j < d; ++j) R[i * d + j] = a[i * d + j];

@@ -7,7 +7,6 @@
 #include <cmath>
 #include <limits>
 #include <memory>
-#include <sstream>
 
 #include "detail/blas.hpp"
 #include "detail/gram.hpp"
@@ -38,16 +37,9 @@ constexpr index_t kScoreRows = 1024;    // rows per GEMM in the score pass
 constexpr double kFloat32Tolerance = 1e-4;
 
 void check_options(const LeverageOptions& o) {
-  if (!(o.ridge >= 0.0) || !std::isfinite(o.ridge)) {
-    std::ostringstream os;
-    os << "ridge: expected a finite number >= 0, got " << o.ridge;
-    detail::invalid(os.str());
-  }
-  if (!(o.rank_rtol >= 0.0 && o.rank_rtol < 1.0)) {
-    std::ostringstream os;
-    os << "rank_rtol: expected a number in [0, 1), got " << o.rank_rtol;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(o.ridge >= 0.0 && std::isfinite(o.ridge), "ridge", "expected a finite number >= 0, got ", o.ridge);
+  LEVATTN_REQUIRE(o.rank_rtol >= 0.0 && o.rank_rtol < 1.0, "rank_rtol", "expected a number in [0, 1), got ",
+                  o.rank_rtol);
 }
 
 // sum_c y_c^2 in float64 with 8 independent partial sums, so that the loop vectorises.
@@ -304,11 +296,7 @@ LeverageScores scores_unchecked(ConstMatrix K, const KeyGram& g, ScorePass pass)
 
 LeverageScores leverage_scores(ConstMatrix K, const KeyGram& g) {
   detail::require_finite_matrix(K, "keys");
-  if (K.cols != g.d) {
-    std::ostringstream os;
-    os << "keys: expected " << g.d << " columns (the Gram's dimension), got " << K.cols;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(K.cols == g.d, "keys", "expected ", g.d, " columns (the Gram's dimension), got ", K.cols);
   return detail::scores_unchecked(K, g, {.rows_of_gram = false});
 }
 
@@ -330,11 +318,11 @@ double sketch_gamma(index_t r, index_t s, index_t n, index_t t, double delta) {
 
 void check_sketch_options(const LeverageOptions& o) {
   check_options(o);  // ridge and rank_rtol
-  if (o.ridge != 0.0) detail::invalid("ridge: applies to the exact method only");
+  LEVATTN_REQUIRE(o.ridge == 0.0, "ridge", "applies to the exact method only");
   detail::require_open_unit(o.gamma, "gamma");
   detail::require_open_unit(o.delta, "delta");
-  if (o.sketch_size < 0 || o.jl_columns < 0)
-    detail::invalid("sketch_size, jl_columns: expected integers >= 0 (0: automatic / none)");
+  LEVATTN_REQUIRE(o.sketch_size >= 0 && o.jl_columns >= 0, "sketch_size, jl_columns",
+                  "expected integers >= 0 (0: automatic / none)");
 }
 
 LeverageScores sketched_scores(ConstMatrix K, const LeverageOptions& o) {
@@ -351,12 +339,9 @@ LeverageScores sketched_scores(ConstMatrix K, const LeverageOptions& o) {
     const double root = std::sqrt(static_cast<double>(d)) + std::sqrt(2.0 * std::log(2.0 / o.delta));
     s = detail::to_index(std::ceil(root * root / (e * e)));
   }
-  if (s < d) {  // S K would have rank below d: its Gram cannot stand for K^T K
-    std::ostringstream os;
-    os << "sketch_size: expected at least d = " << d << " rows (fewer cannot embed the range of "
-       << "keys with d columns), got " << s;
-    detail::invalid(os.str());
-  }
+  // S K would have rank below d: its Gram cannot stand for K^T K
+  LEVATTN_REQUIRE(s >= d, "sketch_size", "expected at least d = ", d, " rows (fewer cannot embed the range of ",
+                  "keys with d columns), got ", s);
   if (s >= n) {  // the sketch would not be smaller than K
     LeverageOptions exact = o;
     exact.method = ScoreMethod::exact;
@@ -369,8 +354,8 @@ LeverageScores sketched_scores(ConstMatrix K, const LeverageOptions& o) {
   try {
     g.gram = sketch_gram(K, s, o.sketch, o.seed);  // validates K while reading it
   } catch (const Error& e) {
-    const std::string msg = e.what();
-    throw Error(e.kind(), msg.rfind("matrix:", 0) == 0 ? "keys:" + msg.substr(7) : msg);
+    if (e.field() != "matrix") throw;
+    detail::fail(e.kind(), "keys", e.detail());  // relabelled: what() "matrix: ..." becomes "keys: ..."
   }
   factor_gram(g, o.rank_rtol, /*allow_triangular=*/!jl);
   const index_t rank = g.rank;

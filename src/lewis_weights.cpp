@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
-#include <sstream>
 
 #include "detail/blas.hpp"
 #include "detail/gram.hpp"
@@ -69,15 +68,11 @@ std::vector<double> coordinates(ConstMatrix K, const std::vector<double>& B, ind
 
 void check(ConstMatrix K, const LewisOptions& o) {
   detail::require_finite_matrix(K, "keys");
-  std::ostringstream os;
   // Above p = 64 the weights' powers under- and overflow float64 and the contraction rate
   // (p - 2) / (p + 2) approaches 1.
-  if (!(o.p > 0.0 && o.p <= 64.0)) {
-    os << "p: expected an exponent in (0, 64], got " << o.p;
-    detail::invalid(os.str());
-  }
-  if (o.max_iterations < 1) detail::invalid("max_iterations: expected an integer >= 1");
-  if (!(o.tolerance > 0.0)) detail::invalid("tolerance: expected a number > 0");
+  LEVATTN_REQUIRE(o.p > 0.0 && o.p <= 64.0, "p", "expected an exponent in (0, 64], got ", o.p);
+  LEVATTN_REQUIRE(o.max_iterations >= 1, "max_iterations", "expected an integer >= 1");
+  LEVATTN_REQUIRE(o.tolerance > 0.0, "tolerance", "expected a number > 0");
 }
 
 }  // namespace
@@ -174,10 +169,10 @@ LeverageScores sensitivity_bounds(const LewisWeights& w) {
 
 LeverageScores sensitivity_bounds(ConstMatrix K, double p, const LeverageOptions& options) {
   if (p == 2.0) return leverage_scores(K, options);
-  if (options.method == ScoreMethod::sketch)
-    detail::invalid("method sketch: supported for p = 2 (leverage scores) only");
-  if (options.ridge != 0.0)
-    detail::invalid("ridge: applies to leverage scores (p = 2) only; the |x|^p sensitivity bounds take none");
+  LEVATTN_REQUIRE(options.method != ScoreMethod::sketch, "method sketch",
+                  "supported for p = 2 (leverage scores) only");
+  LEVATTN_REQUIRE(options.ridge == 0.0, "ridge",
+                  "applies to leverage scores (p = 2) only; the |x|^p sensitivity bounds take none");
   LewisOptions lo;
   lo.p = p;
   lo.rank_rtol = options.rank_rtol;
@@ -186,12 +181,9 @@ LeverageScores sensitivity_bounds(ConstMatrix K, double p, const LeverageOptions
       lo.max_iterations,
       static_cast<index_t>(std::ceil(4.0 * 28.0 / std::max(1e-3, -std::log(std::fabs(p - 2.0) / (p + 2.0))))));
   const LewisWeights w = lewis_weights(K, lo);
-  if (!w.converged) {
-    std::ostringstream os;
-    os << "lewis_weights: no convergence for p = " << p << " after " << w.iterations
-       << " iterations (residual " << w.residual << ")";
-    throw Error(ErrorKind::internal, os.str());
-  }
+  if (!w.converged)
+    detail::fail(ErrorKind::internal, "lewis_weights", "no convergence for p = ", p, " after ", w.iterations,
+                 " iterations (residual ", w.residual, ")");
   return sensitivity_bounds(w);
 }
 

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 #include <tuple>
 
 #include "detail/blas.hpp"
@@ -15,7 +14,7 @@ HeavyEntries heavy_entries_brute_force(ConstMatrix Q, ConstMatrix K, double eps)
   detail::require_eps(eps);
   detail::require_finite_matrix(Q, "queries");
   detail::require_finite_matrix(K, "keys");
-  if (Q.cols != K.cols) detail::invalid("queries: column count differs from the keys'");
+  LEVATTN_REQUIRE(Q.cols == K.cols, "queries", "column count differs from the keys'");
   const index_t m = Q.rows, n = K.rows, d = K.cols;
   // Every dot product q_i.k_l in float64 (blocked DGEMM), no use of M or of leverage scores.
   std::vector<double> k64(static_cast<std::size_t>(n * d));

@@ -2,8 +2,9 @@
 // header, decode an in-memory .npy image, serialise an Array), little-endian byte helpers, file
 // reading with errno messages, and the atomic file write. Not installed; not part of the API.
 //
-// Every function that can fail takes `where`, the prefix of its messages: the file path for a
-// .npy file ("K.npy"), the file and member for an .npz member ("H.npz: member 'value'").
+// Every function that can fail takes `where`, the field of its Errors (the prefix of their
+// messages): the file path for a .npy file ("K.npy"), the file and member for an .npz member
+// ("H.npz: member 'value'").
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -15,15 +15,9 @@
 namespace levattn {
 
 void detail::check_kernel(const KernelOptions& o) {
-  std::ostringstream os;
-  if (o.kernel == Kernel::power && !(o.p > 0.0 && std::isfinite(o.p))) {
-    os << "p: expected a finite exponent > 0, got " << o.p;
-    detail::invalid(os.str());
-  }
-  if (!std::isnan(o.scale) && !std::isfinite(o.scale)) {
-    os << "scale: expected a finite number, got " << o.scale;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(o.kernel != Kernel::power || (o.p > 0.0 && std::isfinite(o.p)), "p",
+                  "expected a finite exponent > 0, got ", o.p);
+  LEVATTN_REQUIRE(std::isnan(o.scale) || std::isfinite(o.scale), "scale", "expected a finite number, got ", o.scale);
 }
 
 double logit_scale(const KernelOptions& o, index_t d) {
@@ -57,18 +51,15 @@ index_t default_probe(index_t clusters, index_t n, index_t top_k) {
 }
 
 index_t adaptive_budget(index_t n, double alpha, double exponent) {
-  if (!(alpha > 0.0 && std::isfinite(alpha)) || !(exponent > 0.0 && exponent <= 1.0)) {
-    std::ostringstream os;
-    os << "budget: expected alpha > 0 and C in (0, 1], got alpha = " << alpha << ", C = " << exponent;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(alpha > 0.0 && std::isfinite(alpha) && exponent > 0.0 && exponent <= 1.0, "budget",
+                  "expected alpha > 0 and C in (0, 1], got alpha = ", alpha, ", C = ", exponent);
   const double k = std::ceil(alpha * std::pow(static_cast<double>(n), exponent));
   return static_cast<index_t>(std::clamp(k, 1.0, static_cast<double>(std::max<index_t>(n, 1))));
 }
 
 AttentionOptions parse_selection(const std::string& spec) {
   const auto bad = [&](const std::string& why) -> AttentionOptions {
-    detail::invalid("selection '" + spec + "': " + why);
+    detail::fail(ErrorKind::invalid_argument, "selection '" + spec + "'", why);
   };
   std::vector<std::string> items;
   std::stringstream in(spec);

@@ -1,7 +1,6 @@
 #include "levattn/planted.hpp"
 
 #include <cmath>
-#include <sstream>
 
 #include "detail/rng.hpp"
 #include "selectors.hpp"
@@ -13,21 +12,13 @@ namespace {
 }  // namespace
 
 PlantedInstance planted(const PlantedOptions& o) {
-  std::ostringstream os;
-  if (o.n < 1 || o.d < 1 || o.m < 0) {
-    os << "planted: expected n >= 1, d >= 1, m >= 0, got n = " << o.n << ", d = " << o.d
-       << ", m = " << o.m;
-    detail::invalid(os.str());
-  }
-  if (o.relevant < 1 || o.relevant > std::min(o.n, o.d)) {
-    os << "relevant: expected 1 <= relevant <= min(n, d) = " << std::min(o.n, o.d) << ", got "
-       << o.relevant;
-    detail::invalid(os.str());
-  }
-  if (!(o.noise > 0 && std::isfinite(o.noise)) || !(o.signal >= 0 && std::isfinite(o.signal)) ||
-      !(o.query_norm >= 0 && std::isfinite(o.query_norm))) {
-    detail::invalid("planted: expected noise > 0 and signal, query_norm >= 0 (0: default), finite");
-  }
+  LEVATTN_REQUIRE(o.n >= 1 && o.d >= 1 && o.m >= 0, "planted", "expected n >= 1, d >= 1, m >= 0, got n = ", o.n,
+                  ", d = ", o.d, ", m = ", o.m);
+  LEVATTN_REQUIRE(o.relevant >= 1 && o.relevant <= std::min(o.n, o.d), "relevant",
+                  "expected 1 <= relevant <= min(n, d) = ", std::min(o.n, o.d), ", got ", o.relevant);
+  LEVATTN_REQUIRE((o.noise > 0 && std::isfinite(o.noise)) && (o.signal >= 0 && std::isfinite(o.signal)) &&
+                      (o.query_norm >= 0 && std::isfinite(o.query_norm)),
+                  "planted", "expected noise > 0 and signal, query_norm >= 0 (0: default), finite");
   const index_t n = o.n, d = o.d, m = o.m > 0 ? o.m : o.n, R = o.relevant;
   checked_allocation({2 * n + m, d}, sizeof(float), "planted: Q, K and V");
   const double nd = static_cast<double>(n), dd = static_cast<double>(d);

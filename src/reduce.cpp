@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <sstream>
 #include <vector>
 
 #include "detail/blas.hpp"
@@ -75,9 +74,7 @@ Reduced reduce_svd(ConstMatrix X, index_t m) {
     info = LAPACKE_dgesvd(LAPACK_ROW_MAJOR, 'S', 'N', detail::li(n), detail::li(d), a.data(),
                           detail::li(d), s.data(), u.data(), detail::li(k), vt.data(), 1, superb.data());
   }
-  if (info != 0)
-    throw Error(ErrorKind::internal, "reduce_dimension: LAPACKE_dgesvd failed with info " +
-                                         std::to_string(info));
+  if (info != 0) detail::fail(ErrorKind::internal, "reduce_dimension", "LAPACKE_dgesvd failed with info ", info);
   if (m == 0) {  // default: the numerical rank (at least one column)
     for (index_t c = 0; c < k; ++c) m += (s[0] > 0.0 && s[c] > kRankRtol * s[0]) ? 1 : 0;
     m = std::max<index_t>(m, 1);
@@ -169,7 +166,7 @@ Candidate best_column(const Whitened& wh, const std::vector<double>& Q, const st
   Candidate pick;
   for (const Candidate& b : best)
     if (b.c >= 0 && b.gap > pick.gap) pick = b;
-  if (pick.c < 0) throw Error(ErrorKind::internal, "reduce_dimension (bss): no usable column");
+  if (pick.c < 0) detail::fail(ErrorKind::internal, "reduce_dimension (bss)", "no usable column");
   return pick;
 }
 
@@ -238,11 +235,7 @@ Reduced reduce_bss(ConstMatrix X, index_t m) {
     take({0}, {1.0});
     return out;
   }
-  if (m <= wh.r) {
-    std::ostringstream os;
-    os << "m: bss needs m > rank(x) = " << wh.r << " (or m = d = " << d << "), got " << m;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(m > wh.r, "m", "bss needs m > rank(x) = ", wh.r, " (or m = d = ", d, "), got ", m);
   std::vector<double> A;
   const std::vector<double> weight = bss_weights(wh, m, A);
   // Centre: scale by 2 / (lambda_min + lambda_max) of the final A.
@@ -262,11 +255,7 @@ Reduced reduce_bss(ConstMatrix X, index_t m) {
 void check_pair(ConstMatrix X, ConstMatrix Y) {
   detail::require_finite_matrix(X, "x");
   detail::require_finite_matrix(Y, "y");
-  if (X.rows != Y.rows) {
-    std::ostringstream os;
-    os << "y: expected " << X.rows << " rows (as x), got " << Y.rows;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(X.rows == Y.rows, "y", "expected ", X.rows, " rows (as x), got ", Y.rows);
 }
 
 // Rows i0 .. i0 + rows - 1 of Z Z^T into G (rows x n), float64, by blocks of kErrorRows rows.
@@ -316,16 +305,9 @@ ReduceMethod parse_reduce_method(const std::string& name) { return detail::parse
 Reduced reduce_dimension(ConstMatrix X, const ReduceOptions& options) {
   detail::require_finite_matrix(X, "x");
   const index_t n = X.rows, d = X.cols;
-  if (options.m < 0 || options.m > d) {
-    std::ostringstream os;
-    os << "m: expected 1 <= m <= d = " << d << ", got " << options.m;
-    detail::invalid(os.str());
-  }
-  if (!(options.delta > 0.0 && options.delta < 1.0)) {
-    std::ostringstream os;
-    os << "delta: expected a number in (0, 1), got " << options.delta;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(options.m >= 0 && options.m <= d, "m", "expected 1 <= m <= d = ", d, ", got ", options.m);
+  LEVATTN_REQUIRE(options.delta > 0.0 && options.delta < 1.0, "delta", "expected a number in (0, 1), got ",
+                  options.delta);
   const index_t m = options.m > 0 ? options.m : default_m(options.method, n, d, options.delta);
   Reduced r;
   switch (options.method) {

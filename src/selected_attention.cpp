@@ -11,7 +11,6 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <sstream>
 
 #include "detail/blas.hpp"
 #include "detail/parallel.hpp"
@@ -68,56 +67,46 @@ bool finite(const T* x, index_t n) {
 }
 
 void check_shape(const AttentionShape& sh) {
-  std::ostringstream os;
-  if (sh.batch < 1 || sh.heads < 1 || sh.m < 1 || sh.n < 1 || sh.d < 1 || sh.dv < 1) {
-    os << "attention: expected non-empty inputs, got (batch, heads) = (" << sh.batch << ", " << sh.heads
-       << "), " << sh.m << " queries, " << sh.n << " keys, d = " << sh.d << ", dv = " << sh.dv;
-    detail::invalid(os.str());
-  }
-  if (sh.kv_heads < 0 || sh.heads % sh.kv() != 0) {
-    os << "attention: the key/value heads (" << sh.kv_heads << ") must divide the query heads (" << sh.heads << ")";
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(sh.batch >= 1 && sh.heads >= 1 && sh.m >= 1 && sh.n >= 1 && sh.d >= 1 && sh.dv >= 1, "attention",
+                  "expected non-empty inputs, got (batch, heads) = (", sh.batch, ", ", sh.heads, "), ", sh.m,
+                  " queries, ", sh.n, " keys, d = ", sh.d, ", dv = ", sh.dv);
+  LEVATTN_REQUIRE(sh.kv_heads >= 0 && sh.heads % sh.kv() == 0, "attention", "the key/value heads (", sh.kv_heads,
+                  ") must divide the query heads (", sh.heads, ")");
   const index_t pairs = checked_elements({sh.batch, sh.heads}, "attention (batch, heads)");
   checked_elements({pairs, std::max(sh.m, sh.n), std::max(sh.d, sh.dv)}, "attention inputs");
 }
 
 // Throws unless `sel` is one well-formed selection for `sh`.
 void check_selection(const AttentionShape& sh, const Selection& sel) {
-  std::ostringstream os;
-  if (sel.batch != sh.batch || sel.heads != sh.heads || sel.m != sh.m || sel.n != sh.n) {
-    os << "selection: made for (batch, heads) = (" << sel.batch << ", " << sel.heads << "), " << sel.m
-       << " queries and " << sel.n << " keys, used with (" << sh.batch << ", " << sh.heads << "), " << sh.m
-       << " queries and " << sh.n << " keys";
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(sel.batch == sh.batch && sel.heads == sh.heads && sel.m == sh.m && sel.n == sh.n, "selection",
+                  "made for (batch, heads) = (", sel.batch, ", ", sel.heads, "), ", sel.m, " queries and ", sel.n,
+                  " keys, used with (", sh.batch, ", ", sh.heads, "), ", sh.m, " queries and ", sh.n, " keys");
   const index_t pairs = sel.pairs();
-  if (sel.window < -1) detail::invalid("selection: window must be >= -1");
-  if (sel.segment < 0) detail::invalid("selection: segment must be >= 0");
-  if (sel.all_keys && (!sel.shared_keys.empty() || sel.window >= 0 || sel.top_k != 0))
-    detail::invalid("selection: all keys excludes shared keys, a window and per-query keys");
-  if (!sel.shared_keys.empty() && static_cast<index_t>(sel.shared_keys.size()) != pairs * sel.segments()) {
-    os << "selection: expected a shared key set per pair and segment (" << pairs * sel.segments() << ") or none, got "
-       << sel.shared_keys.size();
-    detail::invalid(os.str());
-  }
-  if (!sel.key_mask.empty() && static_cast<index_t>(sel.key_mask.size()) != sel.batch * sel.n)
-    detail::invalid("selection: the key mask must be (batch, n) or empty");
+  LEVATTN_REQUIRE(sel.window >= -1, "selection", "window must be >= -1");
+  LEVATTN_REQUIRE(sel.segment >= 0, "selection", "segment must be >= 0");
+  LEVATTN_REQUIRE(!sel.all_keys || (sel.shared_keys.empty() && sel.window < 0 && sel.top_k == 0), "selection",
+                  "all keys excludes shared keys, a window and per-query keys");
+  LEVATTN_REQUIRE(sel.shared_keys.empty() || static_cast<index_t>(sel.shared_keys.size()) == pairs * sel.segments(),
+                  "selection", "expected a shared key set per pair and segment (", pairs * sel.segments(),
+                  ") or none, got ", sel.shared_keys.size());
+  LEVATTN_REQUIRE(sel.key_mask.empty() || static_cast<index_t>(sel.key_mask.size()) == sel.batch * sel.n, "selection",
+                  "the key mask must be (batch, n) or empty");
   for (std::size_t set = 0; set < sel.shared_keys.size(); ++set) {
     const auto& keys = sel.shared_keys[set];
     const index_t h = static_cast<index_t>(set) / sel.segments();
     for (std::size_t a = 0; a < keys.size(); ++a) {
-      if (keys[a] < 0 || keys[a] >= sel.n || (a > 0 && keys[a] <= keys[a - 1]))
-        detail::invalid("selection: shared keys must be ascending, distinct and in [0, n)");
-      if (!sel.key_open(h, keys[a])) detail::invalid("selection: a shared set holds a masked key");
+      LEVATTN_REQUIRE(!(keys[a] < 0 || keys[a] >= sel.n || (a > 0 && keys[a] <= keys[a - 1])), "selection",
+                      "shared keys must be ascending, distinct and in [0, n)");
+      LEVATTN_REQUIRE(sel.key_open(h, keys[a]), "selection", "a shared set holds a masked key");
     }
   }
   if (sel.top_k == 0) {
-    if (!sel.query_keys.empty()) detail::invalid("selection: per-query keys without a top_k");
+    LEVATTN_REQUIRE(sel.query_keys.empty(), "selection", "per-query keys without a top_k");
     return;
   }
-  if (sel.top_k < 0 || sel.top_k > sel.n || static_cast<index_t>(sel.query_keys.size()) != pairs * sel.m * sel.top_k)
-    detail::invalid("selection: per-query keys must be (pairs, m, top_k) with 1 <= top_k <= n");
+  LEVATTN_REQUIRE(sel.top_k >= 0 && sel.top_k <= sel.n &&
+                      static_cast<index_t>(sel.query_keys.size()) == pairs * sel.m * sel.top_k,
+                  "selection", "per-query keys must be (pairs, m, top_k) with 1 <= top_k <= n");
   // Each query's own keys: distinct, in range (or -1), causal if the selection is, and neither
   // in its shared set (marked per set: `shared` holds the set's number) nor in its window.
   std::vector<index_t> stamp(static_cast<std::size_t>(sel.n), -1), shared(stamp.size(), -1);
@@ -129,12 +118,12 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
       for (index_t a = 0; a < sel.top_k; ++a) {
         const index_t j = sel.query_keys[row * sel.top_k + a];
         if (j == -1) continue;
-        if (j < 0 || j >= sel.n || stamp[j] == row)
-          detail::invalid("selection: each query's keys must be distinct and in [0, n) (-1 for an unused slot)");
-        if (sel.causal && j > i) detail::invalid("selection: a causal query's own keys must not follow it");
-        if (!sel.key_open(h, j)) detail::invalid("selection: a query's own keys hold a masked key");
-        if (shared[j] == set || (sel.window >= 0 && std::abs(i - j) <= sel.window))
-          detail::invalid("selection: a query's own keys must not repeat its shared keys or its window");
+        LEVATTN_REQUIRE(j >= 0 && j < sel.n && stamp[j] != row, "selection",
+                        "each query's keys must be distinct and in [0, n) (-1 for an unused slot)");
+        LEVATTN_REQUIRE(!sel.causal || j <= i, "selection", "a causal query's own keys must not follow it");
+        LEVATTN_REQUIRE(sel.key_open(h, j), "selection", "a query's own keys hold a masked key");
+        LEVATTN_REQUIRE(!(shared[j] == set || (sel.window >= 0 && std::abs(i - j) <= sel.window)), "selection",
+                        "a query's own keys must not repeat its shared keys or its window");
         stamp[j] = row;
       }
     }
@@ -186,7 +175,7 @@ Ctx<T> checked_ctx(const AttentionShape& sh, const Selection& sel, const KernelO
                    const T* k, const T* v) {
   check_shape(sh);
   check_selection(sh, sel);
-  if (!q || !k || !v) detail::invalid("attention: null data pointer for queries, keys or values");
+  LEVATTN_REQUIRE(q && k && v, "attention", "null data pointer for queries, keys or values");
   return Ctx<T>{sh, sel, make_fn<T>(o, sh.d), q, k, v};
 }
 
@@ -195,10 +184,10 @@ Ctx<T> make_ctx(const AttentionShape& sh, const Selection& sel, const KernelOpti
                 const T* k, const T* v) {
   const Ctx<T> c = checked_ctx(sh, sel, o, q, k, v);
   const index_t pairs = sel.pairs();
-  if (!finite(q, pairs * sh.m * sh.d)) detail::invalid("queries: expected finite values (found NaN or Inf)");
+  LEVATTN_REQUIRE(finite(q, pairs * sh.m * sh.d), "queries", "expected finite values (found NaN or Inf)");
   const index_t kv_pairs = sh.batch * sh.kv();
-  if (!finite(k, kv_pairs * sh.n * sh.d)) detail::invalid("keys: expected finite values (found NaN or Inf)");
-  if (!finite(v, kv_pairs * sh.n * sh.dv)) detail::invalid("values: expected finite values (found NaN or Inf)");
+  LEVATTN_REQUIRE(finite(k, kv_pairs * sh.n * sh.d), "keys", "expected finite values (found NaN or Inf)");
+  LEVATTN_REQUIRE(finite(v, kv_pairs * sh.n * sh.dv), "values", "expected finite values (found NaN or Inf)");
   return c;
 }
 
@@ -446,8 +435,8 @@ kernels::OnlineBlock::Rows engine_tile(const Ctx<float>& c, EngineWorkspace& ws,
 }
 
 [[noreturn]] void overflow(const char* what) {
-  detail::invalid(std::string("attention: the ") + what +
-                  " overflow the floating-point type; rescale queries, keys or values (or pass a smaller scale)");
+  detail::fail(ErrorKind::invalid_argument, "attention", "the ", what,
+               " overflow the floating-point type; rescale queries, keys or values (or pass a smaller scale)");
 }
 
 // The float64 reference: BLAS products by tiles, the log-sum-exp in double.
@@ -455,7 +444,7 @@ template <class T>
 void reference_forward(const AttentionShape& sh, const Selection& sel, const KernelOptions& o, const T* q,
                        const T* k, const T* v, T* out, T* stat) {
   const Ctx<T> c = make_ctx(sh, sel, o, q, k, v);
-  if (!out || !stat) detail::invalid("attention: null output or statistics buffer");
+  LEVATTN_REQUIRE(out && stat, "attention", "null output or statistics buffer");
   const index_t tiles = c.tiles(), pairs = sel.pairs();
   detail::parallel_tasks(pairs * tiles, c.flops() / 2.0, [&] { return Workspace<T>(sh, sel.top_k); },
                          [&](index_t t, Workspace<T>& ws) {
@@ -477,7 +466,7 @@ bool engine::logits_can_overflow(double scale, index_t d, double max_q, double m
 index_t engine::forward(const AttentionShape& sh, const Selection& sel, const KernelOptions& o, const float* q,
                      const float* k, const float* v, float* out, float* stat,
                      const std::function<void(double)>& progress, const CheckedInputs* checked) {
-  if (checked && (!q || !k || !v)) detail::invalid("attention: null data pointer for queries, keys or values");
+  LEVATTN_REQUIRE(!checked || (q && k && v), "attention", "null data pointer for queries, keys or values");
   Ctx<float> c = checked ? Ctx<float>{sh, sel, make_fn<float>(o, sh.d), q, k, v} : checked_ctx(sh, sel, o, q, k, v);
   // A window band spans a tile's rows plus twice the window: shorter tiles waste fewer masked
   // logits on it (a 128-row tile with w = 128 computes 67% of its band's logits, a 256-row one
@@ -486,7 +475,7 @@ index_t engine::forward(const AttentionShape& sh, const Selection& sel, const Ke
   const bool band_alone = std::all_of(sel.shared_keys.begin(), sel.shared_keys.end(),
                                       [](const std::vector<index_t>& set) { return set.empty(); });
   c.tile_rows = sel.window > 0 && (sh.m > kernels::kQueryBlock || band_alone) ? kRows : kernels::kQueryBlock;
-  if (!out) detail::invalid("attention: null output buffer");
+  LEVATTN_REQUIRE(out, "attention", "null output buffer");
   const index_t pairs = sel.pairs(), kv_pairs = sh.batch * sh.kv();
   // One pass over each input: finite (else the error names the entry), and the bound
   // |scale q.k| <= |scale| d max|q| max|k| that spares the logit tiles their overflow check.
@@ -547,7 +536,7 @@ template void engine::merge<double>(index_t, index_t, double*, double*, const do
 template <class T>
 void selected_attention_forward(const AttentionShape& sh, const Selection& sel, const KernelOptions& o,
                                 const T* q, const T* k, const T* v, T* out, T* stat) {
-  if (!stat) detail::invalid("attention: null statistics buffer");
+  LEVATTN_REQUIRE(stat, "attention", "null statistics buffer");
   if constexpr (std::is_same_v<T, float>) engine::forward(sh, sel, o, q, k, v, out, stat, {});
   else reference_forward(sh, sel, o, q, k, v, out, stat);
 }
@@ -835,12 +824,12 @@ void selected_attention_backward(const AttentionShape& sh, const Selection& sel,
                                  T* dq, T* dk, T* dv) {
   const Ctx<T> c = make_ctx(sh, sel, o, q, k, v);
   const index_t pairs = sel.pairs(), rows = pairs * sh.m;
-  if (!out || !stat || !dout) detail::invalid("attention backward: null output, statistics or output gradient");
-  if (!finite(dout, rows * sh.dv)) detail::invalid("output gradient: expected finite values (found NaN or Inf)");
-  if (!finite(out, rows * sh.dv)) detail::invalid("attention backward: the saved output is not finite");
+  LEVATTN_REQUIRE(out && stat && dout, "attention backward", "null output, statistics or output gradient");
+  LEVATTN_REQUIRE(finite(dout, rows * sh.dv), "output gradient", "expected finite values (found NaN or Inf)");
+  LEVATTN_REQUIRE(finite(out, rows * sh.dv), "attention backward", "the saved output is not finite");
   std::vector<T> delta(static_cast<std::size_t>(rows));
   for (index_t i = 0; i < rows; ++i) {
-    if (std::isnan(stat[i])) detail::invalid("attention backward: the saved row statistics contain NaN");
+    LEVATTN_REQUIRE(!std::isnan(stat[i]), "attention backward", "the saved row statistics contain NaN");
     T s = 0;
     for (index_t x = 0; x < sh.dv; ++x) s += dout[i * sh.dv + x] * out[i * sh.dv + x];
     delta[i] = s;

@@ -54,8 +54,8 @@ std::vector<index_t> key_segments(const Selection& s) {
       }
     for (index_t j = 0; j < s.n; ++j)
       if (lh[j] >= 0 && count[j] != lh[j] - first_segment(s, j) + 1)
-        throw Error(ErrorKind::internal, "key_segments: the shared sets of pair " + std::to_string(h) +
-                                             " do not hold key " + std::to_string(j) + " over one run of segments");
+        detail::fail(ErrorKind::internal, "key_segments", "the shared sets of pair ", h, " do not hold key ", j,
+                     " over one run of segments");
   }
   return last;
 }
@@ -69,13 +69,11 @@ Selection selection_from_arrays(const Selection& layout, const index_t* key_segm
     for (index_t j = 0; j < s.n; ++j) {
       const index_t g1 = key_segments[h * s.n + j];
       if (g1 < 0) {
-        if (g1 != -1) detail::invalid("key_segments: expected -1 or a segment index, got " + std::to_string(g1));
+        LEVATTN_REQUIRE(g1 == -1, "key_segments", "expected -1 or a segment index, got ", g1);
         continue;
       }
-      if (g1 >= segs || g1 < first_segment(s, j))
-        detail::invalid("key_segments: key " + std::to_string(j) + " of pair " + std::to_string(h) +
-                        " names segment " + std::to_string(g1) + "; expected " + std::to_string(first_segment(s, j)) +
-                        " .. " + std::to_string(segs - 1) + " or -1");
+      LEVATTN_REQUIRE(g1 < segs && g1 >= first_segment(s, j), "key_segments", "key ", j, " of pair ", h,
+                      " names segment ", g1, "; expected ", first_segment(s, j), " .. ", segs - 1, " or -1");
       for (index_t g = first_segment(s, j); g <= g1; ++g) s.shared_keys[static_cast<std::size_t>(h * segs + g)].push_back(j);
       any = true;
     }

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <sstream>
 #include <type_traits>
 #include <vector>
 
@@ -42,36 +41,18 @@ index_t next_pow2(index_t n) {
 }
 
 void check_s(index_t n, index_t s, SketchKind kind) {
-  if (s < 1) {
-    std::ostringstream os;
-    os << "s: expected s >= 1 rows of the sketch, got " << s;
-    detail::invalid(os.str());
-  }
-  if (kind == SketchKind::srht && s > next_pow2(n)) {
-    std::ostringstream os;
-    os << "s: expected s <= n' = " << next_pow2(n) << " for srht (n = " << n
-       << " rows padded to the next power of 2), got " << s;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(s >= 1, "s", "expected s >= 1 rows of the sketch, got ", s);
+  LEVATTN_REQUIRE(kind != SketchKind::srht || s <= next_pow2(n), "s", "expected s <= n' = ", next_pow2(n),
+                  " for srht (n = ", n, " rows padded to the next power of 2), got ", s);
 }
 
 void require_finite(const double* A, index_t n, index_t d, index_t ld, const char* what) {
-  std::ostringstream os;
-  if (A == nullptr || n <= 0 || d <= 0) {
-    os << what << ": expected a non-empty matrix, got shape (" << n << ", " << d << ")";
-    detail::invalid(os.str());
-  }
-  if (ld < d) {
-    os << what << ": expected a leading dimension >= " << d << " columns, got " << ld;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(A != nullptr && n > 0 && d > 0, what, "expected a non-empty matrix, got shape (", n, ", ", d, ")");
+  LEVATTN_REQUIRE(ld >= d, what, "expected a leading dimension >= ", d, " columns, got ", ld);
   for (index_t i = 0; i < n; ++i)
     for (index_t j = 0; j < d; ++j)
-      if (!std::isfinite(A[i * ld + j])) {
-        os << what << ": expected finite values, found " << A[i * ld + j] << " at row " << i
-           << ", column " << j;
-        detail::invalid(os.str());
-      }
+      LEVATTN_REQUIRE(std::isfinite(A[i * ld + j]), what, "expected finite values, found ", A[i * ld + j],
+                      " at row ", i, ", column ", j);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,7 +248,7 @@ DenseMatrix<double> dispatch(const Rows<T>& A, index_t s, SketchKind kind, std::
     case SketchKind::gaussian: return gaussian(A, s, seed);
     case SketchKind::srht: return srht(A, s, seed);
   }
-  throw Error(ErrorKind::invalid_argument, "sketch: unknown sketch kind");
+  detail::fail(ErrorKind::invalid_argument, "sketch", "unknown sketch kind");
 }
 
 }  // namespace

@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <sstream>
 
 #include "detail/gram.hpp"
 #include "leverage.hpp"
@@ -116,17 +115,14 @@ void compact(StreamingUniversalSet::State& s, Keep keep) {
 
 StreamingUniversalSet::StreamingUniversalSet(index_t d, index_t dv, double eps, const LeverageOptions& options)
     : s_(std::make_unique<State>()) {
-  if (d < 1 || dv < 0 || d > kMaxDim || dv > kMaxDim) {
-    std::ostringstream os;
-    os << "streaming: expected 1 <= d <= 2^20 key columns and 0 <= dv <= 2^20 value columns, got d = " << d
-       << ", dv = " << dv;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(d >= 1 && dv >= 0 && d <= kMaxDim && dv <= kMaxDim, "streaming",
+                  "expected 1 <= d <= 2^20 key columns and 0 <= dv <= 2^20 value columns, got d = ", d, ", dv = ", dv);
   detail::require_eps(eps);
-  if (options.method != ScoreMethod::exact)
-    detail::invalid("streaming: method must be exact (a sketch needs every key at once)");
-  if (!(options.ridge >= 0.0 && std::isfinite(options.ridge)) || !(options.rank_rtol >= 0.0 && options.rank_rtol < 1.0))
-    detail::invalid("streaming: expected ridge >= 0 (finite) and rank_rtol in [0, 1)");
+  LEVATTN_REQUIRE(options.method == ScoreMethod::exact, "streaming",
+                  "method must be exact (a sketch needs every key at once)");
+  LEVATTN_REQUIRE((options.ridge >= 0.0 && std::isfinite(options.ridge)) &&
+                      (options.rank_rtol >= 0.0 && options.rank_rtol < 1.0),
+                  "streaming", "expected ridge >= 0 (finite) and rank_rtol in [0, 1)");
   checked_allocation({d, d, detail::gram_partials(d)}, sizeof(double), "the streamed Gram's partial sums");
   s_->d = d, s_->dv = dv, s_->eps = eps, s_->options = options;
   s_->gram = detail::GramStream(d);
@@ -148,16 +144,11 @@ std::size_t StreamingUniversalSet::peak_workspace_bytes() const { return s_->pea
 
 void StreamingUniversalSet::push(ConstMatrix keys, ConstMatrix values) {
   State& s = *s_;
-  std::ostringstream os;
-  if (keys.rows < 0 || (keys.rows > 0 && keys.cols != s.d)) {
-    os << "keys: expected " << s.d << " columns, got " << keys.cols;
-    detail::invalid(os.str());
-  }
-  if (s.dv > 0 ? (values.rows != keys.rows || (keys.rows > 0 && values.cols != s.dv)) : values.rows != 0) {
-    os << "values: expected " << (s.dv > 0 ? keys.rows : 0) << " rows of " << s.dv << " columns (one per key), got "
-       << values.rows << " of " << values.cols;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(!(keys.rows < 0 || (keys.rows > 0 && keys.cols != s.d)), "keys", "expected ", s.d,
+                  " columns, got ", keys.cols);
+  LEVATTN_REQUIRE(!(s.dv > 0 ? (values.rows != keys.rows || (keys.rows > 0 && values.cols != s.dv)) : values.rows != 0),
+                  "values", "expected ", (s.dv > 0 ? keys.rows : 0), " rows of ", s.dv, " columns (one per key), got ",
+                  values.rows, " of ", values.cols);
   if (keys.rows == 0) return;
   detail::require_finite_matrix(keys, "keys");
   if (s.dv > 0) detail::require_finite_matrix(values, "values");
@@ -199,9 +190,8 @@ void StreamingUniversalSet::prune() {
 }
 
 void StreamingUniversalSet::protect(index_t first, index_t last) {
-  if (first < 0 || last < 0)
-    detail::invalid("streaming: protect takes counts >= 0 of first and last keys, got " + std::to_string(first) +
-                    ", " + std::to_string(last));
+  LEVATTN_REQUIRE(first >= 0 && last >= 0, "streaming", "protect takes counts >= 0 of first and last keys, got ", first,
+                  ", ", last);
   s_->protect_first = first, s_->protect_last = last;
 }
 
@@ -231,15 +221,10 @@ UniversalSet StreamingUniversalSet::universal_set() const {
 
 HeavyEntries StreamingUniversalSet::heavy_entries(ConstMatrix Q) const {
   const State& s = *s_;
-  if (Q.cols != s.d) {
-    std::ostringstream os;
-    os << "queries: expected " << s.d << " columns (the keys' dimension), got " << Q.cols;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(Q.cols == s.d, "queries", "expected ", s.d, " columns (the keys' dimension), got ", Q.cols);
   detail::require_finite_matrix(Q, "queries");
-  if (s.options.ridge != 0.0)
-    detail::invalid("streaming heavy entries: need ridge 0 (ridge scores are below the x^2 sensitivities, so their "
-                    "set can miss heavy entries)");
+  LEVATTN_REQUIRE(s.options.ridge == 0.0, "streaming heavy entries",
+                  "need ridge 0 (ridge scores are below the x^2 sensitivities, so their set can miss heavy entries)");
   const UniversalSet u = universal_set();
   const std::vector<double> M = s.gram.gram();
   const index_t d = s.d;
@@ -276,12 +261,12 @@ HeavyEntries StreamingUniversalSet::heavy_entries(ConstMatrix Q) const {
 
 std::vector<float> StreamingUniversalSet::attention(ConstMatrix Q, const KernelOptions& kernel) const {
   const State& s = *s_;
-  if (s.dv == 0) detail::invalid("streaming attention: the stream holds no values (dv = 0)");
-  if (s.n == 0) detail::invalid("streaming attention: no keys pushed yet");
+  LEVATTN_REQUIRE(s.dv != 0, "streaming attention", "the stream holds no values (dv = 0)");
+  LEVATTN_REQUIRE(s.n != 0, "streaming attention", "no keys pushed yet");
   const UniversalSet u = universal_set();
   const index_t size = static_cast<index_t>(u.indices.size());
   if (size == 0) {  // every key is 0: no key has weight
-    if (Q.cols != s.d) detail::invalid("queries: expected " + std::to_string(s.d) + " columns");
+    LEVATTN_REQUIRE(Q.cols == s.d, "queries", "expected ", s.d, " columns");
     return std::vector<float>(static_cast<std::size_t>(Q.rows * s.dv), 0.0f);
   }
   std::vector<float> k(static_cast<std::size_t>(size * s.d)), v(static_cast<std::size_t>(size * s.dv));
@@ -359,10 +344,6 @@ std::uint32_t crc_of(const std::uint8_t* data, std::size_t size) {
   return static_cast<std::uint32_t>(crc);
 }
 
-[[noreturn]] void bad_state(const std::filesystem::path& path, const std::string& what) {
-  throw Error(ErrorKind::io, path.string() + ": " + what);
-}
-
 }  // namespace
 
 void StreamingUniversalSet::save(const std::filesystem::path& path) const {
@@ -395,40 +376,39 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   // sizes agree with the file's length.
   const detail::InputFile file(path, path.string());
   const std::uint64_t length = file.size();
-  if (length < kHeaderBytes + 4)
-    bad_state(path, "truncated: " + std::to_string(length) + " bytes, shorter than a state header");
+  LEVATTN_REQUIRE_FILE(!(length < kHeaderBytes + 4), path.string(), "truncated: ", length,
+                       " bytes, shorter than a state header");
   std::vector<std::uint8_t> head(kHeaderBytes);
   file.read_at(0, head);
   const std::uint8_t* p = head.data();
-  if (std::memcmp(p, kMagic, 8) != 0) bad_state(path, "not a levattn stream state (magic)");
+  LEVATTN_REQUIRE_FILE(std::memcmp(p, kMagic, 8) == 0, path.string(), "not a levattn stream state (magic)");
   const std::uint32_t version = detail::load_le32(p + 8);
-  if (version != kVersion)
-    bad_state(path, "version: expected " + std::to_string(kVersion) + ", got " + std::to_string(version));
+  LEVATTN_REQUIRE_FILE(version == kVersion, path.string(), "version: expected ", kVersion, ", got ", version);
   p += 16;
   index_t f[10];
   for (index_t& x : f) x = static_cast<index_t>(detail::load_le64(p)), p += 8;
   const auto [d, dv, n, blocks, partials, pending, size, prune_at, protect_first, protect_last] = f;
   const double eps = load_f64(p), ridge = load_f64(p + 8), rtol = load_f64(p + 16);
   const auto peak = static_cast<std::size_t>(detail::load_le64(p + 24));
-  const auto field = [&](bool ok, const std::string& what) {
-    if (!ok) bad_state(path, what);
-  };
-  field(d >= 1 && d <= kMaxDim && dv >= 0 && dv <= kMaxDim, "d / dv: out of range");
-  field(n >= 0 && blocks >= 0 && blocks <= n / detail::kGramRows && pending >= 0 && pending < detail::kGramRows &&
-            n - blocks * detail::kGramRows == pending,
-        "n: does not match the Gram's blocks and waiting rows");
-  field(partials == detail::gram_partials(d), "partials: expected " + std::to_string(detail::gram_partials(d)));
-  field(size >= 0 && size <= n, "candidates: out of range");
-  field(prune_at >= prune_floor(d, eps) && prune_at <= std::max(prune_floor(d, eps), 2 * size + 2 * detail::kGramRows),
-        "prune_at: out of range");
-  field(eps > 0.0 && eps <= 1.0, "eps: expected a number in (0, 1]");
-  field(protect_first >= 0 && protect_last >= 0, "protected keys: expected counts >= 0");
-  field(ridge >= 0.0 && std::isfinite(ridge) && rtol >= 0.0 && rtol < 1.0, "ridge / rank_rtol: out of range");
+  LEVATTN_REQUIRE_FILE(d >= 1 && d <= kMaxDim && dv >= 0 && dv <= kMaxDim, path.string(), "d / dv: out of range");
+  LEVATTN_REQUIRE_FILE(n >= 0 && blocks >= 0 && blocks <= n / detail::kGramRows && pending >= 0 &&
+                           pending < detail::kGramRows && n - blocks * detail::kGramRows == pending,
+                       path.string(), "n: does not match the Gram's blocks and waiting rows");
+  LEVATTN_REQUIRE_FILE(partials == detail::gram_partials(d), path.string(), "partials: expected ",
+                       detail::gram_partials(d));
+  LEVATTN_REQUIRE_FILE(size >= 0 && size <= n, path.string(), "candidates: out of range");
+  LEVATTN_REQUIRE_FILE(prune_at >= prune_floor(d, eps) &&
+                           prune_at <= std::max(prune_floor(d, eps), 2 * size + 2 * detail::kGramRows),
+                       path.string(), "prune_at: out of range");
+  LEVATTN_REQUIRE_FILE(eps > 0.0 && eps <= 1.0, path.string(), "eps: expected a number in (0, 1]");
+  LEVATTN_REQUIRE_FILE(protect_first >= 0 && protect_last >= 0, path.string(), "protected keys: expected counts >= 0");
+  LEVATTN_REQUIRE_FILE(ridge >= 0.0 && std::isfinite(ridge) && rtol >= 0.0 && rtol < 1.0, path.string(),
+                       "ridge / rank_rtol: out of range");
   // The length the sizes imply, each part bounded by the file's length before it is added.
   std::uint64_t expected = kHeaderBytes + 4;
   const auto part = [&](std::uint64_t count, std::uint64_t width) {
-    field(count <= length / width && expected <= length - count * width,
-          "truncated or lying sizes: the header implies more than the file's " + std::to_string(length) + " bytes");
+    LEVATTN_REQUIRE_FILE(count <= length / width && expected <= length - count * width, path.string(),
+                         "truncated or lying sizes: the header implies more than the file's ", length, " bytes");
     expected += count * width;
   };
   const auto D = static_cast<std::uint64_t>(d), DV = static_cast<std::uint64_t>(dv), C = static_cast<std::uint64_t>(size);
@@ -437,12 +417,12 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   part(C, 8);
   part(C, 4 * D);
   part(C * DV, 4);
-  field(length == expected, "truncated or padded: " + std::to_string(length) + " bytes, the header implies " +
-                                std::to_string(expected));
+  LEVATTN_REQUIRE_FILE(length == expected, path.string(), "truncated or padded: ", length,
+                       " bytes, the header implies ", expected);
   std::vector<std::uint8_t> bytes(static_cast<std::size_t>(length));
   file.read_at(0, bytes);
-  field(detail::load_le32(bytes.data() + bytes.size() - 4) == crc_of(bytes.data(), bytes.size() - 4),
-        "checksum: the contents do not match their CRC-32 (corrupted)");
+  LEVATTN_REQUIRE_FILE(detail::load_le32(bytes.data() + bytes.size() - 4) == crc_of(bytes.data(), bytes.size() - 4),
+                       path.string(), "checksum: the contents do not match their CRC-32 (corrupted)");
   LeverageOptions o;
   o.ridge = ridge, o.rank_rtol = rtol;
   StreamingUniversalSet out(d, dv, eps, o);
@@ -458,7 +438,8 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   s.keys = load_all<float>(p, static_cast<std::size_t>(size * d));
   s.values = load_all<float>(p, static_cast<std::size_t>(size * dv));
   for (std::size_t a = 0; a < s.index.size(); ++a)
-    field(s.index[a] >= 0 && s.index[a] < n && (a == 0 || s.index[a] > s.index[a - 1]), "candidates: indices not ascending in [0, n)");
+    LEVATTN_REQUIRE_FILE(s.index[a] >= 0 && s.index[a] < n && (a == 0 || s.index[a] > s.index[a - 1]), path.string(),
+                         "candidates: indices not ascending in [0, n)");
   return out;
 }
 

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <sstream>
 #include <string>
 
 #include "detail/parallel.hpp"
@@ -47,11 +46,7 @@ UniversalSet universal_set(const LeverageScores& s, double eps) {
 }
 
 UniversalSet universal_set_top_k(const LeverageScores& s, index_t k) {
-  if (k < 1) {
-    std::ostringstream os;
-    os << "top_k: expected an integer >= 1, got " << k;
-    detail::invalid(os.str());
-  }
+  LEVATTN_REQUIRE(k >= 1, "top_k", "expected an integer >= 1, got ", k);
   UniversalSet u = empty_set(s);
   if (u.n == 0) return u;
   // The k-th largest score t (selection on a plain copy of the scores), then in index order
@@ -86,13 +81,12 @@ UniversalSet universal_set(ConstMatrix K, double eps, const LeverageOptions& opt
 }
 
 std::vector<UniversalSet> universal_sets(const Tensor4Ref& K, const UniversalOptions& o) {
-  if ((o.top_k != 0) == (o.eps != 0.0))
-    detail::invalid("universal set: give exactly one of eps in (0, 1] or top_k >= 1");
+  LEVATTN_REQUIRE((o.top_k != 0) != (o.eps != 0.0), "universal set",
+                  "give exactly one of eps in (0, 1] or top_k >= 1");
   if (o.eps != 0.0) detail::require_eps(o.eps);
-  if (o.top_k < 0) detail::invalid("top_k: expected an integer >= 1, got " + std::to_string(o.top_k));
-  if (K.batch < 1 || K.heads < 1)
-    detail::invalid("keys: expected batch >= 1 and heads >= 1, got (" + std::to_string(K.batch) +
-                    ", " + std::to_string(K.heads) + ")");
+  LEVATTN_REQUIRE(o.top_k >= 0, "top_k", "expected an integer >= 1, got ", o.top_k);
+  LEVATTN_REQUIRE(K.batch >= 1 && K.heads >= 1, "keys", "expected batch >= 1 and heads >= 1, got (", K.batch, ", ",
+                  K.heads, ")");
   const index_t pairs = K.batch * K.heads;
   std::vector<UniversalSet> out(static_cast<std::size_t>(pairs));
   const auto select = [&](index_t h) {

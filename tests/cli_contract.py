@@ -879,11 +879,13 @@ def test_bad_input():
     bad("missing file", ("universal", "--keys", "nope.npy", "--eps", 0.1), ("nope.npy",))
     bad("truncated .npy", ("universal", "--keys", "Ktrunc.npy", "--eps", 0.1), ("Ktrunc.npy",))
     bad("header shape larger than the data", ("universal", "--keys", "Klies.npy", "--eps", 0.1), ("Klies.npy",))
-    bad("NaN in keys (universal)", ("universal", "--keys", "Knan.npy", "--eps", 0.1), ("keys", "Knan.npy"))
+    # The library names the argument (its Error's field); the CLI adds the file it came from.
+    bad("NaN in keys (universal)", ("universal", "--keys", "Knan.npy", "--eps", 0.1),
+        ("keys (Knan.npy): expected finite values",))
     bad("NaN in keys (heavy)", ("heavy", "--queries", "Qb.npy", "--keys", "Knan.npy", "--eps", 0.1),
-        ("keys", "Knan.npy"))
+        ("keys (Knan.npy): expected finite values",))
     bad("Inf in values (attend)", ("attend", "--queries", "Qb.npy", "--keys", "Kb.npy", "--values", "Vinf.npy",
-                                   "--out", "Ob.npy"), ("values", "Vinf.npy"))
+                                   "--out", "Ob.npy"), ("values (Vinf.npy): expected finite values",))
     for e in ("0", "1.5", "-1"):
         bad("universal --eps %s" % e, ("universal", "--keys", "Kb.npy", "--eps", e), ("eps",))
         bad("heavy --eps %s" % e, ("heavy", "--queries", "Qb.npy", "--keys", "Kb.npy", "--eps", e), ("eps",))

@@ -185,14 +185,104 @@ inline std::vector<double> attention(const Mat& Q, const Mat& K, const Mat& V, b
   return out;
 }
 
-/// max_i |a_i - b_i| / max(max_i |b_i|, tiny): error relative to the output's scale.
-inline double max_rel_error(const std::vector<float>& a, const std::vector<double>& b) {
-  double err = 0, scale = 1e-30;
+/// `size` independent N(0, 1) draws from `seed`, in float64 (as<float> rounds them).
+inline std::vector<double> normal(std::size_t size, std::uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<double> x(size);
+  for (auto& v : x) v = nd(g);
+  return x;
+}
+
+/// x converted entry by entry to T.
+template <class T, class S>
+std::vector<T> as(const std::vector<S>& x) {
+  return std::vector<T>(x.begin(), x.end());
+}
+
+/// max_i |a_i - b_i| / max_i |b_i|: an error relative to the largest entry.
+template <class T>
+double rel_error(const std::vector<T>& a, const std::vector<double>& b) {
+  double num = 0.0, den = 1e-300;
   for (std::size_t i = 0; i < b.size(); ++i) {
-    err = std::max(err, std::fabs(a[i] - b[i]));
-    scale = std::max(scale, std::fabs(b[i]));
+    num = std::max(num, std::fabs(static_cast<double>(a[i]) - b[i]));
+    den = std::max(den, std::fabs(b[i]));
   }
-  return err / scale;
+  return num / den;
+}
+
+/// Whether query i of pair h attends key j under `s`, read from the selection's fields (not
+/// through its methods): all keys, the shared set of i's segment, the window band, i's own keys,
+/// then the causal cut and the key mask.
+inline bool attends(const levattn::Selection& s, index_t h, index_t i, index_t j) {
+  bool in = s.all_keys || (s.window >= 0 && std::llabs(i - j) <= s.window);
+  if (!s.shared_keys.empty()) {
+    const index_t segments = s.segment > 0 ? (s.m + s.segment - 1) / s.segment : 1;
+    const auto& set = s.shared_keys[static_cast<std::size_t>(h * segments + (s.segment > 0 ? i / s.segment : 0))];
+    in = in || std::find(set.begin(), set.end(), j) != set.end();
+  }
+  for (index_t a = 0; a < s.top_k; ++a) in = in || s.query_keys[static_cast<std::size_t>((h * s.m + i) * s.top_k + a)] == j;
+  const bool open = s.key_mask.empty() || s.key_mask[static_cast<std::size_t>(h / s.heads * s.n + j)] != 0;
+  return in && open && !(s.causal && j > i);
+}
+
+/// Attention over a selection and the gradients of sum(dout * out), in float64 with the n x n
+/// weights written out as an autograd would: P, dP = dout V^T, dS through the row normalisation.
+struct MaskedAttention {
+  std::vector<double> out, dq, dk, dv;
+};
+
+/// Shapes as levattn::AttentionShape (grouped-query: query pair h reads kv pair sh.kv_pair(h),
+/// whose dk and dv sum over its query heads); softmax, or |s|^p, of s = scale q.k.
+inline MaskedAttention masked_attention(const levattn::AttentionShape& sh, const levattn::Selection& sel, bool softmax,
+                                        double p, double scale, const std::vector<double>& q,
+                                        const std::vector<double>& k, const std::vector<double>& v,
+                                        const std::vector<double>& dout) {
+  const index_t m = sh.m, n = sh.n, d = sh.d, dv = sh.dv, pairs = sh.batch * sh.heads, kv = sh.batch * sh.kv();
+  MaskedAttention r{std::vector<double>(pairs * m * dv), std::vector<double>(pairs * m * d),
+                    std::vector<double>(kv * n * d), std::vector<double>(kv * n * dv)};
+  for (index_t h = 0; h < pairs; ++h) {
+    const index_t g = sh.kv_pair(h);
+    for (index_t i = 0; i < m; ++i) {
+      std::vector<double> s(n), f(n), fp(n);
+      std::vector<char> in(n);
+      double D = 0.0, smax = -INFINITY;
+      for (index_t j = 0; j < n; ++j) {
+        double dot = 0.0;
+        for (index_t x = 0; x < d; ++x) dot += q[(h * m + i) * d + x] * k[(g * n + j) * d + x];
+        s[j] = scale * dot;
+        in[j] = attends(sel, h, i, j);
+        if (in[j] && softmax) smax = std::max(smax, s[j]);
+      }
+      for (index_t j = 0; j < n; ++j) {
+        if (!in[j]) continue;
+        f[j] = softmax ? std::exp(s[j] - smax) : std::pow(std::fabs(s[j]), p);
+        fp[j] = softmax ? f[j] : (s[j] == 0 ? 0.0 : p * std::pow(std::fabs(s[j]), p - 1) * (s[j] > 0 ? 1 : -1));
+        D += f[j];
+      }
+      if (!(D > 0)) continue;
+      std::vector<double> P(n), dP(n);
+      double delta = 0.0;
+      for (index_t j = 0; j < n; ++j) {
+        P[j] = f[j] / D;
+        for (index_t x = 0; x < dv; ++x) {
+          r.out[(h * m + i) * dv + x] += P[j] * v[(g * n + j) * dv + x];
+          dP[j] += dout[(h * m + i) * dv + x] * v[(g * n + j) * dv + x];
+        }
+        delta += P[j] * dP[j];
+      }
+      for (index_t j = 0; j < n; ++j) {
+        if (!in[j]) continue;
+        const double ds = fp[j] / D * (dP[j] - delta);  // d out / d s_ij through f and D
+        for (index_t x = 0; x < d; ++x) {
+          r.dq[(h * m + i) * d + x] += scale * ds * k[(g * n + j) * d + x];
+          r.dk[(g * n + j) * d + x] += scale * ds * q[(h * m + i) * d + x];
+        }
+        for (index_t x = 0; x < dv; ++x) r.dv[(g * n + j) * dv + x] += P[j] * dout[(h * m + i) * dv + x];
+      }
+    }
+  }
+  return r;
 }
 
 }  // namespace oracle

@@ -48,7 +48,7 @@ void expect_masked_equal(const Inputs& in, AttentionOptions o, const std::string
   };
   const auto ref = oracle::attention(in.Q, in.K, in.V, o.kernel == Kernel::softmax,
                                      default_scale(o, in.Q.cols), o.p, mask);
-  EXPECT_LT(oracle::max_rel_error(got, ref), 1e-5) << what;
+  EXPECT_LT(oracle::rel_error(got, ref), 1e-5) << what;
 }
 
 }  // namespace

@@ -18,97 +18,9 @@ using levattn::Kernel;
 using levattn::Select;
 using levattn::Selection;
 
-std::vector<double> normal(std::size_t size, std::uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<double> nd(0.0, 1.0);
-  std::vector<double> x(size);
-  for (auto& v : x) v = nd(g);
-  return x;
-}
-
-template <class T, class S>
-std::vector<T> as(const std::vector<S>& x) {
-  return std::vector<T>(x.begin(), x.end());
-}
-
-// The mask of pair h: entry (i, j) is 1 when query i attends key j.
-std::vector<char> mask_of(const Selection& s, index_t h) {
-  std::vector<char> mask(static_cast<std::size_t>(s.m * s.n), 0);
-  const index_t segments = s.segment > 0 ? (s.m + s.segment - 1) / s.segment : 1;
-  for (index_t i = 0; i < s.m; ++i)
-    for (index_t j = 0; j < s.n; ++j) {
-      bool in = s.all_keys || (s.window >= 0 && std::llabs(i - j) <= s.window);
-      if (!s.shared_keys.empty())
-        for (index_t key : s.shared_keys[h * segments + (s.segment > 0 ? i / s.segment : 0)]) in = in || key == j;
-      for (index_t a = 0; a < s.top_k; ++a) in = in || s.query_keys[(h * s.m + i) * s.top_k + a] == j;  // -1 never matches
-      mask[i * s.n + j] = in && !(s.causal && j > i);
-    }
-  return mask;
-}
-
-struct Dense {
-  std::vector<double> out, dq, dk, dv;
-};
-
-// out = normalised f(scale q.k) over the mask, and the gradients of sum(dout * out), written
-// out as an autograd would: P, dP = dout V^T, dS = dP/ds through the row normalisation.
-Dense dense_masked(const AttentionShape& sh, const Selection& sel, bool softmax, double p, double scale,
-                   const std::vector<double>& q, const std::vector<double>& k, const std::vector<double>& v,
-                   const std::vector<double>& dout) {
-  const index_t m = sh.m, n = sh.n, d = sh.d, dv = sh.dv, pairs = sh.batch * sh.heads;
-  Dense r{std::vector<double>(pairs * m * dv), std::vector<double>(pairs * m * d), std::vector<double>(pairs * n * d),
-          std::vector<double>(pairs * n * dv)};
-  for (index_t h = 0; h < pairs; ++h) {
-    const std::vector<char> mask = mask_of(sel, h);
-    for (index_t i = 0; i < m; ++i) {
-      std::vector<double> s(n), f(n), fp(n);
-      double D = 0.0, smax = -INFINITY;
-      for (index_t j = 0; j < n; ++j) {
-        double dot = 0.0;
-        for (index_t x = 0; x < d; ++x) dot += q[(h * m + i) * d + x] * k[(h * n + j) * d + x];
-        s[j] = scale * dot;
-        if (mask[i * n + j] && softmax) smax = std::max(smax, s[j]);
-      }
-      for (index_t j = 0; j < n; ++j) {
-        if (!mask[i * n + j]) continue;
-        f[j] = softmax ? std::exp(s[j] - smax) : std::pow(std::fabs(s[j]), p);
-        fp[j] = softmax ? f[j] : (s[j] == 0 ? 0.0 : p * std::pow(std::fabs(s[j]), p - 1) * (s[j] > 0 ? 1 : -1));
-        D += f[j];
-      }
-      if (!(D > 0)) continue;
-      std::vector<double> P(n), dP(n);
-      double delta = 0.0;
-      for (index_t j = 0; j < n; ++j) {
-        P[j] = f[j] / D;
-        for (index_t x = 0; x < dv; ++x) {
-          r.out[(h * m + i) * dv + x] += P[j] * v[(h * n + j) * dv + x];
-          dP[j] += dout[(h * m + i) * dv + x] * v[(h * n + j) * dv + x];
-        }
-        delta += P[j] * dP[j];
-      }
-      for (index_t j = 0; j < n; ++j) {
-        if (!mask[i * n + j]) continue;
-        const double ds = fp[j] / D * (dP[j] - delta);  // d out / d s_ij through f and D
-        for (index_t x = 0; x < d; ++x) {
-          r.dq[(h * m + i) * d + x] += scale * ds * k[(h * n + j) * d + x];
-          r.dk[(h * n + j) * d + x] += scale * ds * q[(h * m + i) * d + x];
-        }
-        for (index_t x = 0; x < dv; ++x) r.dv[(h * n + j) * dv + x] += P[j] * dout[(h * m + i) * dv + x];
-      }
-    }
-  }
-  return r;
-}
-
-template <class T>
-double rel_error(const std::vector<T>& a, const std::vector<double>& b) {
-  double num = 0.0, den = 0.0;
-  for (std::size_t i = 0; i < b.size(); ++i) {
-    num = std::max(num, std::fabs(static_cast<double>(a[i]) - b[i]));
-    den = std::max(den, std::fabs(b[i]));
-  }
-  return num / std::max(den, 1e-300);
-}
+using oracle::as;
+using oracle::normal;
+using oracle::rel_error;
 
 struct Case {
   const char* name;
@@ -155,8 +67,8 @@ void check_against_dense(double tol, bool causal = false) {
     const Selection sel = levattn::select_keys(Q, K, c.o);
     const bool softmax = c.o.kernel == Kernel::softmax;
     const double scale = softmax ? 1.0 / std::sqrt(static_cast<double>(sh.d)) : 1.0;
-    const Dense ref = dense_masked(sh, sel, softmax, c.o.p, scale, as<double>(qt), as<double>(kt), as<double>(vt),
-                                   as<double>(dt));
+    const oracle::MaskedAttention ref =
+        oracle::masked_attention(sh, sel, softmax, c.o.p, scale, as<double>(qt), as<double>(kt), as<double>(vt), as<double>(dt));
     std::vector<T> out(ref.out.size()), stat(pairs * sh.m), dq(ref.dq.size()), dk(ref.dk.size()), dv(ref.dv.size());
     levattn::selected_attention_forward<T>(sh, sel, c.o, qt.data(), kt.data(), vt.data(), out.data(), stat.data());
     EXPECT_LT(rel_error(out, ref.out), tol);
@@ -203,7 +115,8 @@ void expect_dense_gradients(const AttentionShape& sh, const Selection& sel, doub
     AttentionOptions o;
     o.kernel = kern, o.p = p;
     const bool softmax = kern == Kernel::softmax;
-    const Dense ref = dense_masked(sh, sel, softmax, o.p, softmax ? 1.0 / std::sqrt(12.0) : 1.0, q, k, v, dout);
+    const double scale = softmax ? 1.0 / std::sqrt(12.0) : 1.0;
+    const oracle::MaskedAttention ref = oracle::masked_attention(sh, sel, softmax, o.p, scale, q, k, v, dout);
     std::vector<double> out(ref.out.size()), stat(sel.pairs() * sh.m), dq(q.size()), dk(k.size()), dv(v.size());
     levattn::selected_attention_forward<double>(sh, sel, o, q.data(), k.data(), v.data(), out.data(), stat.data());
     levattn::selected_attention_backward<double>(sh, sel, o, q.data(), k.data(), v.data(), out.data(), stat.data(),

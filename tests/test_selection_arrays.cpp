@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "levattn/levattn.hpp"
+#include "oracle.hpp"
 
 namespace {
 
@@ -20,13 +21,8 @@ using levattn::AttentionShape;
 using levattn::index_t;
 using levattn::Selection;
 
-std::vector<float> normal(std::size_t size, std::uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> x(size);
-  for (auto& v : x) v = nd(g);
-  return x;
-}
+// size N(0, 1) draws in float32.
+std::vector<float> normal(std::size_t size, std::uint64_t seed) { return oracle::as<float>(oracle::normal(size, seed)); }
 
 struct Case {
   std::string spec;

@@ -38,13 +38,23 @@ struct CommVolume {
   std::uint64_t sent = 0, received = 0;
 };
 
-/// The error every rank of a communicator throws together (from collectively(), whose messages
-/// start "rank R: ", or a check made the same way on every rank's copy of the same data, such as
-/// the shards' sizes, without a rank): a caller may report it once and exit on every rank. Any other exception out of a collective call means a rank failed alone; the
-/// others may be waiting for it, and the caller should MPI_Abort.
+/// The error every rank of a communicator throws together (from collectively(): "rank R: " and
+/// the failing rank's error, its field kept; or a check made the same way on every rank's copy of
+/// the same data, such as the shards' sizes, without a rank): a caller may report it once and
+/// exit on every rank. Any other exception out of a collective call means a rank failed alone;
+/// the others may be waiting for it, and the caller should MPI_Abort.
 class CollectiveError : public Error {
  public:
   using Error::Error;
+  /// Rank `rank`'s error about `field`: what() == "rank R: field: detail" (no "rank R: " when
+  /// rank < 0).
+  CollectiveError(ErrorKind kind, int rank, const std::string& field, const std::string& detail)
+      : Error(kind, rank < 0 ? std::string() : "rank " + std::to_string(rank), field, detail), rank_(rank) {}
+  /// The rank whose error this is, or -1 when every rank made the same check.
+  int rank() const noexcept { return rank_; }
+
+ private:
+  int rank_ = -1;
 };
 
 /// Runs f on this rank (f must not call collectives of comm); then every rank learns whether f

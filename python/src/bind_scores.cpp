@@ -115,22 +115,25 @@ LeverageOptions(method="exact", ridge=0.0, rank_rtol=1e-5, sketch="countsketch",
       .def_readonly("iterations", &LewisWeights::iterations)
       .def_readonly("converged", &LewisWeights::converged);
 
-  m.def("leverage_scores", [](py::handle K_, const std::string& method, double ridge, double rank_rtol,
-                              const std::string& sketch, index_t sketch_size, double gamma, index_t jl_columns,
-                              double delta, std::int64_t seed) {
+  m.def("leverage_scores", [](py::handle K_, const std::optional<LeverageOptions>& lev, const py::kwargs& retired) {
+    if (!retired.empty()) {
+      std::string given;
+      for (auto [key, value] : retired) given += (given.empty() ? "" : ", ") + py::str(key).cast<std::string>() + "=...";
+      throw py::type_error("leverage_scores: the options are one LeverageOptions, leverage_scores(K, "
+                           "levattn.LeverageOptions(" + given + ")); got keywords " + given);
+    }
     const auto K = array_of<float>(K_, "K");
-    const LeverageOptions o = leverage_options(method, ridge, rank_rtol, sketch, sketch_size, gamma, jl_columns, delta, seed);
     const ConstMatrix k = matrix(K, "K");
+    const LeverageOptions o = lev.value_or(LeverageOptions{});
     py::gil_scoped_release release;
     return leverage_scores(k, o);
-  }, arg("K"), py::kw_only(), arg("method") = "exact", arg("ridge") = 0.0, arg("rank_rtol") = 1e-5,
-     arg("sketch") = "countsketch", arg("sketch_size") = 0, arg("gamma") = 0.2, arg("jl_columns") = 0,
-     arg("delta") = 0.01, arg("seed") = 0, R"doc(Leverage scores tau_j = k_j^T (K^T K)^+ k_j of the keys.
+  }, arg("K"), arg("leverage") = py::none(), R"doc(Leverage scores tau_j = k_j^T (K^T K)^+ k_j of the keys.
 
-K: (n, d) float32 (converted if needed). Returns LeverageScores (scores (n,), rank, bounds).
-exact: float64 Gram matrix and a rank-revealing eigendecomposition, O(n d^2), scores exact to
-rel_error_bound. sketch: the Gram matrix of S K (CountSketch, SRHT or Gaussian, sketch_size rows,
->= d), each score within (1 +- gamma) with probability >= 1 - delta; reproducible by seed.)doc");
+K: (n, d) float32 (converted if needed); leverage: a LeverageOptions (default exact). Returns
+LeverageScores (scores (n,), rank, bounds). exact: float64 Gram matrix and a rank-revealing
+eigendecomposition, O(n d^2), scores exact to rel_error_bound. sketch: the Gram matrix of S K
+(CountSketch, SRHT or Gaussian, sketch_size rows, >= d), each score within (1 +- gamma) with
+probability >= 1 - delta; reproducible by seed.)doc");
   m.def("key_gram", [](py::handle K_, const std::optional<LeverageOptions>& o) {
     const auto K = array_of<float>(K_, "K");
     const ConstMatrix k = matrix(K, "K");

@@ -39,12 +39,14 @@ def test_leverage_scores_match_the_svd():
 
 def test_sketched_scores_are_reproducible_by_seed_and_close():
     K = rng(1).standard_normal((4000, 8)).astype(np.float32)
-    a = levattn.leverage_scores(K, method="sketch", sketch_size=400, seed=3)
-    b = levattn.leverage_scores(K, method="sketch", sketch_size=400, seed=3)
+    a = levattn.leverage_scores(K, levattn.LeverageOptions(method="sketch", sketch_size=400, seed=3))
+    b = levattn.leverage_scores(K, leverage=levattn.LeverageOptions(method="sketch", sketch_size=400, seed=3))
     np.testing.assert_array_equal(a.scores, b.scores)
     tau, _ = svd_leverage(K)
     assert np.max(np.abs(a.scores / tau - 1)) < 0.6
     assert a.method == "sketch" and a.sketch_size == 400
+    with pytest.raises(TypeError, match=r"one LeverageOptions.*method=\.\.\., sketch_size=\.\.\."):
+        levattn.leverage_scores(K, method="sketch", sketch_size=400)
 
 
 def test_universal_set_is_the_scores_above_eps_and_batches_like_single_heads():

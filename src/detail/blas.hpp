@@ -8,15 +8,15 @@
 #include <limits>
 #include <string>
 
+#include "detail/require.hpp"
 #include "levattn/error.hpp"
 #include "levattn/matrix.hpp"
 
 namespace levattn::detail {
 
 [[noreturn]] inline void integer_range_error(index_t v, const char* library) {
-  throw Error(ErrorKind::invalid_argument,
-              std::string("size ") + std::to_string(v) + " is outside the " + library +
-                  " integer range [0, " + std::to_string(std::numeric_limits<int>::max()) + "]");
+  fail(ErrorKind::invalid_argument, "", "size ", v, " is outside the ", library, " integer range [0, ",
+       std::numeric_limits<int>::max(), "]");
 }
 
 /// v as a BLAS integer; Error(invalid_argument) if it does not fit.

@@ -4,6 +4,7 @@
 #include <string>
 #include <utility>
 
+#include "detail/require.hpp"
 #include "levattn/error.hpp"
 
 namespace levattn::detail {
@@ -25,7 +26,7 @@ auto parse_name(const Table& table, const std::string& text, const char* field) 
   std::string choices;
   for (std::size_t i = 0; i < std::size(table); ++i)
     choices += (i == 0 ? "" : i + 1 == std::size(table) ? " or " : ", ") + std::string(table[i].second);
-  throw Error(ErrorKind::invalid_argument, std::string(field) + ": expected " + choices + ", got '" + text + "'");
+  fail(ErrorKind::invalid_argument, field, "expected ", choices, ", got '", text, "'");
 }
 
 }  // namespace levattn::detail

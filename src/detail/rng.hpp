@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "detail/require.hpp"
 #include "levattn/error.hpp"
 
 namespace levattn::detail {
@@ -38,7 +39,7 @@ class CounterRng {
  public:
   /// The stream of (seed, purpose, index); index < 2^56.
   CounterRng(std::uint64_t seed, Purpose purpose, std::uint64_t index = 0) {
-    if (index >> 56) throw Error(ErrorKind::internal, "CounterRng: stream index out of range");
+    if (index >> 56) fail(ErrorKind::internal, "CounterRng", "stream index out of range");
     key_ = {{static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)}};
     c2_ = static_cast<std::uint32_t>(index);
     c3_ = static_cast<std::uint32_t>(index >> 32) | (static_cast<std::uint32_t>(purpose) << 24);

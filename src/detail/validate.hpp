@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-#include "levattn/error.hpp"
+#include "detail/require.hpp"
 #include "levattn/matrix.hpp"
 
 namespace levattn::kernels {
@@ -31,10 +31,6 @@ inline bool all_finite(const float* x, index_t n) {
   for (index_t j = 0; j < n; ++j)
     bad |= static_cast<std::uint32_t>((std::bit_cast<std::uint32_t>(x[j]) & 0x7f800000u) == 0x7f800000u);
   return bad == 0;
-}
-
-[[noreturn]] inline void invalid(const std::string& msg) {
-  throw Error(ErrorKind::invalid_argument, msg);
 }
 
 /// Throws unless the matrix is non-empty and every entry finite; `what` names the argument.

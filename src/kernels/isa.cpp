@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <string_view>
 
+#include "detail/require.hpp"
 #include "kernels/elementwise.hpp"
 #include "levattn/error.hpp"
 
@@ -44,18 +45,14 @@ Isa active_isa() {
   else if (v == "avx2") want = Isa::avx2;
   else if (v == "baseline") want = Isa::baseline;
   else
-    throw Error(ErrorKind::invalid_argument,
-                "LEVATTN_ISA: expected avx512, avx2 or baseline, got '" + std::string(v) + "'");
-  if (!cpu_supports(want))
-    throw Error(ErrorKind::invalid_argument, "LEVATTN_ISA=" + std::string(v) +
-                                                 ": this CPU does not support it (best: " +
-                                                 to_string(cpu_isa()) + ")");
+    detail::fail(ErrorKind::invalid_argument, "LEVATTN_ISA", "expected avx512, avx2 or baseline, got '", v, "'");
+  LEVATTN_REQUIRE(cpu_supports(want), "LEVATTN_ISA=" + std::string(v), "this CPU does not support it (best: ",
+                  to_string(cpu_isa()), ")");
   return want;
 }
 
 const RowOps& row_ops(Isa isa) {
-  if (!cpu_supports(isa))
-    throw Error(ErrorKind::invalid_argument, "isa: this CPU does not support " + to_string(isa));
+  LEVATTN_REQUIRE(cpu_supports(isa), "isa", "this CPU does not support ", to_string(isa));
 #if LEVATTN_X86_KERNELS
   if (isa == Isa::avx512) return row_ops_avx512();
   if (isa == Isa::avx2) return row_ops_avx2();

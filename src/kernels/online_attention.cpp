@@ -25,7 +25,7 @@ OnlineBlock::OnlineBlock(const KernelParams& params, index_t max_rows, index_t m
 }
 
 void OnlineBlock::begin(const float* q, index_t ldq, index_t rows, index_t d) {
-  if (rows > max_rows_) throw Error(ErrorKind::internal, "OnlineBlock: block larger than its workspace");
+  if (rows > max_rows_) detail::fail(ErrorKind::internal, "OnlineBlock", "block larger than its workspace");
   q_ = q;
   ldq_ = ldq;
   rows_ = rows;
@@ -40,7 +40,7 @@ void OnlineBlock::begin(const float* q, index_t ldq, index_t rows, index_t d) {
 }
 
 float* OnlineBlock::logits(const float* k, index_t ldk, index_t count) {
-  if (count > max_tile_) throw Error(ErrorKind::internal, "OnlineBlock: tile larger than its workspace");
+  if (count > max_tile_) detail::fail(ErrorKind::internal, "OnlineBlock", "tile larger than its workspace");
   count_ = count;
   if (count <= kNarrowTile) {
     // A narrow tile: its keys transposed once, then register-blocked rows (no BLAS set-up).
@@ -93,7 +93,7 @@ void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
 
 void OnlineBlock::absorb_row(index_t r, const float* k, index_t ldk, const float* v, index_t ldv, const index_t* keys,
                              index_t count) {
-  if (r < 0 || r >= rows_) throw Error(ErrorKind::internal, "OnlineBlock: row outside the block");
+  if (r < 0 || r >= rows_) detail::fail(ErrorKind::internal, "OnlineBlock", "row outside the block");
   float* s = tile_.get();  // the tile buffer as one row's scratch (the block's tile is spent)
   float* acc = acc_.get() + r * dv_;
   const float* q = q_ + r * ldq_;
