@@ -1,5 +1,5 @@
-// The vocabulary of attention: kernel and selection names, budgets, the logit scale and the
-// selection spec text (levattn/options.hpp).
+// The vocabulary of attention: selection names, budgets, the option checks and the selection
+// spec text (levattn/options.hpp).
 #include "levattn/options.hpp"
 
 #include <algorithm>
@@ -14,32 +14,66 @@
 
 namespace levattn {
 
-void detail::check_kernel(const KernelOptions& o) {
-  LEVATTN_REQUIRE(o.kernel != Kernel::power || (o.p > 0.0 && std::isfinite(o.p)), "p",
-                  "expected a finite exponent > 0, got ", o.p);
-  LEVATTN_REQUIRE(std::isnan(o.scale) || std::isfinite(o.scale), "scale", "expected a finite number, got ", o.scale);
-}
-
-double logit_scale(const KernelOptions& o, index_t d) {
-  if (!std::isnan(o.scale)) return o.scale;
-  return o.kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
+void detail::check_attention_options(const AttentionOptions& o) {
+  detail::check_kernel(o);
+  LEVATTN_REQUIRE(o.window >= -1, "window", "expected an integer >= 0 (or -1 for none), got ", o.window);
+  LEVATTN_REQUIRE(o.sinks >= 0, "sinks", "expected an integer >= 0, got ", o.sinks);
+  const bool local = o.window >= 0 || o.sinks > 0;
+  const std::string select = to_string(o.select);
+  LEVATTN_REQUIRE(o.eps == 0.0 || o.select == Select::leverage || o.select == Select::cluster, "eps",
+                  "applies to select leverage and cluster only, got select ", select);
+  // Options the chosen selection would not read are an error, not silently dropped.
+  const bool cluster_set = o.clusters != 0 || o.probe != 0 || o.cluster_iterations != AttentionOptions{}.cluster_iterations;
+  LEVATTN_REQUIRE(o.select == Select::cluster || !cluster_set, "clusters, probe, iterations",
+                  "apply to select cluster only, got select ", select);
+  LEVATTN_REQUIRE(o.top_k == 0 || (o.select != Select::full && o.select != Select::window), "top_k", "select ", select,
+                  " takes no key budget");
+  switch (o.select) {
+    case Select::full:
+    case Select::topk:
+      LEVATTN_REQUIRE(!local, "select " + select, "window and sinks combine only with leverage, random, window or cluster");
+      LEVATTN_REQUIRE(o.select != Select::topk || o.top_k >= 1, "top_k", "select topk needs a budget >= 1, got ",
+                      o.top_k);
+      break;
+    case Select::leverage:
+      LEVATTN_REQUIRE((o.top_k > 0) != (o.eps > 0.0), "select leverage",
+                      "give exactly one of top_k >= 1 or eps in (0, 1]");
+      if (o.eps != 0.0 || o.top_k <= 0) detail::require_eps(o.eps);
+      LEVATTN_REQUIRE(o.top_k >= 0, "top_k", "expected an integer >= 1");
+      break;
+    case Select::random:
+      LEVATTN_REQUIRE(o.top_k >= 1, "top_k", "select random needs a budget >= 1, got ", o.top_k);
+      break;
+    case Select::window:
+      LEVATTN_REQUIRE(local, "select window", "give a window >= 0 or sinks >= 1");
+      break;
+    case Select::cluster:
+      LEVATTN_REQUIRE(o.top_k >= 1, "top_k", "select cluster needs a per-query budget >= 1, got ", o.top_k);
+      if (o.eps != 0.0) detail::require_eps(o.eps);
+      LEVATTN_REQUIRE(o.clusters >= 0 && o.probe >= 0 && o.cluster_iterations >= 1, "cluster",
+                      "expected clusters >= 0, probe >= 0 (0: defaults) and iterations >= 1, got ", o.clusters, ", ",
+                      o.probe, ", ", o.cluster_iterations);
+      break;
+  }
+  if (o.causal && o.select == Select::leverage) {
+    LEVATTN_REQUIRE(o.top_k <= 0, "causal leverage",
+                    "give eps (each block's causal universal set); top_k keys by prefix score cannot be kept exactly "
+                    "in one pass");
+    LEVATTN_REQUIRE(o.kernel != Kernel::power || o.p == 2.0, "causal leverage",
+                    "the causal sets are x^2 leverage scores; with the poly kernel p must be 2");
+    LEVATTN_REQUIRE(o.leverage.method == ScoreMethod::exact, "causal leverage", "needs exact scores (method exact)");
+  }
 }
 
 namespace {
 
-constexpr std::pair<Kernel, const char*> kKernelNames[] = {{Kernel::softmax, "softmax"}, {Kernel::power, "poly"}};
 constexpr std::pair<Select, const char*> kSelectNames[] = {
     {Select::full, "full"},     {Select::leverage, "leverage"}, {Select::topk, "topk"},
     {Select::random, "random"}, {Select::window, "window"},     {Select::cluster, "cluster"}};
 
 }  // namespace
 
-std::string to_string(Kernel k) { return detail::name_of(kKernelNames, k); }
 std::string to_string(Select s) { return detail::name_of(kSelectNames, s); }
-
-Kernel parse_kernel(const std::string& name) {
-  return detail::parse_name(kKernelNames, name == "power" ? "poly" : name, "kernel");  // "power": the enum's name
-}
 
 Select parse_select(const std::string& name) { return detail::parse_name(kSelectNames, name, "select"); }
 

@@ -3,11 +3,16 @@
 #include <unordered_set>
 #include <utility>
 
+#include "levattn/selection.hpp"
+
 #include "detail/blas.hpp"
 #include "detail/rng.hpp"
-#include "selectors.hpp"
 #include "detail/validate.hpp"
-#include "levattn/selection.hpp"
+#include "levattn/causal.hpp"
+#include "levattn/lewis_weights.hpp"
+#include "levattn/universal_set.hpp"
+#include "plan.hpp"
+#include "selectors.hpp"
 
 namespace levattn {
 
@@ -159,3 +164,254 @@ void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K,
 }
 
 }  // namespace levattn::detail
+
+namespace levattn::planner {
+
+void check_shapes(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V) {
+  const std::pair<const Tensor4Ref*, const char*> args[] = {{&Q, "queries"}, {&K, "keys"}, {&V, "values"}};
+  for (const auto& [t, name] : args)
+    LEVATTN_REQUIRE(t->rows >= 1 && t->cols >= 1, name, "expected a non-empty array, got ", t->rows, " rows of ",
+                    t->cols, " columns");
+  LEVATTN_REQUIRE(Q.data && K.data && V.data, "attention", "null data pointer for queries, keys or values");
+  LEVATTN_REQUIRE(Q.batch >= 1 && Q.heads >= 1, "queries", "expected batch >= 1 and heads >= 1, got (", Q.batch, ", ",
+                  Q.heads, ")");
+  // Grouped-query attention: fewer key/value heads than query heads, dividing them.
+  LEVATTN_REQUIRE(K.batch == Q.batch && V.batch == Q.batch && V.heads == K.heads && K.heads >= 1 && Q.heads % K.heads == 0,
+                  "keys/values", "expected the queries' batch ", Q.batch, " and a number of heads dividing the queries' ",
+                  Q.heads, " (the same for both), got keys (", K.batch, ", ", K.heads, "), values (", V.batch, ", ",
+                  V.heads, ")");
+  LEVATTN_REQUIRE(K.cols == Q.cols, "keys", "expected ", Q.cols, " columns (the queries' dimension d), got ", K.cols);
+  LEVATTN_REQUIRE(V.rows == K.rows, "values", "expected ", K.rows, " rows (one per key), got ", V.rows);
+}
+
+namespace {
+
+// Replaces an adaptive budget by the top_k it gives for n keys.
+AttentionOptions resolve_budget(const AttentionOptions& options, index_t n) {
+  AttentionOptions o = options;
+  if (o.budget_alpha == 0.0 && o.budget_exponent == 0.0) return o;
+  LEVATTN_REQUIRE(o.top_k == 0, "budget", "give either top_k or an adaptive budget, not both");
+  LEVATTN_REQUIRE(o.select == Select::topk || o.select == Select::leverage || o.select == Select::random ||
+                      o.select == Select::cluster,
+                  "budget", "applies to select topk, leverage, random and cluster only");
+  o.top_k = adaptive_budget(n, o.budget_alpha, o.budget_exponent);
+  o.budget_alpha = o.budget_exponent = 0.0;
+  return o;
+}
+
+// Pairs one after another, each using the team (few pairs: the work inside, BLAS and
+// parallel_tasks, runs threaded), or one thread each (as many pairs as threads).
+template <class F>
+void for_each_pair(index_t pairs, double flops, F&& f) {
+  if (pairs >= omp_get_max_threads())
+    detail::parallel_tasks(pairs, flops, [] { return 0; }, [&](index_t h, int&) { f(h); });
+  else
+    for (index_t h = 0; h < pairs; ++h) f(h);
+}
+
+// keys <- keys (ascending) without the masked ones (open: n bytes, nullable), united with the
+// sinks: the first `sinks` unmasked keys (0 .. sinks - 1 without a mask).
+void add_sinks(std::vector<index_t>& keys, index_t sinks, const std::uint8_t* open) {
+  if (open) keys.erase(std::remove_if(keys.begin(), keys.end(), [&](index_t j) { return !open[j]; }), keys.end());
+  if (sinks <= 0) return;
+  std::vector<index_t> merged, first;
+  for (index_t j = 0; static_cast<index_t>(first.size()) < sinks; ++j)
+    if (!open || open[j]) first.push_back(j);
+  std::set_union(keys.begin(), keys.end(), first.begin(), first.end(), std::back_inserter(merged));
+  keys.swap(merged);
+}
+
+// K with the masked rows zeroed: a zero key changes no other key's leverage score (nor the
+// Gram) and scores 0 itself, so scores of this matrix are those of the unmasked keys alone.
+DenseMatrix<float> without_masked(ConstMatrix K, const std::uint8_t* open) {
+  DenseMatrix<float> z(K.rows, K.cols);
+  for (index_t j = 0; j < K.rows; ++j)
+    if (open[j]) std::copy_n(K.row(j), K.cols, z.data.data() + j * K.cols);
+  return z;
+}
+
+// The shared key set of head h (leverage scores / Lewis bounds, or random, plus sinks), among
+// the unmasked keys (open: n bytes, nullable).
+std::vector<index_t> shared_keys(const AttentionOptions& o, ConstMatrix K, std::uint64_t stream,
+                                 const std::uint8_t* open) {
+  std::vector<index_t> keys;
+  const index_t n_open = open ? static_cast<index_t>(std::count_if(open, open + K.rows, [](std::uint8_t x) { return x != 0; }))
+                              : K.rows;
+  if (n_open == 0) {
+    // Every key masked (a padding-only sequence): nothing to select.
+  } else if (o.select == Select::leverage || (o.select == Select::cluster && o.eps > 0.0)) {
+    // |x|^p attention selects by its own sensitivity bounds (Lewis weights); softmax and x^2 by
+    // leverage scores: one dispatcher for both (exact or sketched, by o.leverage). Cluster's
+    // top_k is its per-query budget; its shared set is U_eps.
+    const double p = o.kernel == Kernel::power ? o.p : 2.0;
+    const DenseMatrix<float> zeroed = open ? without_masked(K, open) : DenseMatrix<float>();
+    const LeverageScores s = sensitivity_bounds(open ? zeroed.view() : K, p, o.leverage);
+    keys = (o.select == Select::leverage && o.top_k > 0 ? universal_set_top_k(s, std::min(o.top_k, n_open))
+                                                         : universal_set(s, o.eps)).indices;
+  } else if (o.select == Select::random) {
+    // Drawn among the unmasked keys: the same draws as n_open keys without a mask.
+    keys = detail::random_keys(n_open, o.top_k, detail::CounterRng(o.seed, detail::Purpose::random_selection, stream));
+    if (open) {
+      const std::vector<index_t> ids = detail::open_keys(K.rows, open);
+      for (index_t& j : keys) j = ids[j];
+    }
+  }
+  add_sinks(keys, std::min(o.sinks, n_open), open);
+  return keys;
+}
+
+// The shared sets of head h: its shared_keys, or with causal leverage one per block of
+// kCausalBlock queries (the block's causal set plus the sinks).
+std::vector<std::vector<index_t>> shared_sets(const AttentionOptions& o, ConstMatrix Kh, index_t h,
+                                              const std::uint8_t* open) {
+  if (!(o.causal && o.select == Select::leverage)) return {shared_keys(o, Kh, static_cast<std::uint64_t>(h), open)};
+  const DenseMatrix<float> zeroed = open ? without_masked(Kh, open) : DenseMatrix<float>();
+  std::vector<std::vector<index_t>> sets =
+      causal_universal_sets(open ? zeroed.view() : Kh, o.eps, kCausalBlock, o.leverage).shared_keys;
+  const index_t n_open = static_cast<index_t>(detail::open_keys(Kh.rows, open).size());
+  for (auto& set : sets) add_sinks(set, std::min(o.sinks, n_open), open);
+  return sets;
+}
+
+}  // namespace
+
+Plan make_plan(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor4Ref& V, const AttentionOptions& options) {
+  Plan pl;
+  pl.o = resolve_budget(options, K.rows);
+  detail::check_attention_options(pl.o);
+  const AttentionOptions& o = pl.o;
+  pl.heads = Q.batch * Q.heads;
+  pl.qheads = Q.heads;
+  pl.group = K.heads > 0 ? Q.heads / K.heads : 1;
+  pl.m = Q.rows, pl.n = K.rows, pl.d = Q.cols, pl.dv = V.cols;
+  LEVATTN_REQUIRE(!o.causal || pl.m == pl.n, "causal", "expected as many queries as keys (query i sees keys 0 .. i), got ",
+                  pl.m, " queries and ", pl.n, " keys");
+  pl.params.kernel = o.kernel;
+  pl.params.p = static_cast<float>(o.p);
+  pl.params.ops = &kernels::active_row_ops();
+  pl.params.scale = static_cast<float>(logit_scale(o, pl.d));
+  pl.params.check_overflow = true;  // until the inputs are scanned
+  pl.window = std::min(o.window, std::max(pl.m, pl.n));
+  pl.k_top = std::min(o.top_k, pl.n);
+  pl.shared = o.select == Select::leverage || o.select == Select::random || o.select == Select::window;
+  pl.blocks = (pl.m + kernels::kQueryBlock - 1) / kernels::kQueryBlock;
+  return pl;
+}
+
+Selection layout_of(const Plan& pl, index_t batch) {
+  Selection sel;
+  sel.batch = batch, sel.heads = pl.qheads, sel.m = pl.m, sel.n = pl.n;
+  sel.all_keys = pl.o.select == Select::full;
+  sel.causal = pl.o.causal;
+  if (pl.shared || pl.o.select == Select::cluster) sel.window = pl.window;
+  if (pl.o.select == Select::topk || pl.o.select == Select::cluster) sel.top_k = pl.k_top;
+  if (pl.o.causal && pl.o.select == Select::leverage) sel.segment = kCausalBlock;
+  return sel;
+}
+
+ClusterPlan plan_clusters(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K) {
+  const AttentionOptions& o = pl.o;
+  ClusterPlan cp;
+  // Logits scale q.k and centroid scores q.c (|c| <= max |k|): one bound for both.
+  const double max_q = detail::finite_max_abs(flat(Q), "queries"), max_k = detail::finite_max_abs(flat(K), "keys");
+  cp.params = pl.params;
+  cp.params.check_overflow = engine::logits_can_overflow(std::max(1.0, std::fabs(static_cast<double>(pl.params.scale))), pl.d, max_q, max_k);
+  cp.shared = o.eps > 0.0 || o.sinks > 0;
+  const index_t c = o.clusters > 0 ? std::min(o.clusters, pl.n)
+                                   : static_cast<index_t>(std::ceil(std::sqrt(static_cast<double>(pl.n))));
+  cp.probe = std::min(c, o.probe > 0 ? o.probe : default_probe(c, pl.n, pl.k_top));
+  cp.shared_keys.resize(static_cast<std::size_t>(cp.shared ? pl.heads : 0));
+  cp.kc.resize(static_cast<std::size_t>(pl.heads));
+  const auto one = [&](index_t h) {
+    const ConstMatrix Kh = pl.kv_slice(K, h);
+    if (cp.shared) cp.shared_keys[h] = shared_keys(o, Kh, static_cast<std::uint64_t>(h), pl.open_keys(h));
+    const auto stream = static_cast<std::uint64_t>(h);
+    cp.kc[h] = detail::cluster_keys(Kh, c, o.cluster_iterations,
+                                    detail::CounterRng(o.seed, detail::Purpose::cluster_seeds, stream),
+                                    detail::CounterRng(o.seed, detail::Purpose::cluster_sample, stream));
+  };
+  const double nd = static_cast<double>(pl.heads * pl.n * pl.d);
+  for_each_pair(pl.heads, 2.0 * nd * static_cast<double>(c * o.cluster_iterations), one);
+  // About one candidate buffer's worth of queries per task, so that each cluster's product has
+  // many queries; a function of the sizes alone, so results do not depend on the thread count.
+  const double per_query = static_cast<double>(cp.probe) * std::ceil(static_cast<double>(pl.n) / static_cast<double>(c));
+  const double fit = std::floor(static_cast<double>(detail::kRunRanks) / per_query / kernels::kQueryBlock) * kernels::kQueryBlock;
+  cp.rows = std::min(pl.m, static_cast<index_t>(std::clamp<double>(fit, kernels::kQueryBlock, 16 * kernels::kQueryBlock)));
+  cp.tasks = (pl.m + cp.rows - 1) / cp.rows;
+  cp.flops = 2.0 * static_cast<double>(pl.heads * pl.m * pl.d) * (static_cast<double>(c) + per_query);
+  return cp;
+}
+
+namespace {
+
+// Select::cluster: per pair its shared keys and clusters, then each query's top_k keys among its
+// probed clusters' keys outside the shared set and window.
+void select_clustered(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K, Selection& sel) {
+  ClusterPlan cp = plan_clusters(pl, Q, K);
+  sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "cluster keys")));
+  search_all(pl, cp, Q, cp.flops, [&](index_t h, const detail::ClusterCandidates& cand, ClusterTask&) {
+    detail::kept_keys(cand, cp.kc[h], pl.k_top, sel.query_keys.data() + (h * pl.m + cand.i0) * pl.k_top);
+  });
+  if (cp.shared) sel.shared_keys = std::move(cp.shared_keys);
+}
+
+}  // namespace
+
+engine::CheckedInputs scan_inputs(Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K) {
+  const engine::CheckedInputs c{detail::finite_max_abs(flat(Q), "queries"), detail::finite_max_abs(flat(K), "keys")};
+  pl.params.check_overflow = engine::logits_can_overflow(pl.params.scale, pl.d, c.max_q, c.max_k);
+  return c;
+}
+
+Selection make_selection(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& K) {
+  Selection sel = layout_of(pl, Q.batch);
+  if (pl.o.key_mask) sel.key_mask.assign(pl.o.key_mask, pl.o.key_mask + Q.batch * pl.n);
+  if (pl.shared) {
+    std::vector<std::vector<std::vector<index_t>>> heads(static_cast<std::size_t>(pl.heads));
+    const double flops = pl.o.select == Select::leverage
+                             ? 2.0 * static_cast<double>(pl.heads * pl.n * pl.d) * static_cast<double>(pl.d)
+                             : 0.0;
+    for_each_pair(pl.heads, flops, [&](index_t h) { heads[h] = shared_sets(pl.o, pl.kv_slice(K, h), h, pl.open_keys(h)); });
+    for (auto& head : heads)
+      for (auto& set : head) sel.shared_keys.push_back(std::move(set));
+  } else if (pl.o.select == Select::topk) {
+    sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "top-k keys")));
+    const double flops = 2.0 * static_cast<double>(pl.heads * pl.m) * static_cast<double>(pl.n * pl.d);
+    detail::parallel_tasks(pl.heads * pl.blocks, flops, [] { return std::vector<float>(); },
+                           [&](index_t t, std::vector<float>& tile) {
+                             const index_t h = t / pl.blocks, i0 = (t % pl.blocks) * kernels::kQueryBlock;
+                             const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
+                             detail::top_keys(pl.params, pl.q_slice(Q, h), pl.kv_slice(K, h), pl.k_top, i0, i1,
+                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile, pl.o.causal,
+                                              pl.open_keys(h));
+                           });
+  } else if (pl.o.select == Select::cluster) {
+    select_clustered(pl, Q, K, sel);
+  }
+  return sel;
+}
+
+}  // namespace levattn::planner
+
+namespace levattn {
+
+Selection selection_layout(const AttentionShape& sh, const AttentionOptions& options) {
+  LEVATTN_REQUIRE(sh.batch >= 1 && sh.heads >= 1 && sh.m >= 1 && sh.n >= 1 && sh.d >= 1 && sh.dv >= 1, "attention",
+                  "expected a non-empty shape, got (batch, heads, m, n, d, dv) = (", sh.batch, ", ", sh.heads, ", ",
+                  sh.m, ", ", sh.n, ", ", sh.d, ", ", sh.dv, ")");
+  // The plan reads only the shapes.
+  LEVATTN_REQUIRE(sh.kv_heads >= 0 && sh.heads % sh.kv() == 0, "attention", "the key/value heads (", sh.kv_heads,
+                  ") must divide the query heads (", sh.heads, ")");
+  const Tensor4Ref Q{nullptr, sh.batch, sh.heads, sh.m, sh.d}, K{nullptr, sh.batch, sh.kv(), sh.n, sh.d},
+      V{nullptr, sh.batch, sh.kv(), sh.n, sh.dv};
+  return planner::layout_of(planner::make_plan(Q, K, V, options), sh.batch);
+}
+
+Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options) {
+  planner::check_shapes(Q, K, K);  // no values: K stands in for V's shape
+  planner::Plan pl = planner::make_plan(Q, K, K, options);
+  planner::scan_inputs(pl, Q, K);
+  return planner::make_selection(pl, Q, K);
+}
+
+}  // namespace levattn

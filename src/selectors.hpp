@@ -7,7 +7,6 @@
 
 #include "detail/rng.hpp"
 #include "kernels/online_attention.hpp"
-#include "levattn/options.hpp"
 
 namespace levattn::detail {
 

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "detail/gram.hpp"
+#include "levattn/attention.hpp"
 #include "leverage.hpp"
 #include "npy_format.hpp"
 #include "detail/validate.hpp"

@@ -1,5 +1,5 @@
-// levattn/options.hpp: the vocabulary of attention: the kernel f, the selection of keys and
-// their options, and the selection spec text ("leverage:32+window:4") that names a selection
+// levattn/options.hpp: the vocabulary of attention: the selection of keys and its options (over
+// the kernel of kernel.hpp), and the selection spec text ("leverage:32+window:4") that names a selection
 // everywhere (the CLI, Python, the integrations, evaluate).
 #pragma once
 #include <cstdint>
@@ -7,16 +7,11 @@
 #include <limits>
 #include <string>
 
+#include "levattn/kernel.hpp"
 #include "levattn/leverage_scores.hpp"
 #include "levattn/matrix.hpp"
 
 namespace levattn {
-
-/// f applied to the scaled logits s = scale * q.k.
-enum class Kernel {
-  softmax,  ///< f(s) = exp(s), scale 1/sqrt(d) by default
-  power,    ///< f(s) = |s|^p, scale 1 by default
-};
 
 /// Which keys each query attends to. `full` and `topk` stand alone; `leverage` and `random`
 /// combine with a window and sinks (union); `window` is local attention (window and/or sinks).
@@ -29,14 +24,6 @@ enum class Select {
   window,    ///< no shared keys: only the window and sinks (local attention)
   cluster,   ///< per query, its top_k keys among those of its `probe` nearest key clusters
              ///< (k-means, by seed): query-aware, sub-quadratic; unions with window, sinks and U_eps
-};
-
-/// The kernel of attention: what attention over a given selection reads (selected_attention.hpp).
-struct KernelOptions {
-  Kernel kernel = Kernel::softmax;
-  double p = 2.0;  ///< exponent of the power kernel, > 0
-  /// Logit scale; NaN means the default (1/sqrt(d) for softmax, 1 for power). Must be finite.
-  double scale = std::numeric_limits<double>::quiet_NaN();
 };
 
 /// The kernel and the selection of one attention call (the selection depends on the kernel:
@@ -81,10 +68,6 @@ struct AttentionOptions : KernelOptions {
 /// Throws Error(invalid_argument) unless alpha > 0 and exponent in (0, 1] are finite.
 index_t adaptive_budget(index_t n, double alpha, double exponent);
 
-/// The logit scale a call uses: options.scale, or its kernel's default (1/sqrt(d) for softmax,
-/// 1 for power) when that is NaN.
-double logit_scale(const KernelOptions& options, index_t d);
-
 /// Select::cluster's default probe for c clusters of n keys and a budget of top_k keys:
 /// max(kMinProbe, ceil(c / kProbeDivisor), ceil(2 top_k c / n)), at most c: enough clusters for
 /// about twice the budget in candidates (4 of 128 clusters at n = 16384 and 8 of 256 at n = 65536
@@ -93,13 +76,10 @@ inline constexpr index_t kMinProbe = 4;
 inline constexpr double kProbeDivisor = 32.0;
 index_t default_probe(index_t clusters, index_t n, index_t top_k);
 
-/// Names used by the CLI and in messages: "softmax"/"poly", "full"/"leverage"/...
-std::string to_string(Kernel k);
+/// The name used by the CLI and in messages: "full", "leverage", ...
 std::string to_string(Select s);
 
-/// The inverses of to_string ("power" is accepted for "poly"). Throw Error(invalid_argument)
-/// naming the choices for any other name.
-Kernel parse_kernel(const std::string& name);
+/// The inverse of to_string. Throws Error(invalid_argument) naming the choices for any other name.
 Select parse_select(const std::string& name);
 
 /// A selection from its text: "NAME[:VALUE]" then "+FIELD:VALUE" items, e.g. "leverage:32",

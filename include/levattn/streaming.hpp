@@ -6,7 +6,7 @@
 #include <memory>
 #include <vector>
 
-#include "levattn/attention.hpp"
+#include "levattn/kernel.hpp"
 #include "levattn/heavy_entries.hpp"
 #include "levattn/leverage_scores.hpp"
 #include "levattn/universal_set.hpp"

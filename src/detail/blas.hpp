@@ -9,7 +9,6 @@
 #include <string>
 
 #include "detail/require.hpp"
-#include "levattn/error.hpp"
 #include "levattn/matrix.hpp"
 
 namespace levattn::detail {

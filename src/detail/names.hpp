@@ -5,7 +5,6 @@
 #include <utility>
 
 #include "detail/require.hpp"
-#include "levattn/error.hpp"
 
 namespace levattn::detail {
 

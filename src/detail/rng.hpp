@@ -10,7 +10,6 @@
 #include <cstdint>
 
 #include "detail/require.hpp"
-#include "levattn/error.hpp"
 
 namespace levattn::detail {
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "kernels/elementwise.hpp"
-#include "levattn/options.hpp"
+#include "levattn/kernel.hpp"
 
 namespace levattn::kernels {
 
