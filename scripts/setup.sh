@@ -6,7 +6,7 @@ set -euo pipefail
 
 LEVATTN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LEVATTN_PACKAGES=(g++ cmake make libopenblas-openmp-dev liblapacke-dev libgtest-dev
-  libbenchmark-dev libcli11-dev nlohmann-json3-dev librandom123-dev libzip-dev zlib1g-dev
+  libbenchmark-dev libcli11-dev nlohmann-json3-dev librandom123-dev libzip-dev
   python3-venv dataset-fashion-mnist fortunes openmpi-bin libopenmpi-dev)
 # The project's Python environment; LEVATTN_VENV=DIR puts it elsewhere.
 LEVATTN_VENV="${LEVATTN_VENV:-$LEVATTN_ROOT/.venv}"

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <bit>
 #include <cerrno>
 #include <cfloat>
@@ -91,22 +92,23 @@ std::string format_double(double x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The header dictionary: a Python literal such as
+// The header dictionary, as numpy writes it:
 //   {'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }
-// numpy reads it with ast.literal_eval, so other writers produce variants (key order, double
-// quotes, no trailing comma, extra spaces); this parser accepts the literals that can appear in a
-// header (strings, integers, True/False/None, tuples, lists) and reports anything else with its
-// position and the field it was in.
+// and as other writers vary it (numpy reads it with ast.literal_eval): any key order, single or
+// double quotes, any spacing, with or without the trailing comma, Python 2 longs (3L). A value
+// is a string, True or False, an integer, or a tuple of those; a list is a structured dtype,
+// taken whole (brackets counted, strings skipped) only to say that it is not supported. Nothing
+// else of Python's literals (escapes, None, nesting) is part of a header we read.
 
-struct PyValue {
-  enum class Kind { string, integer, boolean, none, tuple, list };
-  Kind kind = Kind::none;
-  std::string str;             // Kind::string: the decoded contents
-  std::int64_t integer = 0;    // Kind::integer, when integer_fits
-  bool integer_fits = true;    // false when the literal does not fit in 64 bits
-  bool boolean = false;        // Kind::boolean
-  std::vector<PyValue> items;  // Kind::tuple and Kind::list
-  std::string_view source;     // the literal as written, for messages
+struct HeaderValue {
+  enum class Kind { string, integer, boolean, tuple, list };
+  Kind kind = Kind::string;
+  std::string str;                 // Kind::string
+  std::int64_t integer = 0;        // Kind::integer, when integer_fits
+  bool integer_fits = true;        // false when the literal does not fit in 64 bits
+  bool boolean = false;            // Kind::boolean
+  std::vector<HeaderValue> items;  // Kind::tuple: scalars only
+  std::string_view source;         // the literal as written, for messages
 };
 
 class HeaderParser {
@@ -115,38 +117,19 @@ class HeaderParser {
 
   /// The (key, value) pairs of the dictionary, in order; the text must hold nothing else but
   /// whitespace (numpy pads the header with spaces and a final newline).
-  std::vector<std::pair<std::string, PyValue>> parse_dict() {
-    std::vector<std::pair<std::string, PyValue>> entries;
-    skip_ws();
-    if (at_end() || peek() != '{') fail("expected '{' (the header must be a Python dict literal)");
-    ++pos_;
-    for (;;) {
-      skip_ws();
+  std::vector<std::pair<std::string, HeaderValue>> parse_dict() {
+    std::vector<std::pair<std::string, HeaderValue>> entries;
+    expect('{', "expected '{' (the header must be a Python dict literal)");
+    while (!take('}')) {
       if (at_end()) fail("unterminated dictionary: expected '}'");
-      if (peek() == '}') {
-        ++pos_;
-        break;
-      }
       if (peek() != '\'' && peek() != '"') fail("expected a quoted key or '}'");
-      std::string key = parse_string();
-      field_ = key;
-      skip_ws();
-      if (at_end() || peek() != ':') fail("expected ':' after the key");
-      ++pos_;
-      PyValue value = parse_value(0);
-      entries.emplace_back(std::move(key), std::move(value));
+      field_ = parse_string();
+      expect(':', "expected ':' after the key");
+      entries.emplace_back(field_, parse_value());
       skip_ws();
       if (at_end()) fail("unterminated dictionary: expected ',' or '}'");
-      if (peek() == ',') {
-        ++pos_;
-        field_.clear();
-        continue;
-      }
-      if (peek() == '}') {
-        ++pos_;
-        break;
-      }
-      fail("expected ',' or '}' after the value");
+      if (!take(',') && peek() != '}') fail("expected ',' or '}' after the value");
+      field_.clear();
     }
     field_.clear();
     skip_ws();
@@ -155,10 +138,6 @@ class HeaderParser {
   }
 
  private:
-  // Nesting deeper than any real header (a structured descr is a list of tuples) is refused, so
-  // that a hostile "((((..." cannot exhaust the stack.
-  static constexpr int kMaxDepth = 8;
-
   [[noreturn]] void fail(const std::string& what) const {
     detail::fail(ErrorKind::io, where_, "malformed header",
                  field_.empty() ? std::string() : " field '" + excerpt(field_, 40) + "'", ": ", what,
@@ -168,168 +147,131 @@ class HeaderParser {
   bool at_end() const { return pos_ >= text_.size(); }
   char peek() const { return text_[pos_]; }
   void skip_ws() {
-    while (!at_end() && (peek() == ' ' || peek() == '\t' || peek() == '\n' || peek() == '\r' ||
-                         peek() == '\f' || peek() == '\v')) {
-      ++pos_;
-    }
+    while (!at_end() && std::string_view(" \t\n\r\f\v").find(peek()) != std::string_view::npos) ++pos_;
+  }
+  // Skips whitespace, then consumes c if it comes next.
+  bool take(char c) {
+    skip_ws();
+    if (at_end() || peek() != c) return false;
+    ++pos_;
+    return true;
+  }
+  void expect(char c, const char* what) {
+    if (!take(c)) fail(what);
   }
 
-  PyValue parse_value(int depth) {
-    if (depth > kMaxDepth) fail("value is nested too deeply");
+  // A scalar, a tuple of scalars or a list (kept as written).
+  HeaderValue parse_value() {
     skip_ws();
-    if (at_end()) fail("expected a value");
     const std::size_t start = pos_;
-    PyValue v;
-    const char c = peek();
-    if (c == '\'' || c == '"') {
-      v.kind = PyValue::Kind::string;
-      v.str = parse_string();
-    } else if (c == '(' || c == '[') {
-      v = parse_sequence(depth);
-    } else if (c == '-' || c == '+' || (c >= '0' && c <= '9')) {
-      v = parse_int();
-    } else if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_') {
-      v = parse_name();
+    HeaderValue v;
+    if (!at_end() && peek() == '(') {
+      v = parse_tuple();
+    } else if (!at_end() && peek() == '[') {
+      skip_list();
+      v.kind = HeaderValue::Kind::list;
     } else {
-      fail(std::string("expected a value, found '") + excerpt(std::string_view(&text_[pos_], 1)) +
-           "'");
+      v = parse_scalar();
     }
     if (v.source.empty()) v.source = text_.substr(start, pos_ - start);
     return v;
   }
 
-  std::string parse_string() {
-    const char quote = peek();
+  HeaderValue parse_scalar() {
+    skip_ws();
+    if (at_end()) fail("expected a value");
     const std::size_t start = pos_;
-    ++pos_;
-    std::string out;
-    for (;;) {
-      if (at_end() || peek() == '\n') {
+    const char c = peek();
+    HeaderValue v;
+    if (c == '\'' || c == '"') {
+      v.str = parse_string();
+    } else if (c == '-' || c == '+' || (c >= '0' && c <= '9')) {
+      v = parse_int();
+    } else if (std::isalpha(static_cast<unsigned char>(c))) {
+      while (!at_end() && (std::isalnum(static_cast<unsigned char>(peek())) || peek() == '_')) ++pos_;
+      const std::string_view name = text_.substr(start, pos_ - start);
+      if (name != "True" && name != "False") {
         pos_ = start;
-        fail("unterminated string");
+        fail("unknown name '" + excerpt(name, 40) + "' (expected a literal)");
       }
-      const char c = text_[pos_++];
-      if (c == quote) return out;
-      if (c == '\\') {
-        if (at_end()) {
-          pos_ = start;
-          fail("unterminated string");
-        }
-        const char e = text_[pos_++];
-        // The escapes a dtype string could need; any other is kept as written.
-        switch (e) {
-          case 'n':
-            out += '\n';
-            break;
-          case 't':
-            out += '\t';
-            break;
-          case '\\':
-          case '\'':
-          case '"':
-            out += e;
-            break;
-          default:
-            out += '\\';
-            out += e;
-            break;
-        }
-      } else {
-        out += c;
-      }
+      v.kind = HeaderValue::Kind::boolean;
+      v.boolean = name == "True";
+    } else {
+      fail("expected a value, found '" + excerpt(text_.substr(pos_, 1)) + "'");
     }
+    v.source = text_.substr(start, pos_ - start);
+    return v;
   }
 
-  // '(' or '[' ... ; "(x)" without a comma is a parenthesised x, not a tuple, as in Python.
-  PyValue parse_sequence(int depth) {
-    const std::size_t start = pos_;
-    const char open = text_[pos_++];
-    const char close = open == '(' ? ')' : ']';
-    PyValue v;
-    v.kind = open == '(' ? PyValue::Kind::tuple : PyValue::Kind::list;
+  // A quoted string without escapes (no header field needs one).
+  std::string parse_string() {
+    skip_ws();
+    const char quote = peek();
+    const std::size_t start = pos_++;
+    const std::size_t end = text_.find_first_of(std::string{quote, '\n', '\\'}, pos_);
+    if (end == std::string_view::npos || text_[end] != quote) {
+      pos_ = start;
+      fail(end != std::string_view::npos && text_[end] == '\\' ? "escape sequences are not part of a .npy header"
+                                                                 : "unterminated string");
+    }
+    pos_ = end + 1;
+    return std::string(text_.substr(start + 1, end - start - 1));
+  }
+
+  // '(' scalars ')'; "(x)" without a comma is a parenthesised x, not a tuple, as in Python.
+  HeaderValue parse_tuple() {
+    const std::size_t start = pos_++;
+    HeaderValue v;
+    v.kind = HeaderValue::Kind::tuple;
     bool comma = false;
-    for (;;) {
+    while (!take(')')) {
+      if (at_end()) fail("unterminated tuple: expected ')'");
+      if (peek() == '(' || peek() == '[') fail("a tuple holds numbers here, not another tuple or list");
+      v.items.push_back(parse_scalar());
       skip_ws();
-      if (at_end())
-        fail(std::string("unterminated ") + (open == '(' ? "tuple" : "list") + ": expected '" +
-             close + "'");
-      if (peek() == close) {
-        ++pos_;
-        break;
-      }
-      v.items.push_back(parse_value(depth + 1));
-      skip_ws();
-      if (at_end())
-        fail(std::string("unterminated ") + (open == '(' ? "tuple" : "list") +
-             ": expected ',' or '" + close + "'");
-      if (peek() == ',') {
-        ++pos_;
-        comma = true;
+      if (at_end()) fail("unterminated tuple: expected ',' or ')'");
+      if (take(',')) comma = true;
+      else if (peek() != ')') fail("expected ',' or ')'");
+    }
+    if (v.items.size() == 1 && !comma) v = v.items.front();
+    v.source = text_.substr(start, pos_ - start);
+    return v;
+  }
+
+  // '[' to its matching ']', strings skipped.
+  void skip_list() {
+    const std::size_t start = pos_;
+    for (std::size_t depth = 0; !at_end();) {
+      const char c = text_[pos_];
+      if (c == '\'' || c == '"') {
+        parse_string();
         continue;
       }
-      if (peek() == close) {
-        ++pos_;
-        break;
-      }
-      fail(std::string("expected ',' or '") + close + "'");
+      ++pos_;
+      if (c == '[') ++depth;
+      if (c == ']' && --depth == 0) return;
     }
-    if (open == '(' && v.items.size() == 1 && !comma) {
-      PyValue inner = std::move(v.items.front());
-      inner.source = text_.substr(start, pos_ - start);
-      return inner;
-    }
-    return v;
+    pos_ = start;
+    fail("unterminated list: expected ']'");
   }
 
-  PyValue parse_int() {
-    PyValue v;
-    v.kind = PyValue::Kind::integer;
-    bool negative = false;
-    if (peek() == '+' || peek() == '-') {
-      negative = peek() == '-';
-      ++pos_;
-    }
+  HeaderValue parse_int() {
+    HeaderValue v;
+    v.kind = HeaderValue::Kind::integer;
+    const bool negative = peek() == '-';
+    if (peek() == '+' || peek() == '-') ++pos_;
     if (at_end() || peek() < '0' || peek() > '9') fail("expected digits after the sign");
     std::uint64_t magnitude = 0;
-    bool fits = true;
-    while (!at_end() && peek() >= '0' && peek() <= '9') {
+    for (; !at_end() && peek() >= '0' && peek() <= '9'; ++pos_) {
       const auto digit = static_cast<std::uint64_t>(peek() - '0');
-      if (fits && !checked_mul(magnitude, 10, magnitude)) fits = false;
-      if (fits && magnitude > std::numeric_limits<std::uint64_t>::max() - digit) fits = false;
-      if (fits) magnitude += digit;
-      ++pos_;
+      v.integer_fits = v.integer_fits && checked_mul(magnitude, 10, magnitude) &&
+                       magnitude <= std::numeric_limits<std::uint64_t>::max() - digit;
+      if (v.integer_fits) magnitude += digit;
     }
     if (!at_end() && (peek() == 'L' || peek() == 'l')) ++pos_;  // Python 2 long, as in old files
-    const auto max = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
-    if (fits && !negative && magnitude <= max) {
-      v.integer = static_cast<std::int64_t>(magnitude);
-    } else if (fits && negative && magnitude <= max) {
-      v.integer = -static_cast<std::int64_t>(magnitude);
-    } else if (fits && negative && magnitude == max + 1) {
-      v.integer = std::numeric_limits<std::int64_t>::min();
-    } else {
-      v.integer_fits = false;
-    }
-    return v;
-  }
-
-  PyValue parse_name() {
-    const std::size_t start = pos_;
-    while (!at_end() && ((peek() >= 'A' && peek() <= 'Z') || (peek() >= 'a' && peek() <= 'z') ||
-                         (peek() >= '0' && peek() <= '9') || peek() == '_')) {
-      ++pos_;
-    }
-    const std::string_view name = text_.substr(start, pos_ - start);
-    PyValue v;
-    if (name == "True" || name == "False") {
-      v.kind = PyValue::Kind::boolean;
-      v.boolean = name == "True";
-    } else if (name == "None") {
-      v.kind = PyValue::Kind::none;
-    } else {
-      pos_ = start;
-      fail("unknown name '" + excerpt(name, 40) + "' (expected a literal)");
-    }
+    // Magnitudes up to 2^63 - 1: the header's integers are sizes, and negative ones are refused.
+    v.integer_fits = v.integer_fits && magnitude <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
+    if (v.integer_fits) v.integer = negative ? -static_cast<std::int64_t>(magnitude) : static_cast<std::int64_t>(magnitude);
     return v;
   }
 
@@ -341,10 +283,10 @@ class HeaderParser {
 
 constexpr std::string_view kAccepted = "accepted: '<f4' (float32), '<f8' (float64), '<i8' (int64)";
 
-DType interpret_descr(const PyValue& v, const std::string& where) {
-  LEVATTN_REQUIRE_FILE(v.kind != PyValue::Kind::list, where, "header field 'descr': structured dtype ",
+DType interpret_descr(const HeaderValue& v, const std::string& where) {
+  LEVATTN_REQUIRE_FILE(v.kind != HeaderValue::Kind::list, where, "header field 'descr': structured dtype ",
                        excerpt(v.source), " is not supported; ", kAccepted);
-  LEVATTN_REQUIRE_FILE(v.kind == PyValue::Kind::string, where,
+  LEVATTN_REQUIRE_FILE(v.kind == HeaderValue::Kind::string, where,
                        "header field 'descr': expected a dtype string such as '<f4', got ", excerpt(v.source));
   const std::string& s = v.str;
   if (s == "<f4") return DType::float32;
@@ -358,11 +300,11 @@ DType interpret_descr(const PyValue& v, const std::string& where) {
                s.find('O') != std::string::npos ? " (object arrays cannot be read)" : "", "; ", kAccepted);
 }
 
-std::vector<index_t> interpret_shape(const PyValue& v, const std::string& where) {
-  bool ok = v.kind == PyValue::Kind::tuple;
+std::vector<index_t> interpret_shape(const HeaderValue& v, const std::string& where) {
+  bool ok = v.kind == HeaderValue::Kind::tuple;
   for (std::size_t i = 0; ok && i < v.items.size(); ++i) {
-    const PyValue& d = v.items[i];
-    ok = d.kind == PyValue::Kind::integer && d.integer_fits && d.integer >= 0;
+    const HeaderValue& d = v.items[i];
+    ok = d.kind == HeaderValue::Kind::integer && d.integer_fits && d.integer >= 0;
   }
   LEVATTN_REQUIRE_FILE(ok, where, "header field 'shape': expected a tuple of non-negative integers, got ",
                        excerpt(v.source));
@@ -371,7 +313,7 @@ std::vector<index_t> interpret_shape(const PyValue& v, const std::string& where)
   LEVATTN_REQUIRE_FILE(v.items.size() <= kMaxDims, where, "header field 'shape': ", excerpt(v.source), " has ",
                        v.items.size(), " dimensions; expected 1 to 4");
   std::vector<index_t> shape;
-  for (const PyValue& d : v.items) shape.push_back(d.integer);
+  for (const HeaderValue& d : v.items) shape.push_back(d.integer);
   return shape;
 }
 
@@ -619,11 +561,11 @@ NpyHeader parse_npy_header(const NpyPreamble& preamble, std::span<const std::uin
                               head.size() - preamble.dict_offset);
   const auto entries = HeaderParser(text, where).parse_dict();
 
-  const PyValue* descr = nullptr;
-  const PyValue* fortran = nullptr;
-  const PyValue* shape = nullptr;
+  const HeaderValue* descr = nullptr;
+  const HeaderValue* fortran = nullptr;
+  const HeaderValue* shape = nullptr;
   for (const auto& [key, value] : entries) {
-    const PyValue** slot = key == "descr"           ? &descr
+    const HeaderValue** slot = key == "descr"           ? &descr
                            : key == "fortran_order" ? &fortran
                            : key == "shape"         ? &shape
                                                     : nullptr;
@@ -638,7 +580,7 @@ NpyHeader parse_npy_header(const NpyPreamble& preamble, std::span<const std::uin
 
   NpyHeader h;
   h.dtype = interpret_descr(*descr, where);
-  LEVATTN_REQUIRE_FILE(fortran->kind == PyValue::Kind::boolean, where,
+  LEVATTN_REQUIRE_FILE(fortran->kind == HeaderValue::Kind::boolean, where,
                        "header field 'fortran_order': expected True or False, got ", excerpt(fortran->source));
   h.fortran_order = fortran->boolean;
   h.shape = interpret_shape(*shape, where);

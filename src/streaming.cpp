@@ -2,8 +2,6 @@
 // partial sums, candidates pruned by their prefix scores, and a checksummed state file.
 #include "levattn/streaming.hpp"
 
-#include <zlib.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -12,6 +10,7 @@
 #include "detail/gram.hpp"
 #include "levattn/attention.hpp"
 #include "leverage.hpp"
+#include "levattn/io.hpp"
 #include "npy_format.hpp"
 #include "detail/validate.hpp"
 
@@ -283,164 +282,148 @@ std::vector<float> StreamingUniversalSet::attention(ConstMatrix Q, const KernelO
 }
 
 // ---------------------------------------------------------------------------------------------
-// State file: magic, version, sizes, options, M's stream, the candidates, CRC-32 of all before.
+// State file: an .npz archive (numpy.load reads it) of named members; the zip's CRC-32 of each
+// member guards its bytes.
+//
+//   version                int64 (1,)            kStateVersion
+//   eps, ridge, rank_rtol  float64 (1,) each     the set's eps and the leverage options
+//   n, gram_blocks, prune_at, protect_first, protect_last, peak_workspace_bytes   int64 (1,) each
+//   gram_partials          float64 (partials, d, d)   the streamed Gram's partial sums
+//   gram_pending           float32 (pending, d)       keys waiting for the next Gram block
+//   index                  int64 (size,)              the candidates' key indices, ascending
+//   keys, values           float32 (size, d), (size, dv)
 
 namespace {
 
-constexpr char kMagic[8] = {'L', 'V', 'S', 'T', 'R', 'E', 'A', 'M'};
-constexpr std::uint32_t kVersion = 2;
-constexpr std::size_t kHeaderBytes = 8 + 4 + 4 + 10 * 8 + 3 * 8 + 8;
+constexpr std::int64_t kStateVersion = 3;
+// The first bytes of a version-2 state (a binary file), which this version no longer reads.
+constexpr char kBinaryMagic[8] = {'L', 'V', 'S', 'T', 'R', 'E', 'A', 'M'};
 
-void append_f64(std::vector<std::uint8_t>& out, double x) {
-  std::uint64_t u;
-  std::memcpy(&u, &x, sizeof u);
-  detail::append_le64(out, u);
-}
-double load_f64(const std::uint8_t* p) {
-  const std::uint64_t u = detail::load_le64(p);
-  double x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-template <class T>
-void append_all(std::vector<std::uint8_t>& out, const std::vector<T>& v) {
-  for (T x : v) {
-    if constexpr (std::is_same_v<T, float>) {
-      std::uint32_t u;
-      std::memcpy(&u, &x, sizeof u);
-      detail::append_le32(out, u);
-    } else if constexpr (std::is_same_v<T, double>) {
-      append_f64(out, x);
-    } else {
-      detail::append_le64(out, static_cast<std::uint64_t>(x));
-    }
-  }
-}
-template <class T>
-std::vector<T> load_all(const std::uint8_t*& p, std::size_t count) {
-  std::vector<T> v(count);
-  for (T& x : v) {
-    if constexpr (std::is_same_v<T, float>) {
-      const std::uint32_t u = detail::load_le32(p);
-      std::memcpy(&x, &u, sizeof x);
-      p += 4;
-    } else if constexpr (std::is_same_v<T, double>) {
-      x = load_f64(p);
-      p += 8;
-    } else {
-      x = static_cast<T>(detail::load_le64(p));
-      p += 8;
-    }
-  }
-  return v;
-}
+Array one_int(index_t x) { return Array::from_int64({1}, {static_cast<std::int64_t>(x)}); }
+Array one_double(double x) { return Array::from_float64({1}, {x}); }
 
-std::uint32_t crc_of(const std::uint8_t* data, std::size_t size) {
-  uLong crc = crc32(0L, Z_NULL, 0);
-  for (std::size_t at = 0; at < size;) {  // zlib takes 32-bit lengths
-    const auto step = static_cast<uInt>(std::min<std::size_t>(size - at, std::size_t(1) << 30));
-    crc = crc32(crc, data + at, step);
-    at += step;
+// The named members of a state archive, each checked for its dtype and number of dimensions.
+class StateMembers {
+ public:
+  StateMembers(std::vector<std::pair<std::string, Array>> members, std::string where)
+      : members_(std::move(members)), where_(std::move(where)) {}
+
+  const Array& get(const char* name, DType dtype, std::size_t dims) const {
+    const auto it = std::find_if(members_.begin(), members_.end(), [&](const auto& m) { return m.first == name; });
+    LEVATTN_REQUIRE_FILE(it != members_.end(), where_, "member '", name, "': missing (not a levattn stream state?)");
+    const Array& a = it->second;
+    LEVATTN_REQUIRE_FILE(a.dtype == dtype && a.shape.size() == dims, where_, "member '", name, "': expected a ",
+                         dims, "-D ", dtype == DType::float32 ? "float32" : dtype == DType::float64 ? "float64" : "int64",
+                         " array");
+    return a;
   }
-  return static_cast<std::uint32_t>(crc);
+  index_t integer(const char* name) const {
+    const Array& a = get(name, DType::int64, 1);
+    LEVATTN_REQUIRE_FILE(a.shape[0] == 1, where_, "member '", name, "': expected one value, got ", a.shape[0]);
+    return a.i64[0];
+  }
+  double number(const char* name) const {
+    const Array& a = get(name, DType::float64, 1);
+    LEVATTN_REQUIRE_FILE(a.shape[0] == 1, where_, "member '", name, "': expected one value, got ", a.shape[0]);
+    return a.f64[0];
+  }
+  // A (rows, cols) or (count, cols, cols) member whose trailing dimensions are `cols`.
+  const Array& rows_of(const char* name, DType dtype, index_t cols, std::size_t dims = 2) const {
+    const Array& a = get(name, dtype, dims);
+    for (std::size_t k = 1; k < dims; ++k)
+      LEVATTN_REQUIRE_FILE(a.shape[k] == cols, where_, "member '", name, "': expected ", cols, " columns, got ",
+                           a.shape[k]);
+    return a;
+  }
+
+ private:
+  std::vector<std::pair<std::string, Array>> members_;
+  std::string where_;
+};
+
+// The first 8 bytes of a file (fewer if it is shorter).
+std::string first_bytes(const std::filesystem::path& path) {
+  const detail::InputFile file(path, path.string());
+  std::vector<std::uint8_t> head(static_cast<std::size_t>(std::min<std::uint64_t>(8, file.size())));
+  file.read_at(0, head);
+  return std::string(head.begin(), head.end());
 }
 
 }  // namespace
 
 void StreamingUniversalSet::save(const std::filesystem::path& path) const {
   const State& s = *s_;
-  std::vector<std::uint8_t> out;
-  out.reserve(kHeaderBytes + 4 + s.bytes() + 64);
-  out.insert(out.end(), kMagic, kMagic + 8);
-  detail::append_le32(out, kVersion);
-  detail::append_le32(out, 0);
-  for (index_t x : {s.d, s.dv, s.n, s.gram.blocks, s.gram.partials(),
-                    static_cast<index_t>(s.gram.pending.size()) / s.d, s.size(), s.prune_at, s.protect_first,
-                    s.protect_last})
-    detail::append_le64(out, static_cast<std::uint64_t>(x));
-  append_f64(out, s.eps);
-  append_f64(out, s.options.ridge);
-  append_f64(out, s.options.rank_rtol);
-  detail::append_le64(out, static_cast<std::uint64_t>(s.peak));
-  append_all(out, s.gram.part);
-  append_all(out, s.gram.pending);
-  append_all(out, s.index);
-  append_all(out, s.keys);
-  append_all(out, s.values);
-  detail::append_le32(out, crc_of(out.data(), out.size()));
-  const std::span<const std::uint8_t> pieces[] = {out};
-  detail::write_file_atomically(path, pieces);
+  const index_t partials = s.gram.partials(), pending = static_cast<index_t>(s.gram.pending.size()) / s.d;
+  write_npz(path, {{"version", one_int(kStateVersion)},
+                   {"eps", one_double(s.eps)},
+                   {"ridge", one_double(s.options.ridge)},
+                   {"rank_rtol", one_double(s.options.rank_rtol)},
+                   {"n", one_int(s.n)},
+                   {"gram_blocks", one_int(s.gram.blocks)},
+                   {"prune_at", one_int(s.prune_at)},
+                   {"protect_first", one_int(s.protect_first)},
+                   {"protect_last", one_int(s.protect_last)},
+                   {"peak_workspace_bytes", one_int(static_cast<index_t>(s.peak))},
+                   {"gram_partials", Array::from_float64({partials, s.d, s.d}, s.gram.part)},
+                   {"gram_pending", Array::from_float32({pending, s.d}, s.gram.pending)},
+                   {"index", Array::from_int64({s.size()}, std::vector<std::int64_t>(s.index.begin(), s.index.end()))},
+                   {"keys", Array::from_float32({s.size(), s.d}, s.keys)},
+                   {"values", Array::from_float32({s.size(), s.dv}, s.values)}});
 }
 
 StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& path) {
-  // The header first: nothing is read or allocated in proportion to what it claims until the
-  // sizes agree with the file's length.
-  const detail::InputFile file(path, path.string());
-  const std::uint64_t length = file.size();
-  LEVATTN_REQUIRE_FILE(!(length < kHeaderBytes + 4), path.string(), "truncated: ", length,
-                       " bytes, shorter than a state header");
-  std::vector<std::uint8_t> head(kHeaderBytes);
-  file.read_at(0, head);
-  const std::uint8_t* p = head.data();
-  LEVATTN_REQUIRE_FILE(std::memcmp(p, kMagic, 8) == 0, path.string(), "not a levattn stream state (magic)");
-  const std::uint32_t version = detail::load_le32(p + 8);
-  LEVATTN_REQUIRE_FILE(version == kVersion, path.string(), "version: expected ", kVersion, ", got ", version);
-  p += 16;
-  index_t f[10];
-  for (index_t& x : f) x = static_cast<index_t>(detail::load_le64(p)), p += 8;
-  const auto [d, dv, n, blocks, partials, pending, size, prune_at, protect_first, protect_last] = f;
-  const double eps = load_f64(p), ridge = load_f64(p + 8), rtol = load_f64(p + 16);
-  const auto peak = static_cast<std::size_t>(detail::load_le64(p + 24));
-  LEVATTN_REQUIRE_FILE(d >= 1 && d <= kMaxDim && dv >= 0 && dv <= kMaxDim, path.string(), "d / dv: out of range");
-  LEVATTN_REQUIRE_FILE(n >= 0 && blocks >= 0 && blocks <= n / detail::kGramRows && pending >= 0 &&
-                           pending < detail::kGramRows && n - blocks * detail::kGramRows == pending,
-                       path.string(), "n: does not match the Gram's blocks and waiting rows");
-  LEVATTN_REQUIRE_FILE(partials == detail::gram_partials(d), path.string(), "partials: expected ",
-                       detail::gram_partials(d));
-  LEVATTN_REQUIRE_FILE(size >= 0 && size <= n, path.string(), "candidates: out of range");
+  const std::string where = path.string();
+  LEVATTN_REQUIRE_FILE(first_bytes(path) != std::string(kBinaryMagic, 8), where,
+                       "a version-2 binary stream state, which this levattn no longer reads (states are .npz "
+                       "archives from version 3 on); run the stream again");
+  const StateMembers a(read_npz(path), where);
+  const index_t version = a.integer("version");
+  LEVATTN_REQUIRE_FILE(version == kStateVersion, where, "version: expected ", kStateVersion, ", got ", version);
+  const double eps = a.number("eps"), ridge = a.number("ridge"), rtol = a.number("rank_rtol");
+  const index_t n = a.integer("n"), blocks = a.integer("gram_blocks"), prune_at = a.integer("prune_at");
+  const index_t protect_first = a.integer("protect_first"), protect_last = a.integer("protect_last");
+  const index_t peak = a.integer("peak_workspace_bytes");
+  const Array& keys = a.get("keys", DType::float32, 2);
+  const index_t d = keys.shape[1], size = keys.shape[0];
+  LEVATTN_REQUIRE_FILE(d >= 1 && d <= kMaxDim, where, "member 'keys': expected 1 to 2^20 columns, got ", d);
+  const Array& values = a.get("values", DType::float32, 2);
+  const index_t dv = values.shape[1];
+  LEVATTN_REQUIRE_FILE(values.shape[0] == size && dv <= kMaxDim, where, "member 'values': expected ", size,
+                       " rows (one per kept key) and at most 2^20 columns, got (", values.shape[0], ", ", dv, ")");
+  const Array& index = a.get("index", DType::int64, 1);
+  LEVATTN_REQUIRE_FILE(index.shape[0] == size, where, "member 'index': expected ", size, " entries (one per kept key)");
+  const Array& partials = a.rows_of("gram_partials", DType::float64, d, 3);
+  const Array& pending = a.rows_of("gram_pending", DType::float32, d);
+  LEVATTN_REQUIRE_FILE(partials.shape[0] == detail::gram_partials(d), where, "member 'gram_partials': expected ",
+                       detail::gram_partials(d), " partial sums, got ", partials.shape[0]);
+  LEVATTN_REQUIRE_FILE(n >= 0 && blocks >= 0 && blocks <= n / detail::kGramRows && pending.shape[0] < detail::kGramRows &&
+                           n - blocks * detail::kGramRows == pending.shape[0],
+                       where, "n: does not match the Gram's blocks and waiting rows");
+  LEVATTN_REQUIRE_FILE(size <= n, where, "candidates: more than the n = ", n, " keys pushed");
+  LEVATTN_REQUIRE_FILE(eps > 0.0 && eps <= 1.0, where, "eps: expected a number in (0, 1]");
   LEVATTN_REQUIRE_FILE(prune_at >= prune_floor(d, eps) &&
                            prune_at <= std::max(prune_floor(d, eps), 2 * size + 2 * detail::kGramRows),
-                       path.string(), "prune_at: out of range");
-  LEVATTN_REQUIRE_FILE(eps > 0.0 && eps <= 1.0, path.string(), "eps: expected a number in (0, 1]");
-  LEVATTN_REQUIRE_FILE(protect_first >= 0 && protect_last >= 0, path.string(), "protected keys: expected counts >= 0");
-  LEVATTN_REQUIRE_FILE(ridge >= 0.0 && std::isfinite(ridge) && rtol >= 0.0 && rtol < 1.0, path.string(),
+                       where, "prune_at: out of range");
+  LEVATTN_REQUIRE_FILE(protect_first >= 0 && protect_last >= 0, where, "protected keys: expected counts >= 0");
+  LEVATTN_REQUIRE_FILE(ridge >= 0.0 && std::isfinite(ridge) && rtol >= 0.0 && rtol < 1.0, where,
                        "ridge / rank_rtol: out of range");
-  // The length the sizes imply, each part bounded by the file's length before it is added.
-  std::uint64_t expected = kHeaderBytes + 4;
-  const auto part = [&](std::uint64_t count, std::uint64_t width) {
-    LEVATTN_REQUIRE_FILE(count <= length / width && expected <= length - count * width, path.string(),
-                         "truncated or lying sizes: the header implies more than the file's ", length, " bytes");
-    expected += count * width;
-  };
-  const auto D = static_cast<std::uint64_t>(d), DV = static_cast<std::uint64_t>(dv), C = static_cast<std::uint64_t>(size);
-  part(static_cast<std::uint64_t>(partials) * D, 8 * D);
-  part(static_cast<std::uint64_t>(pending), 4 * D);
-  part(C, 8);
-  part(C, 4 * D);
-  part(C * DV, 4);
-  LEVATTN_REQUIRE_FILE(length == expected, path.string(), "truncated or padded: ", length,
-                       " bytes, the header implies ", expected);
-  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(length));
-  file.read_at(0, bytes);
-  LEVATTN_REQUIRE_FILE(detail::load_le32(bytes.data() + bytes.size() - 4) == crc_of(bytes.data(), bytes.size() - 4),
-                       path.string(), "checksum: the contents do not match their CRC-32 (corrupted)");
+  LEVATTN_REQUIRE_FILE(peak >= 0, where, "peak_workspace_bytes: expected a count >= 0");
+  for (std::size_t k = 0; k < index.i64.size(); ++k)
+    LEVATTN_REQUIRE_FILE(index.i64[k] >= 0 && index.i64[k] < n && (k == 0 || index.i64[k] > index.i64[k - 1]), where,
+                         "candidates: indices not ascending in [0, n)");
   LeverageOptions o;
   o.ridge = ridge, o.rank_rtol = rtol;
   StreamingUniversalSet out(d, dv, eps, o);
   State& s = *out.s_;
-  s.n = n, s.prune_at = prune_at, s.peak = peak;
+  s.n = n, s.prune_at = prune_at, s.peak = static_cast<std::size_t>(peak);
   s.protect_first = protect_first, s.protect_last = protect_last;
   s.gram.blocks = blocks;
-  p = bytes.data() + kHeaderBytes;
-  s.gram.part = load_all<double>(p, static_cast<std::size_t>(partials * d * d));
-  s.gram.pending = load_all<float>(p, static_cast<std::size_t>(pending * d));
+  s.gram.part = partials.f64;
+  s.gram.pending = pending.f32;
   s.gram.pending.reserve(static_cast<std::size_t>(detail::kGramRows * d));
-  s.index = load_all<index_t>(p, static_cast<std::size_t>(size));
-  s.keys = load_all<float>(p, static_cast<std::size_t>(size * d));
-  s.values = load_all<float>(p, static_cast<std::size_t>(size * dv));
-  for (std::size_t a = 0; a < s.index.size(); ++a)
-    LEVATTN_REQUIRE_FILE(s.index[a] >= 0 && s.index[a] < n && (a == 0 || s.index[a] > s.index[a - 1]), path.string(),
-                         "candidates: indices not ascending in [0, n)");
+  s.index.assign(index.i64.begin(), index.i64.end());
+  s.keys = keys.f32;
+  s.values = values.f32;
   return out;
 }
 

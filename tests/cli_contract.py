@@ -1070,15 +1070,21 @@ def test_stream():
         check("stream resume: continues at key 2500 and ends with the one-run set",
               j["resumed_from"] == 2500 and j["indices"] == runs[999]["indices"] and j["scores"] == runs[999]["scores"],
               repr((j["resumed_from"], j["size"])))
+    # The state is an .npz archive of named members that numpy reads.
+    with np.load(path("S.state")) as z:
+        members = {name: z[name] for name in z.files}
+    check("stream state: numpy reads its members", members["version"].tolist() == [3] and
+          members["n"].tolist() == [2500] and members["keys"].shape[1] == 6 and members["values"].shape[1] == 3 and
+          members["index"].tolist() == sorted(members["index"].tolist()), repr(sorted(members)))
     state = open(path("S.state"), "rb").read()
     open(path("S_trunc.state"), "wb").write(state[:len(state) // 2])
     flipped = bytearray(state)
-    flipped[len(state) // 2] ^= 0x20
+    at = state.find(members["keys"].tobytes()[:16])  # inside the keys' data (stored, not deflated)
+    flipped[at + 5] ^= 0x20
     open(path("S_flip.state"), "wb").write(bytes(flipped))
-    newer = bytearray(state)
-    newer[8] = 9
-    open(path("S_ver.state"), "wb").write(bytes(newer))
-    for name, what in (("S_trunc.state", "truncated"), ("S_flip.state", "checksum"), ("S_ver.state", "version")):
+    with open(path("S_ver.state"), "wb") as f:
+        np.savez(f, **dict(members, version=np.array([9], np.int64)))
+    for name, what in (("S_trunc.state", "S_trunc.state"), ("S_flip.state", "CRC-32"), ("S_ver.state", "version")):
         bad("stream resume from %s" % name, ("stream", "--keys", "SK.npy", "--values", "SV.npy", "--eps", 0.05,
                                              "--resume", name), (name, what))
     bad("stream resume with other eps", ("stream", "--keys", "SK.npy", "--values", "SV.npy", "--eps", 0.1, "--resume",

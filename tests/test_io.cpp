@@ -608,6 +608,11 @@ TEST_F(IoTest, NpyUnsupportedDtypes) {
                             "'shape': (2,), }",
                             Bytes(24, 0)));
   EXPECT_CONTAINS(msg, "header field 'descr': structured dtype");
+  // A list is taken whole, brackets counted and strings (which may hold brackets) skipped.
+  EXPECT_CONTAINS(npy_error(p, npy_file("{'descr': [('a]', '<f4'), ('b', [('c', '<i8')])], 'fortran_order': False, "
+                                        "'shape': (2,), }",
+                                        Bytes(24, 0))),
+                  "structured dtype [('a]', '<f4'), ('b', [('c', '<i8')])] is not supported");
   EXPECT_CONTAINS(
       npy_error(p, npy_file("{'descr': 4, 'fortran_order': False, 'shape': (2,), }", Bytes(8, 0))),
       "header field 'descr': expected a dtype string");
@@ -668,7 +673,17 @@ TEST_F(IoTest, NpyMalformedHeaders) {
       {"['descr', '<f4']", "malformed header: expected '{'"},
       {"", "malformed header: expected '{'"},
       {"{'descr': '<f4', 'fortran_order': False, 'shape': " + std::string(5000, '(') + "3,), }",
-       "malformed header field 'shape': value is nested too deeply"},
+       "malformed header field 'shape': a tuple holds numbers here, not another tuple or list"},
+      {"{'descr': " + std::string(5000, '[') + ", 'fortran_order': False, 'shape': (3,), }",
+       "malformed header field 'descr': unterminated list: expected ']'"},
+      {"{'descr': '<f\\x34', 'fortran_order': False, 'shape': (3,), }",
+       "malformed header field 'descr': escape sequences are not part of a .npy header"},
+      {"{'descr': '<f4', 'fortran_order': None, 'shape': (3,), }",
+       "malformed header field 'fortran_order': unknown name 'None'"},
+      {"{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,), }",
+       "header field 'shape': expected a tuple of non-negative integers"},
+      {"{'descr': '<f4', 'fortran_order': False, 'shape': (-3,), }",
+       "header field 'shape': expected a tuple of non-negative integers, got (-3,)"},
       {"{'descr': '<f4', 'fortran_order': False, 'shape': (3,), 'descr\x01': 1}",
        "unexpected key 'descr\\x01'"},
   };

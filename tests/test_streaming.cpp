@@ -187,72 +187,80 @@ TEST_F(StreamingState, RestoredStateGivesBitIdenticalResults) {
   std::copy_n(V.v.begin(), 2333 * 3, Vh.v.begin());
   StreamingUniversalSet b(8, 3, 0.1);
   push_all(b, Kh, &Vh, {1700});
-  b.save(dir / "state.bin");
-  StreamingUniversalSet c = StreamingUniversalSet::load(dir / "state.bin");
+  b.save(dir / "state.npz");
+  StreamingUniversalSet c = StreamingUniversalSet::load(dir / "state.npz");
   EXPECT_EQ(c.n(), 2333);
   EXPECT_EQ(c.candidates(), b.candidates());
   expect_same_set(c.universal_set(), b.universal_set(), "restored");
   c.push({K.v.data() + 2333 * 8, 5000 - 2333, 8}, {V.v.data() + 2333 * 3, 5000 - 2333, 3});
   expect_same_set(c.universal_set(), levattn::universal_set(K.view(), 0.1), "continued");
   EXPECT_EQ(c.attention(Q.view()), a.attention(Q.view()));
-  c.save(dir / "again.bin");
-  a.save(dir / "whole.bin");
-  EXPECT_EQ(StreamingUniversalSet::load(dir / "again.bin").universal_set().scores, a.universal_set().scores);
+  c.save(dir / "again.npz");
+  a.save(dir / "whole.npz");
+  EXPECT_EQ(StreamingUniversalSet::load(dir / "again.npz").universal_set().scores, a.universal_set().scores);
 }
 
 TEST_F(StreamingState, DamagedFilesAreClearErrors) {
   StreamingUniversalSet s(4, 2, 0.2);
   const Mat K = oracle::gaussian(3000, 4, 16), V = oracle::gaussian(3000, 2, 17);
   push_all(s, K, &V, {1100});
-  s.save(dir / "good.bin");
+  s.save(dir / "good.npz");
   std::vector<char> bytes;
   {
-    std::ifstream in(dir / "good.bin", std::ios::binary);
+    std::ifstream in(dir / "good.npz", std::ios::binary);
     bytes.assign(std::istreambuf_iterator<char>(in), {});
   }
   const auto write = [&](const std::vector<char>& b) {
-    std::ofstream out(dir / "bad.bin", std::ios::binary | std::ios::trunc);
+    std::ofstream out(dir / "bad.npz", std::ios::binary | std::ios::trunc);
     out.write(b.data(), static_cast<std::streamsize>(b.size()));
   };
   const auto message = [&] {
-    const auto [kind, what] = oracle::error_of([&] { StreamingUniversalSet::load(dir / "bad.bin"); });
+    const auto [kind, what] = oracle::error_of([&] { StreamingUniversalSet::load(dir / "bad.npz"); });
     EXPECT_EQ(kind, levattn::ErrorKind::io);
-    EXPECT_NE(what.find("bad.bin"), std::string::npos) << what;
+    EXPECT_NE(what.find("bad.npz"), std::string::npos) << what;
     return what;
   };
-  for (std::size_t keep : {std::size_t{0}, std::size_t{10}, std::size_t{100}, bytes.size() - 1}) {
+  for (std::size_t keep : {std::size_t{0}, std::size_t{10}, std::size_t{100}, bytes.size() / 2, bytes.size() - 1}) {
     write(std::vector<char>(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(keep)));
-    EXPECT_NE(message().find("truncated"), std::string::npos) << keep;
+    EXPECT_FALSE(message().empty()) << keep;
   }
+  // A flipped bit in the values' data: the member's CRC-32 fails.
+  const auto members = levattn::read_npz(dir / "good.npz");
   std::vector<char> b = bytes;
-  b[bytes.size() / 2] ^= 0x10;  // a flipped bit in the data
+  const std::string probe(reinterpret_cast<const char*>(members.back().second.f32.data()), 16);  // values' first bytes
+  const auto at = std::search(b.begin(), b.end(), probe.begin(), probe.end());
+  ASSERT_NE(at, b.end());
+  at[3] ^= 0x10;
   write(b);
-  EXPECT_NE(message().find("checksum"), std::string::npos);
-  b = bytes;
-  b[8] = 3;  // a later version
-  write(b);
-  EXPECT_NE(message().find("version"), std::string::npos);
-  b = bytes;
-  b[16 + 8 * 8 + 7] = static_cast<char>(0x80);  // protected first keys < 0
-  write(b);
-  EXPECT_NE(message().find("protected"), std::string::npos);
-  b = bytes;
-  b[0] = 'X';
-  write(b);
-  EXPECT_NE(message().find("magic"), std::string::npos);
-  b = bytes;
-  b[16 + 2 * 8] ^= 0x01;  // n, a lying size
-  write(b);
-  EXPECT_FALSE(message().empty());
-  b = bytes;
-  for (int x = 0; x < 8; ++x) b[16 + 3 * 8 + x] = x == 7 ? 0x01 : 0;  // blocks = 2^56: no overflow, an error
-  write(b);
-  EXPECT_NE(message().find("n:"), std::string::npos);
-  b = bytes;
-  for (int x = 0; x < 8; ++x) b[16 + 6 * 8 + x] = x == 7 ? 0x10 : 0;  // candidates = 2^60
-  write(b);
-  EXPECT_FALSE(message().empty());
-  EXPECT_EQ(oracle::error_of([&] { StreamingUniversalSet::load(dir / "missing.bin"); }).first, levattn::ErrorKind::io);
+  EXPECT_NE(message().find("CRC-32"), std::string::npos);
+  // One member changed at a time, written as a well-formed archive.
+  const auto with = [&](const std::string& name, const levattn::Array& value) {
+    auto changed = members;
+    if (value.shape.empty()) {  // remove the member
+      changed.erase(std::find_if(changed.begin(), changed.end(), [&](const auto& m) { return m.first == name; }));
+    } else {
+      for (auto& m : changed)
+        if (m.first == name) m.second = value;
+    }
+    levattn::write_npz(dir / "bad.npz", changed);
+    return message();
+  };
+  const auto one = [](std::int64_t x) { return levattn::Array::from_int64({1}, {x}); };
+  EXPECT_NE(with("version", one(4)).find("version: expected 3, got 4"), std::string::npos);
+  EXPECT_NE(with("protect_first", one(-1)).find("protected"), std::string::npos);
+  EXPECT_NE(with("n", one(2999)).find("n:"), std::string::npos);
+  EXPECT_NE(with("gram_blocks", one(std::int64_t{1} << 56)).find("n:"), std::string::npos);
+  EXPECT_NE(with("keys", levattn::Array{}).find("member 'keys': missing"), std::string::npos);
+  EXPECT_NE(with("keys", levattn::Array::from_float64({1, 4}, {1, 2, 3, 4})).find("2-D float32"), std::string::npos);
+  EXPECT_NE(with("values", levattn::Array::from_float32({1, 2}, {1, 2})).find("member 'values'"), std::string::npos);
+  EXPECT_NE(with("gram_pending", levattn::Array::from_float32({1, 3}, {1, 2, 3})).find("4 columns"), std::string::npos);
+  auto index = std::find_if(members.begin(), members.end(), [](const auto& m) { return m.first == "index"; })->second;
+  std::reverse(index.i64.begin(), index.i64.end());
+  EXPECT_NE(with("index", index).find("ascending"), std::string::npos);
+  // A state of version 2 (a binary file) is named as such.
+  write({'L', 'V', 'S', 'T', 'R', 'E', 'A', 'M', 2, 0, 0, 0});
+  EXPECT_NE(message().find("version-2 binary"), std::string::npos);
+  EXPECT_EQ(oracle::error_of([&] { StreamingUniversalSet::load(dir / "missing.npz"); }).first, levattn::ErrorKind::io);
 }
 
 TEST(Streaming, RejectsBadArguments) {

@@ -82,12 +82,15 @@ class StreamingUniversalSet {
   std::size_t workspace_bytes() const;       ///< bytes the state holds now
   std::size_t peak_workspace_bytes() const;  ///< the most it has held since construction
 
-  /// Writes the state to `path` atomically: a versioned binary file ending in a CRC-32 of its
-  /// contents. A restored state gives bit-identical results. Throws Error(io).
+  /// Writes the state to `path` atomically as an .npz archive of named members (version, eps,
+  /// ridge, rank_rtol, n, gram_blocks, prune_at, protect_first, protect_last,
+  /// peak_workspace_bytes, gram_partials, gram_pending, index, keys, values: docs/design.md),
+  /// which numpy.load reads; the zip's CRC-32 guards each member. A restored state gives
+  /// bit-identical results. Throws Error(io).
   void save(const std::filesystem::path& path) const;
-  /// Reads a state written by save(). A truncated, corrupted (checksum), foreign (magic) or
-  /// other-version file, or one whose sizes disagree with its length, throws Error(io) naming
-  /// the file and the field.
+  /// Reads a state written by save(). A truncated or corrupted (CRC-32) archive, a missing or
+  /// mistyped member, another version, or sizes that disagree with each other throw Error(io)
+  /// naming the file and the member or field; so does a version-2 binary state.
   static StreamingUniversalSet load(const std::filesystem::path& path);
 
   ~StreamingUniversalSet();

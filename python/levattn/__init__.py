@@ -38,8 +38,6 @@ from ._core import (  # noqa: F401
     lewis_weights,
     parse_selection,
     planted,
-    read_npy,
-    read_npz,
     reduce_dimension,
     select_keys,
     selection_metrics,
@@ -48,11 +46,18 @@ from ._core import (  # noqa: F401
     softmax_gram_error,
     universal_set,
     version,
-    write_npy,
-    write_npz,
 )
 
 __version__ = version()
+
+_NUMPY_FILES = {"read_npy": "numpy.load", "read_npz": "numpy.load", "write_npy": "numpy.save", "write_npz": "numpy.savez"}
+
+
+def __getattr__(name):
+    if name in _NUMPY_FILES:
+        raise AttributeError(f"levattn.{name} is gone: numpy reads and writes .npy and .npz files "
+                             f"({_NUMPY_FILES[name]})")
+    raise AttributeError(f"module 'levattn' has no attribute {name!r}")
 
 
 def info():

@@ -16,6 +16,5 @@ void bind_attention(pybind11::module_& m);
 /// streaming.hpp, kv_cache.hpp: StreamingUniversalSet and KVCache.
 void bind_streaming(pybind11::module_& m);
 /// io.hpp: .npy and .npz files.
-void bind_io(pybind11::module_& m);
 
 }  // namespace levattn::python

@@ -31,7 +31,6 @@ PYBIND11_MODULE(_core, m) {
   python::bind_sketches(m);
   python::bind_attention(m);
   python::bind_streaming(m);
-  python::bind_io(m);
 
   m.def("version", [] { return std::string(version()); }, "The library's version string.");
   m.def("build_info", [] {

@@ -175,20 +175,16 @@ def test_bad_arguments_are_value_errors_naming_what_was_expected(call, text):
         call()
 
 
-def test_files_round_trip_and_bad_files_are_os_errors(tmp_path):
-    a = rng(9).standard_normal((3, 4)).astype(np.float32)
-    levattn.write_npy(tmp_path / "a.npy", a)
-    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), a)
-    np.testing.assert_array_equal(levattn.read_npy(tmp_path / "a.npy"), a)
-    levattn.write_npz(tmp_path / "b.npz", {"q": a, "idx": np.arange(5)})
-    d = levattn.read_npz(tmp_path / "b.npz")
-    np.testing.assert_array_equal(d["q"], a)
-    assert d["idx"].dtype == np.int64 and d["idx"].tolist() == list(range(5))
-    with pytest.raises(OSError, match="missing.npy"):
-        levattn.read_npy(tmp_path / "missing.npy")
-    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
-    with pytest.raises(OSError, match="bad.npy"):
-        levattn.read_npy(tmp_path / "bad.npy")
+def test_npy_files_are_numpys_and_bad_state_files_are_os_errors(tmp_path):
+    with pytest.raises(AttributeError, match="numpy.load"):
+        levattn.read_npy  # noqa: B018
+    with pytest.raises(AttributeError, match="numpy.savez"):
+        levattn.write_npz  # noqa: B018
+    (tmp_path / "bad.npz").write_bytes(b"PK\x05\x06garbage")
+    with pytest.raises(OSError, match="bad.npz"):
+        levattn.StreamingUniversalSet.load(tmp_path / "bad.npz")
+    with pytest.raises(OSError, match="missing.npz"):
+        levattn.StreamingUniversalSet.load(tmp_path / "missing.npz")
 
 
 def test_concurrent_calls_from_python_threads_agree():
@@ -339,13 +335,16 @@ def test_streaming_universal_set_is_the_offline_set_for_any_blocks(tmp_path):
     logits = Q @ ku.T / np.sqrt(8.0)
     w = np.exp(logits - logits.max(axis=1, keepdims=True))
     np.testing.assert_allclose(s.attention(Q), (w / w.sum(axis=1, keepdims=True)) @ V[want.indices], rtol=1e-4, atol=1e-5)
-    s.save(tmp_path / "state.bin")
-    r = levattn.StreamingUniversalSet.load(tmp_path / "state.bin")
+    s.save(tmp_path / "state.npz")
+    r = levattn.StreamingUniversalSet.load(tmp_path / "state.npz")
     np.testing.assert_array_equal(r.universal_set().scores, s.universal_set().scores)
-    data = (tmp_path / "state.bin").read_bytes()
-    (tmp_path / "bad.bin").write_bytes(data[:-3])
-    with pytest.raises(OSError, match="bad.bin"):
-        levattn.StreamingUniversalSet.load(tmp_path / "bad.bin")
+    with np.load(tmp_path / "state.npz") as z:  # named members, read by numpy
+        assert len(z["index"]) == s.candidates and np.all(np.diff(z["index"]) > 0)
+        assert z["version"].tolist() == [3] and z["keys"].shape == (s.candidates, 8)
+    data = (tmp_path / "state.npz").read_bytes()
+    (tmp_path / "bad.npz").write_bytes(data[:-3])
+    with pytest.raises(OSError, match="bad.npz"):
+        levattn.StreamingUniversalSet.load(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="keys"):
         s.push(np.zeros((3, 5), np.float32), np.zeros((3, 3), np.float32))
     with pytest.raises(ValueError, match="eps"):
