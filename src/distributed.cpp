@@ -1,27 +1,25 @@
 // Distributed LevAttention: universal sets (the key Gram summed by one Allreduce, or two
-// composable rounds), heavy entries, attention over the gathered set with a window halo, the
-// dense ring, and the sharded .npy writer. Errors are agreed on by every rank before any other
-// collective, so no rank waits on one that failed.
+// composable rounds), heavy entries, attention over the gathered set with a window halo, and the
+// dense ring. Errors are agreed on by every rank before any other collective (collective.hpp),
+// so no rank waits on one that failed.
 #include "levattn/distributed.hpp"
 
 #include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cmath>
-#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <limits>
-#include <random>
 #include <string>
 #include <vector>
 
+#include "collective.hpp"
 #include "detail/gram.hpp"
 #include "heavy_search.hpp"
 #include "detail/lapack.hpp"
 #include "detail/names.hpp"
 #include "leverage.hpp"
-#include "npy_format.hpp"
 #include "detail/validate.hpp"
 #include "engine.hpp"
 #include "levattn/selected_attention.hpp"
@@ -37,123 +35,10 @@ constexpr std::pair<DistributedMode, const char*> kModeNames[] = {{DistributedMo
 
 std::string to_string(DistributedMode mode) { return detail::name_of(kModeNames, mode); }
 DistributedMode parse_distributed_mode(const std::string& name) { return detail::parse_name(kModeNames, name, "mode"); }
+
+using namespace collective;
+
 namespace {
-
-struct Comm {
-  MPI_Comm comm;
-  int rank = 0, size = 1;
-  CommVolume* volume;
-  void count(std::uint64_t sent, std::uint64_t received) const {  // one process communicates nothing
-    if (volume && size > 1) volume->sent += sent, volume->received += received;
-  }
-};
-
-Comm comm_of(MPI_Comm comm, CommVolume* volume) {
-  Comm c{comm, 0, 1, volume};
-  MPI_Comm_rank(comm, &c.rank);
-  MPI_Comm_size(comm, &c.size);
-  return c;
-}
-
-[[noreturn]] void fail_together(const std::string& field, const std::string& detail) {
-  throw CollectiveError(ErrorKind::invalid_argument, field, detail);
-}
-
-template <class T>
-MPI_Datatype mpi_type();
-template <>
-MPI_Datatype mpi_type<float>() { return MPI_FLOAT; }
-template <>
-MPI_Datatype mpi_type<double>() { return MPI_DOUBLE; }
-template <>
-MPI_Datatype mpi_type<std::int64_t>() { return MPI_INT64_T; }
-
-// MPI counts are int: a gather of more values than that is refused on every rank alike.
-int mpi_count(std::uint64_t values, const char* what) {
-  if (values > static_cast<std::uint64_t>(INT_MAX))
-    fail_together(what, std::to_string(values) + " values to exchange, more than one MPI call takes");
-  return static_cast<int>(values);
-}
-
-// Every rank's `mine` concatenated in rank order (one Allgather of counts, one Allgatherv).
-template <class T>
-std::vector<T> all_gather(const Comm& c, const std::vector<T>& mine, const char* what) {
-  const std::int64_t count = static_cast<std::int64_t>(mine.size());
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(c.size));
-  MPI_Allgather(&count, 1, MPI_INT64_T, counts.data(), 1, MPI_INT64_T, c.comm);
-  std::vector<int> n(counts.size()), at(counts.size() + 1, 0);
-  std::uint64_t total = 0;
-  for (std::size_t r = 0; r < counts.size(); ++r) total += static_cast<std::uint64_t>(counts[r]);
-  mpi_count(total, what);
-  for (std::size_t r = 0; r < counts.size(); ++r) n[r] = static_cast<int>(counts[r]), at[r + 1] = at[r] + n[r];
-  std::vector<T> out(static_cast<std::size_t>(total));
-  MPI_Allgatherv(mine.data(), static_cast<int>(count), mpi_type<T>(), out.data(), n.data(), at.data(), mpi_type<T>(),
-                 c.comm);
-  // Counted as what this rank passes in once and what it receives of the other ranks' data.
-  c.count(8 + sizeof(T) * mine.size(), 8 * static_cast<std::uint64_t>(c.size - 1) + sizeof(T) * (out.size() - mine.size()));
-  return out;
-}
-
-void agree(const Comm& c, const std::function<void()>& f) {
-  ErrorKind kind = ErrorKind::internal;
-  std::string field, detail;
-  int failed = INT_MAX;
-  try {
-    f();
-  } catch (const Error& e) {
-    kind = e.kind(), field = e.field(), detail = e.detail(), failed = c.rank;
-  } catch (const std::exception& e) {
-    detail = e.what(), failed = c.rank;
-  }
-  int first = INT_MAX;
-  MPI_Allreduce(&failed, &first, 1, MPI_INT, MPI_MIN, c.comm);
-  c.count(sizeof(int), sizeof(int));
-  if (first == INT_MAX) return;
-  // The failing rank's kind, field and detail, so that callers can still name the field's source.
-  std::string text = field + detail;
-  int head[3] = {static_cast<int>(kind), static_cast<int>(field.size()), static_cast<int>(text.size())};
-  MPI_Bcast(head, 3, MPI_INT, first, c.comm);
-  text.resize(static_cast<std::size_t>(head[2]));
-  MPI_Bcast(text.data(), head[2], MPI_CHAR, first, c.comm);
-  c.count(c.rank == first ? 12 + text.size() : 0, c.rank == first ? 0 : 12 + text.size());
-  const auto split = static_cast<std::size_t>(head[1]);
-  throw CollectiveError(static_cast<ErrorKind>(head[0]), first, text.substr(0, split), text.substr(split));
-}
-
-// Every rank's shard of one sharded array, checked to tile 0 .. n - 1 in rank order, with the
-// same number of pairs everywhere and the same width on every rank that holds rows.
-struct Layout {
-  index_t n = 0, cols = 0, pairs = 0;
-  std::vector<Shard> shards;
-};
-
-Layout layout_of(const Comm& c, index_t first, index_t rows, index_t cols, index_t pairs, const std::string& what) {
-  const std::int64_t mine[4] = {first, rows, cols, pairs};
-  std::vector<std::int64_t> all(static_cast<std::size_t>(4 * c.size));
-  MPI_Allgather(mine, 4, MPI_INT64_T, all.data(), 4, MPI_INT64_T, c.comm);
-  c.count(32, 32 * static_cast<std::uint64_t>(c.size - 1));
-  Layout l;
-  l.pairs = all[3];
-  for (int r = 0; r < c.size; ++r) {
-    const std::int64_t* s = all.data() + 4 * r;
-    if (s[0] != l.n || s[1] < 0)
-      fail_together(what, "rank " + std::to_string(r) + " holds rows from " + std::to_string(s[0]) + ", expected " +
-                              std::to_string(l.n) + " (shards contiguous in rank order from row 0)");
-    if (s[3] != l.pairs)
-      fail_together(what, "ranks hold different numbers of (batch, head) pairs (" + std::to_string(l.pairs) + " and " +
-                              std::to_string(s[3]) + ")");
-    if (s[1] > 0) {
-      if (l.cols != 0 && s[2] != l.cols)
-        fail_together(what, "ranks hold rows of different widths (" + std::to_string(l.cols) + " and " +
-                                std::to_string(s[2]) + ")");
-      l.cols = s[2];
-    }
-    l.shards.push_back({s[0], s[1]});
-    l.n += s[1];
-  }
-  if (l.n == 0 || l.cols < 1 || l.pairs < 1) fail_together(what, "expected a non-empty array across the ranks");
-  return l;
-}
 
 // K_r^T K_r of the local rows, by the one Gram accumulator (blocks of kGramRows in float64).
 std::vector<double> local_gram(ConstMatrix K) {
@@ -256,10 +141,6 @@ Tensor4Ref widened(Tensor4Ref t, const Layout& l) {
 }
 
 }  // namespace
-
-void collectively(MPI_Comm comm, const std::function<void()>& f, CommVolume* volume) {
-  agree(comm_of(comm, volume), f);
-}
 
 Shard shard_of(index_t n, int rank, int size) {
   const index_t p = size, r = rank, base = n / p, extra = n % p;
@@ -709,72 +590,6 @@ AttentionResult distributed_attention(MPI_Comm comm, const Tensor4Ref& Q_local, 
   res.seconds_selection = selection;
   res.seconds_attention = since(t0) - selection;
   return res;
-}
-
-void write_npy_rows(MPI_Comm comm, const std::filesystem::path& path, const std::vector<index_t>& shape,
-                    index_t first, index_t rows, const float* local, CommVolume* volume) {
-  const Comm c = comm_of(comm, volume);
-  const std::size_t dims = shape.size();
-  if (dims < 2 || dims > 4) fail_together(path.string(), "expected a 2-D to 4-D shape");
-  index_t pairs = 1;
-  for (std::size_t a = 0; a + 2 < dims; ++a) pairs *= shape[a];
-  const index_t n = shape[dims - 2], cols = shape[dims - 1];
-  const Layout l = layout_of(c, first, rows, cols, pairs, path.string());
-  if (l.n != n)
-    fail_together(path.string(),
-                  "the ranks' rows add up to " + std::to_string(l.n) + ", the shape has " + std::to_string(n));
-  Array header;
-  header.dtype = DType::float32;
-  header.shape = shape;
-  const std::vector<std::uint8_t> head = detail::npy_header_bytes(header);
-  // A temporary name beside the target, chosen by rank 0.
-  char tag[17] = {0};
-  if (c.rank == 0) std::snprintf(tag, sizeof tag, "%016llx", static_cast<unsigned long long>(std::random_device{}()) << 32 ^ static_cast<unsigned long long>(std::random_device{}()));
-  MPI_Bcast(tag, 16, MPI_CHAR, 0, comm);
-  c.count(c.rank == 0 ? 16 : 0, c.rank == 0 ? 0 : 16);
-  const std::string tmp = path.string() + ".tmp." + tag;
-  const auto check = [&](int rc, const char* what) {
-    if (rc == MPI_SUCCESS) return;
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    MPI_Error_string(rc, msg, &len);
-    detail::fail(ErrorKind::io, path.string(), "cannot ", what, ": ", std::string(msg, static_cast<std::size_t>(len)));
-  };
-  MPI_File fh = MPI_FILE_NULL;
-  bool written = false;
-  const auto remove_tmp = [&] {
-    if (c.rank == 0) std::remove(tmp.c_str());
-  };
-  try {
-    int rc = MPI_File_open(comm, tmp.c_str(), MPI_MODE_CREATE | MPI_MODE_WRONLY | MPI_MODE_EXCL, MPI_INFO_NULL, &fh);
-    agree(c, [&] { check(rc, "create a temporary file beside it"); });
-    agree(c, [&] {
-      if (c.rank == 0) check(MPI_File_write_at(fh, 0, head.data(), static_cast<int>(head.size()), MPI_BYTE, MPI_STATUS_IGNORE), "write");
-      constexpr index_t kChunk = index_t{1} << 26;  // floats per MPI call, well below INT_MAX
-      for (index_t s = 0; s < pairs; ++s)
-        for (index_t done = 0; done < rows * cols; done += kChunk) {
-          const index_t count = std::min(kChunk, rows * cols - done);
-          const MPI_Offset at = static_cast<MPI_Offset>(head.size()) +
-                                static_cast<MPI_Offset>(4 * ((s * n + first) * cols + done));
-          check(MPI_File_write_at(fh, at, local + s * rows * cols + done, static_cast<int>(count), MPI_FLOAT,
-                                  MPI_STATUS_IGNORE), "write");
-        }
-    });
-    rc = MPI_File_sync(fh);
-    agree(c, [&] { check(rc, "flush"); });
-    rc = MPI_File_close(&fh);
-    fh = MPI_FILE_NULL;  // closed or not, never closed again
-    agree(c, [&] { check(rc, "close"); });
-    agree(c, [&] {
-      if (c.rank == 0 && std::rename(tmp.c_str(), path.c_str()) != 0)
-        detail::fail(ErrorKind::io, path.string(), "cannot move the written file into place");
-    });
-    written = true;
-  } catch (...) {
-    if (fh != MPI_FILE_NULL) MPI_File_close(&fh);
-    if (!written) remove_tmp();
-    throw;
-  }
 }
 
 }  // namespace levattn
