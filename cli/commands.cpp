@@ -92,8 +92,6 @@ int run_universal(const UniversalArgs& a) {
   o.p = a.p;
   if (a.use_top_k) o.top_k = a.top_k;
   else o.eps = a.eps;
-  if (a.p != 2.0 && a.ridge != 0.0)
-    throw Error(ErrorKind::invalid_argument, "ridge", "applies to p = 2 (leverage scores) only");
   if (a.use_top_k && a.top_k < 1)
     throw Error(ErrorKind::invalid_argument, "top-k", "expected an integer >= 1, got " + std::to_string(a.top_k));
   const Tensor4Ref k = as_tensor(K);

@@ -7,6 +7,7 @@
 #include <string>
 #include <algorithm>
 
+#include "detail/names.hpp"
 #include "detail/validate.hpp"
 #include "kernels/elementwise.hpp"
 
@@ -93,6 +94,15 @@ void require_eps(double eps, const char* what) {
 }  // namespace levattn::detail
 
 namespace levattn {
+namespace {
+
+constexpr std::pair<ErrorKind, const char*> kErrorKindNames[] = {
+    {ErrorKind::invalid_argument, "invalid_argument"}, {ErrorKind::io, "io"}, {ErrorKind::internal, "internal"}};
+
+}  // namespace
+
+std::string to_string(ErrorKind kind) { return detail::name_of(kErrorKindNames, kind); }
+ErrorKind parse_error_kind(const std::string& name) { return detail::parse_name(kErrorKindNames, name, "error kind"); }
 
 index_t checked_elements(std::initializer_list<index_t> dims, const std::string& what) {
   constexpr index_t kMax = index_t{1} << 62;

@@ -26,6 +26,7 @@
 #include <thread>
 #include <utility>
 
+#include "detail/names.hpp"
 #include "detail/require.hpp"
 #include "npy_format.hpp"
 
@@ -826,5 +827,15 @@ std::vector<float> to_float32(const Array& array, const std::string& what) {
   }
   return out;
 }
+
+namespace {
+
+constexpr std::pair<DType, const char*> kDTypeNames[] = {
+    {DType::float32, "float32"}, {DType::float64, "float64"}, {DType::int64, "int64"}};
+
+}  // namespace
+
+std::string to_string(DType dtype) { return detail::name_of(kDTypeNames, dtype); }
+DType parse_dtype(const std::string& name) { return detail::parse_name(kDTypeNames, name, "dtype"); }
 
 }  // namespace levattn

@@ -313,8 +313,7 @@ class StateMembers {
     LEVATTN_REQUIRE_FILE(it != members_.end(), where_, "member '", name, "': missing (not a levattn stream state?)");
     const Array& a = it->second;
     LEVATTN_REQUIRE_FILE(a.dtype == dtype && a.shape.size() == dims, where_, "member '", name, "': expected a ",
-                         dims, "-D ", dtype == DType::float32 ? "float32" : dtype == DType::float64 ? "float64" : "int64",
-                         " array");
+                         dims, "-D ", to_string(dtype), " array, got a ", a.shape.size(), "-D ", to_string(a.dtype));
     return a;
   }
   index_t integer(const char* name) const {

@@ -489,3 +489,24 @@ TEST(Errors, CarryTheirFieldApartFromTheDetail) {
   const Error copy = window;  // the field survives a copy
   EXPECT_EQ(copy.field(), "window");
 }
+
+// Every enum's names read back (parse(to_string(x)) == x), and a wrong name is an error that
+// names the field and the choices.
+TEST(Names, EveryEnumReadsBackItsOwnNames) {
+  for (Kernel x : {Kernel::softmax, Kernel::power}) EXPECT_EQ(parse_kernel(to_string(x)), x);
+  for (Select x : {Select::full, Select::leverage, Select::topk, Select::random, Select::window, Select::cluster})
+    EXPECT_EQ(parse_select(to_string(x)), x);
+  for (ScoreMethod x : {ScoreMethod::exact, ScoreMethod::sketch}) EXPECT_EQ(parse_score_method(to_string(x)), x);
+  for (SketchKind x : {SketchKind::countsketch, SketchKind::srht, SketchKind::gaussian})
+    EXPECT_EQ(parse_sketch_kind(to_string(x)), x);
+  for (Normaliser x : {Normaliser::exact, Normaliser::sampled}) EXPECT_EQ(parse_normaliser(to_string(x)), x);
+  for (ReduceMethod x : {ReduceMethod::gaussian, ReduceMethod::srht, ReduceMethod::countsketch, ReduceMethod::svd,
+                         ReduceMethod::bss})
+    EXPECT_EQ(parse_reduce_method(to_string(x)), x);
+  for (DType x : {DType::float32, DType::float64, DType::int64}) EXPECT_EQ(parse_dtype(to_string(x)), x);
+  for (ErrorKind x : {ErrorKind::invalid_argument, ErrorKind::io, ErrorKind::internal})
+    EXPECT_EQ(parse_error_kind(to_string(x)), x);
+  const auto [kind, what] = oracle::error_of([] { parse_dtype("float16"); });
+  EXPECT_EQ(kind, ErrorKind::invalid_argument);
+  EXPECT_EQ(what, "dtype: expected float32, float64 or int64, got 'float16'");
+}

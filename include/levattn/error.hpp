@@ -14,6 +14,11 @@ enum class ErrorKind {
   internal,          ///< an invariant of the library failed (a bug) or a LAPACK routine failed
 };
 
+/// "invalid_argument", "io" or "internal".
+std::string to_string(ErrorKind kind);
+/// The inverse of to_string. Throws Error(invalid_argument) naming the choices for any other name.
+ErrorKind parse_error_kind(const std::string& name);
+
 /// Every failure the library reports is a levattn::Error. The message names the argument or file,
 /// the field and what was expected: what() is "field: detail", or the detail alone when the error
 /// concerns no one field. field() lets a front end relabel the field with what it knows (the CLI

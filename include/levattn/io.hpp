@@ -16,6 +16,11 @@ namespace levattn {
 /// Element types the I/O layer reads and writes ('<f4', '<f8', '<i8').
 enum class DType { float32, float64, int64 };
 
+/// "float32", "float64" or "int64" (numpy's names).
+std::string to_string(DType dtype);
+/// The inverse of to_string. Throws Error(invalid_argument) naming the choices for any other name.
+DType parse_dtype(const std::string& name);
+
 /// An n-D array in C (row-major) order. Exactly one of f32 / f64 / i64 holds the values,
 /// the one matching dtype; the others are empty.
 struct Array {
