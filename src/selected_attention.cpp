@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 
 #include "detail/blas.hpp"
 #include "detail/parallel.hpp"
@@ -397,20 +398,22 @@ void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_
   detail::gemv(kTr, count, dv, T(1), ws.vg.data(), dv, ws.op.data(), T(1), acc);
 }
 
-// The float32 engine's per-thread state: the online block (kernels::kQueryBlock rows, tiles of
-// kernels::kKeyTile keys), gathered shared key and value rows, a window band's membership flags
-// and one query's own keys.
+// The float32 engine's per-thread state: the online block (up to a tile's rows, key tiles of up
+// to kernels::kKeyTile), gathered shared key and value rows (only where the selection has shared
+// sets), a window band's membership flags and one query's own keys. Sized to the call, and left
+// uninitialised where every element is written before it is read: a decoding step attends one
+// query over a few hundred keys, and zero-filling full-size buffers would cost more than that.
 struct EngineWorkspace {
   kernels::OnlineBlock blk;
-  std::vector<float> gk, gv;
+  std::unique_ptr<float[]> gk, gv;
   std::vector<char> flags;
   std::vector<index_t> own;  // one query's own keys, unused slots left out
-  EngineWorkspace(const kernels::KernelParams& params, index_t d, index_t dv, index_t top_k)
-      : blk(params, kernels::kQueryBlock, kernels::kKeyTile, dv),
-        gk(static_cast<std::size_t>(kernels::kKeyTile * d)),
-        gv(static_cast<std::size_t>(kernels::kKeyTile * dv)),
-        flags(static_cast<std::size_t>(kernels::kKeyTile)),
-        own(static_cast<std::size_t>(top_k)) {}
+  EngineWorkspace(const kernels::KernelParams& params, const Ctx<float>& c, index_t widest_set)
+      : blk(params, std::min(c.tile_rows, c.sh.m), std::min(kernels::kKeyTile, c.sh.n), c.sh.dv),
+        gk(new float[static_cast<std::size_t>(std::min(kernels::kKeyTile, widest_set) * c.sh.d)]),
+        gv(new float[static_cast<std::size_t>(std::min(kernels::kKeyTile, widest_set) * c.sh.dv)]),
+        flags(static_cast<std::size_t>(std::min(kernels::kKeyTile, c.sh.n))),
+        own(static_cast<std::size_t>(c.sel.top_k)) {}
 };
 
 // Queries i0 .. i0 + rows - 1 of pair h in float32: their blocks of keys through the online
@@ -420,7 +423,7 @@ kernels::OnlineBlock::Rows engine_tile(const Ctx<float>& c, EngineWorkspace& ws,
                                        float* out, float* stat) {
   const index_t d = c.sh.d, dv = c.sh.dv, kk = c.sel.top_k;
   ws.blk.begin(c.Q(h) + i0 * d, d, rows, d);
-  for_each_block(c, ws.gk.data(), ws.gv.data(), kernels::kKeyTile, h, i0, rows, [&](const Block<float>& b) {
+  for_each_block(c, ws.gk.get(), ws.gv.get(), kernels::kKeyTile, h, i0, rows, [&](const Block<float>& b) {
     float* tile = ws.blk.logits(b.kb, d, b.c);
     mask_block(c, ws.flags.data(), h, i0, rows, b, tile);
     ws.blk.absorb(b.vb, dv, b.c);
@@ -472,9 +475,17 @@ index_t engine::forward(const AttentionShape& sh, const Selection& sel, const Ke
   // logits on it (a 128-row tile with w = 128 computes 67% of its band's logits, a 256-row one
   // 50%). Not where one tile holds every query and a shared set too: two tiles would meet the
   // set twice, in twice the (small, set-up bound) products.
-  const bool band_alone = std::all_of(sel.shared_keys.begin(), sel.shared_keys.end(),
-                                      [](const std::vector<index_t>& set) { return set.empty(); });
-  c.tile_rows = sel.window > 0 && (sh.m > kernels::kQueryBlock || band_alone) ? kRows : kernels::kQueryBlock;
+  // Where the shared sets are large (causal leverage at a small eps: thousands of keys per
+  // segment), gathering them once per tile costs more than the band saves: 256-row tiles.
+  index_t widest_set = 0;
+  double set_sizes = 0.0;
+  for (const std::vector<index_t>& set : sel.shared_keys) {
+    widest_set = std::max(widest_set, static_cast<index_t>(set.size()));
+    set_sizes += static_cast<double>(set.size());
+  }
+  const bool band_alone = widest_set == 0;
+  const bool small_sets = set_sizes <= static_cast<double>(2 * kernels::kQueryBlock) * static_cast<double>(sel.shared_keys.size());
+  c.tile_rows = sel.window > 0 && ((sh.m > kernels::kQueryBlock && small_sets) || band_alone) ? kRows : kernels::kQueryBlock;
   LEVATTN_REQUIRE(out, "attention", "null output buffer");
   const index_t pairs = sel.pairs(), kv_pairs = sh.batch * sh.kv();
   // One pass over each input: finite (else the error names the entry), and the bound
@@ -496,7 +507,7 @@ index_t engine::forward(const AttentionShape& sh, const Selection& sel, const Ke
   params.check_overflow = logits_can_overflow(c.fn.scale, sh.d, max_q, max_k);
   const index_t tiles = c.tiles(), tasks = pairs * tiles;
   std::atomic<index_t> done{0}, non_finite{0}, empty{0};
-  detail::parallel_tasks(tasks, c.flops() / 2.0, [&] { return EngineWorkspace(params, sh.d, sh.dv, sel.top_k); },
+  detail::parallel_tasks(tasks, c.flops() / 2.0, [&] { return EngineWorkspace(params, c, widest_set); },
                          [&](index_t t, EngineWorkspace& ws) {
                            const auto [i0, rows] = c.tile(t % tiles);
                            if (rows > 0) {
