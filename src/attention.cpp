@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 
 #include "detail/validate.hpp"
 #include "plan.hpp"
@@ -104,13 +105,20 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
   if (options.select == Select::cluster) return attend_clustered(Q, K, V, out, options);
   const auto t0 = Clock::now();
   planner::Plan pl = planner::make_plan(Q, K, V, options);
-  const engine::CheckedInputs checked = planner::scan_inputs(pl, Q, K);
-  detail::require_finite_matrix(flat(V), "values");
+  // Selections that read the data scan it first; full, window and random leave it to the
+  // engine, which scans each pair as it attends it.
+  const bool reads_data = pl.o.select == Select::leverage || pl.o.select == Select::topk;
+  std::optional<engine::CheckedInputs> checked;
+  if (reads_data) {
+    checked = planner::scan_inputs(pl, Q, K);
+    detail::require_finite_matrix(flat(V), "values");
+  }
   Selection sel = planner::make_selection(pl, Q, K);
   AttentionResult res;
   res.seconds_selection = seconds_since(t0);
   const AttentionShape sh{Q.batch, Q.heads, Q.rows, K.rows, Q.cols, V.cols, K.heads};
-  res.empty_rows = engine::forward(sh, sel, options, Q.data, K.data, V.data, out, nullptr, options.progress, &checked);
+  res.empty_rows = engine::forward(sh, sel, options, Q.data, K.data, V.data, out, nullptr, options.progress,
+                                   checked ? &*checked : nullptr);
   res.seconds_attention = seconds_since(t0) - res.seconds_selection;
   res.top_k = pl.k_top;
   res.mean_keys_per_query = mean_keys_per_query(sel);

@@ -487,29 +487,42 @@ index_t engine::forward(const AttentionShape& sh, const Selection& sel, const Ke
   const bool small_sets = set_sizes <= static_cast<double>(2 * kernels::kQueryBlock) * static_cast<double>(sel.shared_keys.size());
   c.tile_rows = sel.window > 0 && ((sh.m > kernels::kQueryBlock && small_sets) || band_alone) ? kRows : kernels::kQueryBlock;
   LEVATTN_REQUIRE(out, "attention", "null output buffer");
-  const index_t pairs = sel.pairs(), kv_pairs = sh.batch * sh.kv();
-  // One pass over each input: finite (else the error names the entry), and the bound
-  // |scale q.k| <= |scale| d max|q| max|k| that spares the logit tiles their overflow check.
+  const index_t pairs = sel.pairs(), kv_pairs = sh.batch * sh.kv(), tiles = c.tiles(), tasks = pairs * tiles;
+  // Inputs are finite (else the error names the entry), and the bound |scale q.k| <= |scale| d
+  // max|q| max|k| spares the logit tiles their overflow check. With one tile per pair, each task
+  // scans its own pair just before attending it, so that the pair is read from cache, not from
+  // memory twice (many pairs of long sequences: decoding over a cache); else one pass first.
+  const bool scan_per_pair = !checked && tiles == 1;
   CheckedInputs scanned;
   if (checked) {
     scanned = *checked;
-  } else {
+  } else if (!scan_per_pair) {
     scanned.max_q = detail::finite_max_abs({q, pairs * sh.m, sh.d}, "queries");
     scanned.max_k = detail::finite_max_abs({k, kv_pairs * sh.n, sh.d}, "keys");
     detail::require_finite_matrix({v, kv_pairs * sh.n, sh.dv}, "values");
   }
-  const double max_q = scanned.max_q, max_k = scanned.max_k;
   kernels::KernelParams params;
   params.kernel = o.kernel;
   params.p = static_cast<float>(o.p);
   params.scale = static_cast<float>(c.fn.scale);
   params.ops = &kernels::active_row_ops();
-  params.check_overflow = logits_can_overflow(c.fn.scale, sh.d, max_q, max_k);
-  const index_t tiles = c.tiles(), tasks = pairs * tiles;
+  params.check_overflow = logits_can_overflow(c.fn.scale, sh.d, scanned.max_q, scanned.max_k);
   std::atomic<index_t> done{0}, non_finite{0}, empty{0};
+  std::atomic<bool> finite_inputs{true};
   detail::parallel_tasks(tasks, c.flops() / 2.0, [&] { return EngineWorkspace(params, c, widest_set); },
                          [&](index_t t, EngineWorkspace& ws) {
                            const auto [i0, rows] = c.tile(t % tiles);
+                           if (scan_per_pair) {
+                             const index_t h = t / tiles;
+                             const double mq = detail::max_abs_or_non_finite(*params.ops, c.Q(h), sh.m * sh.d);
+                             const double mk = detail::max_abs_or_non_finite(*params.ops, c.K(h), sh.n * sh.d);
+                             const double mv = detail::max_abs_or_non_finite(*params.ops, c.V(h), sh.n * sh.dv);
+                             if (mq < 0.0 || mk < 0.0 || mv < 0.0) {
+                               finite_inputs = false;
+                               return;
+                             }
+                             ws.blk.set_check_overflow(logits_can_overflow(c.fn.scale, sh.d, mq, mk));
+                           }
                            if (rows > 0) {
                              const kernels::OnlineBlock::Rows r = engine_tile(c, ws, t / tiles, i0, rows, out, stat);
                              non_finite += r.non_finite, empty += r.empty;
@@ -518,6 +531,12 @@ index_t engine::forward(const AttentionShape& sh, const Selection& sel, const Ke
                            if (progress && omp_get_thread_num() == 0)
                              progress(static_cast<double>(finished) / static_cast<double>(tasks));
                          });
+  if (!finite_inputs) {  // the whole inputs in order, so that the error names the first entry
+    detail::require_finite_matrix({q, pairs * sh.m, sh.d}, "queries");
+    detail::require_finite_matrix({k, kv_pairs * sh.n, sh.d}, "keys");
+    detail::require_finite_matrix({v, kv_pairs * sh.n, sh.dv}, "values");
+    detail::fail(ErrorKind::internal, "attention", "a non-finite input was not found again");
+  }
   if (non_finite > 0) overflow("scaled logits or the weighted values");
   return empty;
 }
