@@ -284,6 +284,8 @@ void mask_block(const Ctx<T>& c, char* flags, index_t h, index_t i0, index_t row
   const std::uint8_t* open = !b.keys && !c.sel.key_mask.empty() ? c.sel.key_mask.data() + h / c.sh.heads * c.sh.n + b.j0
                                                                  : nullptr;
   if (!b.band && !open && !causal) return;
+  // Gathered keys ascend: a block before the tile's first query hides nothing from any row.
+  if (causal && b.keys && !open && b.keys[b.c - 1] <= i0) return;
   for (index_t r = 0; r < rows; ++r) {
     T* g = g_tile + r * b.c;
     if (open)
@@ -297,8 +299,7 @@ void mask_block(const Ctx<T>& c, char* flags, index_t h, index_t i0, index_t row
         if (j < i - w || j > hi || flags[a]) g[a] = none;
       }
     } else if (causal && b.keys) {
-      for (index_t a = 0; a < b.c; ++a)
-        if (b.keys[a] > i) g[a] = none;
+      std::fill(g + (std::upper_bound(b.keys, b.keys + b.c, i) - b.keys), g + b.c, none);
     } else if (causal) {
       for (index_t a = std::max<index_t>(0, i + 1 - b.j0); a < b.c; ++a) g[a] = none;
     }
