@@ -368,9 +368,13 @@ Selection make_selection(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& 
   if (pl.o.key_mask) sel.key_mask.assign(pl.o.key_mask, pl.o.key_mask + Q.batch * pl.n);
   if (pl.shared) {
     std::vector<std::vector<std::vector<index_t>>> heads(static_cast<std::size_t>(pl.heads));
+    // The work of the selections, in flops or their equivalent: leverage scores O(n d^2) per pair;
+    // random draws about 1000 flops' time per key (Philox and Floyd's insertion), which for many
+    // pairs is worth the team.
     const double flops = pl.o.select == Select::leverage
                              ? 2.0 * static_cast<double>(pl.heads * pl.n * pl.d) * static_cast<double>(pl.d)
-                             : 0.0;
+                         : pl.o.select == Select::random ? 1000.0 * static_cast<double>(pl.heads * pl.k_top)
+                                                         : 0.0;
     for_each_pair(pl.heads, flops, [&](index_t h) { heads[h] = shared_sets(pl.o, pl.kv_slice(K, h), h, pl.open_keys(h)); });
     for (auto& head : heads)
       for (auto& set : head) sel.shared_keys.push_back(std::move(set));
