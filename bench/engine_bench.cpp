@@ -1,9 +1,11 @@
 // attention() and its two parts: for each shape and selection spec, the median time of attention()
 // (selection and attention), of select_keys alone and of the engine alone
-// (selected_attention_forward<float> over that selection), in interleaved rounds, and the largest
-// difference between the two outputs. (select + forward) / attention near 1 says attention() adds
-// nothing to its parts; run against an older build, attention_s compares the engines. Prints one
-// JSON object.
+// (selected_attention_forward<float> over that selection) and of its backward
+// (selected_attention_backward<float>: dQ, dK and dV for a Gaussian output gradient), in
+// interleaved rounds, and the largest difference between the two outputs. (select + forward) /
+// attention near 1 says attention() adds nothing to its parts; backward_over_forward is the
+// backward's cost in forwards (FlashAttention-2's schedule: about 2.5); run against an older
+// build, attention_s compares the engines. Prints one JSON object.
 //   build/bench/levattn_engine_bench [--cases small,mid,large] [--select SPEC ...] [--rounds 9]
 //                                    [--threads T]
 #include <CLI/CLI.hpp>
@@ -60,8 +62,9 @@ nlohmann::json run_case(const Case& c, int rounds, unsigned seed) {
   std::mt19937_64 gen(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> q(static_cast<std::size_t>(count)), k(q.size()), v(q.size()), out(q.size()), out2(q.size());
+  std::vector<float> dout(q.size()), dq(q.size()), dk(q.size()), dv(q.size());
   std::vector<float> stat(static_cast<std::size_t>(c.batch * c.heads * c.n));
-  for (auto* a : {&q, &k, &v})
+  for (auto* a : {&q, &k, &v, &dout})
     for (float& x : *a) x = normal(gen);
   const levattn::Tensor4Ref Q{q.data(), c.batch, c.heads, c.n, c.d}, K{k.data(), c.batch, c.heads, c.n, c.d},
       V{v.data(), c.batch, c.heads, c.n, c.d};
@@ -69,7 +72,7 @@ nlohmann::json run_case(const Case& c, int rounds, unsigned seed) {
   nlohmann::json rows = nlohmann::json::array();
   for (const std::string& spec : c.specs) {
     const levattn::AttentionOptions o = levattn::parse_selection(spec);
-    std::vector<double> t_attention, t_select, t_forward;
+    std::vector<double> t_attention, t_select, t_forward, t_backward;
     double max_diff = 0.0;
     for (int r = 0; r < rounds; ++r) {
       auto t0 = std::chrono::steady_clock::now();
@@ -81,14 +84,21 @@ nlohmann::json run_case(const Case& c, int rounds, unsigned seed) {
       t0 = std::chrono::steady_clock::now();
       levattn::selected_attention_forward<float>(shape, sel, o, q.data(), k.data(), v.data(), out2.data(), stat.data());
       t_forward.push_back(seconds(t0));
+      t0 = std::chrono::steady_clock::now();
+      levattn::selected_attention_backward<float>(shape, sel, o, q.data(), k.data(), v.data(), out2.data(), stat.data(),
+                                                  dout.data(), dq.data(), dk.data(), dv.data());
+      t_backward.push_back(seconds(t0));
       for (std::size_t i = 0; i < out.size(); ++i) max_diff = std::max(max_diff, static_cast<double>(std::fabs(out[i] - out2[i])));
     }
-    const double a = median(t_attention), s = median(t_select), f = median(t_forward);
+    const double a = median(t_attention), s = median(t_select), f = median(t_forward), b = median(t_backward);
     rows.push_back({{"selection", spec}, {"attention_s", a}, {"select_keys_s", s}, {"forward_s", f},
+                    {"backward_s", b}, {"backward_over_forward", b / f},
                     {"forward_over_attention_part", f / std::max(a - s, 1e-9)},
                     {"select_plus_forward_over_attention", (s + f) / a}, {"max_abs_diff", max_diff}});
-    std::fprintf(stderr, "%-6s %-34s attention %9.3f ms  select %8.3f ms  forward %9.3f ms  (s+f)/a %.2f\n",
-                 c.name.c_str(), spec.c_str(), a * 1e3, s * 1e3, f * 1e3, (s + f) / a);
+    std::fprintf(stderr,
+                 "%-6s %-34s attention %9.3f ms  select %8.3f ms  forward %9.3f ms  (s+f)/a %.2f  backward %9.3f ms "
+                 "(%.2fx)\n",
+                 c.name.c_str(), spec.c_str(), a * 1e3, s * 1e3, f * 1e3, (s + f) / a, b * 1e3, b / f);
   }
   return {{"case", c.name}, {"shape", {c.batch, c.heads, c.n, c.d}}, {"rows", rows}};
 }

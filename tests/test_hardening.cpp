@@ -146,6 +146,81 @@ TEST(KernelPaths, RowOperationsMatchFloat64OnEveryIsa) {
   }
 }
 
+TEST(KernelPaths, BackwardWeightsAndLogitGradientsMatchFloat64OnEveryIsa) {
+  // P = exp(g(s) - L) and dS = P g'(s) (dP - delta) per entry, against float64, with a masked
+  // entry (-inf), an exact zero logit (the power kernel's g'(0) is taken as 0) and every tail.
+  std::mt19937_64 gen(8);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (kernels::Isa isa : supported_isas()) {
+    const kernels::RowOps& ops = kernels::row_ops(isa);
+    for (index_t n : {1, 7, 16, 17, 33, 67, 256})
+      for (float power : {0.0f, 1.0f, 2.0f, 3.0f}) {
+        std::vector<float> s(static_cast<std::size_t>(n)), dp(s.size());
+        for (index_t j = 0; j < n; ++j) s[j] = normal(gen), dp[j] = normal(gen);
+        if (n > 3) s[2] = -std::numeric_limits<float>::infinity(), s[3] = 0.0f;
+        double L = 0.0;  // the row's log-normaliser over the unmasked entries, as the forward saves it
+        for (float e : s)
+          if (!std::isinf(e) && (power == 0.0f || e != 0.0f))
+            L += power == 0.0f ? std::exp(static_cast<double>(e)) : std::pow(std::fabs(static_cast<double>(e)), power);
+        L = std::log(L);
+        const float delta = 0.3f;
+        std::vector<float> p(s.size()), ds = dp;
+        ops.weight_grads(s.data(), p.data(), ds.data(), n, static_cast<float>(L), power, delta);
+        for (index_t j = 0; j < n; ++j) {
+          const double x = s[j];
+          double w = 0.0, g = 0.0;
+          if (!std::isinf(x) && (power == 0.0f || x != 0.0)) {
+            w = power == 0.0f ? std::exp(x - L) : std::pow(std::fabs(x), power) / std::exp(L);
+            g = w * (power == 0.0f ? 1.0 : power / x) * (dp[j] - static_cast<double>(delta));
+          }
+          const std::string at = kernels::to_string(isa) + " n " + std::to_string(n) + " p " + std::to_string(power) +
+                                 " j " + std::to_string(j);
+          EXPECT_NEAR(p[j], w, 1e-6 * w + 1e-30) << at;
+          EXPECT_NEAR(ds[j], g, 2e-6 * std::fabs(g) + 1e-6 * w * (std::fabs(dp[j]) + 1.0) + 1e-30) << at;
+        }
+        std::vector<float> same = s, same_ds = dp;  // p aliasing s (the softmax call)
+        ops.weight_grads(same.data(), same.data(), same_ds.data(), n, static_cast<float>(L), power, delta);
+        EXPECT_EQ(same, p) << kernels::to_string(isa);
+        EXPECT_EQ(same_ds, ds) << kernels::to_string(isa);
+      }
+  }
+}
+
+TEST(KernelPaths, GatheredDotsAndScaledScatterMatchFloat64OnEveryIsa) {
+  // Rows picked out of order, widths with every tail, against float64 loops.
+  std::mt19937_64 gen(9);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (kernels::Isa isa : supported_isas()) {
+    const kernels::RowOps& ops = kernels::row_ops(isa);
+    for (index_t d : {1, 7, 16, 17, 33, 64, 100}) {
+      const index_t n = 50, ld = d + 3, m = 13;
+      std::vector<float> rows(static_cast<std::size_t>(n * ld)), x(static_cast<std::size_t>(d)), w(m);
+      for (float& e : rows) e = normal(gen);
+      for (float& e : x) e = normal(gen);
+      for (float& e : w) e = normal(gen);
+      std::vector<index_t> idx(m);
+      for (index_t a = 0; a < m; ++a) idx[a] = (a * 17 + 5) % n;  // distinct, out of order
+      std::vector<float> dots(m);
+      ops.gathered_dots(x.data(), idx.data(), m, rows.data(), ld, d, 0.5f, dots.data());
+      std::vector<float> scattered = rows;
+      ops.scatter_scaled(w.data(), idx.data(), m, x.data(), scattered.data(), ld, d);
+      for (index_t a = 0; a < m; ++a) {
+        double ref = 0.0, size = 0.0;
+        for (index_t j = 0; j < d; ++j) {
+          ref += static_cast<double>(x[j]) * rows[idx[a] * ld + j];
+          size += std::fabs(static_cast<double>(x[j]) * rows[idx[a] * ld + j]);
+        }
+        EXPECT_NEAR(dots[a], 0.5 * ref, 1e-6 * size) << kernels::to_string(isa) << " d " << d << " a " << a;
+      }
+      std::vector<double> ref(rows.begin(), rows.end());
+      for (index_t a = 0; a < m; ++a)
+        for (index_t j = 0; j < d; ++j) ref[idx[a] * ld + j] += static_cast<double>(w[a]) * x[j];
+      for (std::size_t e = 0; e < ref.size(); ++e)  // other rows and the padding untouched
+        EXPECT_NEAR(scattered[e], ref[e], 1e-6 * (std::fabs(ref[e]) + 1.0)) << kernels::to_string(isa) << " d " << d;
+    }
+  }
+}
+
 TEST(KernelPaths, InputScanFindsEveryNonFiniteEntryOnEveryIsa) {
   for (kernels::Isa isa : supported_isas()) {
     const kernels::RowOps& ops = kernels::row_ops(isa);
@@ -281,6 +356,38 @@ TEST(KernelPaths, AttentionMatchesTheOracleOnEveryIsa) {
                                          [](index_t, index_t) { return true; });
       EXPECT_LT(oracle::rel_error(got, ref), 2e-5) << kernels::to_string(isa) << " " << to_string(kernel);
     }
+  }
+}
+
+TEST(KernelPaths, GradientsMatchTheOracleOnEveryIsa) {
+  // The backward's row kernel on each instruction set, through the engine: 300 queries (three
+  // tiles, so chunks with partial buffers), a shared set with a band, and every key, causal too.
+  const AttentionShape sh{1, 2, 300, 300, 24, 9, 2};
+  const auto q = oracle::normal(2 * 300 * 24, 11), k = oracle::normal(2 * 300 * 24, 12),
+             v = oracle::normal(2 * 300 * 9, 13), dout = oracle::normal(2 * 300 * 9, 14);
+  const auto qf = oracle::as<float>(q), kf = oracle::as<float>(k), vf = oracle::as<float>(v);
+  const auto gf = oracle::as<float>(dout);
+  for (kernels::Isa isa : supported_isas()) {
+    const IsaOverride use(kernels::to_string(isa));
+    for (const char* spec : {"full", "leverage:16+window:5"})
+      for (bool causal : {false, true})
+        for (Kernel kernel : {Kernel::softmax, Kernel::power}) {
+          AttentionOptions o = parse_selection(spec);
+          if (causal && o.select == Select::leverage) o = parse_selection("leverage+eps:0.2+window:5");
+          o.causal = causal, o.kernel = kernel, o.p = causal && o.select == Select::leverage ? 2.0 : 3.0;
+          const Selection sel = select_keys({qf.data(), 1, 2, 300, 24}, {kf.data(), 1, 2, 300, 24}, o);
+          const auto ref = oracle::masked_attention(sh, sel, kernel == Kernel::softmax, o.p, logit_scale(o, 24),
+                                                    oracle::as<double>(qf), oracle::as<double>(kf),
+                                                    oracle::as<double>(vf), dout);
+          std::vector<float> out(ref.out.size()), stat(600), dq(qf.size()), dk(kf.size()), dv(vf.size());
+          selected_attention_forward<float>(sh, sel, o, qf.data(), kf.data(), vf.data(), out.data(), stat.data());
+          selected_attention_backward<float>(sh, sel, o, qf.data(), kf.data(), vf.data(), out.data(), stat.data(),
+                                             gf.data(), dq.data(), dk.data(), dv.data());
+          const std::string at = kernels::to_string(isa) + " " + spec + (causal ? " causal " : " ") + to_string(kernel);
+          EXPECT_LT(oracle::rel_error(dq, ref.dq), 2e-5) << at;
+          EXPECT_LT(oracle::rel_error(dk, ref.dk), 2e-5) << at;
+          EXPECT_LT(oracle::rel_error(dv, ref.dv), 2e-5) << at;
+        }
   }
 }
 

@@ -30,11 +30,15 @@ void selected_attention_forward(const AttentionShape& shape, const Selection& se
 ///   dS_ij = P_ij g'(s_ij) (dout_i . v_j - delta_i)   (g' = 1, or p / s; 0 at s = 0),
 ///   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i P_ij dout_i.
 /// Buffers: dq (pairs, m, d), dk (batch * kv, n, d), dv (batch * kv, n, dv), each nullable (not
-/// computed); written whole (keys no query attends get 0). dK and dV are summed per key block in
-/// a fixed order (and over a kv head's query heads in ascending order), so the result does not
-/// depend on the thread count; grouped shapes take a workspace of (pairs, n, d + dv) for it. Cost: 7 tile products against the
-/// forward's 2 for dq + dk + dv (measured 2.5-4x the forward's time). Throws as the forward
-/// does, and on non-finite dout.
+/// computed); written whole (keys no query attends get 0). Each (query tile, key block) is met
+/// once, in 5 tile products against the forward's 2 (measured 2.1-2.7x the forward's time,
+/// docs/benchmarks.md). A pair's query tiles run in chunks (16 tasks in all where the pairs are
+/// fewer); each chunk after a pair's first sums its dK and dV in a partial buffer over the keys
+/// its tiles meet, and the partials are added in chunk order (then over a kv head's query heads
+/// in ascending order), so the result does not depend on the thread count. Workspace: the
+/// partials, at most max(64 MiB, the size of dK + dV); grouped shapes (pairs, n, d + dv) more;
+/// per thread a tile's buffers and the widest shared set's rows. Throws as the forward does,
+/// and on non-finite dout.
 template <class T>
 void selected_attention_backward(const AttentionShape& shape, const Selection& selection,
                                  const KernelOptions& kernel, const T* q, const T* k, const T* v,

@@ -33,6 +33,20 @@ struct RowOps {
   /// output summed over a in order.
   void (*gathered_weighted_sum)(const float* w, const index_t* idx, index_t m, const float* rows, index_t ld,
                                 index_t dv, float* acc) = nullptr;
+  /// One row of the backward's block: from the logits s[j] (-inf where masked), the row's
+  /// log-normaliser L and delta = dout . out, p[j] <- P = exp(g(s) - L) and dp[j] (dout . v_j on
+  /// entry) <- dS = P g'(s) (dp[j] - delta). Softmax (power == 0): g(s) = s; the power kernel
+  /// (power = its p > 0): g(s) = p log|s|, so P = (|s| / exp(L / p))^p and dS = p P / s (...),
+  /// 0 at s = 0. p may alias s.
+  void (*weight_grads)(const float* s, float* p, float* dp, index_t n, float L, float power, float delta) = nullptr;
+  /// out[a] = alpha sum_x x[x] rows[idx[a] ld + x] for a < m, x < d: dot products with m
+  /// gathered rows (a query with its own keys).
+  void (*gathered_dots)(const float* x, const index_t* idx, index_t m, const float* rows, index_t ld, index_t d,
+                        float alpha, float* out) = nullptr;
+  /// rows[idx[a] ld + x] += w[a] y[x] for a < m, x < d (idx distinct): y added, scaled, to m
+  /// gathered rows (a query's share of its own keys' gradients).
+  void (*scatter_scaled)(const float* w, const index_t* idx, index_t m, const float* y, float* rows, index_t ld,
+                         index_t d) = nullptr;
   /// max_j |x[j]|, or -1 if an entry is NaN or Inf: the input check of every entry point.
   float (*max_abs)(const float* x, index_t n) = nullptr;
 

@@ -144,6 +144,49 @@ float power_rel_sum(float* x, index_t n, float m, float p) {
   return power_sum<Scalar>(x, n, inv, PowAny{p});
 }
 
+// The power kernel's weight and logit gradient of one register: w = (|s| inv)^p (0 where masked,
+// s = -inf), ds = p w (dp - delta) / s (0 at s = 0).
+template <class T, class Pow>
+void power_grads(const float* s, float* p, float* dp, typename T::reg inv, typename T::reg pw,
+                 typename T::reg delta, Pow pow) {
+  const auto zero = T::set1(0.0f), x = T::load(s);
+  const auto w = T::select_eq(x, T::set1(-kInf), zero, pow.template apply<T>(T::mul(T::abs(x), inv)));
+  const auto g = T::div(T::mul(T::mul(pw, w), T::sub(T::load(dp), delta)), x);
+  T::store(p, w);
+  T::store(dp, T::select_eq(w, zero, zero, g));
+}
+
+template <class V, class Pow>
+void power_weight_grads(const float* s, float* p, float* dp, index_t n, float inv, float pw, float delta, Pow pow) {
+  constexpr index_t W = V::width;
+  index_t j = 0;
+  for (; j + W <= n; j += W) power_grads<V>(s + j, p + j, dp + j, V::set1(inv), V::set1(pw), V::set1(delta), pow);
+  for (; j < n; ++j) power_grads<Scalar>(s + j, p + j, dp + j, inv, pw, delta, pow);
+}
+
+template <class V>
+void weight_grads(const float* s, float* p, float* dp, index_t n, float L, float power, float delta) {
+  constexpr index_t W = V::width;
+  if (power > 0.0f) {
+    const auto inv = static_cast<float>(std::exp(-static_cast<double>(L) / power));
+    if (power == 1.0f) return power_weight_grads<V>(s, p, dp, n, inv, power, delta, PowOne{});
+    if (power == 2.0f) return power_weight_grads<V>(s, p, dp, n, inv, power, delta, PowTwo{});
+    return power_weight_grads<Scalar>(s, p, dp, n, inv, power, delta, PowAny{power});
+  }
+  const auto l = V::set1(L), dl = V::set1(delta);
+  index_t j = 0;
+  for (; j + W <= n; j += W) {
+    const auto e = exp_nonpositive<V>(V::sub(V::load(s + j), l));
+    V::store(p + j, e);
+    V::store(dp + j, V::mul(e, V::sub(V::load(dp + j), dl)));
+  }
+  for (; j < n; ++j) {
+    const float e = exp_nonpositive<Scalar>(s[j] - L);
+    p[j] = e;
+    dp[j] = e * (dp[j] - delta);
+  }
+}
+
 // x - x is 0 for a finite x and NaN for NaN or Inf, so the sum of all x - x tells whether every
 // entry is finite, with nothing but vector arithmetic.
 template <class V>
@@ -423,6 +466,38 @@ void gathered_weighted_sum(const float* w, const index_t* idx, index_t m, const 
   for (; x < dv; ++x) gathered_columns<Scalar, 1>(w, idx, m, rows, ld, x, acc);
 }
 
+template <class V>
+void gathered_dots(const float* x, const index_t* idx, index_t m, const float* rows, index_t ld, index_t d,
+                   float alpha, float* out) {
+  constexpr index_t W = V::width;
+  for (index_t a = 0; a < m; ++a) {
+    const float* row = rows + idx[a] * ld;
+    auto s0 = V::set1(0.0f), s1 = V::set1(0.0f);
+    index_t j = 0;
+    for (; j + 2 * W <= d; j += 2 * W) {
+      s0 = V::fmadd(V::load(x + j), V::load(row + j), s0);
+      s1 = V::fmadd(V::load(x + j + W), V::load(row + j + W), s1);
+    }
+    for (; j + W <= d; j += W) s0 = V::fmadd(V::load(x + j), V::load(row + j), s0);
+    float sum = V::hsum(V::add(s0, s1));
+    for (; j < d; ++j) sum += x[j] * row[j];
+    out[a] = alpha * sum;
+  }
+}
+
+template <class V>
+void scatter_scaled(const float* w, const index_t* idx, index_t m, const float* y, float* rows, index_t ld,
+                    index_t d) {
+  constexpr index_t W = V::width;
+  for (index_t a = 0; a < m; ++a) {
+    float* row = rows + idx[a] * ld;
+    const auto wa = V::set1(w[a]);
+    index_t j = 0;
+    for (; j + W <= d; j += W) V::store(row + j, V::fmadd(wa, V::load(y + j), V::load(row + j)));
+    for (; j < d; ++j) row[j] += w[a] * y[j];
+  }
+}
+
 template <class V, class D>
 constexpr RowOps make_row_ops(Isa isa) {
   RowOps ops;
@@ -432,6 +507,9 @@ constexpr RowOps make_row_ops(Isa isa) {
   ops.abs_row_max = &abs_row_max<V>;
   ops.power_rel_sum = &power_rel_sum<V>;
   ops.max_abs = &max_abs<V>;
+  ops.weight_grads = &weight_grads<V>;
+  ops.gathered_dots = &gathered_dots<V>;
+  ops.scatter_scaled = &scatter_scaled<V>;
   ops.count_at_least = &count_at_least<V>;
   ops.collect_between = &collect_between<V>;
   ops.gathered_weighted_sum = &gathered_weighted_sum<V>;
