@@ -1,6 +1,6 @@
 // The attention engine's entry for the library's own callers (attention(), cluster's shared part,
 // the distributed blocks): selected_attention_forward<float> with progress reports. Defined in
-// selected_attention.cpp beside the engine.
+// selected_attention.cpp beside the engine's forward (its tiles: engine_tiles.hpp).
 #pragma once
 #include <functional>
 
