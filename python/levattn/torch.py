@@ -229,8 +229,9 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
 
     The selection is a discrete choice made in the forward pass from query and key (rounded to
     float32 for it). Cost per (batch, head): selection O(n d^2) (leverage), attention
-    O(m |S| (d + dv)), backward 2.5-4x the forward; memory O(m + n + |S| (d + dv)) beyond the
-    inputs and outputs. Raises ValueError for CUDA tensors, other dtypes, bad shapes, NaN/Inf or
+    O(m |S| (d + dv)), backward 1.4-2.6x the forward (docs/benchmarks.md); memory O(m + n +
+    |S| (d + dv)) beyond the inputs and outputs, and for the backward's fixed-order sums at most
+    max(64 MiB, the size of the key and value gradients) more. Raises ValueError for CUDA tensors, other dtypes, bad shapes, NaN/Inf or
     bad options.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
