@@ -12,6 +12,7 @@
 
 #include "detail/blas.hpp"
 #include "detail/validate.hpp"
+#include "kernels/elementwise.hpp"
 #include "levattn/selected_attention.hpp"
 #include "selectors.hpp"
 
@@ -59,6 +60,58 @@ bool finite(const T* x, index_t n) {
     return ok;
   }
 }
+
+// The row operations of the engine's loops in T, with the formulas of kernels/elementwise.hpp:
+// for float32 the active ISA's kernels, for the float64 reference plain loops.
+template <class T>
+struct RowKernels;
+
+template <>
+struct RowKernels<float> {
+  const kernels::RowOps& ops = kernels::active_row_ops();
+  void weight_grads(const float* s, float* p, float* dp, index_t n, float L, float power, float delta) const {
+    ops.weight_grads(s, p, dp, n, L, power, delta);
+  }
+  void dots(const float* x, const index_t* idx, index_t m, const float* rows, index_t d, float alpha,
+            float* out) const {
+    ops.gathered_dots(x, idx, m, rows, d, d, alpha, out);
+  }
+  void weighted_sum(const float* w, const index_t* idx, index_t m, const float* rows, index_t d, float* acc) const {
+    ops.gathered_weighted_sum(w, idx, m, rows, d, d, acc);
+  }
+  void scatter(const float* w, const index_t* idx, index_t m, const float* y, float* rows, index_t d) const {
+    ops.scatter_scaled(w, idx, m, y, rows, d, d);
+  }
+};
+
+template <>
+struct RowKernels<double> {
+  static void weight_grads(const double* s, double* p, double* dp, index_t n, double L, double power, double delta) {
+    for (index_t j = 0; j < n; ++j) {
+      const double x = s[j];
+      const bool none = x == -std::numeric_limits<double>::infinity() || (power > 0.0 && x == 0.0);
+      p[j] = none ? 0.0 : std::exp((power > 0.0 ? power * std::log(std::fabs(x)) : x) - L);
+      dp[j] = p[j] == 0.0 ? 0.0 : p[j] * (power > 0.0 ? power / x : 1.0) * (dp[j] - delta);
+    }
+  }
+  static void dots(const double* x, const index_t* idx, index_t m, const double* rows, index_t d, double alpha,
+                   double* out) {
+    for (index_t a = 0; a < m; ++a) {
+      double sum = 0.0;
+      for (index_t j = 0; j < d; ++j) sum += x[j] * rows[idx[a] * d + j];
+      out[a] = alpha * sum;
+    }
+  }
+  static void weighted_sum(const double* w, const index_t* idx, index_t m, const double* rows, index_t d,
+                           double* acc) {
+    for (index_t a = 0; a < m; ++a)
+      for (index_t x = 0; x < d; ++x) acc[x] += w[a] * rows[idx[a] * d + x];
+  }
+  static void scatter(const double* w, const index_t* idx, index_t m, const double* y, double* rows, index_t d) {
+    for (index_t a = 0; a < m; ++a)
+      for (index_t x = 0; x < d; ++x) rows[idx[a] * d + x] += w[a] * y[x];
+  }
+};
 
 /// Throws unless `sh` is a well-formed, non-empty shape whose sizes fit.
 void check_shape(const AttentionShape& sh);
@@ -151,7 +204,7 @@ struct Workspace {
   std::vector<double> l;
   std::vector<T> mx;
   std::vector<index_t> own;
-  std::vector<T> os, og, op, kg, vg;  // own keys: logits, g, weights or dP, gathered K and V rows
+  std::vector<T> os, og, op;  // one query's own keys: logits, g or weights, dP or dS
   // The backward's current shared set, gathered once for the tiles of a chunk that meet it
   // (set_k, set_v), and its keys' dK and dV summed over those tiles (set_dk, set_dv; rows 0 ..
   // set_used - 1 written), in the set's order until the chunk leaves it.
@@ -163,8 +216,7 @@ struct Workspace {
       : s(kRows * kCols), p(kRows * kCols), ds(kRows * kCols), acc(static_cast<std::size_t>(kRows * sh.dv)),
         gk(static_cast<std::size_t>(kCols * sh.d)), gv(static_cast<std::size_t>(kCols * sh.dv)), flags(kCols),
         l(kRows), mx(kRows),
-        own(static_cast<std::size_t>(top_k)), os(own.size()), og(own.size()), op(own.size()),
-        kg(static_cast<std::size_t>(top_k * sh.d)), vg(static_cast<std::size_t>(top_k * sh.dv)) {}
+        own(static_cast<std::size_t>(top_k)), os(own.size()), og(own.size()), op(own.size()) {}
 };
 
 constexpr auto kNo = CblasNoTrans;
@@ -271,24 +323,11 @@ void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t ro
   mask_block(c, ws.flags.data(), h, i0, rows, b, ws.p.data());
 }
 
-// Query i's own keys (slots of -1 skipped): their indices into ws.own, their K and V rows into
-// ws.kg and ws.vg, their logits into ws.os and g(s) into ws.og; returns how many.
+// Query i of pair h's own keys (slots of -1 skipped) into ws.own; returns how many.
 template <class T>
-index_t own_logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i) {
-  const index_t kk = c.sel.top_k, d = c.sh.d, dv = c.sh.dv;
-  const index_t* keys = c.sel.query_keys.data() + (h * c.sh.m + i) * kk;
-  index_t count = 0;
-  for (index_t a = 0; a < kk; ++a) {
-    if (keys[a] < 0) continue;
-    ws.own[count] = keys[a];
-    std::copy_n(c.K(h) + keys[a] * d, d, ws.kg.data() + count * d);
-    std::copy_n(c.V(h) + keys[a] * dv, dv, ws.vg.data() + count * dv);
-    ++count;
-  }
-  if (count == 0) return 0;
-  detail::gemv(kNo, count, d, c.fn.scale, ws.kg.data(), d, c.Q(h) + i * d, T(0), ws.os.data());
-  for (index_t a = 0; a < count; ++a) ws.og[a] = c.fn.g(ws.os[a]);
-  return count;
+index_t own_keys(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i) {
+  const index_t* slots = c.sel.query_keys.data() + (h * c.sh.m + i) * c.sel.top_k;
+  return std::copy_if(slots, slots + c.sel.top_k, ws.own.begin(), [](index_t j) { return j >= 0; }) - ws.own.begin();
 }
 
 }  // namespace levattn::engine

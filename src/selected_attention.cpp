@@ -119,8 +119,11 @@ void absorb(const Ctx<T>& c, Workspace<T>& ws, index_t rows, const Block<T>& b) 
 // Row r's own keys into the tile's running maximum, sum and accumulator (after its blocks).
 template <class T>
 void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r) {
-  const index_t count = own_logits(c, ws, h, i0 + r), dv = c.sh.dv;
+  const index_t count = own_keys(c, ws, h, i0 + r), d = c.sh.d, dv = c.sh.dv;
   if (count == 0) return;
+  const RowKernels<T> rk;
+  rk.dots(c.Q(h) + (i0 + r) * d, ws.own.data(), count, c.K(h), d, c.fn.scale, ws.os.data());
+  for (index_t a = 0; a < count; ++a) ws.og[a] = c.fn.g(ws.os[a]);
   const T nm = std::max(ws.mx[r], *std::max_element(ws.og.begin(), ws.og.begin() + count));
   if (nm == -std::numeric_limits<T>::infinity()) return;
   T* acc = ws.acc.data() + r * dv;
@@ -130,9 +133,8 @@ void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_
     for (index_t x = 0; x < dv; ++x) acc[x] *= f;
     ws.mx[r] = nm;
   }
-  std::copy_n(ws.og.begin(), count, ws.op.begin());
-  ws.l[r] += static_cast<double>(exp_rows(ws.op.data(), count, nm));
-  detail::gemv(kTr, count, dv, T(1), ws.vg.data(), dv, ws.op.data(), T(1), acc);
+  ws.l[r] += static_cast<double>(exp_rows(ws.og.data(), count, nm));
+  rk.weighted_sum(ws.og.data(), ws.own.data(), count, c.V(h), dv, acc);
 }
 
 template <class T>

@@ -9,7 +9,6 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <tuple>
 
 #include "detail/parallel.hpp"
 #include "engine_tiles.hpp"
@@ -20,23 +19,17 @@ namespace {
 
 using namespace engine;
 
-// ws.p <- P (weights, 0 where masked), ws.ds <- dS for queries i0 .. of pair h and block b. In
-// float32 one pass of the ISA kernel per row (RowOps::weight_grads) takes the masked logits (in
-// ws.p for softmax, ws.s for the power kernel) to both; in float64 the reference loops.
+// ws.p <- P (weights, 0 where masked), ws.ds <- dS for queries i0 .. of pair h and block b: the
+// masked logits (in ws.p for softmax, ws.s for the power kernel) and dP = dout V^T, then one pass
+// of RowKernels::weight_grads per row (float32: the ISA kernel).
 template <class T>
-void block_grads(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t rows, const Block<T>& b,
-                 const T* stat, const T* dout, const T* delta) {
-  constexpr bool isa = std::is_same_v<T, float>;
+void block_grads(const Ctx<T>& c, const RowKernels<T>& rk, Workspace<T>& ws, index_t h, index_t i0, index_t rows,
+                 const Block<T>& b, const T* stat, const T* dout, const T* delta) {
+  const index_t d = c.sh.d, dv = c.sh.dv;
   T* const tile = c.fn.power ? ws.s.data() : ws.p.data();
-  if constexpr (isa) {
-    detail::gemm(kNo, kTr, rows, b.c, c.sh.d, c.fn.scale, c.Q(h) + i0 * c.sh.d, c.sh.d, b.kb, c.sh.d, T(0), tile, b.c);
-    mask_block(c, ws.flags.data(), h, i0, rows, b, tile);
-  } else {
-    logits(c, ws, h, i0, rows, b);
-  }
-  const index_t dv = c.sh.dv;
+  detail::gemm(kNo, kTr, rows, b.c, d, c.fn.scale, c.Q(h) + i0 * d, d, b.kb, d, T(0), tile, b.c);
+  mask_block(c, ws.flags.data(), h, i0, rows, b, tile);
   detail::gemm(kNo, kTr, rows, b.c, dv, T(1), dout + (h * c.sh.m + i0) * dv, dv, b.vb, dv, T(0), ws.ds.data(), b.c);
-  const kernels::RowOps* ops = isa ? &kernels::active_row_ops() : nullptr;
   for (index_t r = 0; r < rows; ++r) {
     const index_t i = h * c.sh.m + i0 + r;
     T* p = ws.p.data() + r * b.c;
@@ -44,25 +37,10 @@ void block_grads(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index
     if (stat[i] == std::numeric_limits<T>::infinity()) {
       std::fill_n(p, b.c, T(0));
       std::fill_n(ds, b.c, T(0));
-      continue;
-    }
-    if constexpr (isa) {
-      ops->weight_grads(tile + r * b.c, p, ds, b.c, stat[i], c.fn.power ? c.fn.p : 0.0f, delta[i]);
     } else {
-      exp_rows(p, b.c, stat[i]);
-      const T* s = ws.s.data() + r * b.c;
-      for (index_t a = 0; a < b.c; ++a) ds[a] = p[a] == T(0) ? T(0) : p[a] * c.fn.dg(s[a]) * (ds[a] - delta[i]);
+      rk.weight_grads(tile + r * b.c, p, ds, b.c, stat[i], c.fn.power ? c.fn.p : T(0), delta[i]);
     }
   }
-}
-
-// (P, dS) of one own-key entry from its logit s, g(s), L_i, delta_i and dP = dout_i . v_j:
-// P = exp(g - L), dS = P g'(s) (dP - delta).
-template <class T>
-std::pair<T, T> own_ds(const Ctx<T>& c, T s, T g, T L, T delta, T dp) {
-  const T p = std::exp(g - L);
-  if (p == T(0)) return {T(0), T(0)};
-  return {p, p * c.fn.dg(s) * (dp - delta)};
 }
 
 // The rows a task adds its shares of dK and dV to (k and v: null where not wanted): the pair's
@@ -79,40 +57,20 @@ struct KeyRows {
 // dq_i += scale sum_j dS_ij k_j (dq_i unless null), and its shares of dK and dV added to the own
 // keys' rows of `to`: dk_j += scale dS_ij q_i, dv_j += P_ij dout_i.
 template <class T>
-void own_key_grads(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i, T L, T delta, const T* dout_i, T* dq_i,
-                   const KeyRows<T>& to) {
-  const index_t d = c.sh.d, dv = c.sh.dv;
+void own_key_grads(const Ctx<T>& c, const RowKernels<T>& rk, Workspace<T>& ws, index_t h, index_t i, T L, T delta,
+                   const T* dout_i, T* dq_i, const KeyRows<T>& to) {
+  const index_t count = own_keys(c, ws, h, i), d = c.sh.d, dv = c.sh.dv;
+  if (count == 0) return;  // straight from the rows of K, V and the gradients
   const T* q_i = c.Q(h) + i * d;
-  index_t count = 0;
-  if constexpr (std::is_same_v<T, float>) {  // straight from the rows of K, V and the gradients
-    const kernels::RowOps& ops = kernels::active_row_ops();
-    const index_t* slots = c.sel.query_keys.data() + (h * c.sh.m + i) * c.sel.top_k;
-    count = std::copy_if(slots, slots + c.sel.top_k, ws.own.begin(), [](index_t j) { return j >= 0; }) - ws.own.begin();
-    if (count == 0) return;
-    ops.gathered_dots(q_i, ws.own.data(), count, c.K(h), d, d, c.fn.scale, ws.os.data());
-    ops.gathered_dots(dout_i, ws.own.data(), count, c.V(h), dv, dv, 1.0f, ws.op.data());
-    ops.weight_grads(ws.os.data(), ws.og.data(), ws.op.data(), count, L, c.fn.power ? c.fn.p : 0.0f, delta);
-    for (index_t a = 0; a < count; ++a) ws.op[a] *= c.fn.scale;  // scale dS, for dq and dK alike
-    if (dq_i) ops.gathered_weighted_sum(ws.op.data(), ws.own.data(), count, c.K(h), d, d, dq_i);
-    if (to.row_of)
-      for (index_t a = 0; a < count; ++a) ws.own[a] = to.row(ws.own[a]);
-    if (to.k) ops.scatter_scaled(ws.op.data(), ws.own.data(), count, q_i, to.k, d, d);
-    if (to.v) ops.scatter_scaled(ws.og.data(), ws.own.data(), count, dout_i, to.v, dv, dv);
-  } else {  // the float64 reference: gathered rows and level-2 BLAS
-    count = own_logits(c, ws, h, i);
-    if (count == 0) return;
-    detail::gemv(kNo, count, dv, T(1), ws.vg.data(), dv, dout_i, T(0), ws.op.data());
-    for (index_t a = 0; a < count; ++a) {
-      std::tie(ws.og[a], ws.op[a]) = own_ds(c, ws.os[a], ws.og[a], L, delta, ws.op[a]);
-      ws.op[a] *= c.fn.scale;
-    }
-    if (dq_i) detail::gemv(kTr, count, d, T(1), ws.kg.data(), d, ws.op.data(), T(1), dq_i);
-    for (index_t a = 0; a < count; ++a) {
-      const index_t at = to.row(ws.own[a]);
-      for (index_t x = 0; to.k && x < d; ++x) to.k[at * d + x] += ws.op[a] * q_i[x];
-      for (index_t x = 0; to.v && x < dv; ++x) to.v[at * dv + x] += ws.og[a] * dout_i[x];
-    }
-  }
+  rk.dots(q_i, ws.own.data(), count, c.K(h), d, c.fn.scale, ws.os.data());
+  rk.dots(dout_i, ws.own.data(), count, c.V(h), dv, T(1), ws.op.data());
+  rk.weight_grads(ws.os.data(), ws.og.data(), ws.op.data(), count, L, c.fn.power ? c.fn.p : T(0), delta);
+  for (index_t a = 0; a < count; ++a) ws.op[a] *= c.fn.scale;  // scale dS, for dq and dK alike
+  if (dq_i) rk.weighted_sum(ws.op.data(), ws.own.data(), count, c.K(h), d, dq_i);
+  if (to.row_of)
+    for (index_t a = 0; a < count; ++a) ws.own[a] = to.row(ws.own[a]);
+  if (to.k) rk.scatter(ws.op.data(), ws.own.data(), count, q_i, to.k, d);
+  if (to.v) rk.scatter(ws.og.data(), ws.own.data(), count, dout_i, to.v, dv);
 }
 
 // Adds the sums of the workspace's current shared set (if any) to the rows of its keys in `to`,
@@ -161,8 +119,9 @@ void backward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, ind
   const T* gt = dout + (h * c.sh.m + i0) * dvw;
   T* dst = dq ? dq + (h * c.sh.m + i0) * d : nullptr;
   if (dst) std::fill_n(dst, rows * d, T(0));
+  const RowKernels<T> rk;
   for_each_block(c, ws.set_k.data(), ws.set_v.data(), kCols, h, i0, rows, [&](const Block<T>& b) {
-    block_grads(c, ws, h, i0, rows, b, stat, dout, delta);
+    block_grads(c, rk, ws, h, i0, rows, b, stat, dout, delta);
     if (dst) detail::gemm(kNo, kNo, rows, d, b.c, c.fn.scale, ws.ds.data(), b.c, b.kb, d, T(1), dst, d);
     // A contiguous block's keys are consecutive rows of `to`; a gathered block's are rows of the
     // set's own sums (ws.set_dk, ws.set_dv), added to `to` when the chunk leaves the set.
@@ -180,7 +139,7 @@ void backward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, ind
   for (index_t r = 0; r < rows; ++r) {
     const index_t row = h * c.sh.m + i0 + r;
     if (stat[row] != std::numeric_limits<T>::infinity())
-      own_key_grads(c, ws, h, i0 + r, stat[row], delta[row], dout + row * dvw, dst ? dst + r * d : nullptr, to);
+      own_key_grads(c, rk, ws, h, i0 + r, stat[row], delta[row], dout + row * dvw, dst ? dst + r * d : nullptr, to);
   }
 }
 
@@ -232,8 +191,8 @@ std::vector<index_t> chunk_keys(const Ctx<T>& c, index_t h, index_t t0, index_t 
     const index_t* own = c.sel.query_keys.data() + (h * c.sh.m + i0) * kk;
     for (index_t e = 0; e < rows * kk; ++e)
       if (own[e] >= 0) met[own[e]] = 1;
-    if (w >= 0)
-      std::fill(met.begin() + std::max<index_t>(0, i0 - w), met.begin() + std::min(n, c.sel.causal ? last + 1 : last + 1 + w), 1);
+    const index_t band_end = std::min(n, c.sel.causal ? last + 1 : last + 1 + w);
+    if (w >= 0) std::fill(met.begin() + std::max<index_t>(0, i0 - w), met.begin() + band_end, 1);
   }
   std::vector<index_t> keys;
   for (index_t j = 0; j < n; ++j)

@@ -20,11 +20,6 @@ struct LeverageOptions;
 
 namespace levattn::detail {
 
-/// isfinite by the exponent bits, so that loops using it vectorise.
-inline bool is_finite(float x) {
-  return (std::bit_cast<std::uint32_t>(x) & 0x7f800000u) != 0x7f800000u;
-}
-
 /// Whether x[0 .. n) are all finite; branch-free so it vectorises.
 inline bool all_finite(const float* x, index_t n) {
   std::uint32_t bad = 0;
