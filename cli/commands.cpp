@@ -177,8 +177,8 @@ namespace {
 
 struct HeavyArgs {
   Sources src{"", {"", ""}};
-  std::string out, normaliser = "exact";
-  double eps = 0, p = 2.0, gamma = 0.1;
+  std::string out, normaliser = "exact", search = "exact";
+  double eps = 0, p = 2.0, gamma = 0.1, delta = 0.01;
   bool causal = false;
   index_t samples = 0;
   std::int64_t seed = 0;
@@ -195,6 +195,8 @@ int run_heavy(const HeavyArgs& a) {
   ho.p = a.p;
   ho.normaliser = parse_normaliser(a.normaliser);
   ho.gamma = a.gamma;
+  ho.delta = a.delta;
+  ho.search = parse_heavy_search(a.search);
   ho.samples = a.samples;
   ho.seed = static_cast<std::uint64_t>(a.seed);
   ho.leverage = leverage_options(a.method, a.seed);
@@ -204,11 +206,12 @@ int run_heavy(const HeavyArgs& a) {
                                                      [&] { return heavy_entries(q, k, a.eps, ho); });
   const double secs = seconds_since(t0);
   std::size_t count = 0, zero = 0;
-  index_t usize = 0;
+  index_t usize = 0, candidates = 0;
   for (const HeavyEntries& r : per) {
     count += r.entries.size();
     zero += r.zero_rows.size();
     usize += r.universal_size;
+    candidates += r.candidates;
   }
   if (!a.out.empty() || !a.json) write_heavy(a.out, per, q.heads, Q.shape.size(), a.out.empty());
   const HeavyEntries& first = per.front();
@@ -226,6 +229,13 @@ int run_heavy(const HeavyArgs& a) {
     if (first.samples > 0) {
       j["samples"] = first.samples;
       j["gamma"] = first.gamma;
+    }
+    j["search"] = a.search;
+    if (ho.search == HeavySearch::countsketch) {
+      j["delta"] = a.delta;
+      j["sketch_rows"] = first.sketch_rows;
+      j["sketch_buckets"] = first.sketch_buckets;
+      j["candidates"] = candidates;
     }
     j["count"] = count;
     j["universal_size"] = usize;
@@ -256,8 +266,14 @@ Command add_heavy(CLI::App& app) {
       ->check(CLI::IsMember({"exact", "sampled"}));
   sub->add_option("--gamma", a->gamma, "sampled: target accuracy in (0, 1) (default 0.1)");
   sub->add_option("--samples", a->samples, "sampled: keys to draw (default: from --gamma)");
+  sub->add_option("--search", a->search,
+                  "exact (default: every key of U) or countsketch (x^2, exact normalisers: a CountSketch of U, "
+                  "candidates verified exactly)")
+      ->check(CLI::IsMember({"exact", "countsketch"}));
+  sub->add_option("--delta", a->delta, "failure probability in (0, 1) of sampled normalisers or countsketch "
+                                       "(default 0.01)");
   sub->add_flag("--causal", a->causal, "causal x^2 attention: query i over keys 0 .. i (m == n)");
-  add_seed_option(sub, a->seed, "the sampled normalisers and of the sketch");
+  add_seed_option(sub, a->seed, "the sampled normalisers, the countsketch search and the score sketch");
   add_method_options(sub, a->method);
   add_json_flag(sub, a->json, "a summary");
   return {sub, [a] { return run_heavy(*a); }};

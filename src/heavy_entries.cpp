@@ -25,10 +25,17 @@ namespace {
 constexpr std::pair<Normaliser, const char*> kNormaliserNames[] = {{Normaliser::exact, "exact"},
                                                                    {Normaliser::sampled, "sampled"}};
 
+constexpr std::pair<HeavySearch, const char*> kHeavySearchNames[] = {{HeavySearch::exact, "exact"},
+                                                                     {HeavySearch::countsketch, "countsketch"}};
+
 }  // namespace
 
 std::string to_string(Normaliser normaliser) { return detail::name_of(kNormaliserNames, normaliser); }
 Normaliser parse_normaliser(const std::string& name) { return detail::parse_name(kNormaliserNames, name, "normaliser"); }
+std::string to_string(HeavySearch search) { return detail::name_of(kHeavySearchNames, search); }
+HeavySearch parse_heavy_search(const std::string& name) {
+  return detail::parse_name(kHeavySearchNames, name, "search");
+}
 
 namespace {
 
@@ -118,12 +125,76 @@ void x2_entries(ConstMatrix Q, index_t query_offset, const std::vector<double>& 
   merge_blocks(found, zeros, out);
 }
 
+void x2_entries_sketched(ConstMatrix Q, const std::vector<double>& R, const std::vector<double>& KU,
+                         const std::vector<index_t>& keys, double eps, double zero_tol, double delta,
+                         std::uint64_t seed, std::uint64_t stream, HeavyEntries& out) {
+  const index_t m = Q.rows, d = Q.cols, u = static_cast<index_t>(keys.size());
+  const auto t = static_cast<index_t>(std::max(1.0, std::ceil(std::log2(static_cast<double>(m) / (eps * delta)))));
+  const auto b = static_cast<index_t>(std::ceil(64.0 / eps));
+  const index_t tb = checked_elements({t, b}, "countsketch (rows x buckets)");
+  out.sketch_rows = t, out.sketch_buckets = b;
+  // Each key's bucket and sign per row, and the sketch S K_U (t b x d), key by key in order.
+  const CounterRng rng(seed, Purpose::heavy_countsketch, stream);
+  std::vector<index_t> slot(static_cast<std::size_t>(t * u));
+  std::vector<double> sign(slot.size()), SKU(static_cast<std::size_t>(checked_elements({tb, d}, "countsketch")));
+  for (index_t r = 0; r < t; ++r)
+    for (index_t a = 0; a < u; ++a) {
+      const auto e = static_cast<std::uint64_t>(r * u + a);
+      slot[r * u + a] = r * b + static_cast<index_t>(rng.below(2 * e, static_cast<std::uint64_t>(b)));
+      sign[r * u + a] = (rng.u64(2 * e + 1) & 1) ? 1.0 : -1.0;
+      for (index_t x = 0; x < d; ++x) SKU[slot[r * u + a] * d + x] += sign[r * u + a] * KU[a * d + x];
+    }
+  // Query blocks small enough that their t b estimates stay near 8 MiB.
+  const index_t rows_per_block = std::clamp<index_t>((index_t(1) << 20) / tb, 1, 256);
+  const index_t blocks = (m + rows_per_block - 1) / rows_per_block;
+  std::vector<std::vector<HeavyEntry>> found(static_cast<std::size_t>(blocks));
+  std::vector<std::vector<index_t>> zeros(static_cast<std::size_t>(blocks));
+  std::vector<index_t> verified(static_cast<std::size_t>(blocks), 0);
+  struct Workspace {
+    std::vector<double> q, t, y, est;
+  };
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(d * (d + tb) + u * t);
+  detail::parallel_tasks(blocks, flops, [] { return Workspace{}; }, [&](index_t blk, Workspace& w) {
+    const index_t r0 = blk * rows_per_block, rows = std::min(rows_per_block, m - r0);
+    rows_to_double(Q, r0, rows, w.q);
+    w.t.resize(static_cast<std::size_t>(rows * d));
+    detail::dgemm_abt(rows, d, d, 1.0, w.q.data(), d, R.data(), d, 0.0, w.t.data(), d);
+    w.y.resize(static_cast<std::size_t>(rows * tb));
+    detail::dgemm_abt(rows, tb, d, 1.0, w.q.data(), d, SKU.data(), d, 0.0, w.y.data(), tb);
+    w.est.resize(static_cast<std::size_t>(t));
+    for (index_t i = 0; i < rows; ++i) {
+      const double* q = w.q.data() + i * d;
+      double z = 0.0, qq = 0.0;
+      for (index_t j = 0; j < d; ++j) z += w.t[i * d + j] * w.t[i * d + j], qq += q[j] * q[j];
+      if (z <= zero_tol * qq) {
+        zeros[blk].push_back(r0 + i);
+        continue;
+      }
+      // A heavy key has |x| >= sqrt(eps z), its median estimate within 4 sqrt(z / b) of x.
+      const double threshold = std::sqrt(eps * z) - 4.0 * std::sqrt(z / static_cast<double>(b));
+      const double* y = w.y.data() + i * tb;
+      for (index_t a = 0; a < u; ++a) {
+        for (index_t r = 0; r < t; ++r) w.est[r] = sign[r * u + a] * y[slot[r * u + a]];
+        std::nth_element(w.est.begin(), w.est.begin() + t / 2, w.est.end());
+        if (std::fabs(w.est[t / 2]) < threshold) continue;
+        ++verified[blk];
+        double x = 0.0;
+        for (index_t j = 0; j < d; ++j) x += q[j] * KU[a * d + j];
+        if (x * x / z >= eps) found[blk].push_back({r0 + i, keys[a], x * x / z});
+      }
+    }
+  });
+  merge_blocks(found, zeros, out);
+  for (index_t v : verified) out.candidates += v;
+}
+
 }  // namespace detail
 
 namespace {
 
 // Exact x^2 heavy entries: keys of U_eps only, and Z_i = ||R q_i||^2 with K = Q R (header).
-HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOptions& lo) {
+HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& o, std::uint64_t stream) {
+  const LeverageOptions& lo = o.leverage;
   check_inputs(Q, K, eps);
   LEVATTN_REQUIRE(lo.method != ScoreMethod::sketch, "method sketch",
                   "exact x^2 normalisers need the exact factor of the keys "
@@ -136,8 +207,12 @@ HeavyEntries heavy_x2(ConstMatrix Q, ConstMatrix K, double eps, const LeverageOp
   out.universal_size = static_cast<index_t>(U.indices.size());
   out.rank = g.rank;
   out.normaliser = detail::kX2Normaliser;
-  detail::x2_entries(Q, 0, detail::key_r_factor(K), universal_keys(K, U), U.indices, eps,
-                     detail::x2_zero_tol(K.rows, d, g.gram), out);
+  const double zero_tol = detail::x2_zero_tol(K.rows, d, g.gram);
+  if (o.search == HeavySearch::countsketch)
+    detail::x2_entries_sketched(Q, detail::key_r_factor(K), universal_keys(K, U), U.indices, eps, zero_tol, o.delta,
+                                o.seed, stream, out);
+  else
+    detail::x2_entries(Q, 0, detail::key_r_factor(K), universal_keys(K, U), U.indices, eps, zero_tol, out);
   return out;
 }
 
@@ -279,6 +354,10 @@ void check_options(const HeavyOptions& o) {
     detail::require_open_unit(o.gamma, "gamma");
     detail::require_open_unit(o.delta, "delta");
   }
+  LEVATTN_REQUIRE(o.search == HeavySearch::exact || (o.p == 2.0 && o.normaliser == Normaliser::exact && !o.causal),
+                  "search countsketch", "sketches the x^2 search with exact normalisers (p 2, normaliser exact, "
+                  "not causal)");
+  if (o.search == HeavySearch::countsketch) detail::require_open_unit(o.delta, "delta");
   LEVATTN_REQUIRE(!o.causal || (o.p == 2.0 && o.normaliser == Normaliser::exact), "causal",
                   "heavy entries of causal attention are x^2 with exact normalisers (p 2, normaliser exact)");
   LEVATTN_REQUIRE(o.leverage.ridge == 0.0, "ridge",
@@ -289,13 +368,13 @@ void check_options(const HeavyOptions& o) {
 HeavyEntries heavy_head(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& o,
                         std::uint64_t stream) {
   if (o.causal) return causal_heavy_entries(Q, K, eps, o.leverage);
-  if (o.p == 2.0 && o.normaliser == Normaliser::exact) return heavy_x2(Q, K, eps, o.leverage);
+  if (o.p == 2.0 && o.normaliser == Normaliser::exact) return heavy_x2(Q, K, eps, o, stream);
   return heavy_power(Q, K, eps, o, stream);
 }
 
 }  // namespace
 
-HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps) { return heavy_x2(Q, K, eps, {}); }
+HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps) { return heavy_x2(Q, K, eps, {}, 0); }
 
 HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps, const HeavyOptions& o) {
   check_options(o);

@@ -1,6 +1,7 @@
 // heavy_search.hpp: the exact x^2 heavy-entry pass against a given key factor, shared by
 // heavy_entries and distributed_heavy_entries. Not installed.
 #pragma once
+#include <cstdint>
 #include <vector>
 
 #include "levattn/heavy_entries.hpp"
@@ -20,5 +21,13 @@ double x2_zero_tol(index_t n, index_t d, const std::vector<double>& gram);
 /// Sorted by query, then key (keys ascending). O(m d (d + |keys|)), parallel over query blocks.
 void x2_entries(ConstMatrix Q, index_t query_offset, const std::vector<double>& R, const std::vector<double>& KU,
                 const std::vector<index_t>& keys, double eps, double zero_tol, HeavyEntries& out);
+
+/// x2_entries through a CountSketch of the candidate keys (HeavySearch::countsketch, header
+/// heavy_entries.hpp): the same entries, each found with probability >= 1 - 2^-t; the sketch's
+/// hashes from the stream (seed, heavy_countsketch, stream). Sets out's sketch_rows,
+/// sketch_buckets and candidates.
+void x2_entries_sketched(ConstMatrix Q, const std::vector<double>& R, const std::vector<double>& KU,
+                         const std::vector<index_t>& keys, double eps, double zero_tol, double delta,
+                         std::uint64_t seed, std::uint64_t stream, HeavyEntries& out);
 
 }  // namespace levattn::detail

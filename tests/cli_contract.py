@@ -315,6 +315,21 @@ def test_heavy():
             check("heavy --json: universal_size is |{tau_j >= eps}|",
                   j is not None and abs(j.get("universal_size", -1) - int(np.sum(tau >= eps))) <= int(np.sum(np.abs(tau - eps) <= 1e-4)),
                   "%r vs %d" % (j and j.get("universal_size"), int(np.sum(tau >= eps))))
+        # The countsketch search: the same entries (a fixed seed makes the run deterministic),
+        # a JSON summary of the sketch, and a clear refusal where it does not apply.
+        p = ok_run("heavy --search countsketch", "heavy", "--queries", "Qh.npy", "--keys", "Kh.npy", "--eps", eps,
+                   "--search", "countsketch", "--delta", 0.05, "--seed", 3, "--out", "Hs.csv", "--json")
+        if p:
+            j = parse_json("heavy --search countsketch --json", p.stdout)
+            rows_s = [(int(r[0]), int(r[1]), float(r[2])) for r in read_csv("Hs.csv", False)[1:]]
+            heavy_compare("heavy --search countsketch", rows_s, Q, K, eps)
+            check("heavy --search countsketch --json: search, sketch size and candidates",
+                  j is not None and j.get("search") == "countsketch" and j.get("sketch_buckets") == 1280
+                  and j.get("sketch_rows", 0) >= 1 and j.get("candidates", -1) >= len(rows_s), repr(j))
+        p = run("heavy", "--queries", "Qh.npy", "--keys", "Kh.npy", "--eps", eps, "--search", "countsketch",
+                "--p", 3)
+        check("heavy --search countsketch --p 3: exit 2 naming the option",
+              p.returncode == 2 and "search countsketch" in p.stderr, "rc=%d %r" % (p.returncode, p.stderr))
     # 3-D input: (heads, m, d)
     Q3 = rng.standard_normal((2, 150, d)).astype(np.float32)
     K3 = np.stack([heavy_tailed_keys(rng, 250, d) for _ in range(2)]).astype(np.float32)

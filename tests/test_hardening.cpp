@@ -607,6 +607,7 @@ TEST(Names, EveryEnumReadsBackItsOwnNames) {
   for (SketchKind x : {SketchKind::countsketch, SketchKind::srht, SketchKind::gaussian})
     EXPECT_EQ(parse_sketch_kind(to_string(x)), x);
   for (Normaliser x : {Normaliser::exact, Normaliser::sampled}) EXPECT_EQ(parse_normaliser(to_string(x)), x);
+  for (HeavySearch x : {HeavySearch::exact, HeavySearch::countsketch}) EXPECT_EQ(parse_heavy_search(to_string(x)), x);
   for (ReduceMethod x : {ReduceMethod::gaussian, ReduceMethod::srht, ReduceMethod::countsketch, ReduceMethod::svd,
                          ReduceMethod::bss})
     EXPECT_EQ(parse_reduce_method(to_string(x)), x);

@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
+#include <omp.h>
 
+#include <cmath>
 #include <map>
 #include <set>
 
@@ -195,4 +197,76 @@ TEST(HeavyEntriesPower, RejectsBadOptions) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("samples"), std::string::npos);
   }
+}
+
+// The countsketch search (math.md 1.9) against the brute force: keys whose scores all reach eps,
+// so that U holds every key and the sketch's buckets collide (|U| = 1280 keys in b = 3200
+// buckets per row), and queries near keys, so that every query has heavy entries.
+TEST(HeavyEntriesSketched, FindsTheHeavyEntriesWithExactValuesAndNothingElse) {
+  const index_t n = 1280, d = 64, m = 96;
+  const Mat K = oracle::gaussian(n, d, 31);
+  Mat Q = oracle::gaussian(m, d, 32, 0.3);
+  for (index_t i = 0; i < m; ++i)
+    for (index_t j = 0; j < d; ++j) Q(i, j) += K(13 * i % n, j);
+  const double eps = 0.02;
+  const auto truth = oracle::heavy_x2(Q, K, eps);
+  ASSERT_GE(truth.size(), static_cast<std::size_t>(m));
+  std::map<std::pair<index_t, index_t>, double> exact;
+  for (const auto& e : truth) exact[{e.i, e.j}] = e.a;
+  HeavyOptions o;
+  o.search = HeavySearch::countsketch;
+  o.delta = 0.05;
+  double recall = 0.0;
+  const int seeds = 20;
+  for (int seed = 0; seed < seeds; ++seed) {
+    o.seed = static_cast<std::uint64_t>(seed);
+    const HeavyEntries h = heavy_entries(Q.view(), K.view(), eps, o);
+    EXPECT_GT(h.universal_size, n / 2);
+    EXPECT_EQ(h.sketch_rows, static_cast<index_t>(std::ceil(std::log2(m / (eps * o.delta)))));
+    EXPECT_EQ(h.sketch_buckets, 3200);
+    EXPECT_LT(h.candidates, m * h.universal_size / 4) << "the sketch pruned little";
+    index_t common = 0;
+    for (const auto& e : h.entries) {  // precision 1: each entry heavy, with its exact value
+      const auto it = exact.find({e.query, e.key});
+      ASSERT_NE(it, exact.end()) << "false entry (" << e.query << ", " << e.key << ")";
+      EXPECT_NEAR(e.value, it->second, 1e-9 * it->second);
+      ++common;
+    }
+    recall += static_cast<double>(common) / static_cast<double>(truth.size()) / seeds;
+  }
+  EXPECT_GE(recall, 1.0 - o.delta);
+}
+
+TEST(HeavyEntriesSketched, SameEntriesAtEveryThreadCountAndRefusesWhatItCannotSketch) {
+  const Mat K = oracle::gaussian(300, 16, 41), Q = oracle::gaussian(40, 16, 42);
+  HeavyOptions o;
+  o.search = HeavySearch::countsketch;
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const HeavyEntries one = heavy_entries(Q.view(), K.view(), 0.05, o);
+  omp_set_num_threads(threads);
+  const HeavyEntries many = heavy_entries(Q.view(), K.view(), 0.05, o);
+  ASSERT_EQ(one.entries.size(), many.entries.size());
+  for (std::size_t a = 0; a < one.entries.size(); ++a) {
+    EXPECT_EQ(one.entries[a].key, many.entries[a].key);
+    EXPECT_EQ(one.entries[a].value, many.entries[a].value);
+  }
+  EXPECT_EQ(one.candidates, many.candidates);
+  const auto refused = [&](HeavyOptions bad, const std::string& field) {
+    try {
+      heavy_entries(Q.view(), K.view(), 0.05, bad);
+      ADD_FAILURE() << "accepted: " << field;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.field(), field) << e.what();
+    }
+  };
+  HeavyOptions bad = o;
+  bad.p = 3.0;
+  refused(bad, "search countsketch");
+  bad = o, bad.normaliser = Normaliser::sampled;
+  refused(bad, "search countsketch");
+  bad = o, bad.causal = true;
+  refused(bad, "search countsketch");
+  bad = o, bad.delta = 1.0;
+  refused(bad, "delta");
 }

@@ -25,6 +25,9 @@ struct HeavyEntries {
   std::string normaliser;
   index_t samples = 0;  ///< sampled: keys drawn
   double gamma = 0.0;   ///< sampled: every normaliser within a factor (1 +- gamma), prob. >= 1 - delta
+  /// countsketch search (HeavySearch): rows t and buckets b of the sketch, and the (query, key)
+  /// pairs whose estimate passed the threshold and were verified exactly.
+  index_t sketch_rows = 0, sketch_buckets = 0, candidates = 0;
 };
 
 /// How heavy_entries computes the row normalisers Z_i = sum_l |q_i.k_l|^p.
@@ -37,6 +40,17 @@ enum class Normaliser {
 std::string to_string(Normaliser normaliser);
 Normaliser parse_normaliser(const std::string& name);
 
+/// How heavy_entries finds each query's heavy keys among the universal set U (x^2, exact
+/// normalisers; docs/design.md).
+enum class HeavySearch {
+  exact,        ///< x_i = K_U q_i for every key of U: one GEMM, O(m |U| d)
+  countsketch,  ///< a CountSketch of K_U, per query its t b estimates, candidates verified exactly
+};
+
+/// "exact" / "countsketch", and the inverse (Error(invalid_argument) naming the choices otherwise).
+std::string to_string(HeavySearch search);
+HeavySearch parse_heavy_search(const std::string& name);
+
 struct HeavyOptions {
   double p = 2.0;  ///< exponent, > 0
   /// Causal x^2 attention (query i over keys 0 .. i, m == n): the entries of
@@ -47,7 +61,13 @@ struct HeavyOptions {
   /// sensitivity bound. With r >= n the exact normaliser is used instead (it is then cheaper).
   index_t samples = 0;
   double gamma = 0.1;   ///< sampled: target accuracy in (0, 1) when samples == 0
-  double delta = 0.01;  ///< sampled: failure probability in (0, 1)
+  /// Failure probability in (0, 1) of the randomised part: the sampled normalisers, or the
+  /// countsketch search (each eps-heavy entry is missed with probability below delta in all).
+  double delta = 0.01;
+  /// exact, or countsketch (p = 2 with exact normalisers, not causal): per (batch, head) pair a
+  /// CountSketch of the universal keys, t = ceil(log2(m / (eps delta))) rows of b = ceil(64 / eps)
+  /// buckets, from the seed's stream.
+  HeavySearch search = HeavySearch::exact;
   std::uint64_t seed = 0;
   /// Scores behind the universal set: numerical rank, and the exact or sketched method. A sketch
   /// applies with sampled normalisers only: exact x^2 normalisers need the exact factor of K,
@@ -75,6 +95,16 @@ struct HeavyOptions {
 /// its numerical range.
 HeavyEntries heavy_entries(ConstMatrix Q, ConstMatrix K, double eps);
 
+/// With options.search == countsketch (p = 2, exact normalisers): the same entries found through
+/// a CountSketch S of K_U (t rows, b buckets, above): per query y = (S K_U) q, each key's estimate
+/// median_r sign_r(j) y[r, bucket_r(j)], and the keys whose |estimate| >= sqrt(eps Z_i) -
+/// 4 sqrt(Z_i / b) verified exactly. Each row's error is below 4 ||K_U q|| / sqrt(b) <=
+/// 4 sqrt(Z_i / b) with probability >= 15/16 (Chebyshev), so a heavy key is missed only if half
+/// of the t rows fail: probability <= 2^-t per entry, <= delta over the at most m / eps of them.
+/// Every reported value is exact (no false entry). O(|U| t d + m (t b d + |U| t) + candidates d)
+/// time against O(m |U| d): it pays only where |U| d exceeds t b d + |U| t, i.e. with d large
+/// against t (docs/benchmarks.md measures where).
+///
 /// All (i, j, A_ij) with A_ij >= eps for A = D^-1 |Q K^T|^p, any p > 0 (docs/design.md).
 ///
 /// Keys are searched in the universal set { j : t_j >= eps } of the sensitivity bounds t_j

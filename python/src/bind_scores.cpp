@@ -101,6 +101,9 @@ LeverageOptions(method="exact", ridge=0.0, rank_rtol=1e-5, sketch="countsketch",
       .def_readonly("normaliser", &HeavyEntries::normaliser)
       .def_readonly("samples", &HeavyEntries::samples)
       .def_readonly("gamma", &HeavyEntries::gamma)
+      .def_readonly("sketch_rows", &HeavyEntries::sketch_rows)
+      .def_readonly("sketch_buckets", &HeavyEntries::sketch_buckets)
+      .def_readonly("candidates", &HeavyEntries::candidates)
       .def("__len__", [](const HeavyEntries& h) { return h.entries.size(); });
   py::class_<HeavyAgreement>(m, "HeavyAgreement", "How one list of heavy entries agrees with the true list.")
       .def_readonly("common", &HeavyAgreement::common)
@@ -163,11 +166,13 @@ entry A_ij >= eps of x^2 (|x|^p) attention, for any query, is in U_eps, and |U_e
 (size_bound). Cost O(n d^2) per pair.)doc");
   m.def("heavy_entries", [](py::handle Q_, py::handle K_, double eps, double p, const std::string& normaliser,
                             index_t samples, double gamma, double delta, std::int64_t seed,
-                            const std::optional<LeverageOptions>& lev, bool causal) -> py::object {
+                            const std::optional<LeverageOptions>& lev, bool causal,
+                            const std::string& search) -> py::object {
     const auto Q = array_of<float>(Q_, "Q"), K = array_of<float>(K_, "K");
     HeavyOptions o;
     o.p = p, o.samples = samples, o.gamma = gamma, o.delta = delta, o.seed = seed_of(seed);
     o.normaliser = parse_normaliser(normaliser);
+    o.search = parse_heavy_search(search);
     o.leverage = lev.value_or(LeverageOptions{});
     o.causal = causal;
     if (Q.ndim() != K.ndim()) value_error("Q, K: expected arrays of the same number of dimensions");
@@ -181,14 +186,18 @@ entry A_ij >= eps of x^2 (|x|^p) attention, for any query, is in U_eps, and |U_e
     return py::cast(std::move(h));
   }, arg("Q"), arg("K"), arg("eps"), py::kw_only(), arg("p") = 2.0, arg("normaliser") = "exact",
      arg("samples") = 0, arg("gamma") = 0.1, arg("delta") = 0.01, arg("seed") = 0, arg("leverage") = py::none(),
-     arg("causal") = false,
+     arg("causal") = false, arg("search") = "exact",
      R"doc(Every eps-heavy entry A_ij = |q_i.k_j|^p / sum_l |q_i.k_l|^p >= eps, searched over U_eps only.
 
 Q: (m, d), K: (n, d) (or 3-D / 4-D stacks: a list per pair). p = 2 with exact normalisers:
 exact, O(n d^2 + m d^2 + m |U| d), no entry is missed (the universal set guarantee).
 normaliser="sampled": r keys drawn by sensitivity, normalisers within (1 +- gamma) w.p. 1 - delta.
 causal=True (p = 2, exact; m == n): the entries of causal attention, A_ij over keys j <= i,
-searched over each block's causal universal set, O(n d^2 + n |C| d).)doc");
+searched over each block's causal universal set, O(n d^2 + n |C| d).
+search="countsketch" (p = 2, exact normalisers): a CountSketch of the keys of U (t =
+ceil(log2(m / (eps delta))) rows of ceil(64 / eps) buckets, from `seed`), candidates verified
+exactly: every heavy entry found w.p. >= 1 - delta, none false (sketch_rows, sketch_buckets and
+candidates report it).)doc");
   m.def("causal_universal_sets", [](py::handle K_, double eps, index_t block, const std::optional<LeverageOptions>& lev) {
     const auto K = array_of<float>(K_, "K");
     const ConstMatrix k = matrix(K, "K");

@@ -83,6 +83,24 @@ def test_heavy_entries_match_brute_force():
     assert agree.recall == 1.0 and agree.precision == 1.0
 
 
+def test_heavy_entries_by_countsketch_search():
+    r = rng(3)
+    K = r.standard_normal((400, 8)).astype(np.float32)
+    K[::40] *= 6.0  # strong keys: heavy entries for many queries
+    Q = r.standard_normal((60, 8)).astype(np.float32)
+    exact = levattn.heavy_entries(Q, K, 0.05)
+    assert len(exact) > 20
+    h = levattn.heavy_entries(Q, K, 0.05, search="countsketch", delta=0.05, seed=2)
+    assert h.sketch_buckets == 1280 and h.sketch_rows == int(np.ceil(np.log2(60 / (0.05 * 0.05))))
+    assert len(h) <= h.candidates
+    agree = levattn.compare_heavy_entries(h, levattn.heavy_entries_brute_force(Q, K, 0.05))
+    assert agree.precision == 1.0 and agree.recall == 1.0 and agree.max_rel_value_error < 1e-6
+    with pytest.raises(ValueError, match="search countsketch"):
+        levattn.heavy_entries(Q, K, 0.05, p=3.0, search="countsketch")
+    with pytest.raises(ValueError, match="search"):
+        levattn.heavy_entries(Q, K, 0.05, search="bloom")
+
+
 def test_full_attention_is_dense_softmax_for_every_layout():
     r = rng(4)
     q = r.standard_normal((2, 3, 70, 16)).astype(np.float32)

@@ -32,6 +32,8 @@ enum class Purpose : std::uint32_t {
   srht_rows,           ///< the rows P an SRHT keeps
   cluster_seeds,       ///< attention Select::cluster: initial centroids, index = (batch, head) pair
   cluster_sample,      ///< attention Select::cluster: the keys k-means trains on, index = pair
+  heavy_countsketch,   ///< heavy_entries search countsketch: bucket and sign of each key of U per
+                       ///< row, index = (batch, head) pair
 };
 
 class CounterRng {
