@@ -26,7 +26,7 @@ double seconds_since(Clock::time_point t0) {
 // Mean |S_i| over the queries: closed form for shared sets alone, else Selection::keys_per_query.
 double mean_keys_per_query(const Selection& sel) {
   const double rows = static_cast<double>(sel.pairs() * sel.m);
-  if (!sel.causal && sel.window < 0 && sel.top_k == 0 && sel.key_mask.empty() && sel.segment == 0) {
+  if (!sel.causal && sel.window < 0 && sel.top_k == 0 && sel.residual == 0 && sel.key_mask.empty() && sel.segment == 0) {
     if (sel.all_keys) return static_cast<double>(sel.n);
     double sum = 0.0;
     for (const auto& set : sel.shared_keys) sum += static_cast<double>(set.size());
@@ -102,7 +102,9 @@ AttentionResult attention(const Tensor4Ref& Q, const Tensor4Ref& K, const Tensor
                           float* out, const AttentionOptions& options) {
   planner::check_shapes(Q, K, V);
   LEVATTN_REQUIRE(out, "attention", "null output buffer");
-  if (options.select == Select::cluster) return attend_clustered(Q, K, V, out, options);
+  // Cluster's fused search attends what it keeps as it finds it; sampling the rest needs the
+  // whole selection first, so with a residual part it takes the path of the other selections.
+  if (options.select == Select::cluster && options.residual == 0) return attend_clustered(Q, K, V, out, options);
   const auto t0 = Clock::now();
   planner::Plan pl = planner::make_plan(Q, K, V, options);
   // Selections that read the data scan it first; full, window and random leave it to the

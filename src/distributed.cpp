@@ -283,6 +283,7 @@ void check_attention_options(const AttentionOptions& o, DistributedMode mode) {
   LEVATTN_REQUIRE(!o.return_selection, "return_selection",
                   "distributed attention does not return its selection (each rank holds part of it)");
   LEVATTN_REQUIRE(!o.key_mask, "key_mask", "distributed attention takes no key mask");
+  LEVATTN_REQUIRE(o.residual == 0, "residual", "distributed attention does not sample the rest of the keys");
   LEVATTN_REQUIRE(o.top_k == 0 && o.budget_alpha == 0.0, "top-k",
                   "distributed leverage selects by eps (a global key budget is not distributed)");
   if (o.select == Select::leverage) {

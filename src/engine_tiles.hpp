@@ -153,8 +153,11 @@ struct Ctx {
     double u = 0.0;
     for (const auto& s : sel.shared_keys) u += static_cast<double>(s.size());
     const double band = sel.window >= 0 ? 2.0 * half * static_cast<double>(sel.window) + 1.0 : 0.0;
-    return half * u / static_cast<double>(sel.pairs() * sel.segments()) + band + static_cast<double>(sel.top_k);
+    return half * u / static_cast<double>(sel.pairs() * sel.segments()) + band +
+           static_cast<double>(sel.top_k + sel.residual);
   }
+  // Slots of a query's per-query parts (own keys, sampled keys): the widest of them.
+  index_t row_slots() const { return std::max(sel.top_k, sel.residual); }
   double flops() const {
     return 4.0 * static_cast<double>(sel.pairs()) * static_cast<double>(sh.m) * keys_per_query() *
            static_cast<double>(sh.d + sh.dv);
@@ -323,11 +326,28 @@ void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t ro
   mask_block(c, ws.flags.data(), h, i0, rows, b, ws.p.data());
 }
 
-// Query i of pair h's own keys (slots of -1 skipped) into ws.own; returns how many.
+// One of a selection's per-query parts: each query's own keys (topk, cluster), or its keys
+// sampled from the rest, each weighted by its query's weight (weight: (pairs, m), null for 1).
+struct RowPart {
+  const index_t* slots;  // (pairs, m, width), -1 for an unused slot
+  index_t width;
+  const double* weight;
+};
+inline RowPart own_part(const Selection& sel) { return {sel.query_keys.data(), sel.top_k, nullptr}; }
+inline RowPart residual_part(const Selection& sel) {
+  return {sel.residual_keys.data(), sel.residual, sel.residual_weight.data()};
+}
+
+// Query `row`'s keys of `part` (slots of -1 skipped) into `own` (width entries); returns how many.
+inline index_t row_keys(const RowPart& part, index_t row, index_t* own) {
+  const index_t* slots = part.slots + row * part.width;
+  return std::copy_if(slots, slots + part.width, own, [](index_t j) { return j >= 0; }) - own;
+}
+
+// The log of query `row`'s weight in `part`, added to its keys' g (log kernel values).
 template <class T>
-index_t own_keys(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i) {
-  const index_t* slots = c.sel.query_keys.data() + (h * c.sh.m + i) * c.sel.top_k;
-  return std::copy_if(slots, slots + c.sel.top_k, ws.own.begin(), [](index_t j) { return j >= 0; }) - ws.own.begin();
+T log_weight(const RowPart& part, index_t row) {
+  return part.weight ? static_cast<T>(std::log(part.weight[row])) : T(0);
 }
 
 }  // namespace levattn::engine

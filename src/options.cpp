@@ -18,6 +18,9 @@ void detail::check_attention_options(const AttentionOptions& o) {
   detail::check_kernel(o);
   LEVATTN_REQUIRE(o.window >= -1, "window", "expected an integer >= 0 (or -1 for none), got ", o.window);
   LEVATTN_REQUIRE(o.sinks >= 0, "sinks", "expected an integer >= 0, got ", o.sinks);
+  LEVATTN_REQUIRE(o.residual >= 0, "residual", "expected an integer >= 0 (0: none), got ", o.residual);
+  LEVATTN_REQUIRE(o.residual == 0 || o.select != Select::full, "residual",
+                  "select full attends every key and leaves none to sample");
   const bool local = o.window >= 0 || o.sinks > 0;
   const std::string select = to_string(o.select);
   LEVATTN_REQUIRE(o.eps == 0.0 || o.select == Select::leverage || o.select == Select::cluster, "eps",
@@ -151,6 +154,7 @@ AttentionOptions parse_selection(const std::string& spec) {
     else if (field == "clusters") o.clusters = integer(value, field);
     else if (field == "iterations") o.cluster_iterations = integer(value, field);
     else if (field == "seed") o.seed = seed(value, field);
+    else if (field == "residual") o.residual = integer(value, field);
     else if (field == "p") o.p = number(value, field);
     else if (field == "kernel") o.kernel = named(parse_kernel, value);
     else if (field == "budget_alpha") o.budget_alpha = number(value, field);
@@ -165,8 +169,8 @@ AttentionOptions parse_selection(const std::string& spec) {
     else if (field == "delta") lev.delta = number(value, field);
     else if (field == "sketch_seed") lev.seed = seed(value, field);
     else
-      bad("unknown field '" + field + "' (expected top_k, eps, window, sinks, probe, clusters, iterations, seed, p, "
-          "kernel, budget_alpha, budget_exponent, method, ridge, rank_rtol, sketch, sketch_size, gamma, jl_columns, "
+      bad("unknown field '" + field + "' (expected top_k, eps, window, sinks, probe, clusters, iterations, seed, residual, "
+          "p, kernel, budget_alpha, budget_exponent, method, ridge, rank_rtol, sketch, sketch_size, gamma, jl_columns, "
           "delta or sketch_seed)");
   }
   return o;
@@ -199,6 +203,7 @@ std::string selection_spec(const AttentionOptions& o) {
   field(o.clusters != d.clusters, "clusters", o.clusters);
   field(o.cluster_iterations != d.cluster_iterations, "iterations", o.cluster_iterations);
   field(o.seed != d.seed, "seed", o.seed);
+  field(o.residual != d.residual, "residual", o.residual);
   field(o.kernel != d.kernel, "kernel", to_string(o.kernel));
   field(o.p != d.p, "p", o.p);
   field(o.budget_alpha != d.budget_alpha, "budget_alpha", o.budget_alpha);

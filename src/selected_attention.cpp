@@ -52,24 +52,26 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
       LEVATTN_REQUIRE(sel.key_open(h, keys[a]), "selection", "a shared set holds a masked key");
     }
   }
-  if (sel.top_k == 0) {
-    LEVATTN_REQUIRE(sel.query_keys.empty(), "selection", "per-query keys without a top_k");
-    return;
-  }
   LEVATTN_REQUIRE(sel.top_k >= 0 && sel.top_k <= sel.n &&
                       static_cast<index_t>(sel.query_keys.size()) == pairs * sel.m * sel.top_k,
-                  "selection", "per-query keys must be (pairs, m, top_k) with 1 <= top_k <= n");
-  // Each query's own keys: distinct, in range (or -1), causal if the selection is, and neither
-  // in its shared set (marked per set: `shared` holds the set's number) nor in its window.
+                  "selection", "per-query keys must be (pairs, m, top_k) with 0 <= top_k <= n");
+  LEVATTN_REQUIRE(sel.residual >= 0 && sel.residual <= sel.n &&
+                      static_cast<index_t>(sel.residual_keys.size()) == pairs * sel.m * sel.residual &&
+                      static_cast<index_t>(sel.residual_weight.size()) == (sel.residual > 0 ? pairs * sel.m : 0),
+                  "selection", "sampled keys must be (pairs, m, residual) with 0 <= residual <= n, their weights (pairs, m)");
+  LEVATTN_REQUIRE(!sel.all_keys || sel.residual == 0, "selection", "all keys leaves none to sample");
+  if (sel.top_k == 0 && sel.residual == 0) return;
+  // Each query's own and sampled keys: distinct, in range (or -1), causal if the selection is,
+  // and neither in its shared set (marked per set: `shared` holds the set's number) nor in its
+  // window.
   std::vector<index_t> stamp(static_cast<std::size_t>(sel.n), -1), shared(stamp.size(), -1);
   for (index_t h = 0; h < pairs; ++h) {
     for (index_t i = 0; i < sel.m; ++i) {
       const index_t row = h * sel.m + i, set = h * sel.segments() + (sel.segment > 0 ? i / sel.segment : 0);
       if (!sel.shared_keys.empty() && (i == 0 || (sel.segment > 0 && i % sel.segment == 0)))
         for (index_t j : sel.shared_keys[set]) shared[j] = set;
-      for (index_t a = 0; a < sel.top_k; ++a) {
-        const index_t j = sel.query_keys[row * sel.top_k + a];
-        if (j == -1) continue;
+      const auto check = [&](index_t j) {
+        if (j == -1) return;
         LEVATTN_REQUIRE(j >= 0 && j < sel.n && stamp[j] != row, "selection",
                         "each query's keys must be distinct and in [0, n) (-1 for an unused slot)");
         LEVATTN_REQUIRE(!sel.causal || j <= i, "selection", "a causal query's own keys must not follow it");
@@ -77,7 +79,12 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
         LEVATTN_REQUIRE(!(shared[j] == set || (sel.window >= 0 && std::abs(i - j) <= sel.window)), "selection",
                         "a query's own keys must not repeat its shared keys or its window");
         stamp[j] = row;
-      }
+      };
+      for (index_t a = 0; a < sel.top_k; ++a) check(sel.query_keys[row * sel.top_k + a]);
+      for (index_t a = 0; a < sel.residual; ++a) check(sel.residual_keys[row * sel.residual + a]);
+      if (sel.residual > 0)
+        LEVATTN_REQUIRE(std::isfinite(sel.residual_weight[row]) && sel.residual_weight[row] > 0.0, "selection",
+                        "each query's weight of its sampled keys must be finite and > 0, got ", sel.residual_weight[row]);
     }
   }
 }
@@ -116,14 +123,16 @@ void absorb(const Ctx<T>& c, Workspace<T>& ws, index_t rows, const Block<T>& b) 
   detail::gemm(kNo, kNo, rows, dv, b.c, T(1), ws.p.data(), b.c, b.vb, dv, T(1), ws.acc.data(), dv);
 }
 
-// Row r's own keys into the tile's running maximum, sum and accumulator (after its blocks).
+// Row r's keys of a per-query part (own or sampled keys, with their weight) into the tile's
+// running maximum, sum and accumulator (after its blocks).
 template <class T>
-void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r) {
-  const index_t count = own_keys(c, ws, h, i0 + r), d = c.sh.d, dv = c.sh.dv;
+void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r, const RowPart& part) {
+  const index_t row = h * c.sh.m + i0 + r, count = row_keys(part, row, ws.own.data()), d = c.sh.d, dv = c.sh.dv;
   if (count == 0) return;
   const RowKernels<T> rk;
+  const T lw = log_weight<T>(part, row);
   rk.dots(c.Q(h) + (i0 + r) * d, ws.own.data(), count, c.K(h), d, c.fn.scale, ws.os.data());
-  for (index_t a = 0; a < count; ++a) ws.og[a] = c.fn.g(ws.os[a]);
+  for (index_t a = 0; a < count; ++a) ws.og[a] = c.fn.g(ws.os[a]) + lw;
   const T nm = std::max(ws.mx[r], *std::max_element(ws.og.begin(), ws.og.begin() + count));
   if (nm == -std::numeric_limits<T>::infinity()) return;
   T* acc = ws.acc.data() + r * dv;
@@ -147,8 +156,8 @@ void forward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, inde
     logits(c, ws, h, i0, rows, b);
     absorb(c, ws, rows, b);
   });
-  if (c.sel.top_k > 0)
-    for (index_t r = 0; r < rows; ++r) absorb_own(c, ws, h, i0, r);
+  for (const RowPart& part : {own_part(c.sel), residual_part(c.sel)})
+    for (index_t r = 0; r < rows && part.width > 0; ++r) absorb_own(c, ws, h, i0, r, part);
   for (index_t r = 0; r < rows; ++r) {
     T* o = out + (h * c.sh.m + i0 + r) * dv;
     const double l = ws.l[r];
@@ -161,39 +170,39 @@ void forward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, inde
 
 // The float32 engine's per-thread state: the online block (up to a tile's rows, key tiles of up
 // to kernels::kKeyTile), gathered shared key and value rows (only where the selection has shared
-// sets), a window band's membership flags and one query's own keys. Sized to the call, and left
+// sets), a window band's membership flags and one query's own or sampled keys. Sized to the call, and left
 // uninitialised where every element is written before it is read: a decoding step attends one
 // query over a few hundred keys, and zero-filling full-size buffers would cost more than that.
 struct EngineWorkspace {
   kernels::OnlineBlock blk;
   std::unique_ptr<float[]> gk, gv;
   std::vector<char> flags;
-  std::vector<index_t> own;  // one query's own keys, unused slots left out
+  std::vector<index_t> own;  // one query's own or sampled keys, unused slots left out
   EngineWorkspace(const kernels::KernelParams& params, const Ctx<float>& c, index_t widest_set)
       : blk(params, std::min(c.tile_rows, c.sh.m), std::min(kernels::kKeyTile, c.sh.n), c.sh.dv),
         gk(new float[static_cast<std::size_t>(std::min(kernels::kKeyTile, widest_set) * c.sh.d)]),
         gv(new float[static_cast<std::size_t>(std::min(kernels::kKeyTile, widest_set) * c.sh.dv)]),
         flags(static_cast<std::size_t>(std::min(kernels::kKeyTile, c.sh.n))),
-        own(static_cast<std::size_t>(c.sel.top_k)) {}
+        own(static_cast<std::size_t>(c.row_slots())) {}
 };
 
 // Queries i0 .. i0 + rows - 1 of pair h in float32: their blocks of keys through the online
 // block (logits, the selection's masks written into the logit tile, the online update), then
-// each query's own keys; out and (unless null) stat rows written.
+// each query's own keys and sampled keys; out and (unless null) stat rows written.
 kernels::OnlineBlock::Rows engine_tile(const Ctx<float>& c, EngineWorkspace& ws, index_t h, index_t i0, index_t rows,
                                        float* out, float* stat) {
-  const index_t d = c.sh.d, dv = c.sh.dv, kk = c.sel.top_k;
+  const index_t d = c.sh.d, dv = c.sh.dv;
   ws.blk.begin(c.Q(h) + i0 * d, d, rows, d);
   for_each_block(c, ws.gk.get(), ws.gv.get(), kernels::kKeyTile, h, i0, rows, [&](const Block<float>& b) {
     float* tile = ws.blk.logits(b.kb, d, b.c);
     mask_block(c, ws.flags.data(), h, i0, rows, b, tile);
     ws.blk.absorb(b.vb, dv, b.c);
   });
-  for (index_t r = 0; r < rows && kk > 0; ++r) {
-    const index_t* slots = c.sel.query_keys.data() + (h * c.sh.m + i0 + r) * kk;
-    const index_t count = std::copy_if(slots, slots + kk, ws.own.begin(), [](index_t j) { return j >= 0; }) - ws.own.begin();
-    if (count > 0) ws.blk.absorb_row(r, c.K(h), d, c.V(h), dv, ws.own.data(), count);
-  }
+  for (const RowPart& part : {own_part(c.sel), residual_part(c.sel)})
+    for (index_t r = 0; r < rows && part.width > 0; ++r) {
+      const index_t row = h * c.sh.m + i0 + r, count = row_keys(part, row, ws.own.data());
+      if (count > 0) ws.blk.absorb_row(r, c.K(h), d, c.V(h), dv, ws.own.data(), count, log_weight<float>(part, row));
+    }
   const index_t row = h * c.sh.m + i0;
   return ws.blk.finish(out + row * dv, dv, stat ? stat + row : nullptr);
 }
@@ -205,7 +214,7 @@ void reference_forward(const AttentionShape& sh, const Selection& sel, const Ker
   const Ctx<T> c = make_ctx(sh, sel, o, q, k, v);
   LEVATTN_REQUIRE(out && stat, "attention", "null output or statistics buffer");
   const index_t tiles = c.tiles(), pairs = sel.pairs();
-  detail::parallel_tasks(pairs * tiles, c.flops() / 2.0, [&] { return Workspace<T>(sh, sel.top_k); },
+  detail::parallel_tasks(pairs * tiles, c.flops() / 2.0, [&] { return Workspace<T>(sh, c.row_slots()); },
                          [&](index_t t, Workspace<T>& ws) {
                            const auto [i0, rows] = c.tile(t % tiles);
                            if (rows > 0) forward_tile(c, ws, t / tiles, i0, rows, out, stat);

@@ -53,18 +53,21 @@ struct KeyRows {
   index_t row(index_t j) const { return row_of ? row_of[j] : j; }
 };
 
-// Query i of pair h over its own keys (L: its log-normaliser, dout_i its output gradient):
-// dq_i += scale sum_j dS_ij k_j (dq_i unless null), and its shares of dK and dV added to the own
-// keys' rows of `to`: dk_j += scale dS_ij q_i, dv_j += P_ij dout_i.
+// Query i of pair h over its keys of a per-query part (L: its log-normaliser, dout_i its output
+// gradient): dq_i += scale sum_j dS_ij k_j (dq_i unless null), and its shares of dK and dV added
+// to the keys' rows of `to`: dk_j += scale dS_ij q_i, dv_j += P_ij dout_i. A weight w scales
+// P_ij = w f(s_ij) / e^L, as the log-normaliser L - log w does; dS_ij = P_ij (dP_ij - delta_i)
+// f'/f(s_ij) takes no other factor.
 template <class T>
-void own_key_grads(const Ctx<T>& c, const RowKernels<T>& rk, Workspace<T>& ws, index_t h, index_t i, T L, T delta,
-                   const T* dout_i, T* dq_i, const KeyRows<T>& to) {
-  const index_t count = own_keys(c, ws, h, i), d = c.sh.d, dv = c.sh.dv;
+void own_key_grads(const Ctx<T>& c, const RowKernels<T>& rk, Workspace<T>& ws, const RowPart& part, index_t h,
+                   index_t i, T L, T delta, const T* dout_i, T* dq_i, const KeyRows<T>& to) {
+  const index_t row = h * c.sh.m + i, count = row_keys(part, row, ws.own.data()), d = c.sh.d, dv = c.sh.dv;
   if (count == 0) return;  // straight from the rows of K, V and the gradients
   const T* q_i = c.Q(h) + i * d;
   rk.dots(q_i, ws.own.data(), count, c.K(h), d, c.fn.scale, ws.os.data());
   rk.dots(dout_i, ws.own.data(), count, c.V(h), dv, T(1), ws.op.data());
-  rk.weight_grads(ws.os.data(), ws.og.data(), ws.op.data(), count, L, c.fn.power ? c.fn.p : T(0), delta);
+  rk.weight_grads(ws.os.data(), ws.og.data(), ws.op.data(), count, L - log_weight<T>(part, row),
+                  c.fn.power ? c.fn.p : T(0), delta);
   for (index_t a = 0; a < count; ++a) ws.op[a] *= c.fn.scale;  // scale dS, for dq and dK alike
   if (dq_i) rk.weighted_sum(ws.op.data(), ws.own.data(), count, c.K(h), d, dq_i);
   if (to.row_of)
@@ -135,12 +138,13 @@ void backward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, ind
     add(!to.v ? nullptr : b.keys ? ws.set_dv.data() : to.v, dvw, T(1), ws.p.data(), gt);
     add(!to.k ? nullptr : b.keys ? ws.set_dk.data() : to.k, d, c.fn.scale, ws.ds.data(), qt);
   }, ws.set != nullptr);
-  if (c.sel.top_k == 0) return;
-  for (index_t r = 0; r < rows; ++r) {
-    const index_t row = h * c.sh.m + i0 + r;
-    if (stat[row] != std::numeric_limits<T>::infinity())
-      own_key_grads(c, rk, ws, h, i0 + r, stat[row], delta[row], dout + row * dvw, dst ? dst + r * d : nullptr, to);
-  }
+  for (const RowPart& part : {own_part(c.sel), residual_part(c.sel)})
+    for (index_t r = 0; r < rows && part.width > 0; ++r) {
+      const index_t row = h * c.sh.m + i0 + r;
+      if (stat[row] != std::numeric_limits<T>::infinity())
+        own_key_grads(c, rk, ws, part, h, i0 + r, stat[row], delta[row], dout + row * dvw, dst ? dst + r * d : nullptr,
+                      to);
+    }
 }
 
 // A run of query tiles t0 .. t1 - 1 of pair h, one task of the backward. The pair's first chunk
@@ -166,14 +170,14 @@ double tile_keys(const Ctx<T>& c, index_t h, index_t i0, index_t rows) {
     const index_t hi = std::min(n, c.sel.causal ? last + 1 : last + 1 + w);
     u += static_cast<double>(hi - std::max<index_t>(0, i0 - w));
   }
-  return u + static_cast<double>(c.sel.top_k);
+  return u + static_cast<double>(c.sel.top_k + c.sel.residual);
 }
 
 // Every key that tiles t0 .. t1 - 1 of pair h meet, ascending (a superset: whole shared sets,
-// the band's range with its shared keys, and the queries' own keys).
+// the band's range with its shared keys, and the queries' own and sampled keys).
 template <class T>
 std::vector<index_t> chunk_keys(const Ctx<T>& c, index_t h, index_t t0, index_t t1) {
-  const index_t n = c.sh.n, w = c.sel.window, kk = c.sel.top_k;
+  const index_t n = c.sh.n, w = c.sel.window;
   std::vector<char> met(static_cast<std::size_t>(n), 0);
   const std::vector<index_t>* last_set = nullptr;
   for (index_t t = t0; t < t1; ++t) {
@@ -188,9 +192,11 @@ std::vector<index_t> chunk_keys(const Ctx<T>& c, index_t h, index_t t0, index_t 
     if (&set != last_set)
       for (index_t j : set) met[j] = 1;
     last_set = &set;
-    const index_t* own = c.sel.query_keys.data() + (h * c.sh.m + i0) * kk;
-    for (index_t e = 0; e < rows * kk; ++e)
-      if (own[e] >= 0) met[own[e]] = 1;
+    for (const RowPart& part : {own_part(c.sel), residual_part(c.sel)}) {
+      const index_t* own = part.slots + (h * c.sh.m + i0) * part.width;
+      for (index_t e = 0; e < rows * part.width; ++e)
+        if (own[e] >= 0) met[own[e]] = 1;
+    }
     const index_t band_end = std::min(n, c.sel.causal ? last + 1 : last + 1 + w);
     if (w >= 0) std::fill(met.begin() + std::max<index_t>(0, i0 - w), met.begin() + band_end, 1);
   }
@@ -381,7 +387,7 @@ void selected_attention_backward(const AttentionShape& sh, const Selection& sel,
   std::vector<T> part_v(static_cast<std::size_t>(pv ? part_rows * sh.dv : 0));
   std::vector<T> delta(static_cast<std::size_t>(rows));
   std::atomic<bool> finite_inputs{true};
-  const auto make = [&] { return Workspace<T>(sh, sel.top_k); };
+  const auto make = [&] { return Workspace<T>(sh, std::max(sel.top_k, sel.residual)); };
   detail::parallel_tasks(static_cast<index_t>(chunks.size()), 1.4 * c.flops(), make,
                          [&](index_t t, Workspace<T>& ws) {
                            const Chunk& ch = chunks[t];

@@ -31,6 +31,10 @@ void Selection::mask_row(index_t h, index_t i, char* mask) const {
     const index_t j = query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)];
     if (j >= 0) mask[j] = 1;
   }
+  for (index_t a = 0; a < residual; ++a) {
+    const index_t j = residual_keys[static_cast<std::size_t>((h * m + i) * residual + a)];
+    if (j >= 0) mask[j] = 1;
+  }
   if (causal) std::fill(mask + std::min(n, i + 1), mask + n, 0);
   if (!key_mask.empty())
     for (index_t j = 0; j < n; ++j) mask[j] = mask[j] && key_open(h, j);
@@ -65,7 +69,8 @@ std::vector<index_t> key_segments(const Selection& s) {
   return last;
 }
 
-Selection selection_from_arrays(const Selection& layout, const index_t* key_segments, const index_t* query_keys) {
+Selection selection_from_arrays(const Selection& layout, const index_t* key_segments, const index_t* query_keys,
+                                const index_t* residual_keys, const double* residual_weight) {
   Selection s = layout;
   const index_t pairs = s.pairs(), segs = s.segments();
   s.shared_keys.assign(static_cast<std::size_t>(checked_elements({pairs, segs}, "shared sets")), {});
@@ -84,6 +89,12 @@ Selection selection_from_arrays(const Selection& layout, const index_t* key_segm
     }
   if (!any) s.shared_keys.clear();  // as select_keys leaves a selection without shared keys
   if (s.top_k > 0) s.query_keys.assign(query_keys, query_keys + pairs * s.m * s.top_k);
+  if (s.residual > 0) {
+    LEVATTN_REQUIRE(residual_keys && residual_weight, "residual", "the layout samples ", s.residual,
+                    " keys per query; expected residual_keys and residual_weight");
+    s.residual_keys.assign(residual_keys, residual_keys + pairs * s.m * s.residual);
+    s.residual_weight.assign(residual_weight, residual_weight + pairs * s.m);
+  }
   return s;
 }
 
@@ -101,6 +112,8 @@ std::vector<index_t> Selection::keys_per_query() const {
         if (hi >= lo) c += open[hi + 1] - open[lo] - (below(hi) - below(lo - 1));  // lo > hi: a query past every key
       }
       for (index_t a = 0; a < top_k; ++a) c += query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)] >= 0 ? 1 : 0;
+      for (index_t a = 0; a < residual; ++a)
+        c += residual_keys[static_cast<std::size_t>((h * m + i) * residual + a)] >= 0 ? 1 : 0;
       out[static_cast<std::size_t>(h * m + i)] = c;
     }
   }
@@ -306,6 +319,7 @@ Selection layout_of(const Plan& pl, index_t batch) {
   if (pl.shared || pl.o.select == Select::cluster) sel.window = pl.window;
   if (pl.o.select == Select::topk || pl.o.select == Select::cluster) sel.top_k = pl.k_top;
   if (pl.o.causal && pl.o.select == Select::leverage) sel.segment = kCausalBlock;
+  sel.residual = std::min(pl.o.residual, pl.n);
   return sel;
 }
 
@@ -391,6 +405,10 @@ Selection make_selection(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& 
                            });
   } else if (pl.o.select == Select::cluster) {
     select_clustered(pl, Q, K, sel);
+  }
+  if (sel.residual > 0) {
+    sel.residual = 0;  // the layout's slots, which sample_residual fills
+    sample_residual(sel, pl.o.residual, pl.o.seed);
   }
   return sel;
 }

@@ -226,8 +226,20 @@ inline bool attends(const levattn::Selection& s, index_t h, index_t i, index_t j
   return in && open && !(s.causal && j > i);
 }
 
+/// The weight of key j in query i's attention under `s`: 1 if it attends j (attends), the query's
+/// residual weight if j is one of its sampled keys, else 0.
+inline double key_weight(const levattn::Selection& s, index_t h, index_t i, index_t j) {
+  if (attends(s, h, i, j)) return 1.0;
+  const std::size_t row = static_cast<std::size_t>(h * s.m + i);
+  for (index_t a = 0; a < s.residual; ++a)
+    if (s.residual_keys[row * static_cast<std::size_t>(s.residual) + static_cast<std::size_t>(a)] == j)
+      return s.residual_weight[row];
+  return 0.0;
+}
+
 /// Attention over a selection and the gradients of sum(dout * out), in float64 with the n x n
 /// weights written out as an autograd would: P, dP = dout V^T, dS through the row normalisation.
+/// A key's kernel value is multiplied by its key_weight (sampled keys: their query's weight).
 struct MaskedAttention {
   std::vector<double> out, dq, dk, dv;
 };
@@ -245,19 +257,21 @@ inline MaskedAttention masked_attention(const levattn::AttentionShape& sh, const
     const index_t g = sh.kv_pair(h);
     for (index_t i = 0; i < m; ++i) {
       std::vector<double> s(n), f(n), fp(n);
+      std::vector<double> w(n);
       std::vector<char> in(n);
       double D = 0.0, smax = -INFINITY;
       for (index_t j = 0; j < n; ++j) {
         double dot = 0.0;
         for (index_t x = 0; x < d; ++x) dot += q[(h * m + i) * d + x] * k[(g * n + j) * d + x];
         s[j] = scale * dot;
-        in[j] = attends(sel, h, i, j);
+        w[j] = key_weight(sel, h, i, j);
+        in[j] = w[j] > 0.0;
         if (in[j] && softmax) smax = std::max(smax, s[j]);
       }
       for (index_t j = 0; j < n; ++j) {
         if (!in[j]) continue;
-        f[j] = softmax ? std::exp(s[j] - smax) : std::pow(std::fabs(s[j]), p);
-        fp[j] = softmax ? f[j] : (s[j] == 0 ? 0.0 : p * std::pow(std::fabs(s[j]), p - 1) * (s[j] > 0 ? 1 : -1));
+        f[j] = w[j] * (softmax ? std::exp(s[j] - smax) : std::pow(std::fabs(s[j]), p));
+        fp[j] = softmax ? f[j] : w[j] * (s[j] == 0 ? 0.0 : p * std::pow(std::fabs(s[j]), p - 1) * (s[j] > 0 ? 1 : -1));
         D += f[j];
       }
       if (!(D > 0)) continue;

@@ -52,6 +52,12 @@ struct AttentionOptions : KernelOptions {
   index_t clusters = 0;
   index_t probe = 0;
   index_t cluster_iterations = 8;
+  /// > 0: each query also attends `residual` keys drawn uniformly without replacement (stream
+  /// (seed, residual_sample, pair * m + i)) from the rest R_i of its keys, those the selection
+  /// drops, each weighted by |R_i| / residual: the kept keys exactly, the dropped mass and its
+  /// output estimated without bias (math.md 1.8; sample_residual in selection.hpp). Not with
+  /// select full, which drops nothing.
+  index_t residual = 0;
   LeverageOptions leverage;  ///< options of the leverage scores used by Select::leverage
   /// Key padding: (batch, n) bytes, 0 for a key no query may attend (nor select), else 1; null:
   /// every key. Each selection is made as if the masked keys were not there (leverage scores of
@@ -86,7 +92,7 @@ Select parse_select(const std::string& name);
 /// "leverage+eps:0.05+window:4", "topk:32", "random:32+sinks:2", "window:16", "cluster:32+probe:8",
 /// "full". NAME is a Select name; VALUE is top_k (leverage, topk, random, cluster) or the window
 /// (window). FIELD names an AttentionOptions field: top_k, eps, window, sinks, probe, clusters,
-/// iterations (cluster_iterations), seed, p, kernel (softmax | poly), budget_alpha,
+/// iterations (cluster_iterations), seed, residual, p, kernel (softmax | poly), budget_alpha,
 /// budget_exponent; or a LeverageOptions field: method (exact | sketch), ridge, rank_rtol, sketch
 /// (countsketch | srht | gaussian), sketch_size, gamma, jl_columns, delta, sketch_seed (its seed).
 /// Fields left out keep their defaults; values are not range-checked here (attention() does).

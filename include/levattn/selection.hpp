@@ -13,7 +13,8 @@ namespace levattn {
 /// The keys each query of every (batch, head) pair attends: all keys (select full), or the union
 /// of three disjoint parts: a shared set per pair (leverage, random; sinks included) or per
 /// segment of queries (causal leverage), the window band, and each query's own keys (select
-/// topk, cluster); with `causal`, each part cut to the keys j <= i.
+/// topk, cluster); with `causal`, each part cut to the keys j <= i. A fourth part, disjoint from
+/// them, may sample the rest: keys each query attends with a weight (sample_residual).
 struct Selection {
   index_t batch = 0, heads = 0;  ///< pairs are numbered b * heads + h
   index_t m = 0, n = 0;          ///< queries and keys per pair
@@ -34,6 +35,13 @@ struct Selection {
   /// shared set or window (causal: none after i), -1 for an unused slot.
   index_t top_k = 0;
   std::vector<index_t> query_keys;
+  /// > 0: keys sampled from each query's rest R_i (the open keys, j <= i if causal, in none of
+  /// the parts above), residual_keys (pairs, m, residual): distinct, ascending, -1 for an unused
+  /// slot at the end; each attended with the weight residual_weight (pairs, m) > 0 multiplying
+  /// its kernel value (softmax: log weight added to its logit). sample_residual makes them.
+  index_t residual = 0;
+  std::vector<index_t> residual_keys;
+  std::vector<double> residual_weight;
   /// Key padding, (batch, n): 0 for a key no query of that batch attends, in any part (the
   /// shared sets and query keys never hold one; the window band and all_keys skip it); empty:
   /// none.
@@ -48,11 +56,13 @@ struct Selection {
     return key_mask.empty() || key_mask[static_cast<std::size_t>(h / heads * n + j)] != 0;
   }
   /// mask[j] = 1 if query i of pair h attends key j, else 0, for j in [0, n): the one definition
-  /// of "attends" (every part, the causal cut and the key mask). O(n + |shared| + top_k).
+  /// of "attends" (every part, the causal cut and the key mask; sampled keys included, whatever
+  /// their weight). O(n + |shared| + top_k + residual).
   void mask_row(index_t h, index_t i, char* mask) const;
   /// Every field equal: the same keys for every query, in the same form.
   friend bool operator==(const Selection&, const Selection&) = default;
-  /// |S_i| for every query, (pairs, m) row-major: O(pairs m (log |shared| + top_k)).
+  /// |S_i| for every query, (pairs, m) row-major, sampled keys included: O(pairs m (log |shared| +
+  /// top_k + residual)).
   std::vector<index_t> keys_per_query() const;
 };
 
@@ -61,6 +71,20 @@ struct Selection {
 /// K (batch, heads, n, d). Cost: that of the selection alone (leverage O(n d^2) per pair; causal
 /// leverage O(n d^2 + (n / 256)(d^3 + |C| d^2)) and its sets' sizes in memory; topk O(m n d)). Throws Error(invalid_argument) as attention() does for these inputs and options.
 Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options);
+
+/// Adds the residual part to `selection` (math.md 1.8): for query i of pair h, with R_i its rest
+/// (open keys, j <= i if causal, attended by no part), `r` keys drawn uniformly without
+/// replacement from R_i with the stream (seed, residual_sample, h m + i), weighted by |R_i| / r;
+/// all of R_i with weight 1 when |R_i| <= r. Each kept key then counts exactly and the sampled
+/// ones estimate the rest without bias: with e_j the kernel value, E[(|R_i| / r) sum_sampled e_j]
+/// = sum_{R_i} e_j, and likewise for the numerator sum e_j v_j (Horvitz-Thompson; the output, a
+/// ratio of the two, has a bias O(1/r)). Variance at most (|R_i| / r) sum_{R_i} e_j^2, so with x^2
+/// and U_eps kept the normaliser's relative standard deviation is at most sqrt(|R_i| eps / r).
+/// The same bits for any thread count. Cost: expected O(r (log |shared| + 1)) per query (each
+/// draw accepted with probability >= 1/4), O(n) for a query whose rest holds under a quarter of
+/// its keys (drawn from the enumerated rest). Throws Error(invalid_argument) for r < 1, a
+/// selection of all keys (no rest) or one that already has a residual part.
+void sample_residual(Selection& selection, index_t r, std::uint64_t seed);
 
 /// Shapes of one differentiable call: Q (batch, heads, m, d), K (batch, kv, n, d),
 /// V (batch, kv, n, dv), all contiguous row-major, with kv = kv_heads (0: heads) dividing heads:
@@ -76,7 +100,7 @@ struct AttentionShape {
 
 /// The fields of the Selection that select_keys returns for inputs of this shape and these
 /// options which do not depend on the data: batch, heads, m, n, all_keys, causal, segment,
-/// window and top_k (shared_keys and query_keys are left empty). O(1); throws
+/// window, top_k and residual (shared_keys, query_keys and the residual part are left empty). O(1); throws
 /// Error(invalid_argument) as select_keys does for bad options or shapes.
 Selection selection_layout(const AttentionShape& shape, const AttentionOptions& options);
 
@@ -92,11 +116,13 @@ std::vector<index_t> key_segments(const Selection& selection);
 
 /// The inverse of key_segments: `layout` (as selection_layout gives it) with its shared sets
 /// rebuilt from key_segments (pairs, n) and query_keys (pairs, m, top_k) copied in (null when
-/// layout.top_k is 0). Attends exactly the keys of the selection the arrays were made from (give
+/// layout.top_k is 0), and residual_keys (pairs, m, residual) and residual_weight (pairs, m)
+/// (null when layout.residual is 0). Attends exactly the keys of the selection the arrays were made from (give
 /// it the same key_mask, which the arrays do not carry).
 /// O(pairs n + sum of the sets' sizes). Throws Error(invalid_argument) on an entry of
-/// key_segments outside [-1, segments) or before its key's first segment; query_keys are checked
-/// where the selection is used (selected_attention_forward).
-Selection selection_from_arrays(const Selection& layout, const index_t* key_segments, const index_t* query_keys);
+/// key_segments outside [-1, segments) or before its key's first segment; query_keys and the
+/// residual part are checked where the selection is used (selected_attention_forward).
+Selection selection_from_arrays(const Selection& layout, const index_t* key_segments, const index_t* query_keys,
+                                const index_t* residual_keys = nullptr, const double* residual_weight = nullptr);
 
 }  // namespace levattn

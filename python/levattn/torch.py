@@ -75,11 +75,12 @@ def _open_keys(key_mask):
 
 @torch.library.custom_op("levattn::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor], spec: str,
-                  scale: Optional[float], causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, stat, segs, own = _core.op_forward(_numpy(q), _numpy(k), _numpy(v), _open_keys(key_mask), spec, scale,
-                                            causal)
+                  scale: Optional[float], causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor]:
+    out, stat, segs, own, sampled, weight = _core.op_forward(_numpy(q), _numpy(k), _numpy(v), _open_keys(key_mask),
+                                                             spec, scale, causal)
     return (torch.from_numpy(out).to(q.dtype), torch.from_numpy(stat), torch.from_numpy(segs),
-            torch.from_numpy(own))
+            torch.from_numpy(own), torch.from_numpy(sampled), torch.from_numpy(weight))
 
 
 @_attention_op.register_fake
@@ -87,40 +88,43 @@ def _attention_fake(q, k, v, key_mask, spec, scale, causal):
     layout = _core.selection_layout(spec, scale, causal, tuple(int(x) for x in _shape(q, k, v)))
     lead, m, n = q.shape[:-2], q.shape[-2], k.shape[-2]
     return (q.new_empty((*lead, m, v.shape[-1])), q.new_empty((*lead, m), dtype=_stat_dtype(q.dtype)),
-            q.new_empty((*lead, n), dtype=torch.int64), q.new_empty((*lead, m, layout.top_k), dtype=torch.int64))
+            q.new_empty((*lead, n), dtype=torch.int64), q.new_empty((*lead, m, layout.top_k), dtype=torch.int64),
+            q.new_empty((*lead, m, layout.residual), dtype=torch.int64), q.new_empty((*lead, m), dtype=torch.float64))
 
 
 @torch.library.custom_op("levattn::attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, stat: torch.Tensor, key_segments: torch.Tensor,
-                           query_keys: torch.Tensor, key_mask: Optional[torch.Tensor], spec: str,
+                           query_keys: torch.Tensor, residual_keys: torch.Tensor, residual_weight: torch.Tensor,
+                           key_mask: Optional[torch.Tensor], spec: str,
                            scale: Optional[float], causal: bool, need_dq: bool, need_dk: bool,
                            need_dv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _core.op_backward(_numpy(q), _numpy(k), _numpy(v), _numpy(out), _numpy(stat), _numpy(grad_out),
-                              _numpy(key_segments), _numpy(query_keys), _open_keys(key_mask), spec, scale, causal,
+                              _numpy(key_segments), _numpy(query_keys), _numpy(residual_keys),
+                              _numpy(residual_weight), _open_keys(key_mask), spec, scale, causal,
                               need_dq, need_dk, need_dv)
     # A gradient not asked for is an empty tensor (the op's outputs cannot be None).
     return tuple(x.new_empty(0) if g is None else torch.from_numpy(g).to(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, stat, key_segments, query_keys, key_mask, spec, scale, causal,
-                             need_dq, need_dk, need_dv):
+def _attention_backward_fake(grad_out, q, k, v, out, stat, key_segments, query_keys, residual_keys, residual_weight,
+                             key_mask, spec, scale, causal, need_dq, need_dk, need_dv):
     return tuple(x.new_empty(x.shape) if need else x.new_empty(0) for x, need in ((q, need_dq), (k, need_dk), (v, need_dv)))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_mask, spec, scale, causal = inputs
-    out, stat, segs, own = output
-    ctx.save_for_backward(q, k, v, out, stat, segs, own, key_mask)
+    out, stat, segs, own, sampled, weight = output
+    ctx.save_for_backward(q, k, v, out, stat, segs, own, sampled, weight, key_mask)
     ctx.spec, ctx.scale, ctx.causal = spec, scale, causal
 
 
-def _backward(ctx, grad_out, grad_stat, grad_segs, grad_own):
-    q, k, v, out, stat, segs, own, key_mask = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_stat, grad_segs, grad_own, grad_sampled, grad_weight):
+    q, k, v, out, stat, segs, own, sampled, weight, key_mask = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
-    grads = torch.ops.levattn.attention_backward(grad_out, q, k, v, out, stat, segs, own, key_mask, ctx.spec,
-                                                 ctx.scale, ctx.causal, *need)
+    grads = torch.ops.levattn.attention_backward(grad_out, q, k, v, out, stat, segs, own, sampled, weight, key_mask,
+                                                 ctx.spec, ctx.scale, ctx.causal, *need)
     # stat is internal (lev_attention never returns it), so no gradient reaches it.
     return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None, None)
 
@@ -136,7 +140,8 @@ class SelectedKeys(NamedTuple):
     key_segments (.., n) int64: for each key, the last segment of queries whose shared set holds
     it, -1 when none does (one segment unless causal leverage, whose sets change every 256
     queries); query_keys (.., m, top_k) int64: each query's own keys (topk, cluster), -1 for an
-    unused slot. The window band and `all keys` (select="full") follow from the options.
+    unused slot; residual_keys (.., m, residual) int64 and residual_weight (.., m) float64: with
+    +residual:R, each query's keys sampled from the rest of its keys and their weight (1 without). The window band and `all keys` (select="full") follow from the options.
     ``to_selection()`` gives the levattn.Selection (eager code only: it leaves the graph).
     """
     key_segments: torch.Tensor
@@ -146,10 +151,17 @@ class SelectedKeys(NamedTuple):
     scale: Optional[float]
     causal: bool
     shape: tuple
+    residual_keys: Optional[torch.Tensor] = None
+    residual_weight: Optional[torch.Tensor] = None
 
     def to_selection(self):
-        return _core.selection_from_arrays(self.key_segments.numpy(), self.query_keys.numpy(),
-                                           _open_keys(self.key_mask), self.spec, self.scale, self.causal, self.shape)
+        m = self.shape[2]
+        lead = tuple(self.query_keys.shape[:-2])
+        sampled = self.residual_keys if self.residual_keys is not None else torch.empty((*lead, m, 0), dtype=torch.int64)
+        weight = self.residual_weight if self.residual_weight is not None else torch.ones((*lead, m), dtype=torch.float64)
+        return _core.selection_from_arrays(self.key_segments.numpy(), self.query_keys.numpy(), sampled.numpy(),
+                                           weight.numpy(), _open_keys(self.key_mask), self.spec, self.scale,
+                                           self.causal, self.shape)
 
 
 def _check(name, t):
@@ -244,9 +256,11 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
                          "for grouped-query attention")
     spec = _spec(select, "lev_attention", retired)
     scale = None if scale is None else float(scale)
-    out, _, segs, own = torch.ops.levattn.attention(query, key, value, key_mask, spec, scale, bool(is_causal))
+    out, _, segs, own, sampled, weight = torch.ops.levattn.attention(query, key, value, key_mask, spec, scale,
+                                                                     bool(is_causal))
     if return_selection:
-        return out, SelectedKeys(segs, own, key_mask, spec, scale, bool(is_causal), _shape(query, key, value))
+        return out, SelectedKeys(segs, own, key_mask, spec, scale, bool(is_causal), _shape(query, key, value), sampled,
+                                 weight)
     return out
 
 

@@ -136,7 +136,8 @@ std::optional<CArray<std::uint8_t>> key_mask_of(py::handle mask, const Attention
   return a;
 }
 
-// The selection arrays of the op: key_segments (.., n) and query_keys (.., m, top_k) int64.
+// The selection arrays of the op: key_segments (.., n) and query_keys (.., m, top_k) int64, the
+// residual part's keys (.., m, residual) int64 and weights (.., m) float64 (1 without one).
 py::tuple selection_arrays(const Selection& sel, const py::array& q, const py::array& k) {
   std::vector<py::ssize_t> lead(q.shape(), q.shape() + q.ndim() - 2);
   auto with = [&](std::initializer_list<py::ssize_t> tail) {
@@ -149,30 +150,46 @@ py::tuple selection_arrays(const Selection& sel, const py::array& q, const py::a
   std::copy(last.begin(), last.end(), segs.mutable_data());
   py::array_t<std::int64_t> own(with({static_cast<py::ssize_t>(sel.m), static_cast<py::ssize_t>(sel.top_k)}));
   std::copy(sel.query_keys.begin(), sel.query_keys.end(), own.mutable_data());
-  return py::make_tuple(segs, own);
+  py::array_t<std::int64_t> sampled(with({static_cast<py::ssize_t>(sel.m), static_cast<py::ssize_t>(sel.residual)}));
+  std::copy(sel.residual_keys.begin(), sel.residual_keys.end(), sampled.mutable_data());
+  py::array_t<double> weight(with({static_cast<py::ssize_t>(sel.m)}));
+  if (sel.residual > 0) std::copy(sel.residual_weight.begin(), sel.residual_weight.end(), weight.mutable_data());
+  else std::fill_n(weight.mutable_data(), weight.size(), 1.0);
+  return py::make_tuple(segs, own, sampled, weight);
 }
 
 // The selection behind the op's arrays, checked against the layout of these shapes, with its key mask.
-Selection selection_of_arrays(py::handle segs_, py::handle own_, py::handle mask, const AttentionShape& sh,
-                              const AttentionOptions& o) {
+Selection selection_of_arrays(py::handle segs_, py::handle own_, py::handle sampled_, py::handle weight_, py::handle mask,
+                              const AttentionShape& sh, const AttentionOptions& o) {
   const Selection layout = selection_layout(sh, o);
   const auto key_mask = key_mask_of(mask, sh);
   const auto segs = array_of<std::int64_t>(segs_, "key_segments"), own = array_of<std::int64_t>(own_, "query_keys");
+  const auto sampled = array_of<std::int64_t>(sampled_, "residual_keys");
+  const auto weight = array_of<double>(weight_, "residual_weight");
   if (segs.size() != static_cast<py::ssize_t>(layout.pairs() * layout.n))
     value_error("key_segments: expected (.., n) = " + std::to_string(layout.pairs() * layout.n) + " entries, got " +
                 std::to_string(segs.size()));
   if (own.size() != static_cast<py::ssize_t>(layout.pairs() * layout.m * layout.top_k))
     value_error("query_keys: expected (.., m, " + std::to_string(layout.top_k) + ") = " +
                 std::to_string(layout.pairs() * layout.m * layout.top_k) + " entries, got " + std::to_string(own.size()));
+  const index_t rows = layout.pairs() * layout.m;
+  if (sampled.size() != static_cast<py::ssize_t>(rows * layout.residual))
+    value_error("residual_keys: expected (.., m, " + std::to_string(layout.residual) + ") = " +
+                std::to_string(rows * layout.residual) + " entries, got " + std::to_string(sampled.size()));
+  if (weight.size() != static_cast<py::ssize_t>(rows))
+    value_error("residual_weight: expected (.., m) = " + std::to_string(rows) + " entries, got " +
+                std::to_string(weight.size()));
   static_assert(sizeof(index_t) == sizeof(std::int64_t));
   Selection sel = selection_from_arrays(layout, reinterpret_cast<const index_t*>(segs.data()),
-                                        reinterpret_cast<const index_t*>(own.data()));
+                                        reinterpret_cast<const index_t*>(own.data()),
+                                        reinterpret_cast<const index_t*>(sampled.data()), weight.data());
   if (key_mask) sel.key_mask.assign(key_mask->data(), key_mask->data() + key_mask->size());
   return sel;
 }
 
 // The op's forward in float T: the selection (made from float32 q and k, as attention() makes
-// it), attention over it, and the selection as arrays: (out, stat, key_segments, query_keys).
+// it), attention over it, and the selection as arrays: (out, stat, key_segments, query_keys,
+// residual_keys, residual_weight).
 template <class T>
 py::tuple op_forward(py::handle q_, py::handle k_, py::handle v_, py::handle mask, AttentionOptions o) {
   const auto q = array_of<T>(q_, "q"), k = array_of<T>(k_, "k"), v = array_of<T>(v_, "v");
@@ -187,7 +204,7 @@ py::tuple op_forward(py::handle q_, py::handle k_, py::handle v_, py::handle mas
   }
   py::tuple out_stat = forward<T>(q, k, v, sel, o);
   py::tuple arrays = selection_arrays(sel, q, k);
-  return py::make_tuple(out_stat[0], out_stat[1], arrays[0], arrays[1]);
+  return py::make_tuple(out_stat[0], out_stat[1], arrays[0], arrays[1], arrays[2], arrays[3]);
 }
 
 // One row of the evaluator (evaluate, selection_metrics) as a dict.
@@ -221,6 +238,8 @@ void bind_attention(py::module_& m) {
 
 One of three forms: all_keys (select full); shared_keys per pair plus a window band (leverage,
 random, window; sinks are in the shared keys); or query_keys (pairs, m, top_k) (select topk).
+With +residual:R, also residual_keys (pairs, m, R) sampled from each query's rest and attended
+with the weight residual_weight (pairs, m).
 causal: each query attends keys j <= i only; segment > 0 (causal leverage): shared_keys holds one
 set per (pair, block of `segment` queries), at pair * blocks + block.)doc")
       .def_readonly("batch", &Selection::batch)
@@ -240,6 +259,15 @@ set per (pair, block of `segment` queries), at pair * blocks + block.)doc")
       .def_property_readonly("query_keys", [](const Selection& s) {
         return to_array(s.query_keys).reshape({s.pairs(), s.m, s.top_k});
       })
+      .def_readonly("residual", &Selection::residual, "keys per query sampled from the rest (+residual), 0: none")
+      .def_property_readonly("residual_keys", [](const Selection& s) -> py::object {
+        if (s.residual > 0 && s.residual_keys.empty()) return py::none();  // a layout: no keys yet
+        return to_array(s.residual_keys).reshape({s.pairs(), s.m, s.residual});
+      }, "(pairs, m, residual) int64: each query's keys sampled from its rest, ascending, -1 for an unused slot")
+      .def_property_readonly("residual_weight", [](const Selection& s) -> py::object {
+        if (s.residual_weight.empty()) return py::none();
+        return to_array(s.residual_weight).reshape({s.pairs(), s.m});
+      }, "(pairs, m) float64: the weight |R_i| / r of each query's sampled keys; None without them")
       .def_property_readonly("key_mask", [](const Selection& s) -> py::object {
         if (s.key_mask.empty()) return py::none();
         py::array_t<std::uint8_t> a({s.batch, s.n});
@@ -378,7 +406,7 @@ Cost O(m |S| (d + dv)), no n x n buffer.)doc");
   }, arg("spec"), arg("scale"), arg("causal"), arg("shape"),
      R"doc(The data-independent part of the Selection of a call: shape = (batch, heads, m, n, d, dv, kv_heads).
 
-Its top_k, window, segment, all_keys and causal are those select_keys gives; no keys. O(1).)doc");
+Its top_k, residual, window, segment, all_keys and causal are those select_keys gives; no keys. O(1).)doc");
   m.def("refuse_selection_keywords", [](const std::string& function, const std::string& select, const py::dict& given) {
     refuse_selection_keywords(function, select, given);
   }, arg("function"), arg("select"), arg("given"),
@@ -390,31 +418,37 @@ Its top_k, window, segment, all_keys and causal are those select_keys gives; no 
     if (a && a.dtype().kind() == 'f' && a.dtype().itemsize() == 8) return op_forward<double>(q, k, v, key_mask, o);
     return op_forward<float>(q, k, v, key_mask, o);
   }, arg("q"), arg("k"), arg("v"), arg("key_mask"), arg("spec"), arg("scale"), arg("causal"),
-     R"doc(levattn.torch's forward: (out (.., m, dv), stat (.., m), key_segments (.., n), query_keys (.., m, top_k)).
+     R"doc(levattn.torch's forward: (out (.., m, dv), stat (.., m), key_segments (.., n), query_keys (.., m, top_k),
+residual_keys (.., m, residual), residual_weight (.., m)).
 
 The selection of spec (made from q and k rounded to float32; key_mask: None or (batch, n), 0 for a
 padding key, never selected nor attended), attention over it in q's float type
 (float64 or float32) and the selection as fixed-size int64 arrays (key_segments: the last query
 segment whose shared set holds each key, -1 for none; query_keys: each query's own keys, -1 for
-an unused slot). Cost: the selection's plus O(m |S| (d + dv)).)doc");
+an unused slot; residual_keys and residual_weight: the keys sampled from each query's rest and
+their weight, 1 without a residual part). Cost: the selection's plus O(m |S| (d + dv)).)doc");
   m.def("op_backward", [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle stat, py::handle dout,
-                          py::handle segs, py::handle own, py::handle key_mask, const std::string& spec,
-                          std::optional<double> scale, bool causal, bool need_dq, bool need_dk, bool need_dv) {
+                          py::handle segs, py::handle own, py::handle sampled, py::handle weight, py::handle key_mask,
+                          const std::string& spec, std::optional<double> scale, bool causal, bool need_dq, bool need_dk,
+                          bool need_dv) {
     const AttentionOptions o = options_of(spec, scale, causal);
     const auto qa = array_of<float>(q, "q"), ka = array_of<float>(k, "k"), va = array_of<float>(v, "v");
-    const Selection sel = selection_of_arrays(segs, own, key_mask, attention_shape(qa, ka, va), o);
+    const Selection sel = selection_of_arrays(segs, own, sampled, weight, key_mask, attention_shape(qa, ka, va), o);
     const py::array a = py::array::ensure(q);
     if (a && a.dtype().kind() == 'f' && a.dtype().itemsize() == 8)
       return backward<double>(q, k, v, out, stat, dout, sel, o, need_dq, need_dk, need_dv);
     return backward<float>(q, k, v, out, stat, dout, sel, o, need_dq, need_dk, need_dv);
   }, arg("q"), arg("k"), arg("v"), arg("out"), arg("stat"), arg("grad_out"), arg("key_segments"), arg("query_keys"),
-     arg("key_mask"), arg("spec"), arg("scale"), arg("causal"), arg("need_dq") = true, arg("need_dk") = true,
+     arg("residual_keys"), arg("residual_weight"), arg("key_mask"), arg("spec"), arg("scale"), arg("causal"),
+     arg("need_dq") = true, arg("need_dk") = true,
      arg("need_dv") = true,
      "levattn.torch's backward: (dq, dk, dv) over the selection of op_forward's arrays, None where not needed.");
-  m.def("selection_from_arrays", [](py::handle segs, py::handle own, py::handle key_mask, const std::string& spec,
-                                    std::optional<double> scale, bool causal, const std::array<index_t, 7>& shape) {
-    return selection_of_arrays(segs, own, key_mask, shape_of(shape), options_of(spec, scale, causal));
-  }, arg("key_segments"), arg("query_keys"), arg("key_mask"), arg("spec"), arg("scale"), arg("causal"), arg("shape"),
+  m.def("selection_from_arrays", [](py::handle segs, py::handle own, py::handle sampled, py::handle weight,
+                                    py::handle key_mask, const std::string& spec, std::optional<double> scale,
+                                    bool causal, const std::array<index_t, 7>& shape) {
+    return selection_of_arrays(segs, own, sampled, weight, key_mask, shape_of(shape), options_of(spec, scale, causal));
+  }, arg("key_segments"), arg("query_keys"), arg("residual_keys"), arg("residual_weight"), arg("key_mask"),
+     arg("spec"), arg("scale"), arg("causal"), arg("shape"),
      "The Selection behind op_forward's arrays for shape (batch, heads, m, n, d, dv, kv_heads).");
   m.def("attention_backward", [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle stat, py::handle dout,
                                  const Selection& sel, const std::string& kernel, double p, std::optional<double> scale,

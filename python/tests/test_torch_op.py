@@ -25,6 +25,8 @@ SPECS = [
     ("cluster+top_k:4+window:1+sinks:1", False),
     ("cluster+top_k:4+window:1", True),
     ("leverage+budget_alpha:1.0+budget_exponent:0.5", False),
+    ("leverage+top_k:6+window:2+residual:8", False),
+    ("topk+top_k:3+residual:5+seed:2", True),
 ]
 
 
@@ -75,7 +77,7 @@ def test_selection_outputs_have_static_shapes_padded_with_minus_one():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
-        out, stat, segs, own = torch.ops.levattn.attention(fq, fk, fv, None, "cluster+top_k:5", None, False)
+        out, stat, segs, own, _, _ = torch.ops.levattn.attention(fq, fk, fv, None, "cluster+top_k:5", None, False)
         assert out.shape == (2, 3, 50, 4) and segs.shape == (2, 3, 50) and own.shape == (2, 3, 50, 5)
         own = torch.ops.levattn.attention(fq, fk, fv, None, "topk+budget_alpha:2+budget_exponent:0.5", None, False)[3]
         assert own.shape == (2, 3, 50, math.ceil(2 * math.sqrt(50)))
@@ -226,3 +228,36 @@ def test_selection_keywords_of_old_are_a_type_error_giving_the_spec():
         LevSelfAttention(8, 2, select="topk", top_k=4)
     with pytest.raises(ValueError, match="select: expected a selection spec string"):
         lev_attention(q, q, q, select=32)
+
+
+def test_residual_samples_come_back_as_fixed_size_arrays_and_the_whole_rest_is_exact_attention():
+    q, k, v = qkv((2, 3, 40, 8), 60, 4, grad=False)
+    _, sel = lev_attention(q, k, v, select="leverage:6+window:1+residual:10+seed:7", return_selection=True)
+    assert sel.residual_keys.shape == (2, 3, 40, 10) and sel.residual_weight.shape == (2, 3, 40)
+    # Every query's rest is the 60 keys less those the selection keeps: weight |R_i| / 10.
+    _, kept = lev_attention(q, k, v, select="leverage:6+window:1", return_selection=True)
+    rest = 60 - torch.from_numpy(kept.to_selection().keys_per_query())
+    torch.testing.assert_close(sel.residual_weight.reshape(6, 40), rest.double() / 10)
+    back = sel.to_selection()
+    assert (back.keys_per_query() == 10 + kept.to_selection().keys_per_query()).all()
+    assert (back.residual_keys == sel.residual_keys.reshape(6, 40, 10).numpy()).all()
+    # Sampling at least the whole rest weights every key 1: exact attention, with its gradients.
+    q, k, v = qkv((2, 30, 8), 30, 4, dtype=torch.float64)
+    for causal in (False, True):
+        out = lev_attention(q, k, v, select="topk:3+residual:40", is_causal=causal)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(out, ref)
+        g = torch.autograd.grad(out.sum(), (q, k, v))
+        g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_residual_selection_has_no_block_mask():
+    from levattn.integrations.flex import block_mask
+    q, k, v = qkv((1, 2, 40, 8), 40, 4, grad=False)
+    _, sel = lev_attention(q, k, v, select="leverage:6+residual:4", return_selection=True)
+    with pytest.raises(ValueError, match="residual"):
+        block_mask(sel)
+    with pytest.raises(ValueError, match="residual"):
+        lev_attention(q, k, v, select="full+residual:4")

@@ -34,6 +34,7 @@ enum class Purpose : std::uint32_t {
   cluster_sample,      ///< attention Select::cluster: the keys k-means trains on, index = pair
   heavy_countsketch,   ///< heavy_entries search countsketch: bucket and sign of each key of U per
                        ///< row, index = (batch, head) pair
+  residual_sample,     ///< sample_residual: the keys drawn from a query's rest, index = pair * m + query
 };
 
 class CounterRng {

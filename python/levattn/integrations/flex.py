@@ -80,7 +80,8 @@ def block_mask(selection, block_size: int = 128) -> BlockMask:
 
     Cost O(batch heads (n + m top_k + q_blocks kv_blocks)) time and memory, q_blocks = ceil(m /
     block_size), kv_blocks = ceil(n / block_size). ValueError for the poly kernel (flex_attention
-    computes softmax), inputs without batch and head dimensions, or block_size < 1.
+    computes softmax), a selection with +residual (its sampled keys carry weights), inputs without
+    batch and head dimensions, or block_size < 1.
     """
     if int(block_size) < 1:
         raise ValueError(f"block_size: expected an integer >= 1, got {block_size}")
@@ -90,6 +91,9 @@ def block_mask(selection, block_size: int = 128) -> BlockMask:
         raise ValueError(f"selection: expected a selection of inputs (batch, heads, n, d), got key_segments of shape "
                          f"{tuple(segs.shape)}")
     layout = _core.selection_layout(selection.spec, selection.scale, selection.causal, tuple(selection.shape))
+    if layout.residual > 0:
+        raise ValueError(f"selection: a residual part weights each query's sampled keys, which a block mask cannot "
+                         f"carry ({selection.spec})")
     if "+kernel:poly" in _core.parse_selection(selection.spec):
         raise ValueError(f"selection: flex_attention computes softmax attention; this selection's kernel is poly "
                          f"({selection.spec})")
