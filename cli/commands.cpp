@@ -324,12 +324,13 @@ std::vector<std::pair<std::string, Array>> selection_arrays(const AttentionResul
     out.emplace_back("query_keys", Array::from_int64(shape, std::vector<std::int64_t>(sel.query_keys.begin(), sel.query_keys.end())));
   }
   if (sel.residual > 0) {
-    std::vector<index_t> shape = Q.shape;  // the queries' leading dimensions, m, residual
-    shape.back() = sel.residual;
+    std::vector<index_t> shape = Q.shape;  // the queries' leading dimensions, residual blocks, residual
+    shape[shape.size() - 2] = sel.residual_blocks(), shape.back() = sel.residual;
     out.emplace_back("residual_keys",
                      Array::from_int64(shape, std::vector<std::int64_t>(sel.residual_keys.begin(), sel.residual_keys.end())));
     shape.pop_back();
     out.emplace_back("residual_weight", Array::from_float64(shape, sel.residual_weight));
+    out.emplace_back("residual_block", Array::from_int64({1}, {kResidualBlock}));
   }
   out.emplace_back("window", Array::from_int64({1}, {o.window}));
   out.emplace_back("sinks", Array::from_int64({1}, {o.sinks}));
@@ -391,8 +392,8 @@ Command add_attend(CLI::App& app) {
   sub->add_option("--out", a->out, "output O .npy (float32)")->required();
   sub->add_option("--save-selection", a->save_selection,
                   "also write S.npz: shared_keys / shared_offsets per (batch, head) (causal leverage: per (batch, "
-                  "head, block of `segment` queries)), query_keys (topk, cluster; -1: unused), residual_keys and "
-                  "residual_weight (+residual), window, sinks, causal, segment");
+                  "head, block of `segment` queries)), query_keys (topk, cluster; -1: unused), residual_keys, "
+                  "residual_weight and residual_block (+residual: per block of queries), window, sinks, causal, segment");
   add_select_option(sub, a->select);
   a->scale.add(sub);
   sub->add_flag("--causal", a->causal,

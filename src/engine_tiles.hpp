@@ -156,8 +156,6 @@ struct Ctx {
     return half * u / static_cast<double>(sel.pairs() * sel.segments()) + band +
            static_cast<double>(sel.top_k + sel.residual);
   }
-  // Slots of a query's per-query parts (own keys, sampled keys): the widest of them.
-  index_t row_slots() const { return std::max(sel.top_k, sel.residual); }
   double flops() const {
     return 4.0 * static_cast<double>(sel.pairs()) * static_cast<double>(sh.m) * keys_per_query() *
            static_cast<double>(sh.d + sh.dv);
@@ -215,11 +213,16 @@ struct Workspace {
   index_t set_used = 0;
   std::vector<T> set_k, set_v, set_dk, set_dv;
   std::vector<index_t> row_of;  // a chunk's key-to-row map of its partial buffers (KeyRows)
+  std::vector<index_t> slot_of;  // mask_sampled's scratch (n entries of -1; empty if not needed)
+  std::vector<T> sdk, sdv;       // a block of sampled keys' dK and dV before they are added to their rows
   Workspace(const AttentionShape& sh, index_t top_k)
       : s(kRows * kCols), p(kRows * kCols), ds(kRows * kCols), acc(static_cast<std::size_t>(kRows * sh.dv)),
         gk(static_cast<std::size_t>(kCols * sh.d)), gv(static_cast<std::size_t>(kCols * sh.dv)), flags(kCols),
         l(kRows), mx(kRows),
         own(static_cast<std::size_t>(top_k)), os(own.size()), og(own.size()), op(own.size()) {}
+  Workspace(const AttentionShape& sh, const Selection& sel) : Workspace(sh, sel.top_k) {
+    if (sel.residual > 0 && sel.top_k > 0) slot_of.assign(static_cast<std::size_t>(sh.n), -1);
+  }
 };
 
 constexpr auto kNo = CblasNoTrans;
@@ -326,28 +329,68 @@ void logits(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t ro
   mask_block(c, ws.flags.data(), h, i0, rows, b, ws.p.data());
 }
 
-// One of a selection's per-query parts: each query's own keys (topk, cluster), or its keys
-// sampled from the rest, each weighted by its query's weight (weight: (pairs, m), null for 1).
-struct RowPart {
-  const index_t* slots;  // (pairs, m, width), -1 for an unused slot
-  index_t width;
-  const double* weight;
-};
-inline RowPart own_part(const Selection& sel) { return {sel.query_keys.data(), sel.top_k, nullptr}; }
-inline RowPart residual_part(const Selection& sel) {
-  return {sel.residual_keys.data(), sel.residual, sel.residual_weight.data()};
-}
-
-// Query `row`'s keys of `part` (slots of -1 skipped) into `own` (width entries); returns how many.
-inline index_t row_keys(const RowPart& part, index_t row, index_t* own) {
-  const index_t* slots = part.slots + row * part.width;
-  return std::copy_if(slots, slots + part.width, own, [](index_t j) { return j >= 0; }) - own;
-}
-
-// The log of query `row`'s weight in `part`, added to its keys' g (log kernel values).
+// Query i of pair h's own keys (slots of -1 skipped) into ws.own; returns how many.
 template <class T>
-T log_weight(const RowPart& part, index_t row) {
-  return part.weight ? static_cast<T>(std::log(part.weight[row])) : T(0);
+index_t own_keys(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i) {
+  const index_t* slots = c.sel.query_keys.data() + (h * c.sh.m + i) * c.sel.top_k;
+  return std::copy_if(slots, slots + c.sel.top_k, ws.own.begin(), [](index_t j) { return j >= 0; }) - ws.own.begin();
+}
+
+// The sampled keys (ascending) that queries i0 .. i0 + rows - 1 of pair h may attend: their
+// residual block's (one block: tiles never straddle one), up to the tile's last query if causal.
+// Returns a pointer to them and sets count; none without a residual part.
+template <class T>
+const index_t* sampled_keys(const Ctx<T>& c, index_t h, index_t i0, index_t rows, index_t& count) {
+  count = 0;
+  const index_t r = c.sel.residual;
+  if (r == 0) return nullptr;
+  const index_t b = c.sel.residual_block(i0);
+  if (b != c.sel.residual_block(i0 + rows - 1))
+    detail::fail(ErrorKind::internal, "attention", "a query tile straddles two residual blocks");
+  const index_t* keys = c.sel.residual_keys.data() + (h * c.sel.residual_blocks() + b) * r;
+  const index_t* end = std::lower_bound(keys, keys + r, 0, [](index_t j, index_t) { return j >= 0; });
+  if (c.sel.causal) end = std::upper_bound(keys, end, i0 + rows - 1);
+  count = static_cast<index_t>(end - keys);
+  return keys;
+}
+
+// The log of the weight of the sampled keys of query i0's residual block, added to their g.
+template <class T>
+T sampled_log_weight(const Ctx<T>& c, index_t h, index_t i0) {
+  return static_cast<T>(std::log(c.sel.residual_weight[static_cast<std::size_t>(h * c.sel.residual_blocks() +
+                                                                                  c.sel.residual_block(i0))]));
+}
+
+// Calls f(block) for each block of at most `width` of the sampled keys of queries i0 .. i0 + rows
+// - 1 of pair h (sampled_keys), gathered into gk and gv.
+template <class T, class F>
+void for_each_sampled(const Ctx<T>& c, T* gk, T* gv, index_t width, index_t h, index_t i0, index_t rows, F&& f) {
+  index_t count = 0;
+  const index_t* keys = sampled_keys(c, h, i0, rows, count);
+  for (index_t a0 = 0; a0 < count; a0 += width) f(gather(c, gk, gv, h, keys + a0, std::min(width, count - a0)));
+}
+
+// g (rows x b.c) <- -inf where a query of rows i0 .. of pair h gets a sampled key of block b
+// (ascending, gathered) through another part: its window band or its own keys (slot_of: n
+// entries of -1, used as scratch and left so). The causal cut is mask_block's.
+template <class T>
+void mask_sampled(const Ctx<T>& c, index_t* slot_of, index_t h, index_t i0, index_t rows, const Block<T>& b, T* g_tile) {
+  const index_t w = c.sel.window, kk = c.sel.top_k;
+  if (w < 0 && kk == 0) return;
+  constexpr T none = -std::numeric_limits<T>::infinity();
+  const index_t* keys = b.keys;
+  for (index_t a = 0; a < b.c && kk > 0; ++a) slot_of[keys[a]] = a;
+  for (index_t r = 0; r < rows; ++r) {
+    const index_t i = i0 + r;
+    T* g = g_tile + r * b.c;
+    if (w >= 0)
+      std::fill(g + (std::lower_bound(keys, keys + b.c, i - w) - keys),
+                g + (std::upper_bound(keys, keys + b.c, c.sel.causal ? i : i + w) - keys), none);
+    const index_t* own = c.sel.query_keys.data() + (h * c.sh.m + i) * kk;
+    for (index_t a = 0; a < kk; ++a)
+      if (own[a] >= 0 && slot_of[own[a]] >= 0) g[slot_of[own[a]]] = none;
+  }
+  for (index_t a = 0; a < b.c && kk > 0; ++a) slot_of[keys[a]] = -1;
 }
 
 }  // namespace levattn::engine

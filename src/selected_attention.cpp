@@ -29,6 +29,39 @@ void check_shape(const AttentionShape& sh) {
   checked_elements({pairs, std::max(sh.m, sh.n), std::max(sh.d, sh.dv)}, "attention inputs");
 }
 
+// The residual part: per block, keys ascending and distinct, then -1; each open, outside the
+// block's shared set and (causal) before the block's end; a finite weight > 0.
+static void check_residual(const Selection& sel) {
+  const index_t pairs = sel.pairs(), blocks = sel.residual_blocks(), r = sel.residual;
+  LEVATTN_REQUIRE(r >= 0 && r <= sel.n && static_cast<index_t>(sel.residual_keys.size()) == pairs * blocks * r &&
+                      static_cast<index_t>(sel.residual_weight.size()) == (r > 0 ? pairs * blocks : 0),
+                  "selection", "sampled keys must be (pairs, residual blocks, residual) with 0 <= residual <= n, their "
+                  "weights (pairs, residual blocks)");
+  LEVATTN_REQUIRE(!sel.all_keys || r == 0, "selection", "all keys leaves none to sample");
+  const index_t len = sel.segment > 0 ? sel.segment : sel.m;
+  for (index_t h = 0; h < pairs && r > 0; ++h)
+    for (index_t b = 0; b < blocks; ++b) {
+      const index_t i0 = b / sel.blocks_per_segment() * len + b % sel.blocks_per_segment() * kResidualBlock;
+      const index_t end = std::min({sel.m, i0 + kResidualBlock, (b / sel.blocks_per_segment() + 1) * len});
+      const std::vector<index_t>& shared = sel.shared_of(h, std::min(i0, sel.m - 1));
+      const index_t* keys = sel.residual_keys.data() + (h * blocks + b) * r;
+      const double w = sel.residual_weight[static_cast<std::size_t>(h * blocks + b)];
+      LEVATTN_REQUIRE(std::isfinite(w) && w > 0.0, "selection", "the weight of sampled keys must be finite and > 0, got ", w);
+      for (index_t a = 0; a < r; ++a) {
+        const index_t j = keys[a];
+        if (j == -1) {
+          LEVATTN_REQUIRE(a + 1 == r || keys[a + 1] == -1, "selection", "a block's unused slots (-1) must come last");
+          continue;
+        }
+        LEVATTN_REQUIRE(j >= 0 && j < sel.n && (a == 0 || j > keys[a - 1]), "selection",
+                        "a block's sampled keys must be ascending, distinct and in [0, n) (-1 for an unused slot)");
+        LEVATTN_REQUIRE(!sel.causal || j < end, "selection", "a causal block's sampled keys must not follow its queries");
+        LEVATTN_REQUIRE(sel.key_open(h, j) && !std::binary_search(shared.begin(), shared.end(), j), "selection",
+                        "a block's sampled keys must be open keys outside its shared set");
+      }
+    }
+}
+
 void check_selection(const AttentionShape& sh, const Selection& sel) {
   LEVATTN_REQUIRE(sel.batch == sh.batch && sel.heads == sh.heads && sel.m == sh.m && sel.n == sh.n, "selection",
                   "made for (batch, heads) = (", sel.batch, ", ", sel.heads, "), ", sel.m, " queries and ", sel.n,
@@ -55,36 +88,40 @@ void check_selection(const AttentionShape& sh, const Selection& sel) {
   LEVATTN_REQUIRE(sel.top_k >= 0 && sel.top_k <= sel.n &&
                       static_cast<index_t>(sel.query_keys.size()) == pairs * sel.m * sel.top_k,
                   "selection", "per-query keys must be (pairs, m, top_k) with 0 <= top_k <= n");
-  LEVATTN_REQUIRE(sel.residual >= 0 && sel.residual <= sel.n &&
-                      static_cast<index_t>(sel.residual_keys.size()) == pairs * sel.m * sel.residual &&
-                      static_cast<index_t>(sel.residual_weight.size()) == (sel.residual > 0 ? pairs * sel.m : 0),
-                  "selection", "sampled keys must be (pairs, m, residual) with 0 <= residual <= n, their weights (pairs, m)");
-  LEVATTN_REQUIRE(!sel.all_keys || sel.residual == 0, "selection", "all keys leaves none to sample");
-  if (sel.top_k == 0 && sel.residual == 0) return;
-  // Each query's own and sampled keys: distinct, in range (or -1), causal if the selection is,
-  // and neither in its shared set (marked per set: `shared` holds the set's number) nor in its
-  // window.
-  std::vector<index_t> stamp(static_cast<std::size_t>(sel.n), -1), shared(stamp.size(), -1);
+  check_residual(sel);
+  if (sel.top_k == 0) return;
+  // Each query's own keys: distinct, in range (or -1), causal if the selection is, and neither
+  // in its shared set (marked per set: `shared` holds the set's number) nor in its window. The
+  // checks of a key are folded into one branch, with the fields read into locals first (the
+  // loop stores to `stamp`, which the compiler cannot prove apart from them): at d = 16 this
+  // pass is a fair part of a forward over 32 own keys per query.
+  const index_t n = sel.n, m = sel.m, kk = sel.top_k, window = sel.window, segment = sel.segment;
+  const bool causal = sel.causal;
+  const index_t* own = sel.query_keys.data();
+  std::vector<index_t> stamp(static_cast<std::size_t>(n), -1), shared(stamp.size(), -1);
   for (index_t h = 0; h < pairs; ++h) {
-    for (index_t i = 0; i < sel.m; ++i) {
-      const index_t row = h * sel.m + i, set = h * sel.segments() + (sel.segment > 0 ? i / sel.segment : 0);
-      if (!sel.shared_keys.empty() && (i == 0 || (sel.segment > 0 && i % sel.segment == 0)))
+    const std::uint8_t* open = sel.key_mask.empty() ? nullptr : sel.key_mask.data() + h / sel.heads * n;
+    for (index_t i = 0; i < m; ++i) {
+      const index_t row = h * m + i, set = h * sel.segments() + (segment > 0 ? i / segment : 0);
+      if (!sel.shared_keys.empty() && (i == 0 || (segment > 0 && i % segment == 0)))
         for (index_t j : sel.shared_keys[set]) shared[j] = set;
-      const auto check = [&](index_t j) {
-        if (j == -1) return;
-        LEVATTN_REQUIRE(j >= 0 && j < sel.n && stamp[j] != row, "selection",
+      for (index_t a = 0; a < kk; ++a) {
+        const index_t j = own[row * kk + a];
+        if (j == -1) continue;
+        LEVATTN_REQUIRE(static_cast<std::uint64_t>(j) < static_cast<std::uint64_t>(n), "selection",
                         "each query's keys must be distinct and in [0, n) (-1 for an unused slot)");
-        LEVATTN_REQUIRE(!sel.causal || j <= i, "selection", "a causal query's own keys must not follow it");
-        LEVATTN_REQUIRE(sel.key_open(h, j), "selection", "a query's own keys hold a masked key");
-        LEVATTN_REQUIRE(!(shared[j] == set || (sel.window >= 0 && std::abs(i - j) <= sel.window)), "selection",
-                        "a query's own keys must not repeat its shared keys or its window");
+        const bool bad = (stamp[j] == row) | (causal & (j > i)) | (open != nullptr && !open[j]) | (shared[j] == set) |
+                         ((window >= 0) & (std::abs(i - j) <= window));
+        if (bad) {
+          LEVATTN_REQUIRE(stamp[j] != row, "selection",
+                          "each query's keys must be distinct and in [0, n) (-1 for an unused slot)");
+          LEVATTN_REQUIRE(!causal || j <= i, "selection", "a causal query's own keys must not follow it");
+          LEVATTN_REQUIRE(!open || open[j], "selection", "a query's own keys hold a masked key");
+          detail::fail(ErrorKind::invalid_argument, "selection",
+                       "a query's own keys must not repeat its shared keys or its window");
+        }
         stamp[j] = row;
-      };
-      for (index_t a = 0; a < sel.top_k; ++a) check(sel.query_keys[row * sel.top_k + a]);
-      for (index_t a = 0; a < sel.residual; ++a) check(sel.residual_keys[row * sel.residual + a]);
-      if (sel.residual > 0)
-        LEVATTN_REQUIRE(std::isfinite(sel.residual_weight[row]) && sel.residual_weight[row] > 0.0, "selection",
-                        "each query's weight of its sampled keys must be finite and > 0, got ", sel.residual_weight[row]);
+      }
     }
   }
 }
@@ -123,16 +160,14 @@ void absorb(const Ctx<T>& c, Workspace<T>& ws, index_t rows, const Block<T>& b) 
   detail::gemm(kNo, kNo, rows, dv, b.c, T(1), ws.p.data(), b.c, b.vb, dv, T(1), ws.acc.data(), dv);
 }
 
-// Row r's keys of a per-query part (own or sampled keys, with their weight) into the tile's
-// running maximum, sum and accumulator (after its blocks).
+// Row r's own keys into the tile's running maximum, sum and accumulator (after its blocks).
 template <class T>
-void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r, const RowPart& part) {
-  const index_t row = h * c.sh.m + i0 + r, count = row_keys(part, row, ws.own.data()), d = c.sh.d, dv = c.sh.dv;
+void absorb_own(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, index_t r) {
+  const index_t count = own_keys(c, ws, h, i0 + r), d = c.sh.d, dv = c.sh.dv;
   if (count == 0) return;
   const RowKernels<T> rk;
-  const T lw = log_weight<T>(part, row);
   rk.dots(c.Q(h) + (i0 + r) * d, ws.own.data(), count, c.K(h), d, c.fn.scale, ws.os.data());
-  for (index_t a = 0; a < count; ++a) ws.og[a] = c.fn.g(ws.os[a]) + lw;
+  for (index_t a = 0; a < count; ++a) ws.og[a] = c.fn.g(ws.os[a]);
   const T nm = std::max(ws.mx[r], *std::max_element(ws.og.begin(), ws.og.begin() + count));
   if (nm == -std::numeric_limits<T>::infinity()) return;
   T* acc = ws.acc.data() + r * dv;
@@ -156,8 +191,17 @@ void forward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, inde
     logits(c, ws, h, i0, rows, b);
     absorb(c, ws, rows, b);
   });
-  for (const RowPart& part : {own_part(c.sel), residual_part(c.sel)})
-    for (index_t r = 0; r < rows && part.width > 0; ++r) absorb_own(c, ws, h, i0, r, part);
+  if (c.sel.residual > 0) {
+    const T lw = sampled_log_weight(c, h, i0);
+    for_each_sampled(c, ws.gk.data(), ws.gv.data(), kCols, h, i0, rows, [&](const Block<T>& b) {
+      logits(c, ws, h, i0, rows, b);
+      mask_sampled(c, ws.slot_of.data(), h, i0, rows, b, ws.p.data());
+      for (index_t e = 0; e < rows * b.c; ++e) ws.p[e] += lw;
+      absorb(c, ws, rows, b);
+    });
+  }
+  if (c.sel.top_k > 0)
+    for (index_t r = 0; r < rows; ++r) absorb_own(c, ws, h, i0, r);
   for (index_t r = 0; r < rows; ++r) {
     T* o = out + (h * c.sh.m + i0 + r) * dv;
     const double l = ws.l[r];
@@ -170,39 +214,52 @@ void forward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, inde
 
 // The float32 engine's per-thread state: the online block (up to a tile's rows, key tiles of up
 // to kernels::kKeyTile), gathered shared key and value rows (only where the selection has shared
-// sets), a window band's membership flags and one query's own or sampled keys. Sized to the call, and left
+// sets or sampled keys), a window band's membership flags and one query's own keys. Sized to the call, and left
 // uninitialised where every element is written before it is read: a decoding step attends one
 // query over a few hundred keys, and zero-filling full-size buffers would cost more than that.
 struct EngineWorkspace {
   kernels::OnlineBlock blk;
   std::unique_ptr<float[]> gk, gv;
   std::vector<char> flags;
-  std::vector<index_t> own;  // one query's own or sampled keys, unused slots left out
+  std::vector<index_t> own;      // one query's own keys, unused slots left out
+  std::vector<index_t> slot_of;  // mask_sampled's scratch (n entries of -1; empty if not needed)
   EngineWorkspace(const kernels::KernelParams& params, const Ctx<float>& c, index_t widest_set)
       : blk(params, std::min(c.tile_rows, c.sh.m), std::min(kernels::kKeyTile, c.sh.n), c.sh.dv),
         gk(new float[static_cast<std::size_t>(std::min(kernels::kKeyTile, widest_set) * c.sh.d)]),
         gv(new float[static_cast<std::size_t>(std::min(kernels::kKeyTile, widest_set) * c.sh.dv)]),
         flags(static_cast<std::size_t>(std::min(kernels::kKeyTile, c.sh.n))),
-        own(static_cast<std::size_t>(c.row_slots())) {}
+        own(static_cast<std::size_t>(c.sel.top_k)),
+        slot_of(static_cast<std::size_t>(c.sel.residual > 0 && c.sel.top_k > 0 ? c.sh.n : 0), -1) {}
 };
 
 // Queries i0 .. i0 + rows - 1 of pair h in float32: their blocks of keys through the online
 // block (logits, the selection's masks written into the logit tile, the online update), then
-// each query's own keys and sampled keys; out and (unless null) stat rows written.
+// their block's sampled keys (weighted), then each query's own keys; out and (unless null) stat
+// rows written.
 kernels::OnlineBlock::Rows engine_tile(const Ctx<float>& c, EngineWorkspace& ws, index_t h, index_t i0, index_t rows,
                                        float* out, float* stat) {
-  const index_t d = c.sh.d, dv = c.sh.dv;
+  const index_t d = c.sh.d, dv = c.sh.dv, kk = c.sel.top_k;
   ws.blk.begin(c.Q(h) + i0 * d, d, rows, d);
   for_each_block(c, ws.gk.get(), ws.gv.get(), kernels::kKeyTile, h, i0, rows, [&](const Block<float>& b) {
     float* tile = ws.blk.logits(b.kb, d, b.c);
     mask_block(c, ws.flags.data(), h, i0, rows, b, tile);
     ws.blk.absorb(b.vb, dv, b.c);
   });
-  for (const RowPart& part : {own_part(c.sel), residual_part(c.sel)})
-    for (index_t r = 0; r < rows && part.width > 0; ++r) {
-      const index_t row = h * c.sh.m + i0 + r, count = row_keys(part, row, ws.own.data());
-      if (count > 0) ws.blk.absorb_row(r, c.K(h), d, c.V(h), dv, ws.own.data(), count, log_weight<float>(part, row));
-    }
+  if (c.sel.residual > 0) {
+    const float lw = sampled_log_weight(c, h, i0);
+    for_each_sampled(c, ws.gk.get(), ws.gv.get(), kernels::kKeyTile, h, i0, rows, [&](const Block<float>& b) {
+      float* tile = ws.blk.logits(b.kb, d, b.c);
+      mask_block(c, ws.flags.data(), h, i0, rows, b, tile);
+      mask_sampled(c, ws.slot_of.data(), h, i0, rows, b, tile);
+      ws.blk.weigh(lw);
+      ws.blk.absorb(b.vb, dv, b.c);
+    });
+  }
+  for (index_t r = 0; r < rows && kk > 0; ++r) {
+    const index_t* slots = c.sel.query_keys.data() + (h * c.sh.m + i0 + r) * kk;
+    const index_t count = std::copy_if(slots, slots + kk, ws.own.begin(), [](index_t j) { return j >= 0; }) - ws.own.begin();
+    if (count > 0) ws.blk.absorb_row(r, c.K(h), d, c.V(h), dv, ws.own.data(), count);
+  }
   const index_t row = h * c.sh.m + i0;
   return ws.blk.finish(out + row * dv, dv, stat ? stat + row : nullptr);
 }
@@ -214,7 +271,7 @@ void reference_forward(const AttentionShape& sh, const Selection& sel, const Ker
   const Ctx<T> c = make_ctx(sh, sel, o, q, k, v);
   LEVATTN_REQUIRE(out && stat, "attention", "null output or statistics buffer");
   const index_t tiles = c.tiles(), pairs = sel.pairs();
-  detail::parallel_tasks(pairs * tiles, c.flops() / 2.0, [&] { return Workspace<T>(sh, c.row_slots()); },
+  detail::parallel_tasks(pairs * tiles, c.flops() / 2.0, [&] { return Workspace<T>(sh, sel); },
                          [&](index_t t, Workspace<T>& ws) {
                            const auto [i0, rows] = c.tile(t % tiles);
                            if (rows > 0) forward_tile(c, ws, t / tiles, i0, rows, out, stat);
@@ -248,6 +305,7 @@ index_t engine::forward(const AttentionShape& sh, const Selection& sel, const Ke
     widest_set = std::max(widest_set, static_cast<index_t>(set.size()));
     set_sizes += static_cast<double>(set.size());
   }
+  const index_t gathered = std::max(widest_set, sel.residual);  // gk and gv also take sampled keys
   const bool band_alone = widest_set == 0;
   const bool small_sets = set_sizes <= static_cast<double>(2 * kernels::kQueryBlock) * static_cast<double>(sel.shared_keys.size());
   c.tile_rows = sel.window > 0 && ((sh.m > kernels::kQueryBlock && small_sets) || band_alone) ? kRows : kernels::kQueryBlock;
@@ -274,7 +332,7 @@ index_t engine::forward(const AttentionShape& sh, const Selection& sel, const Ke
   params.check_overflow = logits_can_overflow(c.fn.scale, sh.d, scanned.max_q, scanned.max_k);
   std::atomic<index_t> done{0}, non_finite{0}, empty{0};
   std::atomic<bool> finite_inputs{true};
-  detail::parallel_tasks(tasks, c.flops() / 2.0, [&] { return EngineWorkspace(params, c, widest_set); },
+  detail::parallel_tasks(tasks, c.flops() / 2.0, [&] { return EngineWorkspace(params, c, gathered); },
                          [&](index_t t, EngineWorkspace& ws) {
                            const auto [i0, rows] = c.tile(t % tiles);
                            if (scan_per_pair) {

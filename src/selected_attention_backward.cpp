@@ -22,13 +22,17 @@ using namespace engine;
 // ws.p <- P (weights, 0 where masked), ws.ds <- dS for queries i0 .. of pair h and block b: the
 // masked logits (in ws.p for softmax, ws.s for the power kernel) and dP = dout V^T, then one pass
 // of RowKernels::weight_grads per row (float32: the ISA kernel).
+// A block of sampled keys (sampled) is masked where another part gives a query the key, and its
+// weights are those of the log-normaliser L - lw (their weight exp(lw) scales P; dS = P (dP -
+// delta) f'/f takes no other factor).
 template <class T>
 void block_grads(const Ctx<T>& c, const RowKernels<T>& rk, Workspace<T>& ws, index_t h, index_t i0, index_t rows,
-                 const Block<T>& b, const T* stat, const T* dout, const T* delta) {
+                 const Block<T>& b, const T* stat, const T* dout, const T* delta, bool sampled = false, T lw = T(0)) {
   const index_t d = c.sh.d, dv = c.sh.dv;
   T* const tile = c.fn.power ? ws.s.data() : ws.p.data();
   detail::gemm(kNo, kTr, rows, b.c, d, c.fn.scale, c.Q(h) + i0 * d, d, b.kb, d, T(0), tile, b.c);
   mask_block(c, ws.flags.data(), h, i0, rows, b, tile);
+  if (sampled) mask_sampled(c, ws.slot_of.data(), h, i0, rows, b, tile);
   detail::gemm(kNo, kTr, rows, b.c, dv, T(1), dout + (h * c.sh.m + i0) * dv, dv, b.vb, dv, T(0), ws.ds.data(), b.c);
   for (index_t r = 0; r < rows; ++r) {
     const index_t i = h * c.sh.m + i0 + r;
@@ -38,7 +42,7 @@ void block_grads(const Ctx<T>& c, const RowKernels<T>& rk, Workspace<T>& ws, ind
       std::fill_n(p, b.c, T(0));
       std::fill_n(ds, b.c, T(0));
     } else {
-      rk.weight_grads(tile + r * b.c, p, ds, b.c, stat[i], c.fn.power ? c.fn.p : T(0), delta[i]);
+      rk.weight_grads(tile + r * b.c, p, ds, b.c, stat[i] - lw, c.fn.power ? c.fn.p : T(0), delta[i]);
     }
   }
 }
@@ -53,21 +57,18 @@ struct KeyRows {
   index_t row(index_t j) const { return row_of ? row_of[j] : j; }
 };
 
-// Query i of pair h over its keys of a per-query part (L: its log-normaliser, dout_i its output
-// gradient): dq_i += scale sum_j dS_ij k_j (dq_i unless null), and its shares of dK and dV added
-// to the keys' rows of `to`: dk_j += scale dS_ij q_i, dv_j += P_ij dout_i. A weight w scales
-// P_ij = w f(s_ij) / e^L, as the log-normaliser L - log w does; dS_ij = P_ij (dP_ij - delta_i)
-// f'/f(s_ij) takes no other factor.
+// Query i of pair h over its own keys (L: its log-normaliser, dout_i its output gradient):
+// dq_i += scale sum_j dS_ij k_j (dq_i unless null), and its shares of dK and dV added to the own
+// keys' rows of `to`: dk_j += scale dS_ij q_i, dv_j += P_ij dout_i.
 template <class T>
-void own_key_grads(const Ctx<T>& c, const RowKernels<T>& rk, Workspace<T>& ws, const RowPart& part, index_t h,
-                   index_t i, T L, T delta, const T* dout_i, T* dq_i, const KeyRows<T>& to) {
-  const index_t row = h * c.sh.m + i, count = row_keys(part, row, ws.own.data()), d = c.sh.d, dv = c.sh.dv;
+void own_key_grads(const Ctx<T>& c, const RowKernels<T>& rk, Workspace<T>& ws, index_t h, index_t i, T L, T delta,
+                   const T* dout_i, T* dq_i, const KeyRows<T>& to) {
+  const index_t count = own_keys(c, ws, h, i), d = c.sh.d, dv = c.sh.dv;
   if (count == 0) return;  // straight from the rows of K, V and the gradients
   const T* q_i = c.Q(h) + i * d;
   rk.dots(q_i, ws.own.data(), count, c.K(h), d, c.fn.scale, ws.os.data());
   rk.dots(dout_i, ws.own.data(), count, c.V(h), dv, T(1), ws.op.data());
-  rk.weight_grads(ws.os.data(), ws.og.data(), ws.op.data(), count, L - log_weight<T>(part, row),
-                  c.fn.power ? c.fn.p : T(0), delta);
+  rk.weight_grads(ws.os.data(), ws.og.data(), ws.op.data(), count, L, c.fn.power ? c.fn.p : T(0), delta);
   for (index_t a = 0; a < count; ++a) ws.op[a] *= c.fn.scale;  // scale dS, for dq and dK alike
   if (dq_i) rk.weighted_sum(ws.op.data(), ws.own.data(), count, c.K(h), d, dq_i);
   if (to.row_of)
@@ -111,6 +112,33 @@ void enter_set(const Ctx<T>& c, Workspace<T>& ws, index_t h, const std::vector<i
   ws.set = &set;
 }
 
+// The sampled keys of queries i0 .. i0 + rows - 1 of pair h (their residual block's, gathered
+// kCols at a time): dq's rows (dst, unless null) += scale dS K_b, and the keys' dK and dV (formed
+// in ws.sdk, ws.sdv) added to their rows of `to`.
+template <class T>
+void sampled_grads(const Ctx<T>& c, const RowKernels<T>& rk, Workspace<T>& ws, index_t h, index_t i0, index_t rows,
+                   const T* stat, const T* dout, const T* delta, T* dst, const KeyRows<T>& to) {
+  const index_t d = c.sh.d, dv = c.sh.dv;
+  const T lw = sampled_log_weight(c, h, i0);
+  const T* qt = c.Q(h) + i0 * d;
+  const T* gt = dout + (h * c.sh.m + i0) * dv;
+  ws.sdk.resize(static_cast<std::size_t>(kCols * d)), ws.sdv.resize(static_cast<std::size_t>(kCols * dv));
+  for_each_sampled(c, ws.gk.data(), ws.gv.data(), kCols, h, i0, rows, [&](const Block<T>& b) {
+    block_grads(c, rk, ws, h, i0, rows, b, stat, dout, delta, true, lw);
+    if (dst) detail::gemm(kNo, kNo, rows, d, b.c, c.fn.scale, ws.ds.data(), b.c, b.kb, d, T(1), dst, d);
+    const auto add = [&](T* grad, std::vector<T>& part, index_t width, T alpha, const T* weights, const T* rows_in) {
+      if (!grad) return;
+      detail::gemm(kTr, kNo, b.c, width, rows, alpha, weights, b.c, rows_in, width, T(0), part.data(), width);
+      for (index_t a = 0; a < b.c; ++a) {
+        T* row = grad + to.row(b.keys[a]) * width;
+        for (index_t x = 0; x < width; ++x) row[x] += part[a * width + x];
+      }
+    };
+    add(to.v, ws.sdv, dv, T(1), ws.p.data(), gt);
+    add(to.k, ws.sdk, d, c.fn.scale, ws.ds.data(), qt);
+  });
+}
+
 // The gradients of queries i0 .. i0 + rows - 1 of pair h, each block met once (five products: the
 // logits, dP, and the three gradients): dq's rows (unless null) written, and the blocks' shares
 // of dK and dV added to `to`.
@@ -138,13 +166,13 @@ void backward_tile(const Ctx<T>& c, Workspace<T>& ws, index_t h, index_t i0, ind
     add(!to.v ? nullptr : b.keys ? ws.set_dv.data() : to.v, dvw, T(1), ws.p.data(), gt);
     add(!to.k ? nullptr : b.keys ? ws.set_dk.data() : to.k, d, c.fn.scale, ws.ds.data(), qt);
   }, ws.set != nullptr);
-  for (const RowPart& part : {own_part(c.sel), residual_part(c.sel)})
-    for (index_t r = 0; r < rows && part.width > 0; ++r) {
-      const index_t row = h * c.sh.m + i0 + r;
-      if (stat[row] != std::numeric_limits<T>::infinity())
-        own_key_grads(c, rk, ws, part, h, i0 + r, stat[row], delta[row], dout + row * dvw, dst ? dst + r * d : nullptr,
-                      to);
-    }
+  if (c.sel.residual > 0) sampled_grads(c, rk, ws, h, i0, rows, stat, dout, delta, dst, to);
+  if (c.sel.top_k == 0) return;
+  for (index_t r = 0; r < rows; ++r) {
+    const index_t row = h * c.sh.m + i0 + r;
+    if (stat[row] != std::numeric_limits<T>::infinity())
+      own_key_grads(c, rk, ws, h, i0 + r, stat[row], delta[row], dout + row * dvw, dst ? dst + r * d : nullptr, to);
+  }
 }
 
 // A run of query tiles t0 .. t1 - 1 of pair h, one task of the backward. The pair's first chunk
@@ -192,11 +220,12 @@ std::vector<index_t> chunk_keys(const Ctx<T>& c, index_t h, index_t t0, index_t 
     if (&set != last_set)
       for (index_t j : set) met[j] = 1;
     last_set = &set;
-    for (const RowPart& part : {own_part(c.sel), residual_part(c.sel)}) {
-      const index_t* own = part.slots + (h * c.sh.m + i0) * part.width;
-      for (index_t e = 0; e < rows * part.width; ++e)
-        if (own[e] >= 0) met[own[e]] = 1;
-    }
+    const index_t* own = c.sel.query_keys.data() + (h * c.sh.m + i0) * c.sel.top_k;
+    for (index_t e = 0; e < rows * c.sel.top_k; ++e)
+      if (own[e] >= 0) met[own[e]] = 1;
+    index_t count = 0;
+    const index_t* sampled = sampled_keys(c, h, i0, rows, count);
+    for (index_t a = 0; a < count; ++a) met[sampled[a]] = 1;
     const index_t band_end = std::min(n, c.sel.causal ? last + 1 : last + 1 + w);
     if (w >= 0) std::fill(met.begin() + std::max<index_t>(0, i0 - w), met.begin() + band_end, 1);
   }
@@ -387,7 +416,7 @@ void selected_attention_backward(const AttentionShape& sh, const Selection& sel,
   std::vector<T> part_v(static_cast<std::size_t>(pv ? part_rows * sh.dv : 0));
   std::vector<T> delta(static_cast<std::size_t>(rows));
   std::atomic<bool> finite_inputs{true};
-  const auto make = [&] { return Workspace<T>(sh, std::max(sel.top_k, sel.residual)); };
+  const auto make = [&] { return Workspace<T>(sh, sel); };
   detail::parallel_tasks(static_cast<index_t>(chunks.size()), 1.4 * c.flops(), make,
                          [&](index_t t, Workspace<T>& ws) {
                            const Chunk& ch = chunks[t];

@@ -31,8 +31,10 @@ void Selection::mask_row(index_t h, index_t i, char* mask) const {
     const index_t j = query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)];
     if (j >= 0) mask[j] = 1;
   }
+  // The block's sampled keys: those the other parts attend are set already, the later ones are
+  // cut below.
   for (index_t a = 0; a < residual; ++a) {
-    const index_t j = residual_keys[static_cast<std::size_t>((h * m + i) * residual + a)];
+    const index_t j = residual_keys[static_cast<std::size_t>((h * residual_blocks() + residual_block(i)) * residual + a)];
     if (j >= 0) mask[j] = 1;
   }
   if (causal) std::fill(mask + std::min(n, i + 1), mask + n, 0);
@@ -44,6 +46,22 @@ namespace {
 
 // The first segment whose queries can attend key j (0 unless causal with segments).
 index_t first_segment(const Selection& s, index_t j) { return s.causal && s.segment > 0 ? j / s.segment : 0; }
+
+// How many of its block's sampled keys query i of pair h attends through them: those (ascending,
+// then -1) up to i if causal, outside its window band and its own keys (own: top_k slots).
+index_t sampled_keys_of(const Selection& s, index_t h, index_t i, const index_t* own) {
+  const index_t* keys = s.residual_keys.data() + (h * s.residual_blocks() + s.residual_block(i)) * s.residual;
+  const index_t* end = std::lower_bound(keys, keys + s.residual, 0, [](index_t j, index_t) { return j >= 0; });
+  const auto below = [&](index_t j) { return std::upper_bound(keys, end, j) - keys; };  // sampled keys <= j
+  index_t c = static_cast<index_t>(s.causal ? below(i) : end - keys);
+  if (s.window >= 0) {
+    const index_t lo = i - s.window, hi = s.causal ? i : i + s.window;
+    c -= static_cast<index_t>(below(hi) - below(lo - 1));
+  }
+  for (index_t a = 0; a < s.top_k; ++a)
+    if (own[a] >= 0 && std::binary_search(keys, end, own[a])) --c;
+  return c;
+}
 
 }  // namespace
 
@@ -92,8 +110,8 @@ Selection selection_from_arrays(const Selection& layout, const index_t* key_segm
   if (s.residual > 0) {
     LEVATTN_REQUIRE(residual_keys && residual_weight, "residual", "the layout samples ", s.residual,
                     " keys per query; expected residual_keys and residual_weight");
-    s.residual_keys.assign(residual_keys, residual_keys + pairs * s.m * s.residual);
-    s.residual_weight.assign(residual_weight, residual_weight + pairs * s.m);
+    s.residual_keys.assign(residual_keys, residual_keys + pairs * s.residual_blocks() * s.residual);
+    s.residual_weight.assign(residual_weight, residual_weight + pairs * s.residual_blocks());
   }
   return s;
 }
@@ -111,9 +129,9 @@ std::vector<index_t> Selection::keys_per_query() const {
         const index_t lo = std::max<index_t>(0, i - window), hi = std::min(n - 1, causal ? i : i + window);
         if (hi >= lo) c += open[hi + 1] - open[lo] - (below(hi) - below(lo - 1));  // lo > hi: a query past every key
       }
-      for (index_t a = 0; a < top_k; ++a) c += query_keys[static_cast<std::size_t>((h * m + i) * top_k + a)] >= 0 ? 1 : 0;
-      for (index_t a = 0; a < residual; ++a)
-        c += residual_keys[static_cast<std::size_t>((h * m + i) * residual + a)] >= 0 ? 1 : 0;
+      const index_t* own = query_keys.data() + (h * m + i) * top_k;
+      for (index_t a = 0; a < top_k; ++a) c += own[a] >= 0 ? 1 : 0;
+      if (residual > 0) c += sampled_keys_of(*this, h, i, own);
       out[static_cast<std::size_t>(h * m + i)] = c;
     }
   }

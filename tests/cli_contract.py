@@ -828,28 +828,29 @@ def test_hardening():
               qk.shape == (2, 40, 5) and all(set(qk[0, i]) == set(ref[i]) for i in range(40)), repr(qk.shape))
         check("--save-selection (topk): shared_offsets has one entry per head + 1, every set empty",
               list(z["shared_offsets"]) == [0, 0, 0] and z["shared_keys"].size == 0, repr(z["shared_offsets"]))
-    # +residual: each query's sampled keys and their weight, which with the shared keys and the
-    # band reproduce the output (numpy, the weights written out).
+    # +residual: each block's sampled keys and their weight (one block of 40 queries), which with
+    # the shared keys and the band reproduce the output (numpy, the weights written out).
     if ok_run("attend --save-selection residual", "attend", "--inputs", "qkv.npz", "--out", "Or.npy",
               "--save-selection", "Sr.npz", "--select", "leverage:6+window:1+residual:8+seed:3"):
         z = np.load(path("Sr.npz"))
         O = np.load(path("Or.npy"))
         rk, rw = z["residual_keys"], z["residual_weight"]
-        ok = rk.shape == (2, 40, 8) and rw.shape == (2, 40)
+        ok = rk.shape == (2, 1, 8) and rw.shape == (2, 1) and int(z["residual_block"][0]) == 256
         I, J = np.arange(40)[:, None], np.arange(70)[None, :]
         for h in range(2) if ok else ():
+            shared = z["shared_keys"][z["shared_offsets"][h]:z["shared_offsets"][h + 1]]
+            ok = ok and not np.isin(rk[h, 0], shared).any() and np.all(np.diff(rk[h, 0]) > 0)
+            ok = ok and np.isclose(rw[h, 0], (70 - len(shared)) / 8)  # the block's rest: every key not shared
             W = np.zeros((40, 70))
-            W[:, z["shared_keys"][z["shared_offsets"][h]:z["shared_offsets"][h + 1]]] = 1.0
+            W[:, rk[h, 0]] = rw[h, 0]
+            W[:, shared] = 1.0
             W[np.abs(I - J) <= 1] = 1.0
-            ok = ok and all(W[i, rk[h, i]].max() == 0.0 for i in range(40))  # sampled keys are outside the rest
-            ok = ok and np.allclose(rw[h], (70 - W.sum(1)) / 8)
-            for i in range(40):
-                W[i, rk[h, i]] = rw[h, i]
             s_ = Q[h].astype(np.float64) @ K[h].astype(np.float64).T / np.sqrt(8.0)
             e = np.exp(s_ - s_.max(1, keepdims=True)) * W
             good, det = rel_close(O[h], (e @ V[h]) / e.sum(1, keepdims=True))
             ok = ok and good
-        check("--save-selection (residual): sampled keys outside the selection, weights |R| / r, output reproduced", ok)
+        check("--save-selection (residual): sampled keys outside the shared set, weights |U| / r, output reproduced",
+              ok)
     bad("+residual with select full", ("attend", "--inputs", "qkv.npz", "--out", "Orf.npy", "--select", "full+residual:3"),
         ("residual", "select full"))
     # A cluster search that finds fewer than top_k keys says so (stderr, and short_queries in JSON).

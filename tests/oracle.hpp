@@ -226,14 +226,16 @@ inline bool attends(const levattn::Selection& s, index_t h, index_t i, index_t j
   return in && open && !(s.causal && j > i);
 }
 
-/// The weight of key j in query i's attention under `s`: 1 if it attends j (attends), the query's
-/// residual weight if j is one of its sampled keys, else 0.
+/// The weight of key j in query i's attention under `s`: 1 if it attends j (attends), its residual
+/// block's weight if j is one of the block's sampled keys (and not after i, if causal), else 0.
+/// The block is found from the fields: blocks of 256 queries within each segment.
 inline double key_weight(const levattn::Selection& s, index_t h, index_t i, index_t j) {
   if (attends(s, h, i, j)) return 1.0;
-  const std::size_t row = static_cast<std::size_t>(h * s.m + i);
+  if (s.residual == 0 || (s.causal && j > i)) return 0.0;
+  const index_t len = s.segment > 0 ? s.segment : s.m, per_segment = (len + 255) / 256;
+  const index_t blocks = (s.m + len - 1) / len * per_segment, block = h * blocks + i / len * per_segment + i % len / 256;
   for (index_t a = 0; a < s.residual; ++a)
-    if (s.residual_keys[row * static_cast<std::size_t>(s.residual) + static_cast<std::size_t>(a)] == j)
-      return s.residual_weight[row];
+    if (s.residual_keys[static_cast<std::size_t>(block * s.residual + a)] == j) return s.residual_weight[static_cast<std::size_t>(block)];
   return 0.0;
 }
 

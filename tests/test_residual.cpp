@@ -57,67 +57,88 @@ std::vector<index_t> rest_of(const Selection& s, index_t h, index_t i) {
   return rest;
 }
 
-TEST(Residual, SamplesAreDistinctKeysOfTheRestWithTheirWeight) {
-  const Inputs in(AttentionShape{2, 2, 300, 530, 12, 7}, 11);
+// The rest a residual block draws from, by brute force: open keys, below the block's last query
+// + 1 if causal, outside the shared set of its first query i0.
+std::vector<index_t> block_rest(const Selection& s, index_t h, index_t i0, index_t last) {
+  std::vector<index_t> rest;
+  const std::vector<index_t>& shared = s.shared_of(h, i0);
+  for (index_t j = 0; j < (s.causal ? last + 1 : s.n); ++j)
+    if (s.key_open(h, j) && std::find(shared.begin(), shared.end(), j) == shared.end()) rest.push_back(j);
+  return rest;
+}
+
+TEST(Residual, BlocksDrawDistinctKeysOfTheirRestWithTheirWeight) {
   std::vector<std::uint8_t> mask(2 * 530, 1);
   for (index_t j = 0; j < 530; j += 7) mask[static_cast<std::size_t>(530 + j)] = 0;  // batch 1 pads every 7th key
   const std::pair<const char*, bool> specs[] = {
       {"leverage:24+window:3+sinks:2+residual:16", false}, {"topk:9+residual:16", false},
-      {"window:200+residual:40", false},  // a rest under a quarter of the keys: drawn from its enumeration
+      {"random:420+residual:40", false},  // a rest under a quarter of the keys: drawn from its enumeration
       {"random:30+residual:600", false},  // more slots than the rest: all of it, weight 1
-      {"leverage+eps:0.05+window:5+residual:16", true}, {"cluster:8+residual:12", false}};
+      {"leverage+eps:0.05+window:5+residual:16", true}, {"cluster:8+residual:12", false},
+      {"cluster:5+window:2+residual:30", true}};
   for (const auto& [text, causal] : specs) {
     SCOPED_TRACE(text);
     const index_t m = causal ? 530 : 300;
-    const Inputs& use = causal ? Inputs(AttentionShape{2, 2, 530, 530, 12, 7}, 12) : in;
+    const Inputs in(AttentionShape{2, 2, m, 530, 12, 7}, 11);
     AttentionOptions o = spec(text, causal);
     o.key_mask = mask.data();
-    const Selection s = levattn::select_keys(use.Q(), use.K(), o);
+    const Selection s = levattn::select_keys(in.Q(), in.K(), o);
     ASSERT_EQ(s.residual, std::min(o.residual, s.n));
+    ASSERT_EQ(s.residual_blocks(), causal ? 3 : 2);  // causal leverage: segments of 256 = blocks; else m / 256
+    const std::vector<index_t> kept = s.keys_per_query();
+    std::vector<char> row(static_cast<std::size_t>(s.n));
     for (index_t h = 0; h < s.pairs(); ++h)
-      for (index_t i = 0; i < m; i += 7) {
-        const std::vector<index_t> rest = rest_of(s, h, i);
-        const index_t* slots = s.residual_keys.data() + (h * m + i) * s.residual;
+      for (index_t b = 0; b < s.residual_blocks(); ++b) {
+        const index_t i0 = b * levattn::kResidualBlock, last = std::min(m, i0 + levattn::kResidualBlock) - 1;
+        const std::vector<index_t> rest = block_rest(s, h, i0, last);
+        const index_t* slots = s.residual_keys.data() + (h * s.residual_blocks() + b) * s.residual;
         const index_t count = std::count_if(slots, slots + s.residual, [](index_t j) { return j >= 0; });
-        ASSERT_EQ(count, std::min<index_t>(s.residual, static_cast<index_t>(rest.size()))) << h << " " << i;
+        ASSERT_EQ(count, std::min<index_t>(s.residual, static_cast<index_t>(rest.size()))) << h << " " << b;
         ASSERT_TRUE(std::all_of(slots + count, slots + s.residual, [](index_t j) { return j == -1; }));
-        ASSERT_TRUE(std::is_sorted(slots, slots + count) && std::adjacent_find(slots, slots + count) == slots + count);
+        ASSERT_TRUE(std::adjacent_find(slots, slots + count, std::greater_equal<>()) == slots + count);  // ascending
         for (index_t a = 0; a < count; ++a) ASSERT_TRUE(std::binary_search(rest.begin(), rest.end(), slots[a]));
         const double expected = count == 0 ? 1.0 : static_cast<double>(rest.size()) / static_cast<double>(count);
-        ASSERT_DOUBLE_EQ(s.residual_weight[static_cast<std::size_t>(h * m + i)], expected);
+        ASSERT_DOUBLE_EQ(s.residual_weight[static_cast<std::size_t>(h * s.residual_blocks() + b)], expected);
+        // Each query attends exactly the keys of weight > 0 (mask_row, keys_per_query).
+        for (index_t i = i0; i <= last; i += 37) {
+          s.mask_row(h, i, row.data());
+          index_t weighted = 0;
+          for (index_t j = 0; j < s.n; ++j) {
+            const bool w = oracle::key_weight(s, h, i, j) > 0.0;
+            weighted += w ? 1 : 0;
+            ASSERT_EQ(row[static_cast<std::size_t>(j)] != 0, w) << "query " << i << " key " << j;
+          }
+          ASSERT_EQ(kept[static_cast<std::size_t>(h * m + i)], weighted) << "query " << i;
+        }
       }
   }
 }
 
-// Every key of the rest is drawn with probability r / |R|: the counts over many seeds pass a
+// Every key of the rest is drawn with probability r / |U|: the counts over many seeds pass a
 // chi-square test against the uniform, on the rejection path (a large rest) and on the
 // enumeration path (a rest under a quarter of the keys).
 TEST(Residual, EachKeyOfTheRestIsEquallyLikely) {
-  for (const char* text : {"leverage:8+residual:5", "window:200+residual:5"}) {
+  for (const char* text : {"leverage:8", "random:200+seed:11"}) {
     SCOPED_TRACE(text);
     const Inputs in(AttentionShape{1, 1, 1, 256, 8, 4}, 21);
-    AttentionOptions o = spec(text);
+    const Selection kept = levattn::select_keys(in.Q(), in.K(), spec(text));
     std::vector<double> count(256, 0.0);
-    std::size_t rest = 0;
     constexpr int kSeeds = 3000;
     for (int seed = 0; seed < kSeeds; ++seed) {
-      o.seed = static_cast<std::uint64_t>(seed);
-      const Selection s = levattn::select_keys(in.Q(), in.K(), o);
-      rest = rest_of(s, 0, 0).size();
+      Selection s = kept;
+      levattn::sample_residual(s, 5, static_cast<std::uint64_t>(seed));
       for (index_t j : s.residual_keys) count[static_cast<std::size_t>(j)] += 1.0;
     }
-    const double expected = kSeeds * 5.0 / static_cast<double>(rest);
+    const std::vector<index_t> rest = rest_of(kept, 0, 0);
+    const double expected = kSeeds * 5.0 / static_cast<double>(rest.size());
     double chi2 = 0.0;
-    index_t cells = 0;
-    const Selection s0 = levattn::select_keys(in.Q(), in.K(), o);
-    for (index_t j : rest_of(s0, 0, 0)) {
+    for (index_t j : rest)
       chi2 += (count[static_cast<std::size_t>(j)] - expected) * (count[static_cast<std::size_t>(j)] - expected) / expected;
-      ++cells;
-    }
-    ASSERT_EQ(static_cast<std::size_t>(cells), rest);
     // Keys outside the rest are never drawn.
-    EXPECT_DOUBLE_EQ(std::accumulate(count.begin(), count.end(), 0.0), kSeeds * 5.0);
-    const double dof = static_cast<double>(cells - 1);
+    double in_rest = 0.0;
+    for (index_t j : rest) in_rest += count[static_cast<std::size_t>(j)];
+    EXPECT_DOUBLE_EQ(in_rest, kSeeds * 5.0);
+    const double dof = static_cast<double>(rest.size() - 1);
     EXPECT_LT(chi2, dof + 5.0 * std::sqrt(2.0 * dof)) << "chi-square " << chi2 << " on " << dof;
     EXPECT_GT(chi2, dof - 5.0 * std::sqrt(2.0 * dof)) << "chi-square " << chi2 << " on " << dof;
   }
@@ -128,11 +149,11 @@ TEST(Residual, EachKeyOfTheRestIsEquallyLikely) {
 struct Exact {
   std::vector<double> z, num;
 };
-Exact exact_sums(const Inputs& in, bool softmax, double p, double scale) {
+Exact exact_sums(const Inputs& in, bool softmax, double p, double scale, bool causal = false) {
   const AttentionShape& sh = in.sh;
   Exact e{std::vector<double>(static_cast<std::size_t>(sh.m)), std::vector<double>(static_cast<std::size_t>(sh.m * sh.dv))};
   for (index_t i = 0; i < sh.m; ++i)
-    for (index_t j = 0; j < sh.n; ++j) {
+    for (index_t j = 0; j < (causal ? i + 1 : sh.n); ++j) {
       double s = 0.0;
       for (index_t x = 0; x < sh.d; ++x) s += in.q[i * sh.d + x] * in.k[j * sh.d + x];
       const double f = softmax ? std::exp(scale * s) : std::pow(std::fabs(scale * s), p);
@@ -143,21 +164,32 @@ Exact exact_sums(const Inputs& in, bool softmax, double p, double scale) {
 }
 
 // Over many seeds, the engine's normaliser exp(stat) and numerator out exp(stat) average to the
-// exact Z and N of every query within 5 standard errors, for softmax and x^2, and the output's
-// error falls like 1 / sqrt(r).
+// exact Z and N of every query within 5 standard errors: softmax and x^2, and a causal selection
+// with a window and own keys, whose queries' rests are smaller than their blocks'.
 TEST(Residual, NormaliserAndNumeratorAreUnbiased) {
-  const Inputs in(AttentionShape{1, 1, 16, 600, 8, 3}, 31);
-  for (const bool softmax : {true, false}) {
-    SCOPED_TRACE(softmax ? "softmax" : "x^2");
-    AttentionOptions o = spec(softmax ? "leverage:16+residual:12" : "leverage:16+residual:12+kernel:poly+p:2");
-    const double scale = softmax ? 1.0 / std::sqrt(8.0) : 1.0;
-    const Exact e = exact_sums(in, softmax, 2.0, scale);
+  struct Case {
+    const char* spec;
+    bool causal;
+    AttentionShape sh;
+  };
+  const Case cases[] = {{"leverage:16+residual:12", false, {1, 1, 16, 600, 8, 3}},
+                        {"leverage:16+residual:12+kernel:poly+p:2", false, {1, 1, 16, 600, 8, 3}},
+                        {"cluster:3+window:2+residual:12", true, {1, 1, 300, 300, 8, 3}}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.spec);
+    const Inputs in(c.sh, 31);
+    AttentionOptions o = spec(c.spec, c.causal);
+    const bool softmax = o.kernel == Kernel::softmax;
+    const Exact e = exact_sums(in, softmax, 2.0, softmax ? 1.0 / std::sqrt(8.0) : 1.0, c.causal);
     constexpr int kSeeds = 600;
     const index_t m = in.sh.m, dv = in.sh.dv;
     std::vector<double> sum(static_cast<std::size_t>(m * (dv + 1))), sq(sum.size());
+    AttentionOptions kept = o;
+    kept.residual = 0;
+    const Selection selection = levattn::select_keys(in.Q(), in.K(), kept);
     for (int seed = 0; seed < kSeeds; ++seed) {
-      o.seed = static_cast<std::uint64_t>(seed);
-      const Selection s = levattn::select_keys(in.Q(), in.K(), o);
+      Selection s = selection;
+      levattn::sample_residual(s, o.residual, static_cast<std::uint64_t>(seed));
       std::vector<double> out(static_cast<std::size_t>(m * dv)), stat(static_cast<std::size_t>(m));
       levattn::selected_attention_forward<double>(in.sh, s, o, in.q.data(), in.k.data(), in.v.data(), out.data(),
                                                   stat.data());
@@ -187,7 +219,7 @@ TEST(Residual, OutputErrorFallsLikeOneOverSqrtR) {
   for (const index_t r : {8, 32, 128}) {
     AttentionOptions o = spec("leverage:16+residual:" + std::to_string(r));
     double err = 0.0;
-    for (int seed = 0; seed < 20; ++seed) {
+    for (int seed = 0; seed < 60; ++seed) {
       o.seed = static_cast<std::uint64_t>(seed);
       const Selection s = levattn::select_keys(in.Q(), in.K(), o);
       std::vector<double> o64(static_cast<std::size_t>(64 * 4)), stat(64);
@@ -405,11 +437,15 @@ TEST(Residual, RefusesWhatItCannotSample) {
                                                   out.data(), stat.data());
     });
   };
-  Selection repeated = s;
-  repeated.residual_keys[0] = repeated.query_keys[0];
-  EXPECT_NE(attend(repeated).find("distinct"), std::string::npos);
+  Selection descending = s;
+  std::swap(descending.residual_keys[0], descending.residual_keys[1]);
+  EXPECT_NE(attend(descending).find("ascending"), std::string::npos);
+  Selection shared = levattn::select_keys(in.Q(), in.K(), spec("leverage:3+residual:4"));
+  shared.residual_keys[0] = shared.shared_keys[0][0];
+  std::fill(shared.residual_keys.begin() + 1, shared.residual_keys.begin() + 4, -1);
+  EXPECT_NE(attend(shared).find("outside its shared set"), std::string::npos);
   Selection weightless = s;
-  weightless.residual_weight[3] = 0.0;
+  weightless.residual_weight[0] = 0.0;
   EXPECT_NE(attend(weightless).find("weight"), std::string::npos);
   Selection short_weights = s;
   short_weights.residual_weight.pop_back();

@@ -10,6 +10,10 @@
 
 namespace levattn {
 
+/// Queries that share one draw of their rest (Selection::residual): a multiple of the engine's
+/// query tiles, so that each tile meets one block's keys as one gathered block.
+inline constexpr index_t kResidualBlock = 256;
+
 /// The keys each query of every (batch, head) pair attends: all keys (select full), or the union
 /// of three disjoint parts: a shared set per pair (leverage, random; sinks included) or per
 /// segment of queries (causal leverage), the window band, and each query's own keys (select
@@ -35,10 +39,14 @@ struct Selection {
   /// shared set or window (causal: none after i), -1 for an unused slot.
   index_t top_k = 0;
   std::vector<index_t> query_keys;
-  /// > 0: keys sampled from each query's rest R_i (the open keys, j <= i if causal, in none of
-  /// the parts above), residual_keys (pairs, m, residual): distinct, ascending, -1 for an unused
-  /// slot at the end; each attended with the weight residual_weight (pairs, m) > 0 multiplying
-  /// its kernel value (softmax: log weight added to its logit). sample_residual makes them.
+  /// > 0: keys sampled from the rest (math.md 1.8), one draw per residual block: the queries of
+  /// each segment fall into blocks of kResidualBlock (the last one shorter), and block b of pair
+  /// h draws residual_keys (pairs, residual_blocks(), residual): distinct, ascending, -1 for an
+  /// unused slot at the end, from its rest U_hb (open keys, below its last query + 1 if causal,
+  /// not in its segment's shared set). Query i attends those of its block's keys that no other
+  /// part gives it (nor, causal, after i), each with the weight residual_weight (pairs,
+  /// residual_blocks()) > 0 multiplying its kernel value (softmax: log weight added to its
+  /// logit). sample_residual makes them.
   index_t residual = 0;
   std::vector<index_t> residual_keys;
   std::vector<double> residual_weight;
@@ -49,6 +57,12 @@ struct Selection {
 
   index_t pairs() const { return batch * heads; }
   index_t segments() const { return segment > 0 && m > 0 ? (m + segment - 1) / segment : 1; }
+  /// Residual blocks per pair (a segment's queries in blocks of kResidualBlock), and query i's.
+  index_t residual_blocks() const { return segments() * blocks_per_segment(); }
+  index_t residual_block(index_t i) const {
+    const index_t len = segment > 0 ? segment : m;
+    return i / len * blocks_per_segment() + i % len / kResidualBlock;
+  }
   /// The shared set query i of pair h attends (an empty one when there are none).
   const std::vector<index_t>& shared_of(index_t h, index_t i) const;
   /// Whether key j of pair h's batch may be attended (false when key_mask masks it).
@@ -62,8 +76,13 @@ struct Selection {
   /// Every field equal: the same keys for every query, in the same form.
   friend bool operator==(const Selection&, const Selection&) = default;
   /// |S_i| for every query, (pairs, m) row-major, sampled keys included: O(pairs m (log |shared| +
-  /// top_k + residual)).
+  /// (top_k + 1) log residual)).
   std::vector<index_t> keys_per_query() const;
+  /// Residual blocks per segment.
+  index_t blocks_per_segment() const {
+    const index_t len = segment > 0 ? segment : m;
+    return len > 0 ? (len + kResidualBlock - 1) / kResidualBlock : 1;
+  }
 };
 
 /// The selection attention(Q, K, V, options) makes, without attending: the same keys (same
@@ -72,18 +91,23 @@ struct Selection {
 /// leverage O(n d^2 + (n / 256)(d^3 + |C| d^2)) and its sets' sizes in memory; topk O(m n d)). Throws Error(invalid_argument) as attention() does for these inputs and options.
 Selection select_keys(const Tensor4Ref& Q, const Tensor4Ref& K, const AttentionOptions& options);
 
-/// Adds the residual part to `selection` (math.md 1.8): for query i of pair h, with R_i its rest
-/// (open keys, j <= i if causal, attended by no part), `r` keys drawn uniformly without
-/// replacement from R_i with the stream (seed, residual_sample, h m + i), weighted by |R_i| / r;
-/// all of R_i with weight 1 when |R_i| <= r. Each kept key then counts exactly and the sampled
-/// ones estimate the rest without bias: with e_j the kernel value, E[(|R_i| / r) sum_sampled e_j]
-/// = sum_{R_i} e_j, and likewise for the numerator sum e_j v_j (Horvitz-Thompson; the output, a
-/// ratio of the two, has a bias O(1/r)). Variance at most (|R_i| / r) sum_{R_i} e_j^2, so with x^2
-/// and U_eps kept the normaliser's relative standard deviation is at most sqrt(|R_i| eps / r).
-/// The same bits for any thread count. Cost: expected O(r (log |shared| + 1)) per query (each
-/// draw accepted with probability >= 1/4), O(n) for a query whose rest holds under a quarter of
-/// its keys (drawn from the enumerated rest). Throws Error(invalid_argument) for r < 1, a
-/// selection of all keys (no rest) or one that already has a residual part.
+/// Adds the residual part to `selection` (math.md 1.8): for block b of pair h (residual_block),
+/// with U its rest (open keys, below the block's last query + 1 if causal, outside its segment's
+/// shared set), `r` keys drawn uniformly without replacement from U with the stream (seed,
+/// residual_sample, h residual_blocks() + b), weighted by |U| / r; all of U with weight 1 when
+/// |U| <= r. Every key of a query's rest R_i (U less its band, own keys and, causal, the keys
+/// after it) is then drawn with probability r / |U|, so the kept keys count exactly and the
+/// sampled ones estimate the rest without bias: with e_j the kernel value, E[(|U| / r)
+/// sum_{sampled in R_i} e_j] = sum_{R_i} e_j, and likewise for the numerator sum e_j v_j
+/// (Horvitz-Thompson; the output, a ratio of the two, has a bias O(1/r)). Variance at most
+/// (|U| / r) sum_{R_i} e_j^2, so with x^2 and U_eps kept the normaliser's relative standard
+/// deviation is at most sqrt(|U| eps / r). The queries of a block share their draw (as
+/// HyperAttention's sampled columns are shared), so that attending it is one gathered block per
+/// query tile; their errors are correlated, each one's distribution is as above. The same bits
+/// for any thread count. Cost: expected O(r log r) per block (each draw accepted with
+/// probability >= 1/4), O(n) for a block whose rest holds under a quarter of its keys (drawn from
+/// the enumerated rest), plus O(n) per thread for marks. Throws Error(invalid_argument) for r <
+/// 1, n >= 2^32, a selection of all keys (no rest) or one that already has a residual part.
 void sample_residual(Selection& selection, index_t r, std::uint64_t seed);
 
 /// Shapes of one differentiable call: Q (batch, heads, m, d), K (batch, kv, n, d),
@@ -116,8 +140,8 @@ std::vector<index_t> key_segments(const Selection& selection);
 
 /// The inverse of key_segments: `layout` (as selection_layout gives it) with its shared sets
 /// rebuilt from key_segments (pairs, n) and query_keys (pairs, m, top_k) copied in (null when
-/// layout.top_k is 0), and residual_keys (pairs, m, residual) and residual_weight (pairs, m)
-/// (null when layout.residual is 0). Attends exactly the keys of the selection the arrays were made from (give
+/// layout.top_k is 0), and residual_keys (pairs, residual_blocks(), residual) and residual_weight
+/// (pairs, residual_blocks()) (null when layout.residual is 0). Attends exactly the keys of the selection the arrays were made from (give
 /// it the same key_mask, which the arrays do not carry).
 /// O(pairs n + sum of the sets' sizes). Throws Error(invalid_argument) on an entry of
 /// key_segments outside [-1, segments) or before its key's first segment; query_keys and the

@@ -33,6 +33,10 @@ SELECTIONS = {  # name -> the selection spec at budget k: k keys per query (fewe
     "cluster": lambda k: f"cluster:{k}",
     "cluster+window+sinks": lambda k: f"cluster:{k - 2 * (k // 8) - 3}+window:{k // 8}+sinks:2",
     "random+window+sinks": lambda k: f"random:{k - 2 * (k // 8) - 3}+window:{k // 8}+sinks:2",
+    # Half the budget kept exactly, half sampled from the rest of each block of 256 queries.
+    "leverage+residual": lambda k: f"leverage:{k - k // 2}+residual:{k // 2}",
+    "topk+residual": lambda k: f"topk:{k - k // 2}+residual:{k // 2}",
+    "window+sinks+residual": lambda k: f"window:{(k // 2 - 2) // 2}+sinks:1+residual:{k // 2}",
 }
 BUDGETS = (8, 16, 32, 64)
 
@@ -92,6 +96,15 @@ def neighbours(e, k=10):
     return sim.topk(k, dim=-1).indices
 
 
+def chosen_selections(args):
+    """The names of --selections (default: all), checked."""
+    chosen = args.selections.split(",") if args.selections else list(SELECTIONS)
+    unknown = sorted(set(chosen) - set(SELECTIONS))
+    if unknown:
+        sys.exit(f"--selections: unknown {unknown}; expected some of {list(SELECTIONS)}")
+    return chosen
+
+
 def quality(args):
     tok, ref, ours, lt = load_model()
     texts = passages(tok, args.texts)
@@ -105,11 +118,7 @@ def quality(args):
                   texts=len(texts), tokens_mean=float(np.mean(lengths)), tokens_min=int(min(lengths)),
                   tokens_max=int(max(lengths)), sdpa_seconds=base_time, rows=rows,
                   torch=torch.__version__, threads=torch.get_num_threads())
-    chosen = args.selections.split(",") if args.selections else list(SELECTIONS)
-    unknown = sorted(set(chosen) - set(SELECTIONS))
-    if unknown:
-        sys.exit(f"--selections: unknown {unknown}; expected some of {list(SELECTIONS)}")
-    for name in chosen:
+    for name in chosen_selections(args):
         make = SELECTIONS[name]
         for k in args.budgets:
             lt.set_selection(ours, make(k))
@@ -175,7 +184,7 @@ def layers(args):
 
     lt.AttentionInterface.register("levattn", recording)
     lt.set_selection(ours, "full")
-    specs = {(name, k): make(k) for name, make in SELECTIONS.items() for k in args.budgets}
+    specs = {(name, k): SELECTIONS[name](k) for name in chosen_selections(args) for k in args.budgets}
     sums = {}
     try:
         for text in texts:
@@ -299,6 +308,7 @@ def main():
     y = sub.add_parser("layers")
     y.add_argument("--texts", type=int, default=200)
     y.add_argument("--budgets", type=lambda x: [int(k) for k in x.split(",")], default=list(BUDGETS))
+    y.add_argument("--selections", default="", help="comma-separated names (default: all)")
     y.add_argument("--out", required=True)
     g = sub.add_parser("plot")
     g.add_argument("json")

@@ -89,7 +89,8 @@ def _attention_fake(q, k, v, key_mask, spec, scale, causal):
     lead, m, n = q.shape[:-2], q.shape[-2], k.shape[-2]
     return (q.new_empty((*lead, m, v.shape[-1])), q.new_empty((*lead, m), dtype=_stat_dtype(q.dtype)),
             q.new_empty((*lead, n), dtype=torch.int64), q.new_empty((*lead, m, layout.top_k), dtype=torch.int64),
-            q.new_empty((*lead, m, layout.residual), dtype=torch.int64), q.new_empty((*lead, m), dtype=torch.float64))
+            q.new_empty((*lead, layout.residual_blocks, layout.residual), dtype=torch.int64),
+            q.new_empty((*lead, layout.residual_blocks), dtype=torch.float64))
 
 
 @torch.library.custom_op("levattn::attention_backward", mutates_args=())
@@ -140,8 +141,9 @@ class SelectedKeys(NamedTuple):
     key_segments (.., n) int64: for each key, the last segment of queries whose shared set holds
     it, -1 when none does (one segment unless causal leverage, whose sets change every 256
     queries); query_keys (.., m, top_k) int64: each query's own keys (topk, cluster), -1 for an
-    unused slot; residual_keys (.., m, residual) int64 and residual_weight (.., m) float64: with
-    +residual:R, each query's keys sampled from the rest of its keys and their weight (1 without). The window band and `all keys` (select="full") follow from the options.
+    unused slot; residual_keys (.., blocks, residual) int64 and residual_weight (.., blocks)
+    float64: with +residual:R, the keys sampled from the rest of each block of 256 queries and their
+    weight (1 without). The window band and `all keys` (select="full") follow from the options.
     ``to_selection()`` gives the levattn.Selection (eager code only: it leaves the graph).
     """
     key_segments: torch.Tensor
@@ -155,10 +157,12 @@ class SelectedKeys(NamedTuple):
     residual_weight: Optional[torch.Tensor] = None
 
     def to_selection(self):
-        m = self.shape[2]
+        blocks = _core.selection_layout(self.spec, self.scale, self.causal, tuple(self.shape)).residual_blocks
         lead = tuple(self.query_keys.shape[:-2])
-        sampled = self.residual_keys if self.residual_keys is not None else torch.empty((*lead, m, 0), dtype=torch.int64)
-        weight = self.residual_weight if self.residual_weight is not None else torch.ones((*lead, m), dtype=torch.float64)
+        sampled = self.residual_keys if self.residual_keys is not None else \
+            torch.empty((*lead, blocks, 0), dtype=torch.int64)
+        weight = self.residual_weight if self.residual_weight is not None else \
+            torch.ones((*lead, blocks), dtype=torch.float64)
         return _core.selection_from_arrays(self.key_segments.numpy(), self.query_keys.numpy(), sampled.numpy(),
                                            weight.numpy(), _open_keys(self.key_mask), self.spec, self.scale,
                                            self.causal, self.shape)
@@ -232,7 +236,9 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
     "random:32" (+seed:S), "window:16" (keys |i - j| <= 16) or "cluster:32" (per query its top keys
     among its nearest k-means clusters: query-aware, sub-quadratic; +probe, +clusters,
     +iterations; +eps adds U_eps), each with +window:W and +sinks:S (keys 0 .. S-1) added;
-    +kernel:poly+p:P for |s|^p normalised over the selection; +budget_alpha:A+budget_exponent:C for
+    +kernel:poly+p:P for |s|^p normalised over the selection; +residual:R to estimate what the
+    selection drops from R keys per block of 256 queries sampled from the rest, each weighted |U| / R
+    (unbiased normaliser and numerator, math.md 1.8); +budget_alpha:A+budget_exponent:C for
     the n^C-adaptive budget ceil(A n^C); the leverage score fields (+method:sketch+sketch_size:N,
     ...). ``levattn.parse_selection`` gives a spec's canonical form. With is_causal,
     "leverage+eps:E" uses each block's causal universal set, made from keys before the block only,

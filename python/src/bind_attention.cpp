@@ -137,7 +137,8 @@ std::optional<CArray<std::uint8_t>> key_mask_of(py::handle mask, const Attention
 }
 
 // The selection arrays of the op: key_segments (.., n) and query_keys (.., m, top_k) int64, the
-// residual part's keys (.., m, residual) int64 and weights (.., m) float64 (1 without one).
+// residual part's keys (.., blocks, residual) int64 and weights (.., blocks) float64 (1 without
+// one), blocks = Selection::residual_blocks().
 py::tuple selection_arrays(const Selection& sel, const py::array& q, const py::array& k) {
   std::vector<py::ssize_t> lead(q.shape(), q.shape() + q.ndim() - 2);
   auto with = [&](std::initializer_list<py::ssize_t> tail) {
@@ -150,9 +151,10 @@ py::tuple selection_arrays(const Selection& sel, const py::array& q, const py::a
   std::copy(last.begin(), last.end(), segs.mutable_data());
   py::array_t<std::int64_t> own(with({static_cast<py::ssize_t>(sel.m), static_cast<py::ssize_t>(sel.top_k)}));
   std::copy(sel.query_keys.begin(), sel.query_keys.end(), own.mutable_data());
-  py::array_t<std::int64_t> sampled(with({static_cast<py::ssize_t>(sel.m), static_cast<py::ssize_t>(sel.residual)}));
+  const auto blocks = static_cast<py::ssize_t>(sel.residual_blocks());
+  py::array_t<std::int64_t> sampled(with({blocks, static_cast<py::ssize_t>(sel.residual)}));
   std::copy(sel.residual_keys.begin(), sel.residual_keys.end(), sampled.mutable_data());
-  py::array_t<double> weight(with({static_cast<py::ssize_t>(sel.m)}));
+  py::array_t<double> weight(with({blocks}));
   if (sel.residual > 0) std::copy(sel.residual_weight.begin(), sel.residual_weight.end(), weight.mutable_data());
   else std::fill_n(weight.mutable_data(), weight.size(), 1.0);
   return py::make_tuple(segs, own, sampled, weight);
@@ -172,13 +174,14 @@ Selection selection_of_arrays(py::handle segs_, py::handle own_, py::handle samp
   if (own.size() != static_cast<py::ssize_t>(layout.pairs() * layout.m * layout.top_k))
     value_error("query_keys: expected (.., m, " + std::to_string(layout.top_k) + ") = " +
                 std::to_string(layout.pairs() * layout.m * layout.top_k) + " entries, got " + std::to_string(own.size()));
-  const index_t rows = layout.pairs() * layout.m;
-  if (sampled.size() != static_cast<py::ssize_t>(rows * layout.residual))
-    value_error("residual_keys: expected (.., m, " + std::to_string(layout.residual) + ") = " +
-                std::to_string(rows * layout.residual) + " entries, got " + std::to_string(sampled.size()));
-  if (weight.size() != static_cast<py::ssize_t>(rows))
-    value_error("residual_weight: expected (.., m) = " + std::to_string(rows) + " entries, got " +
-                std::to_string(weight.size()));
+  const index_t blocks = layout.pairs() * layout.residual_blocks();
+  if (sampled.size() != static_cast<py::ssize_t>(blocks * layout.residual))
+    value_error("residual_keys: expected (.., " + std::to_string(layout.residual_blocks()) + ", " +
+                std::to_string(layout.residual) + ") = " + std::to_string(blocks * layout.residual) + " entries, got " +
+                std::to_string(sampled.size()));
+  if (weight.size() != static_cast<py::ssize_t>(blocks))
+    value_error("residual_weight: expected (.., " + std::to_string(layout.residual_blocks()) + ") = " +
+                std::to_string(blocks) + " entries, got " + std::to_string(weight.size()));
   static_assert(sizeof(index_t) == sizeof(std::int64_t));
   Selection sel = selection_from_arrays(layout, reinterpret_cast<const index_t*>(segs.data()),
                                         reinterpret_cast<const index_t*>(own.data()),
@@ -238,8 +241,9 @@ void bind_attention(py::module_& m) {
 
 One of three forms: all_keys (select full); shared_keys per pair plus a window band (leverage,
 random, window; sinks are in the shared keys); or query_keys (pairs, m, top_k) (select topk).
-With +residual:R, also residual_keys (pairs, m, R) sampled from each query's rest and attended
-with the weight residual_weight (pairs, m).
+With +residual:R, also residual_keys (pairs, residual_blocks, R) sampled from the rest of each
+block of 256 queries, attended (where no other part gives a query the key) with the weight
+residual_weight (pairs, residual_blocks).
 causal: each query attends keys j <= i only; segment > 0 (causal leverage): shared_keys holds one
 set per (pair, block of `segment` queries), at pair * blocks + block.)doc")
       .def_readonly("batch", &Selection::batch)
@@ -259,15 +263,18 @@ set per (pair, block of `segment` queries), at pair * blocks + block.)doc")
       .def_property_readonly("query_keys", [](const Selection& s) {
         return to_array(s.query_keys).reshape({s.pairs(), s.m, s.top_k});
       })
-      .def_readonly("residual", &Selection::residual, "keys per query sampled from the rest (+residual), 0: none")
+      .def_readonly("residual", &Selection::residual, "keys sampled from the rest per block of queries, 0: none")
+      .def_property_readonly("residual_blocks", &Selection::residual_blocks,
+                             "blocks of queries (256 per segment) that share one draw of their rest")
       .def_property_readonly("residual_keys", [](const Selection& s) -> py::object {
         if (s.residual > 0 && s.residual_keys.empty()) return py::none();  // a layout: no keys yet
-        return to_array(s.residual_keys).reshape({s.pairs(), s.m, s.residual});
-      }, "(pairs, m, residual) int64: each query's keys sampled from its rest, ascending, -1 for an unused slot")
+        return to_array(s.residual_keys).reshape({s.pairs(), s.residual_blocks(), s.residual});
+      }, "(pairs, residual_blocks, residual) int64: each block's keys sampled from its rest, ascending, -1 for an "
+         "unused slot")
       .def_property_readonly("residual_weight", [](const Selection& s) -> py::object {
         if (s.residual_weight.empty()) return py::none();
-        return to_array(s.residual_weight).reshape({s.pairs(), s.m});
-      }, "(pairs, m) float64: the weight |R_i| / r of each query's sampled keys; None without them")
+        return to_array(s.residual_weight).reshape({s.pairs(), s.residual_blocks()});
+      }, "(pairs, residual_blocks) float64: the weight |U| / r of each block's sampled keys; None without them")
       .def_property_readonly("key_mask", [](const Selection& s) -> py::object {
         if (s.key_mask.empty()) return py::none();
         py::array_t<std::uint8_t> a({s.batch, s.n});
@@ -419,14 +426,14 @@ Its top_k, residual, window, segment, all_keys and causal are those select_keys 
     return op_forward<float>(q, k, v, key_mask, o);
   }, arg("q"), arg("k"), arg("v"), arg("key_mask"), arg("spec"), arg("scale"), arg("causal"),
      R"doc(levattn.torch's forward: (out (.., m, dv), stat (.., m), key_segments (.., n), query_keys (.., m, top_k),
-residual_keys (.., m, residual), residual_weight (.., m)).
+residual_keys (.., blocks, residual), residual_weight (.., blocks)).
 
 The selection of spec (made from q and k rounded to float32; key_mask: None or (batch, n), 0 for a
 padding key, never selected nor attended), attention over it in q's float type
 (float64 or float32) and the selection as fixed-size int64 arrays (key_segments: the last query
 segment whose shared set holds each key, -1 for none; query_keys: each query's own keys, -1 for
-an unused slot; residual_keys and residual_weight: the keys sampled from each query's rest and
-their weight, 1 without a residual part). Cost: the selection's plus O(m |S| (d + dv)).)doc");
+an unused slot; residual_keys and residual_weight: the keys sampled from the rest of each block
+of queries and their weight, 1 without a residual part). Cost: the selection's plus O(m |S| (d + dv)).)doc");
   m.def("op_backward", [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle stat, py::handle dout,
                           py::handle segs, py::handle own, py::handle sampled, py::handle weight, py::handle key_mask,
                           const std::string& spec, std::optional<double> scale, bool causal, bool need_dq, bool need_dk,

@@ -311,6 +311,33 @@ def test_evaluate_matches_a_numpy_oracle():
     assert levattn.parse_selection("leverage+top_k:32+window:4") == "leverage:32+window:4"
 
 
+def test_evaluate_a_residual_part_against_a_numpy_oracle_with_its_weights():
+    r = rng(14)
+    q = r.standard_normal((2, 70, 6)).astype(np.float32)
+    k = r.standard_normal((2, 300, 6)).astype(np.float32)
+    v = r.standard_normal((2, 300, 5)).astype(np.float32) + 1.0
+    spec = "leverage:9+window:2+residual:40+seed:4"
+    rows = levattn.evaluate(q, k, v, [spec, "leverage:9+window:2+residual:400"])
+    sel = levattn.select_keys(q, k, spec)
+    assert sel.residual == 40 and sel.residual_keys.shape == (2, 1, 40) and sel.residual_weight.shape == (2, 1)
+    I, J = np.arange(70)[:, None], np.arange(300)[None, :]
+    for x in rows[::2]:
+        h = x["pair"]
+        W = np.zeros((70, 300))
+        W[:, sel.residual_keys[h, 0]] = sel.residual_weight[h, 0]
+        W[:, sel.shared_keys[h]] = 1.0
+        W[np.abs(I - J) <= 2] = 1.0
+        assert np.isclose(sel.residual_weight[h, 0], (300 - len(sel.shared_keys[h])) / 40)
+        s = q[h].astype(np.float64) @ k[h].T.astype(np.float64) / np.sqrt(6)
+        e = np.exp(s - s.max(1, keepdims=True))
+        approx, full = (e * W) @ v[h] / (e * W).sum(1, keepdims=True), e @ v[h] / e.sum(1, keepdims=True)
+        np.testing.assert_allclose(x["output_error"], np.linalg.norm(approx - full) / np.linalg.norm(full),
+                                   rtol=1e-3, atol=1e-6)
+        assert x["keys_per_query"] == (W > 0).sum(1).mean()
+    # Drawing the whole rest (300 keys less the shared ones) is exact attention.
+    assert all(x["output_error"] < 1e-5 and x["keys_per_query"] == 300 for x in rows[1::2])
+
+
 def test_attention_backward_checks_the_shapes_of_q_k_v():
     r = rng(13)
     q, k, v = (r.standard_normal((2, 20, 4)).astype(np.float32) for _ in range(3))

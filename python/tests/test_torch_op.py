@@ -110,8 +110,9 @@ def stack(select, causal=False):
 
 @pytest.mark.parametrize("options", [dict(select="leverage:8+window:2+sinks:1"), dict(select="topk:6"),
                                      dict(select="leverage+eps:0.05+window:2", causal=True),
-                                     dict(select="cluster:6+window:1")],
-                         ids=["leverage", "topk", "causal-leverage", "cluster"])
+                                     dict(select="cluster:6+window:1"),
+                                     dict(select="random:6+window:1+residual:8+seed:2", causal=True)],
+                         ids=["leverage", "topk", "causal-leverage", "cluster", "causal-residual"])
 def test_compiled_model_with_fullgraph_matches_eager_forward_and_backward(options):
     model = stack(**options)
     x = torch.randn(2, 300, 32, generator=torch.Generator().manual_seed(1))
@@ -231,20 +232,23 @@ def test_selection_keywords_of_old_are_a_type_error_giving_the_spec():
 
 
 def test_residual_samples_come_back_as_fixed_size_arrays_and_the_whole_rest_is_exact_attention():
-    q, k, v = qkv((2, 3, 40, 8), 60, 4, grad=False)
+    q, k, v = qkv((2, 3, 300, 8), 600, 4, grad=False)
     _, sel = lev_attention(q, k, v, select="leverage:6+window:1+residual:10+seed:7", return_selection=True)
-    assert sel.residual_keys.shape == (2, 3, 40, 10) and sel.residual_weight.shape == (2, 3, 40)
-    # Every query's rest is the 60 keys less those the selection keeps: weight |R_i| / 10.
-    _, kept = lev_attention(q, k, v, select="leverage:6+window:1", return_selection=True)
-    rest = 60 - torch.from_numpy(kept.to_selection().keys_per_query())
-    torch.testing.assert_close(sel.residual_weight.reshape(6, 40), rest.double() / 10)
+    assert sel.residual_keys.shape == (2, 3, 2, 10) and sel.residual_weight.shape == (2, 3, 2)  # blocks of 256 queries
+    # Each block's rest is the 600 keys less the 6 shared ones: weight 594 / 10, keys ascending outside the set.
+    torch.testing.assert_close(sel.residual_weight, torch.full((2, 3, 2), 59.4, dtype=torch.float64))
+    assert (sel.residual_keys.diff(dim=-1) > 0).all()
+    shared = sel.key_segments == 0
+    assert not torch.gather(shared, 2, sel.residual_keys.reshape(2, 3, 20)).any()
     back = sel.to_selection()
-    assert (back.keys_per_query() == 10 + kept.to_selection().keys_per_query()).all()
-    assert (back.residual_keys == sel.residual_keys.reshape(6, 40, 10).numpy()).all()
+    assert (back.residual_keys == sel.residual_keys.reshape(6, 2, 10).numpy()).all()
+    _, kept = lev_attention(q, k, v, select="leverage:6+window:1", return_selection=True)
+    extra = back.keys_per_query() - kept.to_selection().keys_per_query()
+    assert ((extra >= 7) & (extra <= 10)).all()  # a block's keys less those in a query's window band
     # Sampling at least the whole rest weights every key 1: exact attention, with its gradients.
-    q, k, v = qkv((2, 30, 8), 30, 4, dtype=torch.float64)
+    q, k, v = qkv((2, 300, 8), 300, 4, dtype=torch.float64)
     for causal in (False, True):
-        out = lev_attention(q, k, v, select="topk:3+residual:40", is_causal=causal)
+        out = lev_attention(q, k, v, select="topk:3+residual:300", is_causal=causal)
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         torch.testing.assert_close(out, ref)
         g = torch.autograd.grad(out.sum(), (q, k, v))

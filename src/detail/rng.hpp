@@ -46,11 +46,15 @@ class CounterRng {
     c2_ = static_cast<std::uint32_t>(index);
     c3_ = static_cast<std::uint32_t>(index >> 32) | (static_cast<std::uint32_t>(purpose) << 24);
   }
-  /// The 64-bit value number `i` of this stream.
-  std::uint64_t u64(std::uint64_t i) const {
+  /// The four 32-bit values of block `i` of this stream (u64(i) is the first two).
+  r123::Philox4x32::ctr_type block(std::uint64_t i) const {
     const r123::Philox4x32::ctr_type c = {
         {static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(i >> 32), c2_, c3_}};
-    const auto r = r123::Philox4x32()(c, key_);
+    return r123::Philox4x32()(c, key_);
+  }
+  /// The 64-bit value number `i` of this stream.
+  std::uint64_t u64(std::uint64_t i) const {
+    const auto r = block(i);
     return (static_cast<std::uint64_t>(r[0]) << 32) | r[1];
   }
   /// Uniform integer in [0, bound) from value `i` (multiply-shift; bias below bound / 2^64).
@@ -68,6 +72,33 @@ class CounterRng {
  private:
   r123::Philox4x32::key_type key_;
   std::uint32_t c2_ = 0, c3_ = 0;
+};
+
+/// A stream's 32-bit values in order (four per Philox block), and exactly uniform integers below
+/// a bound from them (Lemire's multiply-shift, rejecting the 2^32 mod bound low products that
+/// would bias it): the cheap draws of a sampler that needs many small integers.
+class Draws {
+ public:
+  explicit Draws(const CounterRng& rng) : rng_(rng) {}
+  std::uint32_t next() {
+    if (used_ == 4) block_ = rng_.block(blocks_++), used_ = 0;
+    return block_[used_++];
+  }
+  /// Uniform in [0, bound), 1 <= bound < 2^32.
+  std::uint32_t below(std::uint32_t bound) {
+    std::uint64_t m = static_cast<std::uint64_t>(next()) * bound;
+    if (static_cast<std::uint32_t>(m) < bound) {
+      const std::uint32_t reject = static_cast<std::uint32_t>(-bound) % bound;  // 2^32 mod bound
+      while (static_cast<std::uint32_t>(m) < reject) m = static_cast<std::uint64_t>(next()) * bound;
+    }
+    return static_cast<std::uint32_t>(m >> 32);
+  }
+
+ private:
+  const CounterRng& rng_;
+  r123::Philox4x32::ctr_type block_{};
+  std::uint64_t blocks_ = 0;
+  int used_ = 4;
 };
 
 }  // namespace levattn::detail

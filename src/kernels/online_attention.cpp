@@ -59,6 +59,17 @@ float* OnlineBlock::logits(const float* k, index_t ldk, index_t count) {
   return tile_.get();
 }
 
+void OnlineBlock::weigh(float log_weight) {
+  float* t = tile_.get();
+  const index_t size = rows_ * count_;
+  if (params_.kernel == Kernel::softmax) {
+    for (index_t e = 0; e < size; ++e) t[e] += log_weight;
+  } else {
+    const float factor = std::exp(log_weight / params_.p);
+    for (index_t e = 0; e < size; ++e) t[e] *= factor;
+  }
+}
+
 bool OnlineBlock::power_update(index_t r, float* s, index_t c) {
   float& m = max_[r];
   float* o = acc_.get() + r * dv_;
@@ -92,10 +103,7 @@ void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
 }
 
 void OnlineBlock::absorb_row(index_t r, const float* k, index_t ldk, const float* v, index_t ldv, const index_t* keys,
-                             index_t count, float log_weight) {
-  const bool softmax = params_.kernel == Kernel::softmax;
-  // The weight as what the kernel's update takes: a logit shift, or a logit factor w^(1/p).
-  const float shift = softmax ? log_weight : std::exp(log_weight / params_.p);
+                             index_t count) {
   if (r < 0 || r >= rows_) detail::fail(ErrorKind::internal, "OnlineBlock", "row outside the block");
   float* s = tile_.get();  // the tile buffer as one row's scratch (the block's tile is spent)
   float* acc = acc_.get() + r * dv_;
@@ -113,10 +121,9 @@ void OnlineBlock::absorb_row(index_t r, const float* k, index_t ldk, const float
       detail::gemv(CblasNoTrans, c, d_, params_.scale, keys_t_.data(), d_, q, 0.0f, s);
     }
     if (params_.check_overflow && !detail::all_finite(s, c)) overflow_ = true;
-    if (log_weight != 0.0f)
-      for (index_t j = 0; j < c; ++j) s[j] = softmax ? s[j] + shift : s[j] * shift;
-    const bool any = softmax ? params_.ops->softmax_update(s, 1, c, max_.get() + r, sum_.get() + r, acc, dv_)
-                             : power_update(r, s, c);
+    const bool any = params_.kernel == Kernel::softmax
+                         ? params_.ops->softmax_update(s, 1, c, max_.get() + r, sum_.get() + r, acc, dv_)
+                         : power_update(r, s, c);
     if (any) params_.ops->gathered_weighted_sum(s, idx, c, v, ldv, dv_, acc);
   }
 }

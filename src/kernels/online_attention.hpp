@@ -38,13 +38,16 @@ class OnlineBlock {
   /// Folds the tile last returned by logits() into the running sums, with values v (count x dv).
   void absorb(const float* v, index_t ldv, index_t count);
 
+  /// Multiplies every kernel value of the current tile (from logits()) by exp(log_weight): its
+  /// logits shifted by log_weight (softmax) or scaled by exp(log_weight / p) (the power kernel);
+  /// masked entries stay masked. Sampled keys' weight (Selection::residual_weight).
+  void weigh(float log_weight);
+
   /// Folds keys keys[0 .. count) (rows of k and v, leading dimensions ldk and ldv; none masked)
-  /// into row r alone: a query's own keys (topk, cluster) or sampled keys, which no other row of
-  /// the block attends, each kernel value multiplied by exp(log_weight) (softmax: the logits
-  /// shifted by it; the power kernel: scaled by exp(log_weight / p)). Reads the rows in place (no
-  /// gathered copy); any count (tiles of max_tile).
+  /// into row r alone: a query's own keys (topk, cluster), which no other row of the block
+  /// attends. Reads the rows in place (no gathered copy); any count (tiles of max_tile).
   void absorb_row(index_t r, const float* k, index_t ldk, const float* v, index_t ldv, const index_t* keys,
-                  index_t count, float log_weight = 0.0f);
+                  index_t count);
 
   /// Rows of a finished block: with no key or a zero normaliser (written as 0), and not finite
   /// (a logit or the weighted sum of values overflowed float32; written as NaN, for the caller
