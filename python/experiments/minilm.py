@@ -98,7 +98,8 @@ def neighbours(e, k=10):
 
 def chosen_selections(args):
     """The names of --selections (default: all), checked."""
-    chosen = args.selections.split(",") if args.selections else list(SELECTIONS)
+    given = getattr(args, "selections", "")
+    chosen = given.split(",") if given else list(SELECTIONS)
     unknown = sorted(set(chosen) - set(SELECTIONS))
     if unknown:
         sys.exit(f"--selections: unknown {unknown}; expected some of {list(SELECTIONS)}")

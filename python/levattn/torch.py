@@ -164,7 +164,7 @@ class SelectedKeys(NamedTuple):
         weight = self.residual_weight if self.residual_weight is not None else \
             torch.ones((*lead, blocks), dtype=torch.float64)
         return _core.selection_from_arrays(self.key_segments.numpy(), self.query_keys.numpy(), sampled.numpy(),
-                                           weight.numpy(), _open_keys(self.key_mask), self.spec, self.scale,
+                                           weight.detach().numpy(), _open_keys(self.key_mask), self.spec, self.scale,
                                            self.causal, self.shape)
 
 
@@ -265,8 +265,9 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
     out, _, segs, own, sampled, weight = torch.ops.levattn.attention(query, key, value, key_mask, spec, scale,
                                                                      bool(is_causal))
     if return_selection:
+        # The weights are data of the selection, not a function of the inputs to differentiate.
         return out, SelectedKeys(segs, own, key_mask, spec, scale, bool(is_causal), _shape(query, key, value), sampled,
-                                 weight)
+                                 weight.detach())
     return out
 
 

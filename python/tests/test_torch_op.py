@@ -114,6 +114,9 @@ def stack(select, causal=False):
                                      dict(select="random:6+window:1+residual:8+seed:2", causal=True)],
                          ids=["leverage", "topk", "causal-leverage", "cluster", "causal-residual"])
 def test_compiled_model_with_fullgraph_matches_eager_forward_and_backward(options):
+    # Each case compiles the same forward code; without a reset their recompilations add up to
+    # dynamo's per-code limit, which fullgraph=True turns into a failure.
+    torch._dynamo.reset()
     model = stack(**options)
     x = torch.randn(2, 300, 32, generator=torch.Generator().manual_seed(1))
     ref = model(x)
