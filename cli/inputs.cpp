@@ -40,7 +40,8 @@ namespace {
 const char* const kSelectHelp =
     "the selection, one spec NAME[:K][+FIELD:VALUE...] (default full): full, leverage:K or leverage+eps:E, topk:K, "
     "random:K, window:W, cluster:K; fields top_k, eps, window, sinks, probe, clusters, iterations, seed, residual "
-    "(R keys per query sampled from the rest, weighted: an unbiased estimate of what the selection drops), kernel "
+    "(R keys per block of 256 queries sampled from the rest, weighted: an unbiased estimate of what the selection "
+    "drops), kernel "
     "(softmax | poly), p, budget_alpha, budget_exponent, method (exact | sketch), ridge, rank_rtol, sketch, "
     "sketch_size, gamma, jl_columns, delta, sketch_seed; e.g. leverage:32+window:4+sinks:2, cluster:32+probe:8, "
     "leverage+eps:0.05+kernel:poly+p:4, leverage:128+residual:128";

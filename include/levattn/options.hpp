@@ -52,11 +52,11 @@ struct AttentionOptions : KernelOptions {
   index_t clusters = 0;
   index_t probe = 0;
   index_t cluster_iterations = 8;
-  /// > 0: each query also attends `residual` keys drawn uniformly without replacement (stream
-  /// (seed, residual_sample, pair * m + i)) from the rest R_i of its keys, those the selection
-  /// drops, each weighted by |R_i| / residual: the kept keys exactly, the dropped mass and its
-  /// output estimated without bias (math.md 1.8; sample_residual in selection.hpp). Not with
-  /// select full, which drops nothing.
+  /// > 0: each block of 256 queries also draws `residual` keys uniformly without replacement
+  /// (by seed) from the keys its selection leaves out (U), each weighted |U| / residual, and each
+  /// query attends those its other parts do not give it: the kept keys exactly, the dropped mass
+  /// and its output estimated without bias (math.md 1.8; sample_residual in selection.hpp). Not
+  /// with select full, which drops nothing.
   index_t residual = 0;
   LeverageOptions leverage;  ///< options of the leverage scores used by Select::leverage
   /// Key padding: (batch, n) bytes, 0 for a key no query may attend (nor select), else 1; null:

@@ -34,7 +34,8 @@ enum class Purpose : std::uint32_t {
   cluster_sample,      ///< attention Select::cluster: the keys k-means trains on, index = pair
   heavy_countsketch,   ///< heavy_entries search countsketch: bucket and sign of each key of U per
                        ///< row, index = (batch, head) pair
-  residual_sample,     ///< sample_residual: the keys drawn from a query's rest, index = pair * m + query
+  residual_sample,     ///< sample_residual: the keys a block of queries draws from its rest, index = pair *
+                       ///< residual blocks + block
 };
 
 class CounterRng {
