@@ -93,6 +93,10 @@ int run_bench(const BenchArgs& a) {
   const double nn = static_cast<double>(n), dd = static_cast<double>(d), hh = static_cast<double>(h);
   const double dense_gflops = 4.0 * nn * nn * dd * hh / t_dense * 1e-9;
   const double sgemm_gflops = 2.0 * std::pow(static_cast<double>(S), 3) / t_sgemm * 1e-9;
+  // LevAttention's own rate: its work, 4 n k d (logits and weighted values over k keys) plus
+  // 2 n d^2 (the Gram K^T K of its scores), over its whole time, selection included.
+  const double kk = static_cast<double>(std::min(a.top_k, n));
+  const double levattn_gflops = (4.0 * nn * kk * dd + 2.0 * nn * dd * dd) * hh / t_levattn * 1e-9;
   json j;
   j["n"] = n;
   j["d"] = d;
@@ -111,6 +115,8 @@ int run_bench(const BenchArgs& a) {
   j["dense_gflops"] = dense_gflops;
   j["sgemm_gflops"] = sgemm_gflops;
   j["dense_gemm_efficiency"] = dense_gflops / sgemm_gflops;
+  j["levattention_gflops"] = levattn_gflops;
+  j["levattention_gemm_efficiency"] = levattn_gflops / sgemm_gflops;
   if (a.json) {
     std::cout << j.dump() << "\n";
     return 0;
@@ -119,7 +125,8 @@ int run_bench(const BenchArgs& a) {
               static_cast<long long>(n), static_cast<long long>(d), static_cast<long long>(h),
               static_cast<long long>(a.top_k), build_info().threads, build_info().blas_core.c_str());
   std::printf("  leverage scores        %10.4f s  (%.2fx one K^T K GEMM, %.4f s)\n", t_lev, t_lev / t_gemm, t_gemm);
-  std::printf("  LevAttention forward   %10.4f s  (selection included)\n", t_levattn);
+  std::printf("  LevAttention forward   %10.4f s  (selection included; %.1f GFLOP/s of 4 n k d + 2 n d^2, %.2f of "
+              "the SGEMM rate)\n", t_levattn, levattn_gflops, levattn_gflops / sgemm_gflops);
   std::printf("  dense forward          %10.4f s  (%.1f GFLOP/s)\n", t_dense, dense_gflops);
   std::printf("  speed-up               %10.1fx\n", t_dense / t_levattn);
   std::printf("  SGEMM 2048^3           %10.4f s  (%.1f GFLOP/s); dense efficiency %.2f\n", t_sgemm,

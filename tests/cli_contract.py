@@ -638,9 +638,14 @@ def test_bench():
     check("bench --json: positive seconds of leverage scores, LevAttention, dense, GEMM K^T K",
           isinstance(secs, dict) and all(isinstance(secs.get(f), (int, float)) and secs[f] > 0 for f in need),
           repr(secs))
-    check("bench --json: speedup and dense_gemm_efficiency are positive numbers",
-          all(isinstance(j.get(f), (int, float)) and j[f] > 0 for f in ("speedup", "dense_gemm_efficiency")),
-          repr({f: j.get(f) for f in ("speedup", "dense_gemm_efficiency")}))
+    rates = ("speedup", "dense_gemm_efficiency", "levattention_gflops", "levattention_gemm_efficiency")
+    check("bench --json: speedup and the rates are positive numbers",
+          all(isinstance(j.get(f), (int, float)) and j[f] > 0 for f in rates), repr({f: j.get(f) for f in rates}))
+    if isinstance(secs, dict) and secs.get("levattention_forward", 0) > 0 and j.get("sgemm_gflops", 0) > 0:
+        work = 4 * 2048 * 64 * 32 + 2 * 2048 * 32 * 32  # 4 n k d + 2 n d^2
+        check("bench --json: levattention_gflops = (4 n k d + 2 n d^2) / time, its efficiency over the SGEMM rate",
+              abs(j["levattention_gflops"] - work / secs["levattention_forward"] * 1e-9) <= 1e-6 * j["levattention_gflops"]
+              and abs(j["levattention_gemm_efficiency"] - j["levattention_gflops"] / j["sgemm_gflops"]) <= 1e-9)
     if isinstance(secs, dict) and all(secs.get(f, 0) > 0 for f in need):
         check("bench --json: speedup = dense / LevAttention",
               abs(j["speedup"] - secs["dense_forward"] / secs["levattention_forward"]) <= 1e-6 * j["speedup"])
