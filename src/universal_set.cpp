@@ -56,22 +56,24 @@ UniversalSet universal_set_top_k(const LeverageScores& s, index_t k) {
   std::vector<double> copy = s.scores;
   std::nth_element(copy.begin(), copy.begin() + (take - 1), copy.end(), std::greater<>());
   const double t = copy[take - 1];
-  index_t above = 0;
-  for (double x : s.scores) above += x > t ? 1 : 0;
+  index_t above = 0, equal = 0;
+  for (double x : s.scores) above += x > t, equal += x == t;
   index_t ties = take - above;
-  index_t equal = 0;
-  for (double x : s.scores) equal += x == t ? 1 : 0;
   u.ties_left_out = equal - ties;
   u.size_bound = static_cast<double>(take);
-  u.indices.reserve(static_cast<std::size_t>(take));
-  u.scores.reserve(static_cast<std::size_t>(take));
-  for (index_t j = 0; j < u.n; ++j) {
+  // Written in place without branches on the scores (which keys pass is data, not a pattern the
+  // branch predictor learns): each key is stored, and the end moves on only if it is kept.
+  u.indices.resize(static_cast<std::size_t>(take) + 1);
+  u.scores.resize(u.indices.size());
+  index_t kept = 0;
+  for (index_t j = 0; j < u.n && kept < take; ++j) {
     const double x = s.scores[j];
-    if (x > t || (x == t && ties-- > 0)) {
-      u.indices.push_back(j);
-      u.scores.push_back(x);
-    }
+    const bool tie = x == t && ties > 0;
+    u.indices[static_cast<std::size_t>(kept)] = j, u.scores[static_cast<std::size_t>(kept)] = x;
+    ties -= tie;
+    kept += (x > t) | tie;
   }
+  u.indices.resize(static_cast<std::size_t>(take)), u.scores.resize(static_cast<std::size_t>(take));
   return u;
 }
 
