@@ -62,47 +62,6 @@ void update(ConstMatrix K, const std::vector<index_t>& label, KeyClusters& kc) {
       for (index_t x = 0; x < d; ++x) kc.centroids[j * d + x] = static_cast<float>(sum[j * d + x] / static_cast<double>(count[j]));
 }
 
-// The k-th largest of v[0 .. count) (finite or -inf, at least k finite), with how many are larger
-// and how many equal. For many entries, vectorised counts bracket it first: from the largest
-// value down, a window [lo, hi) that doubles until at least k values are >= lo, then halves
-// while it holds more than a few; those few are selected exactly.
-struct Kth {
-  float value;
-  std::size_t above, equal;
-};
-Kth kth_largest(const kernels::RowOps& ops, const float* v, index_t count, index_t k, float best,
-                std::vector<float>& scratch) {
-  constexpr index_t kFew = 64, kDirect = 128;  // up to kDirect entries a selection over all is cheaper
-  const auto exact = [&](index_t rank, index_t above) {  // over the entries in scratch
-    std::nth_element(scratch.begin(), scratch.begin() + rank, scratch.end(), std::greater<float>());
-    const float x = scratch[static_cast<std::size_t>(rank)];
-    const auto larger = std::count_if(scratch.begin(), scratch.begin() + rank, [x](float y) { return y > x; });
-    return Kth{x, static_cast<std::size_t>(above + larger), static_cast<std::size_t>(std::count(scratch.begin(), scratch.end(), x))};
-  };
-  if (count <= kDirect) {
-    scratch.assign(v, v + count);
-    return exact(k - 1, 0);
-  }
-  const float lowest = std::numeric_limits<float>::lowest();
-  float hi = std::nextafter(best, std::numeric_limits<float>::infinity()), lo = best;
-  index_t at_hi = 0, at_lo = ops.count_at_least(v, count, lo);
-  for (float span = std::max(1.0f, std::fabs(best)) / 16; at_lo < k; span *= 2) {
-    hi = lo, at_hi = at_lo;
-    lo = best - span < lowest || span > std::numeric_limits<float>::max() / 4 ? lowest : best - span;
-    at_lo = ops.count_at_least(v, count, lo);
-  }
-  while (at_lo - at_hi > kFew) {
-    const float mid = 0.5f * lo + 0.5f * hi;
-    if (mid <= lo || mid >= hi) break;  // adjacent floats: the rest are ties
-    const index_t at_mid = ops.count_at_least(v, count, mid);
-    (at_mid >= k ? lo : hi) = mid;
-    (at_mid >= k ? at_lo : at_hi) = at_mid;
-  }
-  scratch.resize(static_cast<std::size_t>(count));
-  scratch.resize(static_cast<std::size_t>(ops.collect_between(v, count, lo, hi, scratch.data())));
-  return exact(k - 1 - at_hi, at_hi);
-}
-
 // Which entries of a row its best k are: v > gt, and (tie_key >= 0) among v == cut the keys up
 // to tie_key.
 struct Keep {
@@ -328,19 +287,17 @@ void search_clusters(const kernels::KernelParams& params, ConstMatrix Q, const K
 }
 
 void kept_keys(const ClusterCandidates& cand, const KeyClusters& kc, index_t k, index_t* out) {
-  using Item = std::pair<float, index_t>;
-  std::vector<Item> kept;
+  std::vector<index_t> kept;
   const index_t p = cand.probe;
   for (index_t r = 0; r < cand.rows; ++r) {
     kept.clear();
     for (index_t s = 0; s < p; ++s) {
       const index_t first = kc.start[cand.picked[r * p + s]];
       for (std::size_t e = cand.kept_start[r * p + s]; e < cand.kept_start[r * p + s + 1]; ++e)
-        kept.emplace_back(cand.kept_rank[e], kc.order[first + cand.kept_index[e]]);
+        kept.push_back(kc.order[first + cand.kept_index[e]]);
     }
-    std::sort(kept.begin(), kept.end(),
-              [](const Item& a, const Item& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
-    for (index_t a = 0; a < k; ++a) out[r * k + a] = a < static_cast<index_t>(kept.size()) ? kept[a].second : -1;
+    std::sort(kept.begin(), kept.end());  // at most k: the search kept each row's best k
+    for (index_t a = 0; a < k; ++a) out[r * k + a] = a < static_cast<index_t>(kept.size()) ? kept[a] : -1;
   }
 }
 

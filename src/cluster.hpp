@@ -86,8 +86,8 @@ void search_clusters(const kernels::KernelParams& params, ConstMatrix Q, const K
                      index_t k, index_t i0, index_t i1, const Excluded& excluded, ClusterWork& work,
                      const std::function<void(const ClusterCandidates&)>& visit, std::size_t run_ranks = kRunRanks);
 
-/// The kept keys of each query of `cand`, best first (ties to the lower key), -1 in the slots
-/// beyond them: out (cand.rows x k).
+/// The kept keys of each query of `cand` (at most k), ascending, -1 in the slots beyond them:
+/// out (cand.rows x k).
 void kept_keys(const ClusterCandidates& cand, const KeyClusters& kc, index_t k, index_t* out);
 
 /// Per-thread buffers of attend_candidates, reused across calls.

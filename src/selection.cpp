@@ -1,5 +1,7 @@
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <limits>
 #include <unordered_set>
 #include <utility>
 
@@ -175,20 +177,111 @@ std::vector<index_t> open_keys(index_t n, const std::uint8_t* open) {
   return keys;
 }
 
+Kth kth_largest(const kernels::RowOps& ops, const float* v, index_t count, index_t k, float best,
+                std::vector<float>& scratch) {
+  constexpr index_t kFew = 64, kDirect = 128;  // up to kDirect entries a selection over all is cheaper
+  const auto exact = [&](index_t rank, index_t above) {  // over the entries in scratch
+    std::nth_element(scratch.begin(), scratch.begin() + rank, scratch.end(), std::greater<float>());
+    const float x = scratch[static_cast<std::size_t>(rank)];
+    const auto larger = std::count_if(scratch.begin(), scratch.begin() + rank, [x](float y) { return y > x; });
+    return Kth{x, static_cast<std::size_t>(above + larger), static_cast<std::size_t>(std::count(scratch.begin(), scratch.end(), x))};
+  };
+  if (count <= kDirect) {
+    scratch.assign(v, v + count);
+    return exact(k - 1, 0);
+  }
+  const float lowest = std::numeric_limits<float>::lowest();
+  float hi = std::nextafter(best, std::numeric_limits<float>::infinity()), lo = best;
+  index_t at_hi = 0, at_lo = ops.count_at_least(v, count, lo);
+  for (float span = std::max(1.0f, std::fabs(best)) / 16; at_lo < k; span *= 2) {
+    hi = lo, at_hi = at_lo;
+    lo = best - span < lowest || span > std::numeric_limits<float>::max() / 4 ? lowest : best - span;
+    at_lo = ops.count_at_least(v, count, lo);
+  }
+  while (at_lo - at_hi > kFew) {
+    const float mid = 0.5f * lo + 0.5f * hi;
+    if (mid <= lo || mid >= hi) break;  // adjacent floats: the rest are ties
+    const index_t at_mid = ops.count_at_least(v, count, mid);
+    (at_mid >= k ? lo : hi) = mid;
+    (at_mid >= k ? at_lo : at_hi) = at_mid;
+  }
+  scratch.resize(static_cast<std::size_t>(count));
+  scratch.resize(static_cast<std::size_t>(ops.collect_between(v, count, lo, hi, scratch.data())));
+  return exact(k - 1 - at_hi, at_hi);
+}
+
+void StrongestKeys::cut() {
+  const Kth kth = kth_largest(*ops_, values_, size_, k_, ops_->row_max(values_, size_), *scratch_);
+  const float t = kth.value;
+  index_t kept = 0;
+  if (kth.above + kth.equal <= static_cast<std::size_t>(k_)) {  // every tie kept
+    for (index_t a = 0; a < size_; ++a) {
+      values_[kept] = values_[a], keys_[kept] = keys_[a];
+      kept += values_[a] >= t;
+    }
+  } else {  // the first ties only: the buffer is in key order, so they are the lower keys
+    auto ties = static_cast<index_t>(static_cast<std::size_t>(k_) - kth.above);
+    for (index_t a = 0; a < size_; ++a) {
+      const float v = values_[a];
+      const bool keep = v > t || (v == t && ties-- > 0);
+      values_[kept] = v, keys_[kept] = keys_[a];
+      kept += keep;
+    }
+  }
+  size_ = kept;
+  threshold_ = t;
+}
+
+void StrongestKeys::write(index_t* out) {
+  if (size_ > k_) cut();
+  std::copy_n(keys_, size_, out);  // in key order: the buffer's
+  std::fill(out + size_, out + k_, index_t{-1});
+  size_ = 0;
+  threshold_ = -std::numeric_limits<float>::infinity();
+}
+
+namespace {
+
+// Rows per logit product: a 64 x kKeyTile tile (128 KiB) stays in L2 between the product that
+// writes it and the filter that reads it, while each key tile is read once for all the rows.
+constexpr index_t kTopKRows = 64;
+
+}  // namespace
+
 void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K, index_t k,
-              index_t i0, index_t i1, index_t* out, std::vector<float>& tile, bool causal, const std::uint8_t* open) {
+              index_t i0, index_t i1, index_t* out, TopKeysWork& work, bool causal, const std::uint8_t* open) {
   const index_t rows = i1 - i0, n = causal ? std::min(K.rows, i1) : K.rows, d = K.cols;
   const index_t width = std::min(kernels::kKeyTile, n);
-  tile.resize(static_cast<std::size_t>(rows * width));
-  std::vector<BestKeys> best(static_cast<std::size_t>(rows), BestKeys(k));
+  const bool absolute = params.kernel != Kernel::softmax;
+  work.tile.resize(static_cast<std::size_t>(std::min(rows, kTopKRows) * width));
+  work.above.resize(static_cast<std::size_t>(width));
+  const index_t room = StrongestKeys::room(k, n);  // a row adds each key once at most
+  work.values.resize(static_cast<std::size_t>(rows * room));
+  work.keys.resize(work.values.size());
+  std::vector<StrongestKeys> best;
+  best.reserve(static_cast<std::size_t>(rows));
+  for (index_t r = 0; r < rows; ++r)
+    best.emplace_back(k, work.values.data() + r * room, work.keys.data() + r * room, *params.ops, work.scratch);
   for (index_t c0 = 0; c0 < n; c0 += width) {
     const index_t c = std::min(width, n - c0);
-    gemm_abt(rows, c, d, params.scale, Q.row(i0), Q.ld, K.row(c0), K.ld, 0.0f, tile.data(), c);
-    for (index_t r = 0; r < rows; ++r) {
-      const float* s = tile.data() + r * c;
-      const index_t seen = causal ? std::min(c, i0 + r + 1 - c0) : c;  // causal: keys j <= i only
-      for (index_t j = 0; j < seen; ++j)
-        if (!open || open[c0 + j]) best[r].push(params.kernel == Kernel::softmax ? s[j] : std::fabs(s[j]), c0 + j);
+    for (index_t r0 = 0; r0 < rows; r0 += kTopKRows) {
+      const index_t chunk = std::min(kTopKRows, rows - r0);
+      if (causal && i0 + r0 + chunk <= c0) continue;  // no row of the chunk reaches this tile
+      gemm_abt(chunk, c, d, params.scale, Q.row(i0 + r0), Q.ld, K.row(c0), K.ld, 0.0f, work.tile.data(), c);
+      if (params.check_overflow && params.ops->max_abs(work.tile.data(), chunk * c) < 0)
+        fail(ErrorKind::invalid_argument, "topk",
+             "the scaled logits overflow float32; rescale queries or keys (or pass a smaller scale)");
+      for (index_t r = r0; r < r0 + chunk; ++r) {
+        const index_t seen = causal ? std::min(c, i0 + r + 1 - c0) : c;  // causal: keys j <= i only
+        if (seen <= 0) continue;
+        const float* s = work.tile.data() + (r - r0) * c;
+        const index_t count = params.ops->indices_above(s, seen, best[r].threshold(), absolute, work.above.data());
+        for (index_t a = 0; a < count; ++a) {
+          const index_t j = work.above[a];
+          // An entry filtered by the threshold a cut has since raised is cut again later.
+          if (!open || open[c0 + j]) best[r].add(absolute ? std::fabs(s[j]) : s[j], c0 + j);
+        }
+      }
     }
   }
   for (index_t r = 0; r < rows; ++r) best[r].write(out + r * k);
@@ -413,12 +506,12 @@ Selection make_selection(const Plan& pl, const Tensor4Ref& Q, const Tensor4Ref& 
   } else if (pl.o.select == Select::topk) {
     sel.query_keys.resize(static_cast<std::size_t>(checked_elements({pl.heads, pl.m, pl.k_top}, "top-k keys")));
     const double flops = 2.0 * static_cast<double>(pl.heads * pl.m) * static_cast<double>(pl.n * pl.d);
-    detail::parallel_tasks(pl.heads * pl.blocks, flops, [] { return std::vector<float>(); },
-                           [&](index_t t, std::vector<float>& tile) {
+    detail::parallel_tasks(pl.heads * pl.blocks, flops, [] { return detail::TopKeysWork(); },
+                           [&](index_t t, detail::TopKeysWork& work) {
                              const index_t h = t / pl.blocks, i0 = (t % pl.blocks) * kernels::kQueryBlock;
                              const index_t i1 = std::min(pl.m, i0 + kernels::kQueryBlock);
                              detail::top_keys(pl.params, pl.q_slice(Q, h), pl.kv_slice(K, h), pl.k_top, i0, i1,
-                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, tile, pl.o.causal,
+                                              sel.query_keys.data() + (h * pl.m + i0) * pl.k_top, work, pl.o.causal,
                                               pl.open_keys(h));
                            });
   } else if (pl.o.select == Select::cluster) {

@@ -158,7 +158,10 @@ TEST(Attention, TopKMatchesExhaustiveRanking) {
     std::vector<std::pair<double, index_t>> s;
     for (index_t j = 0; j < 300; ++j) s.push_back({-oracle::dot(in.Q, i, in.K, j), j});
     std::sort(s.begin(), s.end());
-    for (index_t c = 0; c < 9; ++c) EXPECT_EQ(r.selection.query_keys[i * 9 + c], s[c].second) << "query " << i;
+    std::vector<index_t> top(9);
+    for (index_t c = 0; c < 9; ++c) top[c] = s[c].second;
+    std::sort(top.begin(), top.end());  // written ascending
+    for (index_t c = 0; c < 9; ++c) EXPECT_EQ(r.selection.query_keys[i * 9 + c], top[c]) << "query " << i;
   }
 }
 
@@ -352,4 +355,88 @@ TEST(Attention, AdaptiveBudgetIsCeilAlphaNToTheC) {
   o.top_k = 0;
   o.select = Select::full;
   EXPECT_THROW(run(in, o), Error);
+}
+
+namespace {
+
+// Each query's keys strongest first by brute force, ties to the lower key, over the keys it may
+// attend (causal: j <= i; open keys only). Logits of small integers (scaled by 1/4 at d = 16)
+// are exact in float32, so the order is the library's.
+std::vector<std::vector<index_t>> brute_force_ranking(const Mat& Q, const Mat& K, Kernel kernel, bool causal,
+                                                      const std::vector<std::uint8_t>& open) {
+  const index_t m = Q.rows, n = K.rows, d = Q.cols;
+  const double scale = kernel == Kernel::softmax ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
+  std::vector<std::vector<index_t>> ranking(static_cast<std::size_t>(m));
+  std::vector<std::pair<double, index_t>> row;
+  for (index_t i = 0; i < m; ++i) {
+    row.clear();
+    for (index_t j = 0; j < n && (!causal || j <= i); ++j) {
+      if (!open.empty() && !open[j]) continue;
+      double s = 0.0;
+      for (index_t x = 0; x < d; ++x) s += static_cast<double>(Q(i, x)) * K(j, x);
+      s *= scale;
+      row.emplace_back(kernel == Kernel::softmax ? -s : -std::fabs(s), j);  // ascending: strongest first
+    }
+    std::sort(row.begin(), row.end());
+    for (const auto& e : row) ranking[i].push_back(e.second);
+  }
+  return ranking;
+}
+
+Mat small_integers(index_t rows, index_t cols, int levels, std::uint64_t seed) {
+  std::mt19937_64 g(seed);
+  Mat x(rows, cols);
+  for (float& e : x.v) e = static_cast<float>(static_cast<int>(g() % static_cast<std::uint64_t>(2 * levels + 1)) - levels);
+  return x;
+}
+
+}  // namespace
+
+// The exact top-k against brute force: every key order the streaming threshold meets (random,
+// each key stronger than the last for every query, each weaker), runs of ties at the k-th place,
+// k from 1 to n, more keys than two tiles, causal rows and masked keys.
+TEST(Attention, ExactTopKIsTheBruteForceTopK) {
+  const index_t d = 16, n = 1100;
+  struct Keys {
+    std::string name;
+    Mat K;
+  };
+  std::vector<Keys> cases{{"random, few levels (ties)", small_integers(n, d, 1, 5)},
+                          {"random, many levels", small_integers(n, d, 8, 6)}};
+  // Every query has non-negative entries; keys c (1, ..., 1) with c rising (falling) in j give
+  // every query logits that rise (fall) along the keys: in the first, each key beats the
+  // threshold of the keys before it.
+  Mat rising(n, d), falling(n, d);
+  for (index_t j = 0; j < n; ++j)
+    for (index_t x = 0; x < d; ++x) {
+      rising(j, x) = static_cast<float>(j / 4);  // runs of 4 equal keys
+      falling(j, x) = static_cast<float>((n - j) / 4);
+    }
+  cases.push_back({"rising", rising});
+  cases.push_back({"falling", falling});
+  Mat Q = small_integers(n, d, 2, 7);
+  for (float& e : Q.v) e = std::fabs(e);
+  std::vector<std::uint8_t> open(static_cast<std::size_t>(n));
+  for (index_t j = 0; j < n; ++j) open[j] = (j % 7 != 3) && !(j >= 600 && j < 1000);
+  for (const Keys& c : cases)
+    for (Kernel kernel : {Kernel::softmax, Kernel::power})
+      for (bool causal : {false, true})
+        for (bool masked : {false, true}) {
+          const auto ranking = brute_force_ranking(Q, c.K, kernel, causal, masked ? open : std::vector<std::uint8_t>());
+          for (index_t k : {index_t{1}, index_t{7}, index_t{64}, index_t{300}, n - 1, n}) {
+            AttentionOptions o;
+            o.select = Select::topk, o.kernel = kernel, o.top_k = k, o.causal = causal;
+            if (masked) o.key_mask = open.data();
+            const Selection s = select_keys({Q.v.data(), 1, 1, n, d}, {c.K.v.data(), 1, 1, n, d}, o);
+            ASSERT_EQ(s.top_k, k);
+            std::vector<index_t> expected(static_cast<std::size_t>(n * k), -1);  // ascending, then -1
+            for (index_t i = 0; i < n; ++i) {
+              const index_t kept = std::min(k, static_cast<index_t>(ranking[i].size()));
+              std::partial_sort_copy(ranking[i].begin(), ranking[i].begin() + kept, expected.begin() + i * k,
+                                     expected.begin() + i * k + kept);
+            }
+            EXPECT_EQ(s.query_keys, expected) << c.name << ", kernel " << static_cast<int>(kernel) << ", k " << k
+                                              << ", causal " << causal << ", masked " << masked;
+          }
+        }
 }

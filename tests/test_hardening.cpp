@@ -245,7 +245,7 @@ TEST(KernelPaths, ThresholdCountsAndWindowsAreExactOnEveryIsa) {
   std::uniform_int_distribution<int> level(-20, 20);  // many ties with the threshold
   for (kernels::Isa isa : supported_isas()) {
     const kernels::RowOps& ops = kernels::row_ops(isa);
-    for (index_t n : {0, 1, 7, 8, 15, 16, 17, 33, 512, 1000}) {
+    for (index_t n : {0, 1, 7, 8, 15, 16, 17, 33, 63, 64, 65, 512, 1000}) {
       std::vector<float> x(static_cast<std::size_t>(n));
       for (float& e : x) e = 0.25f * static_cast<float>(level(gen));
       if (n > 3) x[1] = -std::numeric_limits<float>::infinity();
@@ -259,6 +259,13 @@ TEST(KernelPaths, ThresholdCountsAndWindowsAreExactOnEveryIsa) {
           if (e >= t && e < 2.0f) between.push_back(e);
         got.resize(static_cast<std::size_t>(ops.collect_between(x.data(), n, t, 2.0f, got.data())));
         EXPECT_EQ(got, between) << kernels::to_string(isa) << " n " << n << " t " << t;
+        for (bool absolute : {false, true}) {
+          std::vector<index_t> above, found(x.size());
+          for (index_t j = 0; j < n; ++j)
+            if ((absolute ? std::fabs(x[j]) : x[j]) > t) above.push_back(j);
+          found.resize(static_cast<std::size_t>(ops.indices_above(x.data(), n, t, absolute, found.data())));
+          EXPECT_EQ(found, above) << kernels::to_string(isa) << " n " << n << " t " << t << " absolute " << absolute;
+        }
       }
     }
   }

@@ -36,7 +36,8 @@ struct Selection {
   /// that are not in its shared set.
   index_t window = -1;
   /// > 0: each query's own keys, query_keys (pairs, m, top_k): distinct, none of them in its
-  /// shared set or window (causal: none after i), -1 for an unused slot.
+  /// shared set or window (causal: none after i), -1 for an unused slot. Any order is attended;
+  /// the selections write each row ascending, its unused slots last.
   index_t top_k = 0;
   std::vector<index_t> query_keys;
   /// > 0: keys sampled from the rest (math.md 1.8), one draw per residual block: the queries of

@@ -3,6 +3,7 @@
 // flags and instantiates it for its traits; the anonymous namespace keeps the copies apart.
 #pragma once
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 
@@ -422,20 +423,49 @@ index_t count_at_least(const float* x, index_t n, float t) {
   return total;
 }
 
-// Vector blocks with no entry in the window are skipped: the window holds few of the entries.
+// Each vector's entries in the window come from its comparison mask, one bit per entry: the window
+// holds few of the entries.
 template <class V>
 index_t collect_between(const float* x, index_t n, float lo, float hi, float* out) {
   constexpr index_t W = V::width;
   const auto lv = V::set1(lo), hv = V::set1(hi);
   index_t m = 0, j = 0;
-  for (; j + W <= n; j += W) {
-    if (!V::any_between(V::load(x + j), lv, hv)) continue;
-    for (index_t a = j; a < j + W; ++a)
-      if (x[a] >= lo && x[a] < hi) out[m++] = x[a];
-  }
+  for (; j + W <= n; j += W)
+    for (unsigned bits = V::mask_between(V::load(x + j), lv, hv); bits != 0; bits &= bits - 1)
+      out[m++] = x[j + std::countr_zero(bits)];
   for (; j < n; ++j)
     if (x[j] >= lo && x[j] < hi) out[m++] = x[j];
   return m;
+}
+
+// Four vectors with no entry above t are passed over with one test: a top-k scan's threshold soon
+// stands above almost every logit of a row, so the scalar loop runs on few blocks.
+template <class V, bool Absolute>
+index_t indices_above(const float* x, index_t n, float t, index_t* out) {
+  constexpr index_t W = V::width;
+  const auto f = [](auto v) {
+    if constexpr (Absolute) return V::abs(v);
+    else return v;
+  };
+  const auto g = [](float v) { return Absolute ? std::fabs(v) : v; };
+  const auto tv = V::set1(t);
+  index_t m = 0, j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    const auto a = V::max(V::max(f(V::load(x + j)), f(V::load(x + j + W))),
+                          V::max(f(V::load(x + j + 2 * W)), f(V::load(x + j + 3 * W))));
+    if (!V::any_above(a, tv)) continue;
+    for (index_t b = j; b < j + 4 * W; b += W)
+      for (unsigned bits = V::mask_above(f(V::load(x + b)), tv); bits != 0; bits &= bits - 1)
+        out[m++] = b + std::countr_zero(bits);
+  }
+  for (; j < n; ++j)
+    if (g(x[j]) > t) out[m++] = j;
+  return m;
+}
+
+template <class V>
+index_t indices_above(const float* x, index_t n, float t, bool absolute, index_t* out) {
+  return absolute ? indices_above<V, true>(x, n, t, out) : indices_above<V, false>(x, n, t, out);
 }
 
 // Columns x0 .. x0 + B W - 1 of the weighted sum, B accumulators (independent chains).
@@ -512,6 +542,7 @@ constexpr RowOps make_row_ops(Isa isa) {
   ops.scatter_scaled = &scatter_scaled<V>;
   ops.count_at_least = &count_at_least<V>;
   ops.collect_between = &collect_between<V>;
+  ops.indices_above = &indices_above<V>;
   ops.gathered_weighted_sum = &gathered_weighted_sum<V>;
   ops.softmax_update = &softmax_update<V>;
   ops.narrow_logits = &narrow_logits<V>;

@@ -116,9 +116,8 @@ void OnlineBlock::absorb_row(index_t r, const float* k, index_t ldk, const float
       for (index_t j = 0; j < c; ++j)
         for (index_t t = 0; t < d_; ++t) keys_t_[t * c + j] = k[idx[j] * ldk + t];
       params_.ops->narrow_logits(1, c, d_, params_.scale, q, ldq_, keys_t_.data(), s, c);
-    } else {
-      for (index_t j = 0; j < c; ++j) std::copy_n(k + idx[j] * ldk, d_, keys_t_.data() + j * d_);
-      detail::gemv(CblasNoTrans, c, d_, params_.scale, keys_t_.data(), d_, q, 0.0f, s);
+    } else {  // straight from the gathered rows: a copy and a BLAS call cost more
+      params_.ops->gathered_dots(q, idx, c, k, ldk, d_, params_.scale, s);
     }
     if (params_.check_overflow && !detail::all_finite(s, c)) overflow_ = true;
     const bool any = params_.kernel == Kernel::softmax

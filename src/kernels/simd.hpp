@@ -45,6 +45,9 @@ struct Scalar {
   static reg select_eq(reg a, reg b, reg x, reg y) { return a == b ? x : y; }
   /// Whether some lane has lo <= x < hi.
   static bool any_between(reg x, reg lo, reg hi) { return x >= lo && x < hi; }
+  static bool any_above(reg x, reg t) { return x > t; }
+  static unsigned mask_above(reg x, reg t) { return x > t; }
+  static unsigned mask_between(reg x, reg lo, reg hi) { return x >= lo && x < hi; }
   static float hsum(reg a) { return a; }
   static float hmax(reg a) { return a; }
 };
@@ -95,6 +98,14 @@ struct Avx2 {
   }
   static bool any_between(reg x, reg lo, reg hi) {
     return _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ))) != 0;
+  }
+  static bool any_above(reg x, reg t) { return _mm256_movemask_ps(_mm256_cmp_ps(x, t, _CMP_GT_OQ)) != 0; }
+  static unsigned mask_above(reg x, reg t) {
+    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(x, t, _CMP_GT_OQ)));
+  }
+  static unsigned mask_between(reg x, reg lo, reg hi) {
+    return static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ))));
   }
   static float hsum(reg a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -147,6 +158,11 @@ struct Avx512 {
   }
   static bool any_between(reg x, reg lo, reg hi) {
     return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), x, hi, _CMP_LT_OQ) != 0;
+  }
+  static bool any_above(reg x, reg t) { return _mm512_cmp_ps_mask(x, t, _CMP_GT_OQ) != 0; }
+  static unsigned mask_above(reg x, reg t) { return _mm512_cmp_ps_mask(x, t, _CMP_GT_OQ); }
+  static unsigned mask_between(reg x, reg lo, reg hi) {
+    return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), x, hi, _CMP_LT_OQ);
   }
   static float hsum(reg a) { return _mm512_reduce_add_ps(a); }
   static float hmax(reg a) { return _mm512_reduce_max_ps(a); }
