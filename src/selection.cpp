@@ -179,7 +179,9 @@ std::vector<index_t> open_keys(index_t n, const std::uint8_t* open) {
 
 Kth kth_largest(const kernels::RowOps& ops, const float* v, index_t count, index_t k, float best,
                 std::vector<float>& scratch) {
-  constexpr index_t kFew = 64, kDirect = 128;  // up to kDirect entries a selection over all is cheaper
+  // A counting pass over a few hundred entries costs a few vector instructions, a selection's
+  // mispredicted branches several nanoseconds per entry: the window narrows to a handful first.
+  constexpr index_t kFew = 8, kDirect = 16;
   const auto exact = [&](index_t rank, index_t above) {  // over the entries in scratch
     std::nth_element(scratch.begin(), scratch.begin() + rank, scratch.end(), std::greater<float>());
     const float x = scratch[static_cast<std::size_t>(rank)];
@@ -274,12 +276,18 @@ void top_keys(const kernels::KernelParams& params, ConstMatrix Q, ConstMatrix K,
       for (index_t r = r0; r < r0 + chunk; ++r) {
         const index_t seen = causal ? std::min(c, i0 + r + 1 - c0) : c;  // causal: keys j <= i only
         if (seen <= 0) continue;
-        const float* s = work.tile.data() + (r - r0) * c;
-        const index_t count = params.ops->indices_above(s, seen, best[r].threshold(), absolute, work.above.data());
+        float* s = work.tile.data() + (r - r0) * c;
+        const float top = absolute ? params.ops->abs_row_max(s, seen) : 0.0f;  // power: ranks |logit|
+        // The k-th largest of the row's first tile bounds its k-th largest over all keys from
+        // below: the row starts there, and adds about k entries of this tile, not all of them.
+        if (c0 == 0 && !open && seen > k && k > 0)
+          best[r].raise(kth_largest(*params.ops, s, seen, k, absolute ? top : params.ops->row_max(s, seen),
+                                    work.scratch).value);
+        const index_t count = params.ops->indices_above(s, seen, best[r].threshold(), work.above.data());
         for (index_t a = 0; a < count; ++a) {
           const index_t j = work.above[a];
           // An entry filtered by the threshold a cut has since raised is cut again later.
-          if (!open || open[c0 + j]) best[r].add(absolute ? std::fabs(s[j]) : s[j], c0 + j);
+          if (!open || open[c0 + j]) best[r].add(s[j], c0 + j);
         }
       }
     }

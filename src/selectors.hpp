@@ -1,6 +1,7 @@
 // selectors.hpp: the per-head key selections that are not leverage scores.
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -23,7 +24,7 @@ std::vector<index_t> open_keys(index_t n, const std::uint8_t* open);
 /// The k-th largest of v[0 .. count) (finite or -inf, at least k finite), with how many entries
 /// are larger and how many equal. best is the largest entry. For many entries, vectorised counts
 /// bracket it first: from best down, a window [lo, hi) that doubles until at least k values are
-/// >= lo, then halves while it holds more than a few; those few are selected exactly (scratch).
+/// >= lo, then halves while it holds more than 8; those few are selected exactly (scratch).
 struct Kth {
   float value;
   std::size_t above, equal;
@@ -43,9 +44,14 @@ class StrongestKeys {
   StrongestKeys(index_t k, float* values, index_t* keys, const kernels::RowOps& ops, std::vector<float>& scratch)
       : k_(k), cap_(std::max(2 * k, k + 64)), values_(values), keys_(keys), ops_(&ops), scratch_(&scratch) {}
   static index_t room(index_t k, index_t keys) { return std::min(std::max(2 * k, k + 64), keys); }
-  /// Pairs at or below it need not be added, they cannot be among the k strongest: -inf until k
-  /// pairs are held (+inf for k = 0).
+  /// Pairs at or below it need not be added, they cannot be among the k strongest: the k-th
+  /// value once k pairs are held, else below the last raise()'s bound or -inf (+inf for k = 0).
   float threshold() const { return k_ == 0 ? std::numeric_limits<float>::infinity() : threshold_; }
+  /// Lets threshold() start just below bound, a value at or below the row's k-th largest (the
+  /// k-th largest of some of its entries).
+  void raise(float bound) {
+    threshold_ = std::max(threshold_, std::nextafter(bound, -std::numeric_limits<float>::infinity()));
+  }
   /// Adds (value, key), value finite, key above every key added before.
   void add(float value, index_t key) {
     values_[size_] = value, keys_[size_] = key;

@@ -29,9 +29,8 @@ struct RowOps {
   index_t (*count_at_least)(const float* x, index_t n, float t) = nullptr;
   /// The x[j] with lo <= x[j] < hi, in order, into out (room for n); returns how many.
   index_t (*collect_between)(const float* x, index_t n, float lo, float hi, float* out) = nullptr;
-  /// The j with x[j] > t (|x[j]| > t if absolute), ascending, into out (room for n); returns how
-  /// many (x without NaN).
-  index_t (*indices_above)(const float* x, index_t n, float t, bool absolute, index_t* out) = nullptr;
+  /// The j with x[j] > t, ascending, into out (room for n); returns how many (x without NaN).
+  index_t (*indices_above)(const float* x, index_t n, float t, index_t* out) = nullptr;
   /// acc[x] += sum_a w[a] rows[idx[a] ld + x] for x < dv: m gathered rows, weighted, each
   /// output summed over a in order.
   void (*gathered_weighted_sum)(const float* w, const index_t* idx, index_t m, const float* rows, index_t ld,

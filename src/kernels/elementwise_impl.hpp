@@ -439,33 +439,22 @@ index_t collect_between(const float* x, index_t n, float lo, float hi, float* ou
 }
 
 // Four vectors with no entry above t are passed over with one test: a top-k scan's threshold soon
-// stands above almost every logit of a row, so the scalar loop runs on few blocks.
-template <class V, bool Absolute>
+// stands above almost every logit of a row, so few blocks have set bits to walk.
+template <class V>
 index_t indices_above(const float* x, index_t n, float t, index_t* out) {
   constexpr index_t W = V::width;
-  const auto f = [](auto v) {
-    if constexpr (Absolute) return V::abs(v);
-    else return v;
-  };
-  const auto g = [](float v) { return Absolute ? std::fabs(v) : v; };
   const auto tv = V::set1(t);
   index_t m = 0, j = 0;
   for (; j + 4 * W <= n; j += 4 * W) {
-    const auto a = V::max(V::max(f(V::load(x + j)), f(V::load(x + j + W))),
-                          V::max(f(V::load(x + j + 2 * W)), f(V::load(x + j + 3 * W))));
+    const auto a = V::max(V::max(V::load(x + j), V::load(x + j + W)), V::max(V::load(x + j + 2 * W), V::load(x + j + 3 * W)));
     if (!V::any_above(a, tv)) continue;
     for (index_t b = j; b < j + 4 * W; b += W)
-      for (unsigned bits = V::mask_above(f(V::load(x + b)), tv); bits != 0; bits &= bits - 1)
+      for (unsigned bits = V::mask_above(V::load(x + b), tv); bits != 0; bits &= bits - 1)
         out[m++] = b + std::countr_zero(bits);
   }
   for (; j < n; ++j)
-    if (g(x[j]) > t) out[m++] = j;
+    if (x[j] > t) out[m++] = j;
   return m;
-}
-
-template <class V>
-index_t indices_above(const float* x, index_t n, float t, bool absolute, index_t* out) {
-  return absolute ? indices_above<V, true>(x, n, t, out) : indices_above<V, false>(x, n, t, out);
 }
 
 // Columns x0 .. x0 + B W - 1 of the weighted sum, B accumulators (independent chains).
