@@ -206,13 +206,9 @@ KeyGram key_gram(ConstMatrix K, const LeverageOptions& options, bool allow_trian
         const index_t r0 = c * kConvertRows, rows = std::min(kConvertRows, n - r0);
         // Contiguous rows convert as one run (short rows make per-row loops slow).
         const index_t run = K.ld == d ? rows * d : d, runs = K.ld == d ? 1 : rows;
+        const kernels::RowOps& ops = kernels::active_row_ops();
         bool ok = true;
-        for (index_t i = 0; i < runs; ++i) {
-          const float* src = K.row(r0 + i);
-          double* dst = buf + i * d;
-          for (index_t j = 0; j < run; ++j) dst[j] = src[j];
-          ok = ok && detail::all_finite(src, run);
-        }
+        for (index_t i = 0; i < runs; ++i) ok &= ops.widen(K.row(r0 + i), run, buf + i * d);
         if (!ok) finite.store(false, std::memory_order_relaxed);
         return rows;
       });

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "detail/rng.hpp"
+#include "detail/kth.hpp"
 #include "kernels/elementwise.hpp"
 #include "kernels/online_attention.hpp"
 
@@ -20,17 +21,6 @@ std::vector<index_t> random_keys(index_t n, index_t k, const CounterRng& rng);
 
 /// The keys j of [0, n) with open[j] != 0, ascending (every key when open is null).
 std::vector<index_t> open_keys(index_t n, const std::uint8_t* open);
-
-/// The k-th largest of v[0 .. count) (finite or -inf, at least k finite), with how many entries
-/// are larger and how many equal. best is the largest entry. For many entries, vectorised counts
-/// bracket it first: from best down, a window [lo, hi) that doubles until at least k values are
-/// >= lo, then halves while it holds more than 8; those few are selected exactly (scratch).
-struct Kth {
-  float value;
-  std::size_t above, equal;
-};
-Kth kth_largest(const kernels::RowOps& ops, const float* v, index_t count, index_t k, float best,
-                std::vector<float>& scratch);
 
 /// The k strongest (value, key) pairs of a row whose keys arrive in ascending order: larger values
 /// first, ties to the lower key. A pair enters only above threshold(), the k-th value once k

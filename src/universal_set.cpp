@@ -5,6 +5,7 @@
 #include <functional>
 #include <string>
 
+#include "detail/kth.hpp"
 #include "detail/parallel.hpp"
 #include "detail/validate.hpp"
 #include "levattn/lewis_weights.hpp"
@@ -49,13 +50,21 @@ UniversalSet universal_set_top_k(const LeverageScores& s, index_t k) {
   LEVATTN_REQUIRE(k >= 1, "top_k", "expected an integer >= 1, got ", k);
   UniversalSet u = empty_set(s);
   if (u.n == 0) return u;
-  // The k-th largest score t (selection on a plain copy of the scores), then in index order
-  // every key above t and as many keys equal to t as still fit: larger score first, ties to the
-  // lower index, so the choice is unique.
+  // The k-th largest score t, then in index order every key above t and as many keys equal to t
+  // as still fit: larger score first, ties to the lower index, so the choice is unique. Rounding
+  // to float is monotone, so the k-th largest of the rounded scores (vectorised counting passes)
+  // brackets t: only the scores that round to it are ordered in double.
   const index_t take = std::min(k, u.n);
-  std::vector<double> copy = s.scores;
-  std::nth_element(copy.begin(), copy.begin() + (take - 1), copy.end(), std::greater<>());
-  const double t = copy[take - 1];
+  const std::vector<float> rounded(s.scores.begin(), s.scores.end());
+  const kernels::RowOps& ops = kernels::active_row_ops();
+  std::vector<float> scratch;
+  const detail::Kth near = detail::kth_largest(ops, rounded.data(), u.n, take, ops.row_max(rounded.data(), u.n), scratch);
+  std::vector<double> bracket;
+  for (index_t j = 0; j < u.n; ++j)
+    if (rounded[j] == near.value) bracket.push_back(s.scores[j]);
+  const auto rank = static_cast<std::ptrdiff_t>(static_cast<std::size_t>(take - 1) - near.above);
+  std::nth_element(bracket.begin(), bracket.begin() + rank, bracket.end(), std::greater<>());
+  const double t = bracket[static_cast<std::size_t>(rank)];
   index_t above = 0, equal = 0;
   for (double x : s.scores) above += x > t, equal += x == t;
   index_t ties = take - above;

@@ -221,7 +221,7 @@ TEST(KernelPaths, GatheredDotsAndScaledScatterMatchFloat64OnEveryIsa) {
   }
 }
 
-TEST(KernelPaths, InputScanFindsEveryNonFiniteEntryOnEveryIsa) {
+TEST(KernelPaths, InputScanAndWideningFindEveryNonFiniteEntryOnEveryIsa) {
   for (kernels::Isa isa : supported_isas()) {
     const kernels::RowOps& ops = kernels::row_ops(isa);
     for (index_t n : {1, 7, 16, 17, 40, 1000}) {
@@ -230,11 +230,15 @@ TEST(KernelPaths, InputScanFindsEveryNonFiniteEntryOnEveryIsa) {
       float ref = 0;
       for (float v : x) ref = std::max(ref, std::fabs(v));
       EXPECT_EQ(ops.max_abs(x.data(), n), ref) << kernels::to_string(isa) << " n " << n;
+      std::vector<double> wide(static_cast<std::size_t>(n));
+      EXPECT_TRUE(ops.widen(x.data(), n, wide.data())) << kernels::to_string(isa) << " n " << n;
+      EXPECT_EQ(wide, std::vector<double>(x.begin(), x.end())) << kernels::to_string(isa) << " n " << n;
       for (index_t at : {index_t{0}, n / 2, n - 1})  // head, middle (vector part), tail
         for (float bad : {NAN, INFINITY, -INFINITY}) {
           std::vector<float> y = x;
           y[at] = bad;
           EXPECT_EQ(ops.max_abs(y.data(), n), -1.0f) << kernels::to_string(isa) << " n " << n << " at " << at;
+          EXPECT_FALSE(ops.widen(y.data(), n, wide.data())) << kernels::to_string(isa) << " n " << n << " at " << at;
         }
     }
   }

@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "cases.hpp"
+#include "detail/lapack.hpp"
 
 using namespace levattn;
 using oracle::Mat;
@@ -349,5 +350,39 @@ TEST(SketchedScores, RejectsBadOptions) {
       EXPECT_NE(std::string(e.what()).find("keys: expected finite values, found inf at row 37, column 1"),
                 std::string::npos) << e.what();
     }
+  }
+}
+
+// inverse_cholesky (plain loops up to order 32, LAPACK above): X = L^-1 is lower triangular with a
+// positive diagonal and whitens a (X a X^T = I), the oracle of the unique Cholesky factor; a
+// matrix that is not positive definite is refused.
+TEST(InverseCholesky, WhitensOnBothPathsAndRefusesIndefiniteMatrices) {
+  std::mt19937_64 g(12);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for (index_t r : {1, 2, 5, 16, 31, 32, 33, 48}) {
+    std::vector<double> y(static_cast<std::size_t>(3 * r * r)), a(static_cast<std::size_t>(r * r), 0.0);
+    for (double& e : y) e = nd(g);
+    for (index_t i = 0; i < r; ++i)  // a = Y^T Y + I / 10: positive definite, condition ~ 1e2
+      for (index_t j = 0; j < r; ++j) {
+        for (index_t t = 0; t < 3 * r; ++t) a[i * r + j] += y[t * r + i] * y[t * r + j];
+        a[i * r + j] += i == j ? 0.1 : 0.0;
+      }
+    std::vector<double> x = a;
+    ASSERT_TRUE(detail::inverse_cholesky(x, r)) << "r " << r;
+    for (index_t i = 0; i < r; ++i) EXPECT_GT(x[i * r + i], 0.0) << "r " << r;
+    double worst = 0.0;
+    for (index_t i = 0; i < r; ++i)
+      for (index_t j = 0; j < r; ++j) {
+        double s = 0.0;  // (X a X^T)_ij over the lower triangles of X
+        for (index_t p = 0; p <= i; ++p)
+          for (index_t q = 0; q <= j; ++q) s += x[i * r + p] * a[p * r + q] * x[j * r + q];
+        worst = std::max(worst, std::fabs(s - (i == j ? 1.0 : 0.0)));
+      }
+    EXPECT_LT(worst, 1e-10) << "r " << r;
+    std::vector<double> indefinite = a;
+    indefinite[(r / 2) * r + r / 2] = -1.0;  // a negative diagonal entry: not positive definite
+    EXPECT_FALSE(detail::inverse_cholesky(indefinite, r)) << "r " << r;
+    std::vector<double> zero(a.size(), 0.0);
+    EXPECT_FALSE(detail::inverse_cholesky(zero, r)) << "r " << r;
   }
 }

@@ -51,6 +51,8 @@ struct RowOps {
                          index_t d) = nullptr;
   /// max_j |x[j]|, or -1 if an entry is NaN or Inf: the input check of every entry point.
   float (*max_abs)(const float* x, index_t n) = nullptr;
+  /// y[j] = x[j] in float64 for j < n; returns whether every x[j] is finite.
+  bool (*widen)(const float* x, index_t n, double* y) = nullptr;
 
   // Products of one query block with a narrow tile of keys (count <= kNarrowTile), where a BLAS
   // call costs more in set-up than in arithmetic (a few hundred keys per head).

@@ -210,6 +210,17 @@ float max_abs(const float* x, index_t n) {
   return finite == 0.0f ? m : -1.0f;
 }
 
+// A plain loop: compiled in each instruction set's unit, it vectorises to that unit's width.
+template <class V>
+bool widen(const float* x, index_t n, double* y) {
+  std::uint32_t bad = 0;
+  for (index_t j = 0; j < n; ++j) {
+    y[j] = static_cast<double>(x[j]);
+    bad |= static_cast<std::uint32_t>((std::bit_cast<std::uint32_t>(x[j]) & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
 // The narrow products keep RB rows x NR vectors of accumulators in registers (both constants, so
 // the arrays unroll into them): RB independent chains hide the latency of the fused multiply-adds.
 template <int NR>
@@ -526,6 +537,7 @@ constexpr RowOps make_row_ops(Isa isa) {
   ops.abs_row_max = &abs_row_max<V>;
   ops.power_rel_sum = &power_rel_sum<V>;
   ops.max_abs = &max_abs<V>;
+  ops.widen = &widen<V>;
   ops.weight_grads = &weight_grads<V>;
   ops.gathered_dots = &gathered_dots<V>;
   ops.scatter_scaled = &scatter_scaled<V>;
