@@ -30,17 +30,14 @@ bool assign(ConstMatrix K, const KeyClusters& kc, std::vector<index_t>& label) {
     half[j] = static_cast<float>(0.5 * s);
   }
   std::vector<char> changed(static_cast<std::size_t>(blocks), 0);
+  const kernels::RowOps& ops = kernels::active_row_ops();
   const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(c * d);
   parallel_tasks(blocks, flops, [] { return std::vector<float>(); }, [&](index_t b, std::vector<float>& tile) {
     const index_t r0 = b * kAssignRows, rows = std::min(kAssignRows, n - r0);
     tile.resize(static_cast<std::size_t>(rows * c));
     gemm_abt(rows, c, d, 1.0f, K.row(r0), K.ld, kc.centroids.data(), d, 0.0f, tile.data(), c);
     for (index_t r = 0; r < rows; ++r) {
-      const float* t = tile.data() + r * c;
-      index_t best = 0;
-      float top = t[0] - half[0];
-      for (index_t j = 1; j < c; ++j)
-        if (t[j] - half[j] > top) top = t[j] - half[j], best = j;
+      const index_t best = ops.argmax_shifted(tile.data() + r * c, half.data(), c);
       changed[b] |= label[r0 + r] != best;
       label[r0 + r] = best;
     }
@@ -301,30 +298,73 @@ void kept_keys(const ClusterCandidates& cand, const KeyClusters& kc, index_t k, 
   }
 }
 
+namespace {
+
+// A cluster whose members keep at least this share of its (query, key) pairs is attended by one
+// dense product of their weights (zero where not kept) with its value rows; sparser ones query by
+// query over gathered rows. The product does up to 4x the needed multiply-adds at several times
+// the gathered rate.
+constexpr double kDenseShare = 0.25;
+
+// Member a's weights of its kept keys in cluster j, exp(s - best) or (|s| / best)^p, into
+// w.weights; adds their sum to w.sum[r]. Returns how many it keeps (0: no weight).
+index_t member_weights(const kernels::KernelParams& params, const ClusterCandidates& cand, index_t r, index_t slot,
+                       ClusterAttendWork& w) {
+  const std::size_t e0 = cand.kept_start[slot];
+  const auto in = static_cast<index_t>(cand.kept_start[slot + 1] - e0);
+  const float best = cand.best[r];
+  const bool softmax = params.kernel == Kernel::softmax;
+  if (in == 0 || (!softmax && !(best > 0.0f))) return 0;
+  w.weights.assign(cand.kept_rank.begin() + static_cast<std::ptrdiff_t>(e0),
+                   cand.kept_rank.begin() + static_cast<std::ptrdiff_t>(e0 + static_cast<std::size_t>(in)));
+  w.sum[r] += static_cast<double>(softmax ? params.ops->exp_shift_sum(w.weights.data(), in, best)
+                                          : params.ops->power_rel_sum(w.weights.data(), in, best, params.p));
+  return in;
+}
+
+}  // namespace
+
 double attend_candidates(const kernels::KernelParams& params, const ClusterCandidates& cand, const KeyClusters& kc,
                           const float* values, index_t dv, ClusterAttendWork& w, float* out, float* stat) {
   const bool softmax = params.kernel == Kernel::softmax;
-  const kernels::RowOps& ops = *params.ops;
   w.acc.assign(static_cast<std::size_t>(cand.rows * dv), 0.0f);
   w.sum.assign(static_cast<std::size_t>(cand.rows), 0.0);
   double kept = 0.0;
   for (index_t j = 0; j < kc.count; ++j) {
-    const index_t m0 = cand.member_start[j], cnt = cand.member_start[j + 1] - m0;
-    // Each query of the cluster in turn, while its keys' value rows stay in cache: the weights
-    // of its kept keys, exp(s - best) or (|s| / best)^p, and their weighted value rows.
+    const index_t m0 = cand.member_start[j], cnt = cand.member_start[j + 1] - m0, size = kc.size(j);
+    if (cnt == 0 || size == 0) continue;
+    const float* vj = values + kc.start[j] * dv;
+    std::size_t pairs = 0;
+    for (index_t a = 0; a < cnt; ++a) {
+      const index_t slot = cand.member_row[m0 + a] * cand.probe + cand.member_slot[m0 + a];
+      pairs += cand.kept_start[slot + 1] - cand.kept_start[slot];
+    }
+    kept += static_cast<double>(pairs);
+    if (static_cast<double>(pairs) >= kDenseShare * static_cast<double>(cnt * size)) {
+      // W (cnt x size) holds each member's weights at its kept keys; T = W V_j, row a added to
+      // its query's accumulator.
+      w.dense.assign(static_cast<std::size_t>(cnt * size), 0.0f);
+      for (index_t a = 0; a < cnt; ++a) {
+        const index_t r = cand.member_row[m0 + a], slot = r * cand.probe + cand.member_slot[m0 + a];
+        const index_t in = member_weights(params, cand, r, slot, w);
+        const index_t* at = cand.kept_index.data() + cand.kept_start[slot];
+        for (index_t e = 0; e < in; ++e) w.dense[a * size + at[e]] = w.weights[e];
+      }
+      w.product.resize(static_cast<std::size_t>(cnt * dv));
+      gemm_ab(cnt, dv, size, 1.0f, w.dense.data(), size, vj, dv, 0.0f, w.product.data(), dv);
+      for (index_t a = 0; a < cnt; ++a) {
+        float* acc = w.acc.data() + cand.member_row[m0 + a] * dv;
+        for (index_t x = 0; x < dv; ++x) acc[x] += w.product[a * dv + x];
+      }
+      continue;
+    }
+    // Each query of the cluster in turn, while its keys' value rows stay in cache.
     for (index_t a = 0; a < cnt; ++a) {
       const index_t r = cand.member_row[m0 + a], slot = r * cand.probe + cand.member_slot[m0 + a];
-      const std::size_t e0 = cand.kept_start[slot];
-      const auto in = static_cast<index_t>(cand.kept_start[slot + 1] - e0);
-      const float best = cand.best[r];
-      kept += static_cast<double>(in);
-      if (in == 0 || (!softmax && !(best > 0.0f))) continue;  // no weight
-      w.weights.assign(cand.kept_rank.begin() + static_cast<std::ptrdiff_t>(e0),
-                       cand.kept_rank.begin() + static_cast<std::ptrdiff_t>(e0 + static_cast<std::size_t>(in)));
-      w.sum[r] += static_cast<double>(softmax ? ops.exp_shift_sum(w.weights.data(), in, best)
-                                              : ops.power_rel_sum(w.weights.data(), in, best, params.p));
-      ops.gathered_weighted_sum(w.weights.data(), cand.kept_index.data() + e0, in, values + kc.start[j] * dv, dv, dv,
-                                w.acc.data() + r * dv);
+      const index_t in = member_weights(params, cand, r, slot, w);
+      if (in > 0)
+        params.ops->gathered_weighted_sum(w.weights.data(), cand.kept_index.data() + cand.kept_start[slot], in, vj,
+                                          dv, dv, w.acc.data() + r * dv);
     }
   }
   for (index_t r = 0; r < cand.rows; ++r) {

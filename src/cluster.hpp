@@ -92,16 +92,17 @@ void kept_keys(const ClusterCandidates& cand, const KeyClusters& kc, index_t k, 
 
 /// Per-thread buffers of attend_candidates, reused across calls.
 struct ClusterAttendWork {
-  std::vector<float> weights, acc;
+  std::vector<float> weights, acc, dense, product;
   std::vector<double> sum;
 };
 
 /// Attention of each query of `cand` over its kept keys, with g(s) = s (softmax) or p log|s|
 /// (power): out_r = sum_kept exp(g(s_j) - L_r) v_j, stat_r = L_r = log sum_kept exp(g(s_j)) (+inf,
 /// and out_r = 0, for a query with no weight), the terms of selected_attention_forward. Per
-/// cluster and key tile one product of the weights of the queries probing it with its value
-/// rows, so those queries share them. values: V in the clusters' key order (n x dv); out
-/// (cand.rows x dv), stat (cand.rows). Returns the number of keys kept, summed over the queries.
+/// cluster, one product of its members' weights (zero where not kept) with its value rows where
+/// they keep a quarter of its (query, key) pairs or more, else each member's weighted sum of its
+/// kept rows. values: V in the clusters' key order (n x dv); out (cand.rows x dv), stat
+/// (cand.rows). Returns the number of keys kept, summed over the queries.
 /// O(rows probe (n / clusters) dv) time.
 double attend_candidates(const kernels::KernelParams& params, const ClusterCandidates& cand, const KeyClusters& kc,
                        const float* values, index_t dv, ClusterAttendWork& work, float* out, float* stat);

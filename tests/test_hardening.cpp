@@ -273,6 +273,26 @@ TEST(KernelPaths, ThresholdCountsAndWindowsAreExactOnEveryIsa) {
   }
 }
 
+// The nearest centroid of k-means: the first index of the largest x[j] - shift[j], ties included
+// (few levels), at every length around the vector widths.
+TEST(KernelPaths, ShiftedArgmaxIsTheFirstLargestOnEveryIsa) {
+  std::mt19937_64 gen(10);
+  for (kernels::Isa isa : supported_isas()) {
+    const kernels::RowOps& ops = kernels::row_ops(isa);
+    for (index_t n : {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 100, 128}) {
+      for (int trial = 0; trial < 20; ++trial) {
+        std::vector<float> x(static_cast<std::size_t>(n)), shift(x.size());
+        for (index_t j = 0; j < n; ++j)
+          x[j] = static_cast<float>(static_cast<int>(gen() % 7)), shift[j] = 0.5f * static_cast<float>(gen() % 3);
+        index_t ref = 0;
+        for (index_t j = 1; j < n; ++j)
+          if (x[j] - shift[j] > x[ref] - shift[ref]) ref = j;
+        EXPECT_EQ(ops.argmax_shifted(x.data(), shift.data(), n), ref) << kernels::to_string(isa) << " n " << n;
+      }
+    }
+  }
+}
+
 TEST(KernelPaths, GatheredWeightedSumMatchesFloat64OnEveryIsa) {
   std::mt19937_64 gen(9);
   std::normal_distribution<float> nd(0.0f, 1.0f);

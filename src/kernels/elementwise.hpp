@@ -53,6 +53,8 @@ struct RowOps {
   float (*max_abs)(const float* x, index_t n) = nullptr;
   /// y[j] = x[j] in float64 for j < n; returns whether every x[j] is finite.
   bool (*widen)(const float* x, index_t n, double* y) = nullptr;
+  /// The first j of [0, n) with the largest x[j] - shift[j] (0 if all are -inf; x, shift without NaN).
+  index_t (*argmax_shifted)(const float* x, const float* shift, index_t n) = nullptr;
 
   // Products of one query block with a narrow tile of keys (count <= kNarrowTile), where a BLAS
   // call costs more in set-up than in arithmetic (a few hundred keys per head).

@@ -210,6 +210,25 @@ float max_abs(const float* x, index_t n) {
   return finite == 0.0f ? m : -1.0f;
 }
 
+// Two passes: the maximum of x - shift, then the first entry that reaches it (the same
+// differences, so the same bits).
+template <class V>
+index_t argmax_shifted(const float* x, const float* shift, index_t n) {
+  constexpr index_t W = V::width;
+  auto mv = V::set1(-std::numeric_limits<float>::infinity());
+  index_t j = 0;
+  for (; j + W <= n; j += W) mv = V::max(mv, V::sub(V::load(x + j), V::load(shift + j)));
+  float m = V::hmax(mv);
+  for (; j < n; ++j) m = std::max(m, x[j] - shift[j]);
+  const auto below = V::set1(std::nextafter(m, -std::numeric_limits<float>::infinity()));
+  for (j = 0; j + W <= n; j += W)
+    if (const unsigned bits = V::mask_above(V::sub(V::load(x + j), V::load(shift + j)), below); bits != 0)
+      return j + std::countr_zero(bits);
+  for (; j < n; ++j)
+    if (x[j] - shift[j] >= m) return j;
+  return 0;  // every difference -inf
+}
+
 // A plain loop: compiled in each instruction set's unit, it vectorises to that unit's width.
 template <class V>
 bool widen(const float* x, index_t n, double* y) {
@@ -538,6 +557,7 @@ constexpr RowOps make_row_ops(Isa isa) {
   ops.power_rel_sum = &power_rel_sum<V>;
   ops.max_abs = &max_abs<V>;
   ops.widen = &widen<V>;
+  ops.argmax_shifted = &argmax_shifted<V>;
   ops.weight_grads = &weight_grads<V>;
   ops.gathered_dots = &gathered_dots<V>;
   ops.scatter_scaled = &scatter_scaled<V>;
