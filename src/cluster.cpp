@@ -3,6 +3,7 @@
 // it in one product, and attention reuses those ranks: per cluster one product of its queries'
 // weights with its value rows, so no query gathers key or value rows of its own.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -88,6 +89,25 @@ Keep best_k(const kernels::RowOps& ops, const float* v, index_t count, index_t k
        "the scaled logits overflow float32; rescale queries or keys (or pass a smaller scale)");
 }
 
+// Up to this many probes a query's clusters are picked by insertion into a short sorted list:
+// past the first few scores almost none enters it, where best_k's counting passes cost more.
+constexpr index_t kFewProbes = 16;
+
+// The p largest of s[0 .. c) (ties to the lower index; p <= min(c, kFewProbes)), ascending, into out.
+void few_largest(const float* s, index_t c, index_t p, index_t* out) {
+  std::array<float, kFewProbes> top;
+  std::array<index_t, kFewProbes> at;
+  index_t held = 0;
+  for (index_t j = 0; j < c; ++j) {
+    if (held == p && !(s[j] > top[p - 1])) continue;  // a tie comes later, so loses
+    index_t a = held < p ? held++ : p - 1;
+    for (; a > 0 && s[j] > top[a - 1]; --a) top[a] = top[a - 1], at[a] = at[a - 1];
+    top[a] = s[j], at[a] = j;
+  }
+  std::copy_n(at.begin(), p, out);
+  std::sort(out, out + p);
+}
+
 // Each query's p clusters of largest centroid score (power: |score|), ascending: rows x p.
 void route(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters& kc, index_t p, index_t i0,
            index_t i1, ClusterWork& w, std::vector<index_t>& picked) {
@@ -102,8 +122,12 @@ void route(const kernels::KernelParams& params, ConstMatrix Q, const KeyClusters
       float* s = w.route.data() + r * c;
       if (params.kernel == Kernel::power)
         for (index_t j = 0; j < c; ++j) s[j] = std::fabs(s[j]);
-      const Keep keep = best_k(*params.ops, s, c, p, params.ops->row_max(s, c), [](index_t j) { return j; }, w.scratch);
       index_t* out = picked.data() + (r0 - i0 + r) * p;
+      if (p <= kFewProbes) {
+        few_largest(s, c, p, out);
+        continue;
+      }
+      const Keep keep = best_k(*params.ops, s, c, p, params.ops->row_max(s, c), [](index_t j) { return j; }, w.scratch);
       for (index_t j = 0, taken = 0; j < c; ++j)
         if (keep.kept(s[j], j)) out[taken++] = j;  // p of them: the scores are finite
     }

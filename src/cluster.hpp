@@ -24,7 +24,7 @@ struct KeyClusters {
 
 /// Keys k-means trains on per cluster: beyond this, more keys move the centroids little and
 /// cost a full pass each step (FAISS caps its training set the same way).
-inline constexpr index_t kTrainPerCluster = 64;
+inline constexpr index_t kTrainPerCluster = 32;
 
 /// min(clusters, n) clusters of K's rows: at most `iterations` Lloyd steps over a training set
 /// of min(n, kTrainPerCluster clusters) keys drawn by `sample` (all keys when n is smaller),
