@@ -82,8 +82,10 @@ Select parse_select(const std::string& name) { return detail::parse_name(kSelect
 
 index_t default_probe(index_t clusters, index_t n, index_t top_k) {
   const double c = static_cast<double>(clusters);
-  const double enough = std::ceil(2.0 * static_cast<double>(top_k) * c / static_cast<double>(std::max<index_t>(n, 1)));
-  const double p = std::max({static_cast<double>(kMinProbe), std::ceil(c / kProbeDivisor), enough});
+  const double keys = static_cast<double>(std::max<index_t>(n, 1));
+  const double enough = std::ceil(2.0 * static_cast<double>(top_k) * c / keys);
+  const double quarter = std::ceil(std::min(keys / 4.0, kMinCandidates) * c / keys);
+  const double p = std::max({static_cast<double>(kMinProbe), std::ceil(c / kProbeDivisor), enough, quarter});
   return std::min(clusters, static_cast<index_t>(p));
 }
 

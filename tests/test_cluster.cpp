@@ -257,10 +257,14 @@ TEST(Cluster, ReproducibleBySeedAtEveryThreadCount) {
   for (const auto& r : outs) EXPECT_EQ(r, outs[0]);
 }
 
-TEST(Cluster, DefaultProbeSearchesAboutTwiceTheBudget) {
+TEST(Cluster, DefaultProbeSearchesAboutTwiceTheBudgetAndAQuarterOfFewKeys) {
   EXPECT_EQ(levattn::default_probe(128, 16384, 256), 4);   // 4 * 128 keys = 2 * 256
   EXPECT_EQ(levattn::default_probe(256, 65536, 256), 8);   // c / 32
   EXPECT_EQ(levattn::default_probe(15, 197, 32), 5);       // ceil(2 * 32 * 15 / 197)
+  EXPECT_EQ(levattn::default_probe(23, 512, 16), 6);       // ceil(128 * 23 / 512): a quarter of the keys
+  EXPECT_EQ(levattn::default_probe(32, 1024, 16), 8);      // a quarter: 256 keys
+  EXPECT_EQ(levattn::default_probe(46, 2048, 16), 6);      // ceil(256 * 46 / 2048): 256 keys
+  EXPECT_EQ(levattn::default_probe(46, 2048, 256), 12);    // ceil(2 * 256 * 46 / 2048)
   EXPECT_EQ(levattn::default_probe(15, 197, 128), 15);     // every cluster
   EXPECT_EQ(levattn::default_probe(3, 9, 1), 3);           // at most c
 }

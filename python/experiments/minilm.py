@@ -53,8 +53,8 @@ def load_model():
     return tok, ref, ours, lt
 
 
-def passages(tok, count):
-    """`count` passages of TARGETS tokens in turn, from consecutive fortunes of each file."""
+def passages(tok, count, lengths=TARGETS):
+    """`count` passages of `lengths` tokens in turn, from consecutive fortunes of each file."""
     if not FORTUNES.is_dir():
         sys.exit(f"{FORTUNES}: not found; install Debian's package 'fortunes' (scripts/models does)")
     out, turn = [], 0
@@ -65,7 +65,7 @@ def passages(tok, count):
         for piece in pieces:
             current.append(piece)
             length += len(tok(piece, add_special_tokens=False, verbose=False)["input_ids"])
-            if length + 2 >= TARGETS[turn % len(TARGETS)]:
+            if length + 2 >= lengths[turn % len(lengths)]:
                 out.append(" ".join(current))
                 current, length, turn = [], 0, turn + 1
                 if len(out) == count:
@@ -174,7 +174,7 @@ def layers(args):
     passage at a time, so no padding) at the model's scaling: softmax mass kept and output error."""
     tok, _, ours, lt = load_model()
     import levattn
-    texts = passages(tok, args.texts)
+    texts = passages(tok, args.texts, tuple(args.lengths))
     captured = []
     forward = lt.attention_forward
 
@@ -310,6 +310,8 @@ def main():
     y.add_argument("--texts", type=int, default=200)
     y.add_argument("--budgets", type=lambda x: [int(k) for k in x.split(",")], default=list(BUDGETS))
     y.add_argument("--selections", default="", help="comma-separated names (default: all)")
+    y.add_argument("--lengths", type=lambda x: [int(n) for n in x.split(",")], default=list(TARGETS),
+                   help="passage lengths in tokens, in turn (default: 64,128,256,512)")
     y.add_argument("--out", required=True)
     g = sub.add_parser("plot")
     g.add_argument("json")
