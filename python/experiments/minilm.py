@@ -174,7 +174,7 @@ def layers(args):
     passage at a time, so no padding) at the model's scaling: softmax mass kept and output error."""
     tok, _, ours, lt = load_model()
     import levattn
-    texts = passages(tok, args.texts, tuple(args.lengths))
+    texts = passages(tok, args.texts, tuple(getattr(args, "lengths", TARGETS)))
     captured = []
     forward = lt.attention_forward
 
