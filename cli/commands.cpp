@@ -59,6 +59,7 @@ int run_info(bool as_json) {
   j["blas_core"] = b.blas_core;
   j["isa"] = b.isa;
   j["cpu_isa"] = b.cpu_isa;
+  j["bf16"] = b.bf16;
   j["threads"] = b.threads;
   j["mpi"] = b.mpi;
   j["sanitizers"] = b.sanitizers;

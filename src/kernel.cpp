@@ -6,11 +6,15 @@
 
 #include "detail/names.hpp"
 #include "detail/validate.hpp"
+#include "kernels/bf16.hpp"
+#include "kernels/isa.hpp"
 
 namespace levattn {
 namespace {
 
 constexpr std::pair<Kernel, const char*> kKernelNames[] = {{Kernel::softmax, "softmax"}, {Kernel::power, "poly"}};
+constexpr std::pair<Precision, const char*> kPrecisionNames[] = {{Precision::float32, "float32"},
+                                                                 {Precision::bfloat16, "bf16"}};
 
 }  // namespace
 
@@ -19,6 +23,12 @@ std::string to_string(Kernel k) { return detail::name_of(kKernelNames, k); }
 Kernel parse_kernel(const std::string& name) {
   return detail::parse_name(kKernelNames, name == "power" ? "poly" : name, "kernel");  // "power": the enum's name
 }
+
+std::string to_string(Precision p) { return detail::name_of(kPrecisionNames, p); }
+
+Precision parse_precision(const std::string& name) { return detail::parse_name(kPrecisionNames, name, "precision"); }
+
+bool bf16_products() { return kernels::active_isa() == kernels::Isa::avx512 && kernels::bf16_available(); }
 
 double logit_scale(const KernelOptions& o, index_t d) {
   if (!std::isnan(o.scale)) return o.scale;

@@ -159,6 +159,7 @@ AttentionOptions parse_selection(const std::string& spec) {
     else if (field == "residual") o.residual = integer(value, field);
     else if (field == "p") o.p = number(value, field);
     else if (field == "kernel") o.kernel = named(parse_kernel, value);
+    else if (field == "precision") o.precision = named(parse_precision, value);
     else if (field == "budget_alpha") o.budget_alpha = number(value, field);
     else if (field == "budget_exponent") o.budget_exponent = number(value, field);
     else if (field == "method") lev.method = named(parse_score_method, value);
@@ -172,7 +173,7 @@ AttentionOptions parse_selection(const std::string& spec) {
     else if (field == "sketch_seed") lev.seed = seed(value, field);
     else
       bad("unknown field '" + field + "' (expected top_k, eps, window, sinks, probe, clusters, iterations, seed, residual, "
-          "p, kernel, budget_alpha, budget_exponent, method, ridge, rank_rtol, sketch, sketch_size, gamma, jl_columns, "
+          "p, kernel, precision, budget_alpha, budget_exponent, method, ridge, rank_rtol, sketch, sketch_size, gamma, jl_columns, "
           "delta or sketch_seed)");
   }
   return o;
@@ -208,6 +209,7 @@ std::string selection_spec(const AttentionOptions& o) {
   field(o.residual != d.residual, "residual", o.residual);
   field(o.kernel != d.kernel, "kernel", to_string(o.kernel));
   field(o.p != d.p, "p", o.p);
+  field(o.precision != d.precision, "precision", to_string(o.precision));
   field(o.budget_alpha != d.budget_alpha, "budget_alpha", o.budget_alpha);
   field(o.budget_exponent != d.budget_exponent, "budget_exponent", o.budget_exponent);
   field(l.method != d.leverage.method, "method", to_string(l.method));

@@ -330,6 +330,7 @@ index_t engine::forward(const AttentionShape& sh, const Selection& sel, const Ke
   params.scale = static_cast<float>(c.fn.scale);
   params.ops = &kernels::active_row_ops();
   params.check_overflow = logits_can_overflow(c.fn.scale, sh.d, scanned.max_q, scanned.max_k);
+  params.bf16 = o.precision == Precision::bfloat16 && bf16_products();
   std::atomic<index_t> done{0}, non_finite{0}, empty{0};
   std::atomic<bool> finite_inputs{true};
   detail::parallel_tasks(tasks, c.flops() / 2.0, [&] { return EngineWorkspace(params, c, gathered); },

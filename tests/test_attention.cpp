@@ -440,3 +440,47 @@ TEST(Attention, ExactTopKIsTheBruteForceTopK) {
           }
         }
 }
+
+// Precision::bfloat16: where it takes effect (bf16_products()), the output differs from float32's
+// and stays within 2e-2 of float64 attention over the same selection (bfloat16 keeps 8
+// significant bits: about 4e-3 relative error measured, docs/benchmarks.md); elsewhere it is
+// float32's, bit for bit. Dense and a shared set, tiles of 512 keys and a remainder wider than
+// 64 (the products' path) and narrower (float32's), the power kernel too.
+TEST(Attention, Bf16ProductsStayNearFloat64AndFallBackToFloat32Elsewhere) {
+  for (index_t n : {700, 560}) {
+    const Inputs in = random_inputs(300, n, 64, 40, static_cast<std::uint64_t>(n));
+    for (const char* spec : {"full", "leverage:128", "full+kernel:poly+p:2"}) {
+      AttentionOptions o = parse_selection(spec);
+      o.return_selection = true;
+      AttentionResult r;
+      const std::vector<float> f32 = run(in, o, &r);
+      o.precision = Precision::bfloat16;
+      const std::vector<float> b16 = run(in, o);
+      const std::set<index_t> shared = r.selection.shared_keys.empty()
+                                           ? std::set<index_t>()
+                                           : std::set<index_t>(r.selection.shared_keys[0].begin(), r.selection.shared_keys[0].end());
+      const auto mask = [&](index_t, index_t j) { return o.select == Select::full || shared.count(j) > 0; };
+      const auto ref = oracle::attention(in.Q, in.K, in.V, o.kernel == Kernel::softmax, default_scale(o, 64), o.p, mask);
+      if (bf16_products()) {
+        EXPECT_NE(b16, f32) << spec << " n " << n;
+        EXPECT_LT(oracle::rel_error(b16, ref), 2e-2) << spec << " n " << n;
+        EXPECT_GT(oracle::rel_error(b16, ref), 10 * oracle::rel_error(f32, ref)) << spec << " n " << n;
+      } else {
+        EXPECT_EQ(b16, f32) << spec << " n " << n;
+      }
+    }
+  }
+}
+
+TEST(Attention, PrecisionIsASpecField) {
+  EXPECT_EQ(parse_selection("full+precision:bf16").precision, Precision::bfloat16);
+  EXPECT_EQ(parse_selection("topk:8+precision:float32").precision, Precision::float32);
+  EXPECT_EQ(selection_spec(parse_selection("leverage:32+precision:bf16")), "leverage:32+precision:bf16");
+  try {
+    parse_selection("full+precision:fp8");
+    FAIL() << "precision:fp8 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("precision"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("bf16"), std::string::npos) << e.what();
+  }
+}

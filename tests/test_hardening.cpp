@@ -1,3 +1,4 @@
+#include <bit>
 // test_hardening.cpp: defects that must stay fixed (independent random streams, every kernel
 // path, size checks, normalisers near the null space of K, refused sketches, batched entry
 // points, output sets).
@@ -9,6 +10,7 @@
 #include <fstream>
 #include <set>
 
+#include "kernels/bf16.hpp"
 #include "cases.hpp"
 #include "detail/blas.hpp"
 #include "detail/rng.hpp"
@@ -646,4 +648,84 @@ TEST(Names, EveryEnumReadsBackItsOwnNames) {
   const auto [kind, what] = oracle::error_of([] { parse_dtype("float16"); });
   EXPECT_EQ(kind, ErrorKind::invalid_argument);
   EXPECT_EQ(what, "dtype: expected float32, float64 or int64, got 'float16'");
+}
+
+// bfloat16 products (kernels/bf16.hpp): rounding to nearest even, the pair layouts, and sums of
+// exact products in float32, against the same bfloat16 inputs decoded and summed in float64.
+namespace {
+
+float from_bf16(std::uint32_t h) { return std::bit_cast<float>(h << 16); }
+
+}  // namespace
+
+TEST(Bf16, RoundsToNearestEven) {
+  EXPECT_EQ(kernels::to_bf16(1.0f), 0x3f80u);
+  EXPECT_EQ(kernels::to_bf16(-2.0f), 0xc000u);
+  EXPECT_EQ(kernels::to_bf16(std::bit_cast<float>(0x3f808000u)), 0x3f80u);  // a tie: to the even 0x3f80
+  EXPECT_EQ(kernels::to_bf16(std::bit_cast<float>(0x3f818000u)), 0x3f82u);  // a tie: to the even 0x3f82
+  EXPECT_EQ(kernels::to_bf16(std::bit_cast<float>(0x3f808001u)), 0x3f81u);  // above the tie: up
+  EXPECT_EQ(kernels::to_bf16(std::bit_cast<float>(0x3f807fffu)), 0x3f80u);  // below: down
+}
+
+TEST(Bf16, PairLayoutsAndProductsAreExactOnTheRoundedInputs) {
+  if (!kernels::bf16_available()) GTEST_SKIP() << "this CPU has no AVX512_BF16";
+  std::mt19937_64 gen(13);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (index_t rows : {1, 2, 3, 5, 16, 35}) {
+    for (index_t cols : {1, 2, 15, 16, 17, 31, 32, 33, 64, 65, 600}) {
+      const index_t ld = cols + 3, pairs = (cols + 1) / 2;
+      std::vector<float> x(static_cast<std::size_t>(rows * ld));
+      for (float& e : x) e = nd(gen);
+      const auto half = [&](index_t r, index_t c) -> std::uint32_t { return c < cols ? kernels::to_bf16(x[r * ld + c]) : 0u; };
+      std::vector<std::uint32_t> along(static_cast<std::size_t>(rows * pairs)), ref(along.size());
+      kernels::bf16_pairs_along_rows(x.data(), rows, cols, ld, along.data());
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t t = 0; t < pairs; ++t) ref[r * pairs + t] = half(r, 2 * t + 1) << 16 | half(r, 2 * t);
+      EXPECT_EQ(along, ref) << rows << " x " << cols;
+      std::vector<std::uint32_t> transposed(along.size()), ref_t(along.size());
+      kernels::bf16_pairs_transposed(x.data(), rows, cols, ld, transposed.data());
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t t = 0; t < pairs; ++t) ref_t[t * rows + r] = ref[r * pairs + t];
+      EXPECT_EQ(transposed, ref_t) << rows << " x " << cols;
+      const index_t down_pairs = (rows + 1) / 2;
+      std::vector<std::uint32_t> down(static_cast<std::size_t>(down_pairs * cols)), ref_d(down.size());
+      kernels::bf16_pairs_down_columns(x.data(), rows, cols, ld, down.data());
+      for (index_t t = 0; t < down_pairs; ++t)
+        for (index_t c = 0; c < cols; ++c)
+          ref_d[t * cols + c] = (2 * t + 1 < rows ? half(2 * t + 1, c) : 0u) << 16 | half(2 * t, c);
+      EXPECT_EQ(down, ref_d) << rows << " x " << cols;
+    }
+  }
+  for (index_t rows : {1, 3, 4, 5, 9})
+    for (index_t n : {1, 15, 16, 17, 31, 32, 33, 64, 70})
+      for (index_t pairs : {1, 7, 32, 40})
+        for (float beta : {0.0f, 1.0f}) {
+          const index_t lda = pairs + 1, ldb = n + 2, ldc = n + 5;
+          std::vector<std::uint32_t> A(static_cast<std::size_t>(rows * lda)), B(static_cast<std::size_t>(pairs * ldb));
+          for (auto& e : A) e = std::uint32_t{kernels::to_bf16(nd(gen))} << 16 | kernels::to_bf16(nd(gen));
+          for (auto& e : B) e = std::uint32_t{kernels::to_bf16(nd(gen))} << 16 | kernels::to_bf16(nd(gen));
+          std::vector<float> C(static_cast<std::size_t>(rows * ldc));
+          for (float& e : C) e = nd(gen);
+          const std::vector<float> before = C;
+          kernels::bf16_gemm(rows, n, pairs, 0.125f, beta, A.data(), lda, B.data(), ldb, C.data(), ldc);
+          for (index_t r = 0; r < rows; ++r)
+            for (index_t j = 0; j < ldc; ++j) {
+              if (j >= n) {  // outside C's columns: untouched
+                EXPECT_EQ(C[r * ldc + j], before[r * ldc + j]);
+                continue;
+              }
+              double s = 0.0, size = 0.0;
+              for (index_t t = 0; t < pairs; ++t) {
+                const std::uint32_t a = A[r * lda + t], b = B[t * ldb + j];
+                const double lo = static_cast<double>(from_bf16(a & 0xffffu)) * from_bf16(b & 0xffffu);
+                const double hi = static_cast<double>(from_bf16(a >> 16)) * from_bf16(b >> 16);
+                s += lo + hi, size += std::fabs(lo) + std::fabs(hi);
+              }
+              const double ref = 0.125 * s + (beta != 0.0f ? before[r * ldc + j] : 0.0);
+              // Each sum of 2 pairs exact products rounds at most 2 pairs + 2 times in float32.
+              const double bound = static_cast<double>(2 * pairs + 2) * 0x1p-24 * (0.125 * size + std::fabs(before[r * ldc + j]));
+              EXPECT_NEAR(C[r * ldc + j], ref, bound)
+                  << rows << " x " << n << " pairs " << pairs << " beta " << beta;
+            }
+        }
 }

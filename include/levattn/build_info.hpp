@@ -12,6 +12,7 @@ struct BuildInfo {
   /// or the one the environment variable LEVATTN_ISA forces).
   std::string isa;
   std::string cpu_isa;     ///< the best instruction set this CPU offers to the kernels
+  bool bf16 = false;       ///< Precision::bfloat16 takes effect (bf16_products(), kernel.hpp)
   int threads = 1;         ///< OpenMP threads a parallel region uses by default
   bool mpi = false;        ///< levattn::distributed (distributed.hpp) was built with this library
   bool sanitizers = false; ///< built with ASan/UBSan

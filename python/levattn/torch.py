@@ -216,7 +216,8 @@ def lev_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=N
     query (.., m, d), key (.., n, d), value (.., n, dv) with .. = (), (heads,) or (batch, heads):
     CPU tensors of one dtype. float32 and float64 are computed in their own precision; bfloat16
     and float16 in float32 (the output and the gradients are rounded to the input dtype once, at
-    the end). Returns out (.., m, dv) in the input dtype, and with return_selection=True
+    the end); `+precision:bf16` in `select` rounds the forward's products' inputs to bfloat16 where
+    the CPU has AVX512_BF16 (levattn.build_info()["bf16"]), with float32 sums. Returns out (.., m, dv) in the input dtype, and with return_selection=True
     (out, SelectedKeys).
 
     As in scaled_dot_product_attention: scale (default 1/sqrt(d) for softmax, 1 for poly),

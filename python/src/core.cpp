@@ -37,7 +37,7 @@ PYBIND11_MODULE(_core, m) {
     const BuildInfo b = build_info();
     py::dict d;
     d["version"] = b.version, d["blas"] = b.blas, d["blas_core"] = b.blas_core, d["isa"] = b.isa;
-    d["cpu_isa"] = b.cpu_isa, d["threads"] = b.threads, d["mpi"] = b.mpi, d["sanitizers"] = b.sanitizers;
+    d["cpu_isa"] = b.cpu_isa, d["bf16"] = b.bf16, d["threads"] = b.threads, d["mpi"] = b.mpi, d["sanitizers"] = b.sanitizers;
     return d;
   }, "The build: version, BLAS, its kernel core, the kernel ISA in use and the CPU's best, threads.");
   m.def("info_text", [] { return to_string(build_info()); }, "What `levattn info` prints.");

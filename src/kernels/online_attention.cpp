@@ -7,6 +7,7 @@
 
 #include "detail/blas.hpp"
 #include "detail/validate.hpp"
+#include "kernels/bf16.hpp"
 #include "levattn/error.hpp"
 
 namespace levattn::kernels {
@@ -37,6 +38,10 @@ void OnlineBlock::begin(const float* q, index_t ldq, index_t rows, index_t d) {
   std::fill_n(max_.get(), rows, init);
   std::fill_n(sum_.get(), rows, 0.0);
   overflow_ = false;
+  if (params_.bf16) {
+    q16_.resize(static_cast<std::size_t>(rows * ((d + 1) / 2)));
+    bf16_pairs_along_rows(q, rows, d, ldq, q16_.data());
+  }
 }
 
 float* OnlineBlock::logits(const float* k, index_t ldk, index_t count) {
@@ -48,6 +53,11 @@ float* OnlineBlock::logits(const float* k, index_t ldk, index_t count) {
     for (index_t j = 0; j < count; ++j)
       for (index_t t = 0; t < d_; ++t) keys_t_[t * count + j] = k[j * ldk + t];
     params_.ops->narrow_logits(rows_, count, d_, params_.scale, q_, ldq_, keys_t_.data(), tile_.get(), count);
+  } else if (params_.bf16) {
+    const index_t pairs = (d_ + 1) / 2;
+    k16_.resize(static_cast<std::size_t>(pairs * count));
+    bf16_pairs_transposed(k, count, d_, ldk, k16_.data());
+    bf16_gemm(rows_, count, pairs, params_.scale, 0.0f, q16_.data(), pairs, k16_.data(), count, tile_.get(), count);
   } else {
     // Zeroed here and accumulated with beta = 1: OpenBLAS's own beta = 0 pass over the tile is a
     // slow loop (8% of dense attention on an AVX2 CPU), memset is not.
@@ -98,8 +108,18 @@ void OnlineBlock::absorb(const float* v, index_t ldv, index_t count) {
     for (index_t r = 0; r < rows_; ++r) any |= power_update(r, tile_.get() + r * c, c);
   }
   if (!any) return;
-  if (c <= kNarrowTile) params_.ops->narrow_weighted_sum(rows_, c, dv_, tile_.get(), c, v, ldv, acc_.get(), dv_);
-  else detail::gemm_ab(rows_, dv_, c, 1.0f, tile_.get(), c, v, ldv, 1.0f, acc_.get(), dv_);
+  if (c <= kNarrowTile) {
+    params_.ops->narrow_weighted_sum(rows_, c, dv_, tile_.get(), c, v, ldv, acc_.get(), dv_);
+  } else if (params_.bf16) {
+    const index_t pairs = (c + 1) / 2;
+    p16_.resize(static_cast<std::size_t>(rows_ * pairs));
+    v16_.resize(static_cast<std::size_t>(pairs * dv_));
+    bf16_pairs_along_rows(tile_.get(), rows_, c, c, p16_.data());
+    bf16_pairs_down_columns(v, c, dv_, ldv, v16_.data());
+    bf16_gemm(rows_, dv_, pairs, 1.0f, 1.0f, p16_.data(), pairs, v16_.data(), dv_, acc_.get(), dv_);
+  } else {
+    detail::gemm_ab(rows_, dv_, c, 1.0f, tile_.get(), c, v, ldv, 1.0f, acc_.get(), dv_);
+  }
 }
 
 void OnlineBlock::absorb_row(index_t r, const float* k, index_t ldk, const float* v, index_t ldv, const index_t* keys,

@@ -3,6 +3,7 @@
 // larger than one block x tile is ever held. The float32 attention engine (every selection, the
 // dense reference included) runs on it.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -20,6 +21,9 @@ struct KernelParams {
   bool check_overflow = true;
   /// The row operations of the instruction set in use (active_row_ops() unless a test picks one).
   const RowOps* ops = nullptr;
+  /// bfloat16 products (kernels/bf16.hpp) for tiles of more than kNarrowTile keys; set only
+  /// where bf16_available().
+  bool bf16 = false;
 };
 
 /// Per-thread state for one block of up to `rows` queries.
@@ -75,6 +79,9 @@ class OnlineBlock {
   std::unique_ptr<float[]> tile_, acc_, max_;
   std::unique_ptr<double[]> sum_;
   std::vector<float> keys_t_;  // a narrow tile's keys, transposed (d x count)
+  // bfloat16 pairs (params_.bf16): the block's queries (rows x d/2), a tile's keys (d/2 x
+  // count), its weights (rows x count/2) and its values (count/2 x dv).
+  std::vector<std::uint32_t> q16_, k16_, p16_, v16_;
 
   // The power kernel's update of row r by its tile row s (c logits): running max |s| and the
   // rescaled sum; returns whether the row had a key.
