@@ -9,7 +9,7 @@
 
 namespace levattn::kernels {
 
-/// Whether this build and CPU run the bfloat16 products (AVX512F and AVX512_BF16).
+/// Whether this build and CPU run the bfloat16 products (AVX512F, AVX512BW and AVX512_BF16).
 bool bf16_available();
 
 /// Round to nearest even, as vcvtne2ps2bf16 does (x finite).

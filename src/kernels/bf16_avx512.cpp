@@ -10,7 +10,9 @@ namespace levattn::kernels {
 
 bool bf16_available() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  // AVX512BW for the 16-bit interleave of bf16_pairs_down_columns (every CPU with BF16 has it).
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
 }
 
 void bf16_pairs_along_rows(const float* x, index_t rows, index_t cols, index_t ld, std::uint32_t* out) {
