@@ -22,6 +22,30 @@ struct Command {
   std::function<int()> run;
 };
 
+/// The parser of `levattn <subcommand> [options]`, every subcommand registered.
+struct CommandLine {
+  CLI::App app;
+  std::vector<Command> commands;
+
+  CommandLine();
+  /// Parses argv: the chosen command, or nullptr with `exit_code` set where parsing ends the run
+  /// (2: an unknown subcommand or a CLI11 parse error, printed as "levattn: <message>" on stderr;
+  /// 0: --help or --version, printed).
+  const Command* parse(int argc, char** argv, int& exit_code);
+};
+
+/// Runs a parsed command: its exit code, or each failure as "levattn: <message>" on stderr and
+/// exit code 2 (an Error of kind invalid_argument or io) or 1 (internal, memory exhausted, any
+/// other exception). Nothing leaves it.
+int run_guarded(const Command& command);
+
+/// The exit code of a failure: 2 for bad input (Error kinds invalid_argument and io), 1 for the
+/// rest (memory exhausted, internal).
+int exit_code_of(ErrorKind kind);
+
+/// parse() then run_guarded(): what main() returns.
+int run_command_line(int argc, char** argv);
+
 Command add_info(CLI::App& app);
 Command add_universal(CLI::App& app);
 Command add_heavy(CLI::App& app);

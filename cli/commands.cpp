@@ -350,7 +350,7 @@ int run_attend(const AttendArgs& a) {
   const Tensor4Ref q = as_tensor(Q), k = as_tensor(K), v = as_tensor(V);
   std::vector<index_t> shape = Q.shape;
   shape.back() = v.cols;
-  std::vector<float> out(static_cast<std::size_t>(checked_allocation({q.batch, q.heads, q.rows, v.cols}, 4, "output")));
+  std::vector<float> out = allocate_named<float>({q.batch, q.heads, q.rows, v.cols}, "output (" + a.out + ")");
   const AttentionResult r = with_sources({&Q, &K, &V}, {"queries", "keys", "values"},
                                          [&] { return attention(q, k, v, out.data(), o); });
   note_budget("attend", o.top_k, k.rows);

@@ -10,6 +10,8 @@
 
 namespace levattn::cli {
 
+int exit_code_of(ErrorKind kind) { return kind == ErrorKind::invalid_argument || kind == ErrorKind::io ? 2 : 1; }
+
 std::string format_value(double v, const char* fmt) {
   char buf[32];
   std::snprintf(buf, sizeof buf, fmt, v);
@@ -134,10 +136,12 @@ Input make_input(Array a, const std::string& source, const std::string& what, in
   Input in;
   in.source = source;
   in.shape = a.shape;
-  try {
-    in.values = to_float32(a, what);
+  try {  // float32 moves in: one copy of the data in memory, not two
+    in.values = a.dtype == DType::float32 ? std::move(a.f32) : to_float32(a, what);
   } catch (const Error& e) {
     throw Error(e.kind(), source, e.what());
+  } catch (const std::bad_alloc&) {
+    allocation_failed(static_cast<double>(a.size()) * sizeof(float), source, what + " as float32");
   }
   return in;
 }

@@ -44,7 +44,7 @@ Sharded read_shard(const std::string& path, const std::string& what, const Mpi& 
   for (index_t e : s.shape)
     if (e < 1) throw Error(ErrorKind::invalid_argument, path + ": " + what + ": expected a non-empty array, got a dimension of 0");
   s.shard = shard_of(r.rows(), mpi.rank, mpi.size);
-  s.values.resize(static_cast<std::size_t>(checked_allocation({r.pairs(), s.shard.rows, r.cols()}, 4, what)));
+  s.values = allocate_named<float>({r.pairs(), s.shard.rows, r.cols()}, path + ": " + what);
   r.read(s.shard.first, s.shard.rows, s.values.data());
   return s;
 }
@@ -133,7 +133,7 @@ int run_attend(const AttendArgs& a, const Mpi& mpi) {
     return given;
   });
   const Tensor4Ref q = Q.view(), k = K.view(), v = V.view();
-  std::vector<float> out(static_cast<std::size_t>(checked_allocation({q.batch, q.heads, q.rows, v.cols}, 4, "output")));
+  std::vector<float> out = allocate_named<float>({q.batch, q.heads, q.rows, v.cols}, "output (" + a.out + ")");
   CommVolume work, written;
   const AttentionResult r = naming_sources(in, names, [&] {
     return distributed_attention(mpi.comm, q, Q.shard.first, k, v, K.shard.first, out.data(), o, mode_of(a.rounds), &work);
@@ -327,9 +327,9 @@ int main(int argc, char** argv) {
     code = levattn::cli::parse_and_run(argc, argv, mpi);
   } catch (const levattn::CollectiveError& e) {  // thrown on every rank
     if (mpi.rank == 0) std::cerr << "levattn-mpi: " << e.what() << "\n";
-    code = e.kind() == levattn::ErrorKind::internal ? 1 : 2;
+    code = levattn::cli::exit_code_of(e.kind());
   } catch (const levattn::Error& e) {
-    alone(e.what(), e.kind() == levattn::ErrorKind::internal ? 1 : 2);
+    alone(e.what(), levattn::cli::exit_code_of(e.kind()));
   } catch (const std::bad_alloc&) {
     alone("out of memory", 1);
   } catch (const std::exception& e) {

@@ -7,7 +7,8 @@ set -euo pipefail
 LEVATTN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LEVATTN_PACKAGES=(g++ cmake make libopenblas-openmp-dev liblapacke-dev libgtest-dev
   libbenchmark-dev libcli11-dev nlohmann-json3-dev librandom123-dev libzip-dev
-  python3-venv dataset-fashion-mnist fortunes openmpi-bin libopenmpi-dev)
+  python3-venv dataset-fashion-mnist fortunes openmpi-bin libopenmpi-dev
+  clang libclang-rt-dev libomp-dev)  # clang's libFuzzer, sanitizer runtimes and OpenMP: the fuzz build
 # The project's Python environment; LEVATTN_VENV=DIR puts it elsewhere.
 LEVATTN_VENV="${LEVATTN_VENV:-$LEVATTN_ROOT/.venv}"
 LEVATTN_PYTHON="$LEVATTN_VENV/bin/python"
@@ -85,6 +86,18 @@ levattn_build() {
     return 1
   fi
   grep -E 'warning:' "$log" | head -n 20 >&2 || true
+}
+
+# levattn_build_fuzz: the libFuzzer harnesses of fuzz/ (clang, ASan+UBSan, the library and the
+# command line's code instrumented for coverage) in LEVATTN_FUZZ_BUILD; ctest -L fuzz runs each
+# for LEVATTN_FUZZ_SECONDS (default 60).
+LEVATTN_FUZZ_BUILD="${LEVATTN_FUZZ_BUILD:-$LEVATTN_ROOT/build-fuzz}"
+levattn_build_fuzz() {
+  [ -f "$LEVATTN_FUZZ_BUILD/CMakeCache.txt" ] &&
+    cmake "$LEVATTN_FUZZ_BUILD" -DLEVATTN_FUZZ_SECONDS="${LEVATTN_FUZZ_SECONDS:-60}" >/dev/null
+  CC=clang CXX=clang++ levattn_build "$LEVATTN_FUZZ_BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLEVATTN_FUZZ=ON \
+    -DLEVATTN_BUILD_TESTS=OFF -DLEVATTN_BUILD_BENCHMARKS=OFF -DLEVATTN_BUILD_PYTHON=OFF -DLEVATTN_WITH_MPI=OFF \
+    -DLEVATTN_FUZZ_SECONDS="${LEVATTN_FUZZ_SECONDS:-60}"
 }
 
 # levattn_build_package DIR: the Release build of everything (library, commands, extension,

@@ -1,4 +1,5 @@
 #include <bit>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -97,12 +98,32 @@ namespace levattn {
 namespace {
 
 constexpr std::pair<ErrorKind, const char*> kErrorKindNames[] = {
-    {ErrorKind::invalid_argument, "invalid_argument"}, {ErrorKind::io, "io"}, {ErrorKind::internal, "internal"}};
+    {ErrorKind::invalid_argument, "invalid_argument"},
+    {ErrorKind::io, "io"},
+    {ErrorKind::memory, "memory"},
+    {ErrorKind::internal, "internal"}};
 
 }  // namespace
 
 std::string to_string(ErrorKind kind) { return detail::name_of(kErrorKindNames, kind); }
 ErrorKind parse_error_kind(const std::string& name) { return detail::parse_name(kErrorKindNames, name, "error kind"); }
+
+std::string detail::printable(std::string_view text, std::size_t limit, bool ascii_only) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (const char ch : text) {
+    if (out.size() >= limit) return out + "...";
+    const auto c = static_cast<unsigned char>(ch);
+    if (c >= 0x20 && c != 0x7f && !(ascii_only && c > 0x7f)) {
+      out += ch;
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
 
 index_t checked_elements(std::initializer_list<index_t> dims, const std::string& what) {
   constexpr index_t kMax = index_t{1} << 62;
@@ -144,6 +165,16 @@ double physical_memory() {
 }
 
 }  // namespace
+
+void allocation_failed(double bytes, const std::string& what, const std::string& shape) {
+  std::ostringstream os;
+  os.precision(4);
+  os << "cannot allocate " << bytes << " bytes" << (shape.empty() ? "" : " (" + shape + ")") << ": out of memory";
+  rlimit limit{};
+  if (getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY)
+    os << " (this process may use " << static_cast<double>(limit.rlim_cur) << " bytes of address space: ulimit -v)";
+  detail::fail(ErrorKind::memory, what, os.str());
+}
 
 double require_memory(double bytes, const std::string& what) {
   if (bytes > physical_memory()) too_large(bytes, what, "");

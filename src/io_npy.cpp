@@ -64,27 +64,6 @@ bool shape_product(const std::vector<index_t>& shape, std::uint64_t& out) {
   return true;
 }
 
-/// Untrusted text for a message: printable ASCII kept, other bytes as \xNN, cut at `max` chars.
-std::string excerpt(std::string_view text, std::size_t max = 120) {
-  std::string out;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    if (out.size() >= max) {
-      out += "...";
-      break;
-    }
-    const auto c = static_cast<unsigned char>(text[i]);
-    if (c >= 0x20 && c < 0x7f) {
-      out += static_cast<char>(c);
-    } else {
-      static constexpr char kHex[] = "0123456789abcdef";
-      out += "\\x";
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    }
-  }
-  return out;
-}
-
 /// Shortest decimal form of a double that reads back exactly ("1e+300", "0.1").
 std::string format_double(double x) {
   std::array<char, 64> buf{};
@@ -141,8 +120,8 @@ class HeaderParser {
  private:
   [[noreturn]] void fail(const std::string& what) const {
     detail::fail(ErrorKind::io, where_, "malformed header",
-                 field_.empty() ? std::string() : " field '" + excerpt(field_, 40) + "'", ": ", what,
-                 " at offset ", pos_, " of ", excerpt(text_));
+                 field_.empty() ? std::string() : " field '" + detail::printable(field_, 40, true) + "'", ": ", what,
+                 " at offset ", pos_, " of ", detail::printable(text_, 120, true));
   }
 
   bool at_end() const { return pos_ >= text_.size(); }
@@ -193,12 +172,12 @@ class HeaderParser {
       const std::string_view name = text_.substr(start, pos_ - start);
       if (name != "True" && name != "False") {
         pos_ = start;
-        fail("unknown name '" + excerpt(name, 40) + "' (expected a literal)");
+        fail("unknown name '" + detail::printable(name, 40, true) + "' (expected a literal)");
       }
       v.kind = HeaderValue::Kind::boolean;
       v.boolean = name == "True";
     } else {
-      fail("expected a value, found '" + excerpt(text_.substr(pos_, 1)) + "'");
+      fail("expected a value, found '" + detail::printable(text_.substr(pos_, 1), 120, true) + "'");
     }
     v.source = text_.substr(start, pos_ - start);
     return v;
@@ -286,14 +265,14 @@ constexpr std::string_view kAccepted = "accepted: '<f4' (float32), '<f8' (float6
 
 DType interpret_descr(const HeaderValue& v, const std::string& where) {
   LEVATTN_REQUIRE_FILE(v.kind != HeaderValue::Kind::list, where, "header field 'descr': structured dtype ",
-                       excerpt(v.source), " is not supported; ", kAccepted);
+                       detail::printable(v.source, 120, true), " is not supported; ", kAccepted);
   LEVATTN_REQUIRE_FILE(v.kind == HeaderValue::Kind::string, where,
-                       "header field 'descr': expected a dtype string such as '<f4', got ", excerpt(v.source));
+                       "header field 'descr': expected a dtype string such as '<f4', got ", detail::printable(v.source, 120, true));
   const std::string& s = v.str;
   if (s == "<f4") return DType::float32;
   if (s == "<f8") return DType::float64;
   if (s == "<i8") return DType::int64;
-  const std::string found = excerpt(s, 40);
+  const std::string found = detail::printable(s, 40, true);
   LEVATTN_REQUIRE_FILE(!(s == ">f4" || s == ">f8" || s == ">i8"), where, "header field 'descr': dtype '", found,
                        "' is big-endian; only little-endian data is supported (", kAccepted,
                        "; convert with astype('<", s.substr(1), "'))");
@@ -308,10 +287,10 @@ std::vector<index_t> interpret_shape(const HeaderValue& v, const std::string& wh
     ok = d.kind == HeaderValue::Kind::integer && d.integer_fits && d.integer >= 0;
   }
   LEVATTN_REQUIRE_FILE(ok, where, "header field 'shape': expected a tuple of non-negative integers, got ",
-                       excerpt(v.source));
+                       detail::printable(v.source, 120, true));
   LEVATTN_REQUIRE_FILE(!v.items.empty(), where,
                        "header field 'shape': () is 0-D (a scalar); expected an array of 1 to 4 dimensions");
-  LEVATTN_REQUIRE_FILE(v.items.size() <= kMaxDims, where, "header field 'shape': ", excerpt(v.source), " has ",
+  LEVATTN_REQUIRE_FILE(v.items.size() <= kMaxDims, where, "header field 'shape': ", detail::printable(v.source, 120, true), " has ",
                        v.items.size(), " dimensions; expected 1 to 4");
   std::vector<index_t> shape;
   for (const HeaderValue& d : v.items) shape.push_back(d.integer);
@@ -570,9 +549,9 @@ NpyHeader parse_npy_header(const NpyPreamble& preamble, std::span<const std::uin
                            : key == "fortran_order" ? &fortran
                            : key == "shape"         ? &shape
                                                     : nullptr;
-    LEVATTN_REQUIRE_FILE(slot != nullptr, where, "header: unexpected key '", excerpt(key, 40),
+    LEVATTN_REQUIRE_FILE(slot != nullptr, where, "header: unexpected key '", detail::printable(key, 40, true),
                          "' (a .npy header has exactly 'descr', 'fortran_order' and 'shape')");
-    LEVATTN_REQUIRE_FILE(*slot == nullptr, where, "header: duplicate key '", excerpt(key, 40), "'");
+    LEVATTN_REQUIRE_FILE(*slot == nullptr, where, "header: duplicate key '", detail::printable(key, 40, true), "'");
     *slot = &value;
   }
   for (const auto& [name, value] : {std::pair{"descr", descr}, std::pair{"fortran_order", fortran},
@@ -582,7 +561,7 @@ NpyHeader parse_npy_header(const NpyPreamble& preamble, std::span<const std::uin
   NpyHeader h;
   h.dtype = interpret_descr(*descr, where);
   LEVATTN_REQUIRE_FILE(fortran->kind == HeaderValue::Kind::boolean, where,
-                       "header field 'fortran_order': expected True or False, got ", excerpt(fortran->source));
+                       "header field 'fortran_order': expected True or False, got ", detail::printable(fortran->source, 120, true));
   h.fortran_order = fortran->boolean;
   h.shape = interpret_shape(*shape, where);
   h.data_offset = preamble.data_offset;
@@ -602,21 +581,26 @@ NpyHeader parse_npy_header(const NpyPreamble& preamble, std::span<const std::uin
   return h;
 }
 
-Array allocate_array(const NpyHeader& header) {
+Array allocate_array(const NpyHeader& header, const std::string& where) {
   Array a;
   a.dtype = header.dtype;
   a.shape = header.shape;
   const auto n = static_cast<std::size_t>(header.data_bytes / dtype_size(header.dtype));
-  switch (header.dtype) {
-    case DType::float32:
-      a.f32.resize(n);
-      break;
-    case DType::float64:
-      a.f64.resize(n);
-      break;
-    case DType::int64:
-      a.i64.resize(n);
-      break;
+  try {
+    switch (header.dtype) {
+      case DType::float32:
+        a.f32.resize(n);
+        break;
+      case DType::float64:
+        a.f64.resize(n);
+        break;
+      case DType::int64:
+        a.i64.resize(n);
+        break;
+    }
+  } catch (const std::bad_alloc&) {
+    allocation_failed(static_cast<double>(header.data_bytes), where,
+                      dtype_name(header.dtype) + " " + shape_string(header.shape));
   }
   return a;
 }
@@ -641,7 +625,7 @@ Array parse_npy(std::span<const std::uint8_t> bytes, const std::string& where) {
                                             bytes.size(), where);
   const NpyHeader h = parse_npy_header(pre, bytes.first(static_cast<std::size_t>(pre.data_offset)),
                                        bytes.size(), where);
-  Array a = allocate_array(h);
+  Array a = allocate_array(h, where);
   const auto out = mutable_value_bytes(a);
   if (!out.empty()) std::memcpy(out.data(), bytes.data() + h.data_offset, out.size());
   finish_array(a, h);
@@ -797,7 +781,7 @@ Array read_npy(const std::filesystem::path& path) {
   // The header, then the data straight into the array, which parse_npy_header has sized
   // against the file.
   const detail::NpyHeader h = detail::read_npy_file_header(file, where);
-  Array a = detail::allocate_array(h);
+  Array a = detail::allocate_array(h, where);
   file.read_at(h.data_offset, detail::mutable_value_bytes(a));
   detail::finish_array(a, h);
   return a;

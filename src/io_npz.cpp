@@ -37,20 +37,7 @@ std::string display_name(std::string_view name) {
   if (name.size() >= kSuffix.size() && name.substr(name.size() - kSuffix.size()) == kSuffix) {
     name.remove_suffix(kSuffix.size());
   }
-  std::string out;
-  for (const char ch : name) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (out.size() >= 80) return out + "...";
-    if (c >= 0x20 && c != 0x7f) {
-      out += ch;  // UTF-8 names pass through
-    } else {
-      static constexpr char kHex[] = "0123456789abcdef";
-      out += "\\x";
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    }
-  }
-  return out;
+  return detail::printable(name);
 }
 
 std::string method_name(std::uint16_t method) {

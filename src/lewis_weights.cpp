@@ -108,6 +108,8 @@ LewisWeights lewis_weights(ConstMatrix K, const LewisOptions& o) {
     project(A, n, r, F, Z, q);
     for (index_t i = 0; i < n; ++i) c[i] = q[i] > 0.0 ? std::pow(q[i], half - 1.0) : 0.0;
     std::vector<double> T = weighted_gram(Z, n, r, c);  // F^T C F
+    // At small p the weights' powers q^(p/2 - 1) overflow float64: no step can be taken.
+    if (!std::all_of(T.begin(), T.end(), [](double t) { return std::isfinite(t); })) break;
     const std::vector<double> theta = detail::symmetric_eigen(T, r, "lewis_weights");
     double measure = 0.0;
     for (double t : theta) measure = std::max(measure, t > 0.0 ? std::fabs(std::log(t)) : INFINITY);
@@ -173,6 +175,8 @@ LeverageScores sensitivity_bounds(ConstMatrix K, double p, const LeverageOptions
                   "supported for p = 2 (leverage scores) only");
   LEVATTN_REQUIRE(options.ridge == 0.0, "ridge",
                   "applies to leverage scores (p = 2) only; the |x|^p sensitivity bounds take none");
+  // Below p = 0.01 the iteration needs over 10^4 steps and its powers q^(p/2 - 1) leave float64.
+  LEVATTN_REQUIRE(p >= 0.01, "p", "the |x|^p sensitivity bounds (Lewis weights) take p >= 0.01, got ", p);
   LewisOptions lo;
   lo.p = p;
   lo.rank_rtol = options.rank_rtol;

@@ -100,8 +100,9 @@ NpyHeader parse_npy_header(const NpyPreamble& preamble, std::span<const std::uin
                            std::uint64_t total_size, const std::string& where);
 
 /// An Array of the header's dtype and shape with zeroed values (allocates header.data_bytes, which
-/// parse_npy_header has checked against the size of the image).
-Array allocate_array(const NpyHeader& header);
+/// parse_npy_header has checked against the size of the image). A failed allocation throws
+/// Error(memory) "<where>: cannot allocate N bytes (<dtype> <shape>) ...".
+Array allocate_array(const NpyHeader& header, const std::string& where);
 /// The raw bytes of the values of `array`, to be filled with the file's data.
 std::span<std::uint8_t> mutable_value_bytes(Array& array);
 /// Puts values read in the file's order into C order (transposes Fortran-ordered data).

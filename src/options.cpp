@@ -98,7 +98,7 @@ index_t adaptive_budget(index_t n, double alpha, double exponent) {
 
 AttentionOptions parse_selection(const std::string& spec) {
   const auto bad = [&](const std::string& why) -> AttentionOptions {
-    detail::fail(ErrorKind::invalid_argument, "selection '" + spec + "'", why);
+    detail::fail(ErrorKind::invalid_argument, "selection '" + detail::printable(spec) + "'", why);
   };
   std::vector<std::string> items;
   std::stringstream in(spec);
@@ -124,12 +124,12 @@ AttentionOptions parse_selection(const std::string& spec) {
     } catch (const std::exception&) {
       used = 0;
     }
-    if (used == 0 || used != text.size() || !std::isfinite(v)) bad(what + ": expected a number, got '" + text + "'");
+    if (used == 0 || used != text.size() || !std::isfinite(v)) bad(what + ": expected a number, got '" + detail::printable(text) + "'");
     return v;
   };
   const auto integer = [&](const std::string& text, const std::string& what) {
     const double v = number(text, what);
-    if (v != std::floor(v) || std::fabs(v) > 9e15) bad(what + ": expected an integer, got '" + text + "'");
+    if (v != std::floor(v) || std::fabs(v) > 9e15) bad(what + ": expected an integer, got '" + detail::printable(text) + "'");
     return static_cast<index_t>(v);
   };
   const auto seed = [&](const std::string& text, const std::string& what) {
@@ -146,7 +146,7 @@ AttentionOptions parse_selection(const std::string& spec) {
   LeverageOptions& lev = o.leverage;
   for (std::size_t a = 1; a < items.size(); ++a) {
     const auto c = items[a].find(':');
-    if (c == std::string::npos) bad("expected FIELD:VALUE, got '" + items[a] + "'");
+    if (c == std::string::npos) bad("expected FIELD:VALUE, got '" + detail::printable(items[a]) + "'");
     const std::string field = items[a].substr(0, c), value = items[a].substr(c + 1);
     if (field == "top_k") o.top_k = integer(value, field);
     else if (field == "eps") o.eps = number(value, field);
@@ -172,7 +172,7 @@ AttentionOptions parse_selection(const std::string& spec) {
     else if (field == "delta") lev.delta = number(value, field);
     else if (field == "sketch_seed") lev.seed = seed(value, field);
     else
-      bad("unknown field '" + field + "' (expected top_k, eps, window, sinks, probe, clusters, iterations, seed, residual, "
+      bad("unknown field '" + detail::printable(field) + "' (expected top_k, eps, window, sinks, probe, clusters, iterations, seed, residual, "
           "p, kernel, precision, budget_alpha, budget_exponent, method, ridge, rank_rtol, sketch, sketch_size, gamma, jl_columns, "
           "delta or sketch_seed)");
   }
@@ -193,7 +193,10 @@ std::string selection_spec(const AttentionOptions& o) {
     os << '+' << name << ':';
     if constexpr (std::is_floating_point_v<std::decay_t<decltype(value)>>) {
       char text[32];  // the shortest text that reads back as the same double
-      os << std::string_view(text, static_cast<std::size_t>(std::to_chars(text, text + sizeof text, value).ptr - text));
+      std::string number(text, static_cast<std::size_t>(std::to_chars(text, text + sizeof text, value).ptr - text));
+      // '+' separates the spec's fields: an exponent is written 1e300, never 1e+300.
+      if (const auto plus = number.find("e+"); plus != std::string::npos) number.erase(plus + 1, 1);
+      os << number;
     } else {
       os << value;
     }

@@ -8,6 +8,9 @@ float64 (leverage scores from an SVD, heavy entries by brute force, attention de
 explicit mask). Error paths are checked for exit code 2, one message on stderr naming the file
 or the field, an empty stdout and no crash. Output files must be written atomically.
 
+Under an address-space limit (ulimit -v) below what a run needs, it must exit 1 naming the array
+and its bytes (or the working buffer) within a time limit, never crash or hang, and write nothing.
+
 Prints one line per failed check (every check with LEVATTN_CLI_VERBOSE=1) and, at the end, "<passed> passed, <failed> failed"; exits 1
 when any check failed. Needs only the standard library and numpy.
 """
@@ -16,6 +19,7 @@ import io
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -1246,6 +1250,60 @@ def test_causal():
         ("causal",))
 
 
+def run_limited(limit, *args, timeout=60):
+    """run(*args) with the address space limited to `limit` bytes (ulimit -v); None on a timeout."""
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    try:
+        return subprocess.run([BIN] + [str(a) for a in args], cwd=WORK, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout, universal_newlines=True,
+                              preexec_fn=limit_memory)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def test_memory_limit():
+    info = json.loads(run("info", "--json").stdout)
+    if info["sanitizers"]:
+        return  # AddressSanitizer reserves terabytes of address space: no limit lets it start
+    # The least address space the command starts in (OpenBLAS reserves its buffers at load, and
+    # below that spins in its constructor, before levattn runs: a timeout here, not a finding).
+    mb = 1 << 20
+    base = next((m * mb for m in range(256, 4096, 64) if (p := run_limited(m * mb, "info", timeout=5)) and
+                 p.returncode == 0), None)
+    if not check("memory limit: the command starts under some limit", base is not None):
+        return
+    rng = np.random.default_rng(5)
+    for name in ("Qm.npy", "Km.npy", "Vm.npy"):
+        save(name, rng.standard_normal((200000, 64)))  # 51 MB each
+    args = ["attend", "--queries", "Qm.npy", "--keys", "Km.npy", "--values", "Vm.npy", "--out", "Om.npy",
+            "--select", "leverage:64"]
+    outcomes = []
+    for extra in (60, 150, 300, 600, 1500):
+        label = "memory limit %d MiB over the start" % extra
+        p = run_limited(base + extra * mb, *args)
+        if not check(label + ": ends within 60 s", p is not None):
+            continue
+        written = os.path.exists(path("Om.npy"))
+        check(label + ": exit 0 or 1", p.returncode in (0, 1), "rc=%d %r" % (p.returncode, p.stderr[-400:]))
+        if p.returncode == 0:
+            check(label + ": output written", written)
+            os.remove(path("Om.npy"))
+        else:
+            line = p.stderr.strip()
+            named = re.match(r"levattn: (\S+\.npy|output \(Om\.npy\)|the BLAS work buffer.*?): cannot allocate "
+                             r"[0-9.e+]+ bytes", line) or "working buffer could not be allocated" in line
+            check(label + ": one message naming the array and the bytes", bool(named) and "\n" not in line, line)
+            check(label + ": nothing written", not written and not [f for f in os.listdir(WORK) if ".tmp." in f])
+        outcomes.append(p.returncode)
+    check("memory limit: the tightest fails naming an input, the loosest runs",
+          outcomes[:1] == [1] and outcomes[-1:] == [0], repr(outcomes))
+    for name in ("Qm.npy", "Km.npy", "Vm.npy"):
+        os.remove(path(name))
+
+
 def main():
     global WORK
     if not os.access(BIN, os.X_OK):
@@ -1257,7 +1315,8 @@ def main():
         WORK = d
         for g in (test_info, test_planted, test_universal, test_heavy, test_attend, test_power_and_sketch, test_reduce,
                   test_bench, test_demo,
-                  test_bad_input, test_atomic_output, test_hardening, test_evaluate, test_stream, test_causal):
+                  test_bad_input, test_atomic_output, test_hardening, test_evaluate, test_stream, test_causal,
+                  test_memory_limit):
             t0 = time.time()
             group(g)
             print("%-20s %.1f s" % (g.__name__, time.time() - t0), flush=True)

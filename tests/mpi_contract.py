@@ -10,12 +10,15 @@ The two-round mode is checked against its guarantee (a superset of the single-pr
 its output against float64 numpy attention over the set it used. Per-rank bytes of the leverage
 modes must not grow with n. Faults (a NaN on the last rank only, a truncated file, bad
 arguments, an unwritable output) must end every rank within 10 s with exit code 2, the message
-printed once, and leave an existing output untouched.
+printed once, and leave an existing output untouched. A rank killed (SIGKILL) in the middle of
+attend (leverage and the ring) and universal must end every rank within 10 s with a non-zero
+exit code, no output written, an existing output untouched and no temporary file left.
 
 Prints the failed checks and "<passed> passed, <failed> failed"; exits 1 when any check failed.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -278,13 +281,102 @@ def test_faults():
     check("unwritable output: exit 2 with the path", p.returncode == 2 and "ro/missing/o.npy" in p.stderr, p.stderr[-500:])
 
 
+def rank_processes(launcher_pid):
+    """{rank: pid} of the levattn-mpi processes under the launcher (children or grandchildren)."""
+    parents, ranks = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            if os.path.realpath("/proc/%s/exe" % entry) != MPI_BIN:
+                continue
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            ranks[int(entry)] = int(env.get(b"OMPI_COMM_WORLD_RANK", b"-1"))
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def under(pid):
+        while pid > 1:
+            if pid == launcher_pid:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return {rank: pid for pid, rank in ranks.items() if under(pid)}
+
+
+def bytes_read(pid):
+    """The bytes process `pid` has read (rchar of /proc/PID/io; 0 once it is gone)."""
+    try:
+        with open("/proc/%d/io" % pid) as f:
+            return int(next(l for l in f if l.startswith("rchar:")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def killed_rank(label, args, out, reads):
+    """mpirun -n 2 levattn-mpi ARGS --out OUT; once both ranks have read `reads` bytes more than
+    when they were first seen (their inputs), rank 0 is held (SIGSTOP, so that the run cannot
+    finish) and rank 1 killed (SIGKILL), then rank 0 let go."""
+    cmd = [MPIEXEC, "-n", "2", "--oversubscribe", MPI_BIN] + args + ["--out", out]
+    before = open(path(out), "rb").read() if os.path.exists(path(out)) else None
+    p = subprocess.Popen(cmd, cwd=WORK, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    ranks, deadline = {}, time.time() + 60
+    while p.poll() is None and len(ranks) < 2 and time.time() < deadline:
+        ranks = rank_processes(p.pid)
+    start = {rank: bytes_read(pid) for rank, pid in ranks.items()}
+    while p.poll() is None and time.time() < deadline:
+        if all(bytes_read(pid) - start[rank] >= reads for rank, pid in ranks.items()):
+            break
+    if not check(label + ": both ranks started and reading", p.poll() is None and sorted(ranks) == [0, 1],
+                 "ranks %r, exit %r" % (ranks, p.poll())):
+        p.kill()
+        p.communicate()
+        return
+    os.kill(ranks[0], signal.SIGSTOP)
+    os.kill(ranks[1], signal.SIGKILL)
+    t0 = time.time()
+    os.kill(ranks[0], signal.SIGCONT)
+    try:
+        _, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    seconds = time.time() - t0
+    check(label + ": every rank ends within 10 s", seconds < 10 and not rank_processes(p.pid), "%.1f s" % seconds)
+    check(label + ": non-zero exit", p.returncode != 0, "rc=%r %r" % (p.returncode, err[-300:]))
+    after = open(path(out), "rb").read() if os.path.exists(path(out)) else None
+    check(label + ": " + ("the existing output untouched" if before else "no output written"), after == before)
+    check(label + ": no temporary left", not [f for f in os.listdir(WORK) if ".tmp." in f])
+
+
+def test_killed_rank():
+    rng = np.random.default_rng(11)
+    n, d = 200000, 32
+    save("Kbig.npy", keys(rng, n, d))
+    save("Qbig.npy", rng.standard_normal((n, d)))
+    save("Vbig.npy", rng.standard_normal((n, 8)))
+    big = ["--queries", "Qbig.npy", "--keys", "Kbig.npy", "--values", "Vbig.npy"]
+    shard = n // 2 * d * 4  # each rank reads at least its half of the keys
+    with open(path("kept.npy"), "wb") as f:
+        f.write(b"existing output")
+    killed_rank("killed rank, attend leverage", ["attend"] + big + ["--select", "leverage+eps:0.01"], "kept.npy", shard)
+    killed_rank("killed rank, attend full (the ring)", ["attend"] + big + ["--select", "full"], "ring.npy", shard)
+    killed_rank("killed rank, universal", ["universal", "--keys", "Kbig.npy", "--eps", "0.01"], "u.npy", shard)
+    for name in ("Kbig.npy", "Qbig.npy", "Vbig.npy"):
+        os.remove(path(name))
+
 def main():
     global WORK
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="levattn_mpi_") as d:
         WORK = d
         make_inputs()
-        for g in (test_attention, test_two_round, test_universal_and_heavy, test_bytes_do_not_grow_with_n, test_faults):
+        for g in (test_attention, test_two_round, test_universal_and_heavy, test_bytes_do_not_grow_with_n, test_faults,
+                  test_killed_rank):
             t0 = time.time()
             group(g)
             print("%-30s %.1f s" % (g.__name__, time.time() - t0), flush=True)

@@ -11,10 +11,11 @@ namespace levattn {
 enum class ErrorKind {
   invalid_argument,  ///< a parameter or an array is not what the function accepts (shape, NaN, eps)
   io,                ///< a file cannot be read or written, or its contents are malformed
+  memory,            ///< an allocation failed: the arrays do not fit the memory the process may use
   internal,          ///< an invariant of the library failed (a bug) or a LAPACK routine failed
 };
 
-/// "invalid_argument", "io" or "internal".
+/// "invalid_argument", "io", "memory" or "internal".
 std::string to_string(ErrorKind kind);
 /// The inverse of to_string. Throws Error(invalid_argument) naming the choices for any other name.
 ErrorKind parse_error_kind(const std::string& name);

@@ -50,7 +50,8 @@ LeverageScores sensitivity_bounds(const LewisWeights& weights);
 
 /// Scores whose eps-threshold is a universal set for f(x) = |x|^p: leverage_scores(K, options)
 /// for p == 2, else sensitivity_bounds(lewis_weights(K, {p, ..., options.rank_rtol})). Throws
-/// Error(invalid_argument) for p != 2 with a sketch or a ridge (they apply to leverage scores only).
+/// Error(invalid_argument) for p != 2 with a sketch or a ridge (they apply to leverage scores only),
+/// and for p < 0.01 or p > 64 (the iteration's powers leave float64's range).
 LeverageScores sensitivity_bounds(ConstMatrix K, double p, const LeverageOptions& options = {});
 
 }  // namespace levattn

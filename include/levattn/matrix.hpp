@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <initializer_list>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,23 @@ double require_memory(double bytes, const std::string& what);
 
 /// checked_elements(dims) * elem_size bytes, checked by require_memory; returns the elements.
 index_t checked_allocation(std::initializer_list<index_t> dims, std::size_t elem_size, const std::string& what);
+
+/// Throws Error(memory) "<what>: cannot allocate N bytes (<shape>): out of memory" with the
+/// process's address-space limit when one is set (ulimit -v): what an allocation that failed
+/// (std::bad_alloc) of a named array reports.
+[[noreturn]] void allocation_failed(double bytes, const std::string& what, const std::string& shape = "");
+
+/// A value-initialised std::vector<T> of the product of `dims` elements, checked first by
+/// checked_allocation; a failed allocation throws Error(memory) naming `what` and the bytes.
+template <class T>
+std::vector<T> allocate_named(std::initializer_list<index_t> dims, const std::string& what) {
+  const index_t count = checked_allocation(dims, sizeof(T), what);
+  try {
+    return std::vector<T>(static_cast<std::size_t>(count));
+  } catch (const std::bad_alloc&) {
+    allocation_failed(static_cast<double>(count) * static_cast<double>(sizeof(T)), what);
+  }
+}
 
 /// Row-major view: element (i, j) is data[i * ld + j]; ld >= cols.
 template <class T>

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <new>
 #include <string>
 
 #include "arrays.hpp"
@@ -22,8 +23,13 @@ PYBIND11_MODULE(_core, m) {
       switch (e.kind()) {
         case ErrorKind::invalid_argument: PyErr_SetString(PyExc_ValueError, e.what()); return;
         case ErrorKind::io: PyErr_SetString(PyExc_OSError, e.what()); return;
+        case ErrorKind::memory: PyErr_SetString(PyExc_MemoryError, e.what()); return;
         case ErrorKind::internal: PyErr_SetString(PyExc_RuntimeError, e.what()); return;
       }
+    } catch (const std::bad_alloc&) {  // an allocation no array name was given for: a workspace
+      PyErr_SetString(PyExc_MemoryError,
+                      "out of memory: a working buffer could not be allocated (the address-space limit, ulimit -v "
+                      "or RLIMIT_AS, or the machine's memory; smaller inputs need less)");
     }
   });
 

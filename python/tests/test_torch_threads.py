@@ -48,24 +48,40 @@ def test_same_bits_for_any_thread_count(restore_threads):
 
 @pytest.mark.timeout(300)
 def test_python_threads_and_torch_kernels_at_once():
+    # 4 Python threads x 600 calls of the op, forward and backward, over three selections, while a
+    # fifth thread runs PyTorch's own parallel kernels: every output and gradient bit for bit the
+    # serial one, and every thread done within the time limit (no deadlock).
     g = torch.Generator().manual_seed(1)
-    cases = [tuple(torch.randn(2, 3, n, 16, generator=g) for _ in range(3)) for n in (64, 200, 300)]
-    expected = [lev_attention(q, k, v, select="leverage:16+window:2") for q, k, v in cases]
+    selections = ["leverage:16+window:2", "topk:8", "cluster:8+probe:2"]
+    cases = [(tuple(torch.randn(2, 3, n, 16, generator=g) for _ in range(3)), sel)
+             for n in (64, 200, 300) for sel in selections]
+    grad_out = [torch.randn(2, 3, n, 16, generator=g) for n in (64, 200, 300) for _ in selections]
+
+    def call(idx, backward):
+        (q, k, v), sel = cases[idx]
+        if not backward:
+            return (lev_attention(q, k, v, select=sel),)
+        q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+        out = lev_attention(q, k, v, select=sel)
+        out.backward(grad_out[idx])
+        return out.detach(), q.grad, k.grad, v.grad
+
+    expected = {(idx, backward): call(idx, backward) for idx in range(len(cases)) for backward in (False, True)}
     a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
     product = a @ b
-    failures = []
+    failures, calls = [], []
 
     def caller(seed):
-        for step in range(400):
-            idx = (seed + step) % len(cases)
-            q, k, v = cases[idx]
-            out = lev_attention(q, k, v, select="leverage:16+window:2")
-            if not torch.equal(out, expected[idx]):
-                failures.append(f"thread {seed} call {step}: a different output")
+        for step in range(600):
+            key = ((seed + step) % len(cases), step % 3 == 0)
+            got = call(*key)
+            if not all(torch.equal(x, y) for x, y in zip(got, expected[key])):
+                failures.append(f"thread {seed} call {step} {cases[key[0]][1]}: a different result")
                 return
+            calls.append(1)
 
     def torch_worker():
-        for _ in range(200):  # PyTorch's own parallel kernels meanwhile
+        for _ in range(300):  # PyTorch's own parallel kernels meanwhile
             if not torch.allclose(a @ b, product):
                 failures.append("torch matmul changed")
                 return
@@ -78,3 +94,4 @@ def test_python_threads_and_torch_kernels_at_once():
         t.join(timeout=240)
     assert not any(t.is_alive() for t in threads), "a thread did not finish: deadlock"
     assert not failures, failures
+    assert len(calls) == 2400

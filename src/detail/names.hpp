@@ -25,7 +25,7 @@ auto parse_name(const Table& table, const std::string& text, const char* field) 
   std::string choices;
   for (std::size_t i = 0; i < std::size(table); ++i)
     choices += (i == 0 ? "" : i + 1 == std::size(table) ? " or " : ", ") + std::string(table[i].second);
-  fail(ErrorKind::invalid_argument, field, "expected ", choices, ", got '", text, "'");
+  fail(ErrorKind::invalid_argument, field, "expected ", choices, ", got '", printable(text), "'");
 }
 
 }  // namespace levattn::detail

@@ -69,6 +69,19 @@ inline bool worth_parallel(double flops) {
   return flops >= kSerialFlops && omp_get_max_threads() > 1 && !omp_in_parallel();
 }
 
+/// Whether a team of `threads` threads can call the BLAS under the process's address-space
+/// limits. OpenBLAS gives every thread that calls it a work buffer of its own (128 MiB on x86-64),
+/// allocated at its first call beside a malloc arena of the thread's (64 MiB of address space),
+/// and where that allocation fails it retries forever (OpenBLAS 0.3.21): under ulimit -v the team
+/// would hang. So where RLIMIT_AS or RLIMIT_DATA is set, this reserves (and releases at once) that
+/// much address space for each thread beyond the most that a team of parallel_tasks has run with
+/// so far (those threads have their buffers); with no limit it is one getrlimit pair and true.
+bool room_for_blas_threads(int threads);
+/// Records that a team of `threads` threads (1: the calling thread) has run parallel_tasks.
+void note_blas_threads(int threads);
+/// The address space room_for_blas_threads asks of each thread: 128 MiB + 64 MiB.
+inline constexpr double kBlasThreadBytes = 192.0 * 1024 * 1024;
+
 /// Runs body(t, workspace) for t in [0, tasks) on a team when worth_parallel(flops), else on the
 /// calling thread alone (BLAS calls included: either way every BLAS call in body is serial, so
 /// results do not depend on the thread count). Each thread builds its workspace with make() inside the exception trap, so a
@@ -77,17 +90,23 @@ inline bool worth_parallel(double flops) {
 template <class Make, class Body>
 void parallel_tasks(index_t tasks, double flops, Make&& make, Body&& body) {
   ExceptionTrap trap;
-  if (tasks <= 1 || !worth_parallel(flops)) {
+  if (tasks <= 1 || !worth_parallel(flops) || !room_for_blas_threads(omp_get_max_threads())) {
+    if (!room_for_blas_threads(1))
+      allocation_failed(kBlasThreadBytes, "the BLAS work buffer and arena of the calling thread");
     const SerialScope serial;
     trap.run([&] {
       auto ws = make();
       for (index_t t = 0; t < tasks; ++t) body(t, ws);
     });
     trap.rethrow();
+    note_blas_threads(1);
     return;
   }
+  std::atomic<int> team{1};
 #pragma omp parallel
   {
+#pragma omp single nowait
+    team = omp_get_num_threads();
     // Every thread takes part in the loop, even one whose workspace failed (it skips its tasks).
     std::optional<decltype(make())> ws;
     trap.run([&] { ws.emplace(make()); });
@@ -96,6 +115,7 @@ void parallel_tasks(index_t tasks, double flops, Make&& make, Body&& body) {
       if (ws) trap.run([&] { body(t, *ws); });
   }
   trap.rethrow();
+  note_blas_threads(team);
 }
 
 }  // namespace levattn::detail

@@ -23,6 +23,12 @@ template <class... Parts>
   throw Error(kind, std::string(field), os.str());
 }
 
+/// Untrusted text as a message quotes it: bytes below 0x20 and 0x7f escaped as \xNN (a NUL would
+/// end the message wherever it becomes a C string: a Python exception, a terminal), bytes from
+/// 0x80 kept (UTF-8) unless `ascii_only` (then escaped too: a file's binary header), and at most
+/// `limit` bytes of it followed by "...".
+std::string printable(std::string_view text, std::size_t limit = 80, bool ascii_only = false);
+
 }  // namespace levattn::detail
 
 /// Throws Error(invalid_argument, field, detail...) unless cond holds.
