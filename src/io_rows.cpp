@@ -34,6 +34,7 @@ void NpyRowReader::read(index_t r0, index_t count, float* out) const {
   LEVATTN_REQUIRE(!(r0 < 0 || count < 0 || r0 > rows_ - count), where_, "rows ", r0, " + ", count, " beyond its ",
                   rows_);
   const std::size_t values = static_cast<std::size_t>(count * cols_);
+  if (values == 0) return;  // nothing to read, however many matrices the stack declares
   const std::uint64_t width = detail::dtype_size(dtype_), row_bytes = static_cast<std::uint64_t>(cols_) * width;
   for (index_t s = 0; s < pairs_; ++s) {
     const std::uint64_t at = data_offset_ + (static_cast<std::uint64_t>(s) * static_cast<std::uint64_t>(rows_) +
