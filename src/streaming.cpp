@@ -410,6 +410,10 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   for (std::size_t k = 0; k < index.i64.size(); ++k)
     LEVATTN_REQUIRE_FILE(index.i64[k] >= 0 && index.i64[k] < n && (k == 0 || index.i64[k] > index.i64[k - 1]), where,
                          "candidates: indices not ascending in [0, n)");
+  // Keys pushed are finite (push refuses NaN and Inf), so is every sum of their products.
+  const auto finite = [](const auto& v) { return std::all_of(v.begin(), v.end(), [](auto x) { return std::isfinite(x); }); };
+  LEVATTN_REQUIRE_FILE(finite(keys.f32) && finite(values.f32) && finite(pending.f32) && finite(partials.f64), where,
+                       "keys, values, gram_pending, gram_partials: expected finite values");
   LeverageOptions o;
   o.ridge = ridge, o.rank_rtol = rtol;
   StreamingUniversalSet out(d, dv, eps, o);
@@ -423,6 +427,8 @@ StreamingUniversalSet StreamingUniversalSet::load(const std::filesystem::path& p
   s.index.assign(index.i64.begin(), index.i64.end());
   s.keys = keys.f32;
   s.values = values.f32;
+  const std::vector<double> m = out.gram();  // the partials' sum, which can overflow even so
+  LEVATTN_REQUIRE_FILE(finite(m), where, "gram_partials: their sum K^T K is not finite");
   return out;
 }
 
